@@ -1,0 +1,74 @@
+"""Library configuration and statistics."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from haagenti.signature import SignatureConfig
+from haagenti.similarity import SimilarityThreshold
+
+MIN_FRAGMENT = 64 * 1024
+MAX_FRAGMENT = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LibraryConfig:
+    """`fragment_size` is the byte size of a fragment of a 16-bit tensor. Tensors are cut on
+    element boundaries (fragment_size // 2 elements), so fragment k of a tensor covers the same
+    elements in bf16, fp16 or fp32: that is what lets a re-export match its base."""
+
+    fragment_size: int = 256 * 1024
+    zstd_level: int = 3
+    similarity: bool = True
+    candidates: int = 2  # signature neighbours tried as delta references
+    lossy_threshold: float | None = None  # max relative L2 error for lossy sharing; None = lossless only
+    batch_bytes: int = 64 * 1024 * 1024  # raw bytes per encode batch and per fragment commit
+    signature: SignatureConfig = field(default_factory=SignatureConfig)
+    thresholds: SimilarityThreshold = field(default_factory=SimilarityThreshold)
+
+    def __post_init__(self) -> None:
+        if not MIN_FRAGMENT <= self.fragment_size <= MAX_FRAGMENT or self.fragment_size & (self.fragment_size - 1):
+            raise ValueError(f"fragment_size must be a power of two in [{MIN_FRAGMENT}, {MAX_FRAGMENT}], not {self.fragment_size}")
+        if self.lossy_threshold is not None and not 0 < self.lossy_threshold < 1:
+            raise ValueError("lossy_threshold is a relative L2 error in (0, 1)")
+
+    @property
+    def fragment_elements(self) -> int:
+        return self.fragment_size // 2
+
+
+@dataclass
+class ModelStats:
+    model_id: str
+    family: str | None
+    raw_bytes: int
+    new_stored_bytes: int  # stored bytes of fragments this model was first to reference
+    fragments: int
+    lossy_fragments: int
+
+    @property
+    def reduction(self) -> float:
+        return 1 - self.new_stored_bytes / self.raw_bytes if self.raw_bytes else 0.0
+
+
+@dataclass
+class LibraryStats:
+    models: int
+    fragments: int
+    raw_bytes: int  # sum of the models' file sizes
+    stored_bytes: int  # sum of stored blobs (what the fragments table holds)
+    plain_fragments: int
+    delta_fragments: int
+    shared_fragments: int  # referenced by two or more models
+    refs_per_shared_fragment: float
+    lossy_refs: int
+    lossy_saved_bytes: int  # raw bytes served by lossy sharing instead of their own fragment
+    per_model: list[ModelStats]
+    per_family: dict[str, float]
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.raw_bytes - self.stored_bytes
+
+    @property
+    def reduction(self) -> float:
+        return 1 - self.stored_bytes / self.raw_bytes if self.raw_bytes else 0.0

@@ -1,0 +1,239 @@
+"""Turning cut fragments into stored rows (exact / delta / plain / lossy), and back.
+
+Both directions are plain functions over bytes and tables so the single-process library and
+the Ray pipeline run the very same code.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from haagenti.codecs import apply_delta, best_delta, cast_reference, chain_for, codec_chain, encode_smallest
+from haagenti.config import LibraryConfig
+from haagenti.errors import FragmentError
+from haagenti.formats.dtypes import dtype as lookup_dtype
+from haagenti.fragment import Encoding, FragmentId, FragmentType
+from haagenti.manifest import FragmentRef
+from haagenti.signature import FragmentSignature, compute_signatures
+from haagenti.similarity import SimilarityIndex, measure
+
+
+@dataclass
+class PendingFragment:
+    """A piece of a tensor, cut and hashed, not yet stored."""
+
+    fragment_id: str
+    dtype: str
+    data: bytes
+    fragment_type: FragmentType
+    elem_offset: int
+
+    @property
+    def n_elements(self) -> int:
+        return len(self.data) // lookup_dtype(self.dtype).itemsize
+
+
+def cut(data_chunks: Iterable[bytes], dtype_name: str, fragment_type: FragmentType) -> Iterable[PendingFragment]:
+    """Wrap the element-aligned chunks of one tensor as hashed fragments."""
+    itemsize = lookup_dtype(dtype_name).itemsize
+    offset = 0
+    for chunk in data_chunks:
+        yield PendingFragment(FragmentId.of(chunk), dtype_name, chunk, fragment_type, offset)
+        offset += len(chunk) // itemsize
+
+
+class RawCache:
+    """LRU of decoded fragment bytes bounded by total size."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._d: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, fid: str) -> bytes | None:
+        data = self._d.get(fid)
+        if data is not None:
+            self._d.move_to_end(fid)
+        return data
+
+    def put(self, fid: str, data: bytes) -> None:
+        if fid in self._d or len(data) > self.max_bytes:
+            return
+        self._d[fid] = data
+        self.size += len(data)
+        while self.size > self.max_bytes:
+            _, old = self._d.popitem(last=False)
+            self.size -= len(old)
+
+    def __contains__(self, fid: str) -> bool:
+        return fid in self._d
+
+
+def decode_row(row: dict, ref_raw: bytes | None, ref_dtype: str | None) -> bytes:
+    """Raw bytes of one stored fragment row, verified against its id."""
+    raw = codec_chain(row["codec"]).decode(row["blob"])
+    enc = Encoding(row["encoding"])
+    if enc is not Encoding.PLAIN:
+        if ref_raw is None or ref_dtype is None:
+            raise FragmentError(f"fragment {row['fragment_id']}: reference {row['ref_id']} is missing")
+        ref = cast_reference(ref_raw, ref_dtype, row["dtype"])
+        raw = apply_delta(enc, raw, ref, lookup_dtype(row["dtype"]).itemsize)
+    if hashlib.sha256(raw).hexdigest() != row["fragment_id"]:
+        raise FragmentError(f"fragment {row['fragment_id']} failed verification: content hash mismatch")
+    return raw
+
+
+def decode_rows(rows: list[dict], fetch_refs: Callable[[set[str]], list[dict]], cache: RawCache | None = None) -> dict[str, bytes]:
+    """Decode stored rows; delta references not among `rows` are fetched with `fetch_refs`.
+    References are always plain (one hop), so this needs at most one extra read."""
+    by_id = {r["fragment_id"]: r for r in rows}
+    missing_refs = {r["ref_id"] for r in rows if r["ref_id"] and r["ref_id"] not in by_id and not (cache and r["ref_id"] in cache)}
+    ref_rows = {r["fragment_id"]: r for r in fetch_refs(missing_refs)} if missing_refs else {}
+    absent = missing_refs - ref_rows.keys()
+    if absent:
+        raise FragmentError(f"delta reference fragment(s) missing from the library: {sorted(absent)[:3]}")
+    out: dict[str, bytes] = {}
+
+    def raw_of(fid: str) -> bytes:
+        if fid in out:
+            return out[fid]
+        cached = cache.get(fid) if cache else None
+        if cached is not None:
+            return cached
+        row = by_id.get(fid) or ref_rows[fid]
+        ref_raw = raw_of(row["ref_id"]) if row["ref_id"] else None
+        raw = decode_row(row, ref_raw, row["ref_dtype"])
+        if cache is not None:
+            cache.put(fid, raw)
+        return raw
+
+    for fid in by_id:
+        out[fid] = raw_of(fid)
+    return out
+
+
+class FragmentEncoder:
+    """Decides how each new fragment is stored. Keeps the set of known ids (exact dedup), the
+    similarity index over plain fragments (delta references), and a cache of reference bytes."""
+
+    def __init__(
+        self,
+        config: LibraryConfig,
+        known: dict[str, str],
+        index: SimilarityIndex,
+        fetch_raw: Callable[[set[str]], dict[str, bytes]],
+        device: str = "cpu",
+    ):
+        self.config = config
+        self.known = known  # fragment id -> dtype, for every fragment already stored
+        self.index = index
+        self.fetch_raw = fetch_raw
+        self.device = device
+        self.refs = RawCache(512 * 1024 * 1024)
+
+    def encode_batch(self, batch: list[PendingFragment]) -> tuple[list[dict], list[dict], list[FragmentRef]]:
+        """Returns (fragment rows, signature rows, one FragmentRef per input fragment)."""
+        refs: list[FragmentRef | None] = [None] * len(batch)
+        new: list[int] = []
+        staged: set[str] = set()
+        for i, p in enumerate(batch):
+            if p.fragment_id in self.known or p.fragment_id in staged:
+                refs[i] = FragmentRef(p.fragment_id, p.elem_offset, p.n_elements, p.fragment_id)
+            else:
+                staged.add(p.fragment_id)
+                new.append(i)
+        floats = [i for i in new if lookup_dtype(batch[i].dtype).is_float and batch[i].data]
+        sigs: dict[int, FragmentSignature] = {}
+        if self.config.similarity and floats:
+            sigs = dict(zip(floats, compute_signatures([(batch[i].data, batch[i].dtype) for i in floats], self.config.signature, self.device)))
+        candidates = {i: self.index.query(s.bits, self.config.candidates, batch[i].n_elements) for i, s in sigs.items()}
+        wanted = {fid for c in candidates.values() for fid, _ in c if fid not in self.refs}
+        if wanted:
+            for fid, raw in self.fetch_raw(wanted).items():
+                self.refs.put(fid, raw)
+        frag_rows, sig_rows = [], []
+        for i in new:
+            p = batch[i]
+            row, ref = self._encode_one(p, candidates.get(i, []))
+            refs[i] = ref
+            if row is None:
+                continue
+            frag_rows.append(row)
+            self.known[p.fragment_id] = p.dtype
+            if i in sigs:
+                sig_rows.append(signature_row(p, sigs[i]))
+                if row["encoding"] == Encoding.PLAIN.value:
+                    self.index.insert(p.fragment_id, sigs[i].bits, p.n_elements)
+        return frag_rows, sig_rows, refs  # type: ignore[return-value]
+
+    def _encode_one(self, p: PendingFragment, candidates: list[tuple[str, int]]) -> tuple[dict | None, FragmentRef]:
+        d = lookup_dtype(p.dtype)
+        spec, blob = encode_smallest(p.data, chain_for(d.itemsize, d.is_float, self.config.zstd_level))
+        best = (Encoding.PLAIN, spec, blob, None)
+        for cand, _ in candidates:
+            ref_raw = self.refs.get(cand)
+            if ref_raw is None:
+                continue
+            ref = cast_reference(ref_raw, self.known.get(cand, p.dtype), p.dtype)
+            if self.config.lossy_threshold is not None and self.known.get(cand) == p.dtype:
+                shared = self._lossy(p, cand, ref)
+                if shared is not None:
+                    return None, shared
+            enc, dspec, dblob = best_delta(p.data, ref, p.dtype, self.config.zstd_level)
+            if len(dblob) < len(best[2]):
+                best = (enc, dspec, dblob, cand)
+        enc, spec, blob, ref_id = best
+        row = {
+            "fragment_id": p.fragment_id,
+            "dtype": p.dtype,
+            "n_elements": p.n_elements,
+            "raw_size": len(p.data),
+            "stored_size": len(blob),
+            "encoding": enc.value,
+            "codec": spec,
+            "ref_id": ref_id,
+            "ref_dtype": self.known.get(ref_id) if ref_id else None,
+            "fragment_type": p.fragment_type.value,
+            "quality": "exact",
+            "blob": blob,
+        }
+        return row, FragmentRef(p.fragment_id, p.elem_offset, p.n_elements, p.fragment_id)
+
+    def _lossy(self, p: PendingFragment, cand: str, ref: bytes) -> FragmentRef | None:
+        """Share `cand` in place of `p` when the measured relative L2 error is within the bound."""
+        t = lookup_dtype(p.dtype).torch_dtype
+        import torch
+
+        a = torch.frombuffer(bytearray(p.data), dtype=t).to(torch.float64).numpy()
+        b = torch.frombuffer(bytearray(ref), dtype=t).to(torch.float64).numpy()
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            return None
+        _, rel, mx = measure(a, b)
+        if rel <= (self.config.lossy_threshold or 0.0):
+            return FragmentRef(cand, p.elem_offset, p.n_elements, p.fragment_id, mx, rel)
+        return None
+
+
+def signature_row(p: PendingFragment, s: FragmentSignature) -> dict:
+    return {
+        "fragment_id": p.fragment_id,
+        "dtype": p.dtype,
+        "n_elements": p.n_elements,
+        "bits": s.bits,
+        "scale": s.scale,
+        "mean": s.mean,
+        "std": s.std,
+        "min": s.min,
+        "max": s.max,
+        "nonfinite": s.nonfinite,
+        "histogram": list(s.histogram),
+    }
+
+
+def rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)

@@ -1,0 +1,74 @@
+"""The safetensors dtype table: name, item size and the torch dtype used to view values."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from haagenti.errors import FormatError
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str  # safetensors spelling, e.g. "BF16"
+    itemsize: int
+    torch_dtype: torch.dtype
+    is_float: bool
+
+
+_DTYPES = [
+    DType("F64", 8, torch.float64, True),
+    DType("F32", 4, torch.float32, True),
+    DType("F16", 2, torch.float16, True),
+    DType("BF16", 2, torch.bfloat16, True),
+    DType("F8_E4M3", 1, torch.float8_e4m3fn, True),
+    DType("F8_E5M2", 1, torch.float8_e5m2, True),
+    DType("I64", 8, torch.int64, False),
+    DType("I32", 4, torch.int32, False),
+    DType("I16", 2, torch.int16, False),
+    DType("I8", 1, torch.int8, False),
+    DType("U64", 8, torch.uint64, False),
+    DType("U32", 4, torch.uint32, False),
+    DType("U16", 2, torch.uint16, False),
+    DType("U8", 1, torch.uint8, False),
+    DType("BOOL", 1, torch.bool, False),
+]
+BY_NAME = {d.name: d for d in _DTYPES}
+BY_TORCH = {d.torch_dtype: d for d in _DTYPES}
+
+
+def dtype(name: str) -> DType:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise FormatError(f"unsupported dtype {name!r} (known: {', '.join(BY_NAME)})") from None
+
+
+def from_torch(t: torch.dtype) -> DType:
+    try:
+        return BY_TORCH[t]
+    except KeyError:
+        raise FormatError(f"unsupported torch dtype {t}") from None
+
+
+# (word type, exponent mask): a float is NaN or Inf exactly when all its exponent bits are set.
+# float8_e4m3fn has no Inf and one NaN pattern per sign (0x7F/0xFF), hence the full mask.
+_EXPONENT_MASKS = {
+    "F64": (np.uint64, 0x7FF0000000000000),
+    "F32": (np.uint32, 0x7F800000),
+    "F16": (np.uint16, 0x7C00),
+    "BF16": (np.uint16, 0x7F80),
+    "F8_E5M2": (np.uint8, 0x7C),
+    "F8_E4M3": (np.uint8, 0x7F),
+}
+
+
+def has_nonfinite(data: bytes, d: DType) -> bool:
+    """Whether raw little-endian values hold a NaN or Inf, from bit patterns (no copy, any float dtype)."""
+    spec = _EXPONENT_MASKS.get(d.name)
+    if spec is None or not data:
+        return False
+    word, mask = spec
+    w = np.frombuffer(data, dtype=word)
+    return bool(((w & word(mask)) == word(mask)).any())

@@ -1,0 +1,160 @@
+"""Open the files of one model through fsspec and expose its tensors as byte ranges.
+
+A model is one or more files: safetensors shards (streamed, never loaded whole), PyTorch
+checkpoints (loaded only with `torch.load(weights_only=True)`), and small side files
+(config or index JSON) kept verbatim so a restored folder is complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import posixpath
+import zipfile
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import fsspec
+import torch
+
+from haagenti.errors import FormatError, UnsafeFileError
+from haagenti.formats.dtypes import DType, from_torch
+from haagenti.formats.safetensors import parse_header
+
+SAFETENSORS_EXT = (".safetensors",)
+TORCH_EXT = (".pt", ".pth", ".bin", ".ckpt")
+VERBATIM_EXT = (".json", ".yaml", ".yml", ".txt", ".md")
+PICKLE_EXT = (".pkl", ".pickle", ".joblib", ".npy", ".npz")
+MAX_VERBATIM_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class SourceTensor:
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    file_index: int
+    nbytes: int
+    data_begin: int = 0  # absolute offset in a safetensors file
+    payload: bytes | None = None  # checkpoint tensors are held in memory
+
+
+@dataclass
+class SourceFile:
+    name: str  # basename as restored
+    url: str
+    format: str  # "safetensors" | "torch" | "verbatim"
+    size: int
+    header: bytes = b""  # safetensors header JSON verbatim, or the whole verbatim file
+    sha256: str = ""  # known up front for checkpoints and side files; safetensors hash as they stream
+
+
+@dataclass
+class ModelSource:
+    files: list[SourceFile]
+    tensors: list[SourceTensor] = field(default_factory=list)
+
+    def read(self, t: SourceTensor, begin: int, end: int) -> bytes:
+        """Bytes [begin, end) of tensor `t`'s data."""
+        if t.payload is not None:
+            return t.payload[begin:end]
+        f = self.files[t.file_index]
+        with fsspec.open(f.url, "rb") as fh:
+            fh.seek(t.data_begin + begin)
+            data = fh.read(end - begin)
+        if len(data) != end - begin:
+            raise FormatError(f"{f.url}: file shrank while reading tensor {t.name!r}")
+        return data
+
+    def iter_chunks(self, t: SourceTensor, chunk_bytes: int) -> Iterator[bytes]:
+        """Stream a tensor's data in chunks of `chunk_bytes` with one open file handle."""
+        if t.payload is not None:
+            for b in range(0, t.nbytes, chunk_bytes):
+                yield t.payload[b : b + chunk_bytes]
+            return
+        f = self.files[t.file_index]
+        with fsspec.open(f.url, "rb", block_size=max(chunk_bytes, 1 << 20)) as fh:
+            fh.seek(t.data_begin)
+            for b in range(0, t.nbytes, chunk_bytes):
+                want = min(chunk_bytes, t.nbytes - b)
+                data = fh.read(want)
+                if len(data) != want:
+                    raise FormatError(f"{f.url}: file shrank while reading tensor {t.name!r}")
+                yield data
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def expand_urls(urls: list[str]) -> list[str]:
+    """Turn folder URLs into the model files they hold (sorted, so order is deterministic)."""
+    out: list[str] = []
+    for url in urls:
+        fs, path = fsspec.core.url_to_fs(url)
+        if fs.isdir(path):
+            names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(SAFETENSORS_EXT + TORCH_EXT + VERBATIM_EXT))
+            if not names:
+                raise FormatError(f"{url}: folder holds no model files")
+            out += [fs.unstrip_protocol(p) for p in names]
+        elif fs.exists(path):
+            out.append(url)
+        else:
+            raise FormatError(f"{url}: no such file")
+    return out
+
+
+def open_model(urls: list[str]) -> ModelSource:
+    files = expand_urls(urls)
+    names = [posixpath.basename(u.rstrip("/")) for u in files]
+    if len(set(names)) != len(names):
+        raise FormatError(f"model files must have distinct names, got {names}")
+    src = ModelSource(files=[])
+    for i, url in enumerate(files):
+        fs, path = fsspec.core.url_to_fs(url)
+        size = fs.size(path)
+        name = names[i]
+        low = name.lower()
+        if low.endswith(SAFETENSORS_EXT):
+            with fs.open(path, "rb") as fh:
+                h = parse_header(fh, size, url)
+            src.files.append(SourceFile(name, url, "safetensors", size, h.header_bytes))
+            src.tensors += [
+                SourceTensor(t.name, t.dtype, t.shape, i, t.nbytes, data_begin=h.data_start + t.begin) for t in h.tensors
+            ]
+        elif low.endswith(TORCH_EXT):
+            with fs.open(path, "rb") as fh:
+                data = fh.read()
+            state = load_checkpoint(data, url)
+            src.files.append(SourceFile(name, url, "torch", size, sha256=hashlib.sha256(data).hexdigest()))
+            for key, tensor in state.items():
+                tensor = tensor.detach().contiguous()
+                payload = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+                src.tensors.append(SourceTensor(key, from_torch(tensor.dtype), tuple(tensor.shape), i, len(payload), payload=payload))
+        elif low.endswith(VERBATIM_EXT):
+            if size > MAX_VERBATIM_BYTES:
+                raise FormatError(f"{url}: side file larger than {MAX_VERBATIM_BYTES} bytes")
+            with fs.open(path, "rb") as fh:
+                data = fh.read()
+            src.files.append(SourceFile(name, url, "verbatim", size, data, hashlib.sha256(data).hexdigest()))
+        elif low.endswith(PICKLE_EXT):
+            raise UnsafeFileError(f"{url}: refusing a pickle-based file; convert it to safetensors")
+        else:
+            raise FormatError(f"{url}: unknown model file type (expected .safetensors, .pt/.pth/.bin/.ckpt or side .json)")
+    if not src.tensors:
+        raise FormatError(f"{', '.join(files)}: no tensors found")
+    return src
+
+
+def load_checkpoint(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    """Load a PyTorch checkpoint without executing code; refuse anything but a flat tensor dict."""
+    if not (zipfile.is_zipfile(io.BytesIO(data)) or data[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05")):
+        raise FormatError(f"{where}: not a PyTorch checkpoint")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeFileError(f"{where}: refused by torch.load(weights_only=True): {first}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise FormatError(f"{where}: checkpoint is not a flat dict of tensors")
+    return state

@@ -1,0 +1,403 @@
+"""FragmentLibrary: ingest models, restore them bit-exact, and keep the library tidy."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from haagenti.config import LibraryConfig, LibraryStats, ModelStats
+from haagenti.encode import FragmentEncoder, PendingFragment, RawCache, cut, decode_rows, rows_table
+from haagenti.errors import FragmentError, LibraryError
+from haagenti.formats import open_model
+from haagenti.formats.dtypes import dtype as lookup_dtype, has_nonfinite
+from haagenti.fragment import Encoding, FragmentType
+from haagenti.manifest import FileRecord, ModelManifest, TensorRef, validate_model_id
+from haagenti.similarity import SimilarityIndex
+from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS, LibraryStore
+from haagenti.store.delta import quote
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class IngestReport:
+    model_id: str
+    raw_bytes: int
+    fragments: int = 0
+    exact: int = 0  # references to fragments already stored (or repeated within the model)
+    plain: int = 0
+    delta: int = 0
+    lossy: int = 0
+    stored_bytes: int = 0
+    seconds: float = 0.0
+    unchanged: bool = False
+    nonfinite_tensors: list[str] = field(default_factory=list)
+
+    @property
+    def reduction(self) -> float:
+        return 1 - self.stored_bytes / self.raw_bytes if self.raw_bytes else 0.0
+
+
+@dataclass
+class VerifyReport:
+    fragments_checked: int = 0
+    models_checked: int = 0
+    files_checked: int = 0
+    lossy_tensors: dict[str, dict[str, float]] = field(default_factory=dict)  # "model:tensor" -> errors
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class FragmentLibrary:
+    def __init__(self, store: LibraryStore, config: LibraryConfig | None = None):
+        self.store = store
+        self.config = config or LibraryConfig()
+
+    @classmethod
+    def open(cls, url: str, config: LibraryConfig | None = None, create: bool = True) -> "FragmentLibrary":
+        store = LibraryStore(url)
+        if not store.exists():
+            if not create:
+                raise LibraryError(f"{url}: no haagenti library here")
+            store.create()
+        store.check_version()
+        return cls(store, config)
+
+    # ---- catalogue ----------------------------------------------------------------------
+    def models(self) -> list[dict]:
+        return sorted(self.store.read("models").to_pylist(), key=lambda m: m["ingest_seq"])
+
+    def model(self, model_id: str) -> dict:
+        validate_model_id(model_id)
+        rows = self.store.read("models", filters=[("model_id", "=", model_id)]).to_pylist()
+        if not rows:
+            raise LibraryError(f"model {model_id!r} is not in the library")
+        return rows[0]
+
+    def manifest(self, model_id: str) -> ModelManifest:
+        model = self.model(model_id)
+        rows = self.store.read("manifests", filters=[("model_id", "=", model_id)])
+        return ModelManifest.from_rows(model, rows)
+
+    def known_fragments(self) -> dict[str, str]:
+        t = self.store.read("fragments", columns=["fragment_id", "dtype"])
+        return dict(zip(t["fragment_id"].to_pylist(), t["dtype"].to_pylist()))
+
+    def similarity_index(self) -> SimilarityIndex:
+        """Index over plain (non-delta) exact fragments: the only allowed delta references."""
+        frags = self.store.read("fragments", columns=["fragment_id", "encoding", "quality"])
+        plain = frags.filter(pc.and_(pc.equal(frags["encoding"], Encoding.PLAIN.value), pc.equal(frags["quality"], "exact")))
+        sigs = self.store.read("signatures", columns=["fragment_id", "bits", "n_elements"])
+        sigs = sigs.filter(pc.is_in(sigs["fragment_id"], plain["fragment_id"]))
+        return SimilarityIndex.from_table(sigs, self.config.signature)
+
+    def fetch_raw(self, ids: Iterable[str], cache: RawCache | None = None) -> dict[str, bytes]:
+        """Decoded, hash-verified bytes of fragments (and nothing else from the library)."""
+        ids = set(ids)
+        todo = {i for i in ids if not (cache and i in cache)}
+        rows = self.store.read_fragments(todo).to_pylist() if todo else []
+        missing = todo - {r["fragment_id"] for r in rows}
+        if missing:
+            raise FragmentError(f"fragment(s) missing from the library: {sorted(missing)[:3]}")
+        out = decode_rows(rows, lambda s: self.store.read_fragments(s).to_pylist(), cache)
+        for i in ids - out.keys():
+            out[i] = cache.get(i)  # type: ignore[union-attr, assignment]
+        return out
+
+    # ---- ingest -------------------------------------------------------------------------
+    def ingest(
+        self,
+        urls: list[str],
+        model_id: str,
+        family: str | None = None,
+        progress: Progress | None = None,
+        device: str = "cpu",
+    ) -> IngestReport:
+        validate_model_id(model_id)
+        started = time.perf_counter()
+        source = open_model(urls)
+        report = IngestReport(model_id, source.raw_bytes)
+        existing = self.store.read("models", columns=["model_id", "content_hash", "ingest_seq"])
+        for m in existing.to_pylist():
+            if m["model_id"] == model_id:
+                raise LibraryError(f"model {model_id!r} is already in the library; `haagenti rm` it first to replace it")
+        encoder = FragmentEncoder(self.config, self.known_fragments(), self.similarity_index() if self.config.similarity else SimilarityIndex(self.config.signature), self.fetch_raw, device)
+        hashers = {i: _file_hasher(f) for i, f in enumerate(source.files) if f.format == "safetensors"}
+        tensors: list[TensorRef] = []
+        batch: list[PendingFragment] = []
+        owners: list[TensorRef] = []
+        pending_frags: list[dict] = []
+        pending_sigs: list[dict] = []
+
+        def flush(final: bool = False) -> None:
+            if batch:
+                rows, sigs, refs = encoder.encode_batch(batch)
+                for owner, ref in zip(owners, refs):
+                    owner.fragments.append(ref)
+                    report.fragments += 1
+                    report.lossy += ref.lossy
+                report.exact += len(batch) - len(rows) - sum(r.lossy for r in refs)
+                for r in rows:
+                    report.plain += r["encoding"] == Encoding.PLAIN.value
+                    report.delta += r["encoding"] != Encoding.PLAIN.value
+                    report.stored_bytes += r["stored_size"]
+                pending_frags.extend(rows)
+                pending_sigs.extend(sigs)
+                if progress:
+                    progress(sum(len(p.data) for p in batch))
+                batch.clear()
+                owners.clear()
+            if pending_frags and (final or sum(r["stored_size"] for r in pending_frags) >= self.config.batch_bytes):
+                # Fragments go first: a crash after this leaves unreferenced rows for gc, never a dangling model.
+                self.store.append("fragments", rows_table(pending_frags, SCHEMAS["fragments"]), f"ingest {model_id}")
+                self.store.append("signatures", rows_table(pending_sigs, SCHEMAS["signatures"]), f"ingest {model_id}")
+                pending_frags.clear()
+                pending_sigs.clear()
+
+        for t in source.tensors:
+            ref = TensorRef(t.name, t.dtype.name, t.shape, t.file_index, FragmentType.infer(t.name))
+            tensors.append(ref)
+            chunk = self.config.fragment_elements * t.dtype.itemsize
+            nonfinite = False
+            for p in cut(source.iter_chunks(t, chunk), t.dtype.name, ref.fragment_type):
+                if t.file_index in hashers:
+                    hashers[t.file_index].update(p.data)
+                nonfinite = nonfinite or has_nonfinite(p.data, t.dtype)
+                batch.append(p)
+                owners.append(ref)
+                if len(batch) * chunk >= self.config.batch_bytes:
+                    flush()
+            if nonfinite:
+                report.nonfinite_tensors.append(t.name)
+        flush(final=True)
+        files = [
+            FileRecord(f.name, f.format, f.size, hashers[i].hexdigest() if i in hashers else f.sha256, f.header)
+            for i, f in enumerate(source.files)
+        ]
+        content_hash = hashlib.sha256("".join(f.sha256 for f in files).encode()).hexdigest()
+        manifest = ModelManifest(model_id, family, files, tensors, content_hash, source.raw_bytes, list(urls))
+        self.store.append("manifests", manifest.manifest_rows(), f"ingest {model_id}")
+        seq = max(existing["ingest_seq"].to_pylist(), default=-1) + 1
+        self.store.append("models", pa.Table.from_pylist([self._model_row(manifest, seq)], schema=SCHEMAS["models"]), f"ingest {model_id}")
+        report.seconds = time.perf_counter() - started
+        return report
+
+    @staticmethod
+    def _model_row(m: ModelManifest, seq: int) -> dict:
+        return {
+            "model_id": m.model_id,
+            "family": m.family,
+            "content_hash": m.content_hash,
+            "raw_bytes": m.raw_bytes,
+            "n_tensors": len(m.tensors),
+            "lossy": m.lossy,
+            "files": [{"name": f.name, "format": f.format, "size": f.size, "sha256": f.sha256, "header": f.header} for f in m.files],
+            "source_uris": m.source_uris,
+            "ingest_seq": seq,
+            "format_version": LIBRARY_FORMAT_VERSION,
+        }
+
+    # ---- restore ------------------------------------------------------------------------
+    def iter_tensors(self, manifest: ModelManifest, cache: RawCache | None = None) -> Iterable[tuple[TensorRef, bytes]]:
+        """(tensor, raw bytes) in manifest order, fetching fragments in bounded batches."""
+        group: list[TensorRef] = []
+        size = 0
+        for t in manifest.tensors + [None]:  # type: ignore[list-item]
+            if t is not None:
+                group.append(t)
+                size += sum(r.elem_count for r in t.fragments) * lookup_dtype(t.dtype).itemsize
+            if group and (t is None or size >= self.config.batch_bytes):
+                ids = {r.fragment_id for g in group for r in g.fragments}
+                try:
+                    raw = self.fetch_raw(ids, cache)
+                except FragmentError as e:
+                    names = [g.name for g in group if any(r.fragment_id in str(e) for r in g.fragments)] or [g.name for g in group]
+                    raise FragmentError(f"model {manifest.model_id!r}, tensor {names[0]!r}: {e}") from None
+                for g in group:
+                    yield g, b"".join(raw[r.fragment_id] for r in g.fragments)
+                group, size = [], 0
+
+    def restore(self, model_id: str, out_dir: str) -> list[str]:
+        """Write the model's files into `out_dir`; safetensors files come back byte-identical
+        (checked against the recorded sha256), checkpoints as equal state dicts."""
+        manifest = self.manifest(model_id)
+        os.makedirs(out_dir, exist_ok=True)
+        paths = [os.path.join(out_dir, f.name) for f in manifest.files]
+        tmp = [p + ".partial" for p in paths]
+        sinks = [open(p, "wb") for p in tmp]
+        try:
+            self._write(manifest, sinks)
+        finally:
+            for s in sinks:
+                s.close()
+        for t, p in zip(tmp, paths):
+            os.replace(t, p)
+        return paths
+
+    def _write(self, manifest: ModelManifest, sinks: list[BinaryIO]) -> list[str]:
+        """Stream the model into one sink per file; returns each file's sha256 as written."""
+        hashers = [hashlib.sha256() for _ in manifest.files]
+        states: dict[int, dict[str, torch.Tensor]] = {i: {} for i, f in enumerate(manifest.files) if f.format == "torch"}
+        for i, f in enumerate(manifest.files):
+            if f.format == "safetensors":
+                prefix = struct.pack("<Q", len(f.header)) + f.header
+                _tee(sinks[i], hashers[i], prefix)
+            elif f.format == "verbatim":
+                _tee(sinks[i], hashers[i], f.header)
+        for t, data in self.iter_tensors(manifest):
+            i = t.file_index
+            if i in states:
+                dt = lookup_dtype(t.dtype).torch_dtype
+                states[i][t.name] = torch.frombuffer(bytearray(data), dtype=dt).reshape(t.shape).clone() if data else torch.empty(t.shape, dtype=dt)
+            else:
+                _tee(sinks[i], hashers[i], data)
+        for i, state in states.items():
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            _tee(sinks[i], hashers[i], buf.getvalue())
+        digests = [h.hexdigest() for h in hashers]
+        if not manifest.lossy:
+            for f, d in zip(manifest.files, digests):
+                if f.format != "torch" and d != f.sha256:
+                    raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} has sha256 {d}, expected {f.sha256}")
+        return digests
+
+    # ---- maintenance --------------------------------------------------------------------
+    def verify(self, model_id: str | None = None) -> VerifyReport:
+        """Re-hash fragments and restored files. With a model: every fragment it needs and every
+        file it restores. Without: every stored fragment, then every model."""
+        report = VerifyReport()
+        if model_id is None:
+            ids = self.known_fragments()
+            try:
+                report.fragments_checked += len(self.fetch_raw(ids))
+            except FragmentError as e:
+                report.errors.append(str(e))
+            targets = [m["model_id"] for m in self.models()]
+        else:
+            targets = [model_id]
+        for mid in targets:
+            manifest = self.manifest(mid)
+            try:
+                self._write(manifest, [_NullSink() for _ in manifest.files])
+                report.models_checked += 1
+                report.files_checked += len(manifest.files)
+                if model_id is not None:
+                    report.fragments_checked += len(manifest.fragment_ids)
+            except FragmentError as e:
+                report.errors.append(str(e))
+            for t in manifest.tensors:
+                lossy = [r for r in t.fragments if r.lossy]
+                if lossy:
+                    report.lossy_tensors[f"{mid}:{t.name}"] = {
+                        "fragments": len(lossy),
+                        "max_abs_error": max(r.max_abs_error for r in lossy),
+                        "rel_l2_error": max(r.rel_l2_error for r in lossy),
+                    }
+        return report
+
+    def rm(self, model_id: str) -> None:
+        """Unpublish the model (one commit), then drop its manifest rows; `gc` frees fragments."""
+        self.model(model_id)
+        self.store.delete("models", f"model_id = {quote(model_id)}")
+        self.store.delete("manifests", f"model_id = {quote(model_id)}")
+
+    def referenced(self) -> set[str]:
+        refs = set(self.store.read("manifests", columns=["fragment_id"])["fragment_id"].to_pylist())
+        frags = self.store.read("fragments", columns=["fragment_id", "ref_id"])
+        for fid, ref in zip(frags["fragment_id"].to_pylist(), frags["ref_id"].to_pylist()):
+            if ref and fid in refs:
+                refs.add(ref)
+        return refs
+
+    def gc(self) -> dict[str, int]:
+        """Delete fragments no model references (directly or as a delta reference) and vacuum.
+        Must not run while an ingest into the same library is in flight (docs/decisions.md)."""
+        keep = self.referenced()
+        frags = self.store.read("fragments", columns=["fragment_id", "stored_size"])
+        dead = [(f, s) for f, s in zip(frags["fragment_id"].to_pylist(), frags["stored_size"].to_pylist()) if f not in keep]
+        ids = sorted({f for f, _ in dead})
+        removed = 0
+        for i in range(0, len(ids), 500):
+            chunk = ", ".join(quote(x) for x in ids[i : i + 500])
+            removed += self.store.delete("fragments", f"fragment_id IN ({chunk})")
+            self.store.delete("signatures", f"fragment_id IN ({chunk})")
+        orphan_sigs = self.store.read("signatures", columns=["fragment_id"])["fragment_id"].to_pylist()
+        stray = sorted(set(orphan_sigs) - set(frags["fragment_id"].to_pylist()))
+        for i in range(0, len(stray), 500):
+            self.store.delete("signatures", f"fragment_id IN ({', '.join(quote(x) for x in stray[i:i + 500])})")
+        files = self.store.vacuum()
+        return {"fragments_removed": removed, "bytes_freed": sum(s for _, s in dead), "files_vacuumed": files}
+
+    def stats(self) -> LibraryStats:
+        models = self.models()
+        man = self.store.read("manifests", columns=["model_id", "fragment_id", "source_fragment_id", "elem_count", "dtype"])
+        frags = self.store.read("fragments", columns=["fragment_id", "stored_size", "encoding"])
+        stored = dict(zip(frags["fragment_id"].to_pylist(), frags["stored_size"].to_pylist()))
+        encodings = frags["encoding"].to_pylist()
+        users: dict[str, set[str]] = {}
+        lossy_refs = lossy_saved = 0
+        per_model_refs: dict[str, list[str]] = {}
+        lossy_by_model: dict[str, int] = {}
+        for mid, fid, src, n, dt in zip(*(man[c].to_pylist() for c in man.column_names)):
+            users.setdefault(fid, set()).add(mid)
+            per_model_refs.setdefault(mid, []).append(fid)
+            if fid != src:
+                lossy_refs += 1
+                lossy_saved += n * lookup_dtype(dt).itemsize
+                lossy_by_model[mid] = lossy_by_model.get(mid, 0) + 1
+        shared = [u for u in users.values() if len(u) > 1]
+        seen: set[str] = set()
+        per_model = []
+        for m in models:
+            mine = set(per_model_refs.get(m["model_id"], []))
+            new = mine - seen
+            seen |= mine
+            per_model.append(ModelStats(m["model_id"], m["family"], m["raw_bytes"], sum(stored.get(f, 0) for f in new), len(per_model_refs.get(m["model_id"], [])), lossy_by_model.get(m["model_id"], 0)))
+        families: dict[str, list[ModelStats]] = {}
+        for s in per_model:
+            if s.family:
+                families.setdefault(s.family, []).append(s)
+        per_family = {f: 1 - sum(s.new_stored_bytes for s in ms) / max(sum(s.raw_bytes for s in ms), 1) for f, ms in sorted(families.items())}
+        return LibraryStats(
+            models=len(models),
+            fragments=len(stored),
+            raw_bytes=sum(m["raw_bytes"] for m in models),
+            stored_bytes=sum(stored.values()),
+            plain_fragments=encodings.count(Encoding.PLAIN.value),
+            delta_fragments=len(encodings) - encodings.count(Encoding.PLAIN.value),
+            shared_fragments=len(shared),
+            refs_per_shared_fragment=(sum(len(u) for u in shared) / len(shared)) if shared else 0.0,
+            lossy_refs=lossy_refs,
+            lossy_saved_bytes=lossy_saved,
+            per_model=per_model,
+            per_family=per_family,
+        )
+
+
+class _NullSink(io.RawIOBase):
+    def write(self, b) -> int:  # type: ignore[override]
+        return len(b)
+
+
+def _tee(sink: BinaryIO, hasher, data: bytes) -> None:
+    sink.write(data)
+    hasher.update(data)
+
+
+def _file_hasher(f) -> "hashlib._Hash":
+    h = hashlib.sha256()
+    h.update(struct.pack("<Q", len(f.header)) + f.header)
+    return h
+

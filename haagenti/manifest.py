@@ -1,0 +1,116 @@
+"""What a model is made of: files, tensors, and the ordered fragment references of each tensor."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from haagenti.errors import ModelIdError
+from haagenti.fragment import FragmentType
+
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_MODEL_ID = re.compile(rf"{_SEGMENT}(/{_SEGMENT})?")
+
+
+def validate_model_id(model_id: str) -> str:
+    """Model ids are `name` or `org/name` (HF style); segments start with a letter or digit,
+    so '.', '..', absolute paths, backslashes and empty segments are all refused."""
+    if not isinstance(model_id, str) or not _MODEL_ID.fullmatch(model_id) or ".." in model_id:
+        raise ModelIdError(
+            f"invalid model id {model_id!r}: use 'name' or 'org/name' with letters, digits, '.', '_', '-' (no '..')"
+        )
+    return model_id
+
+
+@dataclass(frozen=True)
+class FragmentRef:
+    fragment_id: str
+    elem_offset: int
+    elem_count: int
+    source_fragment_id: str  # the original content's id; differs only for lossy sharing
+    max_abs_error: float = 0.0
+    rel_l2_error: float = 0.0
+
+    @property
+    def lossy(self) -> bool:
+        return self.fragment_id != self.source_fragment_id
+
+
+@dataclass
+class TensorRef:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file_index: int
+    fragment_type: FragmentType
+    fragments: list[FragmentRef] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    name: str
+    format: str  # safetensors | torch | verbatim
+    size: int
+    sha256: str
+    header: bytes  # safetensors header JSON verbatim, or a side file's bytes
+
+
+@dataclass
+class ModelManifest:
+    model_id: str
+    family: str | None
+    files: list[FileRecord]
+    tensors: list[TensorRef]
+    content_hash: str = ""
+    raw_bytes: int = 0
+    source_uris: list[str] = field(default_factory=list)
+
+    @property
+    def fragment_ids(self) -> set[str]:
+        return {r.fragment_id for t in self.tensors for r in t.fragments}
+
+    @property
+    def lossy(self) -> bool:
+        return any(r.lossy for t in self.tensors for r in t.fragments)
+
+    def manifest_rows(self) -> pa.Table:
+        cols: dict[str, list] = {k: [] for k in (
+            "model_id", "file_index", "tensor_index", "tensor_name", "dtype", "shape", "fragment_seq", "fragment_id",
+            "elem_offset", "elem_count", "fragment_type", "source_fragment_id", "max_abs_error", "rel_l2_error")}
+        for ti, t in enumerate(self.tensors):
+            for seq, r in enumerate(t.fragments):
+                for k, v in (
+                    ("model_id", self.model_id), ("file_index", t.file_index), ("tensor_index", ti), ("tensor_name", t.name),
+                    ("dtype", t.dtype), ("shape", list(t.shape)), ("fragment_seq", seq), ("fragment_id", r.fragment_id),
+                    ("elem_offset", r.elem_offset), ("elem_count", r.elem_count), ("fragment_type", t.fragment_type.value),
+                    ("source_fragment_id", r.source_fragment_id), ("max_abs_error", r.max_abs_error), ("rel_l2_error", r.rel_l2_error),
+                ):
+                    cols[k].append(v)
+        return pa.table(cols)
+
+    @classmethod
+    def from_rows(cls, model: dict, rows: pa.Table) -> "ModelManifest":
+        rows = rows.sort_by([("tensor_index", "ascending"), ("fragment_seq", "ascending")])
+        tensors: list[TensorRef] = []
+        for r in rows.to_pylist():
+            if not tensors or len(tensors) - 1 != r["tensor_index"]:
+                tensors.append(TensorRef(r["tensor_name"], r["dtype"], tuple(r["shape"]), r["file_index"], FragmentType(r["fragment_type"])))
+            tensors[-1].fragments.append(
+                FragmentRef(r["fragment_id"], r["elem_offset"], r["elem_count"], r["source_fragment_id"], r["max_abs_error"], r["rel_l2_error"])
+            )
+        files = [FileRecord(f["name"], f["format"], f["size"], f["sha256"], f["header"]) for f in model["files"]]
+        return cls(model["model_id"], model["family"], files, tensors, model["content_hash"], model["raw_bytes"], model["source_uris"])
+
+
+@dataclass(frozen=True)
+class LayerMapping:
+    """Tensor name -> fragment type and position, the seed's per-layer view of a manifest."""
+
+    tensor_name: str
+    fragment_type: FragmentType
+    fragment_ids: tuple[str, ...]
+
+    @classmethod
+    def of(cls, manifest: ModelManifest) -> list["LayerMapping"]:
+        return [cls(t.name, t.fragment_type, tuple(r.fragment_id for r in t.fragments)) for t in manifest.tensors]

@@ -1,0 +1,135 @@
+"""Locality-sensitive signatures of fragment *values*, bit-identical on any device.
+
+SimHash (signed random projections) collides with probability 1 - angle/pi, so it tracks
+cosine similarity. Float projections would differ in the last bits between a CPU and a GPU
+(different summation orders) and flip signs near zero, so every step here is exact:
+
+1. values are quantised to integers q in [-L, L] with one multiplication by a factor computed
+   in Python (IEEE round-to-nearest on every device; no division, no fused ops);
+2. q times a fixed ±1 sign pattern is folded into `fold` buckets (a count sketch), a sum of
+   integers that float64 represents exactly, so summation order cannot matter;
+3. the folded vector is projected on a fixed ±1 matrix: again integer sums below 2**53.
+The same holds for the fingerprint (sums of q, min/max, integer histogram).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from haagenti.formats.dtypes import dtype as lookup_dtype
+
+
+@dataclass(frozen=True)
+class SignatureConfig:
+    bits: int = 256
+    bands: int = 16
+    rows: int = 16
+    fold: int = 2048
+    levels: int = 127
+    histogram_bins: int = 16
+    seed: int = 20261123
+
+    def __post_init__(self) -> None:
+        if self.bands * self.rows != self.bits or self.bits % 8:
+            raise ValueError(f"bands*rows must equal bits (a multiple of 8): {self.bands}*{self.rows} != {self.bits}")
+
+
+@dataclass(frozen=True)
+class FragmentSignature:
+    """SimHash bits plus a statistical fingerprint of one fragment's values."""
+
+    bits: bytes
+    scale: float  # max |value| over finite values
+    mean: float
+    std: float
+    min: float
+    max: float
+    nonfinite: int  # NaN/Inf count; such values are left out of the signature
+    histogram: tuple[int, ...]
+
+    def hamming(self, other: "FragmentSignature") -> int:
+        return hamming(self.bits, other.bits)
+
+    def estimated_cosine(self, other: "FragmentSignature", bits: int) -> float:
+        return float(np.cos(np.pi * self.hamming(other) / bits))
+
+
+def hamming(a: bytes, b: bytes) -> int:
+    return int(np.unpackbits(np.frombuffer(a, np.uint8) ^ np.frombuffer(b, np.uint8)).sum())
+
+
+@lru_cache(maxsize=8)
+def _patterns(config: SignatureConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ±1 sign pattern for n elements and the fold x bits projection, from a fixed seed
+    (numpy's PCG64 stream is the same on every platform)."""
+    rng = np.random.Generator(np.random.PCG64(config.seed))
+    projection = rng.integers(0, 2, size=(config.fold, config.bits), dtype=np.int8) * 2 - 1
+    signs = np.random.Generator(np.random.PCG64([config.seed, n])).integers(0, 2, size=n, dtype=np.int8) * 2 - 1
+    return signs.astype(np.float64), projection.astype(np.float64)
+
+
+def values_of(data: bytes, dtype_name: str) -> torch.Tensor:
+    d = lookup_dtype(dtype_name)
+    if not data:
+        return torch.empty(0, dtype=torch.float64)
+    return torch.frombuffer(bytearray(data), dtype=d.torch_dtype)
+
+
+def compute_signatures(
+    fragments: list[tuple[bytes, str]], config: SignatureConfig = SignatureConfig(), device: str | torch.device = "cpu"
+) -> list[FragmentSignature]:
+    """Signatures of (raw bytes, dtype) fragments, computed on `device`; same result anywhere.
+    Fragments of equal length are stacked into one batch so a GPU sees large matrix products."""
+    out: list[FragmentSignature | None] = [None] * len(fragments)
+    by_len: dict[int, list[int]] = {}
+    for i, (data, dt) in enumerate(fragments):
+        by_len.setdefault(len(data) // lookup_dtype(dt).itemsize, []).append(i)
+    for n, idx in by_len.items():
+        batch = torch.stack([values_of(*fragments[i]).to(torch.float64) for i in idx]) if n else torch.zeros(len(idx), 0, dtype=torch.float64)
+        for i, sig in zip(idx, _signature_batch(batch.to(device), config)):
+            out[i] = sig
+    return out  # type: ignore[return-value]
+
+
+def _signature_batch(x: torch.Tensor, config: SignatureConfig) -> list[FragmentSignature]:
+    b, n = x.shape
+    finite = torch.isfinite(x)
+    nonfinite = (~finite).sum(1).cpu().tolist()
+    x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    absmax = x.abs().amax(1).cpu().tolist() if n else [0.0] * b
+    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+    mins = torch.where(finite, x, inf).amin(1).cpu().tolist() if n else [0.0] * b
+    maxs = torch.where(finite, x, -inf).amax(1).cpu().tolist() if n else [0.0] * b
+    factors = torch.tensor([config.levels / s if s > 0 else 0.0 for s in absmax], dtype=torch.float64, device=x.device)
+    q = torch.round(x * factors[:, None])
+    signs, projection = _patterns(config, n)
+    pad = (-n) % config.fold
+    folded = torch.nn.functional.pad(q * torch.from_numpy(signs).to(x.device), (0, pad)).reshape(b, -1, config.fold).sum(1)
+    proj = folded @ torch.from_numpy(projection).to(x.device)
+    bits = np.packbits((proj > 0).cpu().numpy(), axis=1)
+    s1 = q.sum(1).cpu().tolist()
+    s2 = (q * q).sum(1).cpu().tolist()
+    edges = ((q.long() + config.levels) * config.histogram_bins) // (2 * config.levels + 1)
+    hist = torch.zeros(b, config.histogram_bins, dtype=torch.long, device=x.device).scatter_add_(1, edges, torch.ones_like(edges)).cpu().tolist()
+    out = []
+    for i in range(b):
+        unit = absmax[i] / config.levels
+        count = max(n - nonfinite[i], 1)
+        mean_q = s1[i] / count
+        var_q = max(s2[i] / count - mean_q * mean_q, 0.0)
+        out.append(
+            FragmentSignature(
+                bits=bits[i].tobytes(),
+                scale=absmax[i],
+                mean=mean_q * unit,
+                std=float(np.sqrt(var_q)) * unit,
+                min=mins[i],
+                max=maxs[i],
+                nonfinite=int(nonfinite[i]),
+                histogram=tuple(int(h) for h in hist[i]),
+            )
+        )
+    return out

@@ -1,0 +1,4 @@
+"""Where a library lives: Delta Lake tables behind a URL (local path, file://, s3://, gs://, az://)."""
+from haagenti.store.delta import LIBRARY_FORMAT_VERSION, SCHEMAS, LibraryStore
+
+__all__ = ["LIBRARY_FORMAT_VERSION", "SCHEMAS", "LibraryStore"]

@@ -1,0 +1,291 @@
+"""The library's tables as Delta Lake tables.
+
+Why Delta (docs/decisions.md has the measurements): each append is one atomic commit, a
+reader sees a whole table version or the previous one, two writers race on the same log
+entry and the loser gets an error instead of overwriting, and the tables stay plain
+Parquet that pyarrow, DuckDB, polars and Ray Data read without haagenti.
+
+Tables, written in this order by an ingest so that a model is visible only once
+everything it references is committed:
+  fragments  -> signatures -> manifests -> models (the models row publishes the model)
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from typing import Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from deltalake import ColumnProperties, CommitProperties, DeltaTable, WriterProperties, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+from haagenti.errors import FragmentError, LibraryError
+
+LIBRARY_FORMAT_VERSION = 1
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "fragments": pa.schema(
+        [
+            ("fragment_id", pa.string()),
+            ("dtype", pa.string()),
+            ("n_elements", pa.int64()),
+            ("raw_size", pa.int64()),
+            ("stored_size", pa.int64()),
+            ("encoding", pa.string()),
+            ("codec", pa.string()),
+            ("ref_id", pa.string()),
+            ("ref_dtype", pa.string()),
+            ("fragment_type", pa.string()),
+            ("quality", pa.string()),
+            ("blob", pa.large_binary()),
+        ]
+    ),
+    "signatures": pa.schema(
+        [
+            ("fragment_id", pa.string()),
+            ("dtype", pa.string()),
+            ("n_elements", pa.int64()),
+            ("bits", pa.binary()),
+            ("scale", pa.float64()),
+            ("mean", pa.float64()),
+            ("std", pa.float64()),
+            ("min", pa.float64()),
+            ("max", pa.float64()),
+            ("nonfinite", pa.int64()),
+            ("histogram", pa.list_(pa.int64())),
+        ]
+    ),
+    "manifests": pa.schema(
+        [
+            ("model_id", pa.string()),
+            ("file_index", pa.int32()),
+            ("tensor_index", pa.int32()),
+            ("tensor_name", pa.string()),
+            ("dtype", pa.string()),
+            ("shape", pa.list_(pa.int64())),
+            ("fragment_seq", pa.int32()),
+            ("fragment_id", pa.string()),
+            ("elem_offset", pa.int64()),
+            ("elem_count", pa.int64()),
+            ("fragment_type", pa.string()),
+            ("source_fragment_id", pa.string()),  # differs from fragment_id only for lossy sharing
+            ("max_abs_error", pa.float64()),
+            ("rel_l2_error", pa.float64()),
+        ]
+    ),
+    "models": pa.schema(
+        [
+            ("model_id", pa.string()),
+            ("family", pa.string()),
+            ("content_hash", pa.string()),
+            ("raw_bytes", pa.int64()),
+            ("n_tensors", pa.int64()),
+            ("lossy", pa.bool_()),
+            (
+                "files",
+                pa.list_(
+                    pa.struct(
+                        [
+                            ("name", pa.string()),
+                            ("format", pa.string()),
+                            ("size", pa.int64()),
+                            ("sha256", pa.string()),
+                            ("header", pa.large_binary()),
+                        ]
+                    )
+                ),
+            ),
+            ("source_uris", pa.list_(pa.string())),
+            ("ingest_seq", pa.int64()),
+            ("format_version", pa.int32()),
+        ]
+    ),
+}
+
+# Small row groups on the fragments table let a restore read only the fragments it needs:
+# rows are sorted by fragment_id, and row-group min/max statistics locate each id.
+_FRAGMENT_ROW_GROUP_BYTES = 2 * 1024 * 1024
+
+
+def storage_options_for(url: str) -> dict[str, str]:
+    """Delta (object_store) options from the standard AWS_* environment, so the same env that
+    configures s3fs/boto configures the tables. S3 commits use conditional put (If-None-Match),
+    which keeps concurrent writers from overwriting each other without a lock service."""
+    if not url.startswith(("s3://", "s3a://")):
+        return {}
+    opts = {"conditional_put": "etag", "AWS_REGION": os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            opts["AWS_ALLOW_HTTP"] = "true"
+    return opts
+
+
+def filesystem_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    kwargs = {}
+    if url.startswith(("s3://", "s3a://")):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            kwargs["client_kwargs"] = {"endpoint_url": endpoint}
+        kwargs["default_fill_cache"] = False
+    return fsspec.core.url_to_fs(url, **kwargs)
+
+
+class LibraryStore:
+    """Tables of one library at `url`; reads a consistent version of each table."""
+
+    def __init__(self, url: str):
+        if url.startswith("memory://"):
+            raise LibraryError(
+                "memory:// cannot hold a library: its Delta tables need a store shared between "
+                "processes; use a temporary directory (model files can still be read from memory://)"
+            )
+        self.url = url.rstrip("/")
+        self.fs, self.root = filesystem_for(self.url)
+        self.options = storage_options_for(self.url)
+
+    # ---- layout -----------------------------------------------------------------------
+    def table_uri(self, table: str) -> str:
+        return f"{self.url}/{table}"
+
+    def exists(self) -> bool:
+        return self.fs.exists(posixpath.join(self.root, "haagenti.json"))
+
+    def create(self) -> None:
+        """Create the marker file and the empty tables; idempotent."""
+        for name, schema in SCHEMAS.items():
+            if not self._is_table(name):
+                DeltaTable.create(self.table_uri(name), schema, mode="ignore", storage_options=self.options,
+                                  description=f"haagenti {name} (format {LIBRARY_FORMAT_VERSION})")
+        marker = posixpath.join(self.root, "haagenti.json")
+        if not self.fs.exists(marker):
+            with self.fs.open(marker, "w") as f:
+                json.dump({"format": "haagenti", "format_version": LIBRARY_FORMAT_VERSION}, f)
+
+    def check_version(self) -> None:
+        marker = posixpath.join(self.root, "haagenti.json")
+        if not self.fs.exists(marker):
+            raise LibraryError(f"{self.url}: not a haagenti library (no haagenti.json)")
+        with self.fs.open(marker, "r") as f:
+            found = json.load(f).get("format_version")
+        if found != LIBRARY_FORMAT_VERSION:
+            raise LibraryError(f"{self.url}: library format {found}, this haagenti reads format {LIBRARY_FORMAT_VERSION}")
+
+    def _is_table(self, name: str) -> bool:
+        return DeltaTable.is_deltatable(self.table_uri(name), storage_options=self.options)
+
+    # ---- reads --------------------------------------------------------------------------
+    def table(self, name: str, version: int | None = None) -> DeltaTable:
+        try:
+            return DeltaTable(self.table_uri(name), version=version, storage_options=self.options)
+        except TableNotFoundError:
+            raise LibraryError(f"{self.url}: table {name!r} is missing; is this a haagenti library?") from None
+
+    def versions(self) -> dict[str, int]:
+        return {name: self.table(name).version() for name in SCHEMAS}
+
+    def _paths(self, name: str, version: int | None) -> list[str]:
+        return [self.fs._strip_protocol(u) for u in self.table(name, version).file_uris()]
+
+    def read(self, name: str, columns: list[str] | None = None, filters=None, version: int | None = None) -> pa.Table:
+        """A whole table (projected/filtered) at one version, read as Parquet through fsspec."""
+        paths = self._paths(name, version)
+        schema = SCHEMAS[name]
+        if not paths:
+            empty = schema.empty_table()
+            return empty.select(columns) if columns else empty
+        return pq.read_table(paths, filesystem=self.fs, columns=columns, filters=filters, schema=schema)
+
+    def read_fragments(self, ids: Iterable[str], columns: list[str] | None = None, version: int | None = None) -> pa.Table:
+        """Rows of the given fragment ids, reading only row groups whose id range can hold them."""
+        wanted = sorted(set(ids))
+        cols = columns or SCHEMAS["fragments"].names
+        parts = []
+        if wanted:
+            for path in self._paths("fragments", version):
+                with self.fs.open(path, "rb") as fh:
+                    pf = pq.ParquetFile(fh)
+                    groups = _groups_holding(pf, wanted)
+                    if groups:
+                        t = pf.read_row_groups(groups, columns=cols)
+                        parts.append(t.filter(pc.is_in(t["fragment_id"], pa.array(wanted))))
+        if not parts:
+            return SCHEMAS["fragments"].empty_table().select(cols)
+        found = pa.concat_tables(parts)
+        # A fragment written twice by racing ingests is the same bytes: keep one row.
+        return _first_per_id(found)
+
+    # ---- writes -------------------------------------------------------------------------
+    def append(self, name: str, rows: pa.Table, note: str = "") -> None:
+        if rows.num_rows == 0:
+            return
+        rows = rows.cast(SCHEMAS[name])
+        props = None
+        if name == "fragments":
+            rows = rows.sort_by("fragment_id")
+            avg = max(1, int(pc.sum(rows["stored_size"]).as_py() or 1) // rows.num_rows)
+            props = WriterProperties(
+                max_row_group_size=max(1, _FRAGMENT_ROW_GROUP_BYTES // avg),
+                compression="UNCOMPRESSED",  # blobs are already zstd; statistics stay on ids only
+                column_properties={"blob": ColumnProperties(statistics_enabled="NONE", dictionary_enabled=False)},
+            )
+        write_deltalake(
+            self.table_uri(name),
+            rows,
+            mode="append",
+            storage_options=self.options,
+            writer_properties=props,
+            commit_properties=CommitProperties(custom_metadata={"haagenti": note}) if note else None,
+        )
+
+    def delete(self, name: str, predicate: str) -> int:
+        """Delete rows matching a SQL predicate in one commit; returns rows deleted."""
+        metrics = self.table(name).delete(predicate)
+        return int(metrics.get("num_deleted_rows", 0))
+
+    def vacuum(self) -> int:
+        """Physically remove data files no longer in any retained version (after gc)."""
+        n = 0
+        for name in SCHEMAS:
+            n += len(self.table(name).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False))
+        return n
+
+
+def _groups_holding(pf: pq.ParquetFile, wanted: list[str]) -> list[int]:
+    import bisect
+
+    col = pf.schema_arrow.get_field_index("fragment_id")
+    out = []
+    for g in range(pf.metadata.num_row_groups):
+        st = pf.metadata.row_group(g).column(col).statistics
+        if st is None or not st.has_min_max:
+            out.append(g)
+            continue
+        i = bisect.bisect_left(wanted, st.min)
+        if i < len(wanted) and wanted[i] <= st.max:
+            out.append(g)
+    return out
+
+
+def _first_per_id(t: pa.Table) -> pa.Table:
+    if t.num_rows == len(pc.unique(t["fragment_id"])):
+        return t
+    seen: set[str] = set()
+    keep = []
+    for i, fid in enumerate(t["fragment_id"].to_pylist()):
+        if fid not in seen:
+            seen.add(fid)
+            keep.append(i)
+    return t.take(keep)
+
+
+def quote(value: str) -> str:
+    """A SQL string literal for Delta predicates (ids are validated, this is belt and braces)."""
+    if "'" in value:
+        raise FragmentError(f"refusing quote character in {value!r}")
+    return f"'{value}'"

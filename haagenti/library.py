@@ -105,14 +105,15 @@ class FragmentLibrary:
     def fetch_raw(self, ids: Iterable[str], cache: RawCache | None = None) -> dict[str, bytes]:
         """Decoded, hash-verified bytes of fragments (and nothing else from the library)."""
         ids = set(ids)
-        todo = {i for i in ids if not (cache and i in cache)}
+        held = {i: cache.get(i) for i in ids} if cache else {}
+        held = {i: v for i, v in held.items() if v is not None}  # taken now: decoding may evict them
+        todo = ids - held.keys()
         rows = self.store.read_fragments(todo).to_pylist() if todo else []
         missing = todo - {r["fragment_id"] for r in rows}
         if missing:
             raise FragmentError(f"fragment(s) missing from the library: {sorted(missing)[:3]}")
         out = decode_rows(rows, lambda s: self.store.read_fragments(s).to_pylist(), cache)
-        for i in ids - out.keys():
-            out[i] = cache.get(i)  # type: ignore[union-attr, assignment]
+        out.update(held)
         return out
 
     # ---- ingest -------------------------------------------------------------------------
@@ -314,7 +315,7 @@ class FragmentLibrary:
         self.store.delete("manifests", f"model_id = {quote(model_id)}")
 
     def referenced(self) -> set[str]:
-        refs = set(self.store.read("manifests", columns=["fragment_id"])["fragment_id"].to_pylist())
+        refs = set(self.store.read("manifests", columns=["fragment_id"])["fragment_id"].to_pylist()) - {None}
         frags = self.store.read("fragments", columns=["fragment_id", "ref_id"])
         for fid, ref in zip(frags["fragment_id"].to_pylist(), frags["ref_id"].to_pylist()):
             if ref and fid in refs:
@@ -351,6 +352,8 @@ class FragmentLibrary:
         per_model_refs: dict[str, list[str]] = {}
         lossy_by_model: dict[str, int] = {}
         for mid, fid, src, n, dt in zip(*(man[c].to_pylist() for c in man.column_names)):
+            if fid is None:
+                continue
             users.setdefault(fid, set()).add(mid)
             per_model_refs.setdefault(mid, []).append(fid)
             if fid != src:

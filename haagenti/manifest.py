@@ -79,7 +79,10 @@ class ModelManifest:
             "model_id", "file_index", "tensor_index", "tensor_name", "dtype", "shape", "fragment_seq", "fragment_id",
             "elem_offset", "elem_count", "fragment_type", "source_fragment_id", "max_abs_error", "rel_l2_error")}
         for ti, t in enumerate(self.tensors):
-            for seq, r in enumerate(t.fragments):
+            # An empty tensor has no fragment; one row with a null fragment keeps it in the manifest.
+            for seq, r in enumerate(t.fragments or [None]):  # type: ignore[list-item]
+                r = r or FragmentRef(None, 0, 0, None)  # type: ignore[arg-type]
+                seq = seq if t.fragments else -1
                 for k, v in (
                     ("model_id", self.model_id), ("file_index", t.file_index), ("tensor_index", ti), ("tensor_name", t.name),
                     ("dtype", t.dtype), ("shape", list(t.shape)), ("fragment_seq", seq), ("fragment_id", r.fragment_id),
@@ -96,9 +99,8 @@ class ModelManifest:
         for r in rows.to_pylist():
             if not tensors or len(tensors) - 1 != r["tensor_index"]:
                 tensors.append(TensorRef(r["tensor_name"], r["dtype"], tuple(r["shape"]), r["file_index"], FragmentType(r["fragment_type"])))
-            tensors[-1].fragments.append(
-                FragmentRef(r["fragment_id"], r["elem_offset"], r["elem_count"], r["source_fragment_id"], r["max_abs_error"], r["rel_l2_error"])
-            )
+            if r["fragment_id"] is not None:
+                tensors[-1].fragments.append(FragmentRef(r["fragment_id"], r["elem_offset"], r["elem_count"], r["source_fragment_id"], r["max_abs_error"], r["rel_l2_error"]))
         files = [FileRecord(f["name"], f["format"], f["size"], f["sha256"], f["header"]) for f in model["files"]]
         return cls(model["model_id"], model["family"], files, tensors, model["content_hash"], model["raw_bytes"], model["source_uris"])
 

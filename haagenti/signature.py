@@ -7,7 +7,7 @@ cosine similarity. Float projections would differ in the last bits between a CPU
 1. values are quantised to integers q in [-L, L] with one multiplication by a factor computed
    in Python (IEEE round-to-nearest on every device; no division, no fused ops);
 2. q times a fixed ±1 sign pattern is folded into `fold` buckets (a count sketch), a sum of
-   integers that float64 represents exactly, so summation order cannot matter;
+   small integers that float32 represents exactly, so summation order cannot matter;
 3. the folded vector is projected on a fixed ±1 matrix: again integer sums below 2**53.
 The same holds for the fingerprint (sums of q, min/max, integer histogram).
 """
@@ -68,13 +68,13 @@ def _patterns(config: SignatureConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.Generator(np.random.PCG64(config.seed))
     projection = rng.integers(0, 2, size=(config.fold, config.bits), dtype=np.int8) * 2 - 1
     signs = np.random.Generator(np.random.PCG64([config.seed, n])).integers(0, 2, size=n, dtype=np.int8) * 2 - 1
-    return signs.astype(np.float64), projection.astype(np.float64)
+    return signs.astype(np.float32), projection.astype(np.float64)
 
 
 def values_of(data: bytes, dtype_name: str) -> torch.Tensor:
     d = lookup_dtype(dtype_name)
     if not data:
-        return torch.empty(0, dtype=torch.float64)
+        return torch.empty(0, dtype=torch.float32)
     return torch.frombuffer(bytearray(data), dtype=d.torch_dtype)
 
 
@@ -88,32 +88,42 @@ def compute_signatures(
     for i, (data, dt) in enumerate(fragments):
         by_len.setdefault(len(data) // lookup_dtype(dt).itemsize, []).append(i)
     for n, idx in by_len.items():
-        batch = torch.stack([values_of(*fragments[i]).to(torch.float64) for i in idx]) if n else torch.zeros(len(idx), 0, dtype=torch.float64)
+        batch = torch.stack([values_of(*fragments[i]).to(torch.float32) for i in idx]) if n else torch.zeros(len(idx), 0)
         for i, sig in zip(idx, _signature_batch(batch.to(device), config)):
             out[i] = sig
     return out  # type: ignore[return-value]
 
 
 def _signature_batch(x: torch.Tensor, config: SignatureConfig) -> list[FragmentSignature]:
+    """float32 is enough for exactness where it is used: values are converted once (a correctly
+    rounded cast), the quantised q are integers of at most 8 bits, and every fold bucket sums at
+    most n/fold of them, far below 2**24. Sums of q and q*q run in int64, the projection in float64."""
     b, n = x.shape
+    x = x.to(torch.float32)
     finite = torch.isfinite(x)
     nonfinite = (~finite).sum(1).cpu().tolist()
     x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    absmax = x.abs().amax(1).cpu().tolist() if n else [0.0] * b
     inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
-    mins = torch.where(finite, x, inf).amin(1).cpu().tolist() if n else [0.0] * b
-    maxs = torch.where(finite, x, -inf).amax(1).cpu().tolist() if n else [0.0] * b
-    factors = torch.tensor([config.levels / s if s > 0 else 0.0 for s in absmax], dtype=torch.float64, device=x.device)
+    if n:
+        absmax = x.abs().amax(1).cpu().tolist()
+        mins = torch.where(finite, x, inf).amin(1).cpu().tolist()
+        maxs = torch.where(finite, x, -inf).amax(1).cpu().tolist()
+    else:
+        absmax, mins, maxs = [0.0] * b, [0.0] * b, [0.0] * b
+    factors = torch.tensor([config.levels / s if s > 0 else 0.0 for s in absmax], dtype=torch.float32, device=x.device)
     q = torch.round(x * factors[:, None])
+    qi = q.to(torch.int32)
+    s1 = qi.sum(1, dtype=torch.int64).cpu().tolist()
+    s2 = (qi * qi).sum(1, dtype=torch.int64).cpu().tolist()
     signs, projection = _patterns(config, n)
     pad = (-n) % config.fold
-    folded = torch.nn.functional.pad(q * torch.from_numpy(signs).to(x.device), (0, pad)).reshape(b, -1, config.fold).sum(1)
-    proj = folded @ torch.from_numpy(projection).to(x.device)
+    signed = q * torch.from_numpy(signs).to(device=x.device, dtype=torch.float32)
+    folded = torch.nn.functional.pad(signed, (0, pad)).reshape(b, -1, config.fold).sum(1)
+    proj = folded.to(torch.float64) @ torch.from_numpy(projection).to(x.device)
     bits = np.packbits((proj > 0).cpu().numpy(), axis=1)
-    s1 = q.sum(1).cpu().tolist()
-    s2 = (q * q).sum(1).cpu().tolist()
-    edges = ((q.long() + config.levels) * config.histogram_bins) // (2 * config.levels + 1)
-    hist = torch.zeros(b, config.histogram_bins, dtype=torch.long, device=x.device).scatter_add_(1, edges, torch.ones_like(edges)).cpu().tolist()
+    bins = ((qi + config.levels) * config.histogram_bins) // (2 * config.levels + 1)
+    offsets = torch.arange(b, device=x.device, dtype=torch.int32)[:, None] * config.histogram_bins
+    hist = torch.bincount((bins + offsets).reshape(-1), minlength=b * config.histogram_bins).reshape(b, -1).cpu().tolist()
     out = []
     for i in range(b):
         unit = absmax[i] / config.levels

@@ -212,7 +212,8 @@ class LibraryStore:
                     pf = pq.ParquetFile(fh)
                     groups = _groups_holding(pf, wanted)
                     if groups:
-                        t = pf.read_row_groups(groups, columns=cols)
+                        # Files rewritten by delta-rs (delete) store strings as string_view: normalise.
+                        t = pf.read_row_groups(groups, columns=cols).cast(_project(SCHEMAS["fragments"], cols))
                         parts.append(t.filter(pc.is_in(t["fragment_id"], pa.array(wanted))))
         if not parts:
             return SCHEMAS["fragments"].empty_table().select(cols)
@@ -254,6 +255,10 @@ class LibraryStore:
         for name in SCHEMAS:
             n += len(self.table(name).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False))
         return n
+
+
+def _project(schema: pa.Schema, cols: list[str]) -> pa.Schema:
+    return pa.schema([schema.field(c) for c in cols])
 
 
 def _groups_holding(pf: pq.ParquetFile, wanted: list[str]) -> list[int]:

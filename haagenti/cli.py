@@ -1,0 +1,154 @@
+"""The `haagenti` command line (typer). Errors print one line and exit 1."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from haagenti.config import LibraryConfig
+from haagenti.errors import HaagentiError
+from haagenti.library import FragmentLibrary
+
+app = typer.Typer(help="Deduplicate model catalogs into a fragment library and restore them bit-exact.", no_args_is_help=True)
+examples_app = typer.Typer(help="Example model families, made by training.", no_args_is_help=True)
+app.add_typer(examples_app, name="examples")
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _config(fragment_size: int, lossy_threshold: Optional[float], similarity: bool = True) -> LibraryConfig:
+    return LibraryConfig(fragment_size=fragment_size, lossy_threshold=lossy_threshold, similarity=similarity)
+
+
+@app.command()
+def ingest(
+    library: str,
+    files: list[str] = typer.Argument(..., help="model files or folders (any fsspec URL)"),
+    model_id: Optional[str] = typer.Option(None, "--model-id", help="defaults to the first file's stem"),
+    family: Optional[str] = typer.Option(None, "--family"),
+    fragment_size: int = typer.Option(256 * 1024, help="bytes per fragment of a 16-bit tensor"),
+    lossy_threshold: Optional[float] = typer.Option(None, "--lossy-threshold", help="opt in to lossy sharing up to this relative L2 error"),
+    no_similarity: bool = typer.Option(False, "--no-similarity", help="exact dedup only (no deltas)"),
+) -> None:
+    """Add one model (all its files) to LIBRARY."""
+    try:
+        mid = model_id or files[0].rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+        lib = FragmentLibrary.open(library, _config(fragment_size, lossy_threshold, not no_similarity))
+        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console, transient=True) as bar:
+            from haagenti.formats import open_model
+
+            task = bar.add_task(f"ingest {mid}", total=open_model(files).raw_bytes)
+            r = lib.ingest(files, mid, family, progress=lambda n: bar.advance(task, n))
+        out.print(
+            f"ingested {r.model_id}: {r.fragments} fragments ({r.exact} exact, {r.delta} delta, {r.plain} plain, {r.lossy} lossy), "
+            f"{r.raw_bytes:,} B -> {r.stored_bytes:,} B new ({r.reduction:.1%} saved) in {r.seconds:.2f}s"
+        )
+        if r.nonfinite_tensors:
+            console.print(f"[yellow]warning:[/yellow] NaN/Inf values stored bit-exact in {len(r.nonfinite_tensors)} tensor(s): {', '.join(r.nonfinite_tensors[:5])}")
+    except (HaagentiError, ValueError, OSError) as e:
+        _fail(e)
+
+
+@app.command()
+def restore(library: str, model: str, out_dir: str) -> None:
+    """Write MODEL's files into OUT_DIR (safetensors byte-identical)."""
+    try:
+        paths = FragmentLibrary.open(library, create=False).restore(model, out_dir)
+        out.print(f"restored {model}: {', '.join(paths)}")
+    except (HaagentiError, OSError) as e:
+        _fail(e)
+
+
+@app.command()
+def stats(library: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Fragments, bytes and reduction, per model and per family."""
+    try:
+        s = FragmentLibrary.open(library, create=False).stats()
+    except HaagentiError as e:
+        _fail(e)
+        return
+    if as_json:
+        d = asdict(s)
+        d.update(saved_bytes=s.saved_bytes, reduction=s.reduction)
+        out.print_json(json.dumps(d))
+        return
+    out.print(
+        f"{s.models} models, {s.fragments} fragments ({s.plain_fragments} plain, {s.delta_fragments} delta), "
+        f"{s.raw_bytes:,} B raw -> {s.stored_bytes:,} B stored: {s.reduction:.1%} saved (lossless"
+        + (f"; {s.lossy_refs} lossy refs saved a further {s.lossy_saved_bytes:,} B" if s.lossy_refs else "")
+        + f"); {s.shared_fragments} shared fragments, {s.refs_per_shared_fragment:.2f} models each"
+    )
+    t = Table("model", "family", "raw B", "new stored B", "reduction", "lossy refs")
+    for m in s.per_model:
+        t.add_row(m.model_id, m.family or "-", f"{m.raw_bytes:,}", f"{m.new_stored_bytes:,}", f"{m.reduction:.1%}", str(m.lossy_fragments))
+    out.print(t)
+    for fam, red in s.per_family.items():
+        out.print(f"family {fam}: {red:.1%} reduction")
+
+
+@app.command()
+def verify(library: str, model: Optional[str] = typer.Argument(None)) -> None:
+    """Re-hash every fragment (or one model's) and every restored file."""
+    try:
+        r = FragmentLibrary.open(library, create=False).verify(model)
+    except HaagentiError as e:
+        _fail(e)
+        return
+    for name, err in r.lossy_tensors.items():
+        out.print(f"lossy {name}: {err['fragments']} fragment(s), max abs error {err['max_abs_error']:.3g}, relative L2 {err['rel_l2_error']:.3g}")
+    if not r.ok:
+        for e in r.errors:
+            console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+        raise typer.Exit(1)
+    out.print(f"ok: {r.fragments_checked} fragments, {r.models_checked} models, {r.files_checked} files verified")
+
+
+@app.command()
+def rm(library: str, model: str) -> None:
+    """Remove MODEL from the catalogue (run gc to free its fragments)."""
+    try:
+        FragmentLibrary.open(library, create=False).rm(model)
+        out.print(f"removed {model}")
+    except HaagentiError as e:
+        _fail(e)
+
+
+@app.command()
+def gc(library: str) -> None:
+    """Delete fragments no model references."""
+    try:
+        r = FragmentLibrary.open(library, create=False).gc()
+        out.print(f"gc: {r['fragments_removed']} fragments removed, {r['bytes_freed']:,} B freed, {r['files_vacuumed']} files vacuumed")
+    except HaagentiError as e:
+        _fail(e)
+
+
+@examples_app.command("make-family")
+def make_family_cmd(out_dir: str, small: bool = typer.Option(False, help="a smaller model, for quick runs")) -> None:
+    """Train the example digits family into OUT_DIR and write catalog.yaml beside it."""
+    from haagenti.examples import make_family, write_catalog
+
+    members = make_family(out_dir, **({"d": 128, "layers": 2, "epochs": 2} if small else {}))
+    path = write_catalog(members, out_dir)
+    for m in members:
+        out.print(f"{m.model_id:22s} {m.family or '-':8s} {m.note}")
+    out.print(f"catalog: {path}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,232 @@
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from haagenti.config import LibraryConfig
+from haagenti.errors import FragmentError, LibraryError
+from haagenti.library import FragmentLibrary
+from haagenti.loader import ModelLoader
+from tests.helpers import sha256
+
+SMALL_FRAGMENTS = LibraryConfig(fragment_size=64 * 1024)
+
+
+def every_dtype_state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    n = 40_000  # not a multiple of any fragment size
+    floats = torch.randn(n, generator=g)
+    return {
+        "f64": floats.double().reshape(200, 200),
+        "f32": floats.reshape(8, 5000),
+        "f16": floats.half(),
+        "bf16": floats.bfloat16().reshape(400, 100),
+        "f8_e4m3": floats.clamp(-400, 400).to(torch.float8_e4m3fn),
+        "f8_e5m2": floats.to(torch.float8_e5m2),
+        "i64": torch.randint(-(2**40), 2**40, (n,), generator=g),
+        "i32": torch.randint(-(2**30), 2**30, (n,), generator=g, dtype=torch.int32),
+        "i16": torch.randint(-(2**14), 2**14, (n,), generator=g, dtype=torch.int16),
+        "i8": torch.randint(-128, 127, (n,), generator=g, dtype=torch.int8),
+        "u8": torch.randint(0, 255, (n,), generator=g, dtype=torch.uint8),
+        "bool": torch.rand(n, generator=g) > 0.5,
+        "scalar": torch.tensor(3.25),
+        "empty": torch.zeros(0, 7),
+        "exact-multiple": torch.randn(32768, generator=g).bfloat16(),  # exactly one 64 KiB fragment
+        "nan-inf": torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0] * 1000),
+    }
+
+
+def test_round_trip_every_dtype_bit_exact(tmp_path):
+    path = tmp_path / "all.safetensors"
+    save_file(every_dtype_state(), str(path), metadata={"note": "every dtype"})
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    report = lib.ingest([str(path)], "all")
+    assert report.nonfinite_tensors == ["nan-inf"]
+    out = lib.restore("all", str(tmp_path / "out"))
+    assert sha256(out[0]) == sha256(path)
+    manifest = lib.manifest("all")
+    sizes = {t.name: len(t.fragments) for t in manifest.tensors}
+    assert sizes["empty"] == 0 and sizes["scalar"] == 1 and sizes["exact-multiple"] == 1
+    assert sizes["f32"] == 2  # 40,000 fp32 elements over 32,768-element fragments
+
+
+def test_sharded_folder_with_index_and_checkpoint(tmp_path, family):
+    from haagenti.examples import DigitsTransformer
+
+    model = DigitsTransformer(64, 2)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = sorted(state)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    half = len(names) // 2
+    save_file({k: state[k] for k in names[:half]}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({k: state[k] for k in names[half:]}, str(folder / "model-00002-of-00002.safetensors"))
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    torch.save(state, str(tmp_path / "model.pt"))
+
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    lib.ingest([str(folder)], "sharded")
+    lib.ingest([str(tmp_path / "model.pt")], "checkpoint")
+    restored = lib.restore("sharded", str(tmp_path / "out"))
+    assert sorted(os.path.basename(p) for p in restored) == sorted(os.listdir(folder))
+    for p in restored:
+        assert sha256(p) == sha256(folder / os.path.basename(p))
+    [pt] = lib.restore("checkpoint", str(tmp_path / "out_pt"))
+    back = torch.load(pt, weights_only=True)
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    # The checkpoint holds the same tensors as the shards: it adds no fragment.
+    assert lib.stats().per_model[1].new_stored_bytes == 0
+
+
+def test_family_dedup_restore_and_stats(tmp_path, family):
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    reports = {m.model_id: lib.ingest([m.file], m.model_id, m.family) for m in family}
+    for m in family:
+        [p] = lib.restore(m.model_id, str(tmp_path / "out" / m.model_id))
+        assert sha256(p) == sha256(m.file), m.model_id
+    s = lib.stats()
+    assert s.models == len(family)
+    by_id = {m.model_id: m for m in s.per_model}
+    # The fp16 re-export is found through the index and stored as a tiny residual of the cast.
+    assert reports["digits-base-fp16"].delta > 0 and by_id["digits-base-fp16"].reduction > 0.95
+    # The frozen half of the partial fine-tune is shared byte for byte.
+    assert reports["digits-ft-partial"].exact > 0
+    # Fine-tunes are stored as deltas and shrink far more than the base does alone.
+    for mid in ("digits-ft-lr1e-4", "digits-ft-lr1e-3", "digits-lora-merged"):
+        assert reports[mid].delta > 0
+        assert by_id[mid].reduction > by_id["digits-base"].reduction + 0.1, mid
+    # The unrelated model shares nothing (no delta against the family, no exact fragment).
+    assert reports["unrelated"].delta == 0 and reports["unrelated"].exact == 0
+    assert s.shared_fragments > 0 and s.refs_per_shared_fragment >= 2
+    assert 0 < s.per_family["digits"] < 1 and s.stored_bytes < s.raw_bytes
+    assert lib.verify().ok
+
+
+def test_restore_reads_only_the_models_fragments(tmp_path, family):
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    for m in family:
+        lib.ingest([m.file], m.model_id, m.family)
+    seen: set[str] = set()
+    real = lib.store.read_fragments
+
+    def spy(ids, columns=None, version=None):
+        t = real(ids, columns, version)
+        seen.update(t["fragment_id"].to_pylist())
+        return t
+
+    lib.store.read_fragments = spy
+    lib.restore("unrelated", str(tmp_path / "out"))
+    assert seen == lib.manifest("unrelated").fragment_ids
+
+
+def test_corrupt_fragment_is_named(tmp_path, family):
+    import pyarrow as pa
+
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    lib.ingest([family[0].file], family[0].model_id)
+    # Rewrite one stored blob with other valid-looking bytes: decode works, the hash must not.
+    t = lib.store.read("fragments")
+    rows = t.to_pylist()
+    victim = next(r for r in rows if r["codec"] != "raw")
+    victim_id = victim["fragment_id"]
+    other = next(r for r in rows if r["fragment_id"] != victim_id and r["codec"] == victim["codec"])
+    lib.store.delete("fragments", f"fragment_id = '{victim_id}'")
+    lib.store.append("fragments", pa.Table.from_pylist([dict(other, fragment_id=victim_id)], schema=t.schema))
+    tensor = next(tr.name for tr in lib.manifest(family[0].model_id).tensors if any(r.fragment_id == victim_id for r in tr.fragments))
+    with pytest.raises(FragmentError, match=rf"{family[0].model_id}.*{tensor}.*{victim_id}.*hash mismatch"):
+        lib.restore(family[0].model_id, str(tmp_path / "out"))
+    r = lib.verify(family[0].model_id)
+    assert not r.ok and victim_id in r.errors[0]
+
+
+def test_rm_and_gc_reference_counting(tmp_path, family):
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    base, ft = family[0], family[1]
+    lib.ingest([base.file], base.model_id)
+    lib.ingest([ft.file], ft.model_id)
+    n_both = lib.stats().fragments
+    # The fine-tune's deltas reference the base's fragments: removing the base must keep them.
+    lib.rm(base.model_id)
+    freed = lib.gc()
+    assert 0 < freed["fragments_removed"] < n_both
+    [p] = lib.restore(ft.model_id, str(tmp_path / "out"))
+    assert sha256(p) == sha256(ft.file)
+    lib.rm(ft.model_id)
+    lib.gc()
+    assert lib.stats().fragments == 0
+    with pytest.raises(LibraryError, match="not in the library"):
+        lib.rm(ft.model_id)
+
+
+def test_crash_between_commits_leaves_previous_snapshot(tmp_path, family, monkeypatch):
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    lib.ingest([family[0].file], family[0].model_id)
+    real = lib.store.append
+
+    def crash_on_manifest(name, rows, note=""):
+        if name == "manifests":
+            raise KeyboardInterrupt("killed mid-write")
+        real(name, rows, note)
+
+    monkeypatch.setattr(lib.store, "append", crash_on_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        lib.ingest([family[1].file], family[1].model_id)
+    monkeypatch.undo()
+    assert [m["model_id"] for m in lib.models()] == [family[0].model_id]
+    assert lib.verify().ok
+    assert lib.gc()["fragments_removed"] > 0  # the orphaned fragments of the killed ingest
+    lib.ingest([family[1].file], family[1].model_id)  # the next run finishes the work
+    [p] = lib.restore(family[1].model_id, str(tmp_path / "out"))
+    assert sha256(p) == sha256(family[1].file)
+
+
+def test_duplicate_model_id_refused(tmp_path, family):
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    lib.ingest([family[0].file], "m")
+    with pytest.raises(LibraryError, match="already in the library"):
+        lib.ingest([family[1].file], "m")
+
+
+def test_lossy_sharing_is_opt_in_bounded_and_reported(tmp_path, family):
+    lossless = FragmentLibrary.open(str(tmp_path / "a"), SMALL_FRAGMENTS)
+    lossy = FragmentLibrary.open(str(tmp_path / "b"), LibraryConfig(fragment_size=64 * 1024, lossy_threshold=0.05))
+    base, ft = family[0], family[1]  # lr 1e-4 fine-tune: close to the base
+    for lib in (lossless, lossy):
+        lib.ingest([base.file], base.model_id)
+        lib.ingest([ft.file], ft.model_id)
+    assert lossless.stats().lossy_refs == 0
+    s = lossy.stats()
+    assert s.lossy_refs > 0 and s.lossy_saved_bytes > 0
+    report = lossy.verify(ft.model_id)
+    assert report.ok and report.lossy_tensors
+    assert all(e["rel_l2_error"] <= 0.05 for e in report.lossy_tensors.values())
+    # The restored tensors are within the stated bound of the originals.
+    from safetensors.torch import load_file
+
+    [p] = lossy.restore(ft.model_id, str(tmp_path / "out"))
+    orig, back = load_file(ft.file), load_file(p)
+    for name in orig:
+        a, b = orig[name].double(), back[name].double()
+        if a.numel():
+            assert (a - b).norm() <= 0.05 * a.norm() + 1e-12, name
+
+
+def test_loader_switches_within_a_family_reading_only_new_fragments(tmp_path, family):
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    for m in family:
+        lib.ingest([m.file], m.model_id, m.family)
+    loader = ModelLoader(lib, cache_bytes=256 << 20)
+    from safetensors.torch import load_file
+
+    base = loader.load("digits-base")
+    first = loader.last
+    assert first.fragments_fetched == first.fragments
+    partial = loader.load("digits-ft-partial")
+    assert loader.last.fragments_fetched < loader.last.fragments  # frozen layers came from the cache
+    expected = load_file(family[3].file)
+    assert all(torch.equal(partial[k], expected[k]) for k in expected)
+    assert all(torch.equal(base[k], v) for k, v in load_file(family[0].file).items())
+    tiny = ModelLoader(lib, cache_bytes=64 * 1024)  # a cache too small still loads correctly
+    assert all(torch.equal(tiny.load("digits-ft-partial")[k], expected[k]) for k in expected)

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -22,15 +26,25 @@ def family(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 API on 127.0.0.1; sets the AWS_* environment that s3fs and delta-rs both read."""
-    from moto.server import ThreadedMotoServer
-
+    """moto's S3 API on 127.0.0.1, in its own process: delta-rs calls hold the GIL, so an
+    in-process (threaded) server would never get to answer them. Sets the AWS_* environment
+    that s3fs, boto3 and delta-rs all read."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.2)
     env = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
@@ -46,7 +60,8 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    server.stop()
+    proc.terminate()
+    proc.wait(10)
 
 
 @pytest.fixture

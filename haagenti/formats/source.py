@@ -14,12 +14,12 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import fsspec
 import torch
 
 from haagenti.errors import FormatError, UnsafeFileError
 from haagenti.formats.dtypes import DType, from_torch
 from haagenti.formats.safetensors import parse_header
+from haagenti.fsio import filesystem_for
 
 SAFETENSORS_EXT = (".safetensors",)
 TORCH_EXT = (".pt", ".pth", ".bin", ".ckpt")
@@ -59,7 +59,8 @@ class ModelSource:
         if t.payload is not None:
             return t.payload[begin:end]
         f = self.files[t.file_index]
-        with fsspec.open(f.url, "rb") as fh:
+        fs, path = filesystem_for(f.url)
+        with fs.open(path, "rb") as fh:
             fh.seek(t.data_begin + begin)
             data = fh.read(end - begin)
         if len(data) != end - begin:
@@ -73,7 +74,8 @@ class ModelSource:
                 yield t.payload[b : b + chunk_bytes]
             return
         f = self.files[t.file_index]
-        with fsspec.open(f.url, "rb", block_size=max(chunk_bytes, 1 << 20)) as fh:
+        fs, path = filesystem_for(f.url)
+        with fs.open(path, "rb", block_size=max(chunk_bytes, 1 << 20)) as fh:
             fh.seek(t.data_begin)
             for b in range(0, t.nbytes, chunk_bytes):
                 want = min(chunk_bytes, t.nbytes - b)
@@ -91,7 +93,7 @@ def expand_urls(urls: list[str]) -> list[str]:
     """Turn folder URLs into the model files they hold (sorted, so order is deterministic)."""
     out: list[str] = []
     for url in urls:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = filesystem_for(url)
         if fs.isdir(path):
             names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(SAFETENSORS_EXT + TORCH_EXT + VERBATIM_EXT))
             if not names:
@@ -111,7 +113,7 @@ def open_model(urls: list[str]) -> ModelSource:
         raise FormatError(f"model files must have distinct names, got {names}")
     src = ModelSource(files=[])
     for i, url in enumerate(files):
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = filesystem_for(url)
         size = fs.size(path)
         name = names[i]
         low = name.lower()

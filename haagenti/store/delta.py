@@ -16,7 +16,6 @@ import os
 import posixpath
 from typing import Iterable
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -24,6 +23,7 @@ from deltalake import ColumnProperties, CommitProperties, DeltaTable, WriterProp
 from deltalake.exceptions import TableNotFoundError
 
 from haagenti.errors import FragmentError, LibraryError
+from haagenti.fsio import filesystem_for, s3_endpoint
 
 LIBRARY_FORMAT_VERSION = 1
 
@@ -118,22 +118,12 @@ def storage_options_for(url: str) -> dict[str, str]:
     if not url.startswith(("s3://", "s3a://")):
         return {}
     opts = {"conditional_put": "etag", "AWS_REGION": os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     if endpoint:
         opts["AWS_ENDPOINT_URL"] = endpoint
         if endpoint.startswith("http://"):
             opts["AWS_ALLOW_HTTP"] = "true"
     return opts
-
-
-def filesystem_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    kwargs = {}
-    if url.startswith(("s3://", "s3a://")):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            kwargs["client_kwargs"] = {"endpoint_url": endpoint}
-        kwargs["default_fill_cache"] = False
-    return fsspec.core.url_to_fs(url, **kwargs)
 
 
 class LibraryStore:

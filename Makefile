@@ -1,0 +1,34 @@
+# Each target installs what it needs into .venv first, so both work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO ?= demo
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel of torch first: an unpinned torch could pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: install
+	$(VENV)/bin/haagenti examples make-family $(DEMO)/family
+	$(PY) -m jobs.dedup --catalog $(DEMO)/family/catalog.yaml --library $(DEMO)/lib
+	$(VENV)/bin/haagenti stats $(DEMO)/lib
+
+bench: install
+	$(PY) bench/storage.py
+	$(PY) bench/similarity.py
+	$(PY) bench/pipeline.py
+	$(PY) bench/adaptive.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

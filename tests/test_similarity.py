@@ -1,0 +1,102 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from haagenti.signature import SignatureConfig, compute_signatures, hamming
+from haagenti.similarity import MatchType, SimilarityIndex, SimilarityThreshold, band_rows, measure
+
+
+def frag(t: torch.Tensor) -> tuple[bytes, str]:
+    name = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[t.dtype]
+    return t.contiguous().view(torch.uint8).numpy().tobytes(), name
+
+
+def test_signatures_track_cosine_similarity():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1 << 16, generator=g)
+    near = base + 0.05 * torch.randn(1 << 16, generator=g)
+    other = torch.randn(1 << 16, generator=g)
+    s_base, s_near, s_other, s_cast = compute_signatures([frag(base.bfloat16()), frag(near.bfloat16()), frag(other.bfloat16()), frag(base.half())])
+    bits = SignatureConfig().bits
+    assert hamming(s_base.bits, s_near.bits) < 0.1 * bits
+    assert hamming(s_base.bits, s_cast.bits) < 0.05 * bits  # an fp16 re-export signs like its bf16 base
+    assert 0.35 * bits < hamming(s_base.bits, s_other.bits) < 0.65 * bits
+    assert abs(s_base.mean - float(base.mean())) < 0.02 and abs(s_base.std - float(base.std())) < 0.02
+    assert sum(s_base.histogram) == 1 << 16
+
+
+def test_nonfinite_values_are_counted_and_ignored():
+    t = torch.randn(4096)
+    t[::7] = float("nan")
+    t[1] = float("inf")
+    [s] = compute_signatures([frag(t)])
+    assert s.nonfinite == len(range(0, 4096, 7)) + 1
+    assert np.isfinite([s.mean, s.std, s.min, s.max]).all()
+
+
+SCRIPT = """
+import sys, torch
+from haagenti.signature import compute_signatures
+torch.set_num_threads(int(sys.argv[1]))
+g = torch.Generator().manual_seed(3)
+frags = [(torch.randn(n, generator=g).to(dt).view(torch.uint8).numpy().tobytes(), name)
+         for n, dt, name in [(65536, torch.bfloat16, "BF16"), (32768, torch.float32, "F32"), (1000, torch.float16, "F16")]]
+print(",".join(s.bits.hex() + repr((s.mean, s.std, s.histogram)) for s in compute_signatures(frags)))
+"""
+
+
+def test_signatures_bit_identical_across_processes_and_thread_counts():
+    outs = {subprocess.run([sys.executable, "-c", SCRIPT, str(n)], capture_output=True, text=True, check=True).stdout for n in (1, 2)}
+    assert len(outs) == 1 and len(next(iter(outs))) > 100
+
+
+def test_signature_batch_equals_one_by_one():
+    g = torch.Generator().manual_seed(5)
+    frags = [frag(torch.randn(8192, generator=g).bfloat16()) for _ in range(5)]
+    assert compute_signatures(frags) == [compute_signatures([f])[0] for f in frags]
+
+
+def _sig(t):
+    return compute_signatures([frag(t)])[0].bits
+
+
+def test_index_insert_query_remove_merge_and_persist():
+    g = torch.Generator().manual_seed(1)
+    bases = [torch.randn(16384, generator=g) for _ in range(20)]
+    a, b = SimilarityIndex(), SimilarityIndex()
+    for i, t in enumerate(bases):
+        (a if i % 2 else b).insert(f"f{i:02d}", _sig(t), 16384)
+    a.merge(b)
+    assert len(a) == 20
+    probe = _sig(bases[7] + 0.02 * torch.randn(16384, generator=g))
+    assert a.query(probe, k=1)[0][0] == "f07"
+    assert a.query(probe, k=3, n_elements=99) == []
+    a.remove("f07")
+    assert all(fid != "f07" for fid, _ in a.query(probe, k=5))
+    back = SimilarityIndex.from_table(a.to_table())
+    assert back.bits == a.bits
+    bands = a.band_table()
+    assert bands.num_rows == 19 * SignatureConfig().bands
+    assert set(bands.column_names) == {"band", "band_hash", "fragment_id"}
+
+
+def test_band_rows_group_candidates_like_the_index():
+    cfg = SignatureConfig()
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(16384, generator=g)
+    ids, bits = ["x", "y"], [_sig(t), _sig(t + 0.01 * torch.randn(16384, generator=g))]
+    rows = band_rows(ids, bits, cfg).to_pylist()
+    shared = {(r["band"], r["band_hash"]) for r in rows if r["fragment_id"] == "x"} & {(r["band"], r["band_hash"]) for r in rows if r["fragment_id"] == "y"}
+    assert shared  # the near pair meets in at least one band
+
+
+def test_thresholds_classify_measured_quantities():
+    th = SimilarityThreshold()
+    a = np.random.default_rng(0).standard_normal(1000)
+    cos, rel, mx = measure(a, a + 0.01 * np.random.default_rng(1).standard_normal(1000))
+    assert th.classify(cos) is MatchType.NEAR_DUPLICATE and rel < 0.02 and mx < 0.05
+    assert th.classify(1.0, identical=True) is MatchType.EXACT
+    assert th.classify(0.93) is MatchType.SIMILAR and th.classify(0.2) is MatchType.UNRELATED

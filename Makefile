@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# pytest exits 5 when it collected no test: that is a failure, never a silent pass.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	@$(PY) -m pytest -q -p no:cacheprovider; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 demo: install
 	$(VENV)/bin/haagenti examples make-family $(DEMO)/family

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 from typing import Protocol
 
 import numpy as np
@@ -103,8 +104,21 @@ class CodecChain:
         return data
 
 
+_local = threading.local()
+
+
 def codec_chain(spec: str) -> CodecChain:
-    """Parse a chain spec such as "bytegroup:2+zstd:3:2" (or "raw")."""
+    """The chain for a spec such as "bytegroup:2+zstd:3:2" (or "raw"). Chains are cached per
+    thread: building zstd contexts costs more than compressing a fragment, and a zstd context
+    must not be shared between threads."""
+    cache = _local.__dict__.setdefault("chains", {})
+    chain = cache.get(spec)
+    if chain is None:
+        chain = cache[spec] = _parse_chain(spec)
+    return chain
+
+
+def _parse_chain(spec: str) -> CodecChain:
     if spec == "raw":
         return CodecChain([])
     codecs: list[Codec] = []
@@ -123,8 +137,8 @@ def chain_for(itemsize: int, is_float: bool, level: int = 3) -> CodecChain:
     """The chain used for a fragment of this dtype: byte planes for multi-byte floats (and the
     residuals of deltas, which share their structure), plain zstd otherwise."""
     if is_float and itemsize in (2, 4, 8):
-        return CodecChain([ByteGroup(itemsize), Zstd(level, itemsize)])
-    return CodecChain([Zstd(level)])
+        return codec_chain(f"bytegroup:{itemsize}+zstd:{level}:{itemsize}")
+    return codec_chain(f"zstd:{level}")
 
 
 def encode_smallest(data: bytes, chain: CodecChain) -> tuple[str, bytes]:

@@ -1,0 +1,38 @@
+"""Shared bench helpers: the example family (trained once, cached) and timing."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CACHE = os.environ.get("HAAGENTI_BENCH_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
+
+
+def example_family(name: str = "family"):
+    """Train the full-size example family once into bench/.cache and reuse it."""
+    from haagenti.examples import FamilyMember, make_family, write_catalog
+
+    out = os.path.join(CACHE, name)
+    marker = os.path.join(out, "catalog.yaml")
+    if not os.path.exists(marker):
+        members = make_family(out)
+        write_catalog(members, out)
+    import yaml
+
+    with open(marker) as f:
+        doc = yaml.safe_load(f)
+    return [FamilyMember(m["id"], m["files"][0], m["family"], "") for m in doc["models"]]
+
+
+@contextmanager
+def timed(box: list):
+    t = time.perf_counter()
+    yield
+    box.append(time.perf_counter() - t)
+
+
+def mbps(nbytes: int, seconds: float) -> str:
+    return f"{nbytes / seconds / 1e6:8.1f}" if seconds > 0 else "     inf"

@@ -1,0 +1,154 @@
+"""Storage and speed on the example family, side by side with the baselines, same bytes, one run.
+
+    python bench/storage.py [--fragment-size 262144]
+
+Methods: plain zstd-3 per file; tensor-hash dedup + zstd-3; ZipNN-style byte grouping + zstd
+per tensor; the name-paired XOR oracle (every fine-tune XORed against its known base tensor by
+name, byte-grouped: what ZipLLM/BitX do when handed the base); haagenti exact-only; haagenti
+with similarity. Throughput is single-threaded (one core), MB of raw model bytes per second.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+import zstandard
+
+from common import example_family, mbps
+
+from haagenti.codecs import chain_for
+from haagenti.codecs.delta import cast_reference, residual
+from haagenti.config import LibraryConfig
+from haagenti.formats import open_model
+from haagenti.fragment import Encoding
+from haagenti.library import FragmentLibrary
+
+
+def tensors_of(path: str) -> dict[str, tuple[str, bytes]]:
+    src = open_model([path])
+    return {t.name: (t.dtype.name, src.read(t, 0, t.nbytes)) for t in src.tensors}
+
+
+def zstd_per_file(files, blobs):
+    c, d = zstandard.ZstdCompressor(level=3), zstandard.ZstdDecompressor()
+    t0 = time.perf_counter()
+    packed = [c.compress(blobs[f]) for f in files]
+    t1 = time.perf_counter()
+    for p in packed:
+        d.decompress(p)
+    return sum(map(len, packed)), t1 - t0, time.perf_counter() - t1
+
+
+def tensor_hash_dedup(files, tensors):
+    c, d = zstandard.ZstdCompressor(level=3), zstandard.ZstdDecompressor()
+    t0 = time.perf_counter()
+    store: dict[str, bytes] = {}
+    for f in files:
+        for _, data in tensors[f].values():
+            h = hashlib.sha256(data).digest()
+            if h not in store:
+                store[h] = c.compress(data)
+    t1 = time.perf_counter()
+    for f in files:
+        for _, data in tensors[f].values():
+            d.decompress(store[hashlib.sha256(data).digest()])
+    return sum(map(len, store.values())), t1 - t0, time.perf_counter() - t1
+
+
+def byte_grouped(files, tensors):
+    from haagenti.formats.dtypes import dtype
+
+    t0 = time.perf_counter()
+    packed = []
+    for f in files:
+        for dt, data in tensors[f].values():
+            d = dtype(dt)
+            chain = chain_for(d.itemsize, d.is_float)
+            packed.append((chain, chain.encode(data)))
+    t1 = time.perf_counter()
+    for chain, p in packed:
+        chain.decode(p)
+    return sum(len(p) for _, p in packed), t1 - t0, time.perf_counter() - t1
+
+
+def xor_oracle(members, tensors):
+    """Each family member against its hand-given base ('digits-base'), tensor by tensor by name."""
+    from haagenti.formats.dtypes import dtype
+
+    base = next(m for m in members if m.model_id == "digits-base")
+    t0 = time.perf_counter()
+    total = 0
+    for m in members:
+        for name, (dt, data) in tensors[m.file].items():
+            d = dtype(dt)
+            chain = chain_for(d.itemsize, d.is_float)
+            if m.family and m is not base and name in tensors[base.file] and d.is_float:
+                bdt, bdata = tensors[base.file][name]
+                ref = cast_reference(bdata, bdt, dt)
+                total += min(len(chain.encode(residual(Encoding.DELTA_XOR, data, ref, d.itemsize))), len(data))
+            else:
+                total += min(len(chain.encode(data)), len(data))
+    return total, time.perf_counter() - t0, float("nan")
+
+
+def haagenti(members, config: LibraryConfig):
+    root = tempfile.mkdtemp(prefix="haagenti-bench-")
+    try:
+        lib = FragmentLibrary.open(os.path.join(root, "lib"), config)
+        t0 = time.perf_counter()
+        for m in members:
+            lib.ingest([m.file], m.model_id, m.family)
+        t1 = time.perf_counter()
+        for m in members:
+            lib.restore(m.model_id, os.path.join(root, "out"))
+        t2 = time.perf_counter()
+        stats = lib.stats()
+        disk = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(root, "lib")) for f in fs)
+        return stats, disk, t1 - t0, t2 - t1
+    finally:
+        shutil.rmtree(root)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fragment-size", type=int, default=256 * 1024)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    members = example_family()
+    files = [m.file for m in members]
+    blobs = {f: open(f, "rb").read() for f in files}
+    tensors = {f: tensors_of(f) for f in files}
+    raw = sum(map(len, blobs.values()))
+    rows = [("raw", raw, float("nan"), float("nan"))]
+    rows.append(("zstd-3 per file",) + zstd_per_file(files, blobs))
+    rows.append(("tensor-hash dedup + zstd-3",) + tensor_hash_dedup(files, tensors))
+    rows.append(("byte-grouped zstd-3 (ZipNN-style)",) + byte_grouped(files, tensors))
+    rows.append(("XOR vs known base by name (oracle)",) + xor_oracle(members, tensors))
+    per_model = {}
+    for label, sim in (("haagenti exact dedup only", False), ("haagenti + similarity", True)):
+        stats, disk, tin, tout = haagenti(members, LibraryConfig(fragment_size=args.fragment_size, similarity=sim))
+        rows.append((label + " (blobs)", stats.stored_bytes, tin, tout))
+        rows.append((label + " (on disk, all tables)", disk, tin, tout))
+        per_model[label] = stats
+    print(f"example family: {len(members)} models, {raw / 1e6:.1f} MB raw, fragment size {args.fragment_size // 1024} KiB, 1 thread")
+    print(f"{'method':42s} {'stored MB':>10s} {'reduction':>10s} {'in MB/s':>9s} {'out MB/s':>9s}")
+    for name, size, tin, tout in rows:
+        red = 1 - size / raw
+        fin = mbps(raw, tin) if tin == tin else "       -"
+        fout = mbps(raw, tout) if tout == tout else "       -"
+        print(f"{name:42s} {size / 1e6:10.2f} {red:10.1%} {fin:>9s} {fout:>9s}")
+    stats = per_model["haagenti + similarity"]
+    print("\nper model (haagenti + similarity; new stored bytes each model added):")
+    for m in stats.per_model:
+        print(f"  {m.model_id:22s} {m.family or '-':8s} {m.raw_bytes / 1e6:7.2f} MB -> {m.new_stored_bytes / 1e6:7.2f} MB  {m.reduction:6.1%}")
+    for fam, red in stats.per_family.items():
+        print(f"  family {fam}: {red:.1%}")
+
+
+if __name__ == "__main__":
+    main()

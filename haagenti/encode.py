@@ -172,37 +172,17 @@ class FragmentEncoder:
         return frag_rows, sig_rows, refs  # type: ignore[return-value]
 
     def _encode_one(self, p: PendingFragment, candidates: list[tuple[str, int]]) -> tuple[dict | None, FragmentRef]:
-        d = lookup_dtype(p.dtype)
-        spec, blob = encode_smallest(p.data, chain_for(d.itemsize, d.is_float, self.config.zstd_level))
-        best = (Encoding.PLAIN, spec, blob, None)
+        refs = []
         for cand, _ in candidates:
             ref_raw = self.refs.get(cand)
             if ref_raw is None:
                 continue
-            ref = cast_reference(ref_raw, self.known.get(cand, p.dtype), p.dtype)
             if self.config.lossy_threshold is not None and self.known.get(cand) == p.dtype:
-                shared = self._lossy(p, cand, ref)
+                shared = self._lossy(p, cand, ref_raw)
                 if shared is not None:
                     return None, shared
-            enc, dspec, dblob = best_delta(p.data, ref, p.dtype, self.config.zstd_level)
-            if len(dblob) < len(best[2]):
-                best = (enc, dspec, dblob, cand)
-        enc, spec, blob, ref_id = best
-        row = {
-            "fragment_id": p.fragment_id,
-            "dtype": p.dtype,
-            "n_elements": p.n_elements,
-            "raw_size": len(p.data),
-            "stored_size": len(blob),
-            "encoding": enc.value,
-            "codec": spec,
-            "ref_id": ref_id,
-            "ref_dtype": self.known.get(ref_id) if ref_id else None,
-            "fragment_type": p.fragment_type.value,
-            "quality": "exact",
-            "blob": blob,
-        }
-        return row, FragmentRef(p.fragment_id, p.elem_offset, p.n_elements, p.fragment_id)
+            refs.append((cand, ref_raw, self.known.get(cand, p.dtype)))
+        return encode_fragment(p, refs, self.config.zstd_level), FragmentRef(p.fragment_id, p.elem_offset, p.n_elements, p.fragment_id)
 
     def _lossy(self, p: PendingFragment, cand: str, ref: bytes) -> FragmentRef | None:
         """Share `cand` in place of `p` when the measured relative L2 error is within the bound."""
@@ -217,6 +197,32 @@ class FragmentEncoder:
         if rel <= (self.config.lossy_threshold or 0.0):
             return FragmentRef(cand, p.elem_offset, p.n_elements, p.fragment_id, mx, rel)
         return None
+
+
+def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str]], level: int) -> dict:
+    """The fragments-table row for `p`: plain, or a delta against the reference (id, raw bytes,
+    dtype) whose encoded residual is smallest; the smallest of all wins."""
+    d = lookup_dtype(p.dtype)
+    enc, spec, blob = Encoding.PLAIN, *encode_smallest(p.data, chain_for(d.itemsize, d.is_float, level))
+    ref_id = ref_dtype = None
+    for cand, ref_raw, cand_dtype in refs:
+        denc, dspec, dblob = best_delta(p.data, cast_reference(ref_raw, cand_dtype, p.dtype), p.dtype, level)
+        if len(dblob) < len(blob):
+            enc, spec, blob, ref_id, ref_dtype = denc, dspec, dblob, cand, cand_dtype
+    return {
+        "fragment_id": p.fragment_id,
+        "dtype": p.dtype,
+        "n_elements": p.n_elements,
+        "raw_size": len(p.data),
+        "stored_size": len(blob),
+        "encoding": enc.value,
+        "codec": spec,
+        "ref_id": ref_id,
+        "ref_dtype": ref_dtype,
+        "fragment_type": p.fragment_type.value,
+        "quality": "exact",
+        "blob": blob,
+    }
 
 
 def signature_row(p: PendingFragment, s: FragmentSignature) -> dict:

@@ -404,3 +404,21 @@ def _file_hasher(f) -> "hashlib._Hash":
     h.update(struct.pack("<Q", len(f.header)) + f.header)
     return h
 
+
+
+def model_relations(library: FragmentLibrary, model_ids: list[str] | None = None) -> dict[tuple[str, str], float]:
+    """Share of model a's fragments that are b's fragments, or deltas against b's fragments.
+    The basis of family inference and of the model-by-model similarity map."""
+    man = library.store.read("manifests", columns=["model_id", "fragment_id"])
+    frags = library.store.read("fragments", columns=["fragment_id", "ref_id"])
+    ref_of = {f: r for f, r in zip(frags["fragment_id"].to_pylist(), frags["ref_id"].to_pylist()) if r}
+    owned: dict[str, set[str]] = {}
+    for mid, fid in zip(man["model_id"].to_pylist(), man["fragment_id"].to_pylist()):
+        if fid is not None and (model_ids is None or mid in model_ids):
+            owned.setdefault(mid, set()).add(fid)
+    out = {}
+    for a, fa in owned.items():
+        for b, fb in owned.items():
+            if a != b and fa:
+                out[(a, b)] = sum(1 for f in fa if f in fb or ref_of.get(f) in fb) / len(fa)
+    return out

@@ -213,26 +213,42 @@ class LibraryStore:
 
     # ---- writes -------------------------------------------------------------------------
     def append(self, name: str, rows: pa.Table, note: str = "") -> None:
+        """Append rows in one atomic commit."""
         if rows.num_rows == 0:
             return
         rows = rows.cast(SCHEMAS[name])
-        props = None
         if name == "fragments":
             rows = rows.sort_by("fragment_id")
-            avg = max(1, int(pc.sum(rows["stored_size"]).as_py() or 1) // rows.num_rows)
+        self.append_stream(name, [rows], note, avg_row_bytes=max(1, int(pc.sum(rows["stored_size"]).as_py() or 1) // rows.num_rows) if name == "fragments" else 0)
+
+    def append_stream(self, name: str, tables: Iterable[pa.Table], note: str = "", avg_row_bytes: int = 0) -> int:
+        """Append a stream of tables in one atomic commit (bounded memory); returns rows written."""
+        schema = SCHEMAS[name]
+        count = 0
+
+        def batches():
+            nonlocal count
+            for t in tables:
+                count += t.num_rows
+                yield from t.cast(schema).to_batches()
+
+        props = None
+        if name == "fragments":
             props = WriterProperties(
-                max_row_group_size=max(1, _FRAGMENT_ROW_GROUP_BYTES // avg),
+                max_row_group_size=max(1, _FRAGMENT_ROW_GROUP_BYTES // max(avg_row_bytes, 1)),
                 compression="UNCOMPRESSED",  # blobs are already zstd; statistics stay on ids only
                 column_properties={"blob": ColumnProperties(statistics_enabled="NONE", dictionary_enabled=False)},
             )
+        reader = pa.RecordBatchReader.from_batches(schema, batches())
         write_deltalake(
             self.table_uri(name),
-            rows,
+            reader,
             mode="append",
             storage_options=self.options,
             writer_properties=props,
             commit_properties=CommitProperties(custom_metadata={"haagenti": note}) if note else None,
         )
+        return count
 
     def delete(self, name: str, predicate: str) -> int:
         """Delete rows matching a SQL predicate in one commit; returns rows deleted."""

@@ -1,0 +1,230 @@
+"""Pipeline steps: each a small function or class with one job, knowing nothing of how it is
+scheduled. Rows are plain dicts or Arrow tables; model bytes never travel between steps, only
+file URLs and byte ranges, read where they are needed."""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+
+import pyarrow as pa
+import torch
+
+from haagenti.config import LibraryConfig
+from haagenti.encode import PendingFragment, encode_fragment, signature_row
+from haagenti.errors import FormatError
+from haagenti.formats import open_model
+from haagenti.formats.dtypes import dtype as lookup_dtype
+from haagenti.fragment import FragmentId, FragmentType
+from haagenti.fsio import filesystem_for
+from haagenti.library import FragmentLibrary
+from haagenti.signature import SignatureConfig, compute_signatures
+from haagenti.store import SCHEMAS
+
+OCCURRENCE_SCHEMA = pa.schema(
+    [
+        ("model_id", pa.string()),
+        ("rank", pa.int64()),
+        ("file_index", pa.int32()),
+        ("tensor_index", pa.int32()),
+        ("tensor_name", pa.string()),
+        ("dtype", pa.string()),
+        ("shape", pa.list_(pa.int64())),
+        ("fragment_type", pa.string()),
+        ("fragment_seq", pa.int32()),
+        ("fragment_id", pa.string()),
+        ("elem_offset", pa.int64()),
+        ("elem_count", pa.int64()),
+        ("url", pa.string()),
+        ("byte_offset", pa.int64()),
+        ("byte_len", pa.int64()),
+    ]
+)
+
+
+class ByteRanges:
+    """Reads byte ranges of model files, keeping a few handles open (cheap on object stores)."""
+
+    def __init__(self, max_open: int = 8):
+        self.handles: OrderedDict[str, object] = OrderedDict()
+        self.max_open = max_open
+
+    def read(self, url: str, offset: int, length: int) -> bytes:
+        fh = self.handles.get(url)
+        if fh is None:
+            fs, path = filesystem_for(url)
+            fh = self.handles[url] = fs.open(path, "rb")
+            if len(self.handles) > self.max_open:
+                self.handles.popitem(last=False)[1].close()  # type: ignore[attr-defined]
+        self.handles.move_to_end(url)
+        fh.seek(offset)  # type: ignore[attr-defined]
+        data = fh.read(length)  # type: ignore[attr-defined]
+        if len(data) != length:
+            raise FormatError(f"{url}: short read at {offset} (file changed during the run?)")
+        return data
+
+
+def scan_model(row: dict) -> dict:
+    """Content hash and file records of one catalog entry (reads its files once, streaming)."""
+    src = open_model(list(row["files"]))
+    records = []
+    for f in src.files:
+        sha = f.sha256
+        if not sha:
+            h = hashlib.sha256()
+            fs, path = filesystem_for(f.url)
+            with fs.open(path, "rb", block_size=8 << 20) as fh:
+                while chunk := fh.read(8 << 20):
+                    h.update(chunk)
+            sha = h.hexdigest()
+        records.append({"name": f.name, "format": f.format, "size": f.size, "sha256": sha, "header": f.header, "url": f.url})
+    if any(r["format"] == "torch" for r in records):
+        raise FormatError(f"model {row['model_id']!r}: the pipeline reads safetensors by byte range; ingest .pt checkpoints with `haagenti ingest`")
+    content_hash = hashlib.sha256("".join(r["sha256"] for r in records).encode()).hexdigest()
+    return dict(row, content_hash=content_hash, raw_bytes=src.raw_bytes, file_records=records)
+
+
+class FragmentModel:
+    """One scanned model -> one row per fragment occurrence (id, position, byte range)."""
+
+    def __init__(self, config: LibraryConfig):
+        self.config = config
+
+    def __call__(self, row: dict) -> list[dict]:
+        src = open_model([r["url"] for r in row["file_records"]])
+        out = []
+        for ti, t in enumerate(src.tensors):
+            base = {
+                "model_id": row["model_id"], "rank": row["rank"], "file_index": t.file_index, "tensor_index": ti,
+                "tensor_name": t.name, "dtype": t.dtype.name, "shape": list(t.shape),
+                "fragment_type": FragmentType.infer(t.name).value, "url": src.files[t.file_index].url,
+            }
+            step = self.config.fragment_elements
+            if t.nbytes == 0:
+                out.append(dict(base, fragment_seq=-1, fragment_id=None, elem_offset=0, elem_count=0, byte_offset=t.data_begin, byte_len=0))
+                continue
+            for seq, chunk in enumerate(src.iter_chunks(t, step * t.dtype.itemsize)):
+                out.append(dict(
+                    base, fragment_seq=seq, fragment_id=FragmentId.of(chunk), elem_offset=seq * step,
+                    elem_count=len(chunk) // t.dtype.itemsize, byte_offset=t.data_begin + seq * step * t.dtype.itemsize, byte_len=len(chunk),
+                ))
+        return out
+
+
+class SignFragments:
+    """Signatures of fragments, on the GPU when this worker has one. The same class runs on
+    CPU actors; the signatures are bit-identical either way (haagenti.signature)."""
+
+    def __init__(self, config: SignatureConfig):
+        self.config = config
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.reader = ByteRanges()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        data = [self.reader.read(r["url"], r["byte_offset"], r["byte_len"]) for r in rows]
+        sigs = compute_signatures([(d, r["dtype"]) for d, r in zip(data, rows)], self.config, self.device)
+        out = [signature_row(PendingFragment(r["fragment_id"], r["dtype"], d, FragmentType(r["fragment_type"]), 0), s) for r, d, s in zip(rows, data, sigs)]
+        return pa.Table.from_pylist(out, schema=SCHEMAS["signatures"])
+
+
+def band_pairs(group: pa.Table, max_hamming: int, max_partners: int = 32) -> pa.Table:
+    """All (new fragment, candidate) pairs inside one LSH bucket, with their Hamming distance.
+    A bucket of identical signatures (e.g. all-zero fragments) is capped at `max_partners`
+    partners per fragment, chosen by id so the answer is deterministic."""
+    import numpy as np
+
+    rows = sorted(group.to_pylist(), key=lambda r: r["fragment_id"])
+    out = {"fragment_id": [], "candidate_id": [], "hamming": []}
+    bits = [np.unpackbits(np.frombuffer(r["bits"], np.uint8)) for r in rows]
+    for i, r in enumerate(rows):
+        if not r["is_new"]:
+            continue
+        partners = [j for j in range(len(rows)) if j != i and rows[j]["n_elements"] == r["n_elements"]][:max_partners]
+        for j in partners:
+            d = int((bits[i] != bits[j]).sum())
+            if d <= max_hamming:
+                out["fragment_id"].append(r["fragment_id"])
+                out["candidate_id"].append(rows[j]["fragment_id"])
+                out["hamming"].append(d)
+    return pa.table(out, schema=pa.schema([("fragment_id", pa.string()), ("candidate_id", pa.string()), ("hamming", pa.int32())]))
+
+
+def choose_references(pairs: pa.Table, order: dict[str, tuple], k: int) -> dict[str, list[str]]:
+    """Delta reference candidates per new fragment, keeping chains one hop deep in parallel:
+    a new fragment is an *anchor* (stored plain, usable as a reference) when none of its
+    candidates is in the library or earlier in catalog order; others may reference library
+    fragments and anchors only. `order` maps each new fragment to its first position."""
+    cands: dict[str, list[tuple[int, str]]] = {}
+    for f, c, d in zip(pairs["fragment_id"].to_pylist(), pairs["candidate_id"].to_pylist(), pairs["hamming"].to_pylist()):
+        cands.setdefault(f, []).append((d, c))
+    anchors = {f for f in order if not any(c not in order or order[c] < order[f] for _, c in cands.get(f, []))}
+    out = {}
+    for f, cs in cands.items():
+        usable = sorted({(d, c) for d, c in cs if c not in order or c in anchors})
+        out[f] = [c for _, c in usable[:k]]
+    return out
+
+
+ASSIGNMENT_SCHEMA = pa.schema(
+    [
+        ("fragment_id", pa.string()),
+        ("dtype", pa.string()),
+        ("fragment_type", pa.string()),
+        ("url", pa.string()),
+        ("byte_offset", pa.int64()),
+        ("byte_len", pa.int64()),
+        ("ref_ids", pa.list_(pa.string())),
+        ("ref_urls", pa.list_(pa.string())),  # null entry: the reference is in the library
+        ("ref_offsets", pa.list_(pa.int64())),
+        ("ref_lens", pa.list_(pa.int64())),
+        ("ref_dtypes", pa.list_(pa.string())),
+    ]
+)
+
+
+class EncodeFragments:
+    """Encode new fragments (plain or delta) into fragments-table rows, sorted by id."""
+
+    def __init__(self, library_url: str, config: LibraryConfig):
+        self.library = FragmentLibrary.open(library_url, config, create=False)
+        self.level = config.zstd_level
+        self.reader = ByteRanges()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipelines.chaos import maybe_die
+
+        maybe_die("encode")
+        rows = batch.to_pylist()
+        from_library = {i for r in rows for i, u in zip(r["ref_ids"], r["ref_urls"]) if u is None}
+        library_raw = self.library.fetch_raw(from_library) if from_library else {}
+        out = []
+        for r in rows:
+            data = self.reader.read(r["url"], r["byte_offset"], r["byte_len"])
+            refs = []
+            for rid, url, off, ln, rdt in zip(r["ref_ids"], r["ref_urls"], r["ref_offsets"], r["ref_lens"], r["ref_dtypes"]):
+                raw = library_raw[rid] if url is None else self.reader.read(url, off, ln)
+                refs.append((rid, raw, rdt))
+            p = PendingFragment(r["fragment_id"], r["dtype"], data, FragmentType(r["fragment_type"]), 0)
+            out.append(encode_fragment(p, refs, self.level))
+        return pa.Table.from_pylist(out, schema=SCHEMAS["fragments"]).sort_by("fragment_id")
+
+
+def manifest_rows(occurrences: pa.Table) -> pa.Table:
+    """The manifests-table rows of the run's models, straight from their occurrences."""
+    t = occurrences
+    n = t.num_rows
+    cols = {c: t[c] for c in ("model_id", "file_index", "tensor_index", "tensor_name", "dtype", "shape", "fragment_seq", "fragment_id", "elem_offset", "elem_count", "fragment_type")}
+    cols["source_fragment_id"] = t["fragment_id"]
+    cols["max_abs_error"] = pa.array([0.0] * n)
+    cols["rel_l2_error"] = pa.array([0.0] * n)
+    return pa.table(cols).cast(SCHEMAS["manifests"])
+
+
+def dtype_size(name: str) -> int:
+    return lookup_dtype(name).itemsize
+
+
+def hamming_limit(config: SignatureConfig, cosine: float) -> int:
+    """Hamming distance at which SimHash's expected collision rate matches `cosine`."""
+    return int(config.bits * math.acos(max(min(cosine, 1.0), -1.0)) / math.pi)

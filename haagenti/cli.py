@@ -134,6 +134,23 @@ def gc(library: str) -> None:
         _fail(e)
 
 
+@app.command()
+def dedup(
+    catalog: str,
+    library: str = typer.Option(..., "--library", help="library URL (local path, s3://, gs://)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)"),
+    executor: str = typer.Option("ray", help="ray or local"),
+    workers: Optional[int] = typer.Option(None, help="signature actors"),
+    prune: bool = typer.Option(False, help="remove models no longer in the catalog"),
+) -> None:
+    """Deduplicate a whole CATALOG into the library with the Ray pipeline (jobs.dedup)."""
+    from jobs.dedup import main as dedup_main  # the pipeline layer, imported only for this command
+
+    argv = ["--catalog", catalog, "--library", library, "--executor", executor] + (["--address", address] if address else [])
+    argv += (["--workers", str(workers)] if workers else []) + (["--prune"] if prune else [])
+    raise typer.Exit(dedup_main(argv))
+
+
 @examples_app.command("make-family")
 def make_family_cmd(out_dir: str, small: bool = typer.Option(False, help="a smaller model, for quick runs")) -> None:
     """Train the example digits family into OUT_DIR and write catalog.yaml beside it."""

@@ -80,14 +80,14 @@ class FragmentLibrary:
 
     def model(self, model_id: str) -> dict:
         validate_model_id(model_id)
-        rows = self.store.read("models", filters=[("model_id", "=", model_id)]).to_pylist()
+        rows = self.store.read("models", equals=("model_id", model_id)).to_pylist()
         if not rows:
             raise LibraryError(f"model {model_id!r} is not in the library")
         return rows[0]
 
     def manifest(self, model_id: str) -> ModelManifest:
         model = self.model(model_id)
-        rows = self.store.read("manifests", filters=[("model_id", "=", model_id)])
+        rows = self.store.read("manifests", equals=("model_id", model_id))
         return ModelManifest.from_rows(model, rows)
 
     def known_fragments(self) -> dict[str, str]:

@@ -116,7 +116,7 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
     for i, fid in enumerate(real["fragment_id"].to_pylist()):
         if fid not in known and fid not in first:
             first[fid] = i
-    new = real.take(sorted(first.values()))
+    new = real.take(pa.array(sorted(first.values()), pa.int64()))
     order = {fid: i for i, fid in enumerate(new["fragment_id"].to_pylist())}
     floats = new.filter(pc.is_in(new["dtype"], pa.array(["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"])))
 
@@ -143,16 +143,22 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
     assignments = _assignments(new, refs, order, known)
     encoded = executor.map_batches(EncodeFragments, (lib.store.url, config), assignments, 32)
 
-    def counted(tables):
-        for tb in tables:
-            report.new_fragments += tb.num_rows
-            report.delta_fragments += int(pc.sum(pc.not_equal(tb["encoding"], "plain")).as_py() or 0)
-            report.stored_bytes_added += int(pc.sum(tb["stored_size"]).as_py() or 0)
-            yield tb
-
-    lib.store.append_stream("fragments", counted(encoded), "dedup", avg_row_bytes=config.fragment_size // 2)
-    maybe_die("after-fragments")
     lib.store.append("signatures", sigs, "dedup")
+    # Fragments are committed in bounded chunks (memory stays flat; the encode stream may not
+    # run inside a Delta write, which would nest delta-rs runtimes). Chunks committed before a
+    # crash are unreferenced until published: gc removes them, or the next run reuses them.
+    chunk: list[pa.Table] = []
+    for tb in encoded:
+        report.new_fragments += tb.num_rows
+        report.delta_fragments += int(pc.sum(pc.not_equal(tb["encoding"], "plain")).as_py() or 0)
+        report.stored_bytes_added += int(pc.sum(tb["stored_size"]).as_py() or 0)
+        chunk.append(tb)
+        if sum(t.nbytes for t in chunk) >= config.batch_bytes:
+            lib.store.append("fragments", pa.concat_tables(chunk), "dedup")
+            chunk = []
+    if chunk:
+        lib.store.append("fragments", pa.concat_tables(chunk), "dedup")
+    maybe_die("after-fragments")
     t = stage("encode+write", t)
 
     # Publish: manifests, then models (the commit that makes them visible).

@@ -7,9 +7,13 @@ measured against). RayExecutor: Ray Data tasks for CPU steps, an actor pool for 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, Iterator, Protocol
 
 import pyarrow as pa
+
+
+FORWARDED_ENV = ("AWS_", "HAAGENTI_", "GOOGLE_", "AZURE_")
 
 
 class Executor(Protocol):
@@ -64,13 +68,17 @@ class RayExecutor:
         self.cpus = int(resources.get("CPU", 1))
         self.gpus = int(resources.get("GPU", 0))
         self.workers = workers or max(1, self.gpus or self.cpus - 1)
+        # Workers may have started before the driver's environment was set (e.g. S3 endpoint and
+        # credentials): forward the variables the steps read.
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+        self.runtime_env = {"env_vars": env} if env else None
 
     def map(self, fn, rows):
         import ray.data
 
         if not rows:
             return []
-        return ray.data.from_items(rows).map(fn).take_all()
+        return ray.data.from_items(rows).map(fn, runtime_env=self.runtime_env).take_all()
 
     def flat_map(self, fn, rows, schema):
         import ray
@@ -78,7 +86,7 @@ class RayExecutor:
 
         if not rows:
             return schema.empty_table()
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).flat_map(fn)
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).flat_map(fn, runtime_env=self.runtime_env)
         tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
         return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables else schema.empty_table()
 
@@ -92,9 +100,9 @@ class RayExecutor:
             size = max(1, min(self.workers, self.gpus or max(self.cpus - 1, 1)))
             resources = {"num_gpus": 1} if self.gpus else {"num_cpus": 0.5}
             ds = ds.map_batches(cls, fn_constructor_args=args, batch_size=batch_size, batch_format="pyarrow",
-                                compute=ray.data.ActorPoolStrategy(size=size), max_restarts=3, max_task_retries=3, **resources)
+                                compute=ray.data.ActorPoolStrategy(size=size), runtime_env=self.runtime_env, max_restarts=3, max_task_retries=3, **resources)
         else:
-            ds = ds.map_batches(functools.partial(_call, cls, args), batch_size=batch_size, batch_format="pyarrow")
+            ds = ds.map_batches(functools.partial(_call, cls, args), batch_size=batch_size, batch_format="pyarrow", runtime_env=self.runtime_env)
         return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
 
     def group_by(self, table, keys, fn):

@@ -179,17 +179,36 @@ class LibraryStore:
     def versions(self) -> dict[str, int]:
         return {name: self.table(name).version() for name in SCHEMAS}
 
-    def _paths(self, name: str, version: int | None) -> list[str]:
-        return [self.fs._strip_protocol(u) for u in self.table(name, version).file_uris()]
+    def _paths(self, name: str, version: int | None, equals: tuple[str, str] | None = None) -> list[str]:
+        """Data files of a table version; with `equals` (column, value), only the files whose
+        min/max statistics in the Delta log can hold that value."""
+        dt = self.table(name, version)
+        if equals is None:
+            return [self.fs._strip_protocol(u) for u in dt.file_uris()]
+        col, value = equals
+        actions = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
+        lows, highs = actions.get(f"min.{col}"), actions.get(f"max.{col}")
+        keep = []
+        for i, path in enumerate(actions["path"]):
+            if lows is None or lows[i] is None or highs[i] is None or lows[i] <= value <= highs[i]:
+                keep.append(self.fs._strip_protocol(f"{self.table_uri(name)}/{path}"))
+        return keep
 
-    def read(self, name: str, columns: list[str] | None = None, filters=None, version: int | None = None) -> pa.Table:
-        """A whole table (projected/filtered) at one version, read as Parquet through fsspec."""
-        paths = self._paths(name, version)
+    def read(self, name: str, columns: list[str] | None = None, equals: tuple[str, str] | None = None, version: int | None = None) -> pa.Table:
+        """A table at one version, projected and optionally filtered on column == value, read as
+        Parquet through fsspec. Files rewritten by delta-rs hold string_view columns, so each
+        file is cast to the declared schema before filtering."""
         schema = SCHEMAS[name]
-        if not paths:
-            empty = schema.empty_table()
-            return empty.select(columns) if columns else empty
-        return pq.read_table(paths, filesystem=self.fs, columns=columns, filters=filters, schema=schema)
+        target = _project(schema, columns or schema.names)
+        needed = list(target.names) + ([equals[0]] if equals and equals[0] not in target.names else [])
+        parts = []
+        for path in self._paths(name, version, equals):
+            with self.fs.open(path, "rb") as fh:
+                t = pq.read_table(fh, columns=needed).cast(_project(schema, needed))
+            if equals:
+                t = t.filter(pc.equal(t[equals[0]], equals[1]))
+            parts.append(t.select(target.names))
+        return pa.concat_tables(parts) if parts else target.empty_table()
 
     def read_fragments(self, ids: Iterable[str], columns: list[str] | None = None, version: int | None = None) -> pa.Table:
         """Rows of the given fragment ids, reading only row groups whose id range can hold them."""
@@ -254,6 +273,14 @@ class LibraryStore:
         """Delete rows matching a SQL predicate in one commit; returns rows deleted."""
         metrics = self.table(name).delete(predicate)
         return int(metrics.get("num_deleted_rows", 0))
+
+    def compact(self) -> int:
+        """Merge small files of the metadata tables (fragments keep their small row groups)."""
+        n = 0
+        for name in ("signatures", "manifests", "models"):
+            n += int(self.table(name).optimize.compact().get("numFilesRemoved", 0))
+        self.vacuum()
+        return n
 
     def vacuum(self) -> int:
         """Physically remove data files no longer in any retained version (after gc)."""

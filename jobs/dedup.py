@@ -1,0 +1,50 @@
+"""Deduplicate a catalog into a library on Ray.
+
+    ray job submit --working-dir . -- python -m jobs.dedup --catalog s3://b/catalog.yaml --library s3://b/lib
+    python -m jobs.dedup --catalog demo/family/catalog.yaml --library demo/lib   # local Ray cluster
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from haagenti.config import LibraryConfig
+from haagenti.errors import HaagentiError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="jobs.dedup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--catalog", required=True)
+    ap.add_argument("--library", required=True)
+    ap.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: a local one, or the job's cluster)")
+    ap.add_argument("--executor", choices=["ray", "local"], default="ray")
+    ap.add_argument("--workers", type=int, default=None, help="signature actors (default: GPUs, else CPUs - 1)")
+    ap.add_argument("--fragment-size", type=int, default=256 * 1024)
+    ap.add_argument("--prune", action="store_true", help="remove models no longer in the catalog and collect their fragments")
+    ap.add_argument("--no-report", action="store_true")
+    args = ap.parse_args(argv)
+    from pipelines.dedup import run_dedup
+    from pipelines.executors import make_executor
+    from pipelines.report import write_report
+
+    try:
+        config = LibraryConfig(fragment_size=args.fragment_size)
+        executor = make_executor(args.executor, args.address, args.workers)
+        run = run_dedup(args.catalog, args.library, executor, config, prune=args.prune)
+        if not args.no_report and not run.nothing_to_do:
+            from haagenti.library import FragmentLibrary
+
+            paths = write_report(FragmentLibrary.open(args.library, create=False), run)
+            print(f"report: {paths['report.html']}")
+        for mid, fam in run.inferred_families.items():
+            print(f"inferred family of {mid}: {fam or 'none'}")
+        print(run.summary())
+        return 0
+    except (HaagentiError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Collect unreferenced fragments and compact the library's tables.
+
+    ray job submit --working-dir . -- python -m jobs.gc --library s3://b/lib
+Run it when no dedup job writes to the same library (docs/decisions.md).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from haagenti.errors import HaagentiError
+from haagenti.library import FragmentLibrary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="jobs.gc")
+    ap.add_argument("--library", required=True)
+    args = ap.parse_args(argv)
+    try:
+        lib = FragmentLibrary.open(args.library, create=False)
+        r = lib.gc()
+        compacted = lib.store.compact()
+    except HaagentiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"gc: {r['fragments_removed']} fragments removed, {r['bytes_freed']:,} B freed; {compacted} files compacted")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The dedup pipeline: local and Ray executors, S3, incremental re-runs, faults."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+
+from haagenti.config import LibraryConfig
+from haagenti.library import FragmentLibrary
+from pipelines.dedup import run_dedup
+from pipelines.executors import LocalExecutor, RayExecutor
+from pipelines.report import write_report
+from tests.helpers import sha256
+
+CONFIG = LibraryConfig(fragment_size=64 * 1024)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def catalog(path, members, files=None, family=True):
+    doc = {"models": [{"id": m.model_id, "family": m.family if family else None, "files": [files.get(m.model_id, m.file) if files else m.file]} for m in members]}
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def content(lib: FragmentLibrary, table: str, key: str) -> list[dict]:
+    t = lib.store.read(table)
+    return sorted(t.to_pylist(), key=lambda r: r[key])
+
+
+def test_local_pipeline_incremental_reruns(tmp_path, family):
+    lib_url = str(tmp_path / "lib")
+    cat = catalog(tmp_path / "catalog.yaml", family, family=False)
+    first = run_dedup(cat, lib_url, LocalExecutor(), CONFIG)
+    assert first.added == [m.model_id for m in family] and first.delta_fragments > 0
+    lib = FragmentLibrary.open(lib_url)
+    for m in family:
+        [p] = lib.restore(m.model_id, str(tmp_path / "out" / m.model_id))
+        assert sha256(p) == sha256(m.file)
+    # No family was declared: the family is inferred from shared and delta-referenced fragments.
+    inferred = first.inferred_families
+    assert inferred["unrelated"] is None
+    assert {inferred[m.model_id] for m in family if m.model_id != "digits-base" and m.model_id != "unrelated"} == {"digits-base"}
+    again = run_dedup(cat, lib_url, LocalExecutor(), CONFIG)
+    assert again.nothing_to_do and "nothing to do" in again.summary()
+    # Change one model, drop another: only those are processed.
+    state = load_file(family[-1].file)
+    name = sorted(state)[0]
+    state[name] = state[name] * 2
+    changed = tmp_path / "unrelated-v2.safetensors"
+    save_file(state, str(changed))
+    cat2 = catalog(tmp_path / "catalog2.yaml", [m for m in family if m.model_id != "digits-ft-lr1e-3"], {"unrelated": str(changed)}, family=False)
+    third = run_dedup(cat2, lib_url, LocalExecutor(), CONFIG, prune=True)
+    assert third.replaced == ["unrelated"] and third.removed == ["digits-ft-lr1e-3"] and third.added == []
+    lib = FragmentLibrary.open(lib_url)
+    [p] = lib.restore("unrelated", str(tmp_path / "out2"))
+    assert sha256(p) == sha256(changed)
+    assert "digits-ft-lr1e-3" not in {m["model_id"] for m in lib.models()}
+    assert lib.verify().ok
+    paths = write_report(lib, third)
+    assert os.path.getsize(paths["report.html"]) > 10_000 and "replaced 1" in open(paths["report.txt"]).read()
+
+
+@pytest.mark.timeout(600)
+def test_ray_pipeline_on_s3_is_identical_to_local(tmp_path, family, bucket, ray_cluster):
+    from haagenti.fsio import filesystem_for
+
+    fs, _ = filesystem_for(f"s3://{bucket}")
+    remote = {}
+    for m in family:
+        fs.put(m.file, f"{bucket}/models/{os.path.basename(m.file)}")
+        remote[m.model_id] = f"s3://{bucket}/models/{os.path.basename(m.file)}"
+    local_cat = catalog(tmp_path / "catalog.yaml", family)
+    fs.put(catalog(tmp_path / "remote.yaml", family, remote), f"{bucket}/catalog.yaml")
+    s3_lib = f"s3://{bucket}/lib"
+    ray_run = run_dedup(f"s3://{bucket}/catalog.yaml", s3_lib, RayExecutor(), CONFIG)
+    local_run = run_dedup(local_cat, str(tmp_path / "lib"), LocalExecutor(), CONFIG)
+    assert ray_run.stored_bytes_added == local_run.stored_bytes_added
+    a, b = FragmentLibrary.open(s3_lib), FragmentLibrary.open(str(tmp_path / "lib"))
+    for table, key in (("fragments", "fragment_id"), ("signatures", "fragment_id")):
+        assert content(a, table, key) == content(b, table, key), table
+    for m in family:
+        [p] = a.restore(m.model_id, str(tmp_path / "from-s3" / m.model_id))
+        assert sha256(p) == sha256(m.file)
+    assert write_report(a, ray_run)["report.json"].startswith("s3://")
+
+
+@pytest.mark.timeout(600)
+def test_worker_killed_mid_run_is_retried_with_identical_output(tmp_path, family, ray_cluster, monkeypatch):
+    members = family[:3]
+    cat = catalog(tmp_path / "catalog.yaml", members)
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("HAAGENTI_CHAOS", f"encode:{marker}")
+    run_dedup(cat, str(tmp_path / "disturbed"), RayExecutor(), CONFIG)
+    assert marker.exists()  # a worker really died (SIGKILL) in the encode step
+    monkeypatch.delenv("HAAGENTI_CHAOS")
+    run_dedup(cat, str(tmp_path / "calm"), LocalExecutor(), CONFIG)
+    a, b = FragmentLibrary.open(str(tmp_path / "disturbed")), FragmentLibrary.open(str(tmp_path / "calm"))
+    rows = content(a, "fragments", "fragment_id")
+    assert len({r["fragment_id"] for r in rows}) == len(rows)  # no duplicates
+    assert rows == content(b, "fragments", "fragment_id")  # nothing missing, nothing different
+    assert a.verify().ok
+
+
+def test_job_killed_mid_write_keeps_last_snapshot_and_next_run_finishes(tmp_path, family):
+    lib_url = str(tmp_path / "lib")
+    run_dedup(catalog(tmp_path / "c1.yaml", family[:2]), lib_url, LocalExecutor(), CONFIG)
+    cat = catalog(tmp_path / "c2.yaml", family[:4])
+    env = dict(os.environ, HAAGENTI_CHAOS=f"after-fragments:{tmp_path / 'marker'}")
+    p = subprocess.run([sys.executable, "-m", "jobs.dedup", "--executor", "local", "--catalog", cat, "--library", lib_url, "--fragment-size", "65536"],
+                       cwd=REPO, env=env, capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr  # SIGKILL between the fragment commit and the publish
+    lib = FragmentLibrary.open(lib_url)
+    assert [m["model_id"] for m in lib.models()] == [m.model_id for m in family[:2]]
+    assert lib.verify().ok
+    for m in family[:2]:
+        [out] = lib.restore(m.model_id, str(tmp_path / "o" / m.model_id))
+        assert sha256(out) == sha256(m.file)
+    resumed = run_dedup(cat, lib_url, LocalExecutor(), CONFIG)
+    assert resumed.added == [m.model_id for m in family[2:4]]
+    calm = str(tmp_path / "calm")
+    run_dedup(catalog(tmp_path / "c1b.yaml", family[:2]), calm, LocalExecutor(), CONFIG)
+    run_dedup(cat, calm, LocalExecutor(), CONFIG)
+    lib, ref = FragmentLibrary.open(lib_url), FragmentLibrary.open(calm)
+    assert content(lib, "fragments", "fragment_id") == content(ref, "fragments", "fragment_id")
+    for m in family[:4]:
+        [out] = lib.restore(m.model_id, str(tmp_path / "r" / m.model_id))
+        assert sha256(out) == sha256(m.file)
+
+
+def test_bad_catalog_is_a_clear_error(tmp_path):
+    from pipelines.catalog import CatalogError, read_catalog
+
+    (tmp_path / "c.yaml").write_text("models:\n  - id: ../evil\n    files: [x]\n")
+    with pytest.raises(Exception, match="invalid model id"):
+        read_catalog(str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("models: 3\n")
+    with pytest.raises(CatalogError, match="models"):
+        read_catalog(str(tmp_path / "d.yaml"))
+    (tmp_path / "e.yaml").write_text("models:\n  - {id: a, files: [x]}\n  - {id: a, files: [y]}\n")
+    with pytest.raises(CatalogError, match="twice"):
+        read_catalog(str(tmp_path / "e.yaml"))
+
+
+def test_parquet_catalog(tmp_path, family):
+    import pyarrow.parquet as pq
+
+    from pipelines.catalog import read_catalog
+
+    pq.write_table(pa.table({"id": [family[0].model_id], "family": ["digits"], "files": [[family[0].file]], "revision": ["main"]}), str(tmp_path / "c.parquet"))
+    [entry] = read_catalog(str(tmp_path / "c.parquet")).entries
+    assert entry.model_id == family[0].model_id and entry.files == (family[0].file,) and entry.revision == "main"
+
+
+def test_cluster_yaml_declares_cpu_and_gpu_workers():
+    doc = yaml.safe_load(open(os.path.join(REPO, "cluster.yaml")))
+    types = doc["available_node_types"]
+    assert doc["head_node_type"] in types and {"cpu_worker", "gpu_worker"} <= set(types)
+    assert types["gpu_worker"]["min_workers"] == 0 and types["gpu_worker"]["node_config"]["InstanceType"].startswith(("g", "p"))
+    assert any("pip install -e" in c for c in doc["setup_commands"]) and any("torch==2.13.0" in c for c in doc["setup_commands"])
+    assert any("ray start --head" in c for c in doc["head_start_ray_commands"])
+    assert doc["provider"]["type"] == "aws"

@@ -72,13 +72,15 @@ class RayExecutor:
         # credentials): forward the variables the steps read.
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
         self.runtime_env = {"env_vars": env} if env else None
+        # On a 1-2 CPU cluster a whole-CPU task could never run beside a pool actor: use halves.
+        self.task_cpus = 1.0 if self.cpus >= 4 else 0.5
 
     def map(self, fn, rows):
         import ray.data
 
         if not rows:
             return []
-        return ray.data.from_items(rows).map(fn, runtime_env=self.runtime_env).take_all()
+        return ray.data.from_items(rows).map(fn, num_cpus=self.task_cpus, runtime_env=self.runtime_env).take_all()
 
     def flat_map(self, fn, rows, schema):
         import ray
@@ -86,7 +88,7 @@ class RayExecutor:
 
         if not rows:
             return schema.empty_table()
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).flat_map(fn, runtime_env=self.runtime_env)
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).flat_map(fn, num_cpus=self.task_cpus, runtime_env=self.runtime_env)
         tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
         return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables else schema.empty_table()
 
@@ -102,7 +104,7 @@ class RayExecutor:
             ds = ds.map_batches(cls, fn_constructor_args=args, batch_size=batch_size, batch_format="pyarrow",
                                 compute=ray.data.ActorPoolStrategy(size=size), runtime_env=self.runtime_env, max_restarts=3, max_task_retries=3, **resources)
         else:
-            ds = ds.map_batches(functools.partial(_call, cls, args), batch_size=batch_size, batch_format="pyarrow", runtime_env=self.runtime_env)
+            ds = ds.map_batches(functools.partial(_call, cls, args), batch_size=batch_size, batch_format="pyarrow", num_cpus=self.task_cpus, runtime_env=self.runtime_env)
         return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
 
     def group_by(self, table, keys, fn):
@@ -111,7 +113,7 @@ class RayExecutor:
 
         if table.num_rows == 0:
             return fn(table.slice(0, 0))
-        ds = ray.data.from_arrow(table).groupby(keys).map_groups(fn, batch_format="pyarrow")
+        ds = ray.data.from_arrow(table).groupby(keys).map_groups(fn, batch_format="pyarrow", num_cpus=self.task_cpus)
         tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
         return pa.concat_tables(tables) if tables else fn(table.slice(0, 0))
 

@@ -18,6 +18,8 @@ from haagenti.library import FragmentLibrary
 app = typer.Typer(help="Deduplicate model catalogs into a fragment library and restore them bit-exact.", no_args_is_help=True)
 examples_app = typer.Typer(help="Example model families, made by training.", no_args_is_help=True)
 app.add_typer(examples_app, name="examples")
+schedule_app = typer.Typer(help="Adaptive precision schedules for diffusion sampling.")
+app.add_typer(schedule_app, name="schedule")
 console = Console(stderr=True)
 out = Console()
 
@@ -161,6 +163,48 @@ def make_family_cmd(out_dir: str, small: bool = typer.Option(False, help="a smal
     for m in members:
         out.print(f"{m.model_id:22s} {m.family or '-':8s} {m.note}")
     out.print(f"catalog: {path}")
+
+
+@schedule_app.callback(invoke_without_command=True)
+def schedule(
+    ctx: typer.Context,
+    preset: str = typer.Option("balanced", help="performance, balanced, quality, low_vram, conservative, noise_adaptive"),
+    steps: int = typer.Option(30),
+    transition: str = typer.Option("immediate", help="immediate, gradual:N or step_aware"),
+) -> None:
+    """Print the timeline of a preset's schedule."""
+    if ctx.invoked_subcommand:
+        return
+    from haagenti.adaptive import AdaptiveError, TransitionStrategy, quick_schedule
+    from haagenti.adaptive.denoiser import ddim_timesteps, sigmas_for
+
+    try:
+        kind, _, n = transition.partition(":")
+        strategy = {"immediate": TransitionStrategy.immediate, "step_aware": TransitionStrategy.step_aware}.get(kind)
+        strategy = strategy() if strategy else TransitionStrategy.gradual(int(n or 0)) if kind == "gradual" else None
+        if strategy is None:
+            raise AdaptiveError(f"unknown transition {transition!r}")
+        out.print(quick_schedule(preset, steps, strategy, sigmas_for(ddim_timesteps(steps))).timeline(), highlight=False, markup=False)
+    except (AdaptiveError, ValueError) as e:
+        _fail(e)
+
+
+@schedule_app.command("evaluate")
+def schedule_evaluate(
+    out_dir: str = typer.Option("adaptive-eval", "--out"),
+    steps: int = typer.Option(30),
+    samples: int = typer.Option(512),
+    train_iters: int = typer.Option(4000, help="training iterations when no denoiser.pt is in OUT"),
+) -> None:
+    """Measure every preset on the project's DDPM; write adaptive.md/json/png to OUT."""
+    from haagenti.adaptive.report import evaluate_all, table
+    from haagenti.adaptive.evaluate import ScheduleResult
+
+    doc = evaluate_all(out_dir, steps, samples, train_iters)
+    out.print(table([ScheduleResult(**r) for r in doc["presets"]]))
+    t = doc["target"]
+    out.print(f"target (<=50% of FP16 weight bytes, <=1 dB NN-PSNR loss): {t['name'] + ' at ' + format(t['weight_bytes_vs_fp16'], '.1%') if t else 'none found'}")
+    out.print(f"wrote {out_dir}/adaptive.md, adaptive.json, adaptive.png")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -128,8 +128,10 @@ class FragmentEncoder:
         index: SimilarityIndex,
         fetch_raw: Callable[[set[str]], dict[str, bytes]],
         device: str = "cpu",
+        quality: str = "exact",
     ):
         self.config = config
+        self.quality = quality
         self.known = known  # fragment id -> dtype, for every fragment already stored
         self.index = index
         self.fetch_raw = fetch_raw
@@ -182,7 +184,7 @@ class FragmentEncoder:
                 if shared is not None:
                     return None, shared
             refs.append((cand, ref_raw, self.known.get(cand, p.dtype)))
-        return encode_fragment(p, refs, self.config.zstd_level), FragmentRef(p.fragment_id, p.elem_offset, p.n_elements, p.fragment_id)
+        return encode_fragment(p, refs, self.config.zstd_level, self.quality), FragmentRef(p.fragment_id, p.elem_offset, p.n_elements, p.fragment_id)
 
     def _lossy(self, p: PendingFragment, cand: str, ref: bytes) -> FragmentRef | None:
         """Share `cand` in place of `p` when the measured relative L2 error is within the bound."""
@@ -199,7 +201,7 @@ class FragmentEncoder:
         return None
 
 
-def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str]], level: int) -> dict:
+def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str]], level: int, quality: str = "exact") -> dict:
     """The fragments-table row for `p`: plain, or a delta against the reference (id, raw bytes,
     dtype) whose encoded residual is smallest; the smallest of all wins."""
     d = lookup_dtype(p.dtype)
@@ -220,7 +222,7 @@ def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str]], leve
         "ref_id": ref_id,
         "ref_dtype": ref_dtype,
         "fragment_type": p.fragment_type.value,
-        "quality": "exact",
+        "quality": quality,
         "blob": blob,
     }
 

@@ -124,7 +124,10 @@ class FragmentLibrary:
         family: str | None = None,
         progress: Progress | None = None,
         device: str = "cpu",
+        quality: str = "exact",
     ) -> IngestReport:
+        """Add a model. `quality` labels its new fragments: "exact" for models as published, or a
+        precision tier ("int8", "int4") that never serves as a delta reference for exact data."""
         validate_model_id(model_id)
         started = time.perf_counter()
         source = open_model(urls)
@@ -133,7 +136,8 @@ class FragmentLibrary:
         for m in existing.to_pylist():
             if m["model_id"] == model_id:
                 raise LibraryError(f"model {model_id!r} is already in the library; `haagenti rm` it first to replace it")
-        encoder = FragmentEncoder(self.config, self.known_fragments(), self.similarity_index() if self.config.similarity else SimilarityIndex(self.config.signature), self.fetch_raw, device)
+        index = self.similarity_index() if self.config.similarity and quality == "exact" else SimilarityIndex(self.config.signature)
+        encoder = FragmentEncoder(self.config, self.known_fragments(), index, self.fetch_raw, device, quality)
         hashers = {i: _file_hasher(f) for i, f in enumerate(source.files) if f.format == "safetensors"}
         tensors: list[TensorRef] = []
         batch: list[PendingFragment] = []

@@ -32,6 +32,9 @@ class FragmentRef:
     max_abs_error: float = 0.0
     rel_l2_error: float = 0.0
 
+    def tensors_by_name(self) -> dict[str, "TensorRef"]:
+        return {t.name: t for t in self.tensors}
+
     @property
     def lossy(self) -> bool:
         return self.fragment_id != self.source_fragment_id
@@ -69,6 +72,9 @@ class ModelManifest:
     @property
     def fragment_ids(self) -> set[str]:
         return {r.fragment_id for t in self.tensors for r in t.fragments}
+
+    def tensors_by_name(self) -> dict[str, "TensorRef"]:
+        return {t.name: t for t in self.tensors}
 
     @property
     def lossy(self) -> bool:

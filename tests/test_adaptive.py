@@ -110,3 +110,31 @@ def test_measured_schedules_on_a_trained_ddpm(evaluator):
     seed = evaluator.evaluate(evaluator.seed_schedule())
     ours = evaluator.evaluate(TransitionPlanner().plan(ScheduleConfig(20, ProfilePreset.BALANCED.profile())))
     assert ours.psnr_db > seed.psnr_db and ours.weight_bytes_vs_fp16 < seed.weight_bytes_vs_fp16
+
+
+def test_precision_tiers_in_the_library(tmp_path, family):
+    from safetensors.torch import load_file
+
+    from haagenti.adaptive.tiers import add_tier, load_model, tier_id
+    from haagenti.config import LibraryConfig
+    from haagenti.library import FragmentLibrary
+
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), LibraryConfig(fragment_size=64 * 1024))
+    base = family[0]
+    lib.ingest([base.file], base.model_id, base.family)
+    report = add_tier(lib, base.model_id, "int8")
+    assert report.plain > 0
+    tier_frags = lib.manifest(tier_id(base.model_id, Precision.INT8)).fragment_ids
+    quality = dict(zip(*(lib.store.read("fragments", ["fragment_id", "quality"])[c].to_pylist() for c in ("fragment_id", "quality"))))
+    assert {quality[f] for f in tier_frags} >= {"int8"}
+    seen = set()
+    real = lib.store.read_fragments
+    lib.store.read_fragments = lambda ids, columns=None, version=None: (seen.update(ids), real(ids, columns, version))[1]
+    got = load_model(lib, base.model_id, "int8")
+    assert seen <= tier_frags
+    exact = load_file(base.file)
+    assert got.keys() == exact.keys()
+    w = next(k for k in exact if exact[k].dim() == 2)
+    err = (got[w].float() - exact[w].float()).norm() / exact[w].float().norm()
+    assert 0 < err < 0.02
+    assert torch.equal(load_model(lib, base.model_id, "fp32")[w], exact[w])

@@ -100,16 +100,20 @@ def _signature_batch(x: torch.Tensor, config: SignatureConfig) -> list[FragmentS
     most n/fold of them, far below 2**24. Sums of q and q*q run in int64, the projection in float64."""
     b, n = x.shape
     x = x.to(torch.float32)
-    finite = torch.isfinite(x)
-    nonfinite = (~finite).sum(1).cpu().tolist()
-    x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
-    if n:
-        absmax = x.abs().amax(1).cpu().tolist()
+    absmax_t = x.abs().amax(1) if n else torch.zeros(b)
+    if n and not bool(torch.isfinite(absmax_t).all()):  # only fragments with NaN/Inf pay for masking
+        finite = torch.isfinite(x)
+        nonfinite = (~finite).sum(1).cpu().tolist()
+        inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
         mins = torch.where(finite, x, inf).amin(1).cpu().tolist()
         maxs = torch.where(finite, x, -inf).amax(1).cpu().tolist()
+        x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        absmax_t = x.abs().amax(1)
     else:
-        absmax, mins, maxs = [0.0] * b, [0.0] * b, [0.0] * b
+        nonfinite = [0] * b
+        mins = x.amin(1).cpu().tolist() if n else [0.0] * b
+        maxs = x.amax(1).cpu().tolist() if n else [0.0] * b
+    absmax = absmax_t.cpu().tolist()
     factors = torch.tensor([config.levels / s if s > 0 else 0.0 for s in absmax], dtype=torch.float32, device=x.device)
     q = torch.round(x * factors[:, None])
     qi = q.to(torch.int32)
@@ -121,7 +125,9 @@ def _signature_batch(x: torch.Tensor, config: SignatureConfig) -> list[FragmentS
     folded = torch.nn.functional.pad(signed, (0, pad)).reshape(b, -1, config.fold).sum(1)
     proj = folded.to(torch.float64) @ torch.from_numpy(projection).to(x.device)
     bits = np.packbits((proj > 0).cpu().numpy(), axis=1)
-    bins = ((qi + config.levels) * config.histogram_bins) // (2 * config.levels + 1)
+    # floor((q + L) * bins / (2L + 1)) with one IEEE multiply of small integers: exact bins
+    # except where the true quotient is an integer, which only happens at q = -L (bin 0).
+    bins = torch.floor((q + config.levels) * (config.histogram_bins / (2 * config.levels + 1))).to(torch.int32)
     offsets = torch.arange(b, device=x.device, dtype=torch.int32)[:, None] * config.histogram_bins
     hist = torch.bincount((bins + offsets).reshape(-1), minlength=b * config.histogram_bins).reshape(b, -1).cpu().tolist()
     out = []

@@ -97,7 +97,9 @@ class RayExecutor:
 
         if table.num_rows == 0:
             return iter(())
-        ds = ray.data.from_arrow(table).repartition(max(1, -(-table.num_rows // batch_size)))
+        # Blocks made here, not by repartition(): that all-to-all step asks a whole CPU per task
+        # and never runs beside a pool actor on a 1-CPU cluster.
+        ds = ray.data.from_arrow([table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)])
         if actors:
             size = max(1, min(self.workers, self.gpus or max(self.cpus - 1, 1)))
             resources = {"num_gpus": 1} if self.gpus else {"num_cpus": 0.5}

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from haagenti.config import LibraryConfig
 from haagenti.errors import HaagentiError
-from haagenti.library import FragmentLibrary
+from haagenti.library import FragmentLibrary, ModelInput
 
 app = typer.Typer(help="Deduplicate model catalogs into a fragment library and restore them bit-exact.", no_args_is_help=True)
 examples_app = typer.Typer(help="Example model families, made by training.", no_args_is_help=True)
@@ -39,27 +39,37 @@ def ingest(
     files: list[str] = typer.Argument(..., help="model files or folders (any fsspec URL)"),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="defaults to the first file's stem"),
     family: Optional[str] = typer.Option(None, "--family"),
+    each: bool = typer.Option(False, "--each", help="each FILE is its own model (id = its stem), all added in one set of commits"),
     fragment_size: int = typer.Option(256 * 1024, help="bytes per fragment of a 16-bit tensor"),
     lossy_threshold: Optional[float] = typer.Option(None, "--lossy-threshold", help="opt in to lossy sharing up to this relative L2 error"),
     no_similarity: bool = typer.Option(False, "--no-similarity", help="exact dedup only (no deltas)"),
 ) -> None:
-    """Add one model (all its files) to LIBRARY."""
+    """Add one model (all its files) to LIBRARY, or with --each one model per file."""
     try:
-        mid = model_id or files[0].rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+        if each and model_id:
+            raise ValueError("--model-id names one model; with --each ids come from the file names")
+        groups = [[f] for f in files] if each else [files]
+        models = [ModelInput(g, model_id or _stem(g[0]), family) for g in groups]
         lib = FragmentLibrary.open(library, _config(fragment_size, lossy_threshold, not no_similarity))
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console, transient=True) as bar:
             from haagenti.formats import open_model
 
-            task = bar.add_task(f"ingest {mid}", total=open_model(files).raw_bytes)
-            r = lib.ingest(files, mid, family, progress=lambda n: bar.advance(task, n))
-        out.print(
-            f"ingested {r.model_id}: {r.fragments} fragments ({r.exact} exact, {r.delta} delta, {r.plain} plain, {r.lossy} lossy), "
-            f"{r.raw_bytes:,} B -> {r.stored_bytes:,} B new ({r.reduction:.1%} saved) in {r.seconds:.2f}s"
-        )
-        if r.nonfinite_tensors:
-            console.print(f"[yellow]warning:[/yellow] NaN/Inf values stored bit-exact in {len(r.nonfinite_tensors)} tensor(s): {', '.join(r.nonfinite_tensors[:5])}")
+            label = models[0].model_id if len(models) == 1 else f"{len(models)} models"
+            task = bar.add_task(f"ingest {label}", total=sum(open_model(m.urls).raw_bytes for m in models))
+            reports = lib.ingest_many(models, progress=lambda n: bar.advance(task, n))
+        for r in reports:
+            out.print(
+                f"ingested {r.model_id}: {r.fragments} fragments ({r.exact} exact, {r.delta} delta, {r.plain} plain, {r.lossy} lossy), "
+                f"{r.raw_bytes:,} B -> {r.stored_bytes:,} B new ({r.reduction:.1%} saved) in {r.seconds:.2f}s"
+            )
+            if r.nonfinite_tensors:
+                console.print(f"[yellow]warning:[/yellow] {r.model_id}: NaN/Inf values stored bit-exact in {len(r.nonfinite_tensors)} tensor(s): {', '.join(r.nonfinite_tensors[:5])}")
     except (HaagentiError, ValueError, OSError) as e:
         _fail(e)
+
+
+def _stem(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
 
 
 @app.command()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from haagenti.codecs.core import PLANES
 from haagenti.signature import SignatureConfig
 from haagenti.similarity import SimilarityThreshold
 
@@ -17,7 +18,7 @@ class LibraryConfig:
     elements in bf16, fp16 or fp32: that is what lets a re-export match its base."""
 
     fragment_size: int = 256 * 1024
-    zstd_level: int = 1  # measured on the example family: level 1 is both faster and smaller than 3 on exponent planes
+    zstd_level: int | str = PLANES  # the plane-tuned zstd preset; or a zstd level (docs/decisions.md)
     similarity: bool = True
     candidates: int = 2  # signature neighbours tried as delta references
     lossy_threshold: float | None = None  # max relative L2 error for lossy sharing; None = lossless only

@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pyarrow as pa
 
-from haagenti.codecs import apply_delta, best_delta, cast_reference, chain_for, codec_chain, encode_smallest
+from haagenti.codecs import PLANES, apply_delta, best_delta, cast_reference, chain_for, codec_chain, encode_smallest
 from haagenti.config import LibraryConfig
 from haagenti.errors import FragmentError
 from haagenti.formats.dtypes import dtype as lookup_dtype
@@ -137,6 +137,12 @@ class FragmentEncoder:
         self.fetch_raw = fetch_raw
         self.device = device
         self.refs = RawCache(512 * 1024 * 1024)
+        # Plain fragments indexed but not yet committed: candidates for later fragments of the
+        # same ingest that the store cannot serve yet. Cleared by `committed()`.
+        self.uncommitted: dict[str, bytes] = {}
+
+    def committed(self) -> None:
+        self.uncommitted.clear()
 
     def encode_batch(self, batch: list[PendingFragment]) -> tuple[list[dict], list[dict], list[FragmentRef]]:
         """Returns (fragment rows, signature rows, one FragmentRef per input fragment)."""
@@ -154,7 +160,7 @@ class FragmentEncoder:
         if self.config.similarity and floats:
             sigs = dict(zip(floats, compute_signatures([(batch[i].data, batch[i].dtype) for i in floats], self.config.signature, self.device)))
         candidates = {i: self.index.query(s.bits, self.config.candidates, batch[i].n_elements) for i, s in sigs.items()}
-        wanted = {fid for c in candidates.values() for fid, _ in c if fid not in self.refs}
+        wanted = {fid for c in candidates.values() for fid, _ in c if fid not in self.refs and fid not in self.uncommitted}
         if wanted:
             for fid, raw in self.fetch_raw(wanted).items():
                 self.refs.put(fid, raw)
@@ -171,12 +177,13 @@ class FragmentEncoder:
                 sig_rows.append(signature_row(p, sigs[i]))
                 if row["encoding"] == Encoding.PLAIN.value:
                     self.index.insert(p.fragment_id, sigs[i].bits, p.n_elements)
+                    self.uncommitted[p.fragment_id] = p.data
         return frag_rows, sig_rows, refs  # type: ignore[return-value]
 
     def _encode_one(self, p: PendingFragment, candidates: list[tuple[str, int]]) -> tuple[dict | None, FragmentRef]:
         refs = []
         for cand, _ in candidates:
-            ref_raw = self.refs.get(cand)
+            ref_raw = self.uncommitted.get(cand) or self.refs.get(cand)
             if ref_raw is None:
                 continue
             if self.config.lossy_threshold is not None and self.known.get(cand) == p.dtype:
@@ -201,7 +208,7 @@ class FragmentEncoder:
         return None
 
 
-def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str]], level: int, quality: str = "exact") -> dict:
+def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str]], level: int | str, quality: str = "exact") -> dict:
     """The fragments-table row for `p`: plain, or a delta against the reference (id, raw bytes,
     dtype) whose encoded residual is smallest; the smallest of all wins."""
     d = lookup_dtype(p.dtype)

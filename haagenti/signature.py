@@ -71,68 +71,83 @@ def _patterns(config: SignatureConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
     return signs.astype(np.float32), projection.astype(np.float64)
 
 
-def values_of(data: bytes, dtype_name: str) -> torch.Tensor:
-    d = lookup_dtype(dtype_name)
-    if not data:
-        return torch.empty(0, dtype=torch.float32)
-    return torch.frombuffer(bytearray(data), dtype=d.torch_dtype)
+# Fragments per batch. On a CPU a small batch stays in cache (measured: 8 fragments of 256 KiB
+# run 2.4x faster than 4096); a GPU wants large products. The cap also keeps the float32
+# bincount index (fragment * 255 + q) exact (< 2**24).
+_BATCH = {"cpu": 8, "cuda": 4096}
 
 
 def compute_signatures(
     fragments: list[tuple[bytes, str]], config: SignatureConfig = SignatureConfig(), device: str | torch.device = "cpu"
 ) -> list[FragmentSignature]:
     """Signatures of (raw bytes, dtype) fragments, computed on `device`; same result anywhere.
-    Fragments of equal length are stacked into one batch so a GPU sees large matrix products."""
+    Fragments of equal length and dtype are stacked into one batch (one copy of their bytes) so
+    a GPU sees large matrix products."""
     out: list[FragmentSignature | None] = [None] * len(fragments)
-    by_len: dict[int, list[int]] = {}
+    groups: dict[tuple[int, str], list[int]] = {}
     for i, (data, dt) in enumerate(fragments):
-        by_len.setdefault(len(data) // lookup_dtype(dt).itemsize, []).append(i)
-    for n, idx in by_len.items():
-        batch = torch.stack([values_of(*fragments[i]).to(torch.float32) for i in idx]) if n else torch.zeros(len(idx), 0)
+        groups.setdefault((len(data), dt), []).append(i)
+    step = _BATCH.get(torch.device(device).type, 8)
+    batches = [(key, members[s : s + step]) for key, members in groups.items() for s in range(0, len(members), step)]
+    for (size, dt), idx in batches:
+        d = lookup_dtype(dt)
+        n = size // d.itemsize
+        if n:
+            joined = bytearray(b"".join(fragments[i][0] for i in idx))
+            batch = torch.frombuffer(joined, dtype=d.torch_dtype).reshape(len(idx), n)
+        else:
+            batch = torch.zeros(len(idx), 0)
         for i, sig in zip(idx, _signature_batch(batch.to(device), config)):
             out[i] = sig
     return out  # type: ignore[return-value]
 
 
 def _signature_batch(x: torch.Tensor, config: SignatureConfig) -> list[FragmentSignature]:
-    """float32 is enough for exactness where it is used: values are converted once (a correctly
-    rounded cast), the quantised q are integers of at most 8 bits, and every fold bucket sums at
-    most n/fold of them, far below 2**24. Sums of q and q*q run in int64, the projection in float64."""
+    """float32 is exact where it is used: values are converted once (a correctly rounded cast),
+    the quantised q are integers of at most 8 bits, and a fold bucket sums at most n/fold of
+    them, far below 2**24. Sums of q and q*q and the histogram all come from one exact count of
+    each q value; the projection runs in float64 on integers."""
     b, n = x.shape
     x = x.to(torch.float32)
-    absmax_t = x.abs().amax(1) if n else torch.zeros(b)
-    if n and not bool(torch.isfinite(absmax_t).all()):  # only fragments with NaN/Inf pay for masking
+    levels = config.levels
+    if n:
+        lo, hi = x.amin(1), x.amax(1)  # (aminmax along a dim is 15x slower on CPU)
+    if n and not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):  # only fragments with NaN/Inf pay for masking
         finite = torch.isfinite(x)
         nonfinite = (~finite).sum(1).cpu().tolist()
         inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
-        mins = torch.where(finite, x, inf).amin(1).cpu().tolist()
-        maxs = torch.where(finite, x, -inf).amax(1).cpu().tolist()
+        lo = torch.where(finite, x, inf).amin(1)
+        hi = torch.where(finite, x, -inf).amax(1)
         x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        absmax_t = x.abs().amax(1)
     else:
         nonfinite = [0] * b
-        mins = x.amin(1).cpu().tolist() if n else [0.0] * b
-        maxs = x.amax(1).cpu().tolist() if n else [0.0] * b
-    absmax = absmax_t.cpu().tolist()
-    factors = torch.tensor([config.levels / s if s > 0 else 0.0 for s in absmax], dtype=torch.float32, device=x.device)
-    q = torch.round(x * factors[:, None])
-    qi = q.to(torch.int32)
-    s1 = qi.sum(1, dtype=torch.int64).cpu().tolist()
-    s2 = (qi * qi).sum(1, dtype=torch.int64).cpu().tolist()
+    mins = lo.cpu().tolist() if n else [0.0] * b
+    maxs = hi.cpu().tolist() if n else [0.0] * b
+    absmax = [max(-a, c, 0.0) + 0.0 for a, c in zip(mins, maxs)]  # + 0.0: never -0.0
+    factors = torch.tensor([levels / s if s > 0 else 0.0 for s in absmax], dtype=torch.float32, device=x.device)
+    q = x.mul_(factors[:, None]).round_()  # in place: x is this function's own copy
     signs, projection = _patterns(config, n)
     pad = (-n) % config.fold
     signed = q * torch.from_numpy(signs).to(device=x.device, dtype=torch.float32)
-    folded = torch.nn.functional.pad(signed, (0, pad)).reshape(b, -1, config.fold).sum(1)
+    if pad:
+        signed = torch.nn.functional.pad(signed, (0, pad))
+    folded = signed.reshape(b, -1, config.fold).sum(1)
     proj = folded.to(torch.float64) @ torch.from_numpy(projection).to(x.device)
     bits = np.packbits((proj > 0).cpu().numpy(), axis=1)
-    # floor((q + L) * bins / (2L + 1)) with one IEEE multiply of small integers: exact bins
-    # except where the true quotient is an integer, which only happens at q = -L (bin 0).
-    bins = torch.floor((q + config.levels) * (config.histogram_bins / (2 * config.levels + 1))).to(torch.int32)
-    offsets = torch.arange(b, device=x.device, dtype=torch.int32)[:, None] * config.histogram_bins
-    hist = torch.bincount((bins + offsets).reshape(-1), minlength=b * config.histogram_bins).reshape(b, -1).cpu().tolist()
+    # Exact counts of every q in [-L, L], one row per fragment: sums and histogram derive from them.
+    width = 2 * levels + 1
+    offsets = torch.arange(b, device=x.device, dtype=torch.float32)[:, None] * width + levels
+    counts = torch.bincount(q.add_(offsets).to(torch.int32).reshape(-1), minlength=b * width).reshape(b, width).to(torch.float64)
+    values = torch.arange(-levels, levels + 1, device=x.device, dtype=torch.float64)
+    s1 = (counts @ values).cpu().tolist()
+    s2 = (counts @ (values * values)).cpu().tolist()
+    # floor((v + L) * bins / (2L + 1)) with one IEEE multiply of small integers, as before.
+    bin_of = torch.floor((values.to(torch.float32) + levels) * (config.histogram_bins / width)).to(torch.int64)
+    hist = torch.zeros(b, config.histogram_bins, dtype=torch.float64, device=x.device).index_add_(1, bin_of, counts).to(torch.int64)
+    hist_rows = hist.cpu().tolist()
     out = []
     for i in range(b):
-        unit = absmax[i] / config.levels
+        unit = absmax[i] / levels
         count = max(n - nonfinite[i], 1)
         mean_q = s1[i] / count
         var_q = max(s2[i] / count - mean_q * mean_q, 0.0)
@@ -145,7 +160,7 @@ def _signature_batch(x: torch.Tensor, config: SignatureConfig) -> list[FragmentS
                 min=mins[i],
                 max=maxs[i],
                 nonfinite=int(nonfinite[i]),
-                histogram=tuple(int(h) for h in hist[i]),
+                histogram=tuple(int(h) for h in hist_rows[i]),
             )
         )
     return out

@@ -39,3 +39,15 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "invalid model id" in p.stderr
     p = run("stats", str(tmp_path / "nowhere"), ok=False)
     assert "no haagenti library" in p.stderr
+
+
+def test_cli_ingest_each_file_as_a_model(tmp_path, family):
+    lib = str(tmp_path / "lib")
+    out = run("ingest", lib, *[m.file for m in family[:3]], "--each", "--family", "digits").stdout
+    for m in family[:3]:
+        stem = m.file.rsplit("/", 1)[-1].split(".")[0]
+        assert f"ingested {stem}:" in out
+        run("restore", lib, stem, str(tmp_path / "out"))
+        assert sha256(tmp_path / "out" / f"{stem}.safetensors") == sha256(m.file)
+    assert json.loads(run("stats", lib, "--json").stdout)["models"] == 3
+    assert "--each" in run("ingest", lib, family[0].file, "--each", "--model-id", "x", ok=False).stderr

@@ -25,9 +25,10 @@ def test_zstd_streams_store_incompressible_parts_raw():
     assert len(enc) < len(noise) + 1000  # the zero stream compressed, the noise kept raw
 
 
-def test_chain_spec_round_trips():
-    chain = chain_for(2, True)
-    assert chain.spec == "bytegroup:2+zstd:3:2"
+@pytest.mark.parametrize("level,spec", [(None, "bytegroup:2+zstd:planes:2"), (3, "bytegroup:2+zstd:3:2")])
+def test_chain_spec_round_trips(level, spec):
+    chain = chain_for(2, True) if level is None else chain_for(2, True, level)
+    assert chain.spec == spec
     data = torch.randn(5000).bfloat16().view(torch.uint8).numpy().tobytes()
     assert codec_chain(chain.spec).decode(chain.encode(data)) == data
     with pytest.raises(Exception, match="unknown codec"):
@@ -37,6 +38,11 @@ def test_chain_spec_round_trips():
 def test_byte_grouping_beats_plain_zstd_on_bf16():
     data = (torch.randn(1 << 17) * 0.02).bfloat16().view(torch.uint8).numpy().tobytes()
     assert len(chain_for(2, True).encode(data)) < len(codec_chain("zstd:3").encode(data))
+
+
+def test_planes_preset_is_no_larger_than_level_1_on_exponent_planes():
+    data = (torch.randn(1 << 17, generator=torch.Generator().manual_seed(1)) * 0.02).bfloat16().view(torch.uint8).numpy().tobytes()
+    assert len(chain_for(2, True).encode(data)) <= len(chain_for(2, True, 1).encode(data))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from haagenti.config import LibraryConfig
-from haagenti.errors import FragmentError, LibraryError
-from haagenti.library import FragmentLibrary
+from haagenti.errors import FormatError, FragmentError, LibraryError
+from haagenti.library import FragmentLibrary, ModelInput
 from haagenti.loader import ModelLoader
 from tests.helpers import sha256
 
@@ -102,6 +102,36 @@ def test_family_dedup_restore_and_stats(tmp_path, family):
     assert s.shared_fragments > 0 and s.refs_per_shared_fragment >= 2
     assert 0 < s.per_family["digits"] < 1 and s.stored_bytes < s.raw_bytes
     assert lib.verify().ok
+
+
+def test_ingest_many_commits_once_and_deduplicates_within_the_batch(tmp_path, family):
+    one_by_one = FragmentLibrary.open(str(tmp_path / "seq"), SMALL_FRAGMENTS)
+    for m in family:
+        one_by_one.ingest([m.file], m.model_id, m.family)
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    before = lib.store.versions()
+    reports = {r.model_id: r for r in lib.ingest_many([ModelInput([m.file], m.model_id, m.family) for m in family])}
+    after = lib.store.versions()
+    assert after["models"] == before["models"] + 1 and after["manifests"] == before["manifests"] + 1
+    # Later models found the earlier, still uncommitted, fragments of the same batch.
+    assert reports["digits-ft-lr1e-4"].delta > 0 and reports["digits-base-fp16"].delta > 0
+    assert reports["unrelated"].delta == 0 and reports["unrelated"].exact == 0
+    assert lib.stats().stored_bytes <= 1.01 * one_by_one.stats().stored_bytes
+    for m in family:
+        [p] = lib.restore(m.model_id, str(tmp_path / "out" / m.model_id))
+        assert sha256(p) == sha256(m.file), m.model_id
+
+
+def test_ingest_many_checks_everything_before_writing(tmp_path, family):
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    before = lib.store.versions()
+    with pytest.raises(LibraryError, match="repeat"):
+        lib.ingest_many([ModelInput([family[0].file], "m"), ModelInput([family[1].file], "m")])
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(FormatError):
+        lib.ingest_many([ModelInput([family[0].file], "a"), ModelInput([str(bad)], "b")])
+    assert lib.store.versions() == before and lib.models() == []
 
 
 def test_restore_reads_only_the_models_fragments(tmp_path, family):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from haagenti.codecs.core import chain_for, encode_smallest
+from haagenti.codecs.core import PLANES, chain_for, encode_smallest
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding
 
@@ -45,7 +45,7 @@ def apply_delta(encoding: Encoding, res: bytes, ref: bytes, itemsize: int) -> by
     return np.add(a, b).tobytes()
 
 
-def best_delta(raw: bytes, ref: bytes, dtype_name: str, level: int = 3) -> tuple[Encoding, str, bytes]:
+def best_delta(raw: bytes, ref: bytes, dtype_name: str, level: int | str = PLANES) -> tuple[Encoding, str, bytes]:
     """The smaller of the XOR and difference residuals, encoded. `ref` is already cast."""
     d = lookup_dtype(dtype_name)
     chain = chain_for(d.itemsize, d.is_float, level)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import threading
+from collections import OrderedDict
 from typing import Iterable
 
 import pyarrow as pa
@@ -138,6 +140,16 @@ class LibraryStore:
         self.url = url.rstrip("/")
         self.fs, self.root = filesystem_for(self.url)
         self.options = storage_options_for(self.url)
+        self._local = "file" in self.fs.protocol
+        # Open tables, brought up to date on each use: replaying a Delta log from scratch costs
+        # milliseconds per table, an incremental update a fraction of one. One lock because a
+        # DeltaTable must not be used from two threads at once.
+        self._lock = threading.RLock()
+        self._tables: dict[str, DeltaTable] = {}
+        # Data files of a Delta table are never rewritten in place (a path names one immutable
+        # file), so their footers and small metadata columns can be cached by path.
+        self._footers: dict[str, pq.FileMetaData] = {}
+        self._columns = _LruTables(256 * 1024 * 1024)
 
     # ---- layout -----------------------------------------------------------------------
     def table_uri(self, table: str) -> str:
@@ -171,10 +183,19 @@ class LibraryStore:
 
     # ---- reads --------------------------------------------------------------------------
     def table(self, name: str, version: int | None = None) -> DeltaTable:
-        try:
-            return DeltaTable(self.table_uri(name), version=version, storage_options=self.options)
-        except TableNotFoundError:
-            raise LibraryError(f"{self.url}: table {name!r} is missing; is this a haagenti library?") from None
+        """The table at `version`, or its latest version (an open table, updated)."""
+        with self._lock:
+            try:
+                if version is not None:
+                    return DeltaTable(self.table_uri(name), version=version, storage_options=self.options)
+                dt = self._tables.get(name)
+                if dt is None:
+                    dt = self._tables[name] = DeltaTable(self.table_uri(name), storage_options=self.options)
+                else:
+                    dt.update_incremental()
+                return dt
+            except TableNotFoundError:
+                raise LibraryError(f"{self.url}: table {name!r} is missing; is this a haagenti library?") from None
 
     def versions(self) -> dict[str, int]:
         return {name: self.table(name).version() for name in SCHEMAS}
@@ -182,11 +203,12 @@ class LibraryStore:
     def _paths(self, name: str, version: int | None, equals: tuple[str, str] | None = None) -> list[str]:
         """Data files of a table version; with `equals` (column, value), only the files whose
         min/max statistics in the Delta log can hold that value."""
-        dt = self.table(name, version)
-        if equals is None:
-            return [self.fs._strip_protocol(u) for u in dt.file_uris()]
+        with self._lock:
+            dt = self.table(name, version)
+            if equals is None:
+                return [self.fs._strip_protocol(u) for u in dt.file_uris()]
+            actions = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
         col, value = equals
-        actions = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
         lows, highs = actions.get(f"min.{col}"), actions.get(f"max.{col}")
         keep = []
         for i, path in enumerate(actions["path"]):
@@ -203,8 +225,7 @@ class LibraryStore:
         needed = list(target.names) + ([equals[0]] if equals and equals[0] not in target.names else [])
         parts = []
         for path in self._paths(name, version, equals):
-            with self.fs.open(path, "rb") as fh:
-                t = pq.read_table(fh, columns=needed).cast(_project(schema, needed))
+            t = self._read_columns(path, needed, schema)
             if equals:
                 t = t.filter(pc.equal(t[equals[0]], equals[1]))
             parts.append(t.select(target.names))
@@ -217,18 +238,43 @@ class LibraryStore:
         parts = []
         if wanted:
             for path in self._paths("fragments", version):
-                with self.fs.open(path, "rb") as fh:
-                    pf = pq.ParquetFile(fh)
-                    groups = _groups_holding(pf, wanted)
-                    if groups:
+                groups = _groups_holding(self._footer(path), wanted)
+                if groups:
+                    with self._open(path) as src:
+                        pf = pq.ParquetFile(src, metadata=self._footer(path))
                         # Files rewritten by delta-rs (delete) store strings as string_view: normalise.
                         t = pf.read_row_groups(groups, columns=cols).cast(_project(SCHEMAS["fragments"], cols))
-                        parts.append(t.filter(pc.is_in(t["fragment_id"], pa.array(wanted))))
+                    parts.append(t.filter(pc.is_in(t["fragment_id"], pa.array(wanted))))
         if not parts:
             return SCHEMAS["fragments"].empty_table().select(cols)
         found = pa.concat_tables(parts)
         # A fragment written twice by racing ingests is the same bytes: keep one row.
         return _first_per_id(found)
+
+    def _open(self, path: str):
+        """A data file: memory-mapped through pyarrow when local (no Python-level reads),
+        through fsspec otherwise."""
+        if self._local:
+            return pa.memory_map(path, "r")
+        return self.fs.open(path, "rb")
+
+    def _footer(self, path: str) -> pq.FileMetaData:
+        md = self._footers.get(path)
+        if md is None:
+            with self._open(path) as src:
+                md = self._footers[path] = pq.ParquetFile(src).metadata
+        return md
+
+    def _read_columns(self, path: str, columns: list[str], schema: pa.Schema) -> pa.Table:
+        """Columns of one data file, cast to the declared schema; cached unless they hold blobs."""
+        key = (path, tuple(columns))
+        t = self._columns.get(key)
+        if t is None:
+            with self._open(path) as src:
+                t = pq.ParquetFile(src, metadata=self._footer(path)).read(columns=columns).cast(_project(schema, columns))
+            if "blob" not in columns:
+                self._columns.put(key, t)
+        return t
 
     # ---- writes -------------------------------------------------------------------------
     def append(self, name: str, rows: pa.Table, note: str = "") -> None:
@@ -259,26 +305,28 @@ class LibraryStore:
                 column_properties={"blob": ColumnProperties(statistics_enabled="NONE", dictionary_enabled=False)},
             )
         reader = pa.RecordBatchReader.from_batches(schema, batches())
-        write_deltalake(
-            self.table_uri(name),
-            reader,
-            mode="append",
-            storage_options=self.options,
-            writer_properties=props,
-            commit_properties=CommitProperties(custom_metadata={"haagenti": note}) if note else None,
-        )
+        with self._lock:
+            write_deltalake(
+                self.table(name),
+                reader,
+                mode="append",
+                writer_properties=props,
+                commit_properties=CommitProperties(custom_metadata={"haagenti": note}) if note else None,
+            )
         return count
 
     def delete(self, name: str, predicate: str) -> int:
         """Delete rows matching a SQL predicate in one commit; returns rows deleted."""
-        metrics = self.table(name).delete(predicate)
+        with self._lock:
+            metrics = self.table(name).delete(predicate)
         return int(metrics.get("num_deleted_rows", 0))
 
     def compact(self) -> int:
         """Merge small files of the metadata tables (fragments keep their small row groups)."""
         n = 0
         for name in ("signatures", "manifests", "models"):
-            n += int(self.table(name).optimize.compact().get("numFilesRemoved", 0))
+            with self._lock:
+                n += int(self.table(name).optimize.compact().get("numFilesRemoved", 0))
         self.vacuum()
         return n
 
@@ -286,7 +334,8 @@ class LibraryStore:
         """Physically remove data files no longer in any retained version (after gc)."""
         n = 0
         for name in SCHEMAS:
-            n += len(self.table(name).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False))
+            with self._lock:
+                n += len(self.table(name).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False))
         return n
 
 
@@ -294,13 +343,37 @@ def _project(schema: pa.Schema, cols: list[str]) -> pa.Schema:
     return pa.schema([schema.field(c) for c in cols])
 
 
-def _groups_holding(pf: pq.ParquetFile, wanted: list[str]) -> list[int]:
+class _LruTables:
+    """Arrow tables by key, least recently used dropped beyond `max_bytes`."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._d: OrderedDict[tuple, pa.Table] = OrderedDict()
+
+    def get(self, key: tuple) -> pa.Table | None:
+        t = self._d.get(key)
+        if t is not None:
+            self._d.move_to_end(key)
+        return t
+
+    def put(self, key: tuple, t: pa.Table) -> None:
+        if key in self._d or t.nbytes > self.max_bytes:
+            return
+        self._d[key] = t
+        self.size += t.nbytes
+        while self.size > self.max_bytes:
+            _, old = self._d.popitem(last=False)
+            self.size -= old.nbytes
+
+
+def _groups_holding(md: pq.FileMetaData, wanted: list[str]) -> list[int]:
     import bisect
 
-    col = pf.schema_arrow.get_field_index("fragment_id")
+    col = md.schema.to_arrow_schema().get_field_index("fragment_id")
     out = []
-    for g in range(pf.metadata.num_row_groups):
-        st = pf.metadata.row_group(g).column(col).statistics
+    for g in range(md.num_row_groups):
+        st = md.row_group(g).column(col).statistics
         if st is None or not st.has_min_max:
             out.append(g)
             continue

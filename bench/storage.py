@@ -111,7 +111,7 @@ def haagenti(members, config: LibraryConfig, batch: bool = True):
                 lib.ingest([m.file], m.model_id, m.family)
         t1 = time.perf_counter()
         for m in members:
-            lib.restore(m.model_id, os.path.join(root, "out"))
+            lib.restore(m.model_id, os.path.join(root, "out", m.model_id))  # fresh files, as a user restores
         t2 = time.perf_counter()
         stats = lib.stats()
         disk = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(root, "lib")) for f in fs)

@@ -138,10 +138,12 @@ class FragmentEncoder:
         self.device = device
         self.refs = RawCache(512 * 1024 * 1024)
         # Plain fragments indexed but not yet committed: candidates for later fragments of the
-        # same ingest that the store cannot serve yet. Cleared by `committed()`.
+        # same ingest that the store cannot serve yet. Moved to the bounded cache on commit.
         self.uncommitted: dict[str, bytes] = {}
 
     def committed(self) -> None:
+        for fid, raw in self.uncommitted.items():
+            self.refs.put(fid, raw)
         self.uncommitted.clear()
 
     def encode_batch(self, batch: list[PendingFragment]) -> tuple[list[dict], list[dict], list[FragmentRef]]:

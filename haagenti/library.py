@@ -185,7 +185,12 @@ class FragmentLibrary:
                 writer.add(p, ref, report)
             if nonfinite:
                 report.nonfinite_tensors.append(t.name)
-        writer.encode()  # this model's refs are complete before its manifest is built
+        # This model's refs are complete before its manifest is built, and its new fragments go
+        # to their own data file: fragments are sorted by id within a file and found through
+        # row-group id ranges, so a file shared by many models would make every restore read
+        # all of them.
+        writer.encode()
+        writer.flush(final=True)
         files = [
             FileRecord(f.name, f.format, f.size, hashers[i].hexdigest() if i in hashers else f.sha256, f.header)
             for i, f in enumerate(source.files)

@@ -8,6 +8,7 @@ import math
 from collections import OrderedDict
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from haagenti.config import LibraryConfig
@@ -126,6 +127,15 @@ class SignFragments:
         sigs = compute_signatures([(d, r["dtype"]) for d, r in zip(data, rows)], self.config, self.device)
         out = [signature_row(PendingFragment(r["fragment_id"], r["dtype"], d, FragmentType(r["fragment_type"]), 0), s) for r, d, s in zip(rows, data, sigs)]
         return pa.Table.from_pylist(out, schema=SCHEMAS["signatures"])
+
+
+def shared_buckets(bands: pa.Table, keys: list[str]) -> pa.Table:
+    """Band rows of the buckets that can yield a pair: two or more fragments, one of them new.
+    Most buckets hold one fragment; dropping them in one Arrow aggregation keeps the pairing
+    work proportional to the real matches."""
+    agg = bands.group_by(keys).aggregate([("fragment_id", "count"), ("is_new", "any")])
+    keep = agg.filter(pc.and_(pc.greater(agg["fragment_id_count"], 1), agg["is_new_any"])).select(keys)
+    return bands.join(keep, keys, join_type="inner")
 
 
 def band_pairs(group: pa.Table, max_hamming: int, max_partners: int = 32) -> pa.Table:

@@ -30,11 +30,14 @@ def test_ray_job_submit_dedup(tmp_path, family):
     # (on by default in Ray 2.60 once a token exists) is turned off for this loopback head.
     env = dict(os.environ, PATH=bindir + os.pathsep + os.environ["PATH"], RAY_AUTH_MODE="disabled")
     port, dash = free_port(), free_port()
+    # Its own agent ports: another Ray instance on this machine (the suite's session cluster)
+    # holds the defaults, and a head whose agent cannot bind never accepts a job.
+    agent_ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")]
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     head = subprocess.Popen(
         [os.path.join(bindir, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
+         f"--temp-dir={temp}", "--disable-usage-stats", *agent_ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -50,11 +53,17 @@ def test_ray_job_submit_dedup(tmp_path, family):
                 break
             assert time.monotonic() < deadline, f"head did not come up: {probe.stderr[-2000:]}"
             time.sleep(2)
-        p = subprocess.run(
-            [os.path.join(bindir, "ray"), "job", "submit", "--address", address, "--working-dir", REPO, "--",
-             "python", "-m", "jobs.dedup", "--catalog", str(cat), "--library", str(lib), "--fragment-size", "65536"],
-            env=env, capture_output=True, text=True, timeout=300,
-        )
+        deadline = time.monotonic() + 180
+        while True:
+            p = subprocess.run(
+                [os.path.join(bindir, "ray"), "job", "submit", "--address", address, "--working-dir", REPO, "--",
+                 "python", "-m", "jobs.dedup", "--catalog", str(cat), "--library", str(lib), "--fragment-size", "65536"],
+                env=env, capture_output=True, text=True, timeout=300,
+            )
+            # The job list answers before the head's job agent is up; Ray says to try again.
+            if "No available agent to submit job" not in p.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         assert "succeeded" in p.stdout and "added 2" in p.stdout
         library = FragmentLibrary.open(str(lib), create=False)

@@ -152,7 +152,7 @@ def dedup(
     library: str = typer.Option(..., "--library", help="library URL (local path, s3://, gs://)"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)"),
     executor: str = typer.Option("ray", help="ray or local"),
-    workers: Optional[int] = typer.Option(None, help="signature actors"),
+    workers: Optional[int] = typer.Option(None, help="CPU step actors (default: one per cluster CPU)"),
     prune: bool = typer.Option(False, help="remove models no longer in the catalog"),
 ) -> None:
     """Deduplicate a whole CATALOG into the library with the Ray pipeline (jobs.dedup)."""

@@ -6,7 +6,6 @@ the Ray pipeline run the very same code.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -18,6 +17,7 @@ from haagenti.config import LibraryConfig
 from haagenti.errors import FragmentError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding, FragmentId, FragmentType
+from haagenti.lru import SizedLru
 from haagenti.manifest import FragmentRef
 from haagenti.signature import FragmentSignature, compute_signatures
 from haagenti.similarity import SimilarityIndex, measure
@@ -47,31 +47,8 @@ def cut(data_chunks: Iterable[bytes], dtype_name: str, fragment_type: FragmentTy
         offset += len(chunk) // itemsize
 
 
-class RawCache:
-    """LRU of decoded fragment bytes bounded by total size."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.size = 0
-        self._d: OrderedDict[str, bytes] = OrderedDict()
-
-    def get(self, fid: str) -> bytes | None:
-        data = self._d.get(fid)
-        if data is not None:
-            self._d.move_to_end(fid)
-        return data
-
-    def put(self, fid: str, data: bytes) -> None:
-        if fid in self._d or len(data) > self.max_bytes:
-            return
-        self._d[fid] = data
-        self.size += len(data)
-        while self.size > self.max_bytes:
-            _, old = self._d.popitem(last=False)
-            self.size -= len(old)
-
-    def __contains__(self, fid: str) -> bool:
-        return fid in self._d
+class RawCache(SizedLru[bytes]):
+    """Decoded fragment bytes by fragment id, bounded by their total size."""
 
 
 def decode_row(row: dict, ref_raw: bytes | None, ref_dtype: str | None) -> bytes:

@@ -137,10 +137,11 @@ class FragmentLibrary:
         device: str = "cpu",
         quality: str = "exact",
     ) -> list[IngestReport]:
-        """Add several models with one set of commits: new fragments (and signatures) in chunks
-        of `batch_bytes`, then every manifest, then one models commit that publishes them all.
-        A Delta commit costs milliseconds whatever its size, so a family of small models ingests
-        much faster this way; later models still deduplicate against earlier ones."""
+        """Add several models with one manifests commit and one models commit that publishes them
+        all (each model's new fragments and signatures are committed as it finishes, in chunks
+        of `batch_bytes`). A Delta commit costs milliseconds whatever its size, so a family of
+        small models ingests much faster this way; later models still deduplicate against
+        earlier ones."""
         ids = [m.model_id for m in models]
         for mid in ids:
             validate_model_id(mid)
@@ -153,7 +154,8 @@ class FragmentLibrary:
         sources = [open_model(m.urls) for m in models]  # every file is checked before anything is written
         index = self.similarity_index() if self.config.similarity and quality == "exact" else SimilarityIndex(self.config.signature)
         encoder = FragmentEncoder(self.config, self.known_fragments(), index, self.fetch_raw, device, quality)
-        writer = _FragmentWriter(self.store, encoder, self.config.batch_bytes, f"ingest {', '.join(ids)}"[:200], progress)
+        note = f"ingest {', '.join(ids)}"[:200]
+        writer = _FragmentWriter(self.store, encoder, self.config.batch_bytes, note, progress)
         manifests, reports = [], []
         for m, source in zip(models, sources):
             started = time.perf_counter()
@@ -161,8 +163,6 @@ class FragmentLibrary:
             manifests.append(self._cut_model(m, source, writer, report))
             report.seconds = time.perf_counter() - started
             reports.append(report)
-        writer.flush(final=True)
-        note = f"ingest {', '.join(ids)}"[:200]
         self.store.append("manifests", pa.concat_tables([mf.manifest_rows() for mf in manifests]), note)
         seq = max(existing["ingest_seq"].to_pylist(), default=-1) + 1
         rows = [self._model_row(mf, seq + i) for i, mf in enumerate(manifests)]

@@ -32,9 +32,6 @@ class FragmentRef:
     max_abs_error: float = 0.0
     rel_l2_error: float = 0.0
 
-    def tensors_by_name(self) -> dict[str, "TensorRef"]:
-        return {t.name: t for t in self.tensors}
-
     @property
     def lossy(self) -> bool:
         return self.fragment_id != self.source_fragment_id

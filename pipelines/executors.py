@@ -11,7 +11,9 @@ import os
 from collections import deque
 from typing import Callable, Iterable, Iterator, Protocol
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 FORWARDED_ENV = ("AWS_", "HAAGENTI_", "GOOGLE_", "AZURE_")
@@ -43,14 +45,7 @@ class LocalExecutor:
     def group_by(self, table, keys, fn):
         if table.num_rows == 0:
             return fn(table.slice(0, 0))
-        t = table.sort_by([(k, "ascending") for k in keys])
-        key_cols = [t[k].to_pylist() for k in keys]
-        parts, start = [], 0
-        for i in range(1, t.num_rows + 1):
-            if i == t.num_rows or any(c[i] != c[start] for c in key_cols):
-                parts.append(fn(t.slice(start, i - start)))
-                start = i
-        return pa.concat_tables(parts)
+        return _apply_groups(sort_rows(table, keys), keys, fn)
 
 
 class RayExecutor:
@@ -64,7 +59,7 @@ class RayExecutor:
     start re-importing torch (seconds each). Step actors import once and stay warm for the
     executor's life. Faults: a dead actor is restarted and its call re-run (`max_restarts`,
     `max_task_retries`), and the driver commits only final outputs, so a lost worker costs
-    time, never rows. At most `window` calls are in flight and results come back in order,
+    time, never rows. At most two calls per actor are in flight and results come back in order,
     so memory is bounded by batches, not by the catalog."""
 
     def __init__(self, address: str | None = None, workers: int | None = None):
@@ -82,20 +77,19 @@ class RayExecutor:
         self.options: dict = {"max_restarts": 3, "max_task_retries": 3}
         if env:
             self.options["runtime_env"] = {"env_vars": env}
-        self.window = 2 * self.workers
         # One CPU per step actor; GPU actors ask no CPU, so they fit beside a full CPU pool.
         self.pool = [_remote(_StepActor).options(num_cpus=1, **self.options).remote() for _ in range(self.workers)]
         self.gpu_pool = [_remote(_StepActor).options(num_cpus=0, num_gpus=1, **self.options).remote() for _ in range(self.gpus)]
 
     def _run(self, calls: Iterable[tuple], gpu: bool = False) -> Iterator:
-        """Results of (function, *args) calls spread over a pool, in order, `window` in flight."""
+        """Results of (function, *args) calls spread over a pool, in order, two per actor in flight."""
         import ray
 
         pool = self.gpu_pool if gpu and self.gpu_pool else self.pool
         pending: deque = deque()
         for i, call in enumerate(calls):
             pending.append(pool[i % len(pool)].run.remote(*call))
-            if len(pending) >= max(self.window, 2 * len(pool)):
+            if len(pending) >= 2 * len(pool):
                 yield ray.get(pending.popleft())
         while pending:
             yield ray.get(pending.popleft())
@@ -117,23 +111,36 @@ class RayExecutor:
         if table.num_rows == 0:
             return fn(table.slice(0, 0))
         t = sort_rows(table, keys)
-        parts = _cut_at_groups(t, keys, max(1, min(self.window, t.num_rows // 2000 + 1)))
+        parts = _cut_at_groups(t, keys, max(1, min(2 * len(self.pool), t.num_rows // 2000 + 1)))
         tables = [x for x in self._run((_group, p, keys, fn) for p in parts) if x.num_rows]
         return pa.concat_tables(tables) if tables else fn(table.slice(0, 0))
 
 
+def _group_starts(t: pa.Table, keys: list[str]) -> list[int]:
+    """Row indices where a group starts in `t` (sorted by `keys`), then `len(t)`."""
+    n = t.num_rows
+    change = np.zeros(max(n - 1, 0), dtype=bool)
+    for k in keys:
+        col = t[k].combine_chunks()
+        change |= pc.not_equal(col.slice(1), col.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    return [0, *(np.flatnonzero(change) + 1).tolist(), n]
+
+
+def _apply_groups(t: pa.Table, keys: list[str], fn) -> pa.Table:
+    """`fn` over each group of `t`, already sorted by `keys`."""
+    starts = _group_starts(t, keys)
+    return pa.concat_tables([fn(t.slice(a, b - a)) for a, b in zip(starts, starts[1:])])
+
+
 def _cut_at_groups(t: pa.Table, keys: list[str], n: int) -> list[pa.Table]:
     """`t` (sorted by `keys`) in about `n` contiguous parts, never splitting a group."""
-    key_cols = [t[k].to_pylist() for k in keys]
+    starts = _group_starts(t, keys)
     step = max(1, t.num_rows // n)
-    parts, start = [], 0
-    while start < t.num_rows:
-        end = min(t.num_rows, start + step)
-        while end < t.num_rows and all(c[end] == c[end - 1] for c in key_cols):
-            end += 1
-        parts.append(t.slice(start, end - start))
-        start = end
-    return parts
+    cuts = [0]
+    for s in starts[1:]:
+        if s - cuts[-1] >= step or s == t.num_rows:
+            cuts.append(s)
+    return [t.slice(a, b - a) for a, b in zip(cuts, cuts[1:])]
 
 
 def _apply(fn, row):
@@ -145,7 +152,7 @@ def _flat(fn, row, schema: pa.Schema) -> pa.Table:
 
 
 def _group(part: pa.Table, keys: list[str], fn) -> pa.Table:
-    return LocalExecutor().group_by(part, keys, fn)
+    return _apply_groups(part, keys, fn)  # parts arrive sorted
 
 
 class _StepActor:

@@ -15,7 +15,6 @@ import json
 import os
 import posixpath
 import threading
-from collections import OrderedDict
 from typing import Iterable
 
 import pyarrow as pa
@@ -26,6 +25,7 @@ from deltalake.exceptions import TableNotFoundError
 
 from haagenti.errors import FragmentError, LibraryError
 from haagenti.fsio import filesystem_for, s3_endpoint
+from haagenti.lru import SizedLru
 
 LIBRARY_FORMAT_VERSION = 1
 
@@ -149,7 +149,7 @@ class LibraryStore:
         # Data files of a Delta table are never rewritten in place (a path names one immutable
         # file), so their footers and small metadata columns can be cached by path.
         self._footers: dict[str, pq.FileMetaData] = {}
-        self._columns = _LruTables(256 * 1024 * 1024)
+        self._columns: SizedLru[pa.Table] = SizedLru(256 * 1024 * 1024, size=lambda t: t.nbytes)
 
     # ---- layout -----------------------------------------------------------------------
     def table_uri(self, table: str) -> str:
@@ -343,34 +343,10 @@ def _project(schema: pa.Schema, cols: list[str]) -> pa.Schema:
     return pa.schema([schema.field(c) for c in cols])
 
 
-class _LruTables:
-    """Arrow tables by key, least recently used dropped beyond `max_bytes`."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.size = 0
-        self._d: OrderedDict[tuple, pa.Table] = OrderedDict()
-
-    def get(self, key: tuple) -> pa.Table | None:
-        t = self._d.get(key)
-        if t is not None:
-            self._d.move_to_end(key)
-        return t
-
-    def put(self, key: tuple, t: pa.Table) -> None:
-        if key in self._d or t.nbytes > self.max_bytes:
-            return
-        self._d[key] = t
-        self.size += t.nbytes
-        while self.size > self.max_bytes:
-            _, old = self._d.popitem(last=False)
-            self.size -= old.nbytes
-
-
 def _groups_holding(md: pq.FileMetaData, wanted: list[str]) -> list[int]:
     import bisect
 
-    col = md.schema.to_arrow_schema().get_field_index("fragment_id")
+    col = md.schema.names.index("fragment_id")
     out = []
     for g in range(md.num_row_groups):
         st = md.row_group(g).column(col).statistics

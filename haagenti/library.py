@@ -216,6 +216,11 @@ class FragmentLibrary:
     # ---- restore ------------------------------------------------------------------------
     def iter_tensors(self, manifest: ModelManifest, cache: RawCache | None = None) -> Iterable[tuple[TensorRef, bytes]]:
         """(tensor, raw bytes) in manifest order, fetching fragments in bounded batches."""
+        for t, parts in self._iter_parts(manifest, cache):
+            yield t, b"".join(parts)
+
+    def _iter_parts(self, manifest: ModelManifest, cache: RawCache | None = None) -> Iterable[tuple[TensorRef, list[bytes]]]:
+        """(tensor, its fragments' verified bytes in order): what a restore writes, uncopied."""
         group: list[TensorRef] = []
         size = 0
         for t in manifest.tensors + [None]:  # type: ignore[list-item]
@@ -230,7 +235,7 @@ class FragmentLibrary:
                     names = [g.name for g in group if any(r.fragment_id in str(e) for r in g.fragments)] or [g.name for g in group]
                     raise FragmentError(f"model {manifest.model_id!r}, tensor {names[0]!r}: {e}") from None
                 for g in group:
-                    yield g, b"".join(raw[r.fragment_id] for r in g.fragments)
+                    yield g, [raw[r.fragment_id] for r in g.fragments]
                 group, size = [], 0
 
     def restore(self, model_id: str, out_dir: str) -> list[str]:
@@ -242,7 +247,11 @@ class FragmentLibrary:
         tmp = [p + ".partial" for p in paths]
         sinks = [open(p, "wb") for p in tmp]
         try:
+            for f, sink in zip(manifest.files, sinks):
+                _preallocate(sink, f)
             self._write(manifest, sinks)
+            for sink in sinks:
+                sink.truncate()  # a re-saved checkpoint may be shorter than its original
         finally:
             for s in sinks:
                 s.close()
@@ -260,13 +269,15 @@ class FragmentLibrary:
                 _tee(sinks[i], hashers[i], prefix)
             elif f.format == "verbatim":
                 _tee(sinks[i], hashers[i], f.header)
-        for t, data in self.iter_tensors(manifest):
+        for t, parts in self._iter_parts(manifest):
             i = t.file_index
             if i in states:
                 dt = lookup_dtype(t.dtype).torch_dtype
+                data = b"".join(parts)
                 states[i][t.name] = torch.frombuffer(bytearray(data), dtype=dt).reshape(t.shape).clone() if data else torch.empty(t.shape, dtype=dt)
             else:
-                _tee(sinks[i], hashers[i], data)
+                for part in parts:
+                    _tee(sinks[i], hashers[i], part)
         for i, state in states.items():
             buf = io.BytesIO()
             torch.save(state, buf)
@@ -457,6 +468,17 @@ class _FragmentWriter:
 class _NullSink(io.RawIOBase):
     def write(self, b) -> int:  # type: ignore[override]
         return len(b)
+
+
+def _preallocate(sink: BinaryIO, f: FileRecord) -> None:
+    """Reserve a restored file's blocks up front where its size is known. Measured here (ext4):
+    once ~100 MB of a restore are dirty, writes into a growing file fall from ~4 GB/s to
+    ~0.7 GB/s (delayed block allocation racing writeback); into reserved blocks they stay fast."""
+    if f.format != "torch" and f.size > 0 and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(sink.fileno(), 0, f.size)
+        except OSError:
+            pass  # a filesystem without fallocate: the writes still work, just slower
 
 
 def _tee(sink: BinaryIO, hasher, data: bytes) -> None:

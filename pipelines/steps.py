@@ -194,7 +194,8 @@ ASSIGNMENT_SCHEMA = pa.schema(
 
 
 class EncodeFragments:
-    """Encode new fragments (plain or delta) into fragments-table rows, sorted by id."""
+    """Encode new fragments (plain or delta) into fragments-table rows, in catalog order (a
+    restore walks a model in that order, so it reads neighbouring row groups)."""
 
     def __init__(self, library_url: str, config: LibraryConfig):
         self.library = FragmentLibrary.open(library_url, config, create=False)
@@ -217,7 +218,7 @@ class EncodeFragments:
                 refs.append((rid, raw, rdt))
             p = PendingFragment(r["fragment_id"], r["dtype"], data, FragmentType(r["fragment_type"]), 0)
             out.append(encode_fragment(p, refs, self.level))
-        return pa.Table.from_pylist(out, schema=SCHEMAS["fragments"]).sort_by("fragment_id")
+        return pa.Table.from_pylist(out, schema=SCHEMAS["fragments"])
 
 
 def manifest_rows(occurrences: pa.Table) -> pa.Table:

@@ -1,5 +1,6 @@
 import os
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -134,7 +135,7 @@ def test_ingest_many_checks_everything_before_writing(tmp_path, family):
     assert lib.store.versions() == before and lib.models() == []
 
 
-def test_restore_reads_only_the_models_fragments(tmp_path, family):
+def test_restore_reads_only_the_models_fragments(tmp_path, family, monkeypatch):
     lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
     for m in family:
         lib.ingest([m.file], m.model_id, m.family)
@@ -147,8 +148,15 @@ def test_restore_reads_only_the_models_fragments(tmp_path, family):
         return t
 
     lib.store.read_fragments = spy
+    rows_read = []
+    real_groups = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", lambda self, *a, **k: (t := real_groups(self, *a, **k), rows_read.append(t.num_rows))[0])
     lib.restore("unrelated", str(tmp_path / "out"))
     assert seen == lib.manifest("unrelated").fragment_ids
+    # Only row groups holding its fragments are read: the unrelated model shares nothing, so
+    # that is exactly its own rows (fragment ids are hashes, so min/max statistics of any
+    # other model's row groups would span them too).
+    assert sum(rows_read) == len(seen)
 
 
 def test_corrupt_fragment_is_named(tmp_path, family):

@@ -17,6 +17,7 @@ import posixpath
 import threading
 from typing import Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -108,8 +109,10 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
 }
 
-# Small row groups on the fragments table let a restore read only the fragments it needs:
-# rows are sorted by fragment_id, and row-group min/max statistics locate each id.
+# Small row groups on the fragments table let a restore read only the fragments it needs.
+# Rows stay in the order they were ingested (a model's tensors in file order), so a restore,
+# which walks a model in that order, reads a run of neighbouring row groups per batch, and its
+# delta references (a base model, stored in the same tensor order) likewise.
 _FRAGMENT_ROW_GROUP_BYTES = 2 * 1024 * 1024
 
 
@@ -232,24 +235,36 @@ class LibraryStore:
         return pa.concat_tables(parts) if parts else target.empty_table()
 
     def read_fragments(self, ids: Iterable[str], columns: list[str] | None = None, version: int | None = None) -> pa.Table:
-        """Rows of the given fragment ids, reading only row groups whose id range can hold them."""
-        wanted = sorted(set(ids))
+        """Rows of the given fragment ids, reading only the row groups that hold them."""
+        wanted = pa.array(sorted(set(ids)), pa.string())
         cols = columns or SCHEMAS["fragments"].names
         parts = []
-        if wanted:
+        if len(wanted):
             for path in self._paths("fragments", version):
-                groups = _groups_holding(self._footer(path), wanted)
+                groups = self._groups_holding(path, wanted)
                 if groups:
                     with self._open(path) as src:
                         pf = pq.ParquetFile(src, metadata=self._footer(path))
                         # Files rewritten by delta-rs (delete) store strings as string_view: normalise.
                         t = pf.read_row_groups(groups, columns=cols).cast(_project(SCHEMAS["fragments"], cols))
-                    parts.append(t.filter(pc.is_in(t["fragment_id"], pa.array(wanted))))
+                    parts.append(t.filter(pc.is_in(t["fragment_id"], wanted)))
         if not parts:
             return SCHEMAS["fragments"].empty_table().select(cols)
         found = pa.concat_tables(parts)
         # A fragment written twice by racing ingests is the same bytes: keep one row.
         return _first_per_id(found)
+
+    def _groups_holding(self, path: str, wanted: pa.Array) -> list[int]:
+        """Row groups of one fragments data file that hold any of `wanted`, found exactly on the
+        file's id column (cached) rather than on min/max statistics: ids are hashes, so every
+        row group's id range spans most of the id space and statistics would select them all."""
+        ids = self._read_columns(path, ["fragment_id"], SCHEMAS["fragments"])["fragment_id"]
+        rows = pc.indices_nonzero(pc.is_in(ids, value_set=wanted)).to_numpy()
+        if not len(rows):
+            return []
+        md = self._footer(path)
+        starts = np.cumsum([md.row_group(g).num_rows for g in range(md.num_row_groups)])
+        return np.unique(np.searchsorted(starts, rows, side="right")).tolist()
 
     def _open(self, path: str):
         """A data file: memory-mapped through pyarrow when local (no Python-level reads),
@@ -282,8 +297,6 @@ class LibraryStore:
         if rows.num_rows == 0:
             return
         rows = rows.cast(SCHEMAS[name])
-        if name == "fragments":
-            rows = rows.sort_by("fragment_id")
         self.append_stream(name, [rows], note, avg_row_bytes=max(1, int(pc.sum(rows["stored_size"]).as_py() or 1) // rows.num_rows) if name == "fragments" else 0)
 
     def append_stream(self, name: str, tables: Iterable[pa.Table], note: str = "", avg_row_bytes: int = 0) -> int:
@@ -341,22 +354,6 @@ class LibraryStore:
 
 def _project(schema: pa.Schema, cols: list[str]) -> pa.Schema:
     return pa.schema([schema.field(c) for c in cols])
-
-
-def _groups_holding(md: pq.FileMetaData, wanted: list[str]) -> list[int]:
-    import bisect
-
-    col = md.schema.names.index("fragment_id")
-    out = []
-    for g in range(md.num_row_groups):
-        st = md.row_group(g).column(col).statistics
-        if st is None or not st.has_min_max:
-            out.append(g)
-            continue
-        i = bisect.bisect_left(wanted, st.min)
-        if i < len(wanted) and wanted[i] <= st.max:
-            out.append(g)
-    return out
 
 
 def _first_per_id(t: pa.Table) -> pa.Table:

@@ -160,7 +160,8 @@ class FragmentLibrary:
         for m, source in zip(models, sources):
             started = time.perf_counter()
             report = IngestReport(m.model_id, source.raw_bytes)
-            manifests.append(self._cut_model(m, source, writer, report))
+            with source:
+                manifests.append(self._cut_model(m, source, writer, report))
             report.seconds = time.perf_counter() - started
             reports.append(report)
         self.store.append("manifests", pa.concat_tables([mf.manifest_rows() for mf in manifests]), note)

@@ -20,7 +20,8 @@ from haagenti.similarity import band_rows
 from haagenti.store import SCHEMAS
 from pipelines.catalog import read_catalog
 from pipelines.chaos import maybe_die
-from pipelines.executors import Executor, sort_rows
+from pipelines.executors import Executor
+from pipelines.groups import sort_rows
 from pipelines.steps import (
     ASSIGNMENT_SCHEMA,
     OCCURRENCE_SCHEMA,

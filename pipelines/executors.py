@@ -11,9 +11,9 @@ import os
 from collections import deque
 from typing import Callable, Iterable, Iterator, Protocol
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+
+from pipelines.groups import group_starts, sort_rows
 
 
 FORWARDED_ENV = ("AWS_", "HAAGENTI_", "GOOGLE_", "AZURE_")
@@ -26,7 +26,9 @@ class Executor(Protocol):
 
     def map_batches(self, cls: type, args: tuple, table: pa.Table, batch_size: int, actors: bool = False) -> Iterator[pa.Table]: ...
 
-    def group_by(self, table: pa.Table, keys: list[str], fn: Callable[[pa.Table], pa.Table]) -> pa.Table: ...
+    def group_by(self, table: pa.Table, keys: list[str], fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
+        """`fn` over parts of `table` sorted by `keys`, each holding whole groups (one part or many)."""
+        ...
 
 
 class LocalExecutor:
@@ -43,9 +45,7 @@ class LocalExecutor:
             yield step(table.slice(start, batch_size))
 
     def group_by(self, table, keys, fn):
-        if table.num_rows == 0:
-            return fn(table.slice(0, 0))
-        return _apply_groups(sort_rows(table, keys), keys, fn)
+        return fn(sort_rows(table, keys))
 
 
 class RayExecutor:
@@ -106,38 +106,22 @@ class RayExecutor:
         return self._run(((_call, cls, args, b) for b in slices), gpu=actors)
 
     def group_by(self, table, keys, fn):
-        """Sort by key on the driver (Arrow, C++), cut at group boundaries into one part per
-        worker slot, group each part on the pool."""
+        """Sort by key on the driver (Arrow, C++), cut at group boundaries into about two parts
+        per worker slot, and run `fn` on each part on the pool."""
         if table.num_rows == 0:
-            return fn(table.slice(0, 0))
+            return fn(table)
         t = sort_rows(table, keys)
         parts = _cut_at_groups(t, keys, max(1, min(2 * len(self.pool), t.num_rows // 2000 + 1)))
-        tables = [x for x in self._run((_group, p, keys, fn) for p in parts) if x.num_rows]
+        tables = [x for x in self._run((_apply, fn, p) for p in parts) if x.num_rows]
         return pa.concat_tables(tables) if tables else fn(table.slice(0, 0))
-
-
-def _group_starts(t: pa.Table, keys: list[str]) -> list[int]:
-    """Row indices where a group starts in `t` (sorted by `keys`), then `len(t)`."""
-    n = t.num_rows
-    change = np.zeros(max(n - 1, 0), dtype=bool)
-    for k in keys:
-        col = t[k].combine_chunks()
-        change |= pc.not_equal(col.slice(1), col.slice(0, n - 1)).to_numpy(zero_copy_only=False)
-    return [0, *(np.flatnonzero(change) + 1).tolist(), n]
-
-
-def _apply_groups(t: pa.Table, keys: list[str], fn) -> pa.Table:
-    """`fn` over each group of `t`, already sorted by `keys`."""
-    starts = _group_starts(t, keys)
-    return pa.concat_tables([fn(t.slice(a, b - a)) for a, b in zip(starts, starts[1:])])
 
 
 def _cut_at_groups(t: pa.Table, keys: list[str], n: int) -> list[pa.Table]:
     """`t` (sorted by `keys`) in about `n` contiguous parts, never splitting a group."""
-    starts = _group_starts(t, keys)
+    starts = group_starts(t, keys)
     step = max(1, t.num_rows // n)
     cuts = [0]
-    for s in starts[1:]:
+    for s in starts[1:].tolist():
         if s - cuts[-1] >= step or s == t.num_rows:
             cuts.append(s)
     return [t.slice(a, b - a) for a, b in zip(cuts, cuts[1:])]
@@ -149,10 +133,6 @@ def _apply(fn, row):
 
 def _flat(fn, row, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(fn(row), schema=schema)
-
-
-def _group(part: pa.Table, keys: list[str], fn) -> pa.Table:
-    return _apply_groups(part, keys, fn)  # parts arrive sorted
 
 
 class _StepActor:
@@ -187,7 +167,3 @@ def make_executor(kind: str, address: str | None = None, workers: int | None = N
     if kind == "ray":
         return RayExecutor(address, workers)
     raise ValueError(f"unknown executor {kind!r} (local or ray)")
-
-
-def sort_rows(table: pa.Table, keys: list[str]) -> pa.Table:
-    return table.sort_by([(k, "ascending") for k in keys])

@@ -7,6 +7,7 @@ import hashlib
 import math
 from collections import OrderedDict
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -21,6 +22,7 @@ from haagenti.fsio import filesystem_for
 from haagenti.library import FragmentLibrary
 from haagenti.signature import SignatureConfig, compute_signatures
 from haagenti.store import SCHEMAS
+from pipelines.groups import group_starts, sort_rows
 
 OCCURRENCE_SCHEMA = pa.schema(
     [
@@ -92,7 +94,10 @@ class FragmentModel:
         self.config = config
 
     def __call__(self, row: dict) -> list[dict]:
-        src = open_model([r["url"] for r in row["file_records"]])
+        with open_model([r["url"] for r in row["file_records"]]) as src:
+            return self._occurrences(row, src)
+
+    def _occurrences(self, row: dict, src) -> list[dict]:
         out = []
         for ti, t in enumerate(src.tensors):
             base = {
@@ -138,26 +143,60 @@ def shared_buckets(bands: pa.Table, keys: list[str]) -> pa.Table:
     return bands.join(keep, keys, join_type="inner")
 
 
-def band_pairs(group: pa.Table, max_hamming: int, max_partners: int = 32) -> pa.Table:
-    """All (new fragment, candidate) pairs inside one LSH bucket, with their Hamming distance.
-    A bucket of identical signatures (e.g. all-zero fragments) is capped at `max_partners`
-    partners per fragment, chosen by id so the answer is deterministic."""
-    import numpy as np
+PAIR_SCHEMA = pa.schema([("fragment_id", pa.string()), ("candidate_id", pa.string()), ("hamming", pa.int32())])
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.int32)
+_VECTOR_BUCKET = 64  # buckets up to this size are paired in one vectorised pass; larger ones row by row
 
-    rows = sorted(group.to_pylist(), key=lambda r: r["fragment_id"])
-    out = {"fragment_id": [], "candidate_id": [], "hamming": []}
-    bits = [np.unpackbits(np.frombuffer(r["bits"], np.uint8)) for r in rows]
-    for i, r in enumerate(rows):
-        if not r["is_new"]:
-            continue
-        partners = [j for j in range(len(rows)) if j != i and rows[j]["n_elements"] == r["n_elements"]][:max_partners]
-        for j in partners:
-            d = int((bits[i] != bits[j]).sum())
-            if d <= max_hamming:
-                out["fragment_id"].append(r["fragment_id"])
-                out["candidate_id"].append(rows[j]["fragment_id"])
-                out["hamming"].append(d)
-    return pa.table(out, schema=pa.schema([("fragment_id", pa.string()), ("candidate_id", pa.string()), ("hamming", pa.int32())]))
+
+def band_pairs(part: pa.Table, max_hamming: int, max_partners: int = 32) -> pa.Table:
+    """All (new fragment, candidate) pairs inside the LSH buckets of `part` (whole buckets, any
+    number), with their Hamming distance. Within a bucket each new fragment is paired with the
+    first `max_partners` other fragments of its length in id order, so a bucket of identical
+    signatures (e.g. all-zero fragments) stays linear; the answer is deterministic. Pairs of all
+    small buckets are built and measured at once in numpy (one Python call per bucket cost more
+    than the pairing itself)."""
+    keys = ["band", "band_hash"]
+    t = sort_rows(part, keys + ["fragment_id"])
+    if t.num_rows == 0:
+        return PAIR_SCHEMA.empty_table()
+    ids = t["fragment_id"].to_pylist()
+    n = t["n_elements"].to_numpy()
+    is_new = t["is_new"].to_numpy(zero_copy_only=False)
+    packed = np.frombuffer(b"".join(t["bits"].to_pylist()), np.uint8).reshape(t.num_rows, -1)
+    starts = group_starts(t, keys)
+    sizes = np.diff(starts)
+    row_start = np.repeat(starts[:-1], sizes)
+    row_size = np.repeat(sizes, sizes)
+
+    # Small buckets: every (i, j) of a bucket, i new, then filtered and capped per i.
+    rows_i = np.flatnonzero(is_new & (row_size > 1) & (row_size <= _VECTOR_BUCKET))
+    reps = row_size[rows_i]
+    first = np.cumsum(reps) - reps
+    i = np.repeat(rows_i, reps)
+    j = np.repeat(row_start[rows_i], reps) + np.arange(int(reps.sum())) - np.repeat(first, reps)
+    keep = (i != j) & (n[i] == n[j])
+    i, j = i[keep], j[keep]
+    block = np.flatnonzero(np.r_[True, i[1:] != i[:-1]]) if len(i) else np.zeros(0, np.int64)
+    rank = np.arange(len(i)) - np.repeat(block, np.diff(np.r_[block, len(i)]))
+    i, j = i[rank < max_partners], j[rank < max_partners]
+
+    # Large buckets: partners of each new row directly (at most max_partners each).
+    big_i, big_j = [], []
+    for r in np.flatnonzero(is_new & (row_size > _VECTOR_BUCKET)).tolist():
+        span = np.arange(row_start[r], row_start[r] + row_size[r])
+        partners = span[(n[span] == n[r]) & (span != r)][:max_partners]
+        big_i.append(np.full(len(partners), r))
+        big_j.append(partners)
+    i = np.concatenate([i, *big_i]).astype(np.int64)
+    j = np.concatenate([j, *big_j]).astype(np.int64)
+
+    d = _POPCOUNT[packed[i] ^ packed[j]].sum(axis=1) if len(i) else np.zeros(0, np.int32)
+    close = d <= max_hamming
+    id_arr = pa.array(ids, pa.string())
+    return pa.table(
+        {"fragment_id": id_arr.take(pa.array(i[close])), "candidate_id": id_arr.take(pa.array(j[close])), "hamming": pa.array(d[close], pa.int32())},
+        schema=PAIR_SCHEMA,
+    )
 
 
 def choose_references(pairs: pa.Table, order: dict[str, tuple], k: int) -> dict[str, list[str]]:

@@ -185,3 +185,38 @@ def test_ray_pipeline_runs_on_a_one_cpu_cluster(tmp_path, family):
     for m in family[:2]:
         [out] = lib.restore(m.model_id, str(tmp_path / "out" / m.model_id))
         assert sha256(out) == sha256(m.file)
+
+
+def test_band_pairs_matches_a_plain_loop_over_each_bucket():
+    """The vectorised pairing equals the definition: in each bucket, each new fragment against
+    the first `max_partners` others of its length in id order, kept when close enough. Buckets
+    of every kind: singletons, mixed lengths, only old rows, and one above the vectorised size."""
+    import numpy as np
+
+    from pipelines import steps
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for bucket, size in enumerate([1, 2, 3, 5, 9, 40, steps._VECTOR_BUCKET + 30]):
+        for k in range(size):
+            rows.append({
+                "band": bucket % 3, "band_hash": bucket, "fragment_id": f"{rng.integers(1 << 40):012x}",
+                "bits": rng.integers(0, 256, 32, dtype=np.uint8).tobytes() if k % 4 else bytes(32),
+                "n_elements": int(rng.choice([512, 1024])), "is_new": bool(bucket != 2 and k % 3 != 1),
+            })
+    table = pa.Table.from_pylist(rows)
+    limit, cap = 120, 4
+    expected = set()
+    for key in {(r["band"], r["band_hash"]) for r in rows}:
+        members = sorted((r for r in rows if (r["band"], r["band_hash"]) == key), key=lambda r: r["fragment_id"])
+        for r in members:
+            if not r["is_new"]:
+                continue
+            partners = [o for o in members if o is not r and o["n_elements"] == r["n_elements"]][:cap]
+            for o in partners:
+                d = sum(bin(a ^ b).count("1") for a, b in zip(r["bits"], o["bits"]))
+                if d <= limit:
+                    expected.add((r["fragment_id"], o["fragment_id"], d))
+    got = steps.band_pairs(table, limit, cap)
+    assert set(zip(*(got[c].to_pylist() for c in ("fragment_id", "candidate_id", "hamming")))) == expected
+    assert got.num_rows == len(expected) and len(expected) > 50

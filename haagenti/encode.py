@@ -187,30 +187,16 @@ class FragmentEncoder:
         return None
 
 
-# A delta this much smaller than the raw fragment is kept without trying the fragment alone or
-# further candidates: byte-grouped zstd takes float weights to ~65-75% of raw, never near 50%,
-# so those extra encodes (each a full compression) could not win. Measured on the example
-# family: stored bytes unchanged to 0.01%, similarity ingest ~1.5x faster (docs/decisions.md).
-GOOD_DELTA = 0.5
-
-
 def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str]], level: int | str, quality: str = "exact") -> dict:
-    """The fragments-table row for `p`: a delta against the reference (id, raw bytes, dtype;
-    best candidate first) whose encoded residual is smallest, or plain, whichever is smaller.
-    A delta under GOOD_DELTA of the raw size ends the search."""
+    """The fragments-table row for `p`: plain, or a delta against the reference (id, raw bytes,
+    dtype) whose encoded residual is smallest; the smallest of all wins."""
     d = lookup_dtype(p.dtype)
-    best: tuple[Encoding, str, bytes, str | None, str | None] | None = None
+    enc, spec, blob = Encoding.PLAIN, *encode_smallest(p.data, chain_for(d.itemsize, d.is_float, level))
+    ref_id = ref_dtype = None
     for cand, ref_raw, cand_dtype in refs:
         denc, dspec, dblob = best_delta(p.data, cast_reference(ref_raw, cand_dtype, p.dtype), p.dtype, level)
-        if best is None or len(dblob) < len(best[2]):
-            best = (denc, dspec, dblob, cand, cand_dtype)
-        if len(best[2]) <= GOOD_DELTA * len(p.data):
-            break
-    if best is None or len(best[2]) > GOOD_DELTA * len(p.data):
-        spec, blob = encode_smallest(p.data, chain_for(d.itemsize, d.is_float, level))
-        if best is None or len(blob) <= len(best[2]):
-            best = (Encoding.PLAIN, spec, blob, None, None)
-    enc, spec, blob, ref_id, ref_dtype = best
+        if len(dblob) < len(blob):
+            enc, spec, blob, ref_id, ref_dtype = denc, dspec, dblob, cand, cand_dtype
     return {
         "fragment_id": p.fragment_id,
         "dtype": p.dtype,

@@ -138,10 +138,9 @@ class FragmentLibrary:
         quality: str = "exact",
     ) -> list[IngestReport]:
         """Add several models with one manifests commit and one models commit that publishes them
-        all (each model's new fragments and signatures are committed as it finishes, in chunks
-        of `batch_bytes`). A Delta commit costs milliseconds whatever its size, so a family of
-        small models ingests much faster this way; later models still deduplicate against
-        earlier ones."""
+        all (new fragments and signatures are committed before them, in chunks of `batch_bytes`).
+        A Delta commit costs milliseconds whatever its size, so a family of small models
+        ingests much faster this way; later models still deduplicate against earlier ones."""
         ids = [m.model_id for m in models]
         for mid in ids:
             validate_model_id(mid)
@@ -164,6 +163,7 @@ class FragmentLibrary:
                 manifests.append(self._cut_model(m, source, writer, report))
             report.seconds = time.perf_counter() - started
             reports.append(report)
+        writer.flush(final=True)
         self.store.append("manifests", pa.concat_tables([mf.manifest_rows() for mf in manifests]), note)
         seq = max(existing["ingest_seq"].to_pylist(), default=-1) + 1
         rows = [self._model_row(mf, seq + i) for i, mf in enumerate(manifests)]
@@ -186,12 +186,7 @@ class FragmentLibrary:
                 writer.add(p, ref, report)
             if nonfinite:
                 report.nonfinite_tensors.append(t.name)
-        # This model's refs are complete before its manifest is built, and its new fragments go
-        # to their own data file: fragments are sorted by id within a file and found through
-        # row-group id ranges, so a file shared by many models would make every restore read
-        # all of them.
-        writer.encode()
-        writer.flush(final=True)
+        writer.encode()  # this model's refs are complete before its manifest is built
         files = [
             FileRecord(f.name, f.format, f.size, hashers[i].hexdigest() if i in hashers else f.sha256, f.header)
             for i, f in enumerate(source.files)

@@ -159,7 +159,7 @@ def band_pairs(part: pa.Table, max_hamming: int, max_partners: int = 32) -> pa.T
     t = sort_rows(part, keys + ["fragment_id"])
     if t.num_rows == 0:
         return PAIR_SCHEMA.empty_table()
-    ids = t["fragment_id"].to_pylist()
+    ids = t["fragment_id"].combine_chunks()
     n = t["n_elements"].to_numpy()
     is_new = t["is_new"].to_numpy(zero_copy_only=False)
     packed = np.frombuffer(b"".join(t["bits"].to_pylist()), np.uint8).reshape(t.num_rows, -1)
@@ -176,7 +176,7 @@ def band_pairs(part: pa.Table, max_hamming: int, max_partners: int = 32) -> pa.T
     j = np.repeat(row_start[rows_i], reps) + np.arange(int(reps.sum())) - np.repeat(first, reps)
     keep = (i != j) & (n[i] == n[j])
     i, j = i[keep], j[keep]
-    block = np.flatnonzero(np.r_[True, i[1:] != i[:-1]]) if len(i) else np.zeros(0, np.int64)
+    block = np.flatnonzero(np.r_[True, i[1:] != i[:-1]])
     rank = np.arange(len(i)) - np.repeat(block, np.diff(np.r_[block, len(i)]))
     i, j = i[rank < max_partners], j[rank < max_partners]
 
@@ -190,11 +190,10 @@ def band_pairs(part: pa.Table, max_hamming: int, max_partners: int = 32) -> pa.T
     i = np.concatenate([i, *big_i]).astype(np.int64)
     j = np.concatenate([j, *big_j]).astype(np.int64)
 
-    d = _POPCOUNT[packed[i] ^ packed[j]].sum(axis=1) if len(i) else np.zeros(0, np.int32)
+    d = _POPCOUNT[packed[i] ^ packed[j]].sum(axis=1)
     close = d <= max_hamming
-    id_arr = pa.array(ids, pa.string())
     return pa.table(
-        {"fragment_id": id_arr.take(pa.array(i[close])), "candidate_id": id_arr.take(pa.array(j[close])), "hamming": pa.array(d[close], pa.int32())},
+        {"fragment_id": ids.take(pa.array(i[close])), "candidate_id": ids.take(pa.array(j[close])), "hamming": pa.array(d[close], pa.int32())},
         schema=PAIR_SCHEMA,
     )
 

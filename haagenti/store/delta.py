@@ -152,6 +152,7 @@ class LibraryStore:
         # Data files of a Delta table are never rewritten in place (a path names one immutable
         # file), so their footers and small metadata columns can be cached by path.
         self._footers: dict[str, pq.FileMetaData] = {}
+        self._row_group_ends: dict[str, np.ndarray] = {}
         self._columns: SizedLru[pa.Table] = SizedLru(256 * 1024 * 1024, size=lambda t: t.nbytes)
 
     # ---- layout -----------------------------------------------------------------------
@@ -236,7 +237,7 @@ class LibraryStore:
 
     def read_fragments(self, ids: Iterable[str], columns: list[str] | None = None, version: int | None = None) -> pa.Table:
         """Rows of the given fragment ids, reading only the row groups that hold them."""
-        wanted = pa.array(sorted(set(ids)), pa.string())
+        wanted = pa.array(list(set(ids)), pa.string())
         cols = columns or SCHEMAS["fragments"].names
         parts = []
         if len(wanted):
@@ -262,9 +263,11 @@ class LibraryStore:
         rows = pc.indices_nonzero(pc.is_in(ids, value_set=wanted)).to_numpy()
         if not len(rows):
             return []
-        md = self._footer(path)
-        starts = np.cumsum([md.row_group(g).num_rows for g in range(md.num_row_groups)])
-        return np.unique(np.searchsorted(starts, rows, side="right")).tolist()
+        ends = self._row_group_ends.get(path)
+        if ends is None:
+            md = self._footer(path)
+            ends = self._row_group_ends[path] = np.cumsum([md.row_group(g).num_rows for g in range(md.num_row_groups)])
+        return np.unique(np.searchsorted(ends, rows, side="right")).tolist()
 
     def _open(self, path: str):
         """A data file: memory-mapped through pyarrow when local (no Python-level reads),

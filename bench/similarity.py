@@ -37,6 +37,21 @@ def values(chunk: bytes, dt: str) -> np.ndarray:
     return torch.frombuffer(bytearray(chunk), dtype=dtype(dt).torch_dtype).double().numpy()
 
 
+def on_gpu(cfg: LibraryConfig, full: list[tuple[bytes, str]], models: list[list[tuple[bytes, str]]]) -> None:
+    """GPU signature throughput (bytes on the host in, signatures on the host out, as in a GPU
+    actor) and a check that every fragment of the family gets the CPU's signature."""
+    same = sum(compute_signatures(f, cfg.signature, "cuda") == compute_signatures(f, cfg.signature) for f in models)
+    print(f"GPU ({torch.cuda.get_device_name()}): signatures of all {len(models)} models identical to the CPU's: {same}/{len(models)}")
+    big = full * max(1, (1 << 30) // (len(full) * cfg.fragment_size))  # ~1 GiB: a GPU needs large batches
+    compute_signatures(big[:4096], cfg.signature, "cuda")
+    for batch in (64, len(big)):  # 64: the pipeline's batch per actor call
+        t0 = time.perf_counter()
+        for s in range(0, len(big), batch):
+            compute_signatures(big[s : s + batch], cfg.signature, "cuda")
+        secs = time.perf_counter() - t0
+        print(f"signatures on GPU, {len(big)} full BF16 fragments in calls of {batch}: {len(big) * cfg.fragment_size / 1e6:.0f} MB in {secs:.2f}s = {len(big) * cfg.fragment_size / secs / 1e6:.0f} MB/s")
+
+
 def main() -> None:
     torch.set_num_threads(1)
     cfg = LibraryConfig()
@@ -60,6 +75,8 @@ def main() -> None:
     compute_signatures(full, cfg.signature)
     full_s = time.perf_counter() - t0
     print(f"signatures, full {cfg.fragment_size // 1024} KiB BF16 fragments: {len(full)} in {full_s:.3f}s = {len(full) * cfg.fragment_size / full_s / 1e6:.0f} MB/s on 1 CPU thread")
+    if torch.cuda.is_available():
+        on_gpu(cfg, full, [list(fragments(m.file, cfg.fragment_elements).values()) for m in members.values()])
     rows = []
     for mid in ("digits-ft-lr1e-4", "digits-ft-lr1e-3", "digits-ft-partial", "digits-lora-merged", "digits-base-fp16", "unrelated"):
         frags = fragments(members[mid].file, cfg.fragment_elements)

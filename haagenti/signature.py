@@ -93,7 +93,7 @@ def compute_signatures(
         d = lookup_dtype(dt)
         n = size // d.itemsize
         if n:
-            joined = bytearray(b"".join(fragments[i][0] for i in idx))
+            joined = bytearray().join(fragments[i][0] for i in idx)  # one copy, writable for frombuffer
             batch = torch.frombuffer(joined, dtype=d.torch_dtype).reshape(len(idx), n)
         else:
             batch = torch.zeros(len(idx), 0)

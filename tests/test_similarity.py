@@ -1,3 +1,4 @@
+import hashlib
 import subprocess
 import sys
 
@@ -51,6 +52,32 @@ print(",".join(s.bits.hex() + repr((s.mean, s.std, s.histogram)) for s in comput
 def test_signatures_bit_identical_across_processes_and_thread_counts():
     outs = {subprocess.run([sys.executable, "-c", SCRIPT, str(n)], capture_output=True, text=True, check=True).stdout for n in (1, 2)}
     assert len(outs) == 1 and len(next(iter(outs))) > 100
+
+
+def golden_fragments() -> list[tuple[bytes, str]]:
+    """Fixed inputs from numpy's legacy RandomState, whose stream numpy keeps frozen across versions."""
+    rs = np.random.RandomState(20261123)
+    out = []
+    for n, dt, name in [(131072, torch.bfloat16, "BF16"), (65536, torch.float32, "F32"), (1000, torch.float16, "F16"), (4096, torch.float64, "F64"), (77, torch.float8_e4m3fn, "F8_E4M3")]:
+        out.append((torch.from_numpy(rs.standard_normal(n)).to(dt).view(torch.uint8).numpy().tobytes(), name))
+    v = torch.from_numpy(rs.standard_normal(2048)).to(torch.bfloat16)
+    v[::97] = float("nan")
+    v[5] = float("inf")
+    out.append((v.view(torch.uint8).numpy().tobytes(), "BF16"))
+    return out * 3  # repeated fragments share a batch
+
+
+# Recorded once on CPU (torch 2.13). A change here changes every stored signature: bump the format.
+GOLDEN_SIGNATURES = "7066dc2411c376658da6438623fadd8e79f5e497ec742caac7cb5c5aed691406"
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_signatures_equal_recorded_values_on_every_device(device):
+    """A signature computed on a GPU actor today must equal one computed on a CPU tomorrow."""
+    sigs = compute_signatures(golden_fragments(), device=device)
+    fields = [(s.bits.hex(), s.scale, s.mean, s.std, s.min, s.max, s.nonfinite, s.histogram) for s in sigs]
+    assert sigs[-1].nonfinite == 23
+    assert hashlib.sha256(repr(fields).encode()).hexdigest() == GOLDEN_SIGNATURES
 
 
 def test_signature_batch_equals_one_by_one():

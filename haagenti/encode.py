@@ -5,7 +5,6 @@ the Ray pipeline run the very same code.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -17,6 +16,7 @@ from haagenti.config import LibraryConfig
 from haagenti.errors import FragmentError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding, FragmentId, FragmentType
+from haagenti.hashing import content_hash
 from haagenti.lru import SizedLru
 from haagenti.manifest import FragmentRef
 from haagenti.signature import FragmentSignature, compute_signatures
@@ -51,6 +51,20 @@ class RawCache(SizedLru[bytes]):
     """Decoded fragment bytes by fragment id, bounded by their total size."""
 
 
+def fragment_rows(table: pa.Table) -> list[dict]:
+    """Rows of a fragments table as dicts, each blob a memoryview into Arrow's buffer: turning
+    blobs into Python bytes copied every stored byte once more on each restore."""
+    rows = table.drop_columns(["blob"]).to_pylist()
+    blobs: list[memoryview] = []
+    for chunk in table["blob"].chunks:  # large_binary: int64 offsets, then the bytes
+        offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset : chunk.offset + len(chunk) + 1].tolist()
+        data = memoryview(chunk.buffers()[2] or b"")
+        blobs.extend(data[a:b] for a, b in zip(offsets, offsets[1:]))
+    for row, blob in zip(rows, blobs):
+        row["blob"] = blob
+    return rows
+
+
 def decode_row(row: dict, ref_raw: bytes | None, ref_dtype: str | None) -> bytes:
     """Raw bytes of one stored fragment row, verified against its id."""
     raw = codec_chain(row["codec"]).decode(row["blob"])
@@ -60,7 +74,7 @@ def decode_row(row: dict, ref_raw: bytes | None, ref_dtype: str | None) -> bytes
             raise FragmentError(f"fragment {row['fragment_id']}: reference {row['ref_id']} is missing")
         ref = cast_reference(ref_raw, ref_dtype, row["dtype"])
         raw = apply_delta(enc, raw, ref, lookup_dtype(row["dtype"]).itemsize)
-    if hashlib.sha256(raw).hexdigest() != row["fragment_id"]:
+    if content_hash(raw) != row["fragment_id"]:
         raise FragmentError(f"fragment {row['fragment_id']} failed verification: content hash mismatch")
     return raw
 

@@ -1,7 +1,6 @@
 """FragmentLibrary: ingest models, restore them bit-exact, and keep the library tidy."""
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import struct
@@ -14,11 +13,12 @@ import pyarrow.compute as pc
 import torch
 
 from haagenti.config import LibraryConfig, LibraryStats, ModelStats
-from haagenti.encode import FragmentEncoder, PendingFragment, RawCache, cut, decode_rows, rows_table
+from haagenti.encode import FragmentEncoder, PendingFragment, RawCache, cut, decode_rows, fragment_rows, rows_table
 from haagenti.errors import FragmentError, LibraryError
 from haagenti.formats import open_model
 from haagenti.formats.dtypes import dtype as lookup_dtype, has_nonfinite
 from haagenti.fragment import Encoding, FragmentType
+from haagenti.hashing import hasher, model_hash
 from haagenti.manifest import FileRecord, ModelManifest, TensorRef, validate_model_id
 from haagenti.similarity import SimilarityIndex
 from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS, LibraryStore
@@ -108,11 +108,11 @@ class FragmentLibrary:
         held = {i: cache.get(i) for i in ids} if cache else {}
         held = {i: v for i, v in held.items() if v is not None}  # taken now: decoding may evict them
         todo = ids - held.keys()
-        rows = self.store.read_fragments(todo).to_pylist() if todo else []
+        rows = fragment_rows(self.store.read_fragments(todo)) if todo else []
         missing = todo - {r["fragment_id"] for r in rows}
         if missing:
             raise FragmentError(f"fragment(s) missing from the library: {sorted(missing)[:3]}")
-        out = decode_rows(rows, lambda s: self.store.read_fragments(s).to_pylist(), cache)
+        out = decode_rows(rows, lambda s: fragment_rows(self.store.read_fragments(s)), cache)
         out.update(held)
         return out
 
@@ -188,10 +188,10 @@ class FragmentLibrary:
                 report.nonfinite_tensors.append(t.name)
         writer.encode()  # this model's refs are complete before its manifest is built
         files = [
-            FileRecord(f.name, f.format, f.size, hashers[i].hexdigest() if i in hashers else f.sha256, f.header)
+            FileRecord(f.name, f.format, f.size, hashers[i].hexdigest() if i in hashers else f.blake3, f.header)
             for i, f in enumerate(source.files)
         ]
-        content_hash = hashlib.sha256("".join(f.sha256 for f in files).encode()).hexdigest()
+        content_hash = model_hash([f.blake3 for f in files])
         return ModelManifest(m.model_id, m.family, files, tensors, content_hash, source.raw_bytes, list(m.urls))
 
     @staticmethod
@@ -203,7 +203,7 @@ class FragmentLibrary:
             "raw_bytes": m.raw_bytes,
             "n_tensors": len(m.tensors),
             "lossy": m.lossy,
-            "files": [{"name": f.name, "format": f.format, "size": f.size, "sha256": f.sha256, "header": f.header} for f in m.files],
+            "files": [{"name": f.name, "format": f.format, "size": f.size, "blake3": f.blake3, "header": f.header} for f in m.files],
             "source_uris": m.source_uris,
             "ingest_seq": seq,
             "format_version": LIBRARY_FORMAT_VERSION,
@@ -236,7 +236,7 @@ class FragmentLibrary:
 
     def restore(self, model_id: str, out_dir: str) -> list[str]:
         """Write the model's files into `out_dir`; safetensors files come back byte-identical
-        (checked against the recorded sha256), checkpoints as equal state dicts."""
+        (checked against the recorded BLAKE3), checkpoints as equal state dicts."""
         manifest = self.manifest(model_id)
         os.makedirs(out_dir, exist_ok=True)
         paths = [os.path.join(out_dir, f.name) for f in manifest.files]
@@ -256,8 +256,8 @@ class FragmentLibrary:
         return paths
 
     def _write(self, manifest: ModelManifest, sinks: list[BinaryIO]) -> list[str]:
-        """Stream the model into one sink per file; returns each file's sha256 as written."""
-        hashers = [hashlib.sha256() for _ in manifest.files]
+        """Stream the model into one sink per file; returns each file's hash as written."""
+        hashers = [hasher() for _ in manifest.files]
         states: dict[int, dict[str, torch.Tensor]] = {i: {} for i, f in enumerate(manifest.files) if f.format == "torch"}
         for i, f in enumerate(manifest.files):
             if f.format == "safetensors":
@@ -281,8 +281,8 @@ class FragmentLibrary:
         digests = [h.hexdigest() for h in hashers]
         if not manifest.lossy:
             for f, d in zip(manifest.files, digests):
-                if f.format != "torch" and d != f.sha256:
-                    raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} has sha256 {d}, expected {f.sha256}")
+                if f.format != "torch" and d != f.blake3:
+                    raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} has blake3 {d}, expected {f.blake3}")
         return digests
 
     # ---- maintenance --------------------------------------------------------------------
@@ -482,8 +482,8 @@ def _tee(sink: BinaryIO, hasher, data: bytes) -> None:
     hasher.update(data)
 
 
-def _file_hasher(f) -> "hashlib._Hash":
-    h = hashlib.sha256()
+def _file_hasher(f):
+    h = hasher()
     h.update(struct.pack("<Q", len(f.header)) + f.header)
     return h
 

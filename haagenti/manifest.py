@@ -52,7 +52,7 @@ class FileRecord:
     name: str
     format: str  # safetensors | torch | verbatim
     size: int
-    sha256: str
+    blake3: str
     header: bytes  # safetensors header JSON verbatim, or a side file's bytes
 
 
@@ -104,7 +104,7 @@ class ModelManifest:
                 tensors.append(TensorRef(r["tensor_name"], r["dtype"], tuple(r["shape"]), r["file_index"], FragmentType(r["fragment_type"])))
             if r["fragment_id"] is not None:
                 tensors[-1].fragments.append(FragmentRef(r["fragment_id"], r["elem_offset"], r["elem_count"], r["source_fragment_id"], r["max_abs_error"], r["rel_l2_error"]))
-        files = [FileRecord(f["name"], f["format"], f["size"], f["sha256"], f["header"]) for f in model["files"]]
+        files = [FileRecord(f["name"], f["format"], f["size"], f["blake3"], f["header"]) for f in model["files"]]
         return cls(model["model_id"], model["family"], files, tensors, model["content_hash"], model["raw_bytes"], model["source_uris"])
 
 

@@ -181,7 +181,7 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
         rows.append({
             "model_id": s["model_id"], "family": families[s["model_id"]], "content_hash": s["content_hash"], "raw_bytes": s["raw_bytes"],
             "n_tensors": n_tensors, "lossy": False,
-            "files": [{k: f[k] for k in ("name", "format", "size", "sha256", "header")} for f in s["file_records"]],
+            "files": [{k: f[k] for k in ("name", "format", "size", "blake3", "header")} for f in s["file_records"]],
             "source_uris": list(s["files"]), "ingest_seq": seq + i, "format_version": 1,
         })
     lib.store.append("models", pa.Table.from_pylist(rows, schema=SCHEMAS["models"]), "dedup")

@@ -3,7 +3,6 @@ scheduled. Rows are plain dicts or Arrow tables; model bytes never travel betwee
 file URLs and byte ranges, read where they are needed."""
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import OrderedDict
 
@@ -19,6 +18,7 @@ from haagenti.formats import open_model
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import FragmentId, FragmentType
 from haagenti.fsio import filesystem_for
+from haagenti.hashing import hasher, model_hash
 from haagenti.library import FragmentLibrary
 from haagenti.signature import SignatureConfig, compute_signatures
 from haagenti.store import SCHEMAS
@@ -72,18 +72,18 @@ def scan_model(row: dict) -> dict:
     src = open_model(list(row["files"]))
     records = []
     for f in src.files:
-        sha = f.sha256
-        if not sha:
-            h = hashlib.sha256()
+        digest = f.blake3
+        if not digest:
+            h = hasher()
             fs, path = filesystem_for(f.url)
             with fs.open(path, "rb", block_size=8 << 20) as fh:
                 while chunk := fh.read(8 << 20):
                     h.update(chunk)
-            sha = h.hexdigest()
-        records.append({"name": f.name, "format": f.format, "size": f.size, "sha256": sha, "header": f.header, "url": f.url})
+            digest = h.hexdigest()
+        records.append({"name": f.name, "format": f.format, "size": f.size, "blake3": digest, "header": f.header, "url": f.url})
     if any(r["format"] == "torch" for r in records):
         raise FormatError(f"model {row['model_id']!r}: the pipeline reads safetensors by byte range; ingest .pt checkpoints with `haagenti ingest`")
-    content_hash = hashlib.sha256("".join(r["sha256"] for r in records).encode()).hexdigest()
+    content_hash = model_hash([r["blake3"] for r in records])
     return dict(row, content_hash=content_hash, raw_bytes=src.raw_bytes, file_records=records)
 
 

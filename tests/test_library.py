@@ -1,4 +1,5 @@
 import os
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -216,6 +217,38 @@ def test_crash_between_commits_leaves_previous_snapshot(tmp_path, family, monkey
     assert lib.verify().ok
     assert lib.gc()["fragments_removed"] > 0  # the orphaned fragments of the killed ingest
     lib.ingest([family[1].file], family[1].model_id)  # the next run finishes the work
+    [p] = lib.restore(family[1].model_id, str(tmp_path / "out"))
+    assert sha256(p) == sha256(family[1].file)
+
+
+def test_append_killed_before_its_commit_leaves_an_orphan_that_gc_collects_when_old(tmp_path, family, monkeypatch):
+    from deltalake import DeltaTable
+
+    from haagenti.store.delta import ORPHAN_HOURS
+
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    lib.ingest([family[0].file], family[0].model_id)
+    frag_dir = tmp_path / "lib" / "fragments"
+    before = {p.name for p in frag_dir.glob("*.parquet")}
+    real = DeltaTable.create_write_transaction
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt("killed between the data file and the commit")
+
+    monkeypatch.setattr(DeltaTable, "create_write_transaction", killed)
+    with pytest.raises(KeyboardInterrupt):
+        lib.ingest([family[1].file], family[1].model_id)
+    monkeypatch.setattr(DeltaTable, "create_write_transaction", real)
+    [orphan] = {p.name for p in frag_dir.glob("*.parquet")} - before
+    assert [m["model_id"] for m in lib.models()] == [family[0].model_id] and lib.verify().ok
+    lib.gc()
+    assert (frag_dir / orphan).exists()  # young: it could be a running append's file
+    old = time.time() - (ORPHAN_HOURS + 1) * 3600
+    os.utime(frag_dir / orphan, (old, old))
+    lib.gc()
+    assert not (frag_dir / orphan).exists()
+    assert {p.name for p in frag_dir.glob("*.parquet")} == before
+    lib.ingest([family[1].file], family[1].model_id)
     [p] = lib.restore(family[1].model_id, str(tmp_path / "out"))
     assert sha256(p) == sha256(family[1].file)
 

@@ -14,9 +14,11 @@ from haagenti.errors import FragmentError
 class Codec(Protocol):
     spec: str
 
-    def encode(self, data: bytes) -> bytes: ...
+    """Encoders and decoders take and return any bytes-like object (bytes or a memoryview)."""
 
-    def decode(self, data: bytes) -> bytes: ...
+    def encode(self, data: bytes | memoryview) -> bytes | memoryview: ...
+
+    def decode(self, data: bytes | memoryview) -> bytes | memoryview: ...
 
 
 class ByteGroup:
@@ -29,20 +31,25 @@ class ByteGroup:
         self.width = width
         self.spec = f"bytegroup:{width}"
 
-    # Shifts and masks on whole words instead of a strided transpose: ~10x faster for width 2.
-    def encode(self, data: bytes) -> bytes:
+    # Shifts on whole words, written in place, instead of a strided transpose or temporaries:
+    # measured per 256 KiB BF16 fragment, encode 107 -> 29 us and decode 293 -> 40 us (fresh
+    # temporaries of this size are fresh pages). Both return a view of their own buffer.
+    def encode(self, data: bytes | memoryview) -> memoryview:
         if len(data) % self.width:
             raise ValueError(f"{len(data)} bytes do not split into {self.width}-byte words")
         words = np.frombuffer(data, dtype=_WORD[self.width])
-        return b"".join((words >> _WORD[self.width](8 * i)).astype(np.uint8).tobytes() for i in range(self.width))
+        planes = np.empty((self.width, len(words)), np.uint8)
+        for i in range(self.width):
+            np.right_shift(words, 8 * i, out=planes[i], casting="unsafe")  # keeps byte i of each word
+        return memoryview(planes).cast("B")
 
-    def decode(self, data: bytes) -> bytes:
-        word = _WORD[self.width]
+    def decode(self, data: bytes | memoryview) -> memoryview:
         planes = np.frombuffer(data, dtype=np.uint8).reshape(self.width, -1)
-        out = planes[0].astype(word)
-        for i in range(1, self.width):
-            out |= planes[i].astype(word) << word(8 * i)
-        return out.tobytes()
+        out = planes[-1].astype(_WORD[self.width])
+        for i in range(self.width - 2, -1, -1):
+            out <<= 8
+            out |= planes[i]
+        return memoryview(out).cast("B")
 
 
 _WORD = {2: np.dtype("<u2").type, 4: np.dtype("<u4").type, 8: np.dtype("<u8").type}  # safetensors data is little-endian
@@ -92,12 +99,13 @@ class Zstd:
         packed = self._c.compress(part)
         return packed if len(packed) < len(part) else None
 
-    def decode(self, data: bytes) -> bytes:
+    def decode(self, data: bytes | memoryview) -> bytes:
+        view = memoryview(data)  # slices without copies
         pos = 5 * self.streams
         out = []
         for i in range(self.streams):
-            compressed, length = struct.unpack_from("<BI", data, 5 * i)
-            part = data[pos : pos + length]
+            compressed, length = struct.unpack_from("<BI", view, 5 * i)
+            part = view[pos : pos + length]
             pos += length
             out.append(self._d.decompress(part) if compressed else part)
         return b"".join(out)
@@ -115,10 +123,11 @@ class CodecChain:
             data = c.encode(data)
         return data
 
-    def decode(self, data: bytes) -> bytes:
+    def decode(self, data: bytes | memoryview) -> bytes | memoryview:
         for c in reversed(self.codecs):
             data = c.decode(data)
-        return data
+        # "raw": a copy, never a view of the caller's buffer (a cached view would pin it).
+        return data if self.codecs else bytes(data)
 
 
 _local = threading.local()

@@ -6,7 +6,6 @@ checkpoints (loaded only with `torch.load(weights_only=True)`), and small side f
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import posixpath
@@ -20,6 +19,7 @@ from haagenti.errors import FormatError, UnsafeFileError
 from haagenti.formats.dtypes import DType, from_torch
 from haagenti.formats.safetensors import parse_header
 from haagenti.fsio import filesystem_for
+from haagenti.hashing import content_hash
 
 SAFETENSORS_EXT = (".safetensors",)
 TORCH_EXT = (".pt", ".pth", ".bin", ".ckpt")
@@ -47,7 +47,7 @@ class SourceFile:
     format: str  # "safetensors" | "torch" | "verbatim"
     size: int
     header: bytes = b""  # safetensors header JSON verbatim, or the whole verbatim file
-    sha256: str = ""  # known up front for checkpoints and side files; safetensors hash as they stream
+    blake3: str = ""  # known up front for checkpoints and side files; safetensors hash as they stream
 
 
 @dataclass
@@ -137,7 +137,7 @@ def open_model(urls: list[str]) -> ModelSource:
             with fs.open(path, "rb") as fh:
                 data = fh.read()
             state = load_checkpoint(data, url)
-            src.files.append(SourceFile(name, url, "torch", size, sha256=hashlib.sha256(data).hexdigest()))
+            src.files.append(SourceFile(name, url, "torch", size, blake3=content_hash(data)))
             for key, tensor in state.items():
                 tensor = tensor.detach().contiguous()
                 payload = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
@@ -147,7 +147,7 @@ def open_model(urls: list[str]) -> ModelSource:
                 raise FormatError(f"{url}: side file larger than {MAX_VERBATIM_BYTES} bytes")
             with fs.open(path, "rb") as fh:
                 data = fh.read()
-            src.files.append(SourceFile(name, url, "verbatim", size, data, hashlib.sha256(data).hexdigest()))
+            src.files.append(SourceFile(name, url, "verbatim", size, data, content_hash(data)))
         elif low.endswith(PICKLE_EXT):
             raise UnsafeFileError(f"{url}: refusing a pickle-based file; convert it to safetensors")
         else:

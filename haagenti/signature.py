@@ -5,11 +5,19 @@ cosine similarity. Float projections would differ in the last bits between a CPU
 (different summation orders) and flip signs near zero, so every step here is exact:
 
 1. values are quantised to integers q in [-L, L] with one multiplication by a factor computed
-   in Python (IEEE round-to-nearest on every device; no division, no fused ops);
+   in Python from the fragment's max |value| (IEEE round-to-nearest on every device; no
+   division, no fused ops);
 2. q times a fixed ±1 sign pattern is folded into `fold` buckets (a count sketch), a sum of
    small integers that float32 represents exactly, so summation order cannot matter;
-3. the folded vector is projected on a fixed ±1 matrix: again integer sums below 2**53.
+3. the folded vector is projected on a fixed ±1 matrix: again integer sums, below 2**24.
 The same holds for the fingerprint (sums of q, min/max, integer histogram).
+
+Steps 1-3 and the mean/std/histogram run on a fixed sample of the fragment: every k-th element,
+k = ceil(n / sample), so a full 131,072-element fragment is signed on 16,384 elements. The
+cosine of two such samples tracks the cosine of the whole fragments (a fine-tune changes every
+element a little; LSH only proposes, the real bytes decide). Measured: 4-5x faster signatures
+on full fragments, near-duplicate recall unchanged (docs/decisions.md). Min, max, the scale and
+the NaN/Inf count are exact over all elements.
 """
 from __future__ import annotations
 
@@ -30,11 +38,14 @@ class SignatureConfig:
     fold: int = 2048
     levels: int = 127
     histogram_bins: int = 16
+    sample: int = 16384  # elements signed per fragment at most (a fixed stride over the rest)
     seed: int = 20261123
 
     def __post_init__(self) -> None:
         if self.bands * self.rows != self.bits or self.bits % 8:
             raise ValueError(f"bands*rows must equal bits (a multiple of 8): {self.bands}*{self.rows} != {self.bits}")
+        if (self.sample + self.fold) * self.levels >= 2**24:  # keeps every float32 fold sum an exact integer
+            raise ValueError(f"sample * levels must stay below 2**24: {self.sample} * {self.levels}")
 
 
 @dataclass(frozen=True)
@@ -43,9 +54,9 @@ class FragmentSignature:
 
     bits: bytes
     scale: float  # max |value| over finite values
-    mean: float
+    mean: float  # mean, std and histogram: of the finite values in the signature's sample
     std: float
-    min: float
+    min: float  # min, max, scale and nonfinite: over all elements
     max: float
     nonfinite: int  # NaN/Inf count; such values are left out of the signature
     histogram: tuple[int, ...]
@@ -61,14 +72,18 @@ def hamming(a: bytes, b: bytes) -> int:
     return int(np.unpackbits(np.frombuffer(a, np.uint8) ^ np.frombuffer(b, np.uint8)).sum())
 
 
-@lru_cache(maxsize=8)
-def _patterns(config: SignatureConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ±1 sign pattern for n elements and the fold x bits projection, from a fixed seed
-    (numpy's PCG64 stream is the same on every platform)."""
+@lru_cache(maxsize=4)
+def _projection(config: SignatureConfig) -> np.ndarray:
+    """The fold x bits ±1 projection, from a fixed seed (numpy's PCG64 stream is the same on
+    every platform). Built once per config: it cost ~1.5 ms, more than signing a small fragment."""
     rng = np.random.Generator(np.random.PCG64(config.seed))
-    projection = rng.integers(0, 2, size=(config.fold, config.bits), dtype=np.int8) * 2 - 1
-    signs = np.random.Generator(np.random.PCG64([config.seed, n])).integers(0, 2, size=n, dtype=np.int8) * 2 - 1
-    return signs.astype(np.float32), projection.astype(np.float64)
+    return (rng.integers(0, 2, size=(config.fold, config.bits), dtype=np.int8) * 2 - 1).astype(np.float64)
+
+
+@lru_cache(maxsize=256)
+def _signs(config: SignatureConfig, n: int) -> np.ndarray:
+    """The ±1 sign pattern for n elements (a model has a few hundred distinct tensor lengths)."""
+    return (np.random.Generator(np.random.PCG64([config.seed, n])).integers(0, 2, size=n, dtype=np.int8) * 2 - 1).astype(np.float32)
 
 
 # Fragments per batch. On a CPU a small batch stays in cache (measured: 8 fragments of 256 KiB
@@ -104,12 +119,13 @@ def compute_signatures(
 
 def _signature_batch(x: torch.Tensor, config: SignatureConfig) -> list[FragmentSignature]:
     """float32 is exact where it is used: values are converted once (a correctly rounded cast),
-    the quantised q are integers of at most 8 bits, and a fold bucket sums at most n/fold of
-    them, far below 2**24. Sums of q and q*q and the histogram all come from one exact count of
-    each q value; the projection runs in float64 on integers."""
+    the quantised q are integers of at most 8 bits, and a fold bucket sums at most
+    sample/fold + 1 of them, far below 2**24. Sums of q and q*q and the histogram all come from
+    one exact count of each q value; the projection sums integers (see below)."""
     b, n = x.shape
     x = x.to(torch.float32)
     levels = config.levels
+    finite = None
     if n:
         lo, hi = x.amin(1), x.amax(1)  # (aminmax along a dim is 15x slower on CPU)
     if n and not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):  # only fragments with NaN/Inf pay for masking
@@ -124,20 +140,34 @@ def _signature_batch(x: torch.Tensor, config: SignatureConfig) -> list[FragmentS
     mins = lo.cpu().tolist() if n else [0.0] * b
     maxs = hi.cpu().tolist() if n else [0.0] * b
     absmax = [max(-a, c, 0.0) + 0.0 for a, c in zip(mins, maxs)]  # + 0.0: never -0.0
+    stride = -(-n // config.sample) if n else 1
+    if stride > 1:
+        x = x[:, ::stride].contiguous()
+        finite = finite[:, ::stride] if finite is not None else None
+    m = x.shape[1]
+    missing = (~finite).sum(1).cpu().tolist() if finite is not None else [0] * b  # NaN/Inf in the sample
     factors = torch.tensor([levels / s if s > 0 else 0.0 for s in absmax], dtype=torch.float32, device=x.device)
     q = x.mul_(factors[:, None]).round_()  # in place: x is this function's own copy
-    signs, projection = _patterns(config, n)
-    pad = (-n) % config.fold
-    signed = q * torch.from_numpy(signs).to(device=x.device, dtype=torch.float32)
-    if pad:
-        signed = torch.nn.functional.pad(signed, (0, pad))
-    folded = signed.reshape(b, -1, config.fold).sum(1)
-    proj = folded.to(torch.float64) @ torch.from_numpy(projection).to(x.device)
+    signed = q * torch.from_numpy(_signs(config, m)).to(device=x.device, dtype=torch.float32)
+    # Every partial sum of the projection is an integer below (sample + fold) * L < 2**24, exact
+    # in float32 (2x faster than float64 here) unless the process lets float32 matmuls round
+    # to TF32/bf16 (torch.set_float32_matmul_precision): then float64.
+    exact = torch.float32 if torch.get_float32_matmul_precision() == "highest" else torch.float64
+    projection = torch.from_numpy(_projection(config)).to(device=x.device, dtype=exact)
+    if m <= config.fold:  # one element per bucket: zero padding adds nothing, so project m rows only
+        proj = signed.to(exact) @ projection[:m]
+    else:
+        pad = (-m) % config.fold
+        if pad:
+            signed = torch.nn.functional.pad(signed, (0, pad))
+        proj = signed.reshape(b, -1, config.fold).sum(1).to(exact) @ projection
     bits = np.packbits((proj > 0).cpu().numpy(), axis=1)
     # Exact counts of every q in [-L, L], one row per fragment: sums and histogram derive from them.
     width = 2 * levels + 1
     offsets = torch.arange(b, device=x.device, dtype=torch.float32)[:, None] * width + levels
     counts = torch.bincount(q.add_(offsets).to(torch.int32).reshape(-1), minlength=b * width).reshape(b, width).to(torch.float64)
+    if finite is not None:  # NaN/Inf were zeroed: take them back out of the q = 0 count
+        counts[:, levels] -= torch.tensor(missing, dtype=torch.float64, device=x.device)
     values = torch.arange(-levels, levels + 1, device=x.device, dtype=torch.float64)
     s1 = (counts @ values).cpu().tolist()
     s2 = (counts @ (values * values)).cpu().tolist()
@@ -148,7 +178,7 @@ def _signature_batch(x: torch.Tensor, config: SignatureConfig) -> list[FragmentS
     out = []
     for i in range(b):
         unit = absmax[i] / levels
-        count = max(n - nonfinite[i], 1)
+        count = max(m - missing[i], 1)
         mean_q = s1[i] / count
         var_q = max(s2[i] / count - mean_q * mean_q, 0.0)
         out.append(

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-from datasketch import LeanMinHash, MinHashLSH
 
 from haagenti.signature import SignatureConfig, hamming
+
+if TYPE_CHECKING:
+    from datasketch import LeanMinHash
 
 
 class MatchType(str, Enum):
@@ -79,6 +82,10 @@ class SimilarityIndex:
     """LSH index: fragment id -> SimHash bits, with banded candidate lookup."""
 
     def __init__(self, config: SignatureConfig = SignatureConfig()):
+        # Imported here: datasketch pulls in scipy (~0.4 s), which every pipeline worker and
+        # CLI start would otherwise pay without ever building an index.
+        from datasketch import MinHashLSH
+
         self.config = config
         self.lsh = MinHashLSH(num_perm=config.bits, params=(config.bands, config.rows))
         self.bits: dict[str, bytes] = {}
@@ -90,7 +97,9 @@ class SimilarityIndex:
     def __contains__(self, fragment_id: str) -> bool:
         return fragment_id in self.bits
 
-    def _minhash(self, bits: bytes) -> LeanMinHash:
+    def _minhash(self, bits: bytes) -> "LeanMinHash":
+        from datasketch import LeanMinHash
+
         values = np.unpackbits(np.frombuffer(bits, np.uint8)).astype(np.uint64)
         return LeanMinHash(seed=self.config.seed, hashvalues=values, scheme="legacy")
 

@@ -29,6 +29,7 @@ demo: install
 bench: install
 	$(PY) bench/storage.py
 	$(PY) bench/similarity.py
+	$(PY) bench/switching.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/adaptive.py
 

@@ -30,3 +30,42 @@ def test_tables_read_with_polars_duckdb_and_pyarrow(tmp_path, family):
     assert [r[0] for r in per_model] == sorted(m.model_id for m in family[:2]) and all(r[1] > 0 for r in per_model)
     frags = DeltaTable(f"{url}/fragments").to_pyarrow_table(columns=["fragment_id", "encoding", "stored_size"])
     assert set(frags["encoding"].to_pylist()) <= {"plain", "delta_xor", "delta_sub"}
+
+
+def test_each_append_commits_one_file_with_statistics(tmp_path, family):
+    """Readers (ours, DuckDB, Spark) skip data files by the add actions' statistics: they must
+    be right, and a fragment commit is one Parquet file."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+
+    url = str(tmp_path / "lib")
+    lib = FragmentLibrary.open(url, LibraryConfig(fragment_size=64 * 1024))
+    lib.ingest([family[0].file], family[0].model_id, family[0].family)
+    lib.ingest([family[1].file], family[1].model_id, family[1].family)
+    dt = DeltaTable(f"{url}/fragments")
+    actions = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
+    assert len(actions) == 2  # one file per ingest
+    for a in actions:
+        rows = pq.read_table(f"{url}/fragments/{a['path']}")
+        assert a["num_records"] == rows.num_rows and a["size_bytes"] == (tmp_path / "lib" / "fragments" / a["path"]).stat().st_size
+        assert (a["min.fragment_id"], a["max.fragment_id"]) == (pc.min(rows["fragment_id"]).as_py(), pc.max(rows["fragment_id"]).as_py())
+        assert a["null_count.ref_id"] == rows["ref_id"].null_count
+    models = pa.table(DeltaTable(f"{url}/models").get_add_actions(flatten=True)).to_pylist()
+    assert sorted((a["min.model_id"], a["max.model_id"]) for a in models) == sorted((m.model_id, m.model_id) for m in family[:2])
+
+
+def test_a_library_of_another_format_version_is_refused(tmp_path, family):
+    import json
+
+    import pytest
+
+    from haagenti.errors import LibraryError
+    from haagenti.store import LIBRARY_FORMAT_VERSION
+
+    url = tmp_path / "lib"
+    FragmentLibrary.open(str(url)).ingest([family[0].file], family[0].model_id)
+    (url / "haagenti.json").write_text(json.dumps({"format": "haagenti", "format_version": 1}))
+    with pytest.raises(LibraryError, match=f"library format 1, this haagenti reads format {LIBRARY_FORMAT_VERSION}"):
+        FragmentLibrary.open(str(url))

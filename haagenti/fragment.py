@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 
 from haagenti.hashing import content_hash
 
@@ -32,11 +33,7 @@ class FragmentType(str, Enum):
 
     @classmethod
     def infer(cls, tensor_name: str) -> "FragmentType":
-        n = tensor_name.lower()
-        for pattern, kind in _TYPE_PATTERNS:
-            if re.search(pattern, n):
-                return kind
-        return cls.GENERIC
+        return _infer(tensor_name)
 
 
 _TYPE_PATTERNS = [
@@ -50,6 +47,15 @@ _TYPE_PATTERNS = [
     (r"(mlp|ffn|feed_forward|fc\d|linear\d|up_proj|down_proj|gate_proj|\.ff\.)", FragmentType.FEED_FORWARD),
     (r"(conv)", FragmentType.CONV),
 ]
+
+
+@lru_cache(maxsize=4096)  # a catalog repeats the same tensor names model after model
+def _infer(tensor_name: str) -> FragmentType:
+    n = tensor_name.lower()
+    for pattern, kind in _TYPE_PATTERNS:
+        if re.search(pattern, n):
+            return kind
+    return FragmentType.GENERIC
 
 
 class Encoding(str, Enum):

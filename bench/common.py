@@ -12,13 +12,14 @@ CACHE = os.environ.get("HAAGENTI_BENCH_CACHE", os.path.join(os.path.dirname(os.p
 
 
 def example_family(name: str = "family"):
-    """Train the full-size example family once into bench/.cache and reuse it."""
+    """Train the full-size example family once into bench/.cache and reuse it. "family" is
+    trained with seed 0, "familyK" (K >= 2) with seed K - 1: independent families of 7 models."""
     from haagenti.examples import FamilyMember, make_family, write_catalog
 
     out = os.path.join(CACHE, name)
     marker = os.path.join(out, "catalog.yaml")
     if not os.path.exists(marker):
-        members = make_family(out, seed=0 if name == "family" else 1)
+        members = make_family(out, seed=0 if name == "family" else int(name.removeprefix("family")) - 1)
         write_catalog(members, out)
     import yaml
 

@@ -142,7 +142,6 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
         limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
         keys = ["band", "band_hash"]
         pairs = executor.group_by(shared_buckets(bands, keys), keys, lambda g: band_pairs(g, limit))
-        pairs = sort_rows(pairs, ["fragment_id", "candidate_id"])
         refs = choose_references(pairs, order, config.candidates)
     t = stage("match", t)
 

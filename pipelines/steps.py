@@ -198,19 +198,36 @@ def band_pairs(part: pa.Table, max_hamming: int, max_partners: int = 32) -> pa.T
     )
 
 
-def choose_references(pairs: pa.Table, order: dict[str, tuple], k: int) -> dict[str, list[str]]:
+def choose_references(pairs: pa.Table, order: dict[str, int], k: int) -> dict[str, list[str]]:
     """Delta reference candidates per new fragment, keeping chains one hop deep in parallel:
     a new fragment is an *anchor* (stored plain, usable as a reference) when none of its
     candidates is in the library or earlier in catalog order; others may reference library
-    fragments and anchors only. `order` maps each new fragment to its first position."""
-    cands: dict[str, list[tuple[int, str]]] = {}
-    for f, c, d in zip(pairs["fragment_id"].to_pylist(), pairs["candidate_id"].to_pylist(), pairs["hamming"].to_pylist()):
-        cands.setdefault(f, []).append((d, c))
-    anchors = {f for f in order if not any(c not in order or order[c] < order[f] for _, c in cands.get(f, []))}
-    out = {}
-    for f, cs in cands.items():
-        usable = sorted({(d, c) for d, c in cs if c not in order or c in anchors})
-        out[f] = [c for _, c in usable[:k]]
+    fragments and anchors only, the `k` nearest (Hamming distance, then id). `order` maps each
+    new fragment to its first position. Runs on Arrow and numpy columns: a catalog has tens of
+    pairs per new fragment, and a Python tuple per pair was most of the driver's memory."""
+    if pairs.num_rows == 0:
+        return {}
+    keys = pa.array(list(order), pa.string())
+    pos = np.fromiter(order.values(), np.int64, len(order))
+    fi = pc.index_in(pairs["fragment_id"], value_set=keys).to_numpy(zero_copy_only=False).astype(np.int64)
+    ci = pc.index_in(pairs["candidate_id"], value_set=keys).fill_null(-1).to_numpy().astype(np.int64)
+    cpos = np.where(ci >= 0, pos[np.maximum(ci, 0)], -1)  # library fragments come before all
+    has_earlier = np.zeros(len(pos), bool)
+    has_earlier[fi[cpos < pos[fi]]] = True
+    usable = (ci < 0) | ~has_earlier[np.maximum(ci, 0)]
+    ranked = pa.table({"f": fi, "d": pairs["hamming"], "c": pairs["candidate_id"]}).filter(pa.array(usable))
+    ranked = ranked.sort_by([("f", "ascending"), ("d", "ascending"), ("c", "ascending")])
+    f = ranked["f"].to_numpy()
+    c = ranked["c"].combine_chunks().dictionary_encode()
+    cidx = c.indices.to_numpy()
+    fresh = np.r_[True, (f[1:] != f[:-1]) | (cidx[1:] != cidx[:-1])]  # a pair found in several bands counts once
+    f, cidx = f[fresh], cidx[fresh]
+    block = np.flatnonzero(np.r_[True, f[1:] != f[:-1]])
+    rank = np.arange(len(f)) - np.repeat(block, np.diff(np.r_[block, len(f)]))
+    names, cands = keys.to_pylist(), c.dictionary.to_pylist()
+    out: dict[str, list[str]] = {names[i]: [] for i in np.unique(fi).tolist()}
+    for i, j in zip(f[rank < k].tolist(), cidx[rank < k].tolist()):
+        out[names[i]].append(cands[j])
     return out
 
 

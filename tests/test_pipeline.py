@@ -220,3 +220,37 @@ def test_band_pairs_matches_a_plain_loop_over_each_bucket():
     got = steps.band_pairs(table, limit, cap)
     assert set(zip(*(got[c].to_pylist() for c in ("fragment_id", "candidate_id", "hamming")))) == expected
     assert got.num_rows == len(expected) and len(expected) > 50
+
+
+def test_choose_references_matches_its_definition():
+    """The vectorised choice equals the rule written out: a new fragment is an anchor when none
+    of its candidates is in the library or earlier in catalog order; each fragment keeps its `k`
+    nearest usable candidates (library fragments and anchors) by (Hamming distance, id), a pair
+    seen in several bands once. Input order must not matter."""
+    import numpy as np
+
+    from pipelines.steps import choose_references
+
+    rng = np.random.default_rng(1)
+    new = [f"n{i:03d}" for i in range(60)]
+    lib = [f"l{i:03d}" for i in range(15)]
+    order = {f: i for i, f in enumerate(new)}
+    rows, distance = [], {}
+    for _ in range(400):
+        f, c = str(rng.choice(new)), str(rng.choice(new + lib))
+        if f != c:
+            d = distance.setdefault(frozenset((f, c)), int(rng.integers(0, 40)))  # one distance per pair
+            rows.append((f, c, d))
+            if rng.random() < 0.3:
+                rows.append((f, c, d))  # the same pair from another band
+    for k in (1, 3):
+        cands: dict[str, set] = {}
+        for f, c, d in rows:
+            cands.setdefault(f, set()).add((d, c))
+        anchors = {f for f in order if not any(c not in order or order[c] < order[f] for _, c in cands.get(f, ()))}
+        expected = {f: [c for _, c in sorted((d, c) for d, c in cs if c not in order or c in anchors)[:k]] for f, cs in cands.items()}
+        table = pa.table({"fragment_id": [r[0] for r in rows], "candidate_id": [r[1] for r in rows], "hamming": pa.array([r[2] for r in rows], pa.int32())})
+        assert choose_references(table, order, k) == expected
+        shuffled = table.take(pa.array(rng.permutation(table.num_rows)))
+        assert choose_references(shuffled, order, k) == expected
+    assert any(expected.values()) and any(not v for v in expected.values())  # both outcomes occur

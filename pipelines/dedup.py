@@ -154,12 +154,13 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
     # run inside a Delta write, which would nest delta-rs runtimes). Chunks committed before a
     # crash are unreferenced until published: gc removes them, or the next run reuses them.
     chunk: list[pa.Table] = []
+    held = min(config.batch_bytes, executor.held_bytes or config.batch_bytes)
     for tb in encoded:
         report.new_fragments += tb.num_rows
         report.delta_fragments += int(pc.sum(pc.not_equal(tb["encoding"], "plain")).as_py() or 0)
         report.stored_bytes_added += int(pc.sum(tb["stored_size"]).as_py() or 0)
         chunk.append(tb)
-        if sum(t.nbytes for t in chunk) >= config.batch_bytes:
+        if sum(t.nbytes for t in chunk) >= held:
             lib.store.append("fragments", pa.concat_tables(chunk), "dedup")
             chunk = []
     if chunk:

@@ -20,6 +20,12 @@ FORWARDED_ENV = ("AWS_", "HAAGENTI_", "GOOGLE_", "AZURE_")
 
 
 class Executor(Protocol):
+    # Bytes of step results the driver may hold before it must commit them (None: no limit
+    # beyond the library's batch_bytes). On Ray a result is a view into the object store and
+    # pins it: a driver holding 64 MiB of a 75 MiB store made the encoders wait (3.5 s against
+    # 1.2-1.9 s for 28 models).
+    held_bytes: int | None
+
     def map(self, fn: Callable[[dict], dict], rows: list[dict]) -> list[dict]: ...
 
     def flat_map(self, fn: Callable[[dict], list[dict]], rows: list[dict], schema: pa.Schema) -> pa.Table: ...
@@ -32,6 +38,8 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
+    held_bytes = None
+
     def map(self, fn, rows):
         return [fn(r) for r in rows]
 
@@ -71,6 +79,7 @@ class RayExecutor:
         self.cpus = int(resources.get("CPU", 1))
         self.gpus = int(resources.get("GPU", 0))
         self.workers = max(1, min(workers or self.cpus, self.cpus))
+        self.held_bytes = int(resources.get("object_store_memory", 0)) // 8 or None
         # Workers may have started before the driver's environment was set (e.g. S3 endpoint and
         # credentials): forward the variables the steps read.
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}

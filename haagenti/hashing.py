@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from blake3 import blake3
 
-HASH_NAME = "blake3"
-
 
 def content_hash(data: bytes | memoryview) -> str:
     """Hex BLAKE3 (256-bit) of `data`."""

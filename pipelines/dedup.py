@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from haagenti.config import LibraryConfig
 from haagenti.library import FragmentLibrary, model_relations
 from haagenti.similarity import band_rows
-from haagenti.store import SCHEMAS
+from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS
 from pipelines.catalog import read_catalog
 from pipelines.chaos import maybe_die
 from pipelines.executors import Executor
@@ -182,7 +182,7 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
             "model_id": s["model_id"], "family": families[s["model_id"]], "content_hash": s["content_hash"], "raw_bytes": s["raw_bytes"],
             "n_tensors": n_tensors, "lossy": False,
             "files": [{k: f[k] for k in ("name", "format", "size", "blake3", "header")} for f in s["file_records"]],
-            "source_uris": list(s["files"]), "ingest_seq": seq + i, "format_version": 1,
+            "source_uris": list(s["files"]), "ingest_seq": seq + i, "format_version": LIBRARY_FORMAT_VERSION,
         })
     lib.store.append("models", pa.Table.from_pylist(rows, schema=SCHEMAS["models"]), "dedup")
     stage("commit", t)

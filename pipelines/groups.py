@@ -19,3 +19,10 @@ def group_starts(t: pa.Table, keys: list[str]) -> np.ndarray:
         col = t[k].combine_chunks()
         change |= pc.not_equal(col.slice(1), col.slice(0, n - 1)).to_numpy(zero_copy_only=False)
     return np.concatenate([[0], np.flatnonzero(change) + 1, [n]]).astype(np.int64)
+
+
+def rank_in_runs(keys: np.ndarray) -> np.ndarray:
+    """Position of each element within its run of equal neighbouring `keys` (0, 1, ... per run):
+    with keys sorted, the first `r` of each group are those with rank < r."""
+    block = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return np.arange(len(keys)) - np.repeat(block, np.diff(np.r_[block, len(keys)]))

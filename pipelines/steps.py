@@ -22,7 +22,7 @@ from haagenti.hashing import hasher, model_hash
 from haagenti.library import FragmentLibrary
 from haagenti.signature import SignatureConfig, compute_signatures
 from haagenti.store import SCHEMAS
-from pipelines.groups import group_starts, sort_rows
+from pipelines.groups import group_starts, rank_in_runs, sort_rows
 
 OCCURRENCE_SCHEMA = pa.schema(
     [
@@ -176,8 +176,7 @@ def band_pairs(part: pa.Table, max_hamming: int, max_partners: int = 32) -> pa.T
     j = np.repeat(row_start[rows_i], reps) + np.arange(int(reps.sum())) - np.repeat(first, reps)
     keep = (i != j) & (n[i] == n[j])
     i, j = i[keep], j[keep]
-    block = np.flatnonzero(np.r_[True, i[1:] != i[:-1]])
-    rank = np.arange(len(i)) - np.repeat(block, np.diff(np.r_[block, len(i)]))
+    rank = rank_in_runs(i)
     i, j = i[rank < max_partners], j[rank < max_partners]
 
     # Large buckets: partners of each new row directly (at most max_partners each).
@@ -222,8 +221,7 @@ def choose_references(pairs: pa.Table, order: dict[str, int], k: int) -> dict[st
     cidx = c.indices.to_numpy()
     fresh = np.r_[True, (f[1:] != f[:-1]) | (cidx[1:] != cidx[:-1])]  # a pair found in several bands counts once
     f, cidx = f[fresh], cidx[fresh]
-    block = np.flatnonzero(np.r_[True, f[1:] != f[:-1]])
-    rank = np.arange(len(f)) - np.repeat(block, np.diff(np.r_[block, len(f)]))
+    rank = rank_in_runs(f)
     names, cands = keys.to_pylist(), c.dictionary.to_pylist()
     out: dict[str, list[str]] = {names[i]: [] for i in np.unique(fi).tolist()}
     for i, j in zip(f[rank < k].tolist(), cidx[rank < k].tolist()):

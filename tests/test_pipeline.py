@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from haagenti.config import LibraryConfig
 from haagenti.library import FragmentLibrary
+from haagenti.store import LIBRARY_FORMAT_VERSION
 from pipelines.dedup import run_dedup
 from pipelines.executors import LocalExecutor, RayExecutor
 from pipelines.report import write_report
@@ -37,6 +38,7 @@ def test_local_pipeline_incremental_reruns(tmp_path, family):
     first = run_dedup(cat, lib_url, LocalExecutor(), CONFIG)
     assert first.added == [m.model_id for m in family] and first.delta_fragments > 0
     lib = FragmentLibrary.open(lib_url)
+    assert {m["format_version"] for m in lib.models()} == {LIBRARY_FORMAT_VERSION}
     for m in family:
         [p] = lib.restore(m.model_id, str(tmp_path / "out" / m.model_id))
         assert sha256(p) == sha256(m.file)

@@ -11,15 +11,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CACHE = os.environ.get("HAAGENTI_BENCH_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
 
 
+# "largeK" families: 8x the parameters of the example family (d=512, 8 layers, 50.7 MB per
+# model), for catalogs big enough that a job's fixed start-up cost no longer dominates.
+LARGE = {"d": 512, "layers": 8}
+
+
 def example_family(name: str = "family"):
-    """Train the full-size example family once into bench/.cache and reuse it. "family" is
-    trained with seed 0, "familyK" (K >= 2) with seed K - 1: independent families of 7 models."""
+    """Train an example family once into bench/.cache and reuse it. "family" is trained with
+    seed 0, "familyK" (K >= 2) with seed K - 1, "largeK" (K >= 1) at LARGE size with seed K - 1:
+    independent families of 7 models."""
     from haagenti.examples import FamilyMember, make_family, write_catalog
 
     out = os.path.join(CACHE, name)
     marker = os.path.join(out, "catalog.yaml")
     if not os.path.exists(marker):
-        members = make_family(out, seed=0 if name == "family" else int(name.removeprefix("family")) - 1)
+        if name.startswith("large"):
+            members = make_family(out, seed=int(name.removeprefix("large")) - 1, **LARGE)
+        else:
+            members = make_family(out, seed=0 if name == "family" else int(name.removeprefix("family")) - 1)
         write_catalog(members, out)
     import yaml
 

@@ -6,11 +6,10 @@ import os
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterable
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from haagenti.config import LibraryConfig, LibraryStats, ModelStats
 from haagenti.encode import FragmentEncoder, PendingFragment, RawCache, cut, decode_rows, fragment_rows, rows_table
@@ -23,6 +22,9 @@ from haagenti.manifest import FileRecord, ModelManifest, TensorRef, validate_mod
 from haagenti.similarity import SimilarityIndex
 from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS, LibraryStore
 from haagenti.store.delta import quote
+
+if TYPE_CHECKING:
+    import torch  # only PyTorch checkpoints need it, where they are restored
 
 Progress = Callable[[int], None]
 
@@ -268,16 +270,12 @@ class FragmentLibrary:
         for t, parts in self._iter_parts(manifest):
             i = t.file_index
             if i in states:
-                dt = lookup_dtype(t.dtype).torch_dtype
-                data = b"".join(parts)
-                states[i][t.name] = torch.frombuffer(bytearray(data), dtype=dt).reshape(t.shape).clone() if data else torch.empty(t.shape, dtype=dt)
+                states[i][t.name] = _tensor(t, b"".join(parts))
             else:
                 for part in parts:
                     _tee(sinks[i], hashers[i], part)
         for i, state in states.items():
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            _tee(sinks[i], hashers[i], buf.getvalue())
+            _tee(sinks[i], hashers[i], _checkpoint_bytes(state))
         digests = [h.hexdigest() for h in hashers]
         if not manifest.lossy:
             for f, d in zip(manifest.files, digests):
@@ -475,6 +473,21 @@ def _preallocate(sink: BinaryIO, f: FileRecord) -> None:
             os.posix_fallocate(sink.fileno(), 0, f.size)
         except OSError:
             pass  # a filesystem without fallocate: the writes still work, just slower
+
+
+def _tensor(t: TensorRef, data: bytes) -> torch.Tensor:
+    import torch
+
+    dt = lookup_dtype(t.dtype).torch_dtype
+    return torch.frombuffer(bytearray(data), dtype=dt).reshape(t.shape).clone() if data else torch.empty(t.shape, dtype=dt)
+
+
+def _checkpoint_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
 
 
 def _tee(sink: BinaryIO, hasher, data: bytes) -> None:

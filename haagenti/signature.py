@@ -23,11 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from haagenti.formats.dtypes import dtype as lookup_dtype
+
+if TYPE_CHECKING:
+    import torch  # imported where signatures are computed: configs and hamming need no torch
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ def compute_signatures(
     """Signatures of (raw bytes, dtype) fragments, computed on `device`; same result anywhere.
     Fragments of equal length and dtype are stacked into one batch (one copy of their bytes) so
     a GPU sees large matrix products."""
+    import torch
+
     out: list[FragmentSignature | None] = [None] * len(fragments)
     groups: dict[tuple[int, str], list[int]] = {}
     for i, (data, dt) in enumerate(fragments):
@@ -122,6 +127,8 @@ def _signature_batch(x: torch.Tensor, config: SignatureConfig) -> list[FragmentS
     the quantised q are integers of at most 8 bits, and a fold bucket sums at most
     sample/fold + 1 of them, far below 2**24. Sums of q and q*q and the histogram all come from
     one exact count of each q value; the projection sums integers (see below)."""
+    import torch
+
     b, n = x.shape
     x = x.to(torch.float32)
     levels = config.levels

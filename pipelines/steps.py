@@ -9,7 +9,6 @@ from collections import OrderedDict
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from haagenti.config import LibraryConfig
 from haagenti.encode import PendingFragment, encode_fragment, signature_row
@@ -122,6 +121,8 @@ class SignFragments:
     CPU actors; the signatures are bit-identical either way (haagenti.signature)."""
 
     def __init__(self, config: SignatureConfig):
+        import torch  # here, not at the top: the other steps run without it
+
         self.config = config
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.reader = ByteRanges()

@@ -51,3 +51,11 @@ def test_cli_ingest_each_file_as_a_model(tmp_path, family):
         assert sha256(tmp_path / "out" / f"{stem}.safetensors") == sha256(m.file)
     assert json.loads(run("stats", lib, "--json").stdout)["models"] == 3
     assert "--each" in run("ingest", lib, family[0].file, "--each", "--model-id", "x", ok=False).stderr
+
+
+def test_commands_and_pipeline_steps_start_without_torch():
+    """torch costs ~1.1 s to import: the CLI and the pipeline's scan/fragment/encode steps must
+    not pay it (only signatures, cross-dtype casts and PyTorch checkpoints import it)."""
+    code = "import sys, haagenti.cli, pipelines.dedup, pipelines.steps, jobs.dedup; print('torch' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "False", p.stdout + p.stderr

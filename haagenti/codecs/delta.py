@@ -8,7 +8,6 @@ across a carry). Both are exact, so restore is bit-exact whatever the reference 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from haagenti.codecs.core import PLANES, chain_for, encode_smallest
 from haagenti.formats.dtypes import dtype as lookup_dtype
@@ -22,6 +21,8 @@ def cast_reference(ref: bytes, ref_dtype: str, target_dtype: str) -> bytes:
     is stored as the small residual of the cast. Casts are IEEE round-to-nearest: deterministic."""
     if ref_dtype == target_dtype:
         return ref
+    import torch  # only cross-dtype deltas need it (numpy has no bfloat16)
+
     src, dst = lookup_dtype(ref_dtype), lookup_dtype(target_dtype)
     t = torch.frombuffer(bytearray(ref), dtype=src.torch_dtype) if ref else torch.empty(0, dtype=src.torch_dtype)
     return t.to(dst.torch_dtype).view(torch.uint8).numpy().tobytes()

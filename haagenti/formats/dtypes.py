@@ -1,41 +1,53 @@
-"""The safetensors dtype table: name, item size and the torch dtype used to view values."""
+"""The safetensors dtype table: name, item size and the torch dtype used to view values.
+
+torch is named here, not imported: only signatures, casts and checkpoints need it, and its
+import (~1.1 s) would otherwise be paid by every CLI command and every pipeline worker."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from haagenti.errors import FormatError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
 class DType:
     name: str  # safetensors spelling, e.g. "BF16"
     itemsize: int
-    torch_dtype: torch.dtype
+    torch_name: str  # attribute of the torch module, e.g. "bfloat16"
     is_float: bool
+
+    @property
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
+        return getattr(torch, self.torch_name)
 
 
 _DTYPES = [
-    DType("F64", 8, torch.float64, True),
-    DType("F32", 4, torch.float32, True),
-    DType("F16", 2, torch.float16, True),
-    DType("BF16", 2, torch.bfloat16, True),
-    DType("F8_E4M3", 1, torch.float8_e4m3fn, True),
-    DType("F8_E5M2", 1, torch.float8_e5m2, True),
-    DType("I64", 8, torch.int64, False),
-    DType("I32", 4, torch.int32, False),
-    DType("I16", 2, torch.int16, False),
-    DType("I8", 1, torch.int8, False),
-    DType("U64", 8, torch.uint64, False),
-    DType("U32", 4, torch.uint32, False),
-    DType("U16", 2, torch.uint16, False),
-    DType("U8", 1, torch.uint8, False),
-    DType("BOOL", 1, torch.bool, False),
+    DType("F64", 8, "float64", True),
+    DType("F32", 4, "float32", True),
+    DType("F16", 2, "float16", True),
+    DType("BF16", 2, "bfloat16", True),
+    DType("F8_E4M3", 1, "float8_e4m3fn", True),
+    DType("F8_E5M2", 1, "float8_e5m2", True),
+    DType("I64", 8, "int64", False),
+    DType("I32", 4, "int32", False),
+    DType("I16", 2, "int16", False),
+    DType("I8", 1, "int8", False),
+    DType("U64", 8, "uint64", False),
+    DType("U32", 4, "uint32", False),
+    DType("U16", 2, "uint16", False),
+    DType("U8", 1, "uint8", False),
+    DType("BOOL", 1, "bool", False),
 ]
 BY_NAME = {d.name: d for d in _DTYPES}
-BY_TORCH = {d.torch_dtype: d for d in _DTYPES}
+BY_TORCH_NAME = {d.torch_name: d for d in _DTYPES}
 
 
 def dtype(name: str) -> DType:
@@ -45,9 +57,9 @@ def dtype(name: str) -> DType:
         raise FormatError(f"unsupported dtype {name!r} (known: {', '.join(BY_NAME)})") from None
 
 
-def from_torch(t: torch.dtype) -> DType:
+def from_torch(t: "torch.dtype") -> DType:
     try:
-        return BY_TORCH[t]
+        return BY_TORCH_NAME[str(t).removeprefix("torch.")]
     except KeyError:
         raise FormatError(f"unsupported torch dtype {t}") from None
 

@@ -11,15 +11,16 @@ import pickle
 import posixpath
 import zipfile
 from dataclasses import dataclass, field
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from haagenti.errors import FormatError, UnsafeFileError
 from haagenti.formats.dtypes import DType, from_torch
 from haagenti.formats.safetensors import parse_header
 from haagenti.fsio import filesystem_for
 from haagenti.hashing import content_hash
+
+if TYPE_CHECKING:
+    import torch  # imported only for PyTorch checkpoints (safetensors never need it)
 
 SAFETENSORS_EXT = (".safetensors",)
 TORCH_EXT = (".pt", ".pth", ".bin", ".ckpt")
@@ -140,7 +141,7 @@ def open_model(urls: list[str]) -> ModelSource:
             src.files.append(SourceFile(name, url, "torch", size, blake3=content_hash(data)))
             for key, tensor in state.items():
                 tensor = tensor.detach().contiguous()
-                payload = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+                payload = _tensor_bytes(tensor)
                 src.tensors.append(SourceTensor(key, from_torch(tensor.dtype), tuple(tensor.shape), i, len(payload), payload=payload))
         elif low.endswith(VERBATIM_EXT):
             if size > MAX_VERBATIM_BYTES:
@@ -157,8 +158,16 @@ def open_model(urls: list[str]) -> ModelSource:
     return src
 
 
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    import torch
+
+    return tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+
+
 def load_checkpoint(data: bytes, where: str) -> dict[str, torch.Tensor]:
     """Load a PyTorch checkpoint without executing code; refuse anything but a flat tensor dict."""
+    import torch
+
     if not (zipfile.is_zipfile(io.BytesIO(data)) or data[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05")):
         raise FormatError(f"{where}: not a PyTorch checkpoint")
     try:

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CACHE = os.environ.get("HAAGENTI_BENCH_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
 
 
-# "largeK" families: 8x the parameters of the example family (d=512, 8 layers, 50.7 MB per
+# "largeK" families: 5.3x the bytes of the example family (d=512, 8 layers, 33.7 MB per
 # model), for catalogs big enough that a job's fixed start-up cost no longer dominates.
 LARGE = {"d": 512, "layers": 8}
 

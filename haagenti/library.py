@@ -270,7 +270,7 @@ class FragmentLibrary:
         for t, parts in self._iter_parts(manifest):
             i = t.file_index
             if i in states:
-                states[i][t.name] = _tensor(t, b"".join(parts))
+                states[i][t.name] = tensor_of(t, b"".join(parts))
             else:
                 for part in parts:
                     _tee(sinks[i], hashers[i], part)
@@ -475,11 +475,12 @@ def _preallocate(sink: BinaryIO, f: FileRecord) -> None:
             pass  # a filesystem without fallocate: the writes still work, just slower
 
 
-def _tensor(t: TensorRef, data: bytes) -> torch.Tensor:
+def tensor_of(t: TensorRef, data: bytes) -> torch.Tensor:
+    """A tensor's restored bytes as a CPU tensor of its dtype and shape (owning a copy)."""
     import torch
 
     dt = lookup_dtype(t.dtype).torch_dtype
-    return torch.frombuffer(bytearray(data), dtype=dt).reshape(t.shape).clone() if data else torch.empty(t.shape, dtype=dt)
+    return torch.frombuffer(bytearray(data), dtype=dt).reshape(t.shape) if data else torch.empty(t.shape, dtype=dt)
 
 
 def _checkpoint_bytes(state: dict[str, torch.Tensor]) -> bytes:

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from haagenti.encode import RawCache
-from haagenti.formats.dtypes import dtype as lookup_dtype
-from haagenti.library import FragmentLibrary
+from haagenti.library import FragmentLibrary, tensor_of
 
 
 @dataclass
@@ -33,7 +32,6 @@ class ModelLoader:
         sizes = self.library.store.read_fragments(missing, columns=["fragment_id", "stored_size"]) if missing else None
         state: dict[str, torch.Tensor] = {}
         for t, data in self.library.iter_tensors(manifest, self.cache):
-            dt = lookup_dtype(t.dtype).torch_dtype
-            state[t.name] = torch.frombuffer(bytearray(data), dtype=dt).reshape(t.shape) if data else torch.empty(t.shape, dtype=dt)
+            state[t.name] = tensor_of(t, data)
         self.last = LoadReport(model_id, len(ids), len(missing), sum(sizes["stored_size"].to_pylist()) if sizes is not None else 0)
         return state

@@ -182,11 +182,8 @@ def _sign(executor: Executor, config: LibraryConfig, floats: pa.Table) -> pa.Tab
 
 def _match(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, sigs: pa.Table, order: dict[str, int]) -> dict[str, list[str]]:
     """Global index: the library's plain fragments and this run's, as band rows grouped by
-    bucket; returns each new fragment's reference candidates. A function of its own so that the
-    pair tables, which on Ray are views that pin their objects in the object store (~70 MB for
-    42 models of 33.7 MB: nearly all of a 75 MiB store), are released before the encode stage:
-    held through it, they sent every encode result to Ray's fallback allocation on disk
-    (1.4 GB catalog, 1 worker: encode+write 85 s, 7.5 s once released)."""
+    bucket; returns each new fragment's reference candidates (the band and pair tables, ~70 MB
+    at 1.4 GB of models, are freed on return, not held through encoding)."""
     bands = pa.concat_tables([_bands(sigs, True, config), _bands(lib.similarity_index().to_table(), False, config)])
     limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
     keys = ["band", "band_hash"]

@@ -98,12 +98,16 @@ class ModelManifest:
     @classmethod
     def from_rows(cls, model: dict, rows: pa.Table) -> "ModelManifest":
         rows = rows.sort_by([("tensor_index", "ascending"), ("fragment_seq", "ascending")])
+        c = rows.to_pydict()  # column lists, zipped: row dicts cost more than the rest of this
         tensors: list[TensorRef] = []
-        for r in rows.to_pylist():
-            if not tensors or len(tensors) - 1 != r["tensor_index"]:
-                tensors.append(TensorRef(r["tensor_name"], r["dtype"], tuple(r["shape"]), r["file_index"], FragmentType(r["fragment_type"])))
-            if r["fragment_id"] is not None:
-                tensors[-1].fragments.append(FragmentRef(r["fragment_id"], r["elem_offset"], r["elem_count"], r["source_fragment_id"], r["max_abs_error"], r["rel_l2_error"]))
+        for ti, name, dt, shape, fi, ft, fid, off, n, src, mx, rel in zip(*(c[k] for k in (
+            "tensor_index", "tensor_name", "dtype", "shape", "file_index", "fragment_type",
+            "fragment_id", "elem_offset", "elem_count", "source_fragment_id", "max_abs_error", "rel_l2_error",
+        ))):
+            if len(tensors) - 1 != ti:
+                tensors.append(TensorRef(name, dt, tuple(shape), fi, FragmentType(ft)))
+            if fid is not None:
+                tensors[-1].fragments.append(FragmentRef(fid, off, n, src, mx, rel))
         files = [FileRecord(f["name"], f["format"], f["size"], f["blake3"], f["header"]) for f in model["files"]]
         return cls(model["model_id"], model["family"], files, tensors, model["content_hash"], model["raw_bytes"], model["source_uris"])
 

@@ -203,11 +203,18 @@ class LibraryStore:
                 dt = self._tables.get(name)
                 if dt is None:
                     dt = self._tables[name] = DeltaTable(self.table_uri(name), storage_options=self.options)
-                else:
+                elif not self._local or self._newer_commit(name, dt.version()):
                     dt.update_incremental()
                 return dt
             except TableNotFoundError:
                 raise LibraryError(f"{self.url}: table {name!r} is missing; is this a haagenti library?") from None
+
+    def _newer_commit(self, name: str, version: int) -> bool:
+        """Whether a commit after `version` exists (Delta versions are consecutive, so the next
+        log entry tells). One stat, against ~0.4 ms for delta-rs' update_incremental, which
+        lists the log: that was a third of the fixed cost of restoring a model locally. Remote
+        stores keep delta-rs' check: either way it is one request."""
+        return os.path.exists(os.path.join(self.root, name, "_delta_log", f"{version + 1:020d}.json"))
 
     def versions(self) -> dict[str, int]:
         return {name: self.table(name).version() for name in SCHEMAS}

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pyarrow as pa
 
-from haagenti.codecs import PLANES, apply_delta, best_delta, cast_reference, chain_for, codec_chain, encode_smallest
+from haagenti.codecs import PLANES, apply_delta, cast_reference, codec_chain, smallest_encoding
 from haagenti.config import LibraryConfig
 from haagenti.errors import FragmentError
 from haagenti.formats.dtypes import dtype as lookup_dtype
@@ -204,13 +204,9 @@ class FragmentEncoder:
 def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str]], level: int | str, quality: str = "exact") -> dict:
     """The fragments-table row for `p`: plain, or a delta against the reference (id, raw bytes,
     dtype) whose encoded residual is smallest; the smallest of all wins."""
-    d = lookup_dtype(p.dtype)
-    enc, spec, blob = Encoding.PLAIN, *encode_smallest(p.data, chain_for(d.itemsize, d.is_float, level))
-    ref_id = ref_dtype = None
-    for cand, ref_raw, cand_dtype in refs:
-        denc, dspec, dblob = best_delta(p.data, cast_reference(ref_raw, cand_dtype, p.dtype), p.dtype, level)
-        if len(dblob) < len(blob):
-            enc, spec, blob, ref_id, ref_dtype = denc, dspec, dblob, cand, cand_dtype
+    casts = [cast_reference(ref_raw, cand_dtype, p.dtype) for _, ref_raw, cand_dtype in refs]
+    enc, i, spec, blob = smallest_encoding(p.data, casts, p.dtype, level)
+    ref_id, ref_dtype = (refs[i][0], refs[i][2]) if i is not None else (None, None)
     return {
         "fragment_id": p.fragment_id,
         "dtype": p.dtype,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from haagenti.codecs import ByteGroup, Zstd, apply_delta, best_delta, cast_reference, chain_for, codec_chain
+from haagenti.codecs import ByteGroup, Zstd, apply_delta, cast_reference, chain_for, codec_chain, smallest_encoding
 from haagenti.codecs.delta import residual
 from haagenti.fragment import Encoding, FragmentType
 
@@ -53,7 +53,8 @@ def test_deltas_are_exact_and_small_for_fine_tunes(dtype):
     ref = base.to(dtype).view(torch.uint8).numpy().tobytes()
     raw = tuned.to(dtype).view(torch.uint8).numpy().tobytes()
     name = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
-    enc, spec, blob = best_delta(raw, ref, name)
+    enc, i, spec, blob = smallest_encoding(raw, [ref], name)
+    assert enc is not Encoding.PLAIN and i == 0
     res = codec_chain(spec).decode(blob)
     assert apply_delta(enc, res, ref, tuned.to(dtype).element_size()) == raw
     assert len(blob) < len(chain_for(tuned.to(dtype).element_size(), True).encode(raw))
@@ -76,3 +77,18 @@ def test_fragment_type_inference():
     assert FragmentType.infer("embed.weight") is FragmentType.EMBEDDING
     assert FragmentType.infer("down.0.conv.weight") is FragmentType.CONV
     assert FragmentType.infer("head.weight") is FragmentType.GENERIC
+
+
+def test_long_fragments_are_ranked_on_a_probe_and_stay_exact():
+    # Long enough (4 x PROBE_WORDS words) for the probe path: the fine-tune's base must win over
+    # an unrelated reference, and plain must win when only the unrelated one is offered.
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(1 << 17, generator=g) * 0.05
+    tuned = (base + 1e-4 * torch.randn(1 << 17, generator=g)).bfloat16().view(torch.uint8).numpy().tobytes()
+    unrelated = (torch.randn(1 << 17, generator=g) * 0.05).bfloat16().view(torch.uint8).numpy().tobytes()
+    refs = [unrelated, base.bfloat16().view(torch.uint8).numpy().tobytes()]
+    enc, i, spec, blob = smallest_encoding(tuned, refs, "BF16")
+    assert i == 1 and enc is not Encoding.PLAIN
+    assert apply_delta(enc, codec_chain(spec).decode(blob), refs[1], 2) == tuned
+    enc, i, spec, blob = smallest_encoding(tuned, refs[:1], "BF16")
+    assert (enc, i) == (Encoding.PLAIN, None) and bytes(codec_chain(spec).decode(blob)) == tuned

@@ -1,7 +1,7 @@
 """Composable byte codecs, after zarr's: each has `encode`, `decode` and a `spec` string, and a
 chain is written as their specs joined by '+', e.g. "bytegroup:2+zstd:3"."""
 from haagenti.codecs.core import PLANES, ByteGroup, Codec, CodecChain, Zstd, chain_for, codec_chain, encode_smallest
-from haagenti.codecs.delta import apply_delta, best_delta, cast_reference
+from haagenti.codecs.delta import apply_delta, cast_reference, smallest_encoding
 
 __all__ = [
     "PLANES",
@@ -13,6 +13,6 @@ __all__ = [
     "codec_chain",
     "encode_smallest",
     "apply_delta",
-    "best_delta",
     "cast_reference",
+    "smallest_encoding",
 ]

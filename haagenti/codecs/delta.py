@@ -46,22 +46,32 @@ def apply_delta(encoding: Encoding, res: bytes, ref: bytes, itemsize: int) -> by
     return np.add(a, b).tobytes()
 
 
-# Residuals longer than this many words are compared on their first PROBE_WORDS words only,
-# and only the smaller is encoded whole: full encodes of both residuals were a third of the zstd
-# time of an ingest with similarity (measurement in docs/decisions.md).
+# Fragments of at least 4 x PROBE_WORDS words are ranked by the encoded size of their first
+# PROBE_WORDS words and only the leader is encoded whole: full encodes of every option were a
+# third of the zstd time of an ingest with similarity (measurements in docs/decisions.md).
 PROBE_WORDS = 16384
+# ...except that plain is encoded whole too unless the leading delta's probe is at most this
+# share of plain's: a near tie on a probe is no verdict on the whole fragment.
+CLEAR_LEAD = 0.9
 
 
-def best_delta(raw: bytes, ref: bytes, dtype_name: str, level: int | str = PLANES) -> tuple[Encoding, str, bytes]:
-    """The smaller of the XOR and difference residuals, encoded. `ref` is already cast. Long
-    residuals are compared by the encoded size of their first PROBE_WORDS words (both through
-    the same chain), short ones by their whole encoded size."""
+def smallest_encoding(raw: bytes, refs: list[bytes], dtype_name: str, level: int | str = PLANES) -> tuple[Encoding, int | None, str, bytes]:
+    """(encoding, index of the reference used or None, codec spec, blob): the smallest of `raw`
+    itself and its XOR and difference residuals against each reference (already cast to
+    `raw`'s dtype). Residuals of long fragments are computed whole only for the finalists."""
     d = lookup_dtype(dtype_name)
     chain = chain_for(d.itemsize, d.is_float, level)
-    residuals = {enc: residual(enc, raw, ref, d.itemsize) for enc in (Encoding.DELTA_XOR, Encoding.DELTA_SUB)}
+    plain: tuple[Encoding, int | None] = (Encoding.PLAIN, None)
+    options = [plain] + [(enc, i) for i in range(len(refs)) for enc in (Encoding.DELTA_XOR, Encoding.DELTA_SUB)]
+
+    def body(enc: Encoding, i: int | None, stop: int | None = None) -> bytes:
+        return raw[:stop] if i is None else residual(enc, raw[:stop], refs[i][:stop], d.itemsize)
+
     probe = PROBE_WORDS * d.itemsize
-    if len(raw) >= 4 * probe:
-        pick = min(residuals, key=lambda enc: len(chain.encode(residuals[enc][:probe])))
-        residuals = {pick: residuals[pick]}
-    encoded = [(enc, *encode_smallest(res, chain)) for enc, res in residuals.items()]
-    return min(encoded, key=lambda e: len(e[2]))
+    finalists = options
+    if len(options) > 1 and len(raw) >= 4 * probe:
+        sizes = {o: len(chain.encode(body(*o, probe))) for o in options}
+        lead = min(options, key=lambda o: sizes[o])  # the first of equals: plain wins ties
+        finalists = [lead] if sizes[lead] <= CLEAR_LEAD * sizes[plain] else list(dict.fromkeys([plain, lead]))
+    encoded = [(enc, i, *encode_smallest(body(enc, i), chain)) for enc, i in finalists]
+    return min(encoded, key=lambda e: len(e[3]))

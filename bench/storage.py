@@ -6,12 +6,14 @@ Methods: plain zstd-3 per file; tensor-hash dedup + zstd-3; ZipNN-style byte gro
 per tensor; the name-paired XOR oracle (every fine-tune XORed against its known base tensor by
 name, byte-grouped: what ZipLLM/BitX do when handed the base); haagenti exact-only; haagenti
 with similarity. Throughput is single-threaded (one core), MB of raw model bytes per second;
-each time is the median of REPEATS runs (this VM varies ±20% run to run). Baselines decode in
+each time is the median of REPEATS runs, taken round-robin over the methods so that every method
+samples the same minutes (this VM's speed drifts by up to 2x over minutes). Baselines decode in
 memory; haagenti's "out" restores files to disk and re-hashes them.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import os
 import shutil
@@ -32,14 +34,17 @@ from haagenti.fragment import Encoding
 from haagenti.library import FragmentLibrary, ModelInput
 
 
-REPEATS = 3
+REPEATS = 5
 
 
-def median_run(fn, *args) -> tuple:
-    """`fn(*args)` returns (..., seconds in, seconds out): run it REPEATS times and return the
-    first run's other fields with the median times."""
-    runs = [fn(*args) for _ in range(REPEATS)]
-    return (*runs[0][:-2], statistics.median(r[-2] for r in runs), statistics.median(r[-1] for r in runs))
+def median_runs(methods: list[tuple]) -> list[tuple]:
+    """Each method is (fn, *args) with `fn` returning (..., seconds in, seconds out). All run
+    REPEATS times round-robin; per method: the first run's other fields with the median times."""
+    runs: list[list[tuple]] = [[] for _ in methods]
+    for _ in range(REPEATS):
+        for mine, (fn, *args) in zip(runs, methods):
+            mine.append(fn(*args))
+    return [(*r[0][:-2], statistics.median(x[-2] for x in r), statistics.median(x[-1] for x in r)) for r in runs]
 
 
 def tensors_of(path: str) -> dict[str, tuple[str, bytes]]:
@@ -143,21 +148,30 @@ def main() -> None:
     blobs = {f: open(f, "rb").read() for f in files}
     tensors = {f: tensors_of(f) for f in files}
     raw = sum(map(len, blobs.values()))
-    rows = [("raw", raw, float("nan"), float("nan"))]
-    rows.append(("zstd-3 per file",) + median_run(zstd_per_file, files, blobs))
-    rows.append(("tensor-hash dedup + zstd-3",) + median_run(tensor_hash_dedup, files, tensors))
-    rows.append(("byte-grouped zstd-3 (ZipNN-style)",) + median_run(byte_grouped, files, tensors))
-    rows.append(("XOR vs known base by name (oracle)",) + median_run(xor_oracle, members, tensors))
+    # The set-up's ~270k objects (torch, scikit-learn, the family) would otherwise be scanned by
+    # every full garbage collection inside a timed run: measured 24-163 ms per pass, 5 passes a
+    # run, landing on whichever method was running. Frozen, a pass scans only what the measured
+    # code itself keeps (docs/decisions.md).
+    gc.freeze()
+    configs = {label: LibraryConfig(fragment_size=args.fragment_size, similarity=sim)
+               for label, sim in (("haagenti exact dedup only", False), ("haagenti + similarity", True))}
+    baselines = [
+        ("zstd-3 per file", (zstd_per_file, files, blobs)),
+        ("tensor-hash dedup + zstd-3", (tensor_hash_dedup, files, tensors)),
+        ("byte-grouped zstd-3 (ZipNN-style)", (byte_grouped, files, tensors)),
+        ("XOR vs known base by name (oracle)", (xor_oracle, members, tensors)),
+    ]
+    ours = [(haagenti, members, c, batch) for c in configs.values() for batch in (True, False)]
+    results = median_runs([m for _, m in baselines] + ours)
+    rows = [("raw", raw, float("nan"), float("nan"))] + [(label,) + r for (label, _), r in zip(baselines, results)]
     per_model = {}
-    for label, sim in (("haagenti exact dedup only", False), ("haagenti + similarity", True)):
-        config = LibraryConfig(fragment_size=args.fragment_size, similarity=sim)
-        stats, disk, tin, tout = median_run(haagenti, members, config)
+    for k, label in enumerate(configs):
+        (stats, disk, tin, tout), (_, _, tin1, _) = results[len(baselines) + 2 * k : len(baselines) + 2 * k + 2]
         rows.append((label + " (blobs)", stats.stored_bytes, tin, tout))
         rows.append((label + " (on disk, all tables)", disk, tin, tout))
-        _, _, tin1, _ = median_run(haagenti, members, config, False)
         rows.append(("  same, one ingest call per model", stats.stored_bytes, tin1, float("nan")))
         per_model[label] = stats
-    print(f"example family: {len(members)} models, {raw / 1e6:.1f} MB raw, fragment size {args.fragment_size // 1024} KiB, 1 thread, median of {REPEATS} runs")
+    print(f"example family: {len(members)} models, {raw / 1e6:.1f} MB raw, fragment size {args.fragment_size // 1024} KiB, 1 thread, median of {REPEATS} round-robin runs")
     print(f"{'method':42s} {'stored MB':>10s} {'reduction':>10s} {'in MB/s':>9s} {'out MB/s':>9s}")
     for name, size, tin, tout in rows:
         red = 1 - size / raw

@@ -243,16 +243,23 @@ class FragmentLibrary:
         os.makedirs(out_dir, exist_ok=True)
         paths = [os.path.join(out_dir, f.name) for f in manifest.files]
         tmp = [p + ".partial" for p in paths]
-        sinks = [open(p, "wb") for p in tmp]
+        sinks: list[BinaryIO] = []
         try:
+            sinks.extend(open(p, "wb") for p in tmp)
             for f, sink in zip(manifest.files, sinks):
                 _preallocate(sink, f)
             self._write(manifest, sinks)
             for sink in sinks:
                 sink.truncate()  # a re-saved checkpoint may be shorter than its original
-        finally:
+        except BaseException:
             for s in sinks:
                 s.close()
+            for p in tmp:  # a failed restore leaves nothing half-written behind
+                if os.path.exists(p):
+                    os.remove(p)
+            raise
+        for s in sinks:
+            s.close()
         for t, p in zip(tmp, paths):
             os.replace(t, p)
         return paths

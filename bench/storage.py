@@ -163,10 +163,10 @@ def main() -> None:
     ]
     ours = [(haagenti, members, c, batch) for c in configs.values() for batch in (True, False)]
     results = median_runs([m for _, m in baselines] + ours)
-    rows = [("raw", raw, float("nan"), float("nan"))] + [(label,) + r for (label, _), r in zip(baselines, results)]
+    theirs, mine = results[: len(baselines)], results[len(baselines) :]
+    rows = [("raw", raw, float("nan"), float("nan"))] + [(label,) + r for (label, _), r in zip(baselines, theirs)]
     per_model = {}
-    for k, label in enumerate(configs):
-        (stats, disk, tin, tout), (_, _, tin1, _) = results[len(baselines) + 2 * k : len(baselines) + 2 * k + 2]
+    for label, (stats, disk, tin, tout), (_, _, tin1, _) in zip(configs, mine[::2], mine[1::2]):
         rows.append((label + " (blobs)", stats.stored_bytes, tin, tout))
         rows.append((label + " (on disk, all tables)", disk, tin, tout))
         rows.append(("  same, one ingest call per model", stats.stored_bytes, tin1, float("nan")))

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pyarrow as pa
 
-from haagenti.codecs import PLANES, apply_delta, cast_reference, codec_chain, smallest_encoding
+from haagenti.codecs import apply_delta, cast_reference, codec_chain, smallest_encoding
 from haagenti.config import LibraryConfig
 from haagenti.errors import FragmentError
 from haagenti.formats.dtypes import dtype as lookup_dtype

@@ -1,6 +1,7 @@
 """FragmentLibrary: ingest models, restore them bit-exact, and keep the library tidy."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
@@ -243,23 +244,19 @@ class FragmentLibrary:
         os.makedirs(out_dir, exist_ok=True)
         paths = [os.path.join(out_dir, f.name) for f in manifest.files]
         tmp = [p + ".partial" for p in paths]
-        sinks: list[BinaryIO] = []
         try:
-            sinks.extend(open(p, "wb") for p in tmp)
-            for f, sink in zip(manifest.files, sinks):
-                _preallocate(sink, f)
-            self._write(manifest, sinks)
-            for sink in sinks:
-                sink.truncate()  # a re-saved checkpoint may be shorter than its original
+            with contextlib.ExitStack() as files:
+                sinks = [files.enter_context(open(p, "wb")) for p in tmp]
+                for f, sink in zip(manifest.files, sinks):
+                    _preallocate(sink, f)
+                self._write(manifest, sinks)
+                for sink in sinks:
+                    sink.truncate()  # a re-saved checkpoint may be shorter than its original
         except BaseException:
-            for s in sinks:
-                s.close()
             for p in tmp:  # a failed restore leaves nothing half-written behind
-                if os.path.exists(p):
+                with contextlib.suppress(FileNotFoundError):
                     os.remove(p)
             raise
-        for s in sinks:
-            s.close()
         for t, p in zip(tmp, paths):
             os.replace(t, p)
         return paths

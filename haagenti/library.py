@@ -189,7 +189,7 @@ class FragmentLibrary:
                 writer.add(p, ref, report)
             if nonfinite:
                 report.nonfinite_tensors.append(t.name)
-        writer.encode()  # this model's refs are complete before its manifest is built
+        writer.end_model()  # this model's refs are complete before its manifest is built
         files = [
             FileRecord(f.name, f.format, f.size, hashers[i].hexdigest() if i in hashers else f.blake3, f.header)
             for i, f in enumerate(source.files)
@@ -421,6 +421,7 @@ class _FragmentWriter:
         self.batch: list[tuple[PendingFragment, TensorRef, IngestReport]] = []
         self.batch_size = 0
         self.frags: list[dict] = []
+        self.runs: list[int] = []  # rows of self.frags per model, so each model gets its own row groups
         self.sigs: list[dict] = []
         self.stored = 0
 
@@ -447,6 +448,7 @@ class _FragmentWriter:
                 report.delta += row["encoding"] != Encoding.PLAIN.value
                 report.stored_bytes += row["stored_size"]
         self.frags.extend(rows)
+        self.runs[-1:] = [(self.runs[-1] if self.runs else 0) + len(rows)]  # the current model's run
         self.sigs.extend(sigs)
         self.stored += sum(r["stored_size"] for r in rows)
         if self.progress:
@@ -455,11 +457,17 @@ class _FragmentWriter:
         self.batch_size = 0
         self.flush()
 
+    def end_model(self) -> None:
+        """Encode what is pending (the model's refs are then complete); the next model's new
+        rows start a run of their own."""
+        self.encode()
+        self.runs.append(0)
+
     def flush(self, final: bool = False) -> None:
         if self.frags and (final or self.stored >= self.batch_bytes):
-            self.store.append("fragments", rows_table(self.frags, SCHEMAS["fragments"]), self.note)
+            self.store.append("fragments", rows_table(self.frags, SCHEMAS["fragments"]), self.note, self.runs)
             self.store.append("signatures", rows_table(self.sigs, SCHEMAS["signatures"]), self.note)
-            self.frags, self.sigs, self.stored = [], [], 0
+            self.frags, self.runs, self.sigs, self.stored = [], [], [], 0
             self.encoder.committed()
 
 

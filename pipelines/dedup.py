@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -21,7 +22,7 @@ from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS
 from pipelines.catalog import read_catalog
 from pipelines.chaos import maybe_die
 from pipelines.executors import Executor
-from pipelines.groups import sort_rows
+from pipelines.groups import group_starts, sort_rows
 from pipelines.steps import (
     ASSIGNMENT_SCHEMA,
     OCCURRENCE_SCHEMA,
@@ -140,6 +141,14 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
     # Fragments are committed in bounded chunks (memory stays flat; the encode stream may not
     # run inside a Delta write, which would nest delta-rs runtimes). Chunks committed before a
     # crash are unreferenced until published: gc removes them, or the next run reuses them.
+    # Each model's new fragments get row groups of their own (a restore reads no neighbour's rows).
+    rank_of = dict(zip(new["fragment_id"].to_pylist(), new["rank"].to_pylist()))
+
+    def commit(chunk: list[pa.Table]) -> None:
+        rows = pa.concat_tables(chunk)
+        ranks = pa.table({"rank": [rank_of[f] for f in rows["fragment_id"].to_pylist()]})
+        lib.store.append("fragments", rows, "dedup", np.diff(group_starts(ranks, ["rank"])).tolist())
+
     chunk: list[pa.Table] = []
     held = min(config.batch_bytes, executor.held_bytes or config.batch_bytes)
     for tb in encoded:
@@ -148,10 +157,10 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
         report.stored_bytes_added += int(pc.sum(tb["stored_size"]).as_py() or 0)
         chunk.append(tb)
         if sum(t.nbytes for t in chunk) >= held:
-            lib.store.append("fragments", pa.concat_tables(chunk), "dedup")
+            commit(chunk)
             chunk = []
     if chunk:
-        lib.store.append("fragments", pa.concat_tables(chunk), "dedup")
+        commit(chunk)
     maybe_die("after-fragments")
     t = stage("encode+write", t)
 

@@ -1,7 +1,6 @@
 import os
 import time
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -10,7 +9,7 @@ from haagenti.config import LibraryConfig
 from haagenti.errors import FormatError, FragmentError, LibraryError
 from haagenti.library import FragmentLibrary, ModelInput
 from haagenti.loader import ModelLoader
-from tests.helpers import sha256
+from tests.helpers import restore_counting_reads, sha256
 
 SMALL_FRAGMENTS = LibraryConfig(fragment_size=64 * 1024)
 
@@ -136,28 +135,20 @@ def test_ingest_many_checks_everything_before_writing(tmp_path, family):
     assert lib.store.versions() == before and lib.models() == []
 
 
-def test_restore_reads_only_the_models_fragments(tmp_path, family, monkeypatch):
+@pytest.mark.parametrize("together", [False, True], ids=["one-ingest-per-model", "one-ingest_many"])
+def test_restore_reads_only_the_models_fragments(tmp_path, family, monkeypatch, together):
     lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
-    for m in family:
-        lib.ingest([m.file], m.model_id, m.family)
-    seen: set[str] = set()
-    real = lib.store.read_fragments
-
-    def spy(ids, columns=None, version=None):
-        t = real(ids, columns, version)
-        seen.update(t["fragment_id"].to_pylist())
-        return t
-
-    lib.store.read_fragments = spy
-    rows_read = []
-    real_groups = pq.ParquetFile.read_row_groups
-    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", lambda self, *a, **k: (t := real_groups(self, *a, **k), rows_read.append(t.num_rows))[0])
-    lib.restore("unrelated", str(tmp_path / "out"))
+    if together:  # one data file for the whole family: each model's new rows get row groups of their own
+        lib.ingest_many([ModelInput([m.file], m.model_id, m.family) for m in family])
+    else:
+        for m in family:
+            lib.ingest([m.file], m.model_id, m.family)
+    seen, rows_read = restore_counting_reads(lib, "unrelated", str(tmp_path / "out"), monkeypatch)
     assert seen == lib.manifest("unrelated").fragment_ids
     # Only row groups holding its fragments are read: the unrelated model shares nothing, so
     # that is exactly its own rows (fragment ids are hashes, so min/max statistics of any
     # other model's row groups would span them too).
-    assert sum(rows_read) == len(seen)
+    assert rows_read == len(seen)
 
 
 def test_corrupt_fragment_is_named(tmp_path, family):
@@ -205,10 +196,10 @@ def test_crash_between_commits_leaves_previous_snapshot(tmp_path, family, monkey
     lib.ingest([family[0].file], family[0].model_id)
     real = lib.store.append
 
-    def crash_on_manifest(name, rows, note=""):
+    def crash_on_manifest(name, rows, *rest):
         if name == "manifests":
             raise KeyboardInterrupt("killed mid-write")
-        real(name, rows, note)
+        real(name, rows, *rest)
 
     monkeypatch.setattr(lib.store, "append", crash_on_manifest)
     with pytest.raises(KeyboardInterrupt):

@@ -1,6 +1,5 @@
 """The dedup pipeline: local and Ray executors, S3, incremental re-runs, faults."""
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from haagenti.store import LIBRARY_FORMAT_VERSION
 from pipelines.dedup import run_dedup
 from pipelines.executors import LocalExecutor, RayExecutor
 from pipelines.report import write_report
-from tests.helpers import sha256
+from tests.helpers import restore_counting_reads, sha256
 
 CONFIG = LibraryConfig(fragment_size=64 * 1024)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +31,7 @@ def content(lib: FragmentLibrary, table: str, key: str) -> list[dict]:
     return sorted(t.to_pylist(), key=lambda r: r[key])
 
 
-def test_local_pipeline_incremental_reruns(tmp_path, family):
+def test_local_pipeline_incremental_reruns(tmp_path, family, monkeypatch):
     lib_url = str(tmp_path / "lib")
     cat = catalog(tmp_path / "catalog.yaml", family, family=False)
     first = run_dedup(cat, lib_url, LocalExecutor(), CONFIG)
@@ -42,6 +41,9 @@ def test_local_pipeline_incremental_reruns(tmp_path, family):
     for m in family:
         [p] = lib.restore(m.model_id, str(tmp_path / "out" / m.model_id))
         assert sha256(p) == sha256(m.file)
+    # Each model's new fragments have row groups of their own: the unrelated model reads only its rows.
+    seen, rows_read = restore_counting_reads(lib, "unrelated", str(tmp_path / "out-again"), monkeypatch)
+    assert rows_read == len(seen) == len(lib.manifest("unrelated").fragment_ids)
     # No family was declared: the family is inferred from shared and delta-referenced fragments.
     inferred = first.inferred_families
     assert inferred["unrelated"] is None

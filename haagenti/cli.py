@@ -73,10 +73,15 @@ def _stem(url: str) -> str:
 
 
 @app.command()
-def restore(library: str, model: str, out_dir: str) -> None:
+def restore(
+    library: str,
+    model: str,
+    out_dir: str,
+    rehash: bool = typer.Option(False, "--rehash", help="Also re-hash every restored byte against the file's recorded BLAKE3 (fragments and layout are always checked)."),
+) -> None:
     """Write MODEL's files into OUT_DIR (safetensors byte-identical)."""
     try:
-        paths = FragmentLibrary.open(library, create=False).restore(model, out_dir)
+        paths = FragmentLibrary.open(library, create=False).restore(model, out_dir, rehash)
         out.print(f"restored {model}: {', '.join(paths)}")
     except (HaagentiError, OSError) as e:
         _fail(e)

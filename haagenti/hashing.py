@@ -9,6 +9,8 @@ storage addresses chunks with it too.
 """
 from __future__ import annotations
 
+import struct
+
 from blake3 import blake3
 
 
@@ -20,6 +22,23 @@ def content_hash(data: bytes | memoryview) -> str:
 def hasher() -> blake3:
     """A streaming hasher (`update`, `hexdigest`) for files read or written in pieces."""
     return blake3()
+
+
+# Key-derivation mode gives layout digests their own domain: never equal to a content hash.
+_LAYOUT_CONTEXT = "haagenti 2026-11-23 file layout v1"
+
+
+def file_layout(inline: bytes, fragment_ids: list[str]) -> str:
+    """A file's layout digest: its inline bytes (a safetensors length and header, or a side
+    file's bytes) and the ids of its fragments in order. Each fragment read is verified against
+    its id, so a restore whose layout matches wrote the original bytes (given BLAKE3's collision
+    resistance) without hashing every byte a second time; HuggingFace's Xet likewise hashes a
+    file as a tree over its chunk hashes. `haagenti verify` still re-hashes the bytes."""
+    h = blake3(derive_key_context=_LAYOUT_CONTEXT)
+    h.update(struct.pack("<QQ", len(inline), len(fragment_ids)))
+    h.update(inline)
+    h.update(bytes.fromhex("".join(fragment_ids)))
+    return h.hexdigest()
 
 
 def model_hash(file_hashes: list[str]) -> str:

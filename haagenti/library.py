@@ -4,9 +4,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
 
 import pyarrow as pa
@@ -17,8 +16,9 @@ from haagenti.encode import FragmentEncoder, PendingFragment, RawCache, cut, dec
 from haagenti.errors import FragmentError, LibraryError
 from haagenti.formats import open_model
 from haagenti.formats.dtypes import dtype as lookup_dtype, has_nonfinite
+from haagenti.formats.safetensors import file_prefix
 from haagenti.fragment import Encoding, FragmentType
-from haagenti.hashing import hasher, model_hash
+from haagenti.hashing import file_layout, hasher, model_hash
 from haagenti.manifest import FileRecord, ModelManifest, TensorRef, validate_model_id
 from haagenti.similarity import SimilarityIndex
 from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS, LibraryStore
@@ -176,6 +176,7 @@ class FragmentLibrary:
     def _cut_model(self, m: "ModelInput", source, writer: "_FragmentWriter", report: IngestReport) -> ModelManifest:
         """Cut one model's tensors into fragments, hand them to the writer, and hash its files."""
         hashers = {i: _file_hasher(f) for i, f in enumerate(source.files) if f.format == "safetensors"}
+        ids: list[list[str]] = [[] for _ in source.files]  # each file's fragment ids in order (its layout)
         tensors: list[TensorRef] = []
         for t in source.tensors:
             ref = TensorRef(t.name, t.dtype.name, t.shape, t.file_index, FragmentType.infer(t.name))
@@ -185,13 +186,14 @@ class FragmentLibrary:
             for p in cut(source.iter_chunks(t, chunk), t.dtype.name, ref.fragment_type):
                 if t.file_index in hashers:
                     hashers[t.file_index].update(p.data)
+                ids[t.file_index].append(p.fragment_id)
                 nonfinite = nonfinite or has_nonfinite(p.data, t.dtype)
                 writer.add(p, ref, report)
             if nonfinite:
                 report.nonfinite_tensors.append(t.name)
         writer.end_model()  # this model's refs are complete before its manifest is built
         files = [
-            FileRecord(f.name, f.format, f.size, hashers[i].hexdigest() if i in hashers else f.blake3, f.header)
+            FileRecord.with_layout(f.name, f.format, f.size, hashers[i].hexdigest() if i in hashers else f.blake3, f.header, ids[i])
             for i, f in enumerate(source.files)
         ]
         content_hash = model_hash([f.blake3 for f in files])
@@ -206,7 +208,7 @@ class FragmentLibrary:
             "raw_bytes": m.raw_bytes,
             "n_tensors": len(m.tensors),
             "lossy": m.lossy,
-            "files": [{"name": f.name, "format": f.format, "size": f.size, "blake3": f.blake3, "header": f.header} for f in m.files],
+            "files": [asdict(f) for f in m.files],
             "source_uris": m.source_uris,
             "ingest_seq": seq,
             "format_version": LIBRARY_FORMAT_VERSION,
@@ -237,9 +239,11 @@ class FragmentLibrary:
                     yield g, [raw[r.fragment_id] for r in g.fragments]
                 group, size = [], 0
 
-    def restore(self, model_id: str, out_dir: str) -> list[str]:
+    def restore(self, model_id: str, out_dir: str, rehash: bool = False) -> list[str]:
         """Write the model's files into `out_dir`; safetensors files come back byte-identical
-        (checked against the recorded BLAKE3), checkpoints as equal state dicts."""
+        (every fragment checked against its id, each file against its recorded layout, and with
+        `rehash` each file's bytes against its recorded BLAKE3 too), checkpoints as equal state
+        dicts."""
         manifest = self.manifest(model_id)
         os.makedirs(out_dir, exist_ok=True)
         paths = [os.path.join(out_dir, f.name) for f in manifest.files]
@@ -249,7 +253,7 @@ class FragmentLibrary:
                 sinks = [files.enter_context(open(p, "wb")) for p in tmp]
                 for f, sink in zip(manifest.files, sinks):
                     _preallocate(sink, f)
-                self._write(manifest, sinks)
+                self._write(manifest, sinks, rehash)
                 for sink in sinks:
                     sink.truncate()  # a re-saved checkpoint may be shorter than its original
         except BaseException:
@@ -261,31 +265,34 @@ class FragmentLibrary:
             os.replace(t, p)
         return paths
 
-    def _write(self, manifest: ModelManifest, sinks: list[BinaryIO]) -> list[str]:
-        """Stream the model into one sink per file; returns each file's hash as written."""
-        hashers = [hasher() for _ in manifest.files]
+    def _write(self, manifest: ModelManifest, sinks: list[BinaryIO], rehash: bool) -> None:
+        """Stream the model into one sink per file, then check each file's layout: the ids of
+        the fragments written, each verified against its bytes on read, in the order written.
+        A second BLAKE3 pass over every byte (`rehash`) was ~10% of a restore (docs/decisions.md)."""
+        hashers = [hasher() if rehash else None for _ in manifest.files]
+        written: list[list[str]] = [[] for _ in manifest.files]
         states: dict[int, dict[str, torch.Tensor]] = {i: {} for i, f in enumerate(manifest.files) if f.format == "torch"}
         for i, f in enumerate(manifest.files):
-            if f.format == "safetensors":
-                prefix = struct.pack("<Q", len(f.header)) + f.header
-                _tee(sinks[i], hashers[i], prefix)
-            elif f.format == "verbatim":
-                _tee(sinks[i], hashers[i], f.header)
+            _put(sinks[i], hashers[i], f.inline)
         for t, parts in self._iter_parts(manifest):
             i = t.file_index
             if i in states:
                 states[i][t.name] = tensor_of(t, b"".join(parts))
-            else:
-                for part in parts:
-                    _tee(sinks[i], hashers[i], part)
+                continue
+            for ref, part in zip(t.fragments, parts):
+                _put(sinks[i], hashers[i], part)
+                written[i].append(ref.fragment_id)
         for i, state in states.items():
-            _tee(sinks[i], hashers[i], _checkpoint_bytes(state))
-        digests = [h.hexdigest() for h in hashers]
-        if not manifest.lossy:
-            for f, d in zip(manifest.files, digests):
-                if f.format != "torch" and d != f.blake3:
-                    raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} has blake3 {d}, expected {f.blake3}")
-        return digests
+            _put(sinks[i], hashers[i], _checkpoint_bytes(state))
+        if manifest.lossy:
+            return
+        for f, ids, h in zip(manifest.files, written, hashers):
+            if f.format == "torch":
+                continue
+            if file_layout(f.inline, ids) != f.layout:
+                raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} does not match its recorded layout (fragments missing or out of order)")
+            if h is not None and h.hexdigest() != f.blake3:
+                raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} has blake3 {h.hexdigest()}, expected {f.blake3}")
 
     # ---- maintenance --------------------------------------------------------------------
     def verify(self, model_id: str | None = None) -> VerifyReport:
@@ -302,15 +309,16 @@ class FragmentLibrary:
         else:
             targets = [model_id]
         for mid in targets:
-            manifest = self.manifest(mid)
             try:
-                self._write(manifest, [_NullSink() for _ in manifest.files])
+                manifest = self.manifest(mid)
+                self._write(manifest, [_NullSink() for _ in manifest.files], rehash=True)
                 report.models_checked += 1
                 report.files_checked += len(manifest.files)
                 if model_id is not None:
                     report.fragments_checked += len(manifest.fragment_ids)
             except FragmentError as e:
                 report.errors.append(str(e))
+                continue
             for t in manifest.tensors:
                 lossy = [r for r in t.fragments if r.lossy]
                 if lossy:
@@ -503,14 +511,15 @@ def _checkpoint_bytes(state: dict[str, torch.Tensor]) -> bytes:
     return buf.getvalue()
 
 
-def _tee(sink: BinaryIO, hasher, data: bytes) -> None:
+def _put(sink: BinaryIO, hasher, data: bytes) -> None:
     sink.write(data)
-    hasher.update(data)
+    if hasher is not None:
+        hasher.update(data)
 
 
 def _file_hasher(f):
     h = hasher()
-    h.update(struct.pack("<Q", len(f.header)) + f.header)
+    h.update(file_prefix(f.header))
     return h
 
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 
-from haagenti.errors import ModelIdError
+from haagenti.errors import FragmentError, ModelIdError
+from haagenti.formats.safetensors import file_prefix
 from haagenti.fragment import FragmentType
+from haagenti.hashing import file_layout
 
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _MODEL_ID = re.compile(rf"{_SEGMENT}(/{_SEGMENT})?")
@@ -54,6 +56,22 @@ class FileRecord:
     size: int
     blake3: str
     header: bytes  # safetensors header JSON verbatim, or a side file's bytes
+    layout: str = ""  # hashing.file_layout of its inline bytes and fragment ids ("" for checkpoints)
+
+    @classmethod
+    def with_layout(cls, name: str, format: str, size: int, blake3: str, header: bytes, fragment_ids: list[str]) -> "FileRecord":
+        """The record of a file cut into `fragment_ids` (in file order). Checkpoints restore as
+        equal state dicts, not bytes, so they have no layout."""
+        rec = cls(name, format, size, blake3, header)
+        return replace(rec, layout=file_layout(rec.inline, fragment_ids)) if format != "torch" else rec
+
+    @property
+    def inline(self) -> bytes:
+        """The bytes a restore writes before the fragments: the length-prefixed safetensors
+        header, or a side file whole."""
+        if self.format == "safetensors":
+            return file_prefix(self.header)
+        return self.header if self.format == "verbatim" else b""
 
 
 @dataclass
@@ -108,8 +126,11 @@ class ModelManifest:
                 tensors.append(TensorRef(name, dt, tuple(shape), fi, FragmentType(ft)))
             if fid is not None:
                 tensors[-1].fragments.append(FragmentRef(fid, off, n, src, mx, rel))
-        files = [FileRecord(f["name"], f["format"], f["size"], f["blake3"], f["header"]) for f in model["files"]]
-        return cls(model["model_id"], model["family"], files, tensors, model["content_hash"], model["raw_bytes"], model["source_uris"])
+        files = [FileRecord(f["name"], f["format"], f["size"], f["blake3"], f["header"], f["layout"]) for f in model["files"]]
+        m = cls(model["model_id"], model["family"], files, tensors, model["content_hash"], model["raw_bytes"], model["source_uris"])
+        if m.lossy != model["lossy"]:  # a restore checks exact models only: a damaged ref must not turn that off
+            raise FragmentError(f"model {m.model_id!r}: its manifest's references {'are' if m.lossy else 'are not'} lossy, its model record says otherwise")
+        return m
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ sees the missing models as new and finishes the work.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from haagenti.config import LibraryConfig
 from haagenti.library import FragmentLibrary, model_relations
+from haagenti.manifest import FileRecord
 from haagenti.similarity import band_rows
 from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS
 from pipelines.catalog import read_catalog
@@ -173,11 +174,17 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
     seq = max((m["ingest_seq"] for m in existing.values()), default=-1) + 1
     rows = []
     for i, s in enumerate(todo):
-        n_tensors = len(set(occ.filter(pc.equal(occ["model_id"], s["model_id"]))["tensor_index"].to_pylist()))
+        mine = occ.filter(pc.equal(occ["model_id"], s["model_id"]))
+        n_tensors = len(set(mine["tensor_index"].to_pylist()))
+        ids: list[list[str]] = [[] for _ in s["file_records"]]  # each file's fragment ids in file order (its layout)
+        for fi, fid in zip(mine["file_index"].to_pylist(), mine["fragment_id"].to_pylist()):
+            if fid is not None:
+                ids[fi].append(fid)
+        files = [FileRecord.with_layout(*(f[k] for k in ("name", "format", "size", "blake3", "header")), ids[j]) for j, f in enumerate(s["file_records"])]
         rows.append({
             "model_id": s["model_id"], "family": families[s["model_id"]], "content_hash": s["content_hash"], "raw_bytes": s["raw_bytes"],
             "n_tensors": n_tensors, "lossy": False,
-            "files": [{k: f[k] for k in ("name", "format", "size", "blake3", "header")} for f in s["file_records"]],
+            "files": [asdict(f) for f in files],
             "source_uris": list(s["files"]), "ingest_seq": seq + i, "format_version": LIBRARY_FORMAT_VERSION,
         })
     lib.store.append("models", pa.Table.from_pylist(rows, schema=SCHEMAS["models"]), "dedup")

@@ -172,6 +172,42 @@ def test_corrupt_fragment_is_named(tmp_path, family):
     assert not r.ok and victim_id in r.errors[0]
 
 
+@pytest.mark.parametrize("tamper", ["fragments-swapped", "header-changed", "ref-marked-lossy"])
+def test_restore_checks_each_files_layout(tmp_path, family, tamper):
+    """Every fragment is verified against its id, but a manifest can still place verified
+    fragments wrongly, or carry a wrong header: the file's recorded layout catches both."""
+    import pyarrow as pa
+
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    mid = family[0].model_id
+    lib.ingest([family[0].file], mid)
+    error = "does not match its recorded layout"
+    if tamper != "header-changed":  # two fragments of one tensor trade places
+        t = lib.store.read("manifests")
+        rows = t.to_pylist()
+        a, b = next((x, y) for x, y in zip(rows, rows[1:]) if x["tensor_index"] == y["tensor_index"] and x["fragment_id"] != y["fragment_id"] and x["elem_count"] == y["elem_count"])
+        a["fragment_id"], b["fragment_id"] = b["fragment_id"], a["fragment_id"]
+        if tamper == "fragments-swapped":
+            a["source_fragment_id"], b["source_fragment_id"] = b["source_fragment_id"], a["source_fragment_id"]
+        else:  # now they read as lossy refs, which a restore does not check byte for byte
+            error = "lossy, its model record says otherwise"
+        table = "manifests"
+    else:  # one byte of the header changes (same length)
+        t = lib.store.read("models")
+        rows = t.to_pylist()
+        header = rows[0]["files"][0]["header"]
+        rows[0]["files"][0]["header"] = header.replace(b'"shape"', b'"Shape"', 1)
+        table = "models"
+    lib.store.delete(table, f"model_id = '{mid}'")
+    lib.store.append(table, pa.Table.from_pylist(rows, schema=t.schema))
+    for rehash in (False, True):
+        with pytest.raises(FragmentError, match=f"{mid}.*{error}"):
+            lib.restore(mid, str(tmp_path / "out"), rehash=rehash)
+        assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    for report in (lib.verify(mid), lib.verify()):
+        assert not report.ok and error in report.errors[-1]
+
+
 def test_rm_and_gc_reference_counting(tmp_path, family):
     lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
     base, ft = family[0], family[1]

@@ -1,5 +1,6 @@
 """The dedup pipeline: local and Ray executors, S3, incremental re-runs, faults."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from haagenti.config import LibraryConfig
+from haagenti.errors import FormatError
 from haagenti.library import FragmentLibrary
 from haagenti.store import LIBRARY_FORMAT_VERSION
 from pipelines.dedup import run_dedup
@@ -133,6 +135,22 @@ def test_job_killed_mid_write_keeps_last_snapshot_and_next_run_finishes(tmp_path
     for m in family[:4]:
         [out] = lib.restore(m.model_id, str(tmp_path / "r" / m.model_id))
         assert sha256(out) == sha256(m.file)
+
+
+def test_a_file_changed_between_scan_and_fragmenting_is_refused(tmp_path, family):
+    """Restores check a file's layout (its fragment ids), not its bytes, so the bytes cut must
+    be the bytes whose BLAKE3 the scan recorded."""
+    from pipelines.steps import FragmentModel, scan_model
+
+    path = tmp_path / "m.safetensors"
+    shutil.copy(family[0].file, path)
+    scanned = scan_model({"model_id": "m", "files": [str(path)], "family": None, "revision": None, "rank": 0})
+    assert FragmentModel(CONFIG)(scanned)  # unchanged: fragments as scanned
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # same size, one bit of the last tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="changed between the scan and fragmenting"):
+        FragmentModel(CONFIG)(scanned)
 
 
 def test_bad_catalog_is_a_clear_error(tmp_path):

@@ -110,7 +110,6 @@ def _entry(name: str, info: object, data_size: int, where: str) -> TensorEntry:
     return TensorEntry(name, d, tuple(shape), begin, end)
 
 
-def write_prefix(out: BinaryIO, header_bytes: bytes) -> None:
-    """Write the 8-byte length and the header verbatim; tensor data follows in offset order."""
-    out.write(struct.pack("<Q", len(header_bytes)))
-    out.write(header_bytes)
+def file_prefix(header_bytes: bytes) -> bytes:
+    """What precedes the tensor data in a file: the 8-byte length and the header verbatim."""
+    return struct.pack("<Q", len(header_bytes)) + header_bytes

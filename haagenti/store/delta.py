@@ -31,7 +31,7 @@ from haagenti.errors import FragmentError, LibraryError
 from haagenti.fsio import filesystem_for, s3_endpoint
 from haagenti.lru import SizedLru
 
-LIBRARY_FORMAT_VERSION = 2  # 2: BLAKE3 replaced sha256 for fragment ids and file hashes
+LIBRARY_FORMAT_VERSION = 3  # 2: BLAKE3 replaced sha256 for fragment ids and file hashes; 3: file layout digests
 
 SCHEMAS: dict[str, pa.Schema] = {
     "fragments": pa.schema(
@@ -101,6 +101,7 @@ SCHEMAS: dict[str, pa.Schema] = {
                             ("size", pa.int64()),
                             ("blake3", pa.string()),
                             ("header", pa.large_binary()),
+                            ("layout", pa.string()),
                         ]
                     )
                 ),

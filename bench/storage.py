@@ -8,7 +8,7 @@ name, byte-grouped: what ZipLLM/BitX do when handed the base); haagenti exact-on
 with similarity. Throughput is single-threaded (one core), MB of raw model bytes per second;
 each time is the median of REPEATS runs, taken round-robin over the methods so that every method
 samples the same minutes (this VM's speed drifts by up to 2x over minutes). Baselines decode in
-memory; haagenti's "out" restores files to disk and re-hashes them.
+memory; haagenti's "out" restores files to disk, verifying every fragment and each file's layout.
 """
 from __future__ import annotations
 

@@ -108,8 +108,6 @@ def test_unknown_file_type_and_missing_file(tmp_path):
 
 def test_memory_url_models_are_read_through_fsspec(tmp_path):
     import fsspec
-
-    buf = io.BytesIO()
     from safetensors.torch import save
 
     data = save({"w": torch.arange(10, dtype=torch.int32)})

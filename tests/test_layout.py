@@ -15,8 +15,11 @@ def test_library_package_does_not_import_ray():
 
 
 def test_tables_read_with_polars_duckdb_and_pyarrow(tmp_path, family):
+    import struct
+
     import duckdb
     import polars as pl
+    from blake3 import blake3
     from deltalake import DeltaTable
 
     url = str(tmp_path / "lib")
@@ -30,6 +33,17 @@ def test_tables_read_with_polars_duckdb_and_pyarrow(tmp_path, family):
     assert [r[0] for r in per_model] == sorted(m.model_id for m in family[:2]) and all(r[1] > 0 for r in per_model)
     frags = DeltaTable(f"{url}/fragments").to_pyarrow_table(columns=["fragment_id", "encoding", "stored_size"])
     assert set(frags["encoding"].to_pylist()) <= {"plain", "delta_xor", "delta_sub"}
+    # files.layout, computed from the tables alone as docs/format.md says
+    order = manifests.sort_by([("tensor_index", "ascending"), ("fragment_seq", "ascending")])
+    for model in models.to_dicts():
+        [f] = model["files"]
+        ids = [i for m, i in zip(order["model_id"].to_pylist(), order["fragment_id"].to_pylist()) if m == model["model_id"] and i is not None]
+        inline = struct.pack("<Q", len(f["header"])) + f["header"]
+        h = blake3(derive_key_context="haagenti 2026-11-23 file layout v1")
+        h.update(struct.pack("<QQ", len(inline), len(ids)))
+        h.update(inline)
+        h.update(bytes.fromhex("".join(ids)))
+        assert h.hexdigest() == f["layout"]
 
 
 def test_each_append_commits_one_file_with_statistics(tmp_path, family):

@@ -16,13 +16,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from haagenti.config import LibraryConfig
+from haagenti.errors import LibraryError
 from haagenti.library import FragmentLibrary, model_relations
 from haagenti.manifest import FileRecord
 from haagenti.similarity import band_rows
 from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS
 from pipelines.catalog import read_catalog
 from pipelines.chaos import maybe_die
-from pipelines.executors import Executor
+from pipelines.executors import Executor, LocalExecutor
 from pipelines.groups import group_starts, sort_rows
 from pipelines.steps import (
     ASSIGNMENT_SCHEMA,
@@ -78,6 +79,8 @@ class RunReport:
 
 def run_dedup(catalog_url: str, library_url: str, executor: Executor, config: LibraryConfig | None = None, prune: bool = False) -> RunReport:
     config = config or LibraryConfig()
+    if library_url.startswith("memory://") and not isinstance(executor, LocalExecutor):
+        raise LibraryError(f"{library_url}: a memory:// library lives in one process, and Ray's workers are others; use a folder or object store")
     started = time.perf_counter()
     report = RunReport(catalog_url, library_url)
     lib = FragmentLibrary.open(library_url, config)

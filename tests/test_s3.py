@@ -1,4 +1,7 @@
-"""The object-storage path against a real S3 API server (moto) on loopback."""
+"""The object-storage path against a real S3 API server (moto) on loopback, and memory://."""
+import subprocess
+import sys
+
 import pytest
 from deltalake import DeltaTable
 
@@ -29,8 +32,6 @@ def test_ingest_restore_gc_on_s3(tmp_path, family, bucket):
 
 
 def test_model_files_read_from_s3(tmp_path, family, bucket):
-    import fsspec
-
     from haagenti.fsio import filesystem_for
 
     fs, _ = filesystem_for(f"s3://{bucket}")
@@ -41,6 +42,30 @@ def test_model_files_read_from_s3(tmp_path, family, bucket):
     assert sha256(p) == sha256(family[0].file)
 
 
-def test_memory_url_library_is_refused_clearly():
-    with pytest.raises(LibraryError, match="memory://"):
-        FragmentLibrary.open("memory://lib")
+def test_memory_library_round_trip_stays_in_its_process(tmp_path, family):
+    """memory:// libraries, like fsspec's memory filesystem: shared by name within a process,
+    gone when it exits, and refused by the Ray pipeline, whose workers are other processes."""
+    import fsspec
+
+    with open(family[0].file, "rb") as src, fsspec.open("memory://models/base.safetensors", "wb") as dst:
+        dst.write(src.read())
+    lib = FragmentLibrary.open("memory://lib")
+    lib.ingest(["memory://models/base.safetensors"], "base")
+    again = FragmentLibrary.open("memory://lib", create=False)  # same name, same library
+    [p] = again.restore("base", str(tmp_path / "out"))
+    assert sha256(p) == sha256(family[0].file)
+    with pytest.raises(LibraryError, match="no haagenti library"):
+        FragmentLibrary.open("memory://other", create=False)
+    probe = "import sys; from haagenti.library import FragmentLibrary; FragmentLibrary.open('memory://lib', create=False)"
+    child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert child.returncode != 0 and "no haagenti library" in child.stderr  # another process does not see it
+
+
+def test_ray_pipeline_refuses_a_memory_library(tmp_path, family, ray_cluster):
+    from pipelines.dedup import run_dedup
+    from pipelines.executors import RayExecutor
+
+    cat = tmp_path / "catalog.yaml"
+    cat.write_text(f"models:\n  - id: base\n    files: [{family[0].file}]\n")
+    with pytest.raises(LibraryError, match="memory:// library lives in one process"):
+        run_dedup(str(cat), "memory://pipe", RayExecutor(workers=1))

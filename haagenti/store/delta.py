@@ -11,9 +11,12 @@ everything it references is committed:
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import posixpath
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -139,16 +142,26 @@ def storage_options_for(url: str) -> dict[str, str]:
     return opts
 
 
+_MEMORY_LIBRARIES: dict[str, str] = {}
+
+
+def _memory_library(url: str) -> str:
+    """memory://NAME: a library private to this process that vanishes when it exits, as fsspec's
+    memory filesystem does. It lives in a temporary folder: Delta commits run in delta-rs, which
+    cannot see fsspec's in-process files, and delta-rs' own memory store is invisible to fsspec."""
+    name = url.rstrip("/")
+    path = _MEMORY_LIBRARIES.get(name)
+    if path is None:
+        path = _MEMORY_LIBRARIES[name] = tempfile.mkdtemp(prefix="haagenti-memory-")
+        atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 class LibraryStore:
     """Tables of one library at `url`; reads a consistent version of each table."""
 
     def __init__(self, url: str):
-        if url.startswith("memory://"):
-            raise LibraryError(
-                "memory:// cannot hold a library: its Delta tables need a store shared between "
-                "processes; use a temporary directory (model files can still be read from memory://)"
-            )
-        self.url = url.rstrip("/")
+        self.url = _memory_library(url) if url.startswith("memory://") else url.rstrip("/")
         self.fs, self.root = filesystem_for(self.url)
         self.options = storage_options_for(self.url)
         self._local = "file" in self.fs.protocol

@@ -124,6 +124,12 @@ SCHEMAS: dict[str, pa.Schema] = {
 # straddling two models made each restore read its neighbour's rows too (on the example
 # family, 50 MB read to restore 29 MB of stored fragments).
 _FRAGMENT_ROW_GROUP_BYTES = 2 * 1024 * 1024
+# Parquet reads decode on the calling thread: Arrow's pool hands each column of a ~2 MiB row
+# group to another thread, and the hand-offs cost more than they save. Restores of the example
+# family, paired in one process, 16 rounds each: 1.04x (exact) and 1.03x (with similarity)
+# faster on one thread, 1.14x while the disk was busy writing back. Parallelism comes from
+# running more workers (the Ray pipeline), one core each, and the bench figures are per core.
+_ARROW_THREADS = False
 ORPHAN_HOURS = 1
 
 
@@ -289,7 +295,7 @@ class LibraryStore:
                     with self._open(path) as src:
                         pf = pq.ParquetFile(src, metadata=self._footer(path))
                         # Files rewritten by delta-rs (delete) store strings as string_view: normalise.
-                        t = pf.read_row_groups(groups, columns=cols).cast(_project(SCHEMAS["fragments"], cols))
+                        t = pf.read_row_groups(groups, columns=cols, use_threads=_ARROW_THREADS).cast(_project(SCHEMAS["fragments"], cols))
                     parts.append(_rows_where(t, pc.is_in(t["fragment_id"], wanted)))
         if not parts:
             return SCHEMAS["fragments"].empty_table().select(cols)
@@ -331,7 +337,7 @@ class LibraryStore:
         t = self._columns.get(key)
         if t is None:
             with self._open(path) as src:
-                t = pq.ParquetFile(src, metadata=self._footer(path)).read(columns=columns).cast(_project(schema, columns))
+                t = pq.ParquetFile(src, metadata=self._footer(path)).read(columns=columns, use_threads=_ARROW_THREADS).cast(_project(schema, columns))
             if "blob" not in columns:
                 self._columns.put(key, t)
         return t

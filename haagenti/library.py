@@ -175,7 +175,7 @@ class FragmentLibrary:
 
     def _cut_model(self, m: "ModelInput", source, writer: "_FragmentWriter", report: IngestReport) -> ModelManifest:
         """Cut one model's tensors into fragments, hand them to the writer, and hash its files."""
-        hashers = {i: _file_hasher(f) for i, f in enumerate(source.files) if f.format == "safetensors"}
+        hashers = {i: safetensors_hasher(f.header) for i, f in enumerate(source.files) if f.format == "safetensors"}
         ids: list[list[str]] = [[] for _ in source.files]  # each file's fragment ids in order (its layout)
         tensors: list[TensorRef] = []
         for t in source.tensors:
@@ -429,7 +429,7 @@ class _FragmentWriter:
         self.batch: list[tuple[PendingFragment, TensorRef, IngestReport]] = []
         self.batch_size = 0
         self.frags: list[dict] = []
-        self.runs: list[int] = []  # rows of self.frags per model, so each model gets its own row groups
+        self.runs = [0]  # rows of self.frags per model (the last is the current one): each model gets its own row groups
         self.sigs: list[dict] = []
         self.stored = 0
 
@@ -456,7 +456,7 @@ class _FragmentWriter:
                 report.delta += row["encoding"] != Encoding.PLAIN.value
                 report.stored_bytes += row["stored_size"]
         self.frags.extend(rows)
-        self.runs[-1:] = [(self.runs[-1] if self.runs else 0) + len(rows)]  # the current model's run
+        self.runs[-1] += len(rows)
         self.sigs.extend(sigs)
         self.stored += sum(r["stored_size"] for r in rows)
         if self.progress:
@@ -475,7 +475,7 @@ class _FragmentWriter:
         if self.frags and (final or self.stored >= self.batch_bytes):
             self.store.append("fragments", rows_table(self.frags, SCHEMAS["fragments"]), self.note, self.runs)
             self.store.append("signatures", rows_table(self.sigs, SCHEMAS["signatures"]), self.note)
-            self.frags, self.runs, self.sigs, self.stored = [], [], [], 0
+            self.frags, self.runs, self.sigs, self.stored = [], [0], [], 0
             self.encoder.committed()
 
 
@@ -517,9 +517,11 @@ def _put(sink: BinaryIO, hasher, data: bytes) -> None:
         hasher.update(data)
 
 
-def _file_hasher(f):
+def safetensors_hasher(header: bytes):
+    """A streaming BLAKE3 of a safetensors file, fed its length and header: update it with the
+    tensor data in file order (ingest and the pipeline both hash files as they cut them)."""
     h = hasher()
-    h.update(file_prefix(f.header))
+    h.update(file_prefix(header))
     return h
 
 

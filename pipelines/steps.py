@@ -15,11 +15,10 @@ from haagenti.encode import PendingFragment, encode_fragment, signature_row
 from haagenti.errors import FormatError
 from haagenti.formats import open_model
 from haagenti.formats.dtypes import dtype as lookup_dtype
-from haagenti.formats.safetensors import file_prefix
 from haagenti.fragment import FragmentId, FragmentType
 from haagenti.fsio import filesystem_for
 from haagenti.hashing import hasher, model_hash
-from haagenti.library import FragmentLibrary
+from haagenti.library import FragmentLibrary, safetensors_hasher
 from haagenti.signature import SignatureConfig, compute_signatures
 from haagenti.store import SCHEMAS
 from pipelines.groups import group_starts, rank_in_runs, sort_rows
@@ -100,9 +99,7 @@ class FragmentModel:
     def _occurrences(self, row: dict, src) -> list[dict]:
         """Also re-hashes each file as cut: a file's layout (its fragment ids) stands in for its
         bytes on restore, so they must be the bytes whose BLAKE3 the scan recorded."""
-        files = [hasher() for _ in src.files]
-        for h, f in zip(files, src.files):
-            h.update(file_prefix(f.header))
+        files = {i: safetensors_hasher(f.header) for i, f in enumerate(src.files) if f.format == "safetensors"}
         out = []
         for ti, t in enumerate(src.tensors):
             base = {
@@ -115,13 +112,15 @@ class FragmentModel:
                 out.append(dict(base, fragment_seq=-1, fragment_id=None, elem_offset=0, elem_count=0, byte_offset=t.data_begin, byte_len=0))
                 continue
             for seq, chunk in enumerate(src.iter_chunks(t, step * t.dtype.itemsize)):
-                files[t.file_index].update(chunk)
+                if t.file_index in files:
+                    files[t.file_index].update(chunk)
                 out.append(dict(
                     base, fragment_seq=seq, fragment_id=FragmentId.of(chunk), elem_offset=seq * step,
                     elem_count=len(chunk) // t.dtype.itemsize, byte_offset=t.data_begin + seq * step * t.dtype.itemsize, byte_len=len(chunk),
                 ))
-        for h, rec in zip(files, row["file_records"]):
-            if rec["format"] == "safetensors" and h.hexdigest() != rec["blake3"]:
+        for i, h in files.items():
+            rec = row["file_records"][i]
+            if h.hexdigest() != rec["blake3"]:
                 raise FormatError(f"{rec['url']}: changed between the scan and fragmenting (its BLAKE3 differs); run again")
         return out
 

@@ -21,6 +21,7 @@ the NaN/Inf count are exact over all elements.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -98,26 +99,32 @@ def _signs(config: SignatureConfig, n: int) -> np.ndarray:
     return (np.random.Generator(np.random.PCG64([config.seed, n])).integers(0, 2, size=n, dtype=np.int8) * 2 - 1).astype(np.float32)
 
 
-# Fragments per batch. On a CPU a small batch stays in cache (measured: 8 fragments of 256 KiB
-# run 2.4x faster than 4096); a GPU wants large products. The cap also keeps the float32
+# Fragments per batch on a GPU: it wants large products. (The CPU kernel signs one fragment at
+# a time in reused buffers and batches only the projection.) The cap also keeps the float32
 # bincount index (fragment * 255 + q) exact (< 2**24).
-_BATCH = {"cpu": 8, "cuda": 4096}
+_GPU_BATCH = 4096
+# Fragments whose max |value| is below 2**-100 are first scaled by 2**100 (exact: a power of two
+# on values this small), so levels / scale stays a finite float32 factor; for every other
+# fragment the factor and the bits are what they always were.
+_TINY = 2.0**-100
+_LIFT = 2.0**100
 
 
 def compute_signatures(
     fragments: list[tuple[bytes, str]], config: SignatureConfig = SignatureConfig(), device: str | torch.device = "cpu"
 ) -> list[FragmentSignature]:
-    """Signatures of (raw bytes, dtype) fragments, computed on `device`; same result anywhere.
-    Fragments of equal length and dtype are stacked into one batch (one copy of their bytes) so
-    a GPU sees large matrix products."""
+    """Signatures of (raw bytes, dtype) fragments; the same bits on any device. On the CPU a numpy
+    kernel over reused per-thread buffers (no torch, no fresh pages in the steady state); on
+    another device, torch over batches of equal-length fragments (large matrix products)."""
+    if str(device) == "cpu":
+        return _cpu_signatures(fragments, config)
     import torch
 
     out: list[FragmentSignature | None] = [None] * len(fragments)
     groups: dict[tuple[int, str], list[int]] = {}
     for i, (data, dt) in enumerate(fragments):
         groups.setdefault((len(data), dt), []).append(i)
-    step = _BATCH.get(torch.device(device).type, 8)
-    batches = [(key, members[s : s + step]) for key, members in groups.items() for s in range(0, len(members), step)]
+    batches = [(key, members[s : s + _GPU_BATCH]) for key, members in groups.items() for s in range(0, len(members), _GPU_BATCH)]
     for (size, dt), idx in batches:
         d = lookup_dtype(dt)
         n = size // d.itemsize
@@ -131,11 +138,177 @@ def compute_signatures(
     return out  # type: ignore[return-value]
 
 
+@dataclass
+class _Sketch:
+    """What a kernel measures of one fragment; `_finish` turns it into a FragmentSignature."""
+
+    lo: float
+    hi: float
+    nonfinite: int
+    missing: int  # NaN/Inf in the sample
+    m: int  # sample length
+
+
+def _finish(sketches: list[_Sketch], proj: np.ndarray, counts: np.ndarray, config: SignatureConfig) -> list[FragmentSignature]:
+    """Signatures from the projections (b x bits) and the exact counts of each q (b x 2L+1).
+    All sums are of integers (exact in any order), so both kernels give the same floats."""
+    levels = config.levels
+    counts = counts.astype(np.int64)
+    counts[:, levels] -= [s.missing for s in sketches]  # NaN/Inf were zeroed: not values
+    values = np.arange(-levels, levels + 1, dtype=np.int64)
+    s1 = (counts @ values).tolist()
+    s2 = (counts @ (values * values)).tolist()
+    hist = np.zeros((len(sketches), config.histogram_bins), np.int64)
+    np.add.at(hist.T, _bin_of(config), counts.T)
+    bits = np.packbits(proj > 0, axis=1)
+    out = []
+    for i, s in enumerate(sketches):
+        absmax = max(-s.lo, s.hi, 0.0) + 0.0  # + 0.0: never -0.0
+        unit = absmax / levels
+        count = max(s.m - s.missing, 1)
+        mean_q = float(s1[i]) / count
+        var_q = max(float(s2[i]) / count - mean_q * mean_q, 0.0)
+        out.append(
+            FragmentSignature(
+                bits=bits[i].tobytes(),
+                scale=absmax,
+                mean=mean_q * unit,
+                std=float(np.sqrt(var_q)) * unit,
+                min=s.lo,
+                max=s.hi,
+                nonfinite=s.nonfinite,
+                histogram=tuple(hist[i].tolist()),
+            )
+        )
+    return out
+
+
+@lru_cache(maxsize=4)
+def _bin_of(config: SignatureConfig) -> np.ndarray:
+    """Histogram bin of each q in [-L, L]: floor((q + L) * (bins / (2L + 1))), one float32 multiply."""
+    width = 2 * config.levels + 1
+    v = np.arange(-config.levels, config.levels + 1, dtype=np.float32) + np.float32(config.levels)
+    return np.floor(v * np.float32(config.histogram_bins / width)).astype(np.int64)
+
+
+def _factor(lo: float, hi: float, levels: int) -> tuple[float, float]:
+    """(lift, factor): q = round(x * lift * factor), each product rounded to float32."""
+    absmax = max(-lo, hi, 0.0) + 0.0
+    lift = _LIFT if 0 < absmax < _TINY else 1.0
+    return lift, (levels / (absmax * lift) if absmax > 0 else 0.0)
+
+
+class _Buffers(threading.local):
+    """Per-thread scratch arrays, grown on demand and then reused: a fresh 512 KiB temporary per
+    fragment costs page faults that dominated signing (docs/decisions.md)."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, n: int, dt: type) -> np.ndarray:
+        a = self.arrays.get(name)
+        if a is None or len(a) < n:
+            a = self.arrays[name] = np.empty(max(n, 1 << 16), dt)
+        return a[:n]
+
+
+_buffers = _Buffers()
+
+
+def _as_float32(data: bytes, dt: str, n: int) -> np.ndarray:
+    """The fragment's values as float32, exactly as torch's cast makes them: a view for F32,
+    else written into a reused buffer (bf16 and fp8 E5M2 are bit shifts, fp16/f64 numpy casts
+    with round-to-nearest, fp8 E4M3 a 256-entry table)."""
+    if dt == "F32":
+        return np.frombuffer(data, np.float32, n)
+    out = _buffers.get("x", n, np.float32)
+    if dt == "BF16":
+        np.left_shift(np.frombuffer(data, np.uint16, n), 16, out=out.view(np.uint32), dtype=np.uint32)
+    elif dt == "F8_E5M2":  # the high byte of an fp16
+        np.left_shift(np.frombuffer(data, np.uint8, n), 8, out=_buffers.get("h", n, np.uint16), dtype=np.uint16)
+        np.copyto(out, _buffers.get("h", n, np.uint16).view(np.float16))
+    elif dt == "F8_E4M3":
+        np.take(_e4m3_table(), np.frombuffer(data, np.uint8, n), out=out)
+    else:
+        np.copyto(out, np.frombuffer(data, {"F16": np.float16, "F64": np.float64}[dt], n), casting="same_kind")
+    return out
+
+
+@lru_cache(maxsize=1)
+def _e4m3_table() -> np.ndarray:
+    """float32 value of every float8_e4m3fn bit pattern (bias 7, no Inf, NaN at S.1111.111)."""
+    b = np.arange(256)
+    sign = np.where(b & 0x80, -1.0, 1.0)
+    e, m = (b >> 3) & 0xF, b & 7
+    mag = np.where(e == 0, m * 2.0**-9, (1 + m / 8) * 2.0 ** (e - 7))
+    return np.where((b & 0x7F) == 0x7F, np.nan, sign * mag).astype(np.float32)
+
+
+def _cpu_signatures(fragments: list[tuple[bytes, str]], config: SignatureConfig) -> list[FragmentSignature]:
+    """One fragment at a time through reused buffers; the folded vectors of all fragments meet
+    in one matrix product with the projection at the end."""
+    levels, fold = config.levels, config.fold
+    width = 2 * levels + 1
+    folded = np.zeros((len(fragments), fold), np.float32)
+    counts = np.zeros((len(fragments), width), np.int64)
+    sketches = []
+    for i, (data, dt) in enumerate(fragments):
+        n = len(data) // lookup_dtype(dt).itemsize
+        x = _as_float32(data, dt, n)
+        lo, hi = (float(x.min()), float(x.max())) if n else (0.0, 0.0)
+        nonfinite = missing = 0
+        stride = -(-n // config.sample) if n else 1
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # only fragments with NaN/Inf pay for masking
+            finite = np.isfinite(x)
+            nonfinite = n - int(np.count_nonzero(finite))
+            lo = float(np.min(x, where=finite, initial=np.inf))
+            hi = float(np.max(x, where=finite, initial=-np.inf))
+            missing = int(np.count_nonzero(~finite[::stride]))
+            x = np.where(finite, x, np.float32(0))
+        sample = x[::stride]
+        m = len(sample)
+        lift, factor = _factor(lo, hi, levels)
+        q = _buffers.get("q", -(-m // fold) * fold, np.float32)
+        if lift != 1.0:
+            np.multiply(sample, np.float32(lift), out=q[:m])
+            np.multiply(q[:m], np.float32(factor), out=q[:m])
+        else:
+            np.multiply(sample, np.float32(factor), out=q[:m])
+        np.rint(q[:m], out=q[:m])  # round half to even, as torch.round
+        index = _buffers.get("i", m, np.intp)
+        np.add(q[:m], levels, out=index, casting="unsafe")
+        counts[i] = np.bincount(index, minlength=width)
+        np.multiply(q[:m], _signs(config, m), out=q[:m])
+        q[m:] = 0
+        if m <= fold:  # one element per bucket
+            folded[i, :m] = q[:m]
+        else:
+            np.sum(q.reshape(-1, fold), axis=0, out=folded[i])
+        sketches.append(_Sketch(lo, hi, nonfinite, missing, m))
+    # Partial sums are integers below (sample + fold) * L < 2**24: exact in float32 in any order.
+    # One BLAS thread: OpenBLAS's own threads made this product 2-10x slower on a busy machine,
+    # and ingest runs one signing thread per core anyway (docs/decisions.md).
+    with _blas().limit(limits=1, user_api="blas"):
+        proj = folded @ _projection32(config)
+    return _finish(sketches, proj, counts, config)
+
+
+@lru_cache(maxsize=1)
+def _blas():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+@lru_cache(maxsize=4)
+def _projection32(config: SignatureConfig) -> np.ndarray:
+    return _projection(config).astype(np.float32)
+
+
 def _signature_batch(x: torch.Tensor, config: SignatureConfig) -> list[FragmentSignature]:
-    """float32 is exact where it is used: values are converted once (a correctly rounded cast),
-    the quantised q are integers of at most 8 bits, and a fold bucket sums at most
-    sample/fold + 1 of them, far below 2**24. Sums of q and q*q and the histogram all come from
-    one exact count of each q value; the projection sums integers (see below)."""
+    """The kernel for GPUs (and any torch device). float32 is exact where it is used: values are
+    converted once (a correctly rounded cast), the quantised q are integers of at most 8 bits,
+    and a fold bucket sums at most sample/fold + 1 of them, far below 2**24."""
     import torch
 
     b, n = x.shape
@@ -155,19 +328,21 @@ def _signature_batch(x: torch.Tensor, config: SignatureConfig) -> list[FragmentS
         nonfinite = [0] * b
     mins = lo.cpu().tolist() if n else [0.0] * b
     maxs = hi.cpu().tolist() if n else [0.0] * b
-    absmax = [max(-a, c, 0.0) + 0.0 for a, c in zip(mins, maxs)]  # + 0.0: never -0.0
     stride = -(-n // config.sample) if n else 1
     if stride > 1:
         x = x[:, ::stride].contiguous()
         finite = finite[:, ::stride] if finite is not None else None
     m = x.shape[1]
     missing = (~finite).sum(1).cpu().tolist() if finite is not None else [0] * b  # NaN/Inf in the sample
-    factors = torch.tensor([levels / s if s > 0 else 0.0 for s in absmax], dtype=torch.float32, device=x.device)
-    q = x.mul_(factors[:, None]).round_()  # in place: x is this function's own copy
+    lifts, factors = zip(*(_factor(a, c, levels) for a, c in zip(mins, maxs))) if b else ((), ())
+    if any(f != 1.0 for f in lifts):
+        x.mul_(torch.tensor(lifts, dtype=torch.float32, device=x.device)[:, None])
+    q = x.mul_(torch.tensor(factors, dtype=torch.float32, device=x.device)[:, None]).round_()  # in place: x is this function's own copy
+    counts = torch.bincount((q + levels).to(torch.int32).add_(torch.arange(b, device=x.device, dtype=torch.int32)[:, None] * (2 * levels + 1)).reshape(-1), minlength=b * (2 * levels + 1))
     signed = q * torch.from_numpy(_signs(config, m)).to(device=x.device, dtype=torch.float32)
     # Every partial sum of the projection is an integer below (sample + fold) * L < 2**24, exact
-    # in float32 (2x faster than float64 here) unless the process lets float32 matmuls round
-    # to TF32/bf16 (torch.set_float32_matmul_precision): then float64.
+    # in float32 unless the process lets float32 matmuls round to TF32/bf16
+    # (torch.set_float32_matmul_precision): then float64.
     exact = torch.float32 if torch.get_float32_matmul_precision() == "highest" else torch.float64
     projection = _projection_on(config, x.device, exact)
     if m <= config.fold:  # one element per bucket: zero padding adds nothing, so project m rows only
@@ -177,36 +352,5 @@ def _signature_batch(x: torch.Tensor, config: SignatureConfig) -> list[FragmentS
         if pad:
             signed = torch.nn.functional.pad(signed, (0, pad))
         proj = signed.reshape(b, -1, config.fold).sum(1).to(exact) @ projection
-    bits = np.packbits((proj > 0).cpu().numpy(), axis=1)
-    # Exact counts of every q in [-L, L], one row per fragment: sums and histogram derive from them.
-    width = 2 * levels + 1
-    offsets = torch.arange(b, device=x.device, dtype=torch.float32)[:, None] * width + levels
-    counts = torch.bincount(q.add_(offsets).to(torch.int32).reshape(-1), minlength=b * width).reshape(b, width).to(torch.float64)
-    if finite is not None:  # NaN/Inf were zeroed: take them back out of the q = 0 count
-        counts[:, levels] -= torch.tensor(missing, dtype=torch.float64, device=x.device)
-    values = torch.arange(-levels, levels + 1, device=x.device, dtype=torch.float64)
-    s1 = (counts @ values).cpu().tolist()
-    s2 = (counts @ (values * values)).cpu().tolist()
-    # floor((v + L) * bins / (2L + 1)) with one IEEE multiply of small integers, as before.
-    bin_of = torch.floor((values.to(torch.float32) + levels) * (config.histogram_bins / width)).to(torch.int64)
-    hist = torch.zeros(b, config.histogram_bins, dtype=torch.float64, device=x.device).index_add_(1, bin_of, counts).to(torch.int64)
-    hist_rows = hist.cpu().tolist()
-    out = []
-    for i in range(b):
-        unit = absmax[i] / levels
-        count = max(m - missing[i], 1)
-        mean_q = s1[i] / count
-        var_q = max(s2[i] / count - mean_q * mean_q, 0.0)
-        out.append(
-            FragmentSignature(
-                bits=bits[i].tobytes(),
-                scale=absmax[i],
-                mean=mean_q * unit,
-                std=float(np.sqrt(var_q)) * unit,
-                min=mins[i],
-                max=maxs[i],
-                nonfinite=int(nonfinite[i]),
-                histogram=tuple(int(h) for h in hist_rows[i]),
-            )
-        )
-    return out
+    sketches = [_Sketch(mins[i], maxs[i], int(nonfinite[i]), int(missing[i]), m) for i in range(b)]
+    return _finish(sketches, proj.cpu().numpy(), counts.reshape(b, -1).cpu().numpy(), config)

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -62,10 +64,62 @@ def test_deltas_are_exact_and_small_for_fine_tunes(dtype):
         assert apply_delta(e, residual(e, raw, ref, 2 if name != "F32" else 4), ref, 2 if name != "F32" else 4) == raw
 
 
-def test_cast_reference_matches_torch_cast():
-    base = torch.randn(1000).bfloat16()
-    out = cast_reference(base.view(torch.uint8).numpy().tobytes(), "BF16", "F16")
-    assert out == base.to(torch.float16).view(torch.uint8).numpy().tobytes()
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+@pytest.mark.parametrize("src,dst", [(s, d) for s in ("BF16", "F16") for d in ("BF16", "F16", "F32") if s != d])
+def test_numpy_casts_equal_torch_on_every_16_bit_pattern(src, dst):
+    """Every bf16/fp16 pattern (NaN payloads, signed zeros, subnormals, Inf, ties) casts to the
+    bits torch gives, without torch."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).tobytes()
+    assert cast_reference(every, src, dst) == _bits(torch.frombuffer(bytearray(every), dtype=_TORCH[src]).to(_TORCH[dst]))
+
+
+@pytest.mark.parametrize("dst", ["BF16", "F16"])
+def test_numpy_casts_from_f32_equal_torch_on_ties_nans_and_edges(dst):
+    """F32 to 16 bits: each 16-bit pattern with every interesting low half (exact, ties to even
+    either way, just above/below a tie, all ones), NaN payloads in both halves, overflow near the
+    top, subnormals, and a million random patterns."""
+    hi = np.arange(1 << 16, dtype=np.uint32) << 16
+    lows = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x1000, 0x2000, 0x0FFF, 0x1FFF], np.uint32)
+    patterns = [(hi[:, None] | lows[None, :]).ravel(), np.random.default_rng(0).integers(0, 1 << 32, 1 << 20, dtype=np.uint32)]
+    for f16_low in (0x0FFF, 0x1000, 0x1001, 0x3000, 0x2FFF):  # ties of the f32 -> f16 rounding (13 dropped bits)
+        patterns.append(hi | f16_low)
+    for u in patterns:
+        raw = u.tobytes()
+        assert cast_reference(raw, "F32", dst) == _bits(torch.frombuffer(bytearray(raw), dtype=torch.float32).to(_TORCH[dst]))
+
+
+def test_restoring_a_cross_dtype_delta_model_does_not_import_torch(tmp_path):
+    """A model stored as fp16 deltas against its bf16 base restores in a process that never
+    imports torch (the import alone cost more than restoring a small model)."""
+    from haagenti.library import FragmentLibrary
+    from safetensors.numpy import save_file
+
+    base = (np.random.default_rng(0).standard_normal((256, 1024)) * 0.02).astype(np.float32)
+    bf16 = torch.from_numpy(base).bfloat16()
+    torch_save = {"w": bf16}
+    from safetensors.torch import save_file as save_torch
+
+    save_torch(torch_save, tmp_path / "base.safetensors")
+    save_file({"w": bf16.to(torch.float16).numpy()}, tmp_path / "fp16.safetensors")
+    lib = FragmentLibrary.open(str(tmp_path / "lib"))
+    lib.ingest([str(tmp_path / "base.safetensors")], "base")
+    lib.ingest([str(tmp_path / "fp16.safetensors")], "fp16")
+    rows = lib.store.read("fragments", columns=["encoding", "ref_dtype"]).to_pylist()
+    assert any(r["ref_dtype"] == "BF16" and r["encoding"] != "plain" for r in rows)  # really a cross-dtype delta
+    script = (
+        "import sys; from haagenti.library import FragmentLibrary; "
+        f"FragmentLibrary.open({str(tmp_path / 'lib')!r}).restore('fp16', {str(tmp_path / 'out')!r}); "
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    assert (tmp_path / "out" / "fp16.safetensors").read_bytes() == (tmp_path / "fp16.safetensors").read_bytes()
 
 
 def test_fragment_type_inference():

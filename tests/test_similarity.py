@@ -84,6 +84,46 @@ def test_signatures_equal_recorded_values_on_every_device(device):
     assert hashlib.sha256(repr(fields).encode()).hexdigest() == GOLDEN_SIGNATURES
 
 
+def _torch_kernel(frags: list[tuple[bytes, str]]):
+    """The torch kernel that GPUs run, here on the CPU, one fragment per batch."""
+    from haagenti.formats.dtypes import dtype
+    from haagenti.signature import _signature_batch
+
+    out = []
+    for data, name in frags:
+        t = torch.frombuffer(bytearray(data), dtype=dtype(name).torch_dtype) if data else torch.zeros(0)
+        out += _signature_batch(t.reshape(1, -1), SignatureConfig())
+    return out
+
+
+def test_cpu_kernel_equals_torch_kernel_on_the_example_family(family):
+    """The numpy kernel (CPU) and the torch kernel (GPU) give the same signatures, bit for bit,
+    on every fragment of the trained family and on the recorded inputs (NaN/Inf, fp8, f64)."""
+    from haagenti.encode import cut
+    from haagenti.formats import open_model
+
+    frags = list(golden_fragments())
+    for m in family:
+        src = open_model([m.file])
+        for t in src.tensors:
+            if t.dtype.is_float:
+                frags += [(p.data, t.dtype.name) for p in cut(src.iter_chunks(t, 131072 * t.dtype.itemsize), t.dtype.name, None)]
+    assert len(frags) > 100
+    assert compute_signatures(frags) == _torch_kernel(frags)
+
+
+def test_fragment_of_denormals_and_zeros_is_signed():
+    """A fragment whose max |value| is below ~3.7e-37 made levels / scale overflow float32: the
+    quantised values became NaN and bincount failed. Such values are now lifted by 2**100 first."""
+    z = np.zeros(1000, np.float32)
+    z[3] = np.float32(1e-40)
+    frags = [(z.tobytes(), "F32"), (np.array([0, 1, 0, 0x8001], np.uint16).tobytes(), "BF16"), (np.float32([3e-37, -1e-38]).tobytes(), "F32")]
+    sigs = compute_signatures(frags)
+    assert sigs == _torch_kernel(frags)
+    assert sigs[0].histogram[-1] == 1 and sum(sigs[0].histogram) == 1000 and sigs[0].scale == float(z[3])
+    assert sigs[1].histogram[0] == 1 and sigs[1].histogram[-1] == 1 and sigs[1].mean == 0.0
+
+
 def test_signature_batch_equals_one_by_one():
     g = torch.Generator().manual_seed(5)
     frags = [frag(torch.randn(8192, generator=g).bfloat16()) for _ in range(5)]

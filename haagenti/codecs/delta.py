@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from haagenti.codecs.cast import cast
 from haagenti.codecs.core import PLANES, chain_for, encode_smallest
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding
@@ -18,14 +19,9 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 def cast_reference(ref: bytes, ref_dtype: str, target_dtype: str) -> bytes:
     """The reference's values in the target dtype (e.g. a bf16 base cast to fp16), so a re-export
-    is stored as the small residual of the cast. Casts are IEEE round-to-nearest: deterministic."""
-    if ref_dtype == target_dtype:
-        return ref
-    import torch  # only cross-dtype deltas need it (numpy has no bfloat16)
-
-    src, dst = lookup_dtype(ref_dtype), lookup_dtype(target_dtype)
-    t = torch.frombuffer(bytearray(ref), dtype=src.torch_dtype) if ref else torch.empty(0, dtype=src.torch_dtype)
-    return t.to(dst.torch_dtype).view(torch.uint8).numpy().tobytes()
+    is stored as the small residual of the cast (haagenti.codecs.cast: IEEE round-to-nearest,
+    torch's bits, numpy's speed)."""
+    return ref if ref_dtype == target_dtype else cast(ref, ref_dtype, target_dtype)
 
 
 def _words(data: bytes, itemsize: int) -> np.ndarray:

@@ -6,21 +6,18 @@ the Ray pipeline run the very same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
 from haagenti.codecs import apply_delta, cast_reference, codec_chain, smallest_encoding
-from haagenti.config import LibraryConfig
 from haagenti.errors import FragmentError
 from haagenti.formats.dtypes import dtype as lookup_dtype
-from haagenti.fragment import Encoding, FragmentId, FragmentType
+from haagenti.fragment import Encoding, FragmentType
 from haagenti.hashing import content_hash
 from haagenti.lru import SizedLru
-from haagenti.manifest import FragmentRef
-from haagenti.signature import FragmentSignature, compute_signatures
-from haagenti.similarity import SimilarityIndex, measure
+from haagenti.signature import FragmentSignature
 
 
 @dataclass
@@ -36,15 +33,6 @@ class PendingFragment:
     @property
     def n_elements(self) -> int:
         return len(self.data) // lookup_dtype(self.dtype).itemsize
-
-
-def cut(data_chunks: Iterable[bytes], dtype_name: str, fragment_type: FragmentType) -> Iterable[PendingFragment]:
-    """Wrap the element-aligned chunks of one tensor as hashed fragments."""
-    itemsize = lookup_dtype(dtype_name).itemsize
-    offset = 0
-    for chunk in data_chunks:
-        yield PendingFragment(FragmentId.of(chunk), dtype_name, chunk, fragment_type, offset)
-        offset += len(chunk) // itemsize
 
 
 class RawCache(SizedLru[bytes]):
@@ -106,99 +94,6 @@ def decode_rows(rows: list[dict], fetch_refs: Callable[[set[str]], list[dict]], 
     for fid in by_id:
         out[fid] = raw_of(fid)
     return out
-
-
-class FragmentEncoder:
-    """Decides how each new fragment is stored. Keeps the set of known ids (exact dedup), the
-    similarity index over plain fragments (delta references), and a cache of reference bytes."""
-
-    def __init__(
-        self,
-        config: LibraryConfig,
-        known: dict[str, str],
-        index: SimilarityIndex,
-        fetch_raw: Callable[[set[str]], dict[str, bytes]],
-        device: str = "cpu",
-        quality: str = "exact",
-    ):
-        self.config = config
-        self.quality = quality
-        self.known = known  # fragment id -> dtype, for every fragment already stored
-        self.index = index
-        self.fetch_raw = fetch_raw
-        self.device = device
-        self.refs = RawCache(512 * 1024 * 1024)
-        # Plain fragments indexed but not yet committed: candidates for later fragments of the
-        # same ingest that the store cannot serve yet. Moved to the bounded cache on commit.
-        self.uncommitted: dict[str, bytes] = {}
-
-    def committed(self) -> None:
-        for fid, raw in self.uncommitted.items():
-            self.refs.put(fid, raw)
-        self.uncommitted.clear()
-
-    def encode_batch(self, batch: list[PendingFragment]) -> tuple[list[dict], list[dict], list[FragmentRef]]:
-        """Returns (fragment rows, signature rows, one FragmentRef per input fragment)."""
-        refs: list[FragmentRef | None] = [None] * len(batch)
-        new: list[int] = []
-        staged: set[str] = set()
-        for i, p in enumerate(batch):
-            if p.fragment_id in self.known or p.fragment_id in staged:
-                refs[i] = FragmentRef(p.fragment_id, p.elem_offset, p.n_elements, p.fragment_id)
-            else:
-                staged.add(p.fragment_id)
-                new.append(i)
-        floats = [i for i in new if lookup_dtype(batch[i].dtype).is_float and batch[i].data]
-        sigs: dict[int, FragmentSignature] = {}
-        if self.config.similarity and floats:
-            sigs = dict(zip(floats, compute_signatures([(batch[i].data, batch[i].dtype) for i in floats], self.config.signature, self.device)))
-        candidates = {i: self.index.query(s.bits, self.config.candidates, batch[i].n_elements) for i, s in sigs.items()}
-        wanted = {fid for c in candidates.values() for fid, _ in c if fid not in self.refs and fid not in self.uncommitted}
-        if wanted:
-            for fid, raw in self.fetch_raw(wanted).items():
-                self.refs.put(fid, raw)
-        frag_rows, sig_rows = [], []
-        for i in new:
-            p = batch[i]
-            row, ref = self._encode_one(p, candidates.get(i, []))
-            refs[i] = ref
-            if row is None:
-                continue
-            frag_rows.append(row)
-            self.known[p.fragment_id] = p.dtype
-            if i in sigs:
-                sig_rows.append(signature_row(p, sigs[i]))
-                if row["encoding"] == Encoding.PLAIN.value:
-                    self.index.insert(p.fragment_id, sigs[i].bits, p.n_elements)
-                    self.uncommitted[p.fragment_id] = p.data
-        return frag_rows, sig_rows, refs  # type: ignore[return-value]
-
-    def _encode_one(self, p: PendingFragment, candidates: list[tuple[str, int]]) -> tuple[dict | None, FragmentRef]:
-        refs = []
-        for cand, _ in candidates:
-            ref_raw = self.uncommitted.get(cand) or self.refs.get(cand)
-            if ref_raw is None:
-                continue
-            if self.config.lossy_threshold is not None and self.known.get(cand) == p.dtype:
-                shared = self._lossy(p, cand, ref_raw)
-                if shared is not None:
-                    return None, shared
-            refs.append((cand, ref_raw, self.known.get(cand, p.dtype)))
-        return encode_fragment(p, refs, self.config.zstd_level, self.quality), FragmentRef(p.fragment_id, p.elem_offset, p.n_elements, p.fragment_id)
-
-    def _lossy(self, p: PendingFragment, cand: str, ref: bytes) -> FragmentRef | None:
-        """Share `cand` in place of `p` when the measured relative L2 error is within the bound."""
-        t = lookup_dtype(p.dtype).torch_dtype
-        import torch
-
-        a = torch.frombuffer(bytearray(p.data), dtype=t).to(torch.float64).numpy()
-        b = torch.frombuffer(bytearray(ref), dtype=t).to(torch.float64).numpy()
-        if not (np.isfinite(a).all() and np.isfinite(b).all()):
-            return None
-        _, rel, mx = measure(a, b)
-        if rel <= (self.config.lossy_threshold or 0.0):
-            return FragmentRef(cand, p.elem_offset, p.n_elements, p.fragment_id, mx, rel)
-        return None
 
 
 def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str]], level: int | str, quality: str = "exact") -> dict:

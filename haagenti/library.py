@@ -4,50 +4,25 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import time
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, BinaryIO, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from haagenti.config import LibraryConfig, LibraryStats, ModelStats
-from haagenti.encode import FragmentEncoder, PendingFragment, RawCache, cut, decode_rows, fragment_rows, rows_table
+from haagenti.encode import RawCache, decode_rows, fragment_rows
 from haagenti.errors import FragmentError, LibraryError
-from haagenti.formats import open_model
-from haagenti.formats.dtypes import dtype as lookup_dtype, has_nonfinite
-from haagenti.formats.safetensors import file_prefix
-from haagenti.fragment import Encoding, FragmentType
-from haagenti.hashing import file_layout, hasher, model_hash
+from haagenti.formats.dtypes import dtype as lookup_dtype
+from haagenti.fragment import Encoding
+from haagenti.hashing import file_layout, hasher
+from haagenti.ingest import IngestReport, ModelInput, Progress, ingest_models
 from haagenti.manifest import FileRecord, ModelManifest, TensorRef, validate_model_id
-from haagenti.similarity import SimilarityIndex
-from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS, LibraryStore
+from haagenti.store import LibraryStore
 from haagenti.store.delta import quote
 
 if TYPE_CHECKING:
     import torch  # only PyTorch checkpoints need it, where they are restored
-
-Progress = Callable[[int], None]
-
-
-@dataclass
-class IngestReport:
-    model_id: str
-    raw_bytes: int
-    fragments: int = 0
-    exact: int = 0  # references to fragments already stored (or repeated within the model)
-    plain: int = 0
-    delta: int = 0
-    lossy: int = 0
-    stored_bytes: int = 0
-    seconds: float = 0.0
-    unchanged: bool = False
-    nonfinite_tensors: list[str] = field(default_factory=list)
-
-    @property
-    def reduction(self) -> float:
-        return 1 - self.stored_bytes / self.raw_bytes if self.raw_bytes else 0.0
-
 
 @dataclass
 class VerifyReport:
@@ -97,13 +72,13 @@ class FragmentLibrary:
         t = self.store.read("fragments", columns=["fragment_id", "dtype"])
         return dict(zip(t["fragment_id"].to_pylist(), t["dtype"].to_pylist()))
 
-    def similarity_index(self) -> SimilarityIndex:
-        """Index over plain (non-delta) exact fragments: the only allowed delta references."""
+    def reference_signatures(self) -> pa.Table:
+        """(fragment_id, bits, n_elements) of the fragments a delta may reference: plain and
+        exact (references are never deltas, so chains stay one hop deep)."""
         frags = self.store.read("fragments", columns=["fragment_id", "encoding", "quality"])
         plain = frags.filter(pc.and_(pc.equal(frags["encoding"], Encoding.PLAIN.value), pc.equal(frags["quality"], "exact")))
         sigs = self.store.read("signatures", columns=["fragment_id", "bits", "n_elements"])
-        sigs = sigs.filter(pc.is_in(sigs["fragment_id"], plain["fragment_id"]))
-        return SimilarityIndex.from_table(sigs, self.config.signature)
+        return sigs.filter(pc.is_in(sigs["fragment_id"], plain["fragment_id"]))
 
     def fetch_raw(self, ids: Iterable[str], cache: RawCache | None = None) -> dict[str, bytes]:
         """Decoded, hash-verified bytes of fragments (and nothing else from the library)."""
@@ -135,84 +110,13 @@ class FragmentLibrary:
 
     def ingest_many(
         self,
-        models: list["ModelInput"],
+        models: list[ModelInput],
         progress: Progress | None = None,
         device: str = "cpu",
         quality: str = "exact",
     ) -> list[IngestReport]:
-        """Add several models with one manifests commit and one models commit that publishes them
-        all (new fragments and signatures are committed before them, in chunks of `batch_bytes`).
-        A Delta commit costs milliseconds whatever its size, so a family of small models
-        ingests much faster this way; later models still deduplicate against earlier ones."""
-        ids = [m.model_id for m in models]
-        for mid in ids:
-            validate_model_id(mid)
-        if len(set(ids)) != len(ids):
-            raise LibraryError(f"model ids repeat within one ingest: {sorted({i for i in ids if ids.count(i) > 1})}")
-        existing = self.store.read("models", columns=["model_id", "ingest_seq"])
-        present = set(existing["model_id"].to_pylist()) & set(ids)
-        if present:
-            raise LibraryError(f"model {sorted(present)[0]!r} is already in the library; `haagenti rm` it first to replace it")
-        sources = [open_model(m.urls) for m in models]  # every file is checked before anything is written
-        index = self.similarity_index() if self.config.similarity and quality == "exact" else SimilarityIndex(self.config.signature)
-        encoder = FragmentEncoder(self.config, self.known_fragments(), index, self.fetch_raw, device, quality)
-        note = f"ingest {', '.join(ids)}"[:200]
-        writer = _FragmentWriter(self.store, encoder, self.config.batch_bytes, note, progress)
-        manifests, reports = [], []
-        for m, source in zip(models, sources):
-            started = time.perf_counter()
-            report = IngestReport(m.model_id, source.raw_bytes)
-            with source:
-                manifests.append(self._cut_model(m, source, writer, report))
-            report.seconds = time.perf_counter() - started
-            reports.append(report)
-        writer.flush(final=True)
-        self.store.append("manifests", pa.concat_tables([mf.manifest_rows() for mf in manifests]), note)
-        seq = max(existing["ingest_seq"].to_pylist(), default=-1) + 1
-        rows = [self._model_row(mf, seq + i) for i, mf in enumerate(manifests)]
-        self.store.append("models", pa.Table.from_pylist(rows, schema=SCHEMAS["models"]), note)
-        return reports
-
-    def _cut_model(self, m: "ModelInput", source, writer: "_FragmentWriter", report: IngestReport) -> ModelManifest:
-        """Cut one model's tensors into fragments, hand them to the writer, and hash its files."""
-        hashers = {i: safetensors_hasher(f.header) for i, f in enumerate(source.files) if f.format == "safetensors"}
-        ids: list[list[str]] = [[] for _ in source.files]  # each file's fragment ids in order (its layout)
-        tensors: list[TensorRef] = []
-        for t in source.tensors:
-            ref = TensorRef(t.name, t.dtype.name, t.shape, t.file_index, FragmentType.infer(t.name))
-            tensors.append(ref)
-            chunk = self.config.fragment_elements * t.dtype.itemsize
-            nonfinite = False
-            for p in cut(source.iter_chunks(t, chunk), t.dtype.name, ref.fragment_type):
-                if t.file_index in hashers:
-                    hashers[t.file_index].update(p.data)
-                ids[t.file_index].append(p.fragment_id)
-                nonfinite = nonfinite or has_nonfinite(p.data, t.dtype)
-                writer.add(p, ref, report)
-            if nonfinite:
-                report.nonfinite_tensors.append(t.name)
-        writer.end_model()  # this model's refs are complete before its manifest is built
-        files = [
-            FileRecord.with_layout(f.name, f.format, f.size, hashers[i].hexdigest() if i in hashers else f.blake3, f.header, ids[i])
-            for i, f in enumerate(source.files)
-        ]
-        content_hash = model_hash([f.blake3 for f in files])
-        return ModelManifest(m.model_id, m.family, files, tensors, content_hash, source.raw_bytes, list(m.urls))
-
-    @staticmethod
-    def _model_row(m: ModelManifest, seq: int) -> dict:
-        return {
-            "model_id": m.model_id,
-            "family": m.family,
-            "content_hash": m.content_hash,
-            "raw_bytes": m.raw_bytes,
-            "n_tensors": len(m.tensors),
-            "lossy": m.lossy,
-            "files": [asdict(f) for f in m.files],
-            "source_uris": m.source_uris,
-            "ingest_seq": seq,
-            "format_version": LIBRARY_FORMAT_VERSION,
-        }
+        """Add several models in one set of commits (haagenti.ingest)."""
+        return ingest_models(self, models, progress, device, quality)
 
     # ---- restore ------------------------------------------------------------------------
     def iter_tensors(self, manifest: ModelManifest, cache: RawCache | None = None) -> Iterable[tuple[TensorRef, bytes]]:
@@ -410,75 +314,6 @@ class FragmentLibrary:
         )
 
 
-@dataclass
-class ModelInput:
-    """One model to ingest: its files (any fsspec URLs), id and optional family."""
-
-    urls: list[str]
-    model_id: str
-    family: str | None = None
-
-
-class _FragmentWriter:
-    """Batches cut fragments through the encoder and commits the new rows in chunks of
-    `batch_bytes` (fragments first, then their signatures: a crash in between leaves rows
-    that gc removes, never a model that points at nothing)."""
-
-    def __init__(self, store: LibraryStore, encoder: FragmentEncoder, batch_bytes: int, note: str, progress: Progress | None):
-        self.store, self.encoder, self.batch_bytes, self.note, self.progress = store, encoder, batch_bytes, note, progress
-        self.batch: list[tuple[PendingFragment, TensorRef, IngestReport]] = []
-        self.batch_size = 0
-        self.frags: list[dict] = []
-        self.runs = [0]  # rows of self.frags per model (the last is the current one): each model gets its own row groups
-        self.sigs: list[dict] = []
-        self.stored = 0
-
-    def add(self, p: PendingFragment, owner: TensorRef, report: IngestReport) -> None:
-        self.batch.append((p, owner, report))
-        self.batch_size += len(p.data)
-        if self.batch_size >= self.batch_bytes:
-            self.encode()
-
-    def encode(self) -> None:
-        if not self.batch:
-            return
-        rows, sigs, refs = self.encoder.encode_batch([p for p, _, _ in self.batch])
-        new = {r["fragment_id"]: r for r in rows}
-        for (p, owner, report), ref in zip(self.batch, refs):
-            owner.fragments.append(ref)
-            report.fragments += 1
-            report.lossy += ref.lossy
-            row = new.pop(p.fragment_id, None) if not ref.lossy else None
-            if row is None:
-                report.exact += not ref.lossy
-            else:
-                report.plain += row["encoding"] == Encoding.PLAIN.value
-                report.delta += row["encoding"] != Encoding.PLAIN.value
-                report.stored_bytes += row["stored_size"]
-        self.frags.extend(rows)
-        self.runs[-1] += len(rows)
-        self.sigs.extend(sigs)
-        self.stored += sum(r["stored_size"] for r in rows)
-        if self.progress:
-            self.progress(self.batch_size)
-        self.batch.clear()
-        self.batch_size = 0
-        self.flush()
-
-    def end_model(self) -> None:
-        """Encode what is pending (the model's refs are then complete); the next model's new
-        rows start a run of their own."""
-        self.encode()
-        self.runs.append(0)
-
-    def flush(self, final: bool = False) -> None:
-        if self.frags and (final or self.stored >= self.batch_bytes):
-            self.store.append("fragments", rows_table(self.frags, SCHEMAS["fragments"]), self.note, self.runs)
-            self.store.append("signatures", rows_table(self.sigs, SCHEMAS["signatures"]), self.note)
-            self.frags, self.runs, self.sigs, self.stored = [], [0], [], 0
-            self.encoder.committed()
-
-
 class _NullSink(io.RawIOBase):
     def write(self, b) -> int:  # type: ignore[override]
         return len(b)
@@ -515,15 +350,6 @@ def _put(sink: BinaryIO, hasher, data: bytes) -> None:
     sink.write(data)
     if hasher is not None:
         hasher.update(data)
-
-
-def safetensors_hasher(header: bytes):
-    """A streaming BLAKE3 of a safetensors file, fed its length and header: update it with the
-    tensor data in file order (ingest and the pipeline both hash files as they cut them)."""
-    h = hasher()
-    h.update(file_prefix(header))
-    return h
-
 
 
 def model_relations(library: FragmentLibrary, model_ids: list[str] | None = None) -> dict[tuple[str, str], float]:

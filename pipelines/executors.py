@@ -9,12 +9,12 @@ from __future__ import annotations
 import functools
 import os
 from collections import deque
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.groups import group_starts, sort_rows
+from haagenti.groups import group_starts, sort_rows
 
 
 FORWARDED_ENV = ("AWS_", "HAAGENTI_", "GOOGLE_", "AZURE_")
@@ -27,9 +27,7 @@ class Executor(Protocol):
     # 1.2-1.9 s for 28 models).
     held_bytes: int | None
 
-    def map(self, fn: Callable[[dict], dict], rows: list[dict]) -> list[dict]: ...
-
-    def flat_map(self, fn: Callable[[dict], list[dict]], rows: list[dict], schema: pa.Schema) -> pa.Table: ...
+    def map(self, fn: Callable[[dict], Any], rows: list[dict]) -> list[Any]: ...
 
     def map_batches(self, cls: type, args: tuple, table: pa.Table, batch_size: int, actors: bool = False) -> Iterator[pa.Table]: ...
 
@@ -43,10 +41,6 @@ class LocalExecutor:
 
     def map(self, fn, rows):
         return [fn(r) for r in rows]
-
-    def flat_map(self, fn, rows, schema):
-        out = [x for r in rows for x in fn(r)]
-        return pa.Table.from_pylist(out, schema=schema)
 
     def map_batches(self, cls, args, table, batch_size, actors=False):
         step = cls(*args)
@@ -107,10 +101,6 @@ class RayExecutor:
     def map(self, fn, rows):
         return list(self._run((_apply, fn, r) for r in rows))
 
-    def flat_map(self, fn, rows, schema):
-        tables = [_owned(t) for t in self._run((_flat, fn, r, schema) for r in rows) if t.num_rows]
-        return pa.concat_tables(tables) if tables else schema.empty_table()
-
     def map_batches(self, cls, args, table, batch_size, actors=False):
         slices = (table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size))
         return self._run(((_call, cls, args, b) for b in slices), gpu=actors)
@@ -129,7 +119,7 @@ class RayExecutor:
 def _owned(t: pa.Table) -> pa.Table:
     """A copy of a step result in the driver's own memory. A table from `ray.get` is a view
     that pins its object in the object store for as long as anyone holds it: gathered whole
-    (flat_map, group_by), results held through later stages filled the store and sent every
+    (group_by), results held through later stages filled the store and sent every
     later result to Ray's fallback allocation on disk (1.4 GB catalog, 1 worker: the encode
     stage took 85 s instead of 7.5 s with the match stage's pairs pinning ~70 MB of 75 MiB).
     Streamed results (map_batches) stay views; the driver bounds them with `held_bytes`."""
@@ -149,10 +139,6 @@ def _cut_at_groups(t: pa.Table, keys: list[str], n: int) -> list[pa.Table]:
 
 def _apply(fn, row):
     return fn(row)
-
-
-def _flat(fn, row, schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pylist(fn(row), schema=schema)
 
 
 class _StepActor:

@@ -5,9 +5,9 @@ reader sees a whole table version or the previous one, two writers race on the s
 entry and the loser gets an error instead of overwriting, and the tables stay plain
 Parquet that pyarrow, DuckDB, polars and Ray Data read without haagenti.
 
-Tables, written in this order by an ingest so that a model is visible only once
-everything it references is committed:
-  fragments  -> signatures -> manifests -> models (the models row publishes the model)
+Tables: fragments, signatures, manifests, models. The order an ingest commits them in is the
+committer's (haagenti/writer.py, docs/format.md): a model is visible only once everything it
+references is committed.
 """
 from __future__ import annotations
 

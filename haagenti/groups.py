@@ -1,5 +1,5 @@
-"""Sorted Arrow tables cut into groups of equal keys: shared by the executors (which cut work
-at group boundaries) and the steps that work on whole groups."""
+"""Sorted Arrow tables cut into groups of equal keys: shared by the reference matcher (which pairs
+fragments within LSH buckets) and the pipeline executors (which cut work at group boundaries)."""
 from __future__ import annotations
 
 import numpy as np

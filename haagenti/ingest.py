@@ -1,0 +1,302 @@
+"""The ingest core, shared by `FragmentLibrary.ingest_many` and the Ray pipeline.
+
+    cut (ModelCut) -> sign (signature_table) -> match (haagenti.matching) -> encode
+    (encode_fragment) -> commit (haagenti.writer.Committer)
+
+The library runs these stages in one process, batch after batch (`ingest_models`); the
+pipeline (`pipelines/`) runs the same functions as steps its executors distribute, with model
+bytes read by byte range where they are needed. Both build the same tables from the same
+catalog (tests/test_agreement.py).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from haagenti.config import LibraryConfig
+from haagenti.encode import PendingFragment, RawCache, encode_fragment, rows_table, signature_row
+from haagenti.errors import FormatError, LibraryError
+from haagenti.formats import open_model
+from haagenti.formats.dtypes import dtype as lookup_dtype, has_nonfinite
+from haagenti.formats.safetensors import file_prefix
+from haagenti.formats.source import ModelSource
+from haagenti.fragment import Encoding, FragmentId, FragmentType
+from haagenti.hashing import hasher, model_hash
+from haagenti.manifest import FileRecord, FragmentRef, ModelManifest, TensorRef, validate_model_id
+from haagenti.matching import RunMatcher
+from haagenti.signature import SignatureConfig, compute_signatures
+from haagenti.similarity import measure
+from haagenti.store import SCHEMAS
+from haagenti.writer import Committer
+
+if TYPE_CHECKING:
+    from haagenti.library import FragmentLibrary
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class ModelInput:
+    """One model to ingest: its files (any fsspec URLs), id and optional family."""
+
+    urls: list[str]
+    model_id: str
+    family: str | None = None
+
+
+@dataclass
+class IngestReport:
+    model_id: str
+    raw_bytes: int
+    fragments: int = 0
+    exact: int = 0  # references to fragments already stored (or repeated within the model)
+    plain: int = 0
+    delta: int = 0
+    lossy: int = 0
+    stored_bytes: int = 0
+    seconds: float = 0.0
+    unchanged: bool = False
+    nonfinite_tensors: list[str] = field(default_factory=list)
+
+    @property
+    def reduction(self) -> float:
+        return 1 - self.stored_bytes / self.raw_bytes if self.raw_bytes else 0.0
+
+
+# ---- cut: occurrences ---------------------------------------------------------------------
+@dataclass
+class Occurrence:
+    """One fragment position of a model: the cut bytes, the tensor they belong to (whose
+    `fragments[index]` is their reference), and where they lie ("" for checkpoint tensors)."""
+
+    piece: PendingFragment
+    tensor: TensorRef
+    index: int
+    url: str
+    byte_offset: int
+
+
+def safetensors_hasher(header: bytes):
+    """A streaming BLAKE3 of a safetensors file, fed its length and header: update it with the
+    tensor data in file order."""
+    h = hasher()
+    h.update(file_prefix(header))
+    return h
+
+
+class ModelCut:
+    """One model cut into fragments of `fragment_elements` elements (the same elements in any
+    dtype), each id the BLAKE3 of its bytes. Iterating yields the occurrences in model order
+    and re-hashes each safetensors file as it is cut: a file's layout (its fragment ids) stands
+    in for its bytes on restore, so they must be the bytes whose BLAKE3 is recorded.
+    `manifest()` then holds the files (with layouts) and tensors (with exact references)."""
+
+    def __init__(self, model: ModelInput, source: ModelSource, fragment_elements: int):
+        self.model, self.source, self.step = model, source, fragment_elements
+        self.hashers = {i: safetensors_hasher(f.header) for i, f in enumerate(source.files) if f.format == "safetensors"}
+        self.layouts: list[list[str]] = [[] for _ in source.files]  # each file's fragment ids in order
+        self.tensors: list[TensorRef] = []
+
+    def __iter__(self) -> Iterator[Occurrence]:
+        for t in self.source.tensors:
+            ref = TensorRef(t.name, t.dtype.name, t.shape, t.file_index, FragmentType.infer(t.name))
+            self.tensors.append(ref)
+            url = self.source.files[t.file_index].url if t.payload is None else ""
+            chunk_bytes = self.step * t.dtype.itemsize
+            for seq, chunk in enumerate(self.source.iter_chunks(t, chunk_bytes)):
+                fid = FragmentId.of(chunk)
+                if t.file_index in self.hashers:
+                    self.hashers[t.file_index].update(chunk)
+                self.layouts[t.file_index].append(fid)
+                n = len(chunk) // t.dtype.itemsize
+                ref.fragments.append(FragmentRef(fid, seq * self.step, n, fid))
+                piece = PendingFragment(fid, t.dtype.name, chunk, ref.fragment_type, seq * self.step)
+                yield Occurrence(piece, ref, seq, url, t.data_begin + seq * chunk_bytes)
+
+    def manifest(self, expected_blake3: list[str] | None = None) -> ModelManifest:
+        """The model's manifest once every occurrence was taken. `expected_blake3`: the files'
+        hashes from an earlier scan, which the bytes cut must match."""
+        files = []
+        for i, f in enumerate(self.source.files):
+            digest = self.hashers[i].hexdigest() if i in self.hashers else f.blake3
+            if expected_blake3 is not None and digest != expected_blake3[i]:
+                raise FormatError(f"{f.url}: changed between the scan and fragmenting (its BLAKE3 differs); run again")
+            files.append(FileRecord.with_layout(f.name, f.format, f.size, digest, f.header, self.layouts[i]))
+        m = self.model
+        return ModelManifest(m.model_id, m.family, files, self.tensors, model_hash([f.blake3 for f in files]), self.source.raw_bytes, list(m.urls))
+
+
+# ---- sign and encode ----------------------------------------------------------------------
+def signs(p: PendingFragment) -> bool:
+    """Whether a new fragment gets a signature (and so takes part in reference choice)."""
+    return bool(p.data) and lookup_dtype(p.dtype).is_float
+
+
+def signature_table(pieces: list[PendingFragment], config: SignatureConfig, device: str = "cpu") -> pa.Table:
+    """Signatures-table rows of fragments (bit-identical on any device)."""
+    sigs = compute_signatures([(p.data, p.dtype) for p in pieces], config, device) if pieces else []
+    return rows_table([signature_row(p, s) for p, s in zip(pieces, sigs)], SCHEMAS["signatures"])
+
+
+def fragment_table(rows: list[dict]) -> pa.Table:
+    return rows_table(rows, SCHEMAS["fragments"])
+
+
+class FragmentEncoder:
+    """The library's stages after the cut, batch by batch: which occurrences are new, their
+    signatures, their references (one RunMatcher for the whole ingest), and their rows."""
+
+    def __init__(self, config: LibraryConfig, known: dict[str, str], matcher: RunMatcher | None,
+                 fetch_raw: Callable[[set[str]], dict[str, bytes]], device: str = "cpu", quality: str = "exact"):
+        self.config, self.known, self.matcher, self.fetch_raw = config, known, matcher, fetch_raw
+        self.device, self.quality = device, quality
+        self.refs = RawCache(512 * 1024 * 1024)
+        # Anchors of this ingest not yet committed: later fragments may reference them before
+        # the store can serve them. Moved to the bounded cache on commit.
+        self.uncommitted: dict[str, bytes] = {}
+        self.batch: list[tuple[Occurrence, IngestReport]] = []
+        self.batch_bytes = 0
+
+    def add(self, occ: Occurrence, report: IngestReport) -> bool:
+        """Queue an occurrence; True when the batch is full (call `encode`)."""
+        self.batch.append((occ, report))
+        self.batch_bytes += len(occ.piece.data)
+        return self.batch_bytes >= self.config.batch_bytes
+
+    def committed(self) -> None:
+        for fid, raw in self.uncommitted.items():
+            self.refs.put(fid, raw)
+        self.uncommitted.clear()
+
+    def encode(self) -> tuple[pa.Table, pa.Table, int]:
+        """(fragments rows, signatures rows, raw bytes consumed) of the queued occurrences."""
+        batch, consumed = self.batch, self.batch_bytes
+        self.batch, self.batch_bytes = [], 0
+        new: list[Occurrence] = []
+        for occ, _ in batch:
+            fid = occ.piece.fragment_id
+            if fid not in self.known:
+                self.known[fid] = occ.piece.dtype
+                new.append(occ)
+        signed = [o.piece for o in new if signs(o.piece)] if self.matcher is not None else []
+        sigs = signature_table(signed, self.config.signature, self.device)
+        candidates = self.matcher.match(sigs) if self.matcher is not None else {}
+        batch_ids = {o.piece.fragment_id for o in new}  # anchors of this batch: encoded before they are referenced
+        wanted = {c for cs in candidates.values() for c in cs if c not in self.refs and c not in self.uncommitted and c not in batch_ids}
+        if wanted:
+            for fid, raw in self.fetch_raw(wanted).items():
+                self.refs.put(fid, raw)
+        stored: list[dict] = []
+        lossy: dict[str, FragmentRef] = {}
+        for occ in new:
+            p = occ.piece
+            row, ref = self._encode_one(p, candidates.get(p.fragment_id))
+            if ref is not None:  # shared lossily: nothing stored, and the id stays unknown
+                lossy[p.fragment_id] = ref
+                del self.known[p.fragment_id]
+                continue
+            stored.append(row)
+            if self.matcher is not None and signs(p) and p.fragment_id not in candidates:
+                self.uncommitted[p.fragment_id] = p.data  # an anchor: later fragments may reference it
+        by_id = {r["fragment_id"]: r for r in stored}
+        for occ, report in batch:
+            report.fragments += 1
+            shared = lossy.get(occ.piece.fragment_id)
+            if shared is not None:
+                occ.tensor.fragments[occ.index] = FragmentRef(shared.fragment_id, occ.piece.elem_offset, occ.piece.n_elements,
+                                                              shared.source_fragment_id, shared.max_abs_error, shared.rel_l2_error)
+                report.lossy += 1
+                continue
+            row = by_id.pop(occ.piece.fragment_id, None)
+            if row is None:
+                report.exact += 1
+            else:
+                report.plain += row["encoding"] == Encoding.PLAIN.value
+                report.delta += row["encoding"] != Encoding.PLAIN.value
+                report.stored_bytes += row["stored_size"]
+        if lossy and sigs.num_rows:
+            sigs = sigs.filter(pa.array([f not in lossy for f in sigs["fragment_id"].to_pylist()], pa.bool_()))
+        return fragment_table(stored), sigs, consumed
+
+    def _encode_one(self, p: PendingFragment, candidates: list[str] | None) -> tuple[dict | None, FragmentRef | None]:
+        """(row, None), or (None, a lossy reference) when a candidate may stand in for `p`."""
+        refs = []
+        for cand in candidates or []:
+            ref_raw = self.uncommitted.get(cand) or self.refs.get(cand)
+            if ref_raw is None:
+                ref_raw = self.fetch_raw({cand})[cand]  # evicted from the cache since it was fetched
+            if self.config.lossy_threshold is not None and self.known.get(cand) == p.dtype:
+                shared = self._lossy(p, cand, ref_raw)
+                if shared is not None:
+                    return None, shared
+            refs.append((cand, ref_raw, self.known[cand]))
+        return encode_fragment(p, refs, self.config.zstd_level, self.quality), None
+
+    def _lossy(self, p: PendingFragment, cand: str, ref: bytes) -> FragmentRef | None:
+        """Share `cand` in place of `p` when the measured relative L2 error is within the bound."""
+        import torch
+
+        t = lookup_dtype(p.dtype).torch_dtype
+        a = torch.frombuffer(bytearray(p.data), dtype=t).to(torch.float64).numpy()
+        b = torch.frombuffer(bytearray(ref), dtype=t).to(torch.float64).numpy()
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            return None
+        _, rel, mx = measure(a, b)
+        if rel <= (self.config.lossy_threshold or 0.0):
+            return FragmentRef(cand, p.elem_offset, p.n_elements, p.fragment_id, mx, rel)
+        return None
+
+
+# ---- the library's ingest -----------------------------------------------------------------
+def ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: Progress | None = None,
+                  device: str = "cpu", quality: str = "exact") -> list[IngestReport]:
+    """Add several models in one set of commits (haagenti.writer.Committer states the order);
+    later models deduplicate against earlier ones. A Delta commit costs milliseconds whatever
+    its size, so a family of small models ingests much faster this way than one by one."""
+    ids = [m.model_id for m in models]
+    for mid in ids:
+        validate_model_id(mid)
+    if len(set(ids)) != len(ids):
+        raise LibraryError(f"model ids repeat within one ingest: {sorted({i for i in ids if ids.count(i) > 1})}")
+    present = set(lib.store.read("models", columns=["model_id"])["model_id"].to_pylist()) & set(ids)
+    if present:
+        raise LibraryError(f"model {sorted(present)[0]!r} is already in the library; `haagenti rm` it first to replace it")
+    config = lib.config
+    sources = [open_model(m.urls) for m in models]  # every file is checked before anything is written
+    # Tier models (quality != exact) never reference exact data, only each other.
+    library_refs = lib.reference_signatures() if quality == "exact" else SCHEMAS["signatures"].empty_table().select(["fragment_id", "bits", "n_elements"])
+    matcher = RunMatcher(config, library_refs) if config.similarity else None
+    encoder = FragmentEncoder(config, lib.known_fragments(), matcher, lib.fetch_raw, device, quality)
+    committer = Committer(lib.store, f"ingest {', '.join(ids)}"[:200], config.batch_bytes, encoder.committed)
+
+    def encode(owner: int) -> None:
+        frags, sigs, consumed = encoder.encode()
+        committer.add(frags, sigs, owner)
+        if progress and consumed:
+            progress(consumed)
+
+    manifests, reports = [], []
+    for owner, (m, source) in enumerate(zip(models, sources)):
+        started = time.perf_counter()
+        report = IngestReport(m.model_id, source.raw_bytes)
+        cut = ModelCut(m, source, config.fragment_elements)
+        with source:
+            nonfinite: set[str] = set()
+            for occ in cut:
+                if occ.tensor.name not in nonfinite and has_nonfinite(occ.piece.data, lookup_dtype(occ.piece.dtype)):
+                    nonfinite.add(occ.tensor.name)
+                    report.nonfinite_tensors.append(occ.tensor.name)
+                if encoder.add(occ, report):
+                    encode(owner)
+            encode(owner)  # this model's references are complete before its manifest is built
+        manifests.append(cut.manifest())
+        report.seconds = time.perf_counter() - started
+        reports.append(report)
+    committer.flush()
+    committer.commit_manifests(manifests)
+    committer.publish(manifests)
+    return reports

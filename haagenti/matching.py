@@ -1,0 +1,176 @@
+"""Reference choice: which stored or earlier fragments a new fragment may be encoded against.
+
+One rule, used by `FragmentLibrary.ingest_many` (batch after batch, in one process) and by the
+Ray pipeline (once over the whole run, its bucket groups spread over workers):
+
+1. Candidates. Every new float fragment has a position in the run (catalog order: models in
+   order, tensors in file order, fragments in tensor order). Its candidates are the fragments
+   *before* it that share an LSH band with it and have its length: plain exact fragments of the
+   library first (by id), then this run's new float fragments (by position). Per band bucket
+   only the first `MAX_PARTNERS` such fragments are considered (a bucket of identical
+   signatures, e.g. zero-filled fragments, stays linear), and only those within
+   `hamming_limit(similar_cosine)` bits of it are kept.
+2. Anchors. A new fragment with no candidate is an *anchor*: it is stored plain and may serve as
+   a reference. Chains stay one hop deep: a fragment may reference library fragments and this
+   run's anchors only, never another delta.
+3. Top k. The usable candidates are ranked by (Hamming distance, id); the first `k` are tried
+   as references and the smallest encoding wins (haagenti.encode).
+
+Every step looks only at fragments before the one it decides, so computing the rule batch by
+batch (the library, carrying the earlier batches' band rows) gives exactly what computing it
+over the whole run at once gives (the pipeline): the two paths build the same library.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from haagenti.config import LibraryConfig
+from haagenti.groups import group_starts, rank_in_runs, sort_rows
+from haagenti.signature import SignatureConfig
+from haagenti.similarity import band_rows
+
+MAX_PARTNERS = 32  # candidates looked at per new fragment and band bucket
+BUCKET = ["band", "band_hash"]
+# One row per (fragment, band). `pos` orders fragments: -1 for the library's, then run order.
+# `is_new`: decided in this call; `usable`: may serve as a reference (known for earlier rows).
+BAND_SCHEMA = pa.schema(
+    [
+        ("band", pa.int16()),
+        ("band_hash", pa.uint64()),
+        ("fragment_id", pa.string()),
+        ("bits", pa.binary()),
+        ("n_elements", pa.int64()),
+        ("pos", pa.int64()),
+        ("is_new", pa.bool_()),
+        ("usable", pa.bool_()),
+    ]
+)
+PAIR_SCHEMA = pa.schema([("fragment_id", pa.string()), ("candidate_id", pa.string()), ("hamming", pa.int32()), ("usable", pa.bool_())])
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.int32)
+
+
+def hamming_limit(config: SignatureConfig, cosine: float) -> int:
+    """Hamming distance at which SimHash's expected collision rate matches `cosine`."""
+    return int(config.bits * math.acos(max(min(cosine, 1.0), -1.0)) / math.pi)
+
+
+def band_table(sigs: pa.Table, config: SignatureConfig, pos: np.ndarray, is_new: bool, usable: np.ndarray | bool) -> pa.Table:
+    """Band rows of signatures (`fragment_id`, `bits`, `n_elements`), carrying what pairing needs."""
+    b = band_rows(sigs["fragment_id"].to_pylist(), sigs["bits"].to_pylist(), config)
+    reps = config.bands
+    n = sigs.num_rows
+    usable = np.full(n, usable, bool) if isinstance(usable, bool) else np.asarray(usable, bool)
+    cols = {
+        "band": b["band"], "band_hash": b["band_hash"], "fragment_id": b["fragment_id"],
+        "bits": pc.take(sigs["bits"], pa.array(np.repeat(np.arange(n), reps))),
+        "n_elements": pa.array(np.repeat(sigs["n_elements"].to_numpy(), reps), pa.int64()),
+        "pos": pa.array(np.repeat(np.asarray(pos, np.int64), reps), pa.int64()),
+        "is_new": pa.array(np.full(n * reps, is_new)),
+        "usable": pa.array(np.repeat(usable, reps)),
+    }
+    return pa.table(cols, schema=BAND_SCHEMA)
+
+
+def shared_buckets(bands: pa.Table) -> pa.Table:
+    """Band rows of the buckets that can yield a pair: two or more fragments, one of them new.
+    Most buckets hold one fragment; dropping them in one Arrow aggregation keeps the pairing
+    work proportional to the real matches."""
+    agg = bands.group_by(BUCKET).aggregate([("fragment_id", "count"), ("is_new", "any")])
+    keep = agg.filter(pc.and_(pc.greater(agg["fragment_id_count"], 1), agg["is_new_any"])).select(BUCKET)
+    return bands.join(keep, BUCKET, join_type="inner")
+
+
+def bucket_pairs(part: pa.Table, max_hamming: int, max_partners: int = MAX_PARTNERS) -> pa.Table:
+    """(new fragment, candidate, Hamming distance, candidate usable) for the rows of whole
+    buckets: each new fragment against the first `max_partners` fragments of its length before
+    it in its bucket (rule 1 of the module doc), kept when within `max_hamming`. Vectorised:
+    rows sorted by (bucket, length, pos, id), the partners of a row are the first
+    min(its rank, max_partners) rows of its group."""
+    if part.num_rows == 0:
+        return PAIR_SCHEMA.empty_table()
+    t = sort_rows(part, BUCKET + ["n_elements", "pos", "fragment_id"])
+    starts = group_starts(t, BUCKET + ["n_elements"])
+    sizes = np.diff(starts)
+    row_start = np.repeat(starts[:-1], sizes)
+    rank = np.arange(t.num_rows) - row_start
+    is_new = t["is_new"].to_numpy(zero_copy_only=False)
+    rows_i = np.flatnonzero(is_new & (rank > 0))
+    reps = np.minimum(rank[rows_i], max_partners)
+    first = np.cumsum(reps) - reps
+    i = np.repeat(rows_i, reps)
+    j = np.repeat(row_start[rows_i], reps) + np.arange(int(reps.sum())) - np.repeat(first, reps)
+    packed = np.frombuffer(b"".join(t["bits"].to_pylist()), np.uint8).reshape(t.num_rows, -1)
+    d = _POPCOUNT[packed[i] ^ packed[j]].sum(axis=1)
+    close = d <= max_hamming
+    ids = t["fragment_id"].combine_chunks()
+    return pa.table(
+        {
+            "fragment_id": ids.take(pa.array(i[close])),
+            "candidate_id": ids.take(pa.array(j[close])),
+            "hamming": pa.array(d[close], pa.int32()),
+            "usable": t["usable"].combine_chunks().take(pa.array(j[close])),
+        },
+        schema=PAIR_SCHEMA,
+    )
+
+
+def choose_references(pairs: pa.Table, new_ids: list[str], k: int) -> dict[str, list[str]]:
+    """Rules 2 and 3 of the module doc over the pairs of fragments decided together (`new_ids`):
+    {fragment: its k nearest usable candidates} for every fragment that has a candidate (the
+    others are anchors). A candidate decided in the same call is usable when it is an anchor;
+    an earlier one carries its `usable` flag. Runs on Arrow and numpy columns: a catalog has tens
+    of pairs per new fragment, and a Python tuple per pair was most of the driver's memory."""
+    if pairs.num_rows == 0:
+        return {}
+    keys = pa.array(new_ids, pa.string())
+    fi = pc.index_in(pairs["fragment_id"], value_set=keys).to_numpy(zero_copy_only=False).astype(np.int64)
+    ci = pc.index_in(pairs["candidate_id"], value_set=keys).fill_null(-1).to_numpy().astype(np.int64)
+    has_candidate = np.zeros(len(new_ids), bool)
+    has_candidate[fi] = True
+    usable = np.where(ci >= 0, ~has_candidate[np.maximum(ci, 0)], pairs["usable"].to_numpy(zero_copy_only=False))
+    ranked = pa.table({"f": fi, "d": pairs["hamming"], "c": pairs["candidate_id"]}).filter(pa.array(usable))
+    ranked = ranked.sort_by([("f", "ascending"), ("d", "ascending"), ("c", "ascending")])
+    f = ranked["f"].to_numpy()
+    c = ranked["c"].combine_chunks().dictionary_encode()
+    cidx = c.indices.to_numpy()
+    fresh = np.ones(len(f), bool)  # a pair found in several bands counts once
+    fresh[1:] = (f[1:] != f[:-1]) | (cidx[1:] != cidx[:-1])
+    f, cidx = f[fresh], cidx[fresh]
+    rank = rank_in_runs(f)
+    cands = c.dictionary.to_pylist()
+    out: dict[str, list[str]] = {new_ids[i]: [] for i in np.unique(fi).tolist()}
+    for i, j in zip(f[rank < k].tolist(), cidx[rank < k].tolist()):
+        out[new_ids[i]].append(cands[j])
+    return out
+
+
+class RunMatcher:
+    """The rule applied batch by batch (the library's ingest): holds the band rows of the
+    library's reference fragments and of this run's earlier new fragments, with whether each
+    may serve as a reference."""
+
+    def __init__(self, config: LibraryConfig, library: pa.Table):
+        self.config = config
+        self.limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
+        self.earlier = band_table(library, config.signature, np.full(library.num_rows, -1), False, True)
+        self.next_pos = 0
+
+    def match(self, sigs: pa.Table) -> dict[str, list[str]]:
+        """Reference candidates of the next new fragments (`fragment_id`, `bits`, `n_elements`,
+        in run order); fragments absent from the answer are anchors."""
+        if sigs.num_rows == 0:
+            return {}
+        pos = np.arange(self.next_pos, self.next_pos + sigs.num_rows)
+        self.next_pos += sigs.num_rows
+        batch = band_table(sigs, self.config.signature, pos, True, False)
+        near = self.earlier.join(batch.select(BUCKET).group_by(BUCKET).aggregate([]), BUCKET, join_type="left semi")
+        pairs = bucket_pairs(shared_buckets(pa.concat_tables([near, batch])), self.limit)
+        ids = sigs["fragment_id"].to_pylist()
+        refs = choose_references(pairs, ids, self.config.candidates)
+        anchors = np.array([i not in refs for i in ids])
+        self.earlier = pa.concat_tables([self.earlier, band_table(sigs, self.config.signature, pos, False, anchors)])
+        return refs

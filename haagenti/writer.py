@@ -1,0 +1,91 @@
+"""The one committer of an ingest, library or pipeline: it alone writes the ingest's rows.
+
+Commit order (docs/format.md states it for readers and writers):
+  1. new fragments in chunks of about `chunk_bytes`: each chunk's `signatures` rows, then its
+     `fragments` rows (one commit each);
+  2. the `manifests` rows of every model of the ingest, in one commit;
+  3. their `models` rows, in one commit: the publication.
+A model is visible only once step 3 is committed, so a reader never sees a model whose
+fragments or manifest rows are missing. A crash anywhere before it leaves rows no model
+references: signatures without fragments (the reference index reads only signatures of stored
+plain fragments) and fragments, which the next ingest reuses as exact matches or `gc` removes.
+Signatures go first within a chunk because a fragment committed without its signature would
+be reused as an exact match by the next ingest but never signed again, so it could never
+serve as a delta reference.
+
+Row groups: each model's new fragments start a row group of their own, so restoring one model
+reads none of its neighbour's rows (docs/decisions.md).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from haagenti.manifest import ModelManifest
+from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS, LibraryStore
+
+
+class Committer:
+    def __init__(self, store: LibraryStore, note: str, chunk_bytes: int, on_commit: Callable[[], None] | None = None):
+        self.store, self.note, self.chunk_bytes, self.on_commit = store, note, chunk_bytes, on_commit
+        self.fragments: list[pa.Table] = []
+        self.signatures: list[pa.Table] = []
+        self.owners: list[np.ndarray] = []  # the model (index in the ingest) of each fragment row
+        self.held = 0
+
+    def add(self, fragments: pa.Table, signatures: pa.Table, owner: int | np.ndarray) -> None:
+        """New rows (signatures of some of `fragments`, none of others); `owner` is the model
+        each fragment row belongs to (one index, or one per row). Commits a chunk when full."""
+        if fragments.num_rows:
+            self.fragments.append(fragments)
+            self.owners.append(np.broadcast_to(np.asarray(owner, np.int64), (fragments.num_rows,)))
+            self.held += fragments.nbytes
+        if signatures.num_rows:
+            self.signatures.append(signatures)
+        if self.held >= self.chunk_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit what is held: signatures, then fragments, each model's rows a run of row groups."""
+        if self.signatures:
+            self.store.append("signatures", pa.concat_tables(self.signatures), self.note)
+        if self.fragments:
+            owners = np.concatenate(self.owners)
+            bounds = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1], True])
+            self.store.append("fragments", pa.concat_tables(self.fragments), self.note, np.diff(bounds).tolist())
+        self.fragments, self.signatures, self.owners, self.held = [], [], [], 0
+        if self.on_commit:
+            self.on_commit()
+
+    def commit_manifests(self, manifests: list[ModelManifest]) -> None:
+        """Everything held, then every model's manifest rows in one commit."""
+        self.flush()
+        if manifests:
+            self.store.append("manifests", pa.concat_tables([m.manifest_rows() for m in manifests]), self.note)
+
+    def publish(self, manifests: list[ModelManifest]) -> None:
+        """The models rows, numbered after the library's last: the commit that publishes them."""
+        seqs = self.store.read("models", columns=["ingest_seq"])["ingest_seq"]
+        first = (pc.max(seqs).as_py() + 1) if len(seqs) else 0
+        rows = [model_row(m, first + i) for i, m in enumerate(manifests)]
+        self.store.append("models", pa.Table.from_pylist(rows, schema=SCHEMAS["models"]), self.note)
+
+
+def model_row(m: ModelManifest, seq: int) -> dict:
+    """The models-table row of a manifest."""
+    return {
+        "model_id": m.model_id,
+        "family": m.family,
+        "content_hash": m.content_hash,
+        "raw_bytes": m.raw_bytes,
+        "n_tensors": len(m.tensors),
+        "lossy": m.lossy,
+        "files": [asdict(f) for f in m.files],
+        "source_uris": m.source_uris,
+        "ingest_seq": seq,
+        "format_version": LIBRARY_FORMAT_VERSION,
+    }

@@ -1,0 +1,117 @@
+"""Reference choice (haagenti.matching): the vectorised steps equal the rule written out, and
+deciding it batch by batch equals deciding it over the whole run at once."""
+import numpy as np
+import pyarrow as pa
+
+from haagenti.config import LibraryConfig
+from haagenti.matching import (
+    BAND_SCHEMA,
+    RunMatcher,
+    band_table,
+    bucket_pairs,
+    choose_references,
+    hamming_limit,
+    shared_buckets,
+)
+
+
+def test_bucket_pairs_matches_a_plain_loop_over_each_bucket():
+    """In each bucket, each new fragment against the first `max_partners` fragments of its length
+    before it (library rows first by id, then run rows by position), kept when close enough.
+    Buckets of every kind: singletons, mixed lengths, only old rows, and large ones."""
+    rng = np.random.default_rng(0)
+    rows = []
+    pos = 0
+    for bucket, size in enumerate([1, 2, 3, 5, 9, 40, 94]):
+        for k in range(size):
+            library = k % 5 == 0
+            rows.append({
+                "band": bucket % 3, "band_hash": bucket, "fragment_id": f"{rng.integers(1 << 40):012x}",
+                "bits": rng.integers(0, 256, 32, dtype=np.uint8).tobytes() if k % 4 else bytes(32),
+                "n_elements": int(rng.choice([512, 1024])), "pos": -1 if library else int(rng.integers(0, 1000)) * 100 + pos,
+                "is_new": bool(not library and bucket != 2 and k % 3 != 1), "usable": bool(library or k % 2),
+            })
+            pos += 1
+    table = pa.Table.from_pylist(rows, schema=BAND_SCHEMA)
+    limit, cap = 120, 4
+    expected = set()
+    for key in {(r["band"], r["band_hash"]) for r in rows}:
+        members = sorted((r for r in rows if (r["band"], r["band_hash"]) == key), key=lambda r: (r["pos"], r["fragment_id"]))
+        for at, r in enumerate(members):
+            if not r["is_new"]:
+                continue
+            partners = [o for o in members[:at] if o["n_elements"] == r["n_elements"]][:cap]
+            for o in partners:
+                d = sum(bin(a ^ b).count("1") for a, b in zip(r["bits"], o["bits"]))
+                if d <= limit:
+                    expected.add((r["fragment_id"], o["fragment_id"], d, o["usable"]))
+    got = bucket_pairs(table, limit, cap)
+    assert set(zip(*(got[c].to_pylist() for c in ("fragment_id", "candidate_id", "hamming", "usable")))) == expected
+    assert got.num_rows == len(expected) and len(expected) > 50
+    assert {u for *_, u in expected} == {True, False}
+
+
+def test_choose_references_matches_its_definition():
+    """The vectorised choice equals the rule written out: a fragment with no candidate is an
+    anchor; each other keeps its `k` nearest usable candidates by (Hamming distance, id), where
+    a candidate decided in the same call is usable when it is an anchor and an earlier one
+    carries its flag; a pair seen in several bands counts once. Input order must not matter."""
+    rng = np.random.default_rng(1)
+    new = [f"n{i:03d}" for i in range(60)]
+    earlier = {f"l{i:03d}": bool(rng.random() < 0.7) for i in range(25)}  # library and earlier batches
+    rows, distance = [], {}
+    for _ in range(300):
+        at = int(rng.integers(1, len(new)))
+        f, c = new[at], str(rng.choice(new[:at] + sorted(earlier)))  # candidates come before
+        d = distance.setdefault((f, c), int(rng.integers(0, 40)))
+        rows.append((f, c, d, earlier.get(c, False)))
+        if rng.random() < 0.3:
+            rows.append((f, c, d, earlier.get(c, False)))  # the same pair from another band
+    table = pa.table({"fragment_id": [r[0] for r in rows], "candidate_id": [r[1] for r in rows],
+                      "hamming": pa.array([r[2] for r in rows], pa.int32()), "usable": [r[3] for r in rows]})
+    for k in (1, 3):
+        cands: dict[str, set] = {}
+        for f, c, d, _ in rows:
+            cands.setdefault(f, set()).add((d, c))
+        anchors = set(new) - set(cands)
+        expected = {f: [c for _, c in sorted((d, c) for d, c in cs if c in anchors or earlier.get(c, False))[:k]] for f, cs in cands.items()}
+        assert choose_references(table, new, k) == expected
+        shuffled = table.take(pa.array(rng.permutation(table.num_rows)))
+        assert choose_references(shuffled, new, k) == expected
+    assert any(expected.values()) and any(not v for v in expected.values())  # both outcomes occur
+
+
+def _signatures(rng, n: int, bits: int) -> pa.Table:
+    """Signatures in families of near neighbours (a few bits flipped), as fine-tunes make."""
+    bases = rng.integers(0, 2, (max(1, n // 6), bits), dtype=np.uint8)
+    rows = bases[rng.integers(0, len(bases), n)]
+    flips = rng.random((n, bits)) < rng.choice([0.01, 0.05, 0.3], n)[:, None]
+    packed = np.packbits(rows ^ flips, axis=1)
+    return pa.table({
+        "fragment_id": [f"{i:04d}-{rng.integers(1 << 30):08x}" for i in range(n)],
+        "bits": pa.array([r.tobytes() for r in packed], pa.binary()),
+        "n_elements": pa.array(rng.choice([4096, 8192], n), pa.int64()),
+    })
+
+
+def test_batch_by_batch_equals_the_whole_run_at_once():
+    """The library decides references batch by batch (RunMatcher), the pipeline over the whole
+    run at once: every rule looks only at earlier fragments, so the answers are the same."""
+    rng = np.random.default_rng(2)
+    config = LibraryConfig()
+    library, run = _signatures(rng, 120, config.signature.bits), _signatures(rng, 300, config.signature.bits)
+    limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
+    whole = choose_references(
+        bucket_pairs(shared_buckets(pa.concat_tables([
+            band_table(run, config.signature, np.arange(run.num_rows), True, False),
+            band_table(library, config.signature, np.full(library.num_rows, -1), False, True),
+        ])), limit),
+        run["fragment_id"].to_pylist(), config.candidates,
+    )
+    for sizes in ([300], [1] * 300, [7, 50, 1, 100, 142]):
+        matcher, batched, start = RunMatcher(config, library), {}, 0
+        for n in sizes:
+            batched.update(matcher.match(run.slice(start, n)))
+            start += n
+        assert batched == whole
+    assert sum(1 for v in whole.values() if v) > 50 and len(whole) < run.num_rows  # references and anchors both occur

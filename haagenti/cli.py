@@ -29,7 +29,7 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _config(fragment_size: int, lossy_threshold: Optional[float], similarity: bool = True) -> LibraryConfig:
+def _config(fragment_size: Optional[int], lossy_threshold: Optional[float], similarity: bool = True) -> LibraryConfig:
     return LibraryConfig(fragment_size=fragment_size, lossy_threshold=lossy_threshold, similarity=similarity)
 
 
@@ -40,7 +40,7 @@ def ingest(
     model_id: Optional[str] = typer.Option(None, "--model-id", help="defaults to the first file's stem"),
     family: Optional[str] = typer.Option(None, "--family"),
     each: bool = typer.Option(False, "--each", help="each FILE is its own model (id = its stem), all added in one set of commits"),
-    fragment_size: int = typer.Option(256 * 1024, help="bytes per fragment of a 16-bit tensor"),
+    fragment_size: Optional[int] = typer.Option(None, help="bytes per fragment of a 16-bit tensor, for a new library (default 262144); an existing library keeps its own"),
     lossy_threshold: Optional[float] = typer.Option(None, "--lossy-threshold", help="opt in to lossy sharing up to this relative L2 error"),
     no_similarity: bool = typer.Option(False, "--no-similarity", help="exact dedup only (no deltas)"),
 ) -> None:

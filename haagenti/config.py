@@ -1,9 +1,10 @@
 """Library configuration and statistics."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 
 from haagenti.codecs.core import PLANES
+from haagenti.errors import LibraryError
 from haagenti.signature import SignatureConfig
 from haagenti.similarity import SimilarityThreshold
 
@@ -11,22 +12,37 @@ MIN_FRAGMENT = 64 * 1024
 MAX_FRAGMENT = 1024 * 1024
 
 
+# A library's invariants: fixed when it is created (haagenti.json) and used from then on.
+# Another fragment size cuts other fragments (other ids: no exact match with what is stored),
+# another signature configuration gives bits that cannot be compared with the stored ones, and
+# the thresholds and candidate count decide which references an ingest chooses.
+INVARIANTS = ("fragment_size", "signature", "thresholds", "candidates")
+_DEFAULTS = {"fragment_size": 256 * 1024, "signature": SignatureConfig(), "thresholds": SimilarityThreshold(), "candidates": 2}
+
+
 @dataclass(frozen=True)
 class LibraryConfig:
     """`fragment_size` is the byte size of a fragment of a 16-bit tensor. Tensors are cut on
     element boundaries (fragment_size // 2 elements), so fragment k of a tensor covers the same
-    elements in bf16, fp16 or fp32: that is what lets a re-export match its base."""
+    elements in bf16, fp16 or fp32: that is what lets a re-export match its base.
 
-    fragment_size: int = 256 * 1024
+    The INVARIANTS left as None take the library's values (the defaults for a new library);
+    `given` records those set explicitly, which must agree with the library's."""
+
+    fragment_size: int | None = None
     zstd_level: int | str = PLANES  # the plane-tuned zstd preset; or a zstd level (docs/decisions.md)
     similarity: bool = True
-    candidates: int = 2  # signature neighbours tried as delta references
+    candidates: int | None = None  # signature neighbours tried as delta references
     lossy_threshold: float | None = None  # max relative L2 error for lossy sharing; None = lossless only
     batch_bytes: int = 64 * 1024 * 1024  # raw bytes per encode batch and per fragment commit
-    signature: SignatureConfig = field(default_factory=SignatureConfig)
-    thresholds: SimilarityThreshold = field(default_factory=SimilarityThreshold)
+    signature: SignatureConfig | None = None
+    thresholds: SimilarityThreshold | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "given", frozenset(k for k in INVARIANTS if getattr(self, k) is not None))
+        for k, v in _DEFAULTS.items():
+            if getattr(self, k) is None:
+                object.__setattr__(self, k, v)
         if not MIN_FRAGMENT <= self.fragment_size <= MAX_FRAGMENT or self.fragment_size & (self.fragment_size - 1):
             raise ValueError(f"fragment_size must be a power of two in [{MIN_FRAGMENT}, {MAX_FRAGMENT}], not {self.fragment_size}")
         if self.lossy_threshold is not None and not 0 < self.lossy_threshold < 1:
@@ -35,6 +51,24 @@ class LibraryConfig:
     @property
     def fragment_elements(self) -> int:
         return self.fragment_size // 2
+
+    def invariants(self) -> dict:
+        """The invariants as JSON values (what haagenti.json records)."""
+        return {k: asdict(v) if is_dataclass(v) else v for k, v in ((k, getattr(self, k)) for k in INVARIANTS)}
+
+    def settled(self, stored: dict, where: str) -> "LibraryConfig":
+        """This config with a library's invariants (`stored`, as `invariants()` writes them);
+        one set explicitly to another value is refused."""
+        values = {"fragment_size": stored["fragment_size"], "signature": SignatureConfig(**stored["signature"]),
+                  "thresholds": SimilarityThreshold(**stored["thresholds"]), "candidates": stored["candidates"]}
+        for k in sorted(self.given):
+            if getattr(self, k) != values[k]:
+                raise LibraryError(f"{where}: this library's {k} is {_show(values[k])}, not {_show(getattr(self, k))}; it is fixed when a library is created (docs/format.md)")
+        return replace(self, **values)
+
+
+def _show(value) -> str:
+    return ", ".join(f"{k}={v}" for k, v in asdict(value).items()) if is_dataclass(value) else str(value)
 
 
 @dataclass

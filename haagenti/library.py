@@ -38,19 +38,21 @@ class VerifyReport:
 
 
 class FragmentLibrary:
-    def __init__(self, store: LibraryStore, config: LibraryConfig | None = None):
+    def __init__(self, store: LibraryStore, config: LibraryConfig):
         self.store = store
-        self.config = config or LibraryConfig()
+        self.config = config
 
     @classmethod
     def open(cls, url: str, config: LibraryConfig | None = None, create: bool = True) -> "FragmentLibrary":
+        """The library at `url` (created with `config`'s invariants unless `create` is False).
+        Its config takes the library's invariants; one `config` sets to another value is refused."""
         store = LibraryStore(url)
+        config = config or LibraryConfig()
         if not store.exists():
             if not create:
                 raise LibraryError(f"{url}: no haagenti library here")
-            store.create()
-        store.check_version()
-        return cls(store, config)
+            store.create(config.invariants())
+        return cls(store, config.settled(store.marker(), url))
 
     # ---- catalogue ----------------------------------------------------------------------
     def models(self) -> list[dict]:

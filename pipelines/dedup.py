@@ -74,6 +74,7 @@ def run_dedup(catalog_url: str, library_url: str, executor: Executor, config: Li
     started = time.perf_counter()
     report = RunReport(catalog_url, library_url)
     lib = FragmentLibrary.open(library_url, config)
+    config = lib.config  # with the library's invariants
     catalog = read_catalog(catalog_url)
 
     def stage(name: str, t0: float) -> float:

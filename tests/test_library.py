@@ -261,7 +261,9 @@ def test_append_killed_before_its_commit_leaves_an_orphan_that_gc_collects_when_
     real = DeltaTable.create_write_transaction
 
     def killed(self, *args, **kwargs):
-        raise KeyboardInterrupt("killed between the data file and the commit")
+        if self.table_uri.rstrip("/").endswith("fragments"):  # the chunk's signatures commit before it
+            raise KeyboardInterrupt("killed between the data file and the commit")
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(DeltaTable, "create_write_transaction", killed)
     with pytest.raises(KeyboardInterrupt):

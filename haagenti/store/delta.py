@@ -34,7 +34,7 @@ from haagenti.errors import FragmentError, LibraryError
 from haagenti.fsio import filesystem_for, s3_endpoint
 from haagenti.lru import SizedLru
 
-LIBRARY_FORMAT_VERSION = 3  # 2: BLAKE3 replaced sha256 for fragment ids and file hashes; 3: file layout digests
+LIBRARY_FORMAT_VERSION = 4  # 2: BLAKE3 ids and file hashes; 3: file layout digests; 4: invariants in haagenti.json
 
 SCHEMAS: dict[str, pa.Schema] = {
     "fragments": pa.schema(
@@ -193,8 +193,9 @@ class LibraryStore:
     def exists(self) -> bool:
         return self.fs.exists(posixpath.join(self.root, "haagenti.json"))
 
-    def create(self) -> None:
-        """Create the marker file and the empty tables; idempotent."""
+    def create(self, invariants: dict) -> None:
+        """Create the marker file, which records the library's invariants (haagenti.config),
+        and the empty tables; idempotent (a marker already written is kept)."""
         for name, schema in SCHEMAS.items():
             if not self._is_table(name):
                 DeltaTable.create(self.table_uri(name), schema, mode="ignore", storage_options=self.options,
@@ -202,16 +203,19 @@ class LibraryStore:
         marker = posixpath.join(self.root, "haagenti.json")
         if not self.fs.exists(marker):
             with self.fs.open(marker, "w") as f:
-                json.dump({"format": "haagenti", "format_version": LIBRARY_FORMAT_VERSION}, f)
+                json.dump({"format": "haagenti", "format_version": LIBRARY_FORMAT_VERSION, **invariants}, f)
 
-    def check_version(self) -> None:
-        marker = posixpath.join(self.root, "haagenti.json")
-        if not self.fs.exists(marker):
+    def marker(self) -> dict:
+        """haagenti.json, checked to be this format's."""
+        path = posixpath.join(self.root, "haagenti.json")
+        if not self.fs.exists(path):
             raise LibraryError(f"{self.url}: not a haagenti library (no haagenti.json)")
-        with self.fs.open(marker, "r") as f:
-            found = json.load(f).get("format_version")
+        with self.fs.open(path, "r") as f:
+            doc = json.load(f)
+        found = doc.get("format_version")
         if found != LIBRARY_FORMAT_VERSION:
-            raise LibraryError(f"{self.url}: library format {found}, this haagenti reads format {LIBRARY_FORMAT_VERSION}")
+            raise LibraryError(f"{self.url}: library format {found}, this haagenti reads format {LIBRARY_FORMAT_VERSION} (docs/format.md says how to move a library)")
+        return doc
 
     def _is_table(self, name: str) -> bool:
         return DeltaTable.is_deltatable(self.table_uri(name), storage_options=self.options)

@@ -1,7 +1,7 @@
 """Library configuration and statistics."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import asdict, dataclass, is_dataclass, replace
 
 from haagenti.codecs.core import PLANES
 from haagenti.errors import LibraryError

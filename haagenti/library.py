@@ -1,28 +1,23 @@
 """FragmentLibrary: ingest models, restore them bit-exact, and keep the library tidy."""
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Iterable
+from typing import BinaryIO, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from haagenti import restore
 from haagenti.config import LibraryConfig, LibraryStats, ModelStats
 from haagenti.encode import RawCache, decode_rows, fragment_rows
 from haagenti.errors import FragmentError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding
-from haagenti.hashing import file_layout, hasher
 from haagenti.ingest import IngestReport, ModelInput, Progress, ingest_models
-from haagenti.manifest import FileRecord, ModelManifest, TensorRef, validate_model_id
+from haagenti.manifest import ModelManifest, TensorRef, validate_model_id
 from haagenti.store import LibraryStore
 from haagenti.store.delta import quote
 
-if TYPE_CHECKING:
-    import torch  # only PyTorch checkpoints need it, where they are restored
 
 @dataclass
 class VerifyReport:
@@ -120,85 +115,18 @@ class FragmentLibrary:
         """Add several models in one set of commits (haagenti.ingest)."""
         return ingest_models(self, models, progress, device, quality)
 
-    # ---- restore ------------------------------------------------------------------------
+    # ---- restore (haagenti.restore) ----------------------------------------------------
     def iter_tensors(self, manifest: ModelManifest, cache: RawCache | None = None) -> Iterable[tuple[TensorRef, bytes]]:
         """(tensor, raw bytes) in manifest order, fetching fragments in bounded batches."""
-        for t, parts in self._iter_parts(manifest, cache):
+        for t, parts in restore.iter_parts(self, manifest, cache):
             yield t, b"".join(parts)
 
-    def _iter_parts(self, manifest: ModelManifest, cache: RawCache | None = None) -> Iterable[tuple[TensorRef, list[bytes]]]:
-        """(tensor, its fragments' verified bytes in order): what a restore writes, uncopied."""
-        group: list[TensorRef] = []
-        size = 0
-        for t in manifest.tensors + [None]:  # type: ignore[list-item]
-            if t is not None:
-                group.append(t)
-                size += sum(r.elem_count for r in t.fragments) * lookup_dtype(t.dtype).itemsize
-            if group and (t is None or size >= self.config.batch_bytes):
-                ids = {r.fragment_id for g in group for r in g.fragments}
-                try:
-                    raw = self.fetch_raw(ids, cache)
-                except FragmentError as e:
-                    names = [g.name for g in group if any(r.fragment_id in str(e) for r in g.fragments)] or [g.name for g in group]
-                    raise FragmentError(f"model {manifest.model_id!r}, tensor {names[0]!r}: {e}") from None
-                for g in group:
-                    yield g, [raw[r.fragment_id] for r in g.fragments]
-                group, size = [], 0
-
     def restore(self, model_id: str, out_dir: str, rehash: bool = False) -> list[str]:
-        """Write the model's files into `out_dir`; safetensors files come back byte-identical
-        (every fragment checked against its id, each file against its recorded layout, and with
-        `rehash` each file's bytes against its recorded BLAKE3 too), checkpoints as equal state
-        dicts."""
-        manifest = self.manifest(model_id)
-        os.makedirs(out_dir, exist_ok=True)
-        paths = [os.path.join(out_dir, f.name) for f in manifest.files]
-        tmp = [p + ".partial" for p in paths]
-        try:
-            with contextlib.ExitStack() as files:
-                sinks = [files.enter_context(open(p, "wb")) for p in tmp]
-                for f, sink in zip(manifest.files, sinks):
-                    _preallocate(sink, f)
-                self._write(manifest, sinks, rehash)
-                for sink in sinks:
-                    sink.truncate()  # a re-saved checkpoint may be shorter than its original
-        except BaseException:
-            for p in tmp:  # a failed restore leaves nothing half-written behind
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(p)
-            raise
-        for t, p in zip(tmp, paths):
-            os.replace(t, p)
-        return paths
+        """Write the model's files into `out_dir` (haagenti.restore.restore_model)."""
+        return restore.restore_model(self, model_id, out_dir, rehash)
 
     def _write(self, manifest: ModelManifest, sinks: list[BinaryIO], rehash: bool) -> None:
-        """Stream the model into one sink per file, then check each file's layout: the ids of
-        the fragments written, each verified against its bytes on read, in the order written.
-        A second BLAKE3 pass over every byte (`rehash`) was ~10% of a restore (docs/decisions.md)."""
-        hashers = [hasher() if rehash else None for _ in manifest.files]
-        written: list[list[str]] = [[] for _ in manifest.files]
-        states: dict[int, dict[str, torch.Tensor]] = {i: {} for i, f in enumerate(manifest.files) if f.format == "torch"}
-        for i, f in enumerate(manifest.files):
-            _put(sinks[i], hashers[i], f.inline)
-        for t, parts in self._iter_parts(manifest):
-            i = t.file_index
-            if i in states:
-                states[i][t.name] = tensor_of(t, b"".join(parts))
-                continue
-            for ref, part in zip(t.fragments, parts):
-                _put(sinks[i], hashers[i], part)
-                written[i].append(ref.fragment_id)
-        for i, state in states.items():
-            _put(sinks[i], hashers[i], _checkpoint_bytes(state))
-        if manifest.lossy:
-            return
-        for f, ids, h in zip(manifest.files, written, hashers):
-            if f.format == "torch":
-                continue
-            if file_layout(f.inline, ids) != f.layout:
-                raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} does not match its recorded layout (fragments missing or out of order)")
-            if h is not None and h.hexdigest() != f.blake3:
-                raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} has blake3 {h.hexdigest()}, expected {f.blake3}")
+        restore.write_model(self, manifest, sinks, rehash)
 
     # ---- maintenance --------------------------------------------------------------------
     def verify(self, model_id: str | None = None) -> VerifyReport:
@@ -217,7 +145,7 @@ class FragmentLibrary:
         for mid in targets:
             try:
                 manifest = self.manifest(mid)
-                self._write(manifest, [_NullSink() for _ in manifest.files], rehash=True)
+                self._write(manifest, [restore.NullSink() for _ in manifest.files], rehash=True)
                 report.models_checked += 1
                 report.files_checked += len(manifest.files)
                 if model_id is not None:
@@ -314,44 +242,6 @@ class FragmentLibrary:
             per_model=per_model,
             per_family=per_family,
         )
-
-
-class _NullSink(io.RawIOBase):
-    def write(self, b) -> int:  # type: ignore[override]
-        return len(b)
-
-
-def _preallocate(sink: BinaryIO, f: FileRecord) -> None:
-    """Reserve a restored file's blocks up front where its size is known. Measured here (ext4):
-    once ~100 MB of a restore are dirty, writes into a growing file fall from ~4 GB/s to
-    ~0.7 GB/s (delayed block allocation racing writeback); into reserved blocks they stay fast."""
-    if f.format != "torch" and f.size > 0 and hasattr(os, "posix_fallocate"):
-        try:
-            os.posix_fallocate(sink.fileno(), 0, f.size)
-        except OSError:
-            pass  # a filesystem without fallocate: the writes still work, just slower
-
-
-def tensor_of(t: TensorRef, data: bytes) -> torch.Tensor:
-    """A tensor's restored bytes as a CPU tensor of its dtype and shape (owning a copy)."""
-    import torch
-
-    dt = lookup_dtype(t.dtype).torch_dtype
-    return torch.frombuffer(bytearray(data), dtype=dt).reshape(t.shape) if data else torch.empty(t.shape, dtype=dt)
-
-
-def _checkpoint_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
-
-
-def _put(sink: BinaryIO, hasher, data: bytes) -> None:
-    sink.write(data)
-    if hasher is not None:
-        hasher.update(data)
 
 
 def model_relations(library: FragmentLibrary, model_ids: list[str] | None = None) -> dict[tuple[str, str], float]:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from haagenti.encode import RawCache
-from haagenti.library import FragmentLibrary, tensor_of
+from haagenti.library import FragmentLibrary
+from haagenti.tensors import tensor_of
 
 
 @dataclass

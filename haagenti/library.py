@@ -16,7 +16,6 @@ from haagenti.fragment import Encoding
 from haagenti.ingest import IngestReport, ModelInput, Progress, ingest_models
 from haagenti.manifest import ModelManifest, TensorRef, validate_model_id
 from haagenti.store import LibraryStore
-from haagenti.store.delta import quote
 
 
 @dataclass
@@ -166,8 +165,8 @@ class FragmentLibrary:
     def rm(self, model_id: str) -> None:
         """Unpublish the model (one commit), then drop its manifest rows; `gc` frees fragments."""
         self.model(model_id)
-        self.store.delete("models", f"model_id = {quote(model_id)}")
-        self.store.delete("manifests", f"model_id = {quote(model_id)}")
+        self.store.delete_models([model_id])
+        self.store.delete_manifests([model_id])
 
     def referenced(self) -> set[str]:
         refs = set(self.store.read("manifests", columns=["fragment_id"])["fragment_id"].to_pylist()) - {None}
@@ -184,15 +183,9 @@ class FragmentLibrary:
         frags = self.store.read("fragments", columns=["fragment_id", "stored_size"])
         dead = [(f, s) for f, s in zip(frags["fragment_id"].to_pylist(), frags["stored_size"].to_pylist()) if f not in keep]
         ids = sorted({f for f, _ in dead})
-        removed = 0
-        for i in range(0, len(ids), 500):
-            chunk = ", ".join(quote(x) for x in ids[i : i + 500])
-            removed += self.store.delete("fragments", f"fragment_id IN ({chunk})")
-            self.store.delete("signatures", f"fragment_id IN ({chunk})")
+        removed = self.store.delete_fragments(ids)
         orphan_sigs = self.store.read("signatures", columns=["fragment_id"])["fragment_id"].to_pylist()
-        stray = sorted(set(orphan_sigs) - set(frags["fragment_id"].to_pylist()))
-        for i in range(0, len(stray), 500):
-            self.store.delete("signatures", f"fragment_id IN ({', '.join(quote(x) for x in stray[i:i + 500])})")
+        self.store.delete_signatures(ids + sorted(set(orphan_sigs) - set(frags["fragment_id"].to_pylist())))
         files = self.store.vacuum()
         return {"fragments_removed": removed, "bytes_freed": sum(s for _, s in dead), "files_vacuumed": files}
 

@@ -22,7 +22,6 @@ import time
 import uuid
 from typing import Iterable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -30,91 +29,11 @@ from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction
 
-from haagenti.errors import FragmentError, LibraryError
+from haagenti.errors import LibraryError
 from haagenti.fsio import filesystem_for, s3_endpoint
-from haagenti.lru import SizedLru
-
-LIBRARY_FORMAT_VERSION = 4  # 2: BLAKE3 ids and file hashes; 3: file layout digests; 4: invariants in haagenti.json
-
-SCHEMAS: dict[str, pa.Schema] = {
-    "fragments": pa.schema(
-        [
-            ("fragment_id", pa.string()),
-            ("dtype", pa.string()),
-            ("n_elements", pa.int64()),
-            ("raw_size", pa.int64()),
-            ("stored_size", pa.int64()),
-            ("encoding", pa.string()),
-            ("codec", pa.string()),
-            ("ref_id", pa.string()),
-            ("ref_dtype", pa.string()),
-            ("fragment_type", pa.string()),
-            ("quality", pa.string()),
-            ("blob", pa.large_binary()),
-        ]
-    ),
-    "signatures": pa.schema(
-        [
-            ("fragment_id", pa.string()),
-            ("dtype", pa.string()),
-            ("n_elements", pa.int64()),
-            ("bits", pa.binary()),
-            ("scale", pa.float64()),
-            ("mean", pa.float64()),
-            ("std", pa.float64()),
-            ("min", pa.float64()),
-            ("max", pa.float64()),
-            ("nonfinite", pa.int64()),
-            ("histogram", pa.list_(pa.int64())),
-        ]
-    ),
-    "manifests": pa.schema(
-        [
-            ("model_id", pa.string()),
-            ("file_index", pa.int32()),
-            ("tensor_index", pa.int32()),
-            ("tensor_name", pa.string()),
-            ("dtype", pa.string()),
-            ("shape", pa.list_(pa.int64())),
-            ("fragment_seq", pa.int32()),
-            ("fragment_id", pa.string()),
-            ("elem_offset", pa.int64()),
-            ("elem_count", pa.int64()),
-            ("fragment_type", pa.string()),
-            ("source_fragment_id", pa.string()),  # differs from fragment_id only for lossy sharing
-            ("max_abs_error", pa.float64()),
-            ("rel_l2_error", pa.float64()),
-        ]
-    ),
-    "models": pa.schema(
-        [
-            ("model_id", pa.string()),
-            ("family", pa.string()),
-            ("content_hash", pa.string()),
-            ("raw_bytes", pa.int64()),
-            ("n_tensors", pa.int64()),
-            ("lossy", pa.bool_()),
-            (
-                "files",
-                pa.list_(
-                    pa.struct(
-                        [
-                            ("name", pa.string()),
-                            ("format", pa.string()),
-                            ("size", pa.int64()),
-                            ("blake3", pa.string()),
-                            ("header", pa.large_binary()),
-                            ("layout", pa.string()),
-                        ]
-                    )
-                ),
-            ),
-            ("source_uris", pa.list_(pa.string())),
-            ("ingest_seq", pa.int64()),
-            ("format_version", pa.int32()),
-        ]
-    ),
-}
+from haagenti.store.files import DataFiles
+from haagenti.store.schema import LIBRARY_FORMAT_VERSION, SCHEMAS, project
+from haagenti.store.sql import in_lists
 
 # Small row groups on the fragments table let a restore read only the fragments it needs.
 # Rows stay in the order they were ingested (a model's tensors in file order), so a restore,
@@ -124,12 +43,6 @@ SCHEMAS: dict[str, pa.Schema] = {
 # straddling two models made each restore read its neighbour's rows too (on the example
 # family, 50 MB read to restore 29 MB of stored fragments).
 _FRAGMENT_ROW_GROUP_BYTES = 2 * 1024 * 1024
-# Parquet reads decode on the calling thread: Arrow's pool hands each column of a ~2 MiB row
-# group to another thread, and the hand-offs cost more than they save. Restores of the example
-# family, paired in one process, 16 rounds each: 1.04x (exact) and 1.03x (with similarity)
-# faster on one thread, 1.14x while the disk was busy writing back. Parallelism comes from
-# running more workers (the Ray pipeline), one core each, and the bench figures are per core.
-_ARROW_THREADS = False
 ORPHAN_HOURS = 1
 
 
@@ -176,11 +89,7 @@ class LibraryStore:
         # DeltaTable must not be used from two threads at once.
         self._lock = threading.RLock()
         self._tables: dict[str, DeltaTable] = {}
-        # Data files of a Delta table are never rewritten in place (a path names one immutable
-        # file), so their footers and small metadata columns can be cached by path.
-        self._footers: dict[str, pq.FileMetaData] = {}
-        self._row_group_ends: dict[str, np.ndarray] = {}
-        self._columns: SizedLru[pa.Table] = SizedLru(256 * 1024 * 1024, size=lambda t: t.nbytes)
+        self.files = DataFiles(self.fs, self._local)
         # Each table's latest snapshot: (version, data file paths, add actions as columns).
         # Listing a snapshot's files and their statistics cost ~2 ms per read, more than an
         # incremental log update; a version never changes, so they are computed once per version.
@@ -277,11 +186,11 @@ class LibraryStore:
         Parquet through fsspec. Files rewritten by delta-rs hold string_view columns, so each
         file is cast to the declared schema before filtering."""
         schema = SCHEMAS[name]
-        target = _project(schema, columns or schema.names)
+        target = project(schema, columns or schema.names)
         needed = list(target.names) + ([equals[0]] if equals and equals[0] not in target.names else [])
         parts = []
         for path in self._paths(name, version, equals):
-            t = self._read_columns(path, needed, schema)
+            t = self.files.columns(path, needed, schema)
             if equals:
                 t = t.filter(pc.equal(t[equals[0]], equals[1]))
             parts.append(t.select(target.names))
@@ -289,62 +198,7 @@ class LibraryStore:
 
     def read_fragments(self, ids: Iterable[str], columns: list[str] | None = None, version: int | None = None) -> pa.Table:
         """Rows of the given fragment ids, reading only the row groups that hold them."""
-        wanted = pa.array(list(set(ids)), pa.string())
-        cols = columns or SCHEMAS["fragments"].names
-        parts = []
-        if len(wanted):
-            for path in self._paths("fragments", version):
-                groups = self._groups_holding(path, wanted)
-                if groups:
-                    with self._open(path) as src:
-                        pf = pq.ParquetFile(src, metadata=self._footer(path))
-                        # Files rewritten by delta-rs (delete) store strings as string_view: normalise.
-                        t = pf.read_row_groups(groups, columns=cols, use_threads=_ARROW_THREADS).cast(_project(SCHEMAS["fragments"], cols))
-                    parts.append(_rows_where(t, pc.is_in(t["fragment_id"], wanted)))
-        if not parts:
-            return SCHEMAS["fragments"].empty_table().select(cols)
-        found = pa.concat_tables(parts)
-        # A fragment written twice by racing ingests is the same bytes: keep one row.
-        return _first_per_id(found)
-
-    def _groups_holding(self, path: str, wanted: pa.Array) -> list[int]:
-        """Row groups of one fragments data file that hold any of `wanted`, found exactly on the
-        file's id column (cached) rather than on min/max statistics: ids are hashes, so every
-        row group's id range spans most of the id space and statistics would select them all."""
-        ids = self._read_columns(path, ["fragment_id"], SCHEMAS["fragments"])["fragment_id"]
-        rows = pc.indices_nonzero(pc.is_in(ids, value_set=wanted)).to_numpy()
-        if not len(rows):
-            return []
-        ends = self._row_group_ends.get(path)
-        if ends is None:
-            md = self._footer(path)
-            ends = self._row_group_ends[path] = np.cumsum([md.row_group(g).num_rows for g in range(md.num_row_groups)])
-        return np.unique(np.searchsorted(ends, rows, side="right")).tolist()
-
-    def _open(self, path: str):
-        """A data file: memory-mapped through pyarrow when local (no Python-level reads),
-        through fsspec otherwise."""
-        if self._local:
-            return pa.memory_map(path, "r")
-        return self.fs.open(path, "rb")
-
-    def _footer(self, path: str) -> pq.FileMetaData:
-        md = self._footers.get(path)
-        if md is None:
-            with self._open(path) as src:
-                md = self._footers[path] = pq.ParquetFile(src).metadata
-        return md
-
-    def _read_columns(self, path: str, columns: list[str], schema: pa.Schema) -> pa.Table:
-        """Columns of one data file, cast to the declared schema; cached unless they hold blobs."""
-        key = (path, tuple(columns))
-        t = self._columns.get(key)
-        if t is None:
-            with self._open(path) as src:
-                t = pq.ParquetFile(src, metadata=self._footer(path)).read(columns=columns, use_threads=_ARROW_THREADS).cast(_project(schema, columns))
-            if "blob" not in columns:
-                self._columns.put(key, t)
-        return t
+        return self.files.fragments(self._paths("fragments", version), ids, columns or SCHEMAS["fragments"].names)
 
     # ---- writes -------------------------------------------------------------------------
     def append(self, name: str, rows: pa.Table, note: str = "", runs: list[int] | None = None) -> None:
@@ -392,6 +246,19 @@ class LibraryStore:
             metrics = self.table(name).delete(predicate)
         return int(metrics.get("num_deleted_rows", 0))
 
+    def delete_models(self, model_ids: list[str]) -> int:
+        """Unpublish models: their models rows (one commit per IN_LIST ids)."""
+        return sum(self.delete("models", p) for p in in_lists("model_id", sorted(model_ids)))
+
+    def delete_manifests(self, model_ids: list[str]) -> int:
+        return sum(self.delete("manifests", p) for p in in_lists("model_id", sorted(model_ids)))
+
+    def delete_fragments(self, fragment_ids: list[str]) -> int:
+        return sum(self.delete("fragments", p) for p in in_lists("fragment_id", sorted(fragment_ids)))
+
+    def delete_signatures(self, fragment_ids: list[str]) -> int:
+        return sum(self.delete("signatures", p) for p in in_lists("fragment_id", sorted(fragment_ids)))
+
     def compact(self) -> int:
         """Merge small files of the metadata tables (fragments keep their small row groups)."""
         n = 0
@@ -426,37 +293,3 @@ def _file_stats(rows: pa.Table, columns: list[str]) -> dict:
             if mm["min"].is_valid:
                 mins[c], maxs[c] = mm["min"].as_py(), mm["max"].as_py()
     return {"numRecords": rows.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
-
-
-def _project(schema: pa.Schema, cols: list[str]) -> pa.Schema:
-    return pa.schema([schema.field(c) for c in cols])
-
-
-def _rows_where(t: pa.Table, mask: pa.ChunkedArray) -> pa.Table:
-    """Rows of `t` where `mask` holds, as zero-copy slices of their contiguous runs: a filter
-    would copy every selected blob, and a model's fragments lie in runs (ingest order)."""
-    idx = pc.indices_nonzero(mask).to_numpy()
-    if len(idx) == t.num_rows:
-        return t
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts, ends = np.concatenate([[0], breaks]), np.concatenate([breaks, [len(idx)]])
-    return pa.concat_tables([t.slice(int(idx[a]), int(b - a)) for a, b in zip(starts, ends)] or [t.slice(0, 0)])
-
-
-def _first_per_id(t: pa.Table) -> pa.Table:
-    if t.num_rows == len(pc.unique(t["fragment_id"])):
-        return t
-    seen: set[str] = set()
-    keep = []
-    for i, fid in enumerate(t["fragment_id"].to_pylist()):
-        if fid not in seen:
-            seen.add(fid)
-            keep.append(i)
-    return t.take(keep)
-
-
-def quote(value: str) -> str:
-    """A SQL string literal for Delta predicates (ids are validated, this is belt and braces)."""
-    if "'" in value:
-        raise FragmentError(f"refusing quote character in {value!r}")
-    return f"'{value}'"

@@ -1,0 +1,91 @@
+"""The library's on-disk format: its version and the schemas of its four tables
+(docs/format.md describes every column)."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+LIBRARY_FORMAT_VERSION = 4  # 2: BLAKE3 ids and file hashes; 3: file layout digests; 4: invariants in haagenti.json
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "fragments": pa.schema(
+        [
+            ("fragment_id", pa.string()),
+            ("dtype", pa.string()),
+            ("n_elements", pa.int64()),
+            ("raw_size", pa.int64()),
+            ("stored_size", pa.int64()),
+            ("encoding", pa.string()),
+            ("codec", pa.string()),
+            ("ref_id", pa.string()),
+            ("ref_dtype", pa.string()),
+            ("fragment_type", pa.string()),
+            ("quality", pa.string()),
+            ("blob", pa.large_binary()),
+        ]
+    ),
+    "signatures": pa.schema(
+        [
+            ("fragment_id", pa.string()),
+            ("dtype", pa.string()),
+            ("n_elements", pa.int64()),
+            ("bits", pa.binary()),
+            ("scale", pa.float64()),
+            ("mean", pa.float64()),
+            ("std", pa.float64()),
+            ("min", pa.float64()),
+            ("max", pa.float64()),
+            ("nonfinite", pa.int64()),
+            ("histogram", pa.list_(pa.int64())),
+        ]
+    ),
+    "manifests": pa.schema(
+        [
+            ("model_id", pa.string()),
+            ("file_index", pa.int32()),
+            ("tensor_index", pa.int32()),
+            ("tensor_name", pa.string()),
+            ("dtype", pa.string()),
+            ("shape", pa.list_(pa.int64())),
+            ("fragment_seq", pa.int32()),
+            ("fragment_id", pa.string()),
+            ("elem_offset", pa.int64()),
+            ("elem_count", pa.int64()),
+            ("fragment_type", pa.string()),
+            ("source_fragment_id", pa.string()),  # differs from fragment_id only for lossy sharing
+            ("max_abs_error", pa.float64()),
+            ("rel_l2_error", pa.float64()),
+        ]
+    ),
+    "models": pa.schema(
+        [
+            ("model_id", pa.string()),
+            ("family", pa.string()),
+            ("content_hash", pa.string()),
+            ("raw_bytes", pa.int64()),
+            ("n_tensors", pa.int64()),
+            ("lossy", pa.bool_()),
+            (
+                "files",
+                pa.list_(
+                    pa.struct(
+                        [
+                            ("name", pa.string()),
+                            ("format", pa.string()),
+                            ("size", pa.int64()),
+                            ("blake3", pa.string()),
+                            ("header", pa.large_binary()),
+                            ("layout", pa.string()),
+                        ]
+                    )
+                ),
+            ),
+            ("source_uris", pa.list_(pa.string())),
+            ("ingest_seq", pa.int64()),
+            ("format_version", pa.int32()),
+        ]
+    ),
+}
+
+
+def project(schema: pa.Schema, cols: list[str]) -> pa.Schema:
+    return pa.schema([schema.field(c) for c in cols])

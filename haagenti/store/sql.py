@@ -1,0 +1,18 @@
+"""SQL predicates for Delta deletes, built here only (the store's delete methods call them)."""
+from __future__ import annotations
+
+from haagenti.errors import FragmentError
+
+IN_LIST = 500  # values per `IN (...)` predicate: one delete commit each
+
+
+def quote(value: str) -> str:
+    """A SQL string literal for Delta predicates (ids are validated, this is belt and braces)."""
+    if "'" in value:
+        raise FragmentError(f"refusing quote character in {value!r}")
+    return f"'{value}'"
+
+
+def in_lists(column: str, values: list[str]) -> list[str]:
+    """`column IN (...)` predicates covering `values`, IN_LIST values each."""
+    return [f"{column} IN ({', '.join(quote(v) for v in values[i : i + IN_LIST])})" for i in range(0, len(values), IN_LIST)]

@@ -99,15 +99,13 @@ def _torch_kernel(frags: list[tuple[bytes, str]]):
 def test_cpu_kernel_equals_torch_kernel_on_the_example_family(family):
     """The numpy kernel (CPU) and the torch kernel (GPU) give the same signatures, bit for bit,
     on every fragment of the trained family and on the recorded inputs (NaN/Inf, fp8, f64)."""
-    from haagenti.encode import cut
     from haagenti.formats import open_model
+    from haagenti.ingest import ModelCut, ModelInput, signs
 
     frags = list(golden_fragments())
     for m in family:
-        src = open_model([m.file])
-        for t in src.tensors:
-            if t.dtype.is_float:
-                frags += [(p.data, t.dtype.name) for p in cut(src.iter_chunks(t, 131072 * t.dtype.itemsize), t.dtype.name, None)]
+        with open_model([m.file]) as src:
+            frags += [(o.piece.data, o.piece.dtype) for o in ModelCut(ModelInput([m.file], m.model_id), src, 131072) if signs(o.piece)]
     assert len(frags) > 100
     assert compute_signatures(frags) == _torch_kernel(frags)
 

@@ -52,3 +52,37 @@ def test_ingest_each_local_dedup_and_ray_dedup_build_identical_tables(tmp_path, 
     for name in KEYS:
         assert local[name] == ingest[name], name
         assert ray[name] == ingest[name], name
+
+
+def test_both_paths_commit_in_the_one_order(tmp_path, family, monkeypatch):
+    """docs/format.md: chunks of (signatures, fragments), then manifests, then models last; each
+    chunk's fragment rows in one run of row groups per model."""
+    import re
+
+    import yaml
+
+    from haagenti.config import LibraryConfig
+    from haagenti.library import ModelInput
+    from haagenti.store import LibraryStore
+    from pipelines.dedup import run_dedup
+    from pipelines.executors import LocalExecutor
+
+    commits: list[tuple[str, int]] = []
+    real = LibraryStore.append
+
+    def logged(self, name, rows, note="", runs=None):
+        commits.append((name, len(runs or [rows.num_rows])))
+        return real(self, name, rows, note, runs)
+
+    monkeypatch.setattr(LibraryStore, "append", logged)
+    small = LibraryConfig(fragment_size=64 * 1024, batch_bytes=2 * 1024 * 1024)  # several chunks
+    FragmentLibrary.open(str(tmp_path / "lib"), small).ingest_many([ModelInput([m.file], m.model_id) for m in family])
+    by_library, commits[:] = list(commits), []
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"models": [{"id": m.model_id, "files": [m.file]} for m in family]}))
+    run_dedup(str(catalog), str(tmp_path / "pipe"), LocalExecutor(), small)
+    for log in (by_library, commits):
+        names = "".join(name[0] for name, _ in log)  # s(ignatures) f(ragments) m(anifests) m(odels)
+        assert re.fullmatch(r"(s?f)+mm", names), names
+        assert names.count("f") > 1 and log[-2][0] == "manifests" and log[-1][0] == "models"
+        assert sum(runs for name, runs in log if name == "fragments") >= len(family)  # a run per model at least

@@ -15,12 +15,40 @@ SMALL = {"d": 128, "layers": 2, "epochs": 2}
 
 @pytest.fixture(scope="session")
 def family(tmp_path_factory):
-    """The example family, trained for real (small settings), with its catalog."""
-    from haagenti.examples import make_family, write_catalog
+    """The example family, trained for real (small settings), with its catalog. Training is
+    deterministic, so its files are kept in a machine-wide cache keyed by the training code and
+    settings (test runs in parallel share one training); each run gets its own copy."""
+    import dataclasses
+    import fcntl
+    import hashlib
+    import json
+    import shutil
+    import tempfile
 
+    import haagenti.examples as examples
+
+    with open(examples.__file__, "rb") as f:
+        key = hashlib.sha256(f.read() + json.dumps(SMALL, sort_keys=True).encode()).hexdigest()[:16]
+    cache = os.path.join(tempfile.gettempdir(), "haagenti-test-family", key)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    with open(cache + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(cache, "members.json")):
+            staging = cache + ".partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            members = examples.make_family(staging, **SMALL)
+            with open(os.path.join(staging, "members.json"), "w") as f:
+                json.dump([dataclasses.asdict(m) for m in members], f)
+            os.replace(staging, cache)
     out = tmp_path_factory.mktemp("family")
-    members = make_family(str(out), **SMALL)
-    write_catalog(members, str(out))
+    with open(os.path.join(cache, "members.json")) as f:
+        cached = [examples.FamilyMember(**m) for m in json.load(f)]
+    members = []
+    for m in cached:
+        path = str(out / os.path.basename(m.file))
+        shutil.copyfile(os.path.join(cache, os.path.basename(m.file)), path)
+        members.append(dataclasses.replace(m, file=path))
+    examples.write_catalog(members, str(out))
     return members
 
 

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench readme clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,7 @@ test: install
 	@$(PY) -m pytest -q -p no:cacheprovider; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$status
 
+# make-family reuses a family already trained with the same settings and code (demo/family/family.json).
 demo: install
 	$(VENV)/bin/haagenti examples make-family $(DEMO)/family
 	$(PY) -m jobs.dedup --catalog $(DEMO)/family/catalog.yaml --library $(DEMO)/lib
@@ -32,6 +33,10 @@ bench: install
 	$(PY) bench/switching.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/adaptive.py
+
+# The README's "Using it" block, run as written in a fresh clone (minutes: it trains and evaluates).
+readme: install
+	$(PY) scripts/check_readme.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

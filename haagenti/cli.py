@@ -1,25 +1,31 @@
 """The `haagenti` command line (typer). Errors print one line and exit 1."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import warnings
 from dataclasses import asdict
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TransferSpeedColumn
 from rich.table import Table
 
 from haagenti.config import LibraryConfig
 from haagenti.errors import HaagentiError
 from haagenti.library import FragmentLibrary, ModelInput
+from haagenti.manifest import validate_model_id
+from haagenti.records import LossyRestoreWarning
 
 app = typer.Typer(help="Deduplicate model catalogs into a fragment library and restore them bit-exact.", no_args_is_help=True)
 examples_app = typer.Typer(help="Example model families, made by training.", no_args_is_help=True)
 app.add_typer(examples_app, name="examples")
 schedule_app = typer.Typer(help="Adaptive precision schedules for diffusion sampling.")
 app.add_typer(schedule_app, name="schedule")
+tier_app = typer.Typer(help="Precision tiers (int8, int4) of stored models.", no_args_is_help=True)
+app.add_typer(tier_app, name="tier")
 console = Console(stderr=True)
 out = Console()
 
@@ -50,13 +56,15 @@ def ingest(
             raise ValueError("--model-id names one model; with --each ids come from the file names")
         groups = [[f] for f in files] if each else [files]
         models = [ModelInput(g, model_id or _stem(g[0]), family) for g in groups]
-        lib = FragmentLibrary.open(library, _config(fragment_size, lossy_threshold, not no_similarity))
-        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console, transient=True) as bar:
-            from haagenti.formats import open_model
+        from haagenti.formats import open_model
 
-            label = models[0].model_id if len(models) == 1 else f"{len(models)} models"
-            task = bar.add_task(f"ingest {label}", total=sum(open_model(m.urls).raw_bytes for m in models))
-            reports = lib.ingest_many(models, progress=lambda n: bar.advance(task, n))
+        total = sum(open_model(m.urls).raw_bytes for m in models)  # every file is checked before a library is made
+        with _new_library_removed_on_failure(library):
+            lib = FragmentLibrary.open(library, _config(fragment_size, lossy_threshold, not no_similarity))
+            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console, transient=True) as bar:
+                label = models[0].model_id if len(models) == 1 else f"{len(models)} models"
+                task = bar.add_task(f"ingest {label}", total=total)
+                reports = lib.ingest_many(models, progress=lambda n: bar.advance(task, n))
         for r in reports:
             out.print(
                 f"ingested {r.model_id}: {r.fragments} fragments ({r.exact} exact, {r.delta} delta, {r.plain} plain, {r.lossy} lossy), "
@@ -69,7 +77,43 @@ def ingest(
 
 
 def _stem(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+    """A model id from a file or folder name: only a known model-file extension is cut
+    (`v0.1-alex.safetensors` -> `v0.1-alex`, `llama-3.1-8b.safetensors` -> `llama-3.1-8b`)."""
+    from haagenti.formats.source import SAFETENSORS_EXT, TORCH_EXT
+
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    ext = next((e for e in SAFETENSORS_EXT + TORCH_EXT if name.lower().endswith(e)), "")
+    return name[: len(name) - len(ext)]
+
+
+@contextlib.contextmanager
+def _stages(label: str, stages: tuple[str, ...]):
+    """A bar over named stages on stderr; yields the callback to call with each stage's name as
+    it ends (work of minutes shows where it is, and a line per stage stays in the log)."""
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(f"{label} {stages[0]}", total=len(stages))
+
+        def ended(stage: str) -> None:
+            i = stages.index(stage) + 1
+            bar.update(task, completed=i, description=f"{label} {stages[i]}" if i < len(stages) else f"{label} done")
+            console.print(f"{label} {stage} done", highlight=False)
+
+        yield ended
+
+
+@contextlib.contextmanager
+def _new_library_removed_on_failure(url: str):
+    """A first ingest into a new path that fails leaves no library folder behind."""
+    from haagenti.store import LibraryStore
+
+    store = LibraryStore(url)
+    fresh = not store.fs.exists(store.root)
+    try:
+        yield
+    except BaseException:
+        if fresh and store.fs.exists(store.root):
+            store.fs.rm(store.root, recursive=True)
+        raise
 
 
 @app.command()
@@ -78,10 +122,15 @@ def restore(
     model: str,
     out_dir: str,
     rehash: bool = typer.Option(False, "--rehash", help="Also re-hash every restored byte against the file's recorded BLAKE3 (fragments and layout are always checked)."),
+    force: bool = typer.Option(False, "--force", help="overwrite files already in OUT_DIR"),
 ) -> None:
-    """Write MODEL's files into OUT_DIR (safetensors byte-identical)."""
+    """Write MODEL's files into OUT_DIR (safetensors byte-identical unless stored lossy, which it says)."""
     try:
-        paths = FragmentLibrary.open(library, create=False).restore(model, out_dir, rehash)
+        validate_model_id(model)  # a traversal id is refused whatever the library holds
+        with warnings.catch_warnings(record=True, action="always", category=LossyRestoreWarning) as said:
+            paths = FragmentLibrary.open(library, create=False).restore(model, out_dir, rehash, force)
+        for w in said:  # a lossy model says so on every restore, on stderr
+            console.print(f"[yellow]warning:[/yellow] {w.message}", highlight=False, soft_wrap=True)
         out.print(f"restored {model}: {', '.join(paths)}")
     except (HaagentiError, OSError) as e:
         _fail(e)
@@ -92,7 +141,7 @@ def stats(library: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """Fragments, bytes and reduction, per model and per family."""
     try:
         s = FragmentLibrary.open(library, create=False).stats()
-    except HaagentiError as e:
+    except (HaagentiError, OSError) as e:
         _fail(e)
         return
     if as_json:
@@ -119,7 +168,7 @@ def verify(library: str, model: Optional[str] = typer.Argument(None)) -> None:
     """Re-hash every fragment (or one model's) and every restored file."""
     try:
         r = FragmentLibrary.open(library, create=False).verify(model)
-    except HaagentiError as e:
+    except (HaagentiError, OSError) as e:
         _fail(e)
         return
     for name, err in r.lossy_tensors.items():
@@ -137,7 +186,7 @@ def rm(library: str, model: str) -> None:
     try:
         FragmentLibrary.open(library, create=False).rm(model)
         out.print(f"removed {model}")
-    except HaagentiError as e:
+    except (HaagentiError, OSError) as e:
         _fail(e)
 
 
@@ -147,7 +196,7 @@ def gc(library: str) -> None:
     try:
         r = FragmentLibrary.open(library, create=False).gc()
         out.print(f"gc: {r['fragments_removed']} fragments removed, {r['bytes_freed']:,} B freed, {r['files_vacuumed']} files vacuumed")
-    except HaagentiError as e:
+    except (HaagentiError, OSError) as e:
         _fail(e)
 
 
@@ -165,15 +214,53 @@ def dedup(
 
     argv = ["--catalog", catalog, "--library", library, "--executor", executor] + (["--address", address] if address else [])
     argv += (["--workers", str(workers)] if workers else []) + (["--prune"] if prune else [])
-    raise typer.Exit(dedup_main(argv))
+    from pipelines.dedup import STAGES
+
+    with _stages("dedup:", STAGES) as ended:
+        code = dedup_main(argv, progress=ended)
+    raise typer.Exit(code)
+
+
+@tier_app.command("add")
+def tier_add(library: str, model: str, precision: str = typer.Argument(..., help="int8 or int4")) -> None:
+    """Store MODEL again at PRECISION as the tier model MODEL.PRECISION (read by tiers.load_model)."""
+    from haagenti.adaptive.precision import AdaptiveError
+    from haagenti.adaptive.tiers import add_tier
+
+    try:
+        r = add_tier(FragmentLibrary.open(library, create=False), model, precision)
+        out.print(f"added tier {r.model_id}: {r.raw_bytes:,} B -> {r.stored_bytes:,} B new")
+    except (HaagentiError, AdaptiveError) as e:
+        _fail(e)
+
+
+@tier_app.command("list")
+def tier_list(library: str, model: Optional[str] = typer.Argument(None)) -> None:
+    """The precision tiers stored for MODEL (or for every model that has any)."""
+    from haagenti.adaptive.tiers import TIERS, tier_id, tiers_of
+
+    try:
+        lib = FragmentLibrary.open(library, create=False)
+        tier_ids = {tier_id(m["model_id"], p) for m in lib.models() for p in TIERS}
+        models = [model] if model else [m["model_id"] for m in lib.models() if m["model_id"] not in tier_ids]
+        for mid in models:
+            out.print(f"{mid}: {', '.join(p.value for p in tiers_of(lib, mid)) or 'no tiers'}")
+    except (HaagentiError, OSError) as e:
+        _fail(e)
 
 
 @examples_app.command("make-family")
 def make_family_cmd(out_dir: str, small: bool = typer.Option(False, help="a smaller model, for quick runs")) -> None:
     """Train the example digits family into OUT_DIR and write catalog.yaml beside it."""
-    from haagenti.examples import make_family, write_catalog
+    from haagenti.examples import MEMBERS, cached_family, make_family, write_catalog
 
-    members = make_family(out_dir, **({"d": 128, "layers": 2, "epochs": 2} if small else {}))
+    settings = {"d": 128, "layers": 2, "epochs": 2} if small else {}
+    members = cached_family(out_dir, **settings)
+    if members is not None:
+        out.print(f"reusing the family trained in {out_dir} (same settings and code; delete {out_dir}/family.json to retrain)")
+    else:
+        with _stages("training", MEMBERS) as trained:
+            members = make_family(out_dir, progress=trained, **settings)
     path = write_catalog(members, out_dir)
     for m in members:
         out.print(f"{m.model_id:22s} {m.family or '-':8s} {m.note}")
@@ -212,10 +299,11 @@ def schedule_evaluate(
     train_iters: int = typer.Option(4000, help="training iterations when no denoiser.pt is in OUT"),
 ) -> None:
     """Measure every preset on the project's DDPM; write adaptive.md/json/png to OUT."""
-    from haagenti.adaptive.report import evaluate_all, table
+    from haagenti.adaptive.report import STAGES, evaluate_all, table
     from haagenti.adaptive.evaluate import ScheduleResult
 
-    doc = evaluate_all(out_dir, steps, samples, train_iters)
+    with _stages("evaluate:", STAGES) as ended:
+        doc = evaluate_all(out_dir, steps, samples, train_iters, progress=ended)
     out.print(table([ScheduleResult(**r) for r in doc["presets"]]))
     t = doc["target"]
     out.print(f"target (<=50% of FP16 weight bytes, <=1 dB NN-PSNR loss): {t['name'] + ' at ' + format(t['weight_bytes_vs_fp16'], '.1%') if t else 'none found'}")

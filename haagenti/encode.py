@@ -55,13 +55,18 @@ def fragment_rows(table: pa.Table) -> list[dict]:
 
 def decode_row(row: dict, ref_raw: bytes | None, ref_dtype: str | None) -> bytes:
     """Raw bytes of one stored fragment row, verified against its id."""
-    raw = codec_chain(row["codec"]).decode(row["blob"])
-    enc = Encoding(row["encoding"])
-    if enc is not Encoding.PLAIN:
-        if ref_raw is None or ref_dtype is None:
-            raise FragmentError(f"fragment {row['fragment_id']}: reference {row['ref_id']} is missing")
-        ref = cast_reference(ref_raw, ref_dtype, row["dtype"])
-        raw = apply_delta(enc, raw, ref, lookup_dtype(row["dtype"]).itemsize)
+    if row["encoding"] != Encoding.PLAIN.value and (ref_raw is None or ref_dtype is None):
+        raise FragmentError(f"fragment {row['fragment_id']}: reference {row['ref_id']} is missing")
+    try:
+        raw = codec_chain(row["codec"]).decode(row["blob"])
+        enc = Encoding(row["encoding"])
+        if enc is not Encoding.PLAIN:
+            ref = cast_reference(ref_raw, ref_dtype, row["dtype"])
+            raw = apply_delta(enc, raw, ref, lookup_dtype(row["dtype"]).itemsize)
+    except FragmentError:
+        raise
+    except Exception as e:  # stored bytes and fields are untrusted: any decoder failure is damage (ZstdError, ...)
+        raise FragmentError(f"fragment {row['fragment_id']} is damaged: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if content_hash(raw) != row["fragment_id"]:
         raise FragmentError(f"fragment {row['fragment_id']} failed verification: content hash mismatch")
     return raw

@@ -23,3 +23,8 @@ class FragmentError(HaagentiError):
 
 class LibraryError(HaagentiError):
     """The library is in a state that forbids the operation (unknown model, version mismatch, ...)."""
+
+
+class DamagedError(HaagentiError):
+    """Something read from a library is damaged or cannot be trusted (an unreadable table file,
+    a lying record such as a file name that leaves the output folder)."""

@@ -7,9 +7,13 @@ an fp16 re-export of the bf16 base, and one unrelated model trained from another
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,10 +102,20 @@ class FamilyMember:
     note: str
 
 
-def make_family(out_dir: str, d: int = 256, layers: int = 4, seed: int = 0, epochs: int = 3) -> list[FamilyMember]:
-    """Train the example family into `out_dir`; returns its members (deterministic for a seed)."""
+MEMBERS = ("digits-base", "digits-ft-lr1e-4", "digits-ft-lr1e-3", "digits-ft-partial", "digits-lora-merged", "digits-base-fp16", "unrelated")
+_RECORD = "family.json"
+
+
+def make_family(
+    out_dir: str, d: int = 256, layers: int = 4, seed: int = 0, epochs: int = 3, progress: Callable[[str], None] | None = None
+) -> list[FamilyMember]:
+    """Train the example family into `out_dir`; returns its members (deterministic for a seed).
+    `progress(name)` is called as each member is written; `family.json` records the settings
+    so `cached_family` can reuse the files."""
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out_dir, _RECORD))  # stale until this run completes
     x, y = digits()
     members: list[FamilyMember] = []
 
@@ -109,6 +123,8 @@ def make_family(out_dir: str, d: int = 256, layers: int = 4, seed: int = 0, epoc
         path = os.path.join(out_dir, f"{name}.safetensors")
         _save(model, path, dtype, note)
         members.append(FamilyMember(name, path, family, note))
+        if progress:
+            progress(name)
 
     base = DigitsTransformer(d, layers)
     acc = train(base, x, y, epochs, 1e-3, seed)
@@ -138,7 +154,34 @@ def make_family(out_dir: str, d: int = 256, layers: int = 4, seed: int = 0, epoc
     other = DigitsTransformer(d, layers)
     acc = train(other, x, y, epochs, 1e-3, seed + 1000)
     emit(other, "unrelated", torch.bfloat16, f"same architecture, another seed, acc {acc:.3f}", family=None)
+    record = {"settings": _settings(d, layers, seed, epochs), "members": [asdict(m) | {"file": os.path.basename(m.file), "size": os.path.getsize(m.file)} for m in members]}
+    with open(os.path.join(out_dir, _RECORD), "w") as f:
+        json.dump(record, f, indent=1)
     return members
+
+
+def cached_family(out_dir: str, d: int = 256, layers: int = 4, seed: int = 0, epochs: int = 3) -> list[FamilyMember] | None:
+    """The family already trained into `out_dir` with these settings by this code, or None.
+    Training takes minutes; `make demo` and `haagenti examples make-family` reuse it."""
+    try:
+        with open(os.path.join(out_dir, _RECORD)) as f:
+            record = json.load(f)
+        members = [FamilyMember(m["model_id"], os.path.join(out_dir, m["file"]), m["family"], m["note"]) for m in record["members"]]
+        sizes = [m["size"] for m in record["members"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if record.get("settings") != _settings(d, layers, seed, epochs):
+        return None
+    if not all(os.path.isfile(m.file) and os.path.getsize(m.file) == n for m, n in zip(members, sizes)):
+        return None
+    return members
+
+
+def _settings(d: int, layers: int, seed: int, epochs: int) -> dict:
+    """What decides the trained bytes: the settings, this module's code and torch's version."""
+    with open(__file__, "rb") as f:
+        code = hashlib.sha256(f.read()).hexdigest()
+    return {"d": d, "layers": layers, "seed": seed, "epochs": epochs, "code": code, "torch": torch.__version__}
 
 
 def _lora_merge(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int, seed: int) -> nn.Module:

@@ -10,11 +10,12 @@ import pyarrow.compute as pc
 from haagenti import restore
 from haagenti.config import LibraryConfig, LibraryStats, ModelStats
 from haagenti.encode import RawCache, decode_rows, fragment_rows
-from haagenti.errors import FragmentError, LibraryError
+from haagenti.errors import DamagedError, FragmentError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding
 from haagenti.ingest import IngestReport, ModelInput, Progress, ingest_models
 from haagenti.manifest import ModelManifest, TensorRef, validate_model_id
+from haagenti.records import trusted_manifest
 from haagenti.store import LibraryStore
 
 
@@ -43,6 +44,8 @@ class FragmentLibrary:
         store = LibraryStore(url)
         config = config or LibraryConfig()
         if not store.exists():
+            if store.fs.isfile(store.root):
+                raise LibraryError(f"{url}: is a file, not a library folder")
             if not create:
                 raise LibraryError(f"{url}: no haagenti library here")
             store.create(config.invariants())
@@ -62,7 +65,7 @@ class FragmentLibrary:
     def manifest(self, model_id: str) -> ModelManifest:
         model = self.model(model_id)
         rows = self.store.read("manifests", equals=("model_id", model_id))
-        return ModelManifest.from_rows(model, rows)
+        return trusted_manifest(model, rows)  # names, counts and offsets are untrusted input
 
     def known_fragments(self) -> dict[str, str]:
         t = self.store.read("fragments", columns=["fragment_id", "dtype"])
@@ -120,9 +123,9 @@ class FragmentLibrary:
         for t, parts in restore.iter_parts(self, manifest, cache):
             yield t, b"".join(parts)
 
-    def restore(self, model_id: str, out_dir: str, rehash: bool = False) -> list[str]:
+    def restore(self, model_id: str, out_dir: str, rehash: bool = False, force: bool = False) -> list[str]:
         """Write the model's files into `out_dir` (haagenti.restore.restore_model)."""
-        return restore.restore_model(self, model_id, out_dir, rehash)
+        return restore.restore_model(self, model_id, out_dir, rehash, force)
 
     def _write(self, manifest: ModelManifest, sinks: list[BinaryIO], rehash: bool) -> None:
         restore.write_model(self, manifest, sinks, rehash)
@@ -133,6 +136,7 @@ class FragmentLibrary:
         file it restores. Without: every stored fragment, then every model."""
         report = VerifyReport()
         if model_id is None:
+            report.errors += self.store.log_problems()
             ids = self.known_fragments()
             try:
                 report.fragments_checked += len(self.fetch_raw(ids))
@@ -144,22 +148,17 @@ class FragmentLibrary:
         for mid in targets:
             try:
                 manifest = self.manifest(mid)
-                self._write(manifest, [restore.NullSink() for _ in manifest.files], rehash=True)
+                # A lossy model's bytes differ from the original's by design: verify checks its
+                # fragments and layout, and reports its error bounds below.
+                self._write(manifest, [restore.NullSink() for _ in manifest.files], rehash=not manifest.lossy)
                 report.models_checked += 1
                 report.files_checked += len(manifest.files)
                 if model_id is not None:
                     report.fragments_checked += len(manifest.fragment_ids)
-            except FragmentError as e:
+            except (FragmentError, DamagedError) as e:
                 report.errors.append(str(e))
                 continue
-            for t in manifest.tensors:
-                lossy = [r for r in t.fragments if r.lossy]
-                if lossy:
-                    report.lossy_tensors[f"{mid}:{t.name}"] = {
-                        "fragments": len(lossy),
-                        "max_abs_error": max(r.max_abs_error for r in lossy),
-                        "rel_l2_error": max(r.rel_l2_error for r in lossy),
-                    }
+            report.lossy_tensors.update({f"{mid}:{name}": e for name, e in manifest.lossy_tensors().items()})
         return report
 
     def rm(self, model_id: str) -> None:

@@ -95,6 +95,19 @@ class ModelManifest:
     def lossy(self) -> bool:
         return any(r.lossy for t in self.tensors for r in t.fragments)
 
+    def lossy_tensors(self) -> dict[str, dict[str, float]]:
+        """Tensor name -> its lossy fragments' count and largest errors (lossy tensors only)."""
+        out = {}
+        for t in self.tensors:
+            lossy = [r for r in t.fragments if r.lossy]
+            if lossy:
+                out[t.name] = {
+                    "fragments": len(lossy),
+                    "max_abs_error": max(r.max_abs_error for r in lossy),
+                    "rel_l2_error": max(r.rel_l2_error for r in lossy),
+                }
+        return out
+
     def manifest_rows(self) -> pa.Table:
         cols: dict[str, list] = {k: [] for k in (
             "model_id", "file_index", "tensor_index", "tensor_name", "dtype", "shape", "fragment_seq", "fragment_id",

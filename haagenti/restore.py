@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from typing import TYPE_CHECKING, BinaryIO, Iterable
 
 from haagenti.encode import RawCache
-from haagenti.errors import FragmentError
+from haagenti.errors import FragmentError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.hashing import file_layout, hasher
 from haagenti.manifest import FileRecord, ModelManifest, TensorRef
+from haagenti.records import LossyRestoreWarning, lossy_summary
 from haagenti.tensors import checkpoint_bytes, tensor_of
 
 if TYPE_CHECKING:
@@ -39,14 +41,21 @@ def iter_parts(lib: "FragmentLibrary", manifest: ModelManifest, cache: RawCache 
                 yield g, [raw[r.fragment_id] for r in g.fragments]
             group, size = [], 0
 
-def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: bool = False) -> list[str]:
+def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: bool = False, force: bool = False) -> list[str]:
     """Write the model's files into `out_dir`; safetensors files come back byte-identical
     (every fragment checked against its id, each file against its recorded layout, and with
     `rehash` each file's bytes against its recorded BLAKE3 too), checkpoints as equal state
-    dicts."""
-    manifest = lib.manifest(model_id)
-    os.makedirs(out_dir, exist_ok=True)
+    dicts. Existing files are refused unless `force`; all files are written aside and moved
+    in only once every one is complete. A model stored lossy warns (LossyRestoreWarning) on
+    every restore, and with `rehash` fails naming the first file that differs."""
+    manifest = lib.manifest(model_id)  # checked whole: no recorded name leaves out_dir (records.py)
     paths = [os.path.join(out_dir, f.name) for f in manifest.files]
+    present = [os.path.basename(p) for p in paths if os.path.lexists(p)]
+    if present and not force:
+        raise LibraryError(f"{out_dir}: {', '.join(present[:3])} already exist(s); refusing to overwrite without --force")
+    if manifest.lossy:
+        warnings.warn(LossyRestoreWarning(lossy_summary(manifest)), stacklevel=3)
+    os.makedirs(out_dir, exist_ok=True)
     tmp = [p + ".partial" for p in paths]
     try:
         with contextlib.ExitStack() as files:
@@ -81,17 +90,17 @@ def write_model(lib: "FragmentLibrary", manifest: ModelManifest, sinks: list[Bin
             continue
         for ref, part in zip(t.fragments, parts):
             _put(sinks[i], hashers[i], part)
-            written[i].append(ref.fragment_id)
+            written[i].append(ref.source_fragment_id)  # the layout is of the original's fragments (lossy refs too)
     for i, state in states.items():
         _put(sinks[i], hashers[i], checkpoint_bytes(state))
-    if manifest.lossy:
-        return
     for f, ids, h in zip(manifest.files, written, hashers):
         if f.format == "torch":
             continue
         if file_layout(f.inline, ids) != f.layout:
             raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} does not match its recorded layout (fragments missing or out of order)")
         if h is not None and h.hexdigest() != f.blake3:
+            if manifest.lossy:
+                raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} differs from the original, as the model is stored lossy ({lossy_summary(manifest)})")
             raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} has blake3 {h.hexdigest()}, expected {f.blake3}")
 
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Callable
 
 from haagenti.config import LibraryConfig
 from haagenti.errors import HaagentiError
+from jobs import refuse_relative_in_job
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, progress: Callable[[str], None] | None = None) -> int:
+    """Run the job; `progress(stage)` is called as each pipeline stage ends (the CLI's bar)."""
     ap = argparse.ArgumentParser(prog="jobs.dedup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--catalog", required=True)
     ap.add_argument("--library", required=True)
@@ -24,14 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prune", action="store_true", help="remove models no longer in the catalog and collect their fragments")
     ap.add_argument("--no-report", action="store_true")
     args = ap.parse_args(argv)
-    from pipelines.dedup import run_dedup
+    from pipelines.dedup import preflight, run_dedup
     from pipelines.executors import make_executor
     from pipelines.report import write_report
 
     try:
+        catalog = preflight(refuse_relative_in_job("--catalog", args.catalog), refuse_relative_in_job("--library", args.library), args.executor == "ray")
+        for e in catalog.entries:
+            for f in e.files:
+                refuse_relative_in_job(f"model {e.model_id!r}: file", f)
         config = LibraryConfig(fragment_size=args.fragment_size)
-        executor = make_executor(args.executor, args.address, args.workers)
-        run = run_dedup(args.catalog, args.library, executor, config, prune=args.prune)
+        executor = make_executor(args.executor, args.address, args.workers)  # Ray starts only now
+        run = run_dedup(args.catalog, args.library, executor, config, prune=args.prune, progress=progress)
         if not args.no_report and not run.nothing_to_do:
             from haagenti.library import FragmentLibrary
 

@@ -10,6 +10,7 @@ import sys
 
 from haagenti.errors import HaagentiError
 from haagenti.library import FragmentLibrary
+from jobs import refuse_relative_in_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--library", required=True)
     args = ap.parse_args(argv)
     try:
-        lib = FragmentLibrary.open(args.library, create=False)
+        lib = FragmentLibrary.open(refuse_relative_in_job("--library", args.library), create=False)
         r = lib.gc()
         compacted = lib.store.compact()
     except HaagentiError as e:

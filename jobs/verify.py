@@ -9,6 +9,7 @@ import sys
 
 from haagenti.errors import HaagentiError
 from haagenti.library import FragmentLibrary
+from jobs import refuse_relative_in_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None)
     args = ap.parse_args(argv)
     try:
-        r = FragmentLibrary.open(args.library, create=False).verify(args.model)
+        r = FragmentLibrary.open(refuse_relative_in_job("--library", args.library), create=False).verify(args.model)
     except HaagentiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -21,8 +22,9 @@ from haagenti.groups import sort_rows
 from haagenti.ingest import signature_table
 from haagenti.library import FragmentLibrary, model_relations
 from haagenti.matching import BUCKET, band_table, bucket_pairs, choose_references, hamming_limit, shared_buckets
+from haagenti.store import LibraryStore
 from haagenti.writer import Committer
-from pipelines.catalog import read_catalog
+from pipelines.catalog import Catalog, read_catalog
 from pipelines.chaos import maybe_die
 from pipelines.executors import Executor, LocalExecutor
 from pipelines.steps import ASSIGNMENT_SCHEMA, EncodeFragments, FragmentModel, SignFragments, scan_model
@@ -41,6 +43,7 @@ class RunReport:
     added: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    relabeled: list[str] = field(default_factory=list)  # same bytes, family changed by the catalog
     removed: list[str] = field(default_factory=list)
     inferred_families: dict[str, str | None] = field(default_factory=dict)
     raw_bytes_in: int = 0
@@ -52,34 +55,55 @@ class RunReport:
 
     @property
     def nothing_to_do(self) -> bool:
-        return not (self.added or self.replaced or self.removed)
+        return not (self.added or self.replaced or self.removed or self.relabeled)
 
     def summary(self) -> str:
         if self.nothing_to_do:
             return f"nothing to do: all {len(self.unchanged)} models in the catalog are unchanged in {self.library}"
         saved = 1 - self.stored_bytes_added / self.raw_bytes_in if self.raw_bytes_in else 0.0
         return (
-            f"added {len(self.added)}, replaced {len(self.replaced)}, removed {len(self.removed)}, unchanged {len(self.unchanged)} models; "
+            f"added {len(self.added)}, replaced {len(self.replaced)}, removed {len(self.removed)}, unchanged {len(self.unchanged)} models"
+            + (f" ({len(self.relabeled)} given the catalog's family)" if self.relabeled else "") + "; "
             f"{self.raw_bytes_in:,} B in -> {self.stored_bytes_added:,} B stored ({saved:.1%} saved; "
             f"{self.new_fragments} new fragments, {self.delta_fragments} as deltas) in {self.seconds:.1f}s"
         )
 
 
-def run_dedup(catalog_url: str, library_url: str, executor: Executor, config: LibraryConfig | None = None, prune: bool = False) -> RunReport:
+STAGES = ("scan", "fragment", "sign", "match", "encode+write", "commit")
+Progress = Callable[[str], None]  # called with each stage's name as it ends
+
+
+def preflight(catalog_url: str, library_url: str, distributed: bool) -> Catalog:
+    """Everything that can be checked before a cluster starts (seconds on Ray): the catalog
+    parses and names valid ids, and the library URL can hold a library."""
+    if library_url.startswith("memory://") and distributed:
+        raise LibraryError(f"{library_url}: a memory:// library lives in one process, and Ray's workers are others; use a folder or object store")
+    catalog = read_catalog(catalog_url)
+    store = LibraryStore(library_url)
+    if store.fs.isfile(store.root):
+        raise LibraryError(f"{library_url}: is a file, not a library folder")
+    if store.exists():
+        store.marker()
+    return catalog
+
+
+def run_dedup(
+    catalog_url: str, library_url: str, executor: Executor, config: LibraryConfig | None = None, prune: bool = False, progress: Progress | None = None
+) -> RunReport:
     config = config or LibraryConfig()
     if config.lossy_threshold is not None:
         raise LibraryError("the pipeline stores models losslessly; lossy sharing is `haagenti ingest --lossy-threshold`")
-    if library_url.startswith("memory://") and not isinstance(executor, LocalExecutor):
-        raise LibraryError(f"{library_url}: a memory:// library lives in one process, and Ray's workers are others; use a folder or object store")
+    catalog = preflight(catalog_url, library_url, not isinstance(executor, LocalExecutor))
     started = time.perf_counter()
     report = RunReport(catalog_url, library_url)
     lib = FragmentLibrary.open(library_url, config)
     config = lib.config  # with the library's invariants
-    catalog = read_catalog(catalog_url)
 
     def stage(name: str, t0: float) -> float:
         now = time.perf_counter()
         report.stages[name] = round(now - t0, 3)
+        if progress:
+            progress(name)
         return now
 
     t = time.perf_counter()
@@ -88,8 +112,14 @@ def run_dedup(catalog_url: str, library_url: str, executor: Executor, config: Li
     todo = []
     for s in scanned:
         old = existing.get(s["model_id"])
-        if old is not None and old["content_hash"] == s["content_hash"]:
-            report.unchanged.append(s["model_id"])
+        # Same bytes: unchanged, unless stored lossy (the catalog's model is re-stored exact) or
+        # the catalog now gives it another family (applied to its record).
+        if old is not None and old["content_hash"] == s["content_hash"] and not old["lossy"]:
+            if s["family"] and s["family"] != old["family"]:
+                lib.store.set_family(s["model_id"], s["family"])
+                report.relabeled.append(s["model_id"])
+            else:
+                report.unchanged.append(s["model_id"])
             continue
         (report.replaced if old is not None else report.added).append(s["model_id"])
         todo.append(s)

@@ -69,6 +69,8 @@ class RayExecutor:
         import ray
 
         if not ray.is_initialized():
+            if address is None:
+                _private_token()
             ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
         resources = ray.cluster_resources()
         self.cpus = int(resources.get("CPU", 1))
@@ -149,6 +151,21 @@ class _StepActor:
 
 
 @functools.lru_cache(maxsize=None)
+def _private_token() -> None:
+    """A local cluster started here keeps Ray's token auth, with a token of its own held in the
+    environment (its processes inherit it): left to itself, `ray.init` writes ~/.ray/auth_token,
+    which turns token auth on for every later `ray start` on the machine, and a plain
+    `ray job submit` then fails with "Missing authentication token". A mode or token the user
+    set, or a token file already there, is left alone."""
+    import secrets
+
+    if any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        return
+    if os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        return
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
 def _remote(obj):
     """The Ray remote version of a module-level function or class, made once per process."""
     import ray

@@ -38,3 +38,41 @@ def restore_counting_reads(lib, model_id: str, out: str, monkeypatch) -> tuple[s
     lib.restore(model_id, out)
     monkeypatch.undo()
     return seen, rows_read[0]
+
+
+def cli(*args: str):
+    """The `haagenti` command line in this process (typer's CliRunner): (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from haagenti.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception  # a traceback the user would have seen
+    return r.exit_code, r.stdout, r.stderr
+
+
+def tree_digest(root) -> dict[str, str]:
+    """Relative path -> sha256 of every file under `root` ({} when it does not exist)."""
+    import os
+
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, root)] = sha256(p)
+    return out
+
+
+def model_file(path, seed=0, n=3, scale=0.0, base_seed=None):
+    """A small bf16 model file; with `base_seed`, the base model's weights plus `scale` noise."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(base_seed if base_seed is not None else seed)
+    state = {f"layers.{i}.mlp.weight": torch.randn(128, 512, generator=g) for i in range(n)}
+    if scale:
+        noise = torch.Generator().manual_seed(seed + 100)
+        state = {k: v + scale * torch.randn(v.shape, generator=noise) for k, v in state.items()}
+    save_file({k: v.bfloat16() for k, v in state.items()}, str(path))
+    return str(path)

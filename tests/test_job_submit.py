@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from haagenti.library import FragmentLibrary
-from tests.helpers import sha256
+from tests.helpers import model_file, sha256
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,12 +23,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.timeout(420)
-def test_ray_job_submit_dedup(tmp_path, family):
+def submit(bindir, env, address, *job):
+    """`ray job submit` as documented, retried while the head's job agent is still starting."""
+    deadline = time.monotonic() + 180
+    while True:
+        p = subprocess.run([os.path.join(bindir, "ray"), "job", "submit", "--address", address, "--working-dir", REPO, "--", *job],
+                           env=env, capture_output=True, text=True, timeout=300)
+        # The job list answers before the head's job agent is up; Ray says to try again.
+        if "No available agent to submit job" not in p.stderr or time.monotonic() > deadline:
+            return p
+        time.sleep(2)
+
+
+@pytest.mark.timeout(600)
+def test_ray_job_submit_dedup(tmp_path):
+    """As a user meets it: `make demo` (a local cluster the pipeline starts), then `ray start
+    --head` and a plain `ray job submit`, with no RAY_AUTH_MODE anywhere: the demo must not
+    leave a token file that turns auth on for the next head."""
     bindir = os.path.dirname(sys.executable)
-    # The job's `python` is the one on the PATH of the shell that started the head; token auth
-    # (on by default in Ray 2.60 once a token exists) is turned off for this loopback head.
-    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ["PATH"], RAY_AUTH_MODE="disabled")
+    home = tmp_path / "home"  # the user's ~: where Ray would leave ~/.ray/auth_token
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PATH=bindir + os.pathsep + os.environ["PATH"], HOME=str(home))
+    files = [model_file(tmp_path / f"m{i}.safetensors", seed=i) for i in range(2)]
+    cat = tmp_path / "catalog.yaml"
+    cat.write_text(yaml.safe_dump({"models": [{"id": f"m{i}", "family": "f", "files": [f]} for i, f in enumerate(files)]}))
+    demo = subprocess.run([sys.executable, "-m", "jobs.dedup", "--catalog", str(cat), "--library", str(tmp_path / "demo-lib"), "--no-report"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 0 and "added 2" in demo.stdout, demo.stdout[-2000:] + demo.stderr[-2000:]
+    assert not (home / ".ray" / "auth_token").exists()
+
     port, dash = free_port(), free_port()
     # Its own agent ports: another Ray instance on this machine (the suite's session cluster)
     # holds the defaults, and a head whose agent cannot bind never accepts a job.
@@ -41,9 +65,6 @@ def test_ray_job_submit_dedup(tmp_path, family):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
-        members = family[:2]
-        cat = tmp_path / "catalog.yaml"
-        cat.write_text(yaml.safe_dump({"models": [{"id": m.model_id, "family": m.family, "files": [m.file]} for m in members]}))
         lib = tmp_path / "lib"
         address = f"http://127.0.0.1:{dash}"
         deadline = time.monotonic() + 120
@@ -53,23 +74,17 @@ def test_ray_job_submit_dedup(tmp_path, family):
                 break
             assert time.monotonic() < deadline, f"head did not come up: {probe.stderr[-2000:]}"
             time.sleep(2)
-        deadline = time.monotonic() + 180
-        while True:
-            p = subprocess.run(
-                [os.path.join(bindir, "ray"), "job", "submit", "--address", address, "--working-dir", REPO, "--",
-                 "python", "-m", "jobs.dedup", "--catalog", str(cat), "--library", str(lib), "--fragment-size", "65536"],
-                env=env, capture_output=True, text=True, timeout=300,
-            )
-            # The job list answers before the head's job agent is up; Ray says to try again.
-            if "No available agent to submit job" not in p.stderr or time.monotonic() > deadline:
-                break
-            time.sleep(2)
+        p = submit(bindir, env, address, "python", "-m", "jobs.dedup", "--catalog", str(cat), "--library", str(lib), "--fragment-size", "65536")
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         assert "succeeded" in p.stdout and "added 2" in p.stdout
         library = FragmentLibrary.open(str(lib), create=False)
-        for m in members:
-            [out] = library.restore(m.model_id, str(tmp_path / "out" / m.model_id))
-            assert sha256(out) == sha256(m.file)
+        for i, f in enumerate(files):
+            [out] = library.restore(f"m{i}", str(tmp_path / "out" / f"m{i}"))
+            assert sha256(out) == sha256(f)
+        # A relative library would land in the job's temporary copy of --working-dir: refused.
+        p = submit(bindir, env, address, "python", "-m", "jobs.dedup", "--catalog", str(cat), "--library", "rel_lib")
+        assert p.returncode != 0 and "error: --library 'rel_lib' is relative" in p.stdout + p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
+        assert "Traceback" not in p.stdout + p.stderr
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

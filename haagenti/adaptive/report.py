@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 import torch
 
@@ -21,12 +22,21 @@ def load_or_train(path: str, iters: int = 4000) -> DigitsDenoiser:
     return model
 
 
-def evaluate_all(out_dir: str, steps: int = 30, samples: int = 512, iters: int = 4000) -> dict:
+STAGES = ("denoiser", "presets", "sensitivity", "target search", "report")
+
+
+def evaluate_all(out_dir: str, steps: int = 30, samples: int = 512, iters: int = 4000, progress: Callable[[str], None] | None = None) -> dict:
+    """Every measurement and the report files; `progress(stage)` is called as each of STAGES ends."""
+    done = progress or (lambda stage: None)
     os.makedirs(out_dir, exist_ok=True)
     ev = Evaluator(load_or_train(os.path.join(out_dir, "denoiser.pt"), iters), steps, samples)
+    done("denoiser")
     presets = ev.presets() + [ev.evaluate(ev.seed_schedule())]
+    done("presets")
     sensitivity = ev.sensitivity()
+    done("sensitivity")
     best, tried = ev.find_target()
+    done("target search")
     doc = {
         "steps": steps, "samples": samples,
         "presets": [r.row() for r in presets],
@@ -40,6 +50,7 @@ def evaluate_all(out_dir: str, steps: int = 30, samples: int = 512, iters: int =
     with open(os.path.join(out_dir, "adaptive.md"), "w") as f:
         f.write(table(presets + tried))
     _plot(presets, sensitivity, os.path.join(out_dir, "adaptive.png"))
+    done("report")
     return doc
 
 

@@ -45,11 +45,20 @@ def add_tier(library: FragmentLibrary, model_id: str, precision: Precision | str
         return library.ingest([path], tier_id(model_id, p), library.model(model_id)["family"], quality=p.value)
 
 
+def tiers_of(library: FragmentLibrary, model_id: str) -> list[Precision]:
+    """The precision tiers stored for a model (an unknown model raises LibraryError)."""
+    library.model(model_id)
+    ids = {m["model_id"] for m in library.models()}
+    return [p for p in TIERS if tier_id(model_id, p) in ids]
+
+
 def load_model(library: FragmentLibrary, model_id: str, precision: Precision | str = Precision.FP32) -> dict[str, torch.Tensor]:
     """The model's tensors; at INT8/INT4 only the tier's fragments are read and the weights come
     back dequantised (FP32) with the tier's error; FP16/BF16 are casts of the exact model."""
     p = precision if isinstance(precision, Precision) else Precision.parse(precision)
     if p in TIERS:
+        if p not in tiers_of(library, model_id):
+            raise AdaptiveError(f"model {model_id!r} has no {p.value} tier; add it first: `haagenti tier add LIBRARY {model_id} {p.value}` (tiers.add_tier)")
         raw = ModelLoader(library).load(tier_id(model_id, p))
         shapes = {k: v.shape for k, v in library.manifest(model_id).tensors_by_name().items()}
         state = {}

@@ -36,6 +36,10 @@ _DTYPES = [
     DType("BF16", 2, "bfloat16", True),
     DType("F8_E4M3", 1, "float8_e4m3fn", True),
     DType("F8_E5M2", 1, "float8_e5m2", True),
+    # Stored and restored as bytes, never compared as floats: E8M0 (MX block scales) is an
+    # exponent alone, and complex values are pairs; neither feeds signatures or deltas.
+    DType("F8_E8M0", 1, "float8_e8m0fnu", False),
+    DType("C64", 8, "complex64", False),
     DType("I64", 8, "int64", False),
     DType("I32", 4, "int32", False),
     DType("I16", 2, "int16", False),
@@ -73,6 +77,7 @@ _EXPONENT_MASKS = {
     "BF16": (np.uint16, 0x7F80),
     "F8_E5M2": (np.uint8, 0x7C),
     "F8_E4M3": (np.uint8, 0x7F),
+    "C64": (np.uint32, 0x7F800000),  # a pair of F32 words
 }
 
 

@@ -49,12 +49,17 @@ def parse_header(f: BinaryIO, file_size: int, where: str) -> SafetensorsHeader:
     """Read and validate a safetensors header; `where` names the file in errors."""
     if file_size < 8:
         raise FormatError(f"{where}: truncated safetensors file ({file_size} bytes, need at least 8)")
-    (n,) = struct.unpack("<Q", f.read(8))
+    head = f.read(9)
+    (n,) = struct.unpack("<Q", head[:8])
+    if head[8:] != b"{":  # the header is a JSON object: anything else (a text file, say) is not safetensors
+        raise FormatError(f"{where}: not a safetensors file (no JSON header after its 8-byte length)")
+    if n < 2:
+        raise FormatError(f"{where}: header length {n} is too short for a JSON object")
     if n > MAX_HEADER_BYTES:
         raise FormatError(f"{where}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
     if 8 + n > file_size:
         raise FormatError(f"{where}: header length {n} runs past the end of the file ({file_size} bytes)")
-    raw = f.read(n)
+    raw = b"{" + f.read(n - 1)
     if len(raw) != n:
         raise FormatError(f"{where}: truncated header")
     try:
@@ -93,8 +98,10 @@ def _entry(name: str, info: object, data_size: int, where: str) -> TensorEntry:
         raise FormatError(f"{where}: tensor {name!r}: {e}") from None
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in shape):
         raise FormatError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
+    if math.prod(shape) * d.itemsize >= 2**63:  # more bytes than any file (or an int64 offset) can hold
+        raise FormatError(f"{where}: tensor {name!r} of shape {shape} has more bytes than a file can hold")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2

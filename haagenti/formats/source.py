@@ -120,15 +120,24 @@ def expand_urls(urls: list[str]) -> list[str]:
     for url in urls:
         fs, path = filesystem_for(url)
         if fs.isdir(path):
-            names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(SAFETENSORS_EXT + TORCH_EXT + VERBATIM_EXT))
-            if not names:
+            entries = sorted((e for e in fs.ls(path, detail=True) if e["name"].endswith(SAFETENSORS_EXT + TORCH_EXT + VERBATIM_EXT)), key=lambda e: e["name"])
+            if not entries:
                 raise FormatError(f"{url}: folder holds no model files")
-            out += [fs.unstrip_protocol(p) for p in names]
+            for e in entries:
+                _regular(e, fs.unstrip_protocol(e["name"]))
+            out += [fs.unstrip_protocol(e["name"]) for e in entries]
         elif fs.exists(path):
-            out.append(url)
+            out.append(_regular(fs.info(path), url))
         else:
             raise FormatError(f"{url}: no such file")
     return out
+
+
+def _regular(info: dict, url: str) -> str:
+    """Only regular files are read: a FIFO or device named x.safetensors would block a read forever."""
+    if info.get("type") != "file":
+        raise FormatError(f"{url}: not a regular file ({info.get('type')})")
+    return url
 
 
 def open_model(urls: list[str]) -> ModelSource:
@@ -168,8 +177,8 @@ def open_model(urls: list[str]) -> ModelSource:
             raise UnsafeFileError(f"{url}: refusing a pickle-based file; convert it to safetensors")
         else:
             raise FormatError(f"{url}: unknown model file type (expected .safetensors, .pt/.pth/.bin/.ckpt or side .json)")
-    if not src.tensors:
-        raise FormatError(f"{', '.join(files)}: no tensors found")
+    if all(f.format == "verbatim" for f in src.files):  # a model file with no tensors (header {}) is valid
+        raise FormatError(f"{', '.join(files)}: no model file (.safetensors or a checkpoint), only side files")
     return src
 
 

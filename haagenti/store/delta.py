@@ -29,11 +29,12 @@ from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction
 
-from haagenti.errors import LibraryError
+from haagenti.errors import DamagedError, LibraryError
 from haagenti.fsio import filesystem_for, s3_endpoint
+from haagenti.store.damage import damaged, log_problems
 from haagenti.store.files import DataFiles
 from haagenti.store.schema import LIBRARY_FORMAT_VERSION, SCHEMAS, project
-from haagenti.store.sql import in_lists
+from haagenti.store.sql import in_lists, quote
 
 # Small row groups on the fragments table let a restore read only the fragments it needs.
 # Rows stay in the order they were ingested (a model's tensors in file order), so a restore,
@@ -119,9 +120,12 @@ class LibraryStore:
         path = posixpath.join(self.root, "haagenti.json")
         if not self.fs.exists(path):
             raise LibraryError(f"{self.url}: not a haagenti library (no haagenti.json)")
-        with self.fs.open(path, "r") as f:
-            doc = json.load(f)
-        found = doc.get("format_version")
+        try:
+            with self.fs.open(path, "r") as f:
+                doc = json.load(f)
+            found = doc.get("format_version")
+        except (ValueError, AttributeError):  # not JSON, not UTF-8, or not an object
+            raise DamagedError(f"{self.url}: haagenti.json is damaged (not the JSON object haagenti writes)") from None
         if found != LIBRARY_FORMAT_VERSION:
             raise LibraryError(f"{self.url}: library format {found}, this haagenti reads format {LIBRARY_FORMAT_VERSION} (docs/format.md says how to move a library)")
         return doc
@@ -132,7 +136,7 @@ class LibraryStore:
     # ---- reads --------------------------------------------------------------------------
     def table(self, name: str, version: int | None = None) -> DeltaTable:
         """The table at `version`, or its latest version (an open table, updated)."""
-        with self._lock:
+        with self._lock, damaged(f"{self.url}: table {name!r}"):
             try:
                 if version is not None:
                     return DeltaTable(self.table_uri(name), version=version, storage_options=self.options)
@@ -152,6 +156,10 @@ class LibraryStore:
         stores keep delta-rs' check: either way it is one request."""
         return os.path.exists(os.path.join(self.root, name, "_delta_log", f"{version + 1:020d}.json"))
 
+    def log_problems(self) -> list[str]:
+        """Damaged Delta log entries of every table (what `verify` reports beyond the rows)."""
+        return [p for name in SCHEMAS for p in log_problems(self.fs, posixpath.join(self.root, name), f"{self.url}: table {name!r}")]
+
     def versions(self) -> dict[str, int]:
         return {name: self.table(name).version() for name in SCHEMAS}
 
@@ -169,7 +177,7 @@ class LibraryStore:
 
     def _snapshot(self, name: str, version: int | None) -> tuple[list[str], dict]:
         """(data file paths, add actions as columns) of a table version, in the same order."""
-        with self._lock:
+        with self._lock, damaged(f"{self.url}: table {name!r} (its Delta log)"):
             dt = self.table(name, version)
             at = dt.version()
             cached = self._snapshots.get(name)
@@ -258,6 +266,12 @@ class LibraryStore:
 
     def delete_signatures(self, fragment_ids: list[str]) -> int:
         return sum(self.delete("signatures", p) for p in in_lists("fragment_id", sorted(fragment_ids)))
+
+    def set_family(self, model_id: str, family: str) -> int:
+        """Record another family for a published model, in one commit of the models table."""
+        with self._lock:
+            metrics = self.table("models").update(updates={"family": quote(family)}, predicate=f"model_id = {quote(model_id)}")
+        return int(metrics.get("num_updated_rows", 0))
 
     def compact(self) -> int:
         """Merge small files of the metadata tables (fragments keep their small row groups)."""

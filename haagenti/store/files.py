@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from haagenti.lru import SizedLru
+from haagenti.store.damage import damaged
 from haagenti.store.schema import SCHEMAS, project
 
 # Parquet reads decode on the calling thread: Arrow's pool hands each column of a ~2 MiB row
@@ -40,7 +41,7 @@ class DataFiles:
     def footer(self, path: str) -> pq.FileMetaData:
         md = self._footers.get(path)
         if md is None:
-            with self.open(path) as src:
+            with damaged(f"data file {path}"), self.open(path) as src:
                 md = self._footers[path] = pq.ParquetFile(src).metadata
         return md
 
@@ -50,7 +51,7 @@ class DataFiles:
         key = (path, tuple(columns))
         t = self._columns.get(key)
         if t is None:
-            with self.open(path) as src:
+            with damaged(f"data file {path}"), self.open(path) as src:
                 t = pq.ParquetFile(src, metadata=self.footer(path)).read(columns=columns, use_threads=ARROW_THREADS).cast(project(schema, columns))
             if "blob" not in columns:
                 self._columns.put(key, t)
@@ -65,7 +66,7 @@ class DataFiles:
             for path in paths:
                 groups = self._groups_holding(path, wanted)
                 if groups:
-                    with self.open(path) as src:
+                    with damaged(f"data file {path}"), self.open(path) as src:
                         pf = pq.ParquetFile(src, metadata=self.footer(path))
                         t = pf.read_row_groups(groups, columns=columns, use_threads=ARROW_THREADS).cast(project(SCHEMAS["fragments"], columns))
                     parts.append(_rows_where(t, pc.is_in(t["fragment_id"], wanted)))

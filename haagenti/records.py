@@ -1,0 +1,108 @@
+"""Records read from a library are untrusted input: anyone who can write to a shared bucket
+can write them. A manifest is checked whole before a restore writes a byte: file names stay
+inside the output folder, every count, offset and length agrees with the file's own header."""
+from __future__ import annotations
+
+import io
+import math
+import re
+
+from haagenti.errors import DamagedError, FormatError
+from haagenti.formats.dtypes import dtype as lookup_dtype
+from haagenti.formats.safetensors import file_prefix, parse_header
+from haagenti.hashing import model_hash
+from haagenti.manifest import ModelManifest
+
+FORMATS = ("safetensors", "torch", "verbatim")
+_ID = re.compile(r"[0-9a-f]{64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class LossyRestoreWarning(UserWarning):
+    """A restored model is not byte-identical to its original: it was stored with lossy sharing."""
+
+
+def lossy_summary(m: ModelManifest) -> str:
+    """One line: which tensors of a lossy model differ from the original, and by how much."""
+    lossy = m.lossy_tensors()
+    names = ", ".join(list(lossy)[:3]) + (f" and {len(lossy) - 3} more" if len(lossy) > 3 else "")
+    return (
+        f"model {m.model_id!r} was stored lossy: {len(lossy)} tensor(s) ({names}) differ from the original "
+        f"by at most {max(e['rel_l2_error'] for e in lossy.values()):.3g} relative L2 "
+        f"(max abs error {max(e['max_abs_error'] for e in lossy.values()):.3g}); the files are not byte-identical"
+    )
+
+
+def check_file_name(name: object, where: str) -> str:
+    """A restored file's name: one plain path component (no separators of any OS, no '.' or
+    '..', no NUL or control characters, at most 255 bytes)."""
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or "/" in name
+        or "\\" in name
+        or _CONTROL.search(name)
+        or len(name.encode("utf-8", "surrogatepass")) > 255
+    ):
+        raise DamagedError(f"{where}: recorded file name {name!r} is not a plain file name; refusing to restore")
+    return name
+
+
+def trusted_manifest(model: dict, rows) -> ModelManifest:
+    """A model's manifest built from its models row and manifest rows, checked whole."""
+    try:
+        m = ModelManifest.from_rows(model, rows)
+    except (ValueError, TypeError, KeyError) as e:  # a field of the wrong kind (a null shape, an unknown type)
+        raise DamagedError(f"model {model.get('model_id')!r}: unreadable manifest record ({type(e).__name__}: {e})") from None
+    return check_manifest(m)
+
+
+def check_manifest(m: ModelManifest) -> ModelManifest:
+    """Raise DamagedError naming the first record of `m` that cannot be trusted."""
+    where = f"model {m.model_id!r}"
+    seen: set[str] = set()
+    for f in m.files:
+        check_file_name(f.name, where)
+        if f.name.casefold() in seen:
+            raise DamagedError(f"{where}: file name {f.name!r} is recorded twice")
+        seen.add(f.name.casefold())
+        if f.format not in FORMATS or not isinstance(f.size, int) or f.size < 0 or not isinstance(f.header, bytes):
+            raise DamagedError(f"{where}: file {f.name!r} has an invalid record (format {f.format!r}, size {f.size!r})")
+        if f.format == "verbatim" and len(f.header) != f.size:
+            raise DamagedError(f"{where}: side file {f.name!r} holds {len(f.header)} bytes, its record says {f.size}")
+    if m.content_hash != model_hash([f.blake3 for f in m.files]):
+        raise DamagedError(f"{where}: its recorded content hash is not the hash of its files' hashes")
+    per_file: list[dict[str, tuple[str, tuple[int, ...]]]] = [{} for _ in m.files]
+    for t in m.tensors:
+        tw = f"{where}, tensor {t.name!r}"
+        if not isinstance(t.file_index, int) or not 0 <= t.file_index < len(m.files) or m.files[t.file_index].format == "verbatim":
+            raise DamagedError(f"{tw}: recorded file index {t.file_index!r} names no model file")
+        try:
+            d = lookup_dtype(t.dtype)
+        except FormatError as e:
+            raise DamagedError(f"{tw}: {e}") from None
+        if not all(isinstance(s, int) and s >= 0 for s in t.shape):
+            raise DamagedError(f"{tw}: invalid recorded shape {t.shape!r}")
+        if t.name in per_file[t.file_index]:
+            raise DamagedError(f"{tw}: recorded twice")
+        per_file[t.file_index][t.name] = (d.name, tuple(t.shape))
+        offset = 0
+        for r in t.fragments:
+            if not (_ID.fullmatch(str(r.fragment_id)) and _ID.fullmatch(str(r.source_fragment_id))):
+                raise DamagedError(f"{tw}: invalid fragment id in its record")
+            if r.elem_offset != offset or not isinstance(r.elem_count, int) or r.elem_count <= 0:
+                raise DamagedError(f"{tw}: fragment at element {r.elem_offset} (count {r.elem_count}) does not follow element {offset}")
+            offset += r.elem_count
+        if offset != math.prod(t.shape):
+            raise DamagedError(f"{tw}: fragments cover {offset} elements, shape {list(t.shape)} has {math.prod(t.shape)}")
+    for i, f in enumerate(m.files):
+        if f.format != "safetensors":
+            continue
+        try:  # the header decides where each tensor's bytes go: it must describe the recorded tensors
+            h = parse_header(io.BytesIO(file_prefix(f.header)), f.size, f"{where}, file {f.name!r}")
+        except FormatError as e:
+            raise DamagedError(f"recorded header: {e}") from None
+        described = {e.name: (e.dtype.name, e.shape) for e in h.tensors}
+        if described != per_file[i]:
+            raise DamagedError(f"{where}, file {f.name!r}: its recorded header and tensor records disagree")
+    return m

@@ -1,0 +1,294 @@
+"""Fuzz: generated malformed model files and damaged libraries, each through the command line.
+
+Bad input: a non-zero exit, exactly one line on stderr, no traceback, and the library's files
+unchanged. A damaged library: one line naming the damage (verify: one line per finding), and
+a restore that succeeds only with the original bytes. In-process (typer's CliRunner) for speed;
+a few cases also run the real `python -m haagenti.cli` entrypoint."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+import struct
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.helpers import cli, sha256, tree_digest
+
+
+def st(header: object, data: bytes = b"", raw_header: bytes | None = None, length: int | None = None) -> bytes:
+    """A safetensors file from a header object (or raw header bytes), with a lying length if asked."""
+    h = raw_header if raw_header is not None else json.dumps(header).encode()
+    return struct.pack("<Q", len(h) if length is None else length) + h + data
+
+
+def valid_model() -> bytes:
+    g = torch.Generator().manual_seed(0)
+    import io
+
+    from safetensors.torch import save
+
+    return save({"a.weight": torch.randn(16, 16, generator=g).bfloat16(), "b.bias": torch.randn(16, generator=g)})
+
+
+def reference_reads(body: bytes) -> bool:
+    """Whether the safetensors package (the reference implementation) loads these bytes."""
+    from safetensors.torch import load
+
+    try:
+        load(body)
+        return True
+    except Exception:
+        return False
+
+
+def malformed_inputs() -> list[tuple[str, str, bytes]]:
+    """(case, file name, bytes): at least 100 files that are not valid models."""
+    rng = random.Random(15)
+    good = valid_model()
+    (n,) = struct.unpack("<Q", good[:8])
+    header, data = json.loads(good[8 : 8 + n]), good[8 + n :]
+    cases: list[tuple[str, str, bytes]] = []
+
+    def add(case: str, body: bytes, name: str = "m.safetensors") -> None:
+        cases.append((case, name, body))
+
+    # header length lies
+    for L in (0, 1, 2, n - 1, n + 1, n + 7, len(good), len(good) + 1, 2**31, 2**63, 2**64 - 1, 100 * 1024 * 1024 + 1):
+        add(f"length-{L}", struct.pack("<Q", L) + good[8:])
+    # truncations at random points and at the edges
+    for cut in sorted({0, 1, 7, 8, 9, 8 + n // 2, 8 + n - 1, 8 + n, 8 + n + 1, len(good) - 1} | {rng.randrange(1, len(good)) for _ in range(12)}):
+        add(f"truncated-at-{cut}", good[:cut])
+    add("trailing-bytes", good + b"\0" * 3)
+    # header JSON that is not a safetensors header
+    for i, raw in enumerate([b"{", b"{}}", b'{"a": }', b"[1, 2]", b'"str"', b"{\xff\xfe}", b'{"a": 1}', b'{"a": null}', b'{"__metadata__": {"k": 1}}', b'{"__metadata__": [1]}', b"{" + b" " * 50, b'{"a": {"dtype": "F32"}}']):
+        add(f"header-json-{i}", st(None, data, raw_header=raw))
+    # per-field lies on one tensor
+    def lie(field: str, value: object, tensor: str = "a.weight") -> bytes:
+        h = json.loads(json.dumps(header))
+        if value is KeyError:
+            del h[tensor][field]
+        else:
+            h[tensor][field] = value
+        return st(h, data)
+
+    for v in ("F4", "f32", "", "BF16 ", 7, None, ["F32"], "U128", KeyError):
+        add(f"dtype-{v!r}", lie("dtype", v))
+    for v in ([-1, 16], [16.0, 16], [True, 16], "16,16", None, [2**63, 0], [0, 2**64], [16, 17], [255], [2**62, 2**62], KeyError):
+        add(f"shape-{v!r}", lie("shape", v))
+    a0, a1 = header["a.weight"]["data_offsets"]
+    for v in ([a1, a0], [a0, a1 + 2], [a0 + 2, a1 + 2], [-2, a1 - 2], [a0], [a0, a1, 0], "0,512", None, [a0, 2**63], [0.0, 512.0], KeyError):
+        add(f"offsets-{v!r}", lie("data_offsets", v))
+    both = json.loads(json.dumps(header))
+    both["b.bias"]["data_offsets"] = both["a.weight"]["data_offsets"]
+    add("overlapping-tensors", st(both, data))
+    add("entry-not-object", st(dict(header, **{"a.weight": [1, 2]}), data))
+    add("duplicate-names", st(None, data, raw_header=good[8 : 8 + n].replace(b'"b.bias"', b'"a.weight"', 1)))
+    # random byte flips inside the header; a flip the reference implementation still reads
+    # (a changed name, say) made a valid file, not a malformed one
+    flips = 0
+    while flips < 20:
+        body = bytearray(good)
+        pos = rng.randrange(8, 8 + n)
+        body[pos] = rng.choice(b'{}[]",:0123456789x\x00\xff')
+        if not reference_reads(bytes(body)):
+            add(f"header-flip-{flips}", bytes(body))
+            flips += 1
+    # not safetensors at all
+    add("empty-file", b"")
+    add("text", b"These are notes about a model, not a model.\n" * 10)
+    add("html", b"<!doctype html><html><body>404 Not Found</body></html>")
+    add("zeros", b"\0" * 64)
+    for i in range(6):
+        add(f"junk-{i}", rng.randbytes(rng.randrange(9, 4096)))
+    # pickle, under every name it hides behind
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch /tmp/haagenti-fuzz-pwned",))
+
+    evil = pickle.dumps({"w": Boom()}, protocol=2)
+    for name in ("m.pkl", "m.pickle", "m.npy", "m.joblib"):
+        add(f"pickle-{name}", evil, name)
+    for name in ("m.pt", "m.bin", "m.ckpt", "m.pth"):
+        add(f"pickle-in-{name}", evil, name)
+    add("junk-checkpoint", rng.randbytes(512), "m.pt")
+    add("unknown-extension", good, "m.gguf.exe")
+    return cases
+
+
+INPUTS = malformed_inputs()
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """A library holding two real models, and their original files."""
+    d = tmp_path_factory.mktemp("fuzzlib")
+    g = torch.Generator().manual_seed(1)
+    files = []
+    for i in range(2):
+        state = {f"layers.{k}.weight": torch.randn(128, 512, generator=g).bfloat16() for k in range(3)}
+        state["norm.weight"] = torch.ones(512)
+        p = d / f"m{i}.safetensors"
+        save_file(state, str(p))
+        files.append(p)
+    lib = d / "lib"
+    for i, p in enumerate(files):
+        code, _, err = cli("ingest", lib, p, "--model-id", f"m{i}", "--fragment-size", 65536)
+        assert code == 0, err
+    return lib, files
+
+
+def test_at_least_a_hundred_malformed_inputs():
+    assert len(INPUTS) >= 100 and len({c for c, _, _ in INPUTS}) == len(INPUTS)
+    # the reference implementation refuses every one named .safetensors too
+    assert not [c for c, name, body in INPUTS if name.endswith(".safetensors") and reference_reads(body)]
+
+
+def test_malformed_inputs_get_one_line_and_leave_the_library_unchanged(library, tmp_path):
+    lib, _ = library
+    before = tree_digest(lib)
+    checked = 0
+    for case, name, body in INPUTS:
+        path = tmp_path / case.replace("/", "_") / name
+        path.parent.mkdir()
+        path.write_bytes(body)
+        code, out, err = cli("ingest", lib, path, "--model-id", "bad")
+        assert code != 0, f"{case}: accepted ({out})"
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and "Traceback" not in err, f"{case}: {err!r}"
+        assert tree_digest(lib) == before, f"{case}: the library changed"
+        checked += 1
+    assert checked == len(INPUTS) and not os.path.exists("/tmp/haagenti-fuzz-pwned")
+    code, out, _ = cli("verify", lib)
+    assert code == 0 and "2 models" in out
+
+
+def test_malformed_inputs_through_the_real_entrypoint(library, tmp_path):
+    lib, _ = library
+    before = tree_digest(lib)
+    picks = [c for c in INPUTS if c[0] in ("length-18446744073709551615", "text", "pickle-in-m.pt", "empty-file", "truncated-at-9")]
+    assert len(picks) == 5
+    for case, name, body in picks:
+        path = tmp_path / case / name
+        path.parent.mkdir()
+        path.write_bytes(body)
+        p = subprocess.run([sys.executable, "-m", "haagenti.cli", "ingest", str(lib), str(path), "--model-id", "bad"], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, (case, p.stderr)
+    assert tree_digest(lib) == before
+
+
+# ---- damaged libraries ------------------------------------------------------------------------
+def data_files(lib, table):
+    return sorted(str(p) for p in (lib / table).glob("*.parquet"))
+
+
+def log_entries(lib, table):
+    return sorted(str(p) for p in (lib / table / "_delta_log").glob("*.json"))
+
+
+def flip_blob(path: str) -> None:
+    """One byte flipped in the middle of one stored blob, the file otherwise rewritten as is."""
+    t = pq.read_table(path)
+    blobs = t["blob"].to_pylist()
+    i = max(range(len(blobs)), key=lambda k: len(blobs[k]))
+    b = bytearray(blobs[i])
+    b[len(b) // 2] ^= 0x5A
+    blobs[i] = bytes(b)
+    t = t.set_column(t.schema.get_field_index("blob"), "blob", pa.array(blobs, t.schema.field("blob").type))
+    pq.write_table(t, path, compression="none")
+
+
+def damages(lib) -> list[tuple[str, callable]]:
+    """(case, damage) pairs: each damage takes the path of a copy of the library."""
+    out = []
+
+    def cut(frac):
+        return lambda p: open(p, "r+b").truncate(int(os.path.getsize(p) * frac))
+
+    def scribble(where):
+        def f(p):
+            size = os.path.getsize(p)
+            with open(p, "r+b") as fh:
+                fh.seek(int(size * where))
+                fh.write(b"\xde\xad\xbe\xef" * 8)
+        return f
+
+    for table in ("fragments", "signatures", "manifests", "models"):
+        for i, _ in enumerate(data_files(lib, table)):
+            for kind, fn in (("empty", cut(0)), ("half", cut(0.5)), ("footer-cut", lambda p: open(p, "r+b").truncate(os.path.getsize(p) - 9)),
+                             ("head-scribbled", scribble(0.0)), ("page-scribbled", scribble(0.05)), ("deleted", os.remove)):
+                out.append((f"{table}-file{i}-{kind}", table, ("data", i), fn))
+        for i, _ in enumerate(log_entries(lib, table)):
+            for kind, fn in (("log-half", cut(0.5)), ("log-junk", lambda p: open(p, "wb").write(b"\x00not json\xff")), ("log-empty", cut(0))):
+                out.append((f"{table}-log{i}-{kind}", table, ("log", i), fn))
+    for i, _ in enumerate(data_files(lib, "fragments")):
+        out.append((f"fragments-file{i}-blob-flipped", "fragments", ("data", i), flip_blob))
+    for kind, body in (("truncated", b'{"format": "haag'), ("junk", b"\xff\xfe\x00"), ("list", b"[]"), ("empty", b""), ("old-version", b'{"format": "haagenti", "format_version": 1}')):
+        out.append((f"marker-{kind}", None, ("marker", 0), lambda p, body=body: open(p, "wb").write(body)))
+    return out
+
+
+def target(copy, table, spec):
+    kind, i = spec
+    if kind == "marker":
+        return str(copy / "haagenti.json")
+    return (data_files if kind == "data" else log_entries)(copy, table)[i]
+
+
+def test_damaged_libraries_say_what_is_damaged_and_never_restore_wrong_bytes(library, tmp_path):
+    lib, files = library
+    cases = damages(lib)
+    assert len(cases) >= 60
+    problems: list[str] = []  # every case runs; the failure lists them all
+
+    def check(ok: bool, what: str) -> None:
+        if not ok:
+            problems.append(what)
+
+    for n, (case, table, spec, damage) in enumerate(cases):
+        copy = tmp_path / f"c{n}"
+        shutil.copytree(lib, copy)
+        damage(target(copy, table, spec))
+        broken = False
+        for mid, original in (("m0", files[0]), ("m1", files[1])):
+            out = tmp_path / f"o{n}-{mid}"
+            code, _, err = cli("restore", copy, mid, out)
+            if code == 0:  # never wrong bytes
+                check(sha256(out / original.name) == sha256(original), f"{case}: restore of {mid} returned wrong bytes")
+            else:
+                broken = True
+                check(len(err.strip().splitlines()) == 1 and err.startswith("error:") and "Traceback" not in err, f"{case}: restore said {err!r}")
+                check(not out.exists() or os.listdir(out) == [], f"{case}: a failed restore left files")
+        code, _, err = cli("verify", copy)
+        lines = err.strip().splitlines()
+        check("Traceback" not in err and all(line.startswith("error:") for line in lines), f"{case}: verify said {err!r}")
+        if broken or spec[0] == "marker":  # verify never says ok on a library a restore fails on
+            check(code == 1 and bool(lines), f"{case}: verify said ok on a damaged library")
+        code, _, err = cli("stats", copy)
+        check(code == 0 or (len(err.strip().splitlines()) == 1 and "Traceback" not in err), f"{case}: stats said {err!r}")
+        shutil.rmtree(copy)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("case", ["fragments-file0-blob-flipped", "models-log1-log-junk"])
+def test_damaged_library_through_the_real_entrypoint(library, tmp_path, case):
+    lib, _ = library
+    [(_, table, spec, damage)] = [c for c in damages(lib) if c[0] == case]
+    copy = tmp_path / "copy"
+    shutil.copytree(lib, copy)
+    damage(target(copy, table, spec))
+    failed = []
+    for mid in ("m0", "m1"):  # the damage is in one model's rows (or in both)
+        p = subprocess.run([sys.executable, "-m", "haagenti.cli", "restore", str(copy), mid, str(tmp_path / mid)], capture_output=True, text=True, timeout=120)
+        if p.returncode:
+            assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+            assert "damaged" in p.stderr or "failed verification" in p.stderr, p.stderr
+            failed.append(mid)
+    assert failed

@@ -17,8 +17,8 @@ SMALL = {"d": 128, "layers": 2, "epochs": 2}
 def family(tmp_path_factory):
     """The example family, trained for real (small settings), with its catalog. Training is
     deterministic, so its files are kept in a machine-wide cache keyed by the training code and
-    settings (test runs in parallel share one training); each run gets its own copy."""
-    import dataclasses
+    settings (test runs in parallel share one training; `examples.cached_family` checks the
+    record); each run gets its own copy, record included."""
     import fcntl
     import hashlib
     import json
@@ -33,22 +33,16 @@ def family(tmp_path_factory):
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     with open(cache + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(os.path.join(cache, "members.json")):
+        if examples.cached_family(cache, **SMALL) is None:
             staging = cache + ".partial"
             shutil.rmtree(staging, ignore_errors=True)
-            members = examples.make_family(staging, **SMALL)
-            with open(os.path.join(staging, "members.json"), "w") as f:
-                json.dump([dataclasses.asdict(m) for m in members], f)
+            examples.make_family(staging, **SMALL)
+            shutil.rmtree(cache, ignore_errors=True)
             os.replace(staging, cache)
-    out = tmp_path_factory.mktemp("family")
-    with open(os.path.join(cache, "members.json")) as f:
-        cached = [examples.FamilyMember(**m) for m in json.load(f)]
-    members = []
-    for m in cached:
-        path = str(out / os.path.basename(m.file))
-        shutil.copyfile(os.path.join(cache, os.path.basename(m.file)), path)
-        members.append(dataclasses.replace(m, file=path))
-    examples.write_catalog(members, str(out))
+    out = str(tmp_path_factory.mktemp("family"))
+    shutil.copytree(cache, out, dirs_exist_ok=True)
+    members = examples.cached_family(out, **SMALL)
+    examples.write_catalog(members, out)
     return members
 
 

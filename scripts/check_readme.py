@@ -32,6 +32,7 @@ def using_it_block(readme: str) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--ray-lock", help="a lock file to hold (flock) while a line that starts Ray runs, on a machine shared with other Ray users")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="haagenti-readme-")
     clone = os.path.join(work, "haagenti")
@@ -42,7 +43,10 @@ def main() -> int:
     status = 0
     for line in lines:
         t0 = time.perf_counter()
-        p = subprocess.run(["bash", "-c", "set -e -o pipefail\n" + line], cwd=clone, env=env, capture_output=True, text=True)
+        cmd = ["bash", "-c", "set -e -o pipefail\n" + line]
+        if args.ray_lock and line.startswith("haagenti dedup"):
+            cmd = ["flock", args.ray_lock] + cmd
+        p = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True)
         print(f"[{'ok' if p.returncode == 0 else 'FAILED'} {time.perf_counter() - t0:6.1f}s] {line}", flush=True)
         if p.returncode:
             print(p.stdout[-3000:] + p.stderr[-3000:])

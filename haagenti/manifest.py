@@ -10,6 +10,7 @@ from haagenti.errors import FragmentError, ModelIdError
 from haagenti.formats.safetensors import file_prefix
 from haagenti.fragment import FragmentType
 from haagenti.hashing import file_layout
+from haagenti.store.schema import SCHEMAS
 
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _MODEL_ID = re.compile(rf"{_SEGMENT}(/{_SEGMENT})?")
@@ -124,7 +125,7 @@ class ModelManifest:
                     ("source_fragment_id", r.source_fragment_id), ("max_abs_error", r.max_abs_error), ("rel_l2_error", r.rel_l2_error),
                 ):
                     cols[k].append(v)
-        return pa.table(cols)
+        return pa.table(cols, schema=SCHEMAS["manifests"])  # typed even with no rows (a model with no tensors)
 
     @classmethod
     def from_rows(cls, model: dict, rows: pa.Table) -> "ModelManifest":

@@ -204,6 +204,20 @@ def test_a_safetensors_file_with_no_tensors_is_stored_bit_exact(tmp_path):
         [out] = lib.restore(mid, str(tmp_path / mid), rehash=True)
         assert sha256(out) == sha256(p)
     assert lib.verify().ok
+    # beside models with tensors: in one ingest, and through the pipeline
+    from haagenti.library import ModelInput
+    from pipelines.dedup import run_dedup
+    from pipelines.executors import LocalExecutor
+
+    full = model_file(tmp_path / "full.safetensors")
+    lib.ingest_many([ModelInput([str(path)], "empty2"), ModelInput([full], "full")])
+    cat = tmp_path / "catalog.yaml"
+    cat.write_text(yaml.safe_dump({"models": [{"id": "empty", "files": [str(path)]}, {"id": "full", "files": [full]}]}))
+    assert run_dedup(str(cat), str(tmp_path / "piped"), LocalExecutor()).added == ["empty", "full"]
+    piped = FragmentLibrary.open(str(tmp_path / "piped"), create=False)
+    for l, mid, p in ((lib, "empty2", path), (lib, "full", full), (piped, "empty", path), (piped, "full", full)):
+        [out] = l.restore(mid, str(tmp_path / "again" / l.store.url.rsplit("/", 1)[-1] / mid), rehash=True)
+        assert sha256(out) == sha256(p)
 
 
 def test_ids_from_file_names_keep_their_dots(tmp_path):

@@ -1,4 +1,5 @@
-"""The dedup job: catalog -> scan -> fragment -> sign -> match -> encode -> commit.
+"""The dedup job: catalog -> scan -> fragment -> sign -> match -> encode -> commit, each stage
+the ingest core's (haagenti.ingest, haagenti.matching, haagenti.writer) run by an executor.
 
 Re-runs are incremental: models whose files hash the same as in the library are skipped,
 changed ones are replaced, new ones added, and (with prune) models gone from the catalog are

@@ -44,8 +44,10 @@ def test_conflicting_settings_are_refused_in_one_line(tmp_path, family):
         FragmentLibrary.open(url, LibraryConfig(fragment_size=128 * 1024))
     with pytest.raises(LibraryError, match="signature is bits=256"):
         FragmentLibrary.open(url, LibraryConfig(signature=SignatureConfig(seed=1)))
-    with pytest.raises(LibraryError, match="fragment_size"):
-        run_dedup(str(tmp_path / "none.yaml"), url, LocalExecutor(), LibraryConfig(fragment_size=128 * 1024))
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(f"models:\n  - id: b\n    files: [{family[1].file}]\n")
+    with pytest.raises(LibraryError, match="fragment_size is 65536, not 131072"):
+        run_dedup(str(catalog), url, LocalExecutor(), LibraryConfig(fragment_size=128 * 1024))
     p = cli("ingest", url, family[1].file, "--fragment-size", "131072")
     assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and "fragment_size is 65536, not 131072" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr

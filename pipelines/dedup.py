@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from haagenti.config import LibraryConfig
 from haagenti.errors import LibraryError
+from haagenti.formats.source import expand_urls
 from haagenti.groups import sort_rows
 from haagenti.ingest import signature_table
 from haagenti.library import FragmentLibrary, model_relations
@@ -76,7 +77,7 @@ Progress = Callable[[str], None]  # called with each stage's name as it ends
 
 def preflight(catalog_url: str, library_url: str, distributed: bool) -> Catalog:
     """Everything that can be checked before a cluster starts (seconds on Ray): the catalog
-    parses and names valid ids, and the library URL can hold a library."""
+    parses and names valid ids and files that exist, and the library URL can hold a library."""
     if library_url.startswith("memory://") and distributed:
         raise LibraryError(f"{library_url}: a memory:// library lives in one process, and Ray's workers are others; use a folder or object store")
     catalog = read_catalog(catalog_url)
@@ -85,6 +86,8 @@ def preflight(catalog_url: str, library_url: str, distributed: bool) -> Catalog:
         raise LibraryError(f"{library_url}: is a file, not a library folder")
     if store.exists():
         store.marker()
+    for e in catalog.entries:  # every file there and a regular file (or a folder of model files)
+        expand_urls(list(e.files))
     return catalog
 
 

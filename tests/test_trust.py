@@ -289,10 +289,12 @@ def test_tiers_before_add_tier_and_from_the_cli(tmp_path, lib_with_model):
     assert code == 1 and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("case", ["bad-catalog", "memory-library", "library-is-a-file"])
+@pytest.mark.parametrize("case", ["bad-catalog", "missing-file", "memory-library", "library-is-a-file"])
 def test_dedup_fails_before_starting_ray(tmp_path, case):
     cat = tmp_path / "catalog.yaml"
-    cat.write_text("models: [{id: ../x, files: [a.safetensors]}]" if case == "bad-catalog" else "models: [{id: a, files: [/nonexistent.safetensors]}]")
+    good = model_file(tmp_path / "a.safetensors")
+    files = {"bad-catalog": "[a.safetensors]", "missing-file": f"[{good}, {tmp_path}/nonexistent.safetensors]"}.get(case, f"[{good}]")
+    cat.write_text(f"models: [{{id: {'../x' if case == 'bad-catalog' else 'a'}, files: {files}}}]")
     library = "memory://x" if case == "memory-library" else str(tmp_path / "lib")
     if case == "library-is-a-file":
         (tmp_path / "lib").write_text("x")
@@ -300,6 +302,7 @@ def test_dedup_fails_before_starting_ray(tmp_path, case):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.stdout.split() == ["1", "False"], p.stdout + p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error:")
+    assert {"bad-catalog": "invalid model id", "missing-file": "no such file", "memory-library": "memory://", "library-is-a-file": "is a file"}[case] in p.stderr
 
 
 def test_relative_paths_in_a_ray_job_are_refused(tmp_path, monkeypatch):

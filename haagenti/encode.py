@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from haagenti.codecs import apply_delta, cast_reference, codec_chain, smallest_encoding
 from haagenti.errors import FragmentError
+from haagenti.formats.dtypes import castable
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding, FragmentType
 from haagenti.hashing import content_hash
@@ -103,7 +104,9 @@ def decode_rows(rows: list[dict], fetch_refs: Callable[[set[str]], list[dict]], 
 
 def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str]], level: int | str, quality: str = "exact") -> dict:
     """The fragments-table row for `p`: plain, or a delta against the reference (id, raw bytes,
-    dtype) whose encoded residual is smallest; the smallest of all wins."""
+    dtype) whose encoded residual is smallest; the smallest of all wins. References that cannot
+    stand for `p`'s dtype (a float for quantized blocks) are left out."""
+    refs = [r for r in refs if castable(r[2], p.dtype)]
     casts = [cast_reference(ref_raw, cand_dtype, p.dtype) for _, ref_raw, cand_dtype in refs]
     enc, i, spec, blob = smallest_encoding(p.data, casts, p.dtype, level)
     ref_id, ref_dtype = (refs[i][0], refs[i][2]) if i is not None else (None, None)

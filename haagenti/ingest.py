@@ -21,11 +21,12 @@ from haagenti.config import LibraryConfig
 from haagenti.encode import PendingFragment, RawCache, encode_fragment, rows_table, signature_row
 from haagenti.errors import FormatError, LibraryError
 from haagenti.formats import open_model
-from haagenti.formats.dtypes import dtype as lookup_dtype, has_nonfinite
-from haagenti.formats.safetensors import file_prefix
+from haagenti.formats.dtypes import can_dequantize, has_nonfinite, signable
+from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.source import ModelSource
+from haagenti.formats.splice import FileHasher
 from haagenti.fragment import Encoding, FragmentId, FragmentType
-from haagenti.hashing import hasher, model_hash
+from haagenti.hashing import model_hash
 from haagenti.manifest import FileRecord, FragmentRef, ModelManifest, TensorRef, validate_model_id
 from haagenti.matching import RunMatcher
 from haagenti.signature import SignatureConfig, compute_signatures
@@ -80,14 +81,6 @@ class Occurrence:
     byte_offset: int
 
 
-def safetensors_hasher(header: bytes):
-    """A streaming BLAKE3 of a safetensors file, fed its length and header: update it with the
-    tensor data in file order."""
-    h = hasher()
-    h.update(file_prefix(header))
-    return h
-
-
 class ModelCut:
     """One model cut into fragments of `fragment_elements` elements (the same elements in any
     dtype), each id the BLAKE3 of its bytes. Iterating yields the occurrences in model order
@@ -97,7 +90,7 @@ class ModelCut:
 
     def __init__(self, model: ModelInput, source: ModelSource, fragment_elements: int):
         self.model, self.source, self.step = model, source, fragment_elements
-        self.hashers = {i: safetensors_hasher(f.header) for i, f in enumerate(source.files) if f.format == "safetensors"}
+        self.hashers = {i: FileHasher(f.format, f.header, f.name) for i, f in enumerate(source.files) if f.format not in ("torch", "verbatim")}
         self.layouts: list[list[str]] = [[] for _ in source.files]  # each file's fragment ids in order
         self.tensors: list[TensorRef] = []
 
@@ -105,17 +98,24 @@ class ModelCut:
         for t in self.source.tensors:
             ref = TensorRef(t.name, t.dtype.name, t.shape, t.file_index, FragmentType.infer(t.name))
             self.tensors.append(ref)
-            url = self.source.files[t.file_index].url if t.payload is None else ""
-            chunk_bytes = self.step * t.dtype.itemsize
+            # "" where the bytes are no range of a file: checkpoint tensors, transposed ONNX weights
+            url = self.source.files[t.file_index].url if t.payload is None and not t.transposed else ""
+            step = t.dtype.fragment_items(self.step)  # quantized tensors: whole blocks
+            chunk_bytes = step * t.dtype.itemsize
+            fh = self.hashers.get(t.file_index)
+            if fh:
+                fh.begin_tensor()
             for seq, chunk in enumerate(self.source.iter_chunks(t, chunk_bytes)):
                 fid = FragmentId.of(chunk)
-                if t.file_index in self.hashers:
-                    self.hashers[t.file_index].update(chunk)
+                if fh:
+                    fh.write(chunk)
                 self.layouts[t.file_index].append(fid)
                 n = len(chunk) // t.dtype.itemsize
-                ref.fragments.append(FragmentRef(fid, seq * self.step, n, fid))
-                piece = PendingFragment(fid, t.dtype.name, chunk, ref.fragment_type, seq * self.step)
+                ref.fragments.append(FragmentRef(fid, seq * step, n, fid))
+                piece = PendingFragment(fid, t.dtype.name, chunk, ref.fragment_type, seq * step)
                 yield Occurrence(piece, ref, seq, url, t.data_begin + seq * chunk_bytes)
+            if fh:
+                fh.end_tensor()
 
     def manifest(self, expected_blake3: list[str] | None = None) -> ModelManifest:
         """The model's manifest once every occurrence was taken. `expected_blake3`: the files'
@@ -132,13 +132,16 @@ class ModelCut:
 
 # ---- sign and encode ----------------------------------------------------------------------
 def signs(p: PendingFragment) -> bool:
-    """Whether a new fragment gets a signature (and so takes part in reference choice)."""
-    return bool(p.data) and lookup_dtype(p.dtype).is_float
+    """Whether a new fragment gets a signature (and so takes part in reference choice): floats,
+    and quantized blocks gguf can dequantize."""
+    d = lookup_dtype(p.dtype)
+    return bool(p.data) and (d.is_float or (d.block > 1 and can_dequantize(d)))
 
 
 def signature_table(pieces: list[PendingFragment], config: SignatureConfig, device: str = "cpu") -> pa.Table:
-    """Signatures-table rows of fragments (bit-identical on any device)."""
-    sigs = compute_signatures([(p.data, p.dtype) for p in pieces], config, device) if pieces else []
+    """Signatures-table rows of fragments (bit-identical on any device); quantized blocks are
+    signed on their dequantized values."""
+    sigs = compute_signatures([signable(p.data, lookup_dtype(p.dtype)) for p in pieces], config, device) if pieces else []
     return rows_table([signature_row(p, s) for p, s in zip(pieces, sigs)], SCHEMAS["signatures"])
 
 
@@ -229,7 +232,7 @@ class FragmentEncoder:
             ref_raw = self.uncommitted.get(cand) or self.refs.get(cand)
             if ref_raw is None:
                 ref_raw = self.fetch_raw({cand})[cand]  # evicted from the cache since it was fetched
-            if self.config.lossy_threshold is not None and self.known.get(cand) == p.dtype:
+            if self.config.lossy_threshold is not None and self.known.get(cand) == p.dtype and lookup_dtype(p.dtype).torch_name:
                 shared = self._lossy(p, cand, ref_raw)
                 if shared is not None:
                     return None, shared

@@ -131,6 +131,12 @@ class FragmentLibrary:
         restore.write_model(self, manifest, sinks, rehash)
 
     # ---- maintenance --------------------------------------------------------------------
+    def open_file(self, model_id: str, name: str):
+        """A stored file, opened for reading by range without restoring it (haagenti.libraryfs)."""
+        from haagenti.libraryfs import LibraryFileSystem
+
+        return LibraryFileSystem(self).open(f"{validate_model_id(model_id)}/{name}", "rb")
+
     def verify(self, model_id: str | None = None) -> VerifyReport:
         """Re-hash fragments and restored files. With a model: every fragment it needs and every
         file it restores. Without: every stored fragment, then every model."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 
 from haagenti.errors import FragmentError, ModelIdError
-from haagenti.formats.safetensors import file_prefix
+from haagenti.formats.splice import Splice, inline_of, splice_of
 from haagenti.fragment import FragmentType
 from haagenti.hashing import file_layout
 from haagenti.store.schema import SCHEMAS
@@ -53,10 +53,10 @@ class TensorRef:
 @dataclass(frozen=True)
 class FileRecord:
     name: str
-    format: str  # safetensors | torch | verbatim
+    format: str  # safetensors | gguf | onnx | onnx_data | torch | verbatim
     size: int
     blake3: str
-    header: bytes  # safetensors header JSON verbatim, or a side file's bytes
+    header: bytes  # safetensors header JSON verbatim, a spliced file's packed gaps, or a side file's bytes
     layout: str = ""  # hashing.file_layout of its inline bytes and fragment ids ("" for checkpoints)
 
     @classmethod
@@ -68,11 +68,14 @@ class FileRecord:
 
     @property
     def inline(self) -> bytes:
-        """The bytes a restore writes before the fragments: the length-prefixed safetensors
-        header, or a side file whole."""
-        if self.format == "safetensors":
-            return file_prefix(self.header)
-        return self.header if self.format == "verbatim" else b""
+        """The bytes that with the fragment ids determine the file: the length-prefixed
+        safetensors header, a spliced file's packed gaps, or a side file whole."""
+        return inline_of(self.format, self.header)
+
+    @property
+    def splice(self) -> Splice:
+        """The verbatim bytes a restore writes around the tensors (haagenti.formats.splice)."""
+        return splice_of(self.format, self.header, self.name)
 
 
 @dataclass

@@ -10,12 +10,13 @@ import re
 from haagenti.errors import DamagedError, FormatError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.safetensors import file_prefix, parse_header
+from haagenti.formats.source import validate_file_name
+from haagenti.formats.splice import SPLICED_FORMATS, Splice
 from haagenti.hashing import model_hash
 from haagenti.manifest import ModelManifest
 
-FORMATS = ("safetensors", "torch", "verbatim")
+FORMATS = ("safetensors", "torch", "verbatim", *SPLICED_FORMATS)
 _ID = re.compile(r"[0-9a-f]{64}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class LossyRestoreWarning(UserWarning):
@@ -34,18 +35,12 @@ def lossy_summary(m: ModelManifest) -> str:
 
 
 def check_file_name(name: object, where: str) -> str:
-    """A restored file's name: one plain path component (no separators of any OS, no '.' or
-    '..', no NUL or control characters, at most 255 bytes)."""
-    if (
-        not isinstance(name, str)
-        or name in ("", ".", "..")
-        or "/" in name
-        or "\\" in name
-        or _CONTROL.search(name)
-        or len(name.encode("utf-8", "surrogatepass")) > 255
-    ):
-        raise DamagedError(f"{where}: recorded file name {name!r} is not a plain file name; refusing to restore")
-    return name
+    """A restored file's name: a relative path of plain components that stays inside the
+    output folder (formats.source.validate_file_name: the rule ingest applies)."""
+    try:
+        return validate_file_name(name, where)
+    except FormatError:
+        raise DamagedError(f"{where}: recorded file name {name!r} is not a plain file name or relative path inside the model's folder; refusing to restore") from None
 
 
 def trusted_manifest(model: dict, rows) -> ModelManifest:
@@ -86,6 +81,8 @@ def check_manifest(m: ModelManifest) -> ModelManifest:
         if t.name in per_file[t.file_index]:
             raise DamagedError(f"{tw}: recorded twice")
         per_file[t.file_index][t.name] = (d.name, tuple(t.shape))
+        if math.prod(t.shape) % d.block:
+            raise DamagedError(f"{tw}: shape {list(t.shape)} is not whole blocks of {d.name}")
         offset = 0
         for r in t.fragments:
             if not (_ID.fullmatch(str(r.fragment_id)) and _ID.fullmatch(str(r.source_fragment_id))):
@@ -93,9 +90,11 @@ def check_manifest(m: ModelManifest) -> ModelManifest:
             if r.elem_offset != offset or not isinstance(r.elem_count, int) or r.elem_count <= 0:
                 raise DamagedError(f"{tw}: fragment at element {r.elem_offset} (count {r.elem_count}) does not follow element {offset}")
             offset += r.elem_count
-        if offset != math.prod(t.shape):
-            raise DamagedError(f"{tw}: fragments cover {offset} elements, shape {list(t.shape)} has {math.prod(t.shape)}")
+        if offset != math.prod(t.shape) // d.block:  # a quantized type's element is a block
+            raise DamagedError(f"{tw}: fragments cover {offset} elements, shape {list(t.shape)} has {math.prod(t.shape) // d.block}")
     for i, f in enumerate(m.files):
+        if f.format in SPLICED_FORMATS:
+            _check_splice(m, i, where)
         if f.format != "safetensors":
             continue
         try:  # the header decides where each tensor's bytes go: it must describe the recorded tensors
@@ -106,3 +105,22 @@ def check_manifest(m: ModelManifest) -> ModelManifest:
         if described != per_file[i]:
             raise DamagedError(f"{where}, file {f.name!r}: its recorded header and tensor records disagree")
     return m
+
+
+def _check_splice(m: ModelManifest, i: int, where: str) -> None:
+    """A spliced file's gaps and its tensors add up to its size, and each transposed tensor is
+    the matrix its record says (the gaps decide where each tensor's bytes go)."""
+    f = m.files[i]
+    fw = f"{where}, file {f.name!r}"
+    try:
+        splice = Splice.unpack(f.header, fw)
+    except FormatError as e:
+        raise DamagedError(str(e)) from None
+    tensors = [t for t in m.tensors if t.file_index == i]
+    sizes = [math.prod(t.shape) // lookup_dtype(t.dtype).block * lookup_dtype(t.dtype).itemsize for t in tensors]
+    if len(splice.gaps) > len(tensors) + 1 or sum(map(len, splice.gaps)) + sum(sizes) != f.size:
+        raise DamagedError(f"{fw}: its recorded gaps and tensors do not add up to its {f.size} bytes")
+    for k, (rows, cols, itemsize) in splice.transposed.items():
+        t = tensors[k] if 0 <= k < len(tensors) else None
+        if t is None or len(t.shape) != 2 or (cols, rows) != tuple(t.shape) or itemsize != lookup_dtype(t.dtype).itemsize:
+            raise DamagedError(f"{fw}: a recorded transposed tensor does not match its tensor record")

@@ -1,5 +1,5 @@
 """Restore: a model's fragments fetched in bounded batches, verified, and written into its
-files (safetensors byte-identical, checkpoints as equal state dicts)."""
+files (byte-identical, checkpoints as equal state dicts), as the tree they were ingested from."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterable
 from haagenti.encode import RawCache
 from haagenti.errors import FragmentError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
+from haagenti.formats.splice import SpliceWriter
 from haagenti.hashing import file_layout, hasher
 from haagenti.manifest import FileRecord, ModelManifest, TensorRef
 from haagenti.records import LossyRestoreWarning, lossy_summary
@@ -42,20 +43,21 @@ def iter_parts(lib: "FragmentLibrary", manifest: ModelManifest, cache: RawCache 
             group, size = [], 0
 
 def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: bool = False, force: bool = False) -> list[str]:
-    """Write the model's files into `out_dir`; safetensors files come back byte-identical
+    """Write the model's files into `out_dir` (a folder's as its tree); files come back byte-identical
     (every fragment checked against its id, each file against its recorded layout, and with
     `rehash` each file's bytes against its recorded BLAKE3 too), checkpoints as equal state
     dicts. Existing files are refused unless `force`; all files are written aside and moved
     in only once every one is complete. A model stored lossy warns (LossyRestoreWarning) on
     every restore, and with `rehash` fails naming the first file that differs."""
     manifest = lib.manifest(model_id)  # checked whole: no recorded name leaves out_dir (records.py)
-    paths = [os.path.join(out_dir, f.name) for f in manifest.files]
-    present = [os.path.basename(p) for p in paths if os.path.lexists(p)]
+    paths = [os.path.join(out_dir, *f.name.split("/")) for f in manifest.files]  # a folder's files keep their tree
+    present = [os.path.relpath(p, out_dir) for p in paths if os.path.lexists(p)]
     if present and not force:
         raise LibraryError(f"{out_dir}: {', '.join(present[:3])} already exist(s); refusing to overwrite without --force")
     if manifest.lossy:
         warnings.warn(LossyRestoreWarning(lossy_summary(manifest)), stacklevel=3)
-    os.makedirs(out_dir, exist_ok=True)
+    for d in sorted({os.path.dirname(p) for p in paths}):
+        os.makedirs(d, exist_ok=True)
     tmp = [p + ".partial" for p in paths]
     try:
         with contextlib.ExitStack() as files:
@@ -81,16 +83,21 @@ def write_model(lib: "FragmentLibrary", manifest: ModelManifest, sinks: list[Bin
     hashers = [hasher() if rehash else None for _ in manifest.files]
     written: list[list[str]] = [[] for _ in manifest.files]
     states: dict[int, dict[str, torch.Tensor]] = {i: {} for i, f in enumerate(manifest.files) if f.format == "torch"}
-    for i, f in enumerate(manifest.files):
-        _put(sinks[i], hashers[i], f.inline)
+    splicers = [  # each file's verbatim gaps around its tensors (haagenti.formats.splice)
+        SpliceWriter(f.splice, lambda data, sink=sink, h=h: _put(sink, h, data)) for f, sink, h in zip(manifest.files, sinks, hashers)
+    ]
     for t, parts in iter_parts(lib, manifest):
         i = t.file_index
         if i in states:
             states[i][t.name] = tensor_of(t, b"".join(parts))
             continue
+        splicers[i].begin_tensor()
         for ref, part in zip(t.fragments, parts):
-            _put(sinks[i], hashers[i], part)
+            splicers[i].write(part)
             written[i].append(ref.source_fragment_id)  # the layout is of the original's fragments (lossy refs too)
+        splicers[i].end_tensor()
+    for s in splicers:
+        s.finish()
     for i, state in states.items():
         _put(sinks[i], hashers[i], checkpoint_bytes(state))
     for f, ids, h in zip(manifest.files, written, hashers):

@@ -61,7 +61,10 @@ class FragmentModel:
         self.config = config
 
     def __call__(self, row: dict) -> tuple[ModelManifest, pa.Table]:
-        with open_model([r["url"] for r in row["file_records"]]) as src:
+        with open_model(list(row["files"])) as src:  # as scanned: a folder's files keep their relative names
+            turned = next((t for t in src.tensors if t.transposed), None)
+            if turned is not None:  # later steps read fragments as byte ranges of files; a transposed tensor is none
+                raise FormatError(f"{src.files[turned.file_index].url}: tensor {turned.name!r} is stored transposed (an ONNX MatMul weight), which the pipeline cannot read by byte range; ingest this model with `haagenti ingest`")
             cut = ModelCut(ModelInput(list(row["files"]), row["model_id"], row["family"]), src, self.config.fragment_elements)
             occ = [(o.piece.fragment_id, o.piece.dtype, o.piece.fragment_type.value, signs(o.piece), o.url, o.byte_offset, len(o.piece.data)) for o in cut]
             manifest = cut.manifest([r["blake3"] for r in row["file_records"]])

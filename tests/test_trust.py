@@ -41,7 +41,7 @@ def rewrite_model_row(lib, model_id, change):
 
 
 # ---- restore security ----------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["../x.safetensors", "ABSOLUTE", "a/b.safetensors", "..\\x.safetensors", "x\x00.safetensors", "..", "", "x\n.safetensors"])
+@pytest.mark.parametrize("name", ["../x.safetensors", "ABSOLUTE", "a/../../x.safetensors", "a//b.safetensors", "..\\x.safetensors", "x\x00.safetensors", "..", "", "x\n.safetensors"])
 def test_recorded_file_names_cannot_leave_the_output_folder(tmp_path, lib_with_model, name):
     lib, _ = lib_with_model
     name = str(tmp_path / "abs.safetensors") if name == "ABSOLUTE" else name

@@ -5,6 +5,7 @@ import (~1.1 s) would otherwise be paid by every CLI command and every pipeline 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,14 +20,22 @@ if TYPE_CHECKING:
 class DType:
     name: str  # safetensors spelling, e.g. "BF16"
     itemsize: int
-    torch_name: str  # attribute of the torch module, e.g. "bfloat16"
+    torch_name: str  # attribute of the torch module, e.g. "bfloat16"; "" for quantized blocks
     is_float: bool
+    block: int = 1  # values per item: 1, or a quantized type's block (Q8_0: 32), whose item is a whole block
 
     @property
     def torch_dtype(self) -> "torch.dtype":
         import torch
 
+        if not self.torch_name:
+            raise FormatError(f"{self.name} tensors are quantized blocks: they have no torch dtype (restore the file instead)")
         return getattr(torch, self.torch_name)
+
+    def fragment_items(self, fragment_elements: int) -> int:
+        """Items per fragment: `fragment_elements` values, so a fragment covers the same values
+        whatever the dtype, and quantized tensors are cut on block boundaries."""
+        return max(1, fragment_elements // self.block)
 
 
 _DTYPES = [
@@ -55,10 +64,23 @@ BY_TORCH_NAME = {d.torch_name: d for d in _DTYPES}
 
 
 def dtype(name: str) -> DType:
-    try:
-        return BY_NAME[name]
-    except KeyError:
-        raise FormatError(f"unsupported dtype {name!r} (known: {', '.join(BY_NAME)})") from None
+    d = BY_NAME.get(name) or quantized().get(name)
+    if d is None:
+        raise FormatError(f"unsupported dtype {name!r} (known: {', '.join(BY_NAME)} and GGUF's quantized types)")
+    return d
+
+
+@lru_cache(maxsize=1)
+def quantized() -> dict[str, DType]:
+    """GGUF's quantized types (Q8_0, Q4_K, IQ4_XS, ...) by name, from the gguf package's own
+    table: an item is one block of `block_size` values in `type_size` bytes."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    return {
+        t.name: DType(t.name, type_size, "", False, block_size)
+        for t, (block_size, type_size) in GGML_QUANT_SIZES.items()
+        if block_size > 1
+    }
 
 
 def from_torch(t: "torch.dtype") -> DType:

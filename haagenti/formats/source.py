@@ -1,14 +1,17 @@
 """Open the files of one model through fsspec and expose its tensors as byte ranges.
 
-A model is one or more files: safetensors shards (streamed, never loaded whole), PyTorch
-checkpoints (loaded only with `torch.load(weights_only=True)`), and small side files
-(config or index JSON) kept verbatim so a restored folder is complete.
+A model is one or more files, or folders of them (a Hugging Face or diffusers folder, kept as a
+tree: names are paths relative to the folder): safetensors shards and GGUF files (streamed,
+never loaded whole), ONNX files and their external data, PyTorch checkpoints (loaded only with
+`torch.load(weights_only=True)`), and small side files (configs, tokenizers) kept verbatim so a
+restored folder is complete.
 """
 from __future__ import annotations
 
 import io
 import pickle
 import posixpath
+import re
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -16,7 +19,10 @@ from typing import TYPE_CHECKING, Iterator
 
 from haagenti.errors import FormatError, UnsafeFileError
 from haagenti.formats.dtypes import DType, from_torch
+from haagenti.formats.gguf_file import parse_gguf
+from haagenti.formats.onnx_file import ExternalRef, parse_onnx
 from haagenti.formats.safetensors import parse_header
+from haagenti.formats.splice import Splice, TensorSpan, splice_spans, transpose
 from haagenti.fsio import filesystem_for
 from haagenti.hashing import content_hash
 
@@ -24,8 +30,12 @@ if TYPE_CHECKING:
     import torch  # imported only for PyTorch checkpoints (safetensors never need it)
 
 SAFETENSORS_EXT = (".safetensors",)
+GGUF_EXT = (".gguf",)
+ONNX_EXT = (".onnx",)
 TORCH_EXT = (".pt", ".pth", ".bin", ".ckpt")
-VERBATIM_EXT = (".json", ".yaml", ".yml", ".txt", ".md")
+VERBATIM_EXT = (".json", ".yaml", ".yml", ".txt", ".md", ".model", ".jinja")
+MAX_NAME = 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 PICKLE_EXT = (".pkl", ".pickle", ".joblib", ".npy", ".npz")
 MAX_VERBATIM_BYTES = 16 * 1024 * 1024
 READ_BLOCK = 4 * 1024 * 1024  # read-ahead of remote (s3://, gs://) model files
@@ -38,17 +48,18 @@ class SourceTensor:
     shape: tuple[int, ...]
     file_index: int
     nbytes: int
-    data_begin: int = 0  # absolute offset in a safetensors file
+    data_begin: int = 0  # absolute offset in its file
     payload: bytes | None = None  # checkpoint tensors are held in memory
+    transposed: bool = False  # the file holds this tensor's transpose (haagenti.formats.splice)
 
 
 @dataclass
 class SourceFile:
     name: str  # basename as restored
     url: str
-    format: str  # "safetensors" | "torch" | "verbatim"
+    format: str  # "safetensors" | "gguf" | "onnx" | "onnx_data" | "torch" | "verbatim"
     size: int
-    header: bytes = b""  # safetensors header JSON verbatim, or the whole verbatim file
+    header: bytes = b""  # safetensors header JSON verbatim, a spliced file's packed gaps, or a whole side file
     blake3: str = ""  # known up front for checkpoints and side files; safetensors hash as they stream
 
 
@@ -88,6 +99,7 @@ class ModelSource:
     files: list[SourceFile]
     tensors: list[SourceTensor] = field(default_factory=list)
     reader: RangeReader = field(default_factory=lambda: RangeReader(max_open=1 << 30), repr=False)
+    _turned: tuple[SourceTensor | None, bytes] = field(default=(None, b""), repr=False)
 
     def close(self) -> None:
         self.reader.close()
@@ -99,9 +111,17 @@ class ModelSource:
         self.close()
 
     def read(self, t: SourceTensor, begin: int, end: int) -> bytes:
-        """Bytes [begin, end) of tensor `t`'s data."""
+        """Bytes [begin, end) of tensor `t`'s data (as stored: a transposed tensor is turned
+        round whole, once)."""
         if t.payload is not None:
             return t.payload[begin:end]
+        if t.transposed:
+            if self._turned[0] is not t:
+                self._turned = (t, transpose(self._read(t, 0, t.nbytes), t.shape[1], t.shape[0], t.dtype.itemsize))
+            return self._turned[1][begin:end]
+        return self._read(t, begin, end)
+
+    def _read(self, t: SourceTensor, begin: int, end: int) -> bytes:
         return self.reader.read(self.files[t.file_index].url, t.data_begin + begin, end - begin)
 
     def iter_chunks(self, t: SourceTensor, chunk_bytes: int) -> Iterator[bytes]:
@@ -114,20 +134,41 @@ class ModelSource:
         return sum(f.size for f in self.files)
 
 
-def expand_urls(urls: list[str]) -> list[str]:
-    """Turn folder URLs into the model files they hold (sorted, so order is deterministic)."""
-    out: list[str] = []
+def validate_file_name(name: object, where: str = "") -> str:
+    """A model file's name: a relative POSIX path inside the model's folder, of plain
+    components (no '', '.' or '..', no backslash or control character, at most 255 bytes each),
+    checked on ingest and again before a restore writes it (haagenti.records)."""
+    parts = name.split("/") if isinstance(name, str) else [""]
+    if (
+        not isinstance(name, str)
+        or len(name) > MAX_NAME
+        or "\\" in name
+        or _CONTROL.search(name)
+        or any(p in ("", ".", "..") or len(p.encode("utf-8", "surrogatepass")) > 255 for p in parts)
+    ):
+        raise FormatError(f"{where or name!r}: invalid file name {name!r} (a relative path inside the model's folder)")
+    return name
+
+
+def expand_urls(urls: list[str]) -> list[tuple[str, str, bool]]:
+    """(url, name in the model, from a folder) of each file. A folder gives every file under
+    it, sorted, named by its path relative to the folder (hidden folders such as .git or
+    .cache are skipped)."""
+    out: list[tuple[str, str, bool]] = []
     for url in urls:
         fs, path = filesystem_for(url)
         if fs.isdir(path):
-            entries = sorted((e for e in fs.ls(path, detail=True) if e["name"].endswith(SAFETENSORS_EXT + TORCH_EXT + VERBATIM_EXT)), key=lambda e: e["name"])
-            if not entries:
+            root = path.rstrip("/")
+            found = []
+            for p, info in sorted(fs.find(root, detail=True).items()):
+                rel = p[len(root) :].lstrip("/")
+                if not any(part.startswith(".") for part in rel.split("/")[:-1]):
+                    found.append((_regular(info, fs.unstrip_protocol(p)), rel, True))
+            if not found:
                 raise FormatError(f"{url}: folder holds no model files")
-            for e in entries:
-                _regular(e, fs.unstrip_protocol(e["name"]))
-            out += [fs.unstrip_protocol(e["name"]) for e in entries]
+            out += found
         elif fs.exists(path):
-            out.append(_regular(fs.info(path), url))
+            out.append((_regular(fs.info(path), url), posixpath.basename(url.rstrip("/")), False))
         else:
             raise FormatError(f"{url}: no such file")
     return out
@@ -141,15 +182,22 @@ def _regular(info: dict, url: str) -> str:
 
 
 def open_model(urls: list[str]) -> ModelSource:
-    files = expand_urls(urls)
-    names = [posixpath.basename(u.rstrip("/")) for u in files]
+    """Every file of the model checked and located; nothing but headers and side files read."""
+    entries = expand_urls(urls)
+    names = [validate_file_name(name, url) for url, name, _ in entries]
     if len(set(names)) != len(names):
         raise FormatError(f"model files must have distinct names, got {names}")
+    onnx = {name: _read_onnx(url, name) for url, name, _ in entries if name.lower().endswith(ONNX_EXT)}
+    external: dict[str, list[TensorSpan]] = {}
+    for name, (_, _, refs) in onnx.items():
+        for ref in refs:
+            if ref.location not in names:
+                raise FormatError(f"{name}: external data file {ref.location!r} is not among the model's files (ingest the folder)")
+            external.setdefault(ref.location, []).append(ref.span)
     src = ModelSource(files=[])
-    for i, url in enumerate(files):
+    for i, (url, name, in_folder) in enumerate(entries):
         fs, path = filesystem_for(url)
         size = fs.size(path)
-        name = names[i]
         low = name.lower()
         if low.endswith(SAFETENSORS_EXT):
             with fs.open(path, "rb") as fh:
@@ -158,6 +206,18 @@ def open_model(urls: list[str]) -> ModelSource:
             src.tensors += [
                 SourceTensor(t.name, t.dtype, t.shape, i, t.nbytes, data_begin=h.data_start + t.begin) for t in h.tensors
             ]
+        elif low.endswith(GGUF_EXT):
+            with fs.open(path, "rb") as fh:
+                spans, splice = parse_gguf(fh, size, url)
+            _add_spliced(src, i, SourceFile(name, url, "gguf", size), spans, splice)
+        elif name in onnx:
+            spans, splice, _ = onnx[name]
+            _add_spliced(src, i, SourceFile(name, url, "onnx", size), spans, splice)
+        elif name in external:
+            spans = sorted(external[name], key=lambda s: s.begin)
+            with fs.open(path, "rb") as fh:
+                splice = splice_spans(spans, size, lambda b, e: _read_range(fh, b, e, url), url)
+            _add_spliced(src, i, SourceFile(name, url, "onnx_data", size), spans, splice)
         elif low.endswith(TORCH_EXT):
             with fs.open(path, "rb") as fh:
                 data = fh.read()
@@ -167,19 +227,39 @@ def open_model(urls: list[str]) -> ModelSource:
                 tensor = tensor.detach().contiguous()
                 payload = _tensor_bytes(tensor)
                 src.tensors.append(SourceTensor(key, from_torch(tensor.dtype), tuple(tensor.shape), i, len(payload), payload=payload))
-        elif low.endswith(VERBATIM_EXT):
+        elif low.endswith(PICKLE_EXT):
+            raise UnsafeFileError(f"{url}: refusing a pickle-based file; convert it to safetensors")
+        elif low.endswith(VERBATIM_EXT) or in_folder:
             if size > MAX_VERBATIM_BYTES:
-                raise FormatError(f"{url}: side file larger than {MAX_VERBATIM_BYTES} bytes")
+                raise FormatError(f"{url}: side file larger than {MAX_VERBATIM_BYTES} bytes (not a tensor format haagenti reads)")
             with fs.open(path, "rb") as fh:
                 data = fh.read()
             src.files.append(SourceFile(name, url, "verbatim", size, data, content_hash(data)))
-        elif low.endswith(PICKLE_EXT):
-            raise UnsafeFileError(f"{url}: refusing a pickle-based file; convert it to safetensors")
         else:
-            raise FormatError(f"{url}: unknown model file type (expected .safetensors, .pt/.pth/.bin/.ckpt or side .json)")
+            raise FormatError(f"{url}: unknown model file type (expected .safetensors, .gguf, .onnx, .pt/.pth/.bin/.ckpt or side .json)")
     if all(f.format == "verbatim" for f in src.files):  # a model file with no tensors (header {}) is valid
-        raise FormatError(f"{', '.join(files)}: no model file (.safetensors or a checkpoint), only side files")
+        raise FormatError(f"{', '.join(url for url, _, _ in entries)}: no model file (.safetensors, .gguf, .onnx or a checkpoint), only side files")
     return src
+
+
+def _read_onnx(url: str, name: str) -> tuple[list[TensorSpan], Splice, list[ExternalRef]]:
+    fs, path = filesystem_for(url)
+    with fs.open(path, "rb") as fh:
+        data = fh.read()
+    return parse_onnx(data, name, url)
+
+
+def _read_range(fh, begin: int, end: int, where: str) -> bytes:
+    fh.seek(begin)
+    data = fh.read(end - begin)
+    if len(data) != end - begin:
+        raise FormatError(f"{where}: file shrank while reading it")
+    return data
+
+
+def _add_spliced(src: ModelSource, i: int, f: SourceFile, spans: list[TensorSpan], splice: Splice) -> None:
+    src.files.append(SourceFile(f.name, f.url, f.format, f.size, splice.pack()))
+    src.tensors += [SourceTensor(s.name, s.dtype, s.shape, i, s.nbytes, data_begin=s.begin, transposed=s.transposed) for s in spans]
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:

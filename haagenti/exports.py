@@ -1,0 +1,129 @@
+"""The example model in the containers real catalogs hold, written by the field's own writers:
+GGUF (the `gguf` writer and its quantizers), ONNX (`torch.onnx.export`), a Hugging Face folder
+(sharded safetensors and index by `huggingface_hub`, configs, tokenizer files) and a diffusers
+folder (`save_pretrained`). Test and bench material; nothing is downloaded."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from haagenti.examples import DigitsTransformer, digits, train
+
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_0")
+
+
+def load_example(path: str, d: int = 128, layers: int = 2) -> DigitsTransformer:
+    """The example transformer with the weights of a safetensors file of it (fp32 in memory)."""
+    from safetensors.torch import load_file
+
+    model = DigitsTransformer(d, layers)
+    model.load_state_dict({k: v.float() for k, v in load_file(path).items()})
+    return model.eval()
+
+
+def train_example(d: int = 128, layers: int = 2, epochs: int = 2, seed: int = 0) -> DigitsTransformer:
+    """The example transformer, trained on digits; its weights rounded to bf16 as published."""
+    torch.manual_seed(seed)
+    model = DigitsTransformer(d, layers)
+    x, y = digits()
+    train(model, x, y, epochs, 1e-3, seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return model.eval()
+
+
+def state_of(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+
+
+def export_gguf(state: dict[str, torch.Tensor], path: str, qtype: str = "F16", split_max_tensors: int = 0) -> list[str]:
+    """Write `state` as GGUF with the gguf writer; quantized types (Q8_0, ...) quantize matrices
+    whose rows fill whole blocks and keep the rest F32, as llama.cpp's converters do. Returns
+    the files written (several with `split_max_tensors`)."""
+    import gguf
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    qt = GGMLQuantizationType[qtype]
+    block = GGML_QUANT_SIZES[qt][0]
+    w = gguf.GGUFWriter(path, arch="digits", split_max_tensors=split_max_tensors)
+    w.add_name("digits-transformer")
+    w.add_description("haagenti example model")
+    w.add_uint32("digits.block_count", sum(1 for k in state if k.endswith("q_proj.weight")))
+    w.add_array("digits.labels", [str(i) for i in range(10)])
+    for name, t in state.items():
+        a = t.float().numpy()
+        if qtype == "F32" or (block > 1 and (a.ndim < 2 or a.shape[-1] % block)):
+            w.add_tensor(name, a)
+        elif qtype == "F16":
+            w.add_tensor(name, t.to(torch.float16).numpy())
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
+    paths = [str(p) for p in w.print_plan()] if split_max_tensors else [path]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return paths
+
+
+def export_onnx(model: torch.nn.Module, path: str, external_data: bool = False) -> None:
+    """`torch.onnx.export` (the torch.export-based exporter) of the fp32 model; with
+    `external_data` the initializers go to `<name>.data` next to it."""
+    torch.onnx.export(model.float().eval(), (torch.zeros(1, 64),), path, dynamo=True, external_data=external_data, verbose=False)
+
+
+def save_hf_folder(state: dict[str, torch.Tensor], folder: str, shards: int = 4) -> None:
+    """A Hugging Face model folder: `huggingface_hub` shards the weights (with
+    model.safetensors.index.json when there is more than one), plus config and tokenizer files."""
+    from huggingface_hub import save_torch_state_dict
+
+    os.makedirs(folder, exist_ok=True)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    save_torch_state_dict(state, folder, max_shard_size=total // shards + 1 if shards > 1 else total * 2)
+    _json(folder, "config.json", {"architectures": ["DigitsTransformer"], "model_type": "digits", "hidden_size": state["embed.weight"].shape[0]})
+    _json(folder, "generation_config.json", {"max_length": 8})
+    vocab = {f"row{i}": i for i in range(256)}
+    _json(folder, "tokenizer.json", {"version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "row0"}})
+    _json(folder, "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8})
+    _json(folder, "special_tokens_map.json", {"unk_token": "row0"})
+
+
+def save_diffusers_folder(text_encoder: dict[str, torch.Tensor], folder: str, seed: int = 0) -> None:
+    """A diffusers folder written by diffusers: a small UNet and VAE (`save_pretrained`), the
+    scheduler config and model_index.json, with the example transformer as text_encoder/."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+    from huggingface_hub import save_torch_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8)
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(os.path.join(folder, "scheduler"))
+    _json(os.path.join(folder, "text_encoder"), "config.json", {"model_type": "digits"})
+    save_torch_state_dict(text_encoder, os.path.join(folder, "text_encoder"))
+    _json(folder, "model_index.json", {
+        "_class_name": "DigitsDiffusionPipeline", "_diffusers_version": "0.42.1", "unet": ["diffusers", "UNet2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["haagenti", "DigitsTransformer"],
+    })
+
+
+def _json(folder: str, name: str, doc: dict) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name), "w") as f:
+        json.dump(doc, f, indent=2)
+
+
+def quantized_blocks(path: str) -> dict[str, tuple[str, np.ndarray]]:
+    """Each tensor of a GGUF file as (type name, raw bytes), through gguf's own reader."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).view(np.uint8).reshape(-1)) for t in r.tensors}

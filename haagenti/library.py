@@ -130,13 +130,13 @@ class FragmentLibrary:
     def _write(self, manifest: ModelManifest, sinks: list[BinaryIO], rehash: bool) -> None:
         restore.write_model(self, manifest, sinks, rehash)
 
-    # ---- maintenance --------------------------------------------------------------------
     def open_file(self, model_id: str, name: str):
         """A stored file, opened for reading by range without restoring it (haagenti.libraryfs)."""
         from haagenti.libraryfs import LibraryFileSystem
 
         return LibraryFileSystem(self).open(f"{validate_model_id(model_id)}/{name}", "rb")
 
+    # ---- maintenance --------------------------------------------------------------------
     def verify(self, model_id: str | None = None) -> VerifyReport:
         """Re-hash fragments and restored files. With a model: every fragment it needs and every
         file it restores. Without: every stored fragment, then every model."""

@@ -103,3 +103,42 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def exports(family, tmp_path_factory):
+    """The family's base (and its partial fine-tune) in every container haagenti reads, written
+    by the field's writers (haagenti.exports): GGUF F16/F32/Q8_0 (and split in 4), ONNX inline and
+    with external data, HF folders of 1 and 4+ shards, a diffusers folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    from haagenti import exports as ex
+
+    out = tmp_path_factory.mktemp("exports")
+    files = {m.model_id: m.file for m in family}
+    base = ex.load_example(files["digits-base"], d=SMALL["d"], layers=SMALL["layers"])
+    partial = ex.load_example(files["digits-ft-partial"], d=SMALL["d"], layers=SMALL["layers"])
+    f32, bf16 = ex.state_of(base, torch.float32), ex.state_of(base, torch.bfloat16)
+    paths = {"safetensors": files["digits-base"], "f32-safetensors": str(out / "f32.safetensors")}
+    save_file(f32, paths["f32-safetensors"])
+    for q in ("F16", "F32", "Q8_0"):
+        paths[f"gguf-{q}"] = str(out / f"base-{q}.gguf")
+        ex.export_gguf(f32, paths[f"gguf-{q}"], q)
+    paths["gguf-Q8_0-partial"] = str(out / "partial-Q8_0.gguf")
+    ex.export_gguf(ex.state_of(partial, torch.float32), paths["gguf-Q8_0-partial"], "Q8_0")
+    paths["gguf-Q8_0-ft"] = str(out / "ft-Q8_0.gguf")
+    ft = ex.load_example(files["digits-ft-lr1e-4"], d=SMALL["d"], layers=SMALL["layers"])
+    ex.export_gguf(ex.state_of(ft, torch.float32), paths["gguf-Q8_0-ft"], "Q8_0")
+    paths["gguf-split"] = str(out / "split")
+    ex.export_gguf(f32, str(out / "split" / "base.gguf"), "F16", split_max_tensors=len(f32) // 4 + 1)
+    paths["onnx"] = str(out / "base.onnx")
+    ex.export_onnx(base, paths["onnx"])
+    paths["onnx-external"] = str(out / "onnx-external")
+    (out / "onnx-external").mkdir()
+    ex.export_onnx(base, str(out / "onnx-external" / "model.onnx"), external_data=True)
+    paths["hf-1"], paths["hf-4"], paths["diffusers"] = str(out / "hf-1"), str(out / "hf-4"), str(out / "diffusers")
+    ex.save_hf_folder(bf16, paths["hf-1"], shards=1)
+    ex.save_hf_folder(bf16, paths["hf-4"], shards=4)
+    ex.save_diffusers_folder(bf16, paths["diffusers"])
+    return paths

@@ -25,7 +25,8 @@ def cast_reference(ref: bytes, ref_dtype: str, target_dtype: str) -> bytes:
 
 
 def _words(data: bytes, itemsize: int) -> np.ndarray:
-    return np.frombuffer(data, dtype=_UINT[itemsize])
+    """Words of the item size; bytes for items of another size (a quantized block)."""
+    return np.frombuffer(data, dtype=_UINT.get(itemsize, np.uint8))
 
 
 def residual(encoding: Encoding, raw: bytes, ref: bytes, itemsize: int) -> bytes:

@@ -115,3 +115,37 @@ def has_nonfinite(data: bytes, d: DType) -> bool:
     w = np.frombuffer(data, dtype=word)
     magnitude = word(np.iinfo(word).max >> 1)  # every bit but the sign
     return bool(np.bitwise_and(w, magnitude).max() >= mask)
+
+
+@lru_cache(maxsize=None)
+def can_dequantize(d: DType) -> bool:
+    """Whether gguf can turn blocks of this quantized type back into values."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    try:
+        dequantize(np.zeros((1, d.itemsize), np.uint8), GGMLQuantizationType[d.name])
+    except NotImplementedError:
+        return False
+    return True
+
+
+def signable(data: bytes, d: DType) -> tuple[bytes, str]:
+    """The values a signature is computed on: a float fragment's own bytes, or a quantized
+    fragment's blocks dequantized to F32 by gguf (so a fine-tune's Q8_0 blocks find the base's
+    as delta references)."""
+    if d.block == 1:
+        return data, d.name
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    values = dequantize(np.frombuffer(data, np.uint8).reshape(-1, d.itemsize), GGMLQuantizationType[d.name])
+    return np.ascontiguousarray(values, np.float32).tobytes(), "F32"
+
+
+def castable(src: str, dst: str) -> bool:
+    """Whether a fragment of dtype `src` can serve as a delta reference for one of `dst`: the
+    same dtype, or two float dtypes (the reference is cast first). Quantized blocks only
+    reference blocks of their own type."""
+    a, b = dtype(src), dtype(dst)
+    return src == dst or (a.is_float and b.is_float and a.block == b.block == 1)

@@ -32,12 +32,12 @@ class _Header:
 
     def take(self, n: int) -> memoryview:
         end = self.pos + n
+        if end > self.size:
+            raise FormatError(f"{self.where}: truncated GGUF header (needs byte {end}, file has {self.size})")
+        if end > MAX_HEADER_BYTES:
+            raise FormatError(f"{self.where}: GGUF metadata exceeds the {MAX_HEADER_BYTES}-byte limit")
         if end > len(self.buf):
-            if end > self.size:
-                raise FormatError(f"{self.where}: truncated GGUF header (needs byte {end}, file has {self.size})")
-            if end > MAX_HEADER_BYTES:
-                raise FormatError(f"{self.where}: GGUF metadata exceeds the {MAX_HEADER_BYTES}-byte limit")
-            want = min(max(end - len(self.buf), _READ, len(self.buf)), self.size - len(self.buf))
+            want = min(max(end - len(self.buf), _READ, len(self.buf)), self.size - len(self.buf), MAX_HEADER_BYTES - len(self.buf))
             self.buf += self.fh.read(want)
             if end > len(self.buf):
                 raise FormatError(f"{self.where}: file shrank while reading its GGUF header")
@@ -89,8 +89,10 @@ def _ggml_type(code: int) -> DType | None:
 def parse_gguf(fh: BinaryIO, file_size: int, where: str) -> tuple[list[TensorSpan], Splice]:
     """The tensors of a GGUF file (in data order) and the bytes around them."""
     h = _Header(fh, file_size, where)
-    if file_size < 24 or bytes(h.take(4)) != b"GGUF":
-        raise FormatError(f"{where}: not a GGUF file (no GGUF magic)" if file_size >= 4 else f"{where}: truncated GGUF file ({file_size} bytes)")
+    if file_size < 24:
+        raise FormatError(f"{where}: truncated GGUF file ({file_size} bytes)")
+    if bytes(h.take(4)) != b"GGUF":
+        raise FormatError(f"{where}: not a GGUF file (no GGUF magic)")
     version = h.unpack("I")
     if version not in (2, 3):
         swapped = version & 0xFFFF == 0
@@ -131,6 +133,10 @@ def parse_gguf(fh: BinaryIO, file_size: int, where: str) -> tuple[list[TensorSpa
     spans = sorted((TensorSpan(name, d, shape, data_start + off, nbytes) for name, d, shape, off, nbytes in infos), key=lambda s: s.begin)
     cursor = data_start
     for s in spans:
+        if s.begin + s.nbytes > file_size:
+            raise FormatError(f"{where}: tensor {s.name!r} runs past the end of the file ({file_size} bytes)")
+        if s.begin < cursor:
+            raise FormatError(f"{where}: tensor {s.name!r} overlaps the previous tensor")
         if s.begin - cursor >= alignment:
             raise FormatError(f"{where}: {s.begin - cursor} unaccounted bytes before tensor {s.name!r} (more than alignment padding)")
         cursor = max(cursor, s.begin + s.nbytes)

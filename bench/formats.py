@@ -1,0 +1,138 @@
+"""Formats: what the same weights cost in another container, in other shardings, and whether
+deltas pay on quantized GGUF blocks.
+
+    python bench/formats.py [--runs N]
+Material: the example family's base (bench/.cache, trained once) exported by the field's writers
+(haagenti.exports: gguf, torch.onnx, huggingface_hub, diffusers) into a temporary folder.
+
+1. Cross-format: a library holding the published BF16 safetensors ingests one export; "added"
+   is its new fragments plus its files' verbatim records (GGUF header and padding, the ONNX
+   graph), as a share of the export's size. Baseline: zstd-3 of the export alone.
+2. Reshard: the first layout ingested, then the second; what the second adds.
+3. Quantized blocks: each fine-tune's Q8_0 / Q4_0 tensors that changed, zstd-1 (what haagenti
+   stores for blocks) plain against zstd-1 of their XOR with the base's same tensor.
+Ingest times are min/median/max over --runs runs, interleaved; sizes are deterministic.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+import zstandard
+from safetensors.torch import save_file
+
+from common import CACHE, example_family
+
+from haagenti import exports as ex
+from haagenti.library import FragmentLibrary
+
+
+def added(lib: FragmentLibrary, model_id: str, report) -> int:
+    return report.stored_bytes + sum(len(f.header) for f in lib.manifest(model_id).files)
+
+
+def size(path: str) -> int:
+    return os.path.getsize(path) if os.path.isfile(path) else sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def zstd3(path: str) -> int:
+    files = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    return sum(len(zstandard.ZstdCompressor(level=3).compress(open(p, "rb").read())) for p in files)
+
+
+def pair_cost(root: str, first: str, second: str, runs: int) -> tuple[int, int, list[float]]:
+    """(raw bytes of `second`, bytes it added after `first`, ingest seconds per run)."""
+    times, add, raw = [], 0, 0
+    for r in range(runs):
+        path = os.path.join(root, f"lib-{r}")
+        lib = FragmentLibrary.open(path)
+        lib.ingest([first], "first")
+        t = time.perf_counter()
+        report = lib.ingest([second], "second")
+        times.append(time.perf_counter() - t)
+        add, raw = added(lib, "second", report), report.raw_bytes
+        shutil.rmtree(path)
+    return raw, add, times
+
+
+def quantized_xor(paths: dict[str, str], qtype: str) -> tuple[int, int, int, int]:
+    """(changed tensors, their raw bytes, zstd-1 plain, zstd-1 of XOR with the base)."""
+    z = zstandard.ZstdCompressor(level=1)
+    base = ex.quantized_blocks(paths["base"])
+    n = raw = plain = xor = 0
+    for name, p in paths.items():
+        if name == "base":
+            continue
+        for tname, (kind, data) in ex.quantized_blocks(p).items():
+            ref = base[tname][1]
+            if kind != qtype or np.array_equal(data, ref):
+                continue
+            n += 1
+            raw += data.size
+            plain += len(z.compress(data.tobytes()))
+            xor += len(z.compress(np.bitwise_xor(data, ref).tobytes()))
+    return n, raw, plain, xor
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    members = {m.model_id: m.file for m in example_family()}
+    root = tempfile.mkdtemp(prefix="haagenti-formats-", dir=CACHE)
+    try:
+        base = ex.load_example(members["digits-base"], d=256, layers=4)
+        f32, bf16 = ex.state_of(base, torch.float32), ex.state_of(base, torch.bfloat16)
+        p = {"safetensors BF16": members["digits-base"]}
+        save_file(f32, os.path.join(root, "f32.safetensors"))
+        for q in ("F16", "BF16", "F32", "Q8_0"):
+            p[f"GGUF {q}"] = os.path.join(root, f"base-{q}.gguf")
+            ex.export_gguf(f32, p[f"GGUF {q}"], q)
+        p["GGUF F16 split"] = os.path.join(root, "split")
+        ex.export_gguf(f32, os.path.join(root, "split", "base.gguf"), "F16", split_max_tensors=len(f32) // 4 + 1)
+        p["ONNX"] = os.path.join(root, "base.onnx")
+        ex.export_onnx(base, p["ONNX"])
+        p["ONNX external data"] = os.path.join(root, "onnx-ext")
+        os.makedirs(p["ONNX external data"])
+        ex.export_onnx(base, os.path.join(p["ONNX external data"], "model.onnx"), external_data=True)
+        p["HF folder, 1 shard"], p["HF folder, 4+ shards"] = os.path.join(root, "hf-1"), os.path.join(root, "hf-4")
+        ex.save_hf_folder(bf16, p["HF folder, 1 shard"], shards=1)
+        ex.save_hf_folder(bf16, p["HF folder, 4+ shards"], shards=4)
+        work = os.path.join(root, "libs")
+        os.makedirs(work)
+
+        print("1. cross-format: the BF16 safetensors model stored first, then one export of it")
+        print(f"{'export':22s} {'size MB':>8s} {'added KB':>9s} {'added %':>8s} {'zstd-3 alone %':>15s} {'ingest s min/med/max':>22s}")
+        for kind in ("GGUF F16", "GGUF BF16", "GGUF F32", "GGUF Q8_0", "ONNX", "ONNX external data"):
+            raw, add, times = pair_cost(work, p["safetensors BF16"], p[kind], args.runs)
+            print(f"{kind:22s} {raw / 1e6:8.2f} {add / 1e3:9.1f} {add / raw:8.2%} {zstd3(p[kind]) / raw:15.1%} "
+                  f"{min(times):7.2f}/{statistics.median(times):.2f}/{max(times):.2f}")
+
+        print("\n2. reshard: the first layout stored, then the second")
+        print(f"{'first -> second':44s} {'size MB':>8s} {'added KB':>9s} {'added %':>8s}")
+        for a, b in (("HF folder, 1 shard", "HF folder, 4+ shards"), ("GGUF F16", "GGUF F16 split"), ("ONNX", "ONNX external data")):
+            raw, add, _ = pair_cost(work, p[a], p[b], 1)
+            print(f"{a + ' -> ' + b:44s} {raw / 1e6:8.2f} {add / 1e3:9.1f} {add / raw:8.2%}")
+
+        print("\n3. quantized blocks of fine-tunes: zstd-1 plain vs zstd-1 of XOR with the base's tensor")
+        print(f"{'type':6s} {'tensors':>8s} {'raw MB':>8s} {'plain %':>8s} {'XOR %':>8s}")
+        for q in ("Q8_0", "Q4_0"):
+            qp = {}
+            for mid in ("digits-base", "digits-ft-lr1e-4", "digits-ft-lr1e-3", "digits-ft-partial", "digits-lora-merged"):
+                qp["base" if mid == "digits-base" else mid] = os.path.join(root, f"{mid}-{q}.gguf")
+                ex.export_gguf(ex.state_of(ex.load_example(members[mid], d=256, layers=4), torch.float32), qp["base" if mid == "digits-base" else mid], q)
+            n, raw, plain, xor = quantized_xor(qp, q)
+            print(f"{q:6s} {n:8d} {raw / 1e6:8.2f} {plain / raw:8.1%} {xor / raw:8.1%}")
+    finally:
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()

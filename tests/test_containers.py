@@ -1,0 +1,172 @@
+"""GGUF, ONNX, Hugging Face and diffusers folders: bit-exact round trips, fragments shared across
+containers and shardings, quantized tensors cut on block boundaries. Material: `exports`."""
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+from haagenti.errors import FormatError
+from haagenti.formats import open_model
+from haagenti.formats.source import validate_file_name
+from haagenti.config import LibraryConfig
+from haagenti.library import FragmentLibrary
+
+
+def tree(path: str) -> dict[str, str]:
+    """sha256 of every file under a folder (or of one file), by relative path."""
+    if os.path.isfile(path):
+        return {os.path.basename(path): hashlib.sha256(open(path, "rb").read()).hexdigest()}
+    return {
+        os.path.relpath(os.path.join(d, f), path): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+        for d, _, fs in os.walk(path) for f in fs
+    }
+
+
+def added_bytes(lib: FragmentLibrary, model_id: str, report) -> int:
+    """What a model added to the library: its new fragments and its files' verbatim records."""
+    return report.stored_bytes + sum(len(f.header) for f in lib.manifest(model_id).files)
+
+
+@pytest.mark.parametrize("kind", ["gguf-F16", "gguf-Q8_0", "gguf-split", "onnx", "onnx-external", "hf-4", "diffusers"])
+def test_round_trip_is_bit_exact(tmp_path, exports, kind):
+    lib = FragmentLibrary.open(str(tmp_path / "lib"))
+    lib.ingest([exports[kind]], "m")
+    out = tmp_path / "out"
+    lib.restore("m", str(out), rehash=True)
+    assert tree(str(out)) == tree(exports[kind])
+    assert lib.verify("m").ok
+
+
+def test_gguf_offsets_match_ggufs_own_reader(exports):
+    import gguf
+
+    for kind in ("gguf-F16", "gguf-Q8_0"):
+        reader = gguf.GGUFReader(exports[kind])
+        want = {t.name: (int(t.data_offset), int(t.n_bytes), t.tensor_type.name, tuple(int(x) for x in reversed(t.shape))) for t in reader.tensors}
+        with open_model([exports[kind]]) as src:
+            got = {t.name: (t.data_begin, t.nbytes, t.dtype.name, t.shape) for t in src.tensors}
+        assert got == want
+        assert any(v[2] == "Q8_0" for v in got.values()) == (kind == "gguf-Q8_0")
+
+
+def test_quantized_tensors_cut_on_blocks_and_shared_between_files(tmp_path, exports, family):
+    """The partial fine-tune froze its lower layers: their Q8_0 blocks are identical in both
+    GGUF files, so they share fragments; every fragment holds whole blocks."""
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), LibraryConfig(fragment_size=65536))  # several fragments per matrix
+    lib.ingest([exports["gguf-Q8_0"]], "base-q8")
+    report = lib.ingest([exports["gguf-Q8_0-partial"]], "partial-q8")
+    base, partial = lib.manifest("base-q8"), lib.manifest("partial-q8")
+    quant = [t for t in base.tensors if t.dtype == "Q8_0"]
+    assert quant and any(len(t.fragments) > 1 for t in quant)
+    for t in quant:
+        assert sum(r.elem_count for r in t.fragments) * 32 == np.prod(t.shape)
+        assert all(r.elem_count == 32768 // 32 for r in t.fragments[:-1])
+    frozen = [t.name for t in quant if t.name.startswith(("embed", "layers.0."))]
+    by_name = partial.tensors_by_name()
+    assert frozen and all([r.fragment_id for r in by_name[n].fragments] == [r.fragment_id for r in base.tensors_by_name()[n].fragments] for n in frozen)
+    changed = [t.name for t in quant if t.name.startswith("layers.1.")]
+    assert changed and all(by_name[n].fragments[0].fragment_id != base.tensors_by_name()[n].fragments[0].fragment_id for n in changed)
+    assert report.exact >= sum(len(by_name[n].fragments) for n in frozen)
+    out = tmp_path / "out"
+    lib.restore("partial-q8", str(out), rehash=True)
+    assert tree(str(out)) == tree(exports["gguf-Q8_0-partial"])
+
+
+def test_a_quantized_fine_tune_is_stored_as_deltas_on_the_base_blocks(tmp_path, exports):
+    """XOR against the base's Q8_0 blocks pays (docs/decisions.md): the fine-tune's changed
+    blocks reference the base's, found by signatures of their dequantized values."""
+    sizes = {}
+    for similarity in (True, False):
+        lib = FragmentLibrary.open(str(tmp_path / f"lib-{similarity}"), LibraryConfig(similarity=similarity))
+        lib.ingest([exports["gguf-Q8_0"]], "base")
+        report = lib.ingest([exports["gguf-Q8_0-ft"]], "ft")
+        sizes[similarity] = report.stored_bytes
+        assert (report.delta > 0) == similarity
+        lib.restore("ft", str(tmp_path / f"out-{similarity}"), rehash=True)
+        assert tree(str(tmp_path / f"out-{similarity}")) == tree(exports["gguf-Q8_0-ft"])
+    assert sizes[True] < 0.6 * sizes[False]
+
+
+@pytest.mark.parametrize("kind", ["gguf-F16", "gguf-F32", "onnx"])
+def test_exports_of_a_stored_safetensors_model_add_at_most_5_percent(tmp_path, exports, kind):
+    """The same weights in another container (GGUF's reversed dims, ONNX's transposed MatMul
+    weights, F16/F32 instead of the published BF16) add <= 5% of their size."""
+    lib = FragmentLibrary.open(str(tmp_path / "lib"))
+    lib.ingest([exports["safetensors"]], "st")
+    report = lib.ingest([exports[kind]], "export")
+    assert added_bytes(lib, "export", report) <= 0.05 * report.raw_bytes
+
+
+def test_same_dtype_exports_share_fragments_exactly(tmp_path, exports):
+    """F32 weights as safetensors, GGUF and ONNX (inline and external): the same fragment ids."""
+    lib = FragmentLibrary.open(str(tmp_path / "lib"))
+    lib.ingest([exports["f32-safetensors"]], "st")
+    st = {r.fragment_id for t in lib.manifest("st").tensors for r in t.fragments}
+    for i, kind in enumerate(("gguf-F32", "onnx", "onnx-external")):
+        lib.ingest([exports[kind]], f"m{i}")
+        m = lib.manifest(f"m{i}")
+        weights = [t for t in m.tensors if np.prod(t.shape) >= 128 * 128]  # ONNX adds small shape constants
+        assert len(weights) >= 10 and all(r.fragment_id in st for t in weights for r in t.fragments), kind
+
+
+@pytest.mark.parametrize("one,many", [("hf-1", "hf-4"), ("gguf-F16", "gguf-split")])
+def test_reshard_invariance(tmp_path, exports, one, many):
+    """The same weights as 1 and 4+ shards (HF folders), one GGUF and a split GGUF: the second
+    adds <= 1% of its size (its shards' headers and index), every tensor fragment shared."""
+    lib = FragmentLibrary.open(str(tmp_path / "lib"))
+    lib.ingest([exports[one]], "one")
+    report = lib.ingest([exports[many]], "many")
+    assert len(lib.manifest("many").files) >= len(lib.manifest("one").files) + 3
+    assert report.stored_bytes == 0 and lib.manifest("one").fragment_ids == lib.manifest("many").fragment_ids
+    assert added_bytes(lib, "many", report) <= 0.01 * report.raw_bytes
+
+
+def test_onnx_inline_and_external_share_every_tensor_fragment(tmp_path, exports):
+    """Moving initializers to an external data file changes the graph's bytes (its records are
+    stored again, docs/decisions.md), never a fragment."""
+    lib = FragmentLibrary.open(str(tmp_path / "lib"))
+    lib.ingest([exports["onnx"]], "one")
+    report = lib.ingest([exports["onnx-external"]], "many")
+    assert {f.format for f in lib.manifest("many").files} == {"onnx", "onnx_data"}
+    assert report.stored_bytes == 0 and lib.manifest("one").fragment_ids == lib.manifest("many").fragment_ids
+
+
+def test_hf_and_diffusers_folders_are_one_model_each(tmp_path, exports):
+    lib = FragmentLibrary.open(str(tmp_path / "lib"))
+    lib.ingest([exports["hf-4"]], "hf")
+    lib.ingest([exports["diffusers"]], "diff")
+    hf = {f.name: f.format for f in lib.manifest("hf").files}
+    assert hf["model.safetensors.index.json"] == "verbatim" and hf["tokenizer.json"] == "verbatim"
+    assert sum(v == "safetensors" for v in hf.values()) >= 4
+    diff = {f.name for f in lib.manifest("diff").files}
+    assert {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+            "scheduler/scheduler_config.json", "text_encoder/model.safetensors"} <= diff
+    # the text encoder is the HF model's weights: nothing new for it
+    te = [t for t in lib.manifest("diff").tensors if lib.manifest("diff").files[t.file_index].name.startswith("text_encoder/")]
+    assert te and {r.fragment_id for t in te for r in t.fragments} <= lib.manifest("hf").fragment_ids
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../x", "a//b", "./a", "a\\b", "", "a/"])
+def test_file_names_outside_the_folder_are_refused(name):
+    with pytest.raises(FormatError, match="invalid file name"):
+        validate_file_name(name)
+
+
+def test_restore_refuses_a_record_naming_a_path_outside_the_output(tmp_path, exports, monkeypatch):
+    """A tampered library cannot make restore write outside its folder."""
+    from dataclasses import replace
+
+    lib = FragmentLibrary.open(str(tmp_path / "lib"))
+    lib.ingest([exports["diffusers"]], "diff")
+    real = lib.manifest
+
+    def tampered(model_id):
+        m = real(model_id)
+        m.files[0] = replace(m.files[0], name="../escaped.json")
+        return m
+
+    monkeypatch.setattr(lib, "manifest", tampered)
+    with pytest.raises(FormatError, match="invalid file name"):
+        lib.restore("diff", str(tmp_path / "out" / "inner"))
+    assert not (tmp_path / "out" / "escaped.json").exists() and not (tmp_path / "out" / "inner").exists()

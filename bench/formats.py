@@ -9,8 +9,9 @@ Material: the example family's base (bench/.cache, trained once) exported by the
    is its new fragments plus its files' verbatim records (GGUF header and padding, the ONNX
    graph), as a share of the export's size. Baseline: zstd-3 of the export alone.
 2. Reshard: the first layout ingested, then the second; what the second adds.
-3. Quantized blocks: each fine-tune's Q8_0 / Q4_0 tensors that changed, zstd-1 (what haagenti
-   stores for blocks) plain against zstd-1 of their XOR with the base's same tensor.
+3. Quantized blocks: each fine-tune's Q8_0 / Q4_0 export ingested after the base's, stored
+   with deltas (haagenti's default) and without (similarity off: exact dedup and zstd-1 only);
+   and the oracle: zstd-1 of changed tensors plain against their XOR with the base's tensor.
 Ingest times are min/median/max over --runs runs, interleaved; sizes are deterministic.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from safetensors.torch import save_file
 from common import CACHE, example_family
 
 from haagenti import exports as ex
+from haagenti.config import LibraryConfig
 from haagenti.library import FragmentLibrary
 
 
@@ -59,6 +61,15 @@ def pair_cost(root: str, first: str, second: str, runs: int) -> tuple[int, int, 
         add, raw = added(lib, "second", report), report.raw_bytes
         shutil.rmtree(path)
     return raw, add, times
+
+
+def stored_after_base(root: str, base: str, model: str, similarity: bool) -> int:
+    path = os.path.join(root, "qlib")
+    lib = FragmentLibrary.open(path, LibraryConfig(similarity=similarity))
+    lib.ingest([base], "base")
+    stored = lib.ingest([model], "model").stored_bytes
+    shutil.rmtree(path)
+    return stored
 
 
 def quantized_xor(paths: dict[str, str], qtype: str) -> tuple[int, int, int, int]:
@@ -121,15 +132,18 @@ def main() -> None:
             raw, add, _ = pair_cost(work, p[a], p[b], 1)
             print(f"{a + ' -> ' + b:44s} {raw / 1e6:8.2f} {add / 1e3:9.1f} {add / raw:8.2%}")
 
-        print("\n3. quantized blocks of fine-tunes: zstd-1 plain vs zstd-1 of XOR with the base's tensor")
-        print(f"{'type':6s} {'tensors':>8s} {'raw MB':>8s} {'plain %':>8s} {'XOR %':>8s}")
+        print("\n3. quantized fine-tunes after their base: stored with deltas / without, and the XOR oracle on changed tensors")
+        print(f"{'type':6s} {'model':20s} {'size MB':>8s} {'deltas %':>9s} {'plain %':>8s} {'changed MB':>11s} {'zstd-1 %':>9s} {'XOR+zstd-1 %':>13s}")
         for q in ("Q8_0", "Q4_0"):
             qp = {}
             for mid in ("digits-base", "digits-ft-lr1e-4", "digits-ft-lr1e-3", "digits-ft-partial", "digits-lora-merged"):
-                qp["base" if mid == "digits-base" else mid] = os.path.join(root, f"{mid}-{q}.gguf")
-                ex.export_gguf(ex.state_of(ex.load_example(members[mid], d=256, layers=4), torch.float32), qp["base" if mid == "digits-base" else mid], q)
-            n, raw, plain, xor = quantized_xor(qp, q)
-            print(f"{q:6s} {n:8d} {raw / 1e6:8.2f} {plain / raw:8.1%} {xor / raw:8.1%}")
+                qp[mid] = os.path.join(root, f"{mid}-{q}.gguf")
+                ex.export_gguf(ex.state_of(ex.load_example(members[mid], d=256, layers=4), torch.float32), qp[mid], q)
+            for mid in list(qp)[1:]:
+                raw = size(qp[mid])
+                with_d, without = (stored_after_base(work, qp["digits-base"], qp[mid], s) for s in (True, False))
+                _, changed, plain, xor = quantized_xor({"base": qp["digits-base"], mid: qp[mid]}, q)
+                print(f"{q:6s} {mid:20s} {raw / 1e6:8.2f} {with_d / raw:9.1%} {without / raw:8.1%} {changed / 1e6:11.2f} {plain / changed:9.1%} {xor / changed:13.1%}")
     finally:
         shutil.rmtree(root)
 

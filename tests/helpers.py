@@ -16,10 +16,9 @@ def table_versions(lib) -> dict[str, int]:
 
 
 
-def restore_counting_reads(lib, model_id: str, out: str, monkeypatch) -> tuple[set[str], int]:
-    """Restore a model; returns the fragment ids it fetched and the Parquet rows it read."""
+def spy_fetched(lib, monkeypatch) -> set[str]:
+    """The ids of the fragments the library reads from its store from now on (filled as it reads)."""
     seen: set[str] = set()
-    rows_read = [0]
     real = lib.store.read_fragments
 
     def spy(ids, columns=None, version=None):
@@ -27,13 +26,34 @@ def restore_counting_reads(lib, model_id: str, out: str, monkeypatch) -> tuple[s
         seen.update(t["fragment_id"].to_pylist())
         return t
 
+    monkeypatch.setattr(lib.store, "read_fragments", spy)
+    return seen
+
+
+def library_with_one_model(path: str):
+    """A library holding one small safetensors model, "good" (bad-input tests check it is untouched)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from haagenti.library import FragmentLibrary
+
+    lib = FragmentLibrary.open(f"{path}/lib")
+    save_file({"w": torch.randn(64, 64)}, f"{path}/good.safetensors")
+    lib.ingest([f"{path}/good.safetensors"], "good")
+    return lib
+
+
+def restore_counting_reads(lib, model_id: str, out: str, monkeypatch) -> tuple[set[str], int]:
+    """Restore a model; returns the fragment ids it fetched and the Parquet rows it read."""
+    rows_read = [0]
+    seen = spy_fetched(lib, monkeypatch)
+
     def count_rows(self, *a, **k):
         t = real_groups(self, *a, **k)
         rows_read[0] += t.num_rows
         return t
 
     real_groups = pq.ParquetFile.read_row_groups
-    monkeypatch.setattr(lib.store, "read_fragments", spy)
     monkeypatch.setattr(pq.ParquetFile, "read_row_groups", count_rows)
     lib.restore(model_id, out)
     monkeypatch.undo()

@@ -1,6 +1,5 @@
 """GGUF, ONNX, Hugging Face and diffusers folders: bit-exact round trips, fragments shared across
 containers and shardings, quantized tensors cut on block boundaries. Material: `exports`."""
-import hashlib
 import os
 
 import numpy as np
@@ -11,16 +10,14 @@ from haagenti.formats import open_model
 from haagenti.formats.source import validate_file_name
 from haagenti.config import LibraryConfig
 from haagenti.library import FragmentLibrary
+from tests.helpers import sha256
 
 
 def tree(path: str) -> dict[str, str]:
     """sha256 of every file under a folder (or of one file), by relative path."""
     if os.path.isfile(path):
-        return {os.path.basename(path): hashlib.sha256(open(path, "rb").read()).hexdigest()}
-    return {
-        os.path.relpath(os.path.join(d, f), path): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-        for d, _, fs in os.walk(path) for f in fs
-    }
+        return {os.path.basename(path): sha256(path)}
+    return {os.path.relpath(os.path.join(d, f), path): sha256(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs}
 
 
 def added_bytes(lib: FragmentLibrary, model_id: str, report) -> int:
@@ -170,3 +167,40 @@ def test_restore_refuses_a_record_naming_a_path_outside_the_output(tmp_path, exp
     with pytest.raises(FormatError, match="invalid file name"):
         lib.restore("diff", str(tmp_path / "out" / "inner"))
     assert not (tmp_path / "out" / "escaped.json").exists() and not (tmp_path / "out" / "inner").exists()
+
+
+def test_the_pipeline_takes_gguf_and_folders_as_ingest_does(tmp_path, exports):
+    """The pipeline (local executor) over GGUF files (quantized deltas included), an HF folder
+    and a diffusers folder builds the tables `ingest_many` builds, and restores bit-exact."""
+    import yaml
+
+    from haagenti.ingest import ModelInput
+    from pipelines.dedup import run_dedup
+    from pipelines.executors import LocalExecutor
+
+    models = [("base-q8", exports["gguf-Q8_0"]), ("ft-q8", exports["gguf-Q8_0-ft"]), ("hf", exports["hf-4"]), ("diff", exports["diffusers"])]
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"models": [{"id": mid, "family": "f", "files": [path]} for mid, path in models]}))
+    run_dedup(str(catalog), str(tmp_path / "pipeline"), LocalExecutor())
+    lib = FragmentLibrary.open(str(tmp_path / "ingest"))
+    lib.ingest_many([ModelInput([path], mid, "f") for mid, path in models])
+    piped = FragmentLibrary.open(str(tmp_path / "pipeline"), create=False)
+    for table, key in (("fragments", "fragment_id"), ("manifests", "fragment_id")):
+        a, b = (sorted(map(str, x.store.read(table).sort_by(key).to_pylist())) for x in (lib, piped))
+        assert a == b, table
+    assert any(r == "delta_xor" or r == "delta_sub" for r in piped.store.read("fragments")["encoding"].to_pylist())
+    for mid, path in models:
+        piped.restore(mid, str(tmp_path / "out" / mid), rehash=True)
+        assert tree(str(tmp_path / "out" / mid)) == tree(path)
+
+
+def test_the_pipeline_refuses_transposed_onnx_weights_clearly(tmp_path, exports):
+    import yaml
+
+    from pipelines.dedup import run_dedup
+    from pipelines.executors import LocalExecutor
+
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"models": [{"id": "onnx", "files": [exports["onnx"]]}]}))
+    with pytest.raises(FormatError, match="stored transposed .* ingest this model with `haagenti ingest`"):
+        run_dedup(str(catalog), str(tmp_path / "lib"), LocalExecutor())

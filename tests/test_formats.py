@@ -5,12 +5,11 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from haagenti.errors import FormatError, ModelIdError, UnsafeFileError
 from haagenti.formats import open_model
-from haagenti.library import FragmentLibrary
 from haagenti.manifest import validate_model_id
+from tests.helpers import library_with_one_model
 
 
 def _raw_safetensors(header: dict, data: bytes, header_len: int | None = None) -> bytes:
@@ -20,11 +19,7 @@ def _raw_safetensors(header: dict, data: bytes, header_len: int | None = None) -
 
 @pytest.fixture
 def lib(tmp_path):
-    lib = FragmentLibrary.open(str(tmp_path / "lib"))
-    good = tmp_path / "good.safetensors"
-    save_file({"w": torch.randn(64, 64)}, str(good))
-    lib.ingest([str(good)], "good")
-    return lib
+    return library_with_one_model(str(tmp_path))
 
 
 BAD_FILES = {

@@ -11,6 +11,7 @@ import pytest
 from haagenti.errors import LibraryError
 from haagenti.config import LibraryConfig
 from haagenti.library import FragmentLibrary
+from tests.helpers import spy_fetched
 
 
 @pytest.fixture
@@ -21,19 +22,6 @@ def lib(tmp_path, exports):
     lib.ingest([exports["onnx"]], "onnx")
     lib.ingest([exports["diffusers"]], "org/diff")
     return lib
-
-
-def fetch_spy(lib, monkeypatch) -> set[str]:
-    seen: set[str] = set()
-    real = lib.store.read_fragments
-
-    def spy(ids, columns=None, version=None):
-        t = real(ids, columns, version)
-        seen.update(t["fragment_id"].to_pylist())
-        return t
-
-    monkeypatch.setattr(lib.store, "read_fragments", spy)
-    return seen
 
 
 def test_every_file_reads_back_whole_and_by_range(lib, exports):
@@ -74,7 +62,7 @@ def test_one_tensor_read_fetches_only_its_fragments(lib, monkeypatch):
     manifest = lib.manifest("st")
     target = max(manifest.tensors, key=lambda t: len(t.fragments))
     assert len(target.fragments) > 1
-    seen = fetch_spy(lib, monkeypatch)
+    seen = spy_fetched(lib, monkeypatch)
     with lib.open_file("st", "digits-base.safetensors") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -145,7 +133,7 @@ def test_s3_library_serves_one_tensor_by_range(tmp_path, exports, bucket, monkey
         t = max(src.tensors, key=lambda t: t.nbytes)
         want = src.read(t, 0, t.nbytes)
     fs = fsspec.filesystem("haagenti", library=lib)
-    seen = fetch_spy(lib, monkeypatch)
+    seen = spy_fetched(lib, monkeypatch)
     with fs.open("g/base-F16.gguf") as f:
         f.seek(t.data_begin)
         assert f.read(t.nbytes) == want

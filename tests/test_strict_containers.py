@@ -4,21 +4,15 @@ import struct
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from haagenti.errors import FormatError
 from haagenti.formats import gguf_file, onnx_file
-from haagenti.library import FragmentLibrary
+from tests.helpers import library_with_one_model
 
 
 @pytest.fixture
 def lib(tmp_path):
-    lib = FragmentLibrary.open(str(tmp_path / "lib"))
-    good = tmp_path / "good.safetensors"
-    save_file({"w": torch.randn(64, 64)}, str(good))
-    lib.ingest([str(good)], "good")
-    return lib
+    return library_with_one_model(str(tmp_path))
 
 
 def refused(lib, paths, message: str) -> None:
@@ -82,14 +76,6 @@ BAD_GGUF = {
     "bad-alignment": (lambda: gguf_bytes(GOOD_TENSORS, GOOD_DATA, kv=_s("general.alignment") + struct.pack("<II", 4, 48), n_kv=1), "power-of-two"),
     "bad-value-type": (lambda: gguf_bytes(GOOD_TENSORS, GOOD_DATA, kv=_s("k") + struct.pack("<I", 77), n_kv=1), "unknown GGUF metadata value type 77"),
 }
-
-
-@pytest.mark.parametrize("name", sorted(BAD_GGUF))
-def test_bad_gguf_is_refused_and_library_unchanged(tmp_path, lib, name):
-    make, message = BAD_GGUF[name]
-    path = tmp_path / f"{name}.gguf"
-    path.write_bytes(make())
-    refused(lib, [path], message)
 
 
 def test_oversize_gguf_metadata_is_refused(tmp_path, lib, monkeypatch):
@@ -159,10 +145,13 @@ BAD_ONNX = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(BAD_ONNX))
-def test_bad_onnx_is_refused_and_library_unchanged(tmp_path, lib, name):
-    make, message = BAD_ONNX[name]
-    path = tmp_path / f"{name}.onnx"
+BAD = {**{f"{k}.gguf": v for k, v in BAD_GGUF.items()}, **{f"{k}.onnx": v for k, v in BAD_ONNX.items()}}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_file_is_refused_and_library_unchanged(tmp_path, lib, name):
+    make, message = BAD[name]
+    path = tmp_path / name
     path.write_bytes(make())
     refused(lib, [path], message)
 

@@ -99,7 +99,7 @@ def main() -> None:
     members = {m.model_id: m.file for m in example_family()}
     root = tempfile.mkdtemp(prefix="haagenti-formats-", dir=CACHE)
     try:
-        base = ex.load_example(members["digits-base"], d=256, layers=4)
+        base = ex.load_example(members["digits-base"])
         f32, bf16 = ex.state_of(base, torch.float32), ex.state_of(base, torch.bfloat16)
         p = {"safetensors BF16": members["digits-base"]}
         save_file(f32, os.path.join(root, "f32.safetensors"))
@@ -138,7 +138,7 @@ def main() -> None:
             qp = {}
             for mid in ("digits-base", "digits-ft-lr1e-4", "digits-ft-lr1e-3", "digits-ft-partial", "digits-lora-merged"):
                 qp[mid] = os.path.join(root, f"{mid}-{q}.gguf")
-                ex.export_gguf(ex.state_of(ex.load_example(members[mid], d=256, layers=4), torch.float32), qp[mid], q)
+                ex.export_gguf(ex.state_of(ex.load_example(members[mid]), torch.float32), qp[mid], q)
             for mid in list(qp)[1:]:
                 raw = size(qp[mid])
                 with_d, without = (stored_after_base(work, qp["digits-base"], qp[mid], s) for s in (True, False))

@@ -267,6 +267,20 @@ def make_family_cmd(out_dir: str, small: bool = typer.Option(False, help="a smal
     out.print(f"catalog: {path}")
 
 
+@examples_app.command("export")
+def export_cmd(model_file: str, out_dir: str) -> None:
+    """Write an example model's safetensors file as GGUF (F16, Q8_0), ONNX, a Hugging Face
+    folder and a diffusers folder into OUT_DIR, with gguf's, torch.onnx's, huggingface_hub's and
+    diffusers' own writers."""
+    try:
+        from haagenti.exports import export_all
+
+        for path in export_all(model_file, out_dir):
+            out.print(path)
+    except (HaagentiError, OSError) as e:
+        _fail(e)
+
+
 @schedule_app.callback(invoke_without_command=True)
 def schedule(
     ctx: typer.Context,

@@ -10,18 +10,44 @@ import os
 import numpy as np
 import torch
 
+from haagenti.errors import FormatError
 from haagenti.examples import DigitsTransformer, digits, train
 
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_0")
 
 
-def load_example(path: str, d: int = 128, layers: int = 2) -> DigitsTransformer:
-    """The example transformer with the weights of a safetensors file of it (fp32 in memory)."""
+def load_example(path: str) -> DigitsTransformer:
+    """The example transformer with the weights of a safetensors file of it (fp32 in memory);
+    its width and depth are read from the weights."""
     from safetensors.torch import load_file
 
-    model = DigitsTransformer(d, layers)
-    model.load_state_dict({k: v.float() for k, v in load_file(path).items()})
+    state = load_file(path)
+    if "embed.weight" not in state:
+        raise FormatError(f"{path}: not a haagenti example model (no embed.weight)")
+    model = DigitsTransformer(state["embed.weight"].shape[0], sum(1 for k in state if k.endswith("q_proj.weight")))
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as e:
+        raise FormatError(f"{path}: not a haagenti example model ({str(e).splitlines()[0]})") from None
     return model.eval()
+
+
+def export_all(path: str, out_dir: str) -> list[str]:
+    """A safetensors file of the example model as GGUF F16 and Q8_0, ONNX, a Hugging Face
+    folder of 4+ shards and a diffusers folder, in `out_dir`; returns what was written."""
+    name = os.path.basename(path).removesuffix(".safetensors")
+    model = load_example(path)
+    f32 = state_of(model, torch.float32)
+    out = [os.path.join(out_dir, f"{name}-{q}.gguf") for q in ("F16", "Q8_0")]
+    for q, p in zip(("F16", "Q8_0"), out):
+        export_gguf(f32, p, q)
+    out.append(os.path.join(out_dir, f"{name}.onnx"))
+    export_onnx(model, out[-1])
+    out.append(os.path.join(out_dir, "hf"))
+    save_hf_folder(state_of(model, torch.bfloat16), out[-1], shards=4)
+    out.append(os.path.join(out_dir, "diffusers"))
+    save_diffusers_folder(state_of(model, torch.bfloat16), out[-1])
+    return out
 
 
 def train_example(d: int = 128, layers: int = 2, epochs: int = 2, seed: int = 0) -> DigitsTransformer:

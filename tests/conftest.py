@@ -117,8 +117,8 @@ def exports(family, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("exports")
     files = {m.model_id: m.file for m in family}
-    base = ex.load_example(files["digits-base"], d=SMALL["d"], layers=SMALL["layers"])
-    partial = ex.load_example(files["digits-ft-partial"], d=SMALL["d"], layers=SMALL["layers"])
+    base = ex.load_example(files["digits-base"])
+    partial = ex.load_example(files["digits-ft-partial"])
     f32, bf16 = ex.state_of(base, torch.float32), ex.state_of(base, torch.bfloat16)
     paths = {"safetensors": files["digits-base"], "f32-safetensors": str(out / "f32.safetensors")}
     save_file(f32, paths["f32-safetensors"])
@@ -128,7 +128,7 @@ def exports(family, tmp_path_factory):
     paths["gguf-Q8_0-partial"] = str(out / "partial-Q8_0.gguf")
     ex.export_gguf(ex.state_of(partial, torch.float32), paths["gguf-Q8_0-partial"], "Q8_0")
     paths["gguf-Q8_0-ft"] = str(out / "ft-Q8_0.gguf")
-    ft = ex.load_example(files["digits-ft-lr1e-4"], d=SMALL["d"], layers=SMALL["layers"])
+    ft = ex.load_example(files["digits-ft-lr1e-4"])
     ex.export_gguf(ex.state_of(ft, torch.float32), paths["gguf-Q8_0-ft"], "Q8_0")
     paths["gguf-split"] = str(out / "split")
     ex.export_gguf(f32, str(out / "split" / "base.gguf"), "F16", split_max_tensors=len(f32) // 4 + 1)

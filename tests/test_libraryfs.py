@@ -175,3 +175,9 @@ def test_ray_data_joins_manifests_to_fragments(tmp_path, exports, ray_cluster, w
     assert sorted(r["fragment_id"] for r in joined) == sorted(r.fragment_id for t in m.tensors for r in t.fragments)
     assert {r["encoding"] for r in joined} >= {"delta_xor"} or {r["encoding"] for r in joined} >= {"delta_sub"}
     assert all(r["ref_id"] for r in joined if r["encoding"] != "plain")
+    if where == "local":  # a Ray Data job reads a stored file itself through haagenti:// (workers rebuild the filesystem from its URL)
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        fs = PyFileSystem(FSSpecHandler(fsspec.filesystem("haagenti", library=url)))
+        [row] = ray.data.read_binary_files(["g16/base-F16.gguf"], filesystem=fs).take_all()
+        assert row["bytes"] == open(exports["gguf-F16"], "rb").read()

@@ -1,6 +1,13 @@
 """Storage and speed on the example family, side by side with the baselines, same bytes, one run.
 
     python bench/storage.py [--fragment-size 262144]
+    flock /tmp/haagenti-heavy.lock python bench/storage.py --large [--runs 5] [--dtypes bf16,fp32] [--sizes 200,2000]
+
+--large: generated models with trained-like statistics (bench/large_models.py) of each dtype
+and size (MB), each through zstandard level 3 (one thread), ZipNN in its dtype's mode (one
+thread), haagenti exact and with similarity at --threads 1 and on all cores: ingest (file ->
+store) and restore (store -> file), RUNS rounds interleaved over the methods, MB/s min / median /
+max. Generated files go under bench/.cache/large and are deleted at the end.
 
 Methods: plain zstd-3 per file; tensor-hash dedup + zstd-3; ZipNN-style byte grouping + zstd
 per tensor; the name-paired XOR oracle (every fine-tune XORed against its known base tensor by
@@ -24,7 +31,7 @@ import time
 import torch
 import zstandard
 
-from common import example_family, mbps
+from common import CACHE, example_family, mbps
 
 from haagenti.codecs import chain_for
 from haagenti.codecs.delta import cast_reference, residual
@@ -141,7 +148,14 @@ def haagenti(members, config: LibraryConfig, batch: bool = True):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fragment-size", type=int, default=256 * 1024)
+    ap.add_argument("--large", action="store_true", help="generated 200 MB / 2 GB models instead of the example family")
+    ap.add_argument("--runs", type=int, default=REPEATS)
+    ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--sizes", default="200,2000", help="model sizes in MB")
+    ap.add_argument("--methods", default="", help="comma-separated substrings: only the methods whose label has one")
     args = ap.parse_args()
+    if args.large:
+        return large(args)
     torch.set_num_threads(1)
     members = example_family()
     files = [m.file for m in members]
@@ -184,6 +198,97 @@ def main() -> None:
         print(f"  {m.model_id:22s} {m.family or '-':8s} {m.raw_bytes / 1e6:7.2f} MB -> {m.new_stored_bytes / 1e6:7.2f} MB  {m.reduction:6.1%}")
     for fam, red in stats.per_family.items():
         print(f"  family {fam}: {red:.1%}")
+
+
+# ---- --large -------------------------------------------------------------------------------
+def zstd_file(path: str, work: str) -> tuple[int, float, float]:
+    """zstandard level 3 on one thread, streaming file to file and back."""
+    packed, back = os.path.join(work, "z.zst"), os.path.join(work, "z.out")
+    t0 = time.perf_counter()
+    with open(path, "rb") as src, open(packed, "wb") as dst:
+        zstandard.ZstdCompressor(level=3).copy_stream(src, dst)
+    t1 = time.perf_counter()
+    with open(packed, "rb") as src, open(back, "wb") as dst:
+        zstandard.ZstdDecompressor().copy_stream(src, dst)
+    t2 = time.perf_counter()
+    return os.path.getsize(packed), t1 - t0, t2 - t1
+
+
+def zipnn_file(path: str, work: str, mode: str) -> tuple[int, float, float]:
+    """ZipNN in its dtype mode on one thread, over 64 MiB chunks of the file (its compress
+    rewrites its input in place, so each chunk is a fresh bytearray)."""
+    from zipnn import ZipNN
+
+    z = ZipNN(bytearray_dtype=mode, input_format="byte", threads=1)
+    packed, back = os.path.join(work, "z.znn"), os.path.join(work, "z.out")
+    step = 64 << 20
+    t0 = time.perf_counter()
+    with open(path, "rb") as src, open(packed, "wb") as dst:
+        while chunk := bytearray(src.read(step)):
+            out = z.compress(chunk)
+            dst.write(len(out).to_bytes(8, "little"))
+            dst.write(out)
+    t1 = time.perf_counter()
+    with open(packed, "rb") as src, open(back, "wb") as dst:
+        while head := src.read(8):
+            dst.write(z.decompress(src.read(int.from_bytes(head, "little"))))
+    t2 = time.perf_counter()
+    return os.path.getsize(packed), t1 - t0, t2 - t1
+
+
+def haagenti_file(path: str, work: str, similarity: bool, threads: int) -> tuple[int, float, float]:
+    """One model into a fresh library and back to a file; the size is the stored blobs."""
+    lib = FragmentLibrary.open(os.path.join(work, "lib"), LibraryConfig(similarity=similarity))
+    t0 = time.perf_counter()
+    report = lib.ingest([path], "m", threads=threads)
+    t1 = time.perf_counter()
+    lib.restore("m", os.path.join(work, "out"), threads=threads)
+    t2 = time.perf_counter()
+    return report.stored_bytes, t1 - t0, t2 - t1
+
+
+def large(args) -> None:
+    from large_models import write_model
+
+    folder = os.path.join(CACHE, "large")
+    os.makedirs(folder, exist_ok=True)
+    cores = os.cpu_count() or 1
+    modes = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    print(f"machine: {cores} cores, shared with other work while this ran; {args.runs} rounds interleaved; MB/s of model bytes")
+    try:
+        for dt in args.dtypes.split(","):
+            for mb in map(int, args.sizes.split(",")):
+                path = write_model(os.path.join(folder, f"{dt}-{mb}MB.safetensors"), mb * 1_000_000, dt)
+                size = os.path.getsize(path)
+                methods = [
+                    ("zstd-3, 1 thread", lambda w: zstd_file(path, w)),
+                    (f"ZipNN {modes[dt]}, 1 thread", lambda w: zipnn_file(path, w, modes[dt])),
+                    ("haagenti exact, --threads 1", lambda w: haagenti_file(path, w, False, 1)),
+                    (f"haagenti exact, --threads {cores}", lambda w: haagenti_file(path, w, False, cores)),
+                    ("haagenti + similarity, --threads 1", lambda w: haagenti_file(path, w, True, 1)),
+                    (f"haagenti + similarity, --threads {cores}", lambda w: haagenti_file(path, w, True, cores)),
+                ]
+                if args.methods:
+                    methods = [m for m in methods if any(k in m[0] for k in args.methods.split(","))]
+                runs: dict[str, list[tuple[int, float, float]]] = {label: [] for label, _ in methods}
+                for _ in range(args.runs):
+                    for label, fn in methods:
+                        work = tempfile.mkdtemp(prefix="haagenti-large-", dir=folder)
+                        try:
+                            runs[label].append(fn(work))
+                        finally:
+                            shutil.rmtree(work)
+                print(f"\n{dt}, {size / 1e6:.0f} MB ({path})")
+                print(f"{'method':36s} {'reduction':>9s}   {'ingest MB/s min / med / max':>28s}   {'restore MB/s min / med / max':>28s}")
+                for label, rs in runs.items():
+                    red = 1 - rs[0][0] / size
+                    fin = sorted(size / r[1] / 1e6 for r in rs)
+                    fout = sorted(size / r[2] / 1e6 for r in rs)
+                    cell = lambda v: f"{v[0]:8.1f} / {statistics.median(v):8.1f} / {v[-1]:8.1f}"
+                    print(f"{label:36s} {red:9.2%}   {cell(fin)}   {cell(fout)}")
+                os.remove(path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Composable byte codecs, after zarr's: each has `encode`, `decode` and a `spec` string, and a
-chain is written as their specs joined by '+', e.g. "bytegroup:2+zstd:3"."""
-from haagenti.codecs.core import PLANES, ByteGroup, Codec, CodecChain, Zstd, chain_for, codec_chain, encode_smallest
+chain is written as their specs joined by '+', e.g. "signlast:2+bytegroup:2+zstd:3"."""
+from haagenti.codecs.core import CODECS, PLANES, ByteGroup, Codec, SignLast, CodecChain, Zstd, chain_for, codec_chain, encode_smallest
 from haagenti.codecs.delta import apply_delta, cast_reference, smallest_encoding
 
 __all__ = [
+    "CODECS",
     "PLANES",
+    "SignLast",
     "ByteGroup",
     "Codec",
     "CodecChain",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import zstandard
@@ -30,15 +30,20 @@ class ByteGroup:
             raise ValueError(f"byte group width must be 2, 4 or 8, not {width}")
         self.width = width
         self.spec = f"bytegroup:{width}"
+        self._planes = np.empty(0, np.uint8)  # reused: chains are per thread (codec_chain)
 
     # Shifts on whole words, written in place, instead of a strided transpose or temporaries:
     # measured per 256 KiB BF16 fragment, encode 107 -> 29 us and decode 293 -> 40 us (fresh
-    # temporaries of this size are fresh pages). Both return a view of their own buffer.
+    # temporaries of this size are fresh pages). encode returns a view of a buffer this codec
+    # reuses on its next call (the next codec of the chain consumes it first); decode returns
+    # a buffer of its own, which the caller keeps.
     def encode(self, data: bytes | memoryview) -> memoryview:
         if len(data) % self.width:
             raise ValueError(f"{len(data)} bytes do not split into {self.width}-byte words")
         words = np.frombuffer(data, dtype=_WORD[self.width])
-        planes = np.empty((self.width, len(words)), np.uint8)
+        if len(self._planes) < len(data):
+            self._planes = np.empty(len(data), np.uint8)
+        planes = self._planes[: len(data)].reshape(self.width, len(words))
         for i in range(self.width):
             np.right_shift(words, 8 * i, out=planes[i], casting="unsafe")  # keeps byte i of each word
         return memoryview(planes).cast("B")
@@ -50,6 +55,46 @@ class ByteGroup:
             out <<= 8
             out |= planes[i]
         return memoryview(out).cast("B")
+
+
+class SignLast:
+    """Rotate each `width`-byte word left by one bit: a float's sign moves to the lowest bit and
+    its exponent then fills the top byte exactly (bf16, fp32, fp64 high bits), instead of sharing
+    it with the sign while its lowest exponent bit sits among the mantissa bits. Composed before
+    ByteGroup, the exponent plane is coded on its own and the sign joins the near-random
+    mantissa plane (as ZipNN does): measured in docs/decisions.md."""
+
+    def __init__(self, width: int):
+        if width not in (2, 4, 8):
+            raise ValueError(f"signlast width must be 2, 4 or 8, not {width}")
+        self.width = width
+        self.spec = f"signlast:{width}"
+        self._bits = 8 * width - 1
+        self._out = np.empty(0, _WORD[width])
+        self._tmp = np.empty(0, _WORD[width])
+
+    def _rotate(self, data: bytes | memoryview, left: int, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+        words = np.frombuffer(data, dtype=_WORD[self.width])
+        out, tmp = out[: len(words)], tmp[: len(words)]
+        np.left_shift(words, left, out=out)
+        np.right_shift(words, 8 * self.width - left, out=tmp)
+        out |= tmp
+        return out
+
+    def encode(self, data: bytes | memoryview) -> memoryview:
+        """A view of a buffer reused on the next call (the next codec consumes it first)."""
+        if len(data) % self.width:
+            raise ValueError(f"{len(data)} bytes do not split into {self.width}-byte words")
+        n = len(data) // self.width
+        if len(self._out) < n:
+            self._out, self._tmp = np.empty(n, _WORD[self.width]), np.empty(n, _WORD[self.width])
+        return memoryview(self._rotate(data, 1, self._out, self._tmp)).cast("B")
+
+    def decode(self, data: bytes | memoryview) -> memoryview:
+        n = len(data) // self.width
+        if len(self._tmp) < n:
+            self._tmp = np.empty(n, _WORD[self.width])
+        return memoryview(self._rotate(data, self._bits, np.empty(n, _WORD[self.width]), self._tmp)).cast("B")
 
 
 _WORD = {2: np.dtype("<u2").type, 4: np.dtype("<u4").type, 8: np.dtype("<u8").type}  # safetensors data is little-endian
@@ -70,6 +115,10 @@ class Zstd:
     level or PLANES; decoding never depends on it."""
 
     PROBE = 16 * 1024
+    # zstd Huffman-codes literals only when that saves more than 1/64 of them: a part whose probe
+    # saves less is stored raw without trying (it was 0.97, which also skipped planes zstd would
+    # have shrunk by 1.6-3%).
+    SKIP = 0.985
 
     def __init__(self, level: int | str = 3, streams: int = 1):
         self.level = level
@@ -94,7 +143,7 @@ class Zstd:
     def _pack(self, part: bytes) -> bytes | None:
         if len(part) > 4 * self.PROBE:
             probe = self._c.compress(part[: self.PROBE])
-            if len(probe) > 0.97 * self.PROBE:
+            if len(probe) > self.SKIP * self.PROBE:
                 return None
         packed = self._c.compress(part)
         return packed if len(packed) < len(part) else None
@@ -121,7 +170,7 @@ class CodecChain:
     def encode(self, data: bytes) -> bytes:
         for c in self.codecs:
             data = c.encode(data)
-        return data
+        return data if isinstance(data, bytes) else bytes(data)  # never a codec's reused buffer
 
     def decode(self, data: bytes | memoryview) -> bytes | memoryview:
         for c in reversed(self.codecs):
@@ -144,27 +193,39 @@ def codec_chain(spec: str) -> CodecChain:
     return chain
 
 
+def _zstd(args: list[str]) -> Zstd:
+    if len(args) not in (1, 2) or not (args[0] == PLANES or args[0].lstrip("-").isdigit()):
+        raise ValueError(args)
+    return Zstd(args[0] if args[0] == PLANES else int(args[0]), int(args[1]) if len(args) == 2 else 1)
+
+
+# Codecs by spec name: a codec is registered here once and then composes with any other.
+CODECS: dict[str, Callable[[list[str]], Codec]] = {
+    "bytegroup": lambda args: ByteGroup(*map(int, args)),
+    "signlast": lambda args: SignLast(*map(int, args)),
+    "zstd": _zstd,
+}
+
+
 def _parse_chain(spec: str) -> CodecChain:
     if spec == "raw":
         return CodecChain([])
     codecs: list[Codec] = []
     for part in spec.split("+"):
         name, *args = part.split(":")
-        if name == "bytegroup" and len(args) == 1:
-            codecs.append(ByteGroup(int(args[0])))
-        elif name == "zstd" and len(args) in (1, 2) and (args[0] == PLANES or args[0].lstrip("-").isdigit()):
-            codecs.append(Zstd(args[0] if args[0] == PLANES else int(args[0]), int(args[1]) if len(args) == 2 else 1))
-        else:
-            raise FragmentError(f"unknown codec spec {part!r} in {spec!r}")
+        try:
+            codecs.append(CODECS[name](args))
+        except (KeyError, TypeError, ValueError):
+            raise FragmentError(f"unknown codec spec {part!r} in {spec!r}") from None
     return CodecChain(codecs)
 
 
 def chain_for(itemsize: int, is_float: bool, level: int | str = PLANES) -> CodecChain:
-    """The chain used for a fragment of this dtype: byte planes for multi-byte floats (and the
-    residuals of deltas, which share their structure), plain zstd otherwise (level 1 for the
-    planes preset: integer data has real repeats worth matching)."""
+    """The chain used for a fragment of this dtype: sign-last byte planes for multi-byte floats
+    (and the residuals of deltas, which share their structure), plain zstd otherwise (level 1
+    for the planes preset: integer data has real repeats worth matching)."""
     if is_float and itemsize in (2, 4, 8):
-        return codec_chain(f"bytegroup:{itemsize}+zstd:{level}:{itemsize}")
+        return codec_chain(f"signlast:{itemsize}+bytegroup:{itemsize}+zstd:{level}:{itemsize}")
     return codec_chain(f"zstd:{1 if level == PLANES else level}")
 
 
@@ -172,5 +233,5 @@ def encode_smallest(data: bytes, chain: CodecChain) -> tuple[str, bytes]:
     """Encode with `chain`, or keep the bytes raw when that is not smaller."""
     packed = chain.encode(data)
     if len(packed) >= len(data):
-        return "raw", data
+        return "raw", data if isinstance(data, bytes) else bytes(data)  # never a reused buffer
     return chain.spec, packed

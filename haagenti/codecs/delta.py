@@ -7,6 +7,8 @@ across a carry). Both are exact, so restore is bit-exact whatever the reference 
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from haagenti.codecs.cast import cast
@@ -29,18 +31,31 @@ def _words(data: bytes, itemsize: int) -> np.ndarray:
     return np.frombuffer(data, dtype=_UINT.get(itemsize, np.uint8))
 
 
-def residual(encoding: Encoding, raw: bytes, ref: bytes, itemsize: int) -> bytes:
+_scratch = threading.local()
+
+
+def residual(encoding: Encoding, raw: bytes, ref: bytes, itemsize: int) -> memoryview:
+    """The residual, in a buffer this thread reuses on its next call: encode it before then."""
     a, b = _words(raw, itemsize), _words(ref, itemsize)
+    buf = getattr(_scratch, "words", None)
+    if buf is None or buf.nbytes < len(raw):
+        buf = _scratch.words = np.empty(max(len(raw), 1 << 18), np.uint8)
+    out = buf[: len(raw)].view(a.dtype)
     if encoding is Encoding.DELTA_XOR:
-        return np.bitwise_xor(a, b).tobytes()
-    return np.subtract(a, b).tobytes()  # unsigned arithmetic wraps: exact and invertible
+        np.bitwise_xor(a, b, out=out)
+    else:
+        np.subtract(a, b, out=out)  # unsigned arithmetic wraps: exact and invertible
+    return memoryview(out).cast("B")
 
 
-def apply_delta(encoding: Encoding, res: bytes, ref: bytes, itemsize: int) -> bytes:
+def apply_delta(encoding: Encoding, res: bytes | memoryview, ref: bytes, itemsize: int) -> memoryview:
+    """raw from a residual: in place when the residual is a writable buffer of its own (what a
+    codec chain's decode returns), so a delta costs no allocation on restore."""
     a, b = _words(res, itemsize), _words(ref, itemsize)
+    out = a if a.flags.writeable else None
     if encoding is Encoding.DELTA_XOR:
-        return np.bitwise_xor(a, b).tobytes()
-    return np.add(a, b).tobytes()
+        return memoryview(np.bitwise_xor(a, b, out=out)).cast("B")
+    return memoryview(np.add(a, b, out=out)).cast("B")
 
 
 # Fragments of at least 4 x PROBE_WORDS words are ranked by the encoded size of their first

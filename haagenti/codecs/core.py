@@ -229,6 +229,17 @@ def chain_for(itemsize: int, is_float: bool, level: int | str = PLANES) -> Codec
     return codec_chain(f"zstd:{1 if level == PLANES else level}")
 
 
+def chain_choices(itemsize: int, is_float: bool, level: int | str = PLANES) -> list[CodecChain]:
+    """chain_for's chain, then the alternatives worth trying on short fragments: for floats,
+    byte planes without signlast. Values that straddle a power of two (norm weights around
+    1.0: 0x3F7F / 0x3F80) keep a constant top byte only unrotated, and on a few hundred bytes
+    that beats the exponent plane's Huffman table (measured in docs/decisions.md)."""
+    chain = chain_for(itemsize, is_float, level)
+    if is_float and itemsize in (2, 4, 8):
+        return [chain, codec_chain(f"bytegroup:{itemsize}+zstd:{level}:{itemsize}")]
+    return [chain]
+
+
 def encode_smallest(data: bytes, chain: CodecChain) -> tuple[str, bytes]:
     """Encode with `chain`, or keep the bytes raw when that is not smaller."""
     packed = chain.encode(data)

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 
 from haagenti.codecs.cast import cast
-from haagenti.codecs.core import PLANES, chain_for, encode_smallest
+from haagenti.codecs.core import PLANES, chain_choices, encode_smallest
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding
 
@@ -70,9 +70,10 @@ CLEAR_LEAD = 0.9
 def smallest_encoding(raw: bytes, refs: list[bytes], dtype_name: str, level: int | str = PLANES) -> tuple[Encoding, int | None, str, bytes]:
     """(encoding, index of the reference used or None, codec spec, blob): the smallest of `raw`
     itself and its XOR and difference residuals against each reference (already cast to
-    `raw`'s dtype). Residuals of long fragments are computed whole only for the finalists."""
+    `raw`'s dtype). Residuals of long fragments are computed whole only for the finalists and
+    coded with the dtype's chain; short ones try every chain of `chain_choices`."""
     d = lookup_dtype(dtype_name)
-    chain = chain_for(d.itemsize, d.is_float, level)
+    chain, *others = chain_choices(d.itemsize, d.is_float, level)
     plain: tuple[Encoding, int | None] = (Encoding.PLAIN, None)
     options = [plain] + [(enc, i) for i in range(len(refs)) for enc in (Encoding.DELTA_XOR, Encoding.DELTA_SUB)]
 
@@ -81,9 +82,10 @@ def smallest_encoding(raw: bytes, refs: list[bytes], dtype_name: str, level: int
 
     probe = PROBE_WORDS * d.itemsize
     finalists = options
+    chains = [chain] if len(raw) >= 4 * probe else [chain, *others]  # short fragments try every chain
     if len(options) > 1 and len(raw) >= 4 * probe:
         sizes = {o: len(chain.encode(body(*o, probe))) for o in options}
         lead = min(options, key=lambda o: sizes[o])  # the first of equals: plain wins ties
         finalists = [lead] if sizes[lead] <= CLEAR_LEAD * sizes[plain] else list(dict.fromkeys([plain, lead]))
-    encoded = [(enc, i, *encode_smallest(body(enc, i), chain)) for enc, i in finalists]
+    encoded = [(enc, i, *encode_smallest(body(enc, i), c)) for enc, i in finalists for c in chains]
     return min(encoded, key=lambda e: len(e[3]))

@@ -49,6 +49,7 @@ def ingest(
     fragment_size: Optional[int] = typer.Option(None, help="bytes per fragment of a 16-bit tensor, for a new library (default 262144); an existing library keeps its own"),
     lossy_threshold: Optional[float] = typer.Option(None, "--lossy-threshold", help="opt in to lossy sharing up to this relative L2 error"),
     no_similarity: bool = typer.Option(False, "--no-similarity", help="exact dedup only (no deltas)"),
+    threads: int = typer.Option(0, "--threads", min=0, help="threads reading, hashing, signing and encoding (0: every core)"),
 ) -> None:
     """Add one model (all its files) to LIBRARY, or with --each one model per file."""
     try:
@@ -64,7 +65,7 @@ def ingest(
             with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console, transient=True) as bar:
                 label = models[0].model_id if len(models) == 1 else f"{len(models)} models"
                 task = bar.add_task(f"ingest {label}", total=total)
-                reports = lib.ingest_many(models, progress=lambda n: bar.advance(task, n))
+                reports = lib.ingest_many(models, progress=lambda n: bar.advance(task, n), threads=threads)
         for r in reports:
             out.print(
                 f"ingested {r.model_id}: {r.fragments} fragments ({r.exact} exact, {r.delta} delta, {r.plain} plain, {r.lossy} lossy), "
@@ -123,12 +124,13 @@ def restore(
     out_dir: str,
     rehash: bool = typer.Option(False, "--rehash", help="Also re-hash every restored byte against the file's recorded BLAKE3 (fragments and layout are always checked)."),
     force: bool = typer.Option(False, "--force", help="overwrite files already in OUT_DIR"),
+    threads: int = typer.Option(0, "--threads", min=0, help="threads reading, decoding and verifying (0: every core)"),
 ) -> None:
     """Write MODEL's files into OUT_DIR (safetensors byte-identical unless stored lossy, which it says)."""
     try:
         validate_model_id(model)  # a traversal id is refused whatever the library holds
         with warnings.catch_warnings(record=True, action="always", category=LossyRestoreWarning) as said:
-            paths = FragmentLibrary.open(library, create=False).restore(model, out_dir, rehash, force)
+            paths = FragmentLibrary.open(library, create=False).restore(model, out_dir, rehash, force, threads)
         for w in said:  # a lossy model says so on every restore, on stderr
             console.print(f"[yellow]warning:[/yellow] {w.message}", highlight=False, soft_wrap=True)
         out.print(f"restored {model}: {', '.join(paths)}")

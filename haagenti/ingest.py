@@ -29,6 +29,7 @@ from haagenti.fragment import Encoding, FragmentId, FragmentType
 from haagenti.hashing import model_hash
 from haagenti.manifest import FileRecord, FragmentRef, ModelManifest, TensorRef, validate_model_id
 from haagenti.matching import RunMatcher
+from haagenti.parallel import Workers
 from haagenti.signature import SignatureConfig, compute_signatures
 from haagenti.similarity import measure
 from haagenti.store import SCHEMAS
@@ -138,10 +139,11 @@ def signs(p: PendingFragment) -> bool:
     return bool(p.data) and (d.is_float or (d.block > 1 and can_dequantize(d)))
 
 
-def signature_table(pieces: list[PendingFragment], config: SignatureConfig, device: str = "cpu") -> pa.Table:
-    """Signatures-table rows of fragments (bit-identical on any device); quantized blocks are
-    signed on their dequantized values."""
-    sigs = compute_signatures([signable(p.data, lookup_dtype(p.dtype)) for p in pieces], config, device) if pieces else []
+def signature_table(pieces: list[PendingFragment], config: SignatureConfig, device: str = "cpu", workers: Workers | None = None) -> pa.Table:
+    """Signatures-table rows of fragments (bit-identical on any device), signed over `workers`;
+    quantized blocks are signed on their dequantized values."""
+    sign = lambda part: compute_signatures([signable(p.data, lookup_dtype(p.dtype)) for p in part], config, device)  # noqa: E731
+    sigs = (workers.map(sign, pieces) if workers is not None else sign(pieces)) if pieces else []
     return rows_table([signature_row(p, s) for p, s in zip(pieces, sigs)], SCHEMAS["signatures"])
 
 
@@ -154,9 +156,11 @@ class FragmentEncoder:
     signatures, their references (one RunMatcher for the whole ingest), and their rows."""
 
     def __init__(self, config: LibraryConfig, known: dict[str, str], matcher: RunMatcher | None,
-                 fetch_raw: Callable[[set[str]], dict[str, bytes]], device: str = "cpu", quality: str = "exact"):
+                 fetch_raw: Callable[[set[str]], dict[str, bytes]], device: str = "cpu", quality: str = "exact",
+                 workers: Workers | None = None):
         self.config, self.known, self.matcher, self.fetch_raw = config, known, matcher, fetch_raw
         self.device, self.quality = device, quality
+        self.workers = workers or Workers(1)  # signs and encodes a batch's fragments
         self.refs = RawCache(512 * 1024 * 1024)
         # Anchors of this ingest not yet committed: later fragments may reference them before
         # the store can serve them. Moved to the bounded cache on commit.
@@ -175,10 +179,16 @@ class FragmentEncoder:
             self.refs.put(fid, raw)
         self.uncommitted.clear()
 
-    def encode(self) -> tuple[pa.Table, pa.Table, int]:
-        """(fragments rows, signatures rows, raw bytes consumed) of the queued occurrences."""
-        batch, consumed = self.batch, self.batch_bytes
+    def take(self) -> tuple[list[tuple[Occurrence, IngestReport]], int]:
+        """The queued occurrences and their bytes, for `encode` (which may run in another thread
+        while the next batch is cut)."""
+        taken = self.batch, self.batch_bytes
         self.batch, self.batch_bytes = [], 0
+        return taken
+
+    def encode(self, taken: tuple[list[tuple[Occurrence, IngestReport]], int] | None = None) -> tuple[pa.Table, pa.Table, int]:
+        """(fragments rows, signatures rows, raw bytes consumed) of the queued (or `taken`) occurrences."""
+        batch, consumed = taken if taken is not None else self.take()
         new: list[Occurrence] = []
         for occ, _ in batch:
             fid = occ.piece.fragment_id
@@ -186,7 +196,7 @@ class FragmentEncoder:
                 self.known[fid] = occ.piece.dtype
                 new.append(occ)
         signed = [o.piece for o in new if signs(o.piece)] if self.matcher is not None else []
-        sigs = signature_table(signed, self.config.signature, self.device)
+        sigs = signature_table(signed, self.config.signature, self.device, self.workers)
         candidates = self.matcher.match(sigs) if self.matcher is not None else {}
         batch_ids = {o.piece.fragment_id for o in new}  # anchors of this batch: encoded before they are referenced
         wanted = {c for cs in candidates.values() for c in cs if c not in self.refs and c not in self.uncommitted and c not in batch_ids}
@@ -195,16 +205,18 @@ class FragmentEncoder:
                 self.refs.put(fid, raw)
         stored: list[dict] = []
         lossy: dict[str, FragmentRef] = {}
-        for occ in new:
+        for occ in new:  # anchors (no candidates: stored plain) first, so the batch encodes in any order
             p = occ.piece
-            row, ref = self._encode_one(p, candidates.get(p.fragment_id))
+            if self.matcher is not None and signs(p) and p.fragment_id not in candidates:
+                self.uncommitted[p.fragment_id] = p.data  # later fragments may reference it
+        encoded = self.workers.each(lambda o: self._encode_one(o.piece, candidates.get(o.piece.fragment_id)), new)
+        for occ, (row, ref) in zip(new, encoded):
+            p = occ.piece
             if ref is not None:  # shared lossily: nothing stored, and the id stays unknown
                 lossy[p.fragment_id] = ref
                 del self.known[p.fragment_id]
                 continue
             stored.append(row)
-            if self.matcher is not None and signs(p) and p.fragment_id not in candidates:
-                self.uncommitted[p.fragment_id] = p.data  # an anchor: later fragments may reference it
         by_id = {r["fragment_id"]: r for r in stored}
         for occ, report in batch:
             report.fragments += 1
@@ -256,10 +268,18 @@ class FragmentEncoder:
 
 # ---- the library's ingest -----------------------------------------------------------------
 def ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: Progress | None = None,
-                  device: str = "cpu", quality: str = "exact") -> list[IngestReport]:
+                  device: str = "cpu", quality: str = "exact", threads: int = 0) -> list[IngestReport]:
     """Add several models in one set of commits (haagenti.writer.Committer states the order);
     later models deduplicate against earlier ones. A Delta commit costs milliseconds whatever
-    its size, so a family of small models ingests much faster this way than one by one."""
+    its size, so a family of small models ingests much faster this way than one by one.
+    With `threads` > 1 (0: every core) a batch is signed, encoded and committed in the
+    background, its fragments spread over the threads, while the next batch is read and hashed."""
+    with Workers(threads) as workers:
+        return _ingest_models(lib, models, progress, device, quality, workers)
+
+
+def _ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: Progress | None, device: str, quality: str,
+                   workers: Workers) -> list[IngestReport]:
     ids = [m.model_id for m in models]
     for mid in ids:
         validate_model_id(mid)
@@ -273,14 +293,23 @@ def ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: Pr
     # Tier models (quality != exact) never reference exact data, only each other.
     library_refs = lib.reference_signatures() if quality == "exact" else SCHEMAS["signatures"].empty_table().select(["fragment_id", "bits", "n_elements"])
     matcher = RunMatcher(config, library_refs) if config.similarity else None
-    encoder = FragmentEncoder(config, lib.known_fragments(), matcher, lib.fetch_raw, device, quality)
+    encoder = FragmentEncoder(config, lib.known_fragments(), matcher, lib.fetch_raw, device, quality, workers)
     committer = Committer(lib.store, f"ingest {', '.join(ids)}"[:200], config.batch_bytes, encoder.committed)
 
-    def encode(owner: int) -> None:
-        frags, sigs, consumed = encoder.encode()
+    def encode(taken, owner: int) -> None:
+        frags, sigs, consumed = encoder.encode(taken)
         committer.add(frags, sigs, owner)
         if progress and consumed:
             progress(consumed)
+
+    pending = None  # the batch being encoded in the background: one at a time, in order
+
+    def encode_next(owner: int) -> None:
+        nonlocal pending
+        taken = encoder.take()
+        if pending is not None:
+            pending.result()
+        pending = workers.submit(encode, taken, owner)
 
     manifests, reports = [], []
     for owner, (m, source) in enumerate(zip(models, sources)):
@@ -294,8 +323,9 @@ def ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: Pr
                     nonfinite.add(occ.tensor.name)
                     report.nonfinite_tensors.append(occ.tensor.name)
                 if encoder.add(occ, report):
-                    encode(owner)
-            encode(owner)  # this model's references are complete before its manifest is built
+                    encode_next(owner)
+            encode_next(owner)
+            pending.result()  # this model's references are complete before its manifest is built
         manifests.append(cut.manifest())
         report.seconds = time.perf_counter() - started
         reports.append(report)

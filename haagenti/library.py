@@ -15,6 +15,7 @@ from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding
 from haagenti.ingest import IngestReport, ModelInput, Progress, ingest_models
 from haagenti.manifest import ModelManifest, TensorRef, validate_model_id
+from haagenti.parallel import Workers
 from haagenti.records import trusted_manifest
 from haagenti.store import LibraryStore
 
@@ -79,8 +80,9 @@ class FragmentLibrary:
         sigs = self.store.read("signatures", columns=["fragment_id", "bits", "n_elements"])
         return sigs.filter(pc.is_in(sigs["fragment_id"], plain["fragment_id"]))
 
-    def fetch_raw(self, ids: Iterable[str], cache: RawCache | None = None) -> dict[str, bytes]:
-        """Decoded, hash-verified bytes of fragments (and nothing else from the library)."""
+    def fetch_raw(self, ids: Iterable[str], cache: RawCache | None = None, workers: Workers | None = None) -> dict[str, bytes]:
+        """Decoded, hash-verified bytes of fragments (and nothing else from the library),
+        decoded over `workers` when given."""
         ids = set(ids)
         held = {i: cache.get(i) for i in ids} if cache else {}
         held = {i: v for i, v in held.items() if v is not None}  # taken now: decoding may evict them
@@ -89,7 +91,7 @@ class FragmentLibrary:
         missing = todo - {r["fragment_id"] for r in rows}
         if missing:
             raise FragmentError(f"fragment(s) missing from the library: {sorted(missing)[:3]}")
-        out = decode_rows(rows, lambda s: fragment_rows(self.store.read_fragments(s)), cache)
+        out = decode_rows(rows, lambda s: fragment_rows(self.store.read_fragments(s)), cache, workers)
         out.update(held)
         return out
 
@@ -102,10 +104,11 @@ class FragmentLibrary:
         progress: Progress | None = None,
         device: str = "cpu",
         quality: str = "exact",
+        threads: int = 0,
     ) -> IngestReport:
         """Add a model. `quality` labels its new fragments: "exact" for models as published, or a
         precision tier ("int8", "int4") that never serves as a delta reference for exact data."""
-        return self.ingest_many([ModelInput(list(urls), model_id, family)], progress, device, quality)[0]
+        return self.ingest_many([ModelInput(list(urls), model_id, family)], progress, device, quality, threads)[0]
 
     def ingest_many(
         self,
@@ -113,9 +116,10 @@ class FragmentLibrary:
         progress: Progress | None = None,
         device: str = "cpu",
         quality: str = "exact",
+        threads: int = 0,
     ) -> list[IngestReport]:
         """Add several models in one set of commits (haagenti.ingest)."""
-        return ingest_models(self, models, progress, device, quality)
+        return ingest_models(self, models, progress, device, quality, threads)
 
     # ---- restore (haagenti.restore) ----------------------------------------------------
     def iter_tensors(self, manifest: ModelManifest, cache: RawCache | None = None) -> Iterable[tuple[TensorRef, bytes]]:
@@ -123,9 +127,9 @@ class FragmentLibrary:
         for t, parts in restore.iter_parts(self, manifest, cache):
             yield t, b"".join(parts)
 
-    def restore(self, model_id: str, out_dir: str, rehash: bool = False, force: bool = False) -> list[str]:
-        """Write the model's files into `out_dir` (haagenti.restore.restore_model)."""
-        return restore.restore_model(self, model_id, out_dir, rehash, force)
+    def restore(self, model_id: str, out_dir: str, rehash: bool = False, force: bool = False, threads: int = 0) -> list[str]:
+        """Write the model's files into `out_dir` (haagenti.restore.restore_model); `threads`: 0 uses every core."""
+        return restore.restore_model(self, model_id, out_dir, rehash, force, threads)
 
     def _write(self, manifest: ModelManifest, sinks: list[BinaryIO], rehash: bool) -> None:
         restore.write_model(self, manifest, sinks, rehash)

@@ -1,6 +1,7 @@
 """A least-recently-used cache bounded by the total size of what it holds."""
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Callable, Generic, Hashable, TypeVar
 
@@ -16,22 +17,25 @@ class SizedLru(Generic[V]):
         self.size = 0
         self._size_of = size
         self._d: OrderedDict[Hashable, V] = OrderedDict()
+        self._lock = threading.Lock()  # ingest and restore threads share a cache
 
     def get(self, key: Hashable) -> V | None:
-        value = self._d.get(key)
-        if value is not None:
-            self._d.move_to_end(key)
-        return value
+        with self._lock:
+            value = self._d.get(key)
+            if value is not None:
+                self._d.move_to_end(key)
+            return value
 
     def put(self, key: Hashable, value: V) -> None:
         n = self._size_of(value)
-        if key in self._d or n > self.max_bytes:
-            return
-        self._d[key] = value
-        self.size += n
-        while self.size > self.max_bytes:
-            _, old = self._d.popitem(last=False)
-            self.size -= self._size_of(old)
+        with self._lock:
+            if key in self._d or n > self.max_bytes:
+                return
+            self._d[key] = value
+            self.size += n
+            while self.size > self.max_bytes:
+                _, old = self._d.popitem(last=False)
+                self.size -= self._size_of(old)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._d

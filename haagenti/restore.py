@@ -14,6 +14,7 @@ from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.splice import SpliceWriter
 from haagenti.hashing import file_layout, hasher
 from haagenti.manifest import FileRecord, ModelManifest, TensorRef
+from haagenti.parallel import Workers
 from haagenti.records import LossyRestoreWarning, lossy_summary
 from haagenti.tensors import checkpoint_bytes, tensor_of
 
@@ -23,26 +24,40 @@ if TYPE_CHECKING:
     from haagenti.library import FragmentLibrary
 
 
-def iter_parts(lib: "FragmentLibrary", manifest: ModelManifest, cache: RawCache | None = None) -> Iterable[tuple[TensorRef, list[bytes]]]:
-    """(tensor, its fragments' verified bytes in order): what a restore writes, uncopied."""
-    group: list[TensorRef] = []
+def iter_parts(lib: "FragmentLibrary", manifest: ModelManifest, cache: RawCache | None = None,
+               workers: Workers | None = None) -> Iterable[tuple[TensorRef, list[bytes]]]:
+    """(tensor, its fragments' verified bytes in order): what a restore writes, uncopied.
+    Fragments come in groups of about `batch_bytes`; with `workers` a group is decoded over
+    them while the one before it is written (two groups in memory at most)."""
+    groups: list[list[TensorRef]] = [[]]
     size = 0
-    for t in manifest.tensors + [None]:  # type: ignore[list-item]
-        if t is not None:
-            group.append(t)
-            size += sum(r.elem_count for r in t.fragments) * lookup_dtype(t.dtype).itemsize
-        if group and (t is None or size >= lib.config.batch_bytes):
-            ids = {r.fragment_id for g in group for r in g.fragments}
-            try:
-                raw = lib.fetch_raw(ids, cache)
-            except FragmentError as e:
-                names = [g.name for g in group if any(r.fragment_id in str(e) for r in g.fragments)] or [g.name for g in group]
-                raise FragmentError(f"model {manifest.model_id!r}, tensor {names[0]!r}: {e}") from None
-            for g in group:
-                yield g, [raw[r.fragment_id] for r in g.fragments]
-            group, size = [], 0
+    for t in manifest.tensors:
+        if size >= lib.config.batch_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += sum(r.elem_count for r in t.fragments) * lookup_dtype(t.dtype).itemsize
 
-def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: bool = False, force: bool = False) -> list[str]:
+    def fetch(group: list[TensorRef]) -> dict[str, bytes]:
+        ids = {r.fragment_id for g in group for r in g.fragments}
+        try:
+            return lib.fetch_raw(ids, cache, workers)
+        except FragmentError as e:
+            names = [g.name for g in group if any(r.fragment_id in str(e) for r in g.fragments)] or [g.name for g in group]
+            raise FragmentError(f"model {manifest.model_id!r}, tensor {names[0]!r}: {e}") from None
+
+    pool = workers or Workers(1)
+    ahead = pool.submit(fetch, groups[0])
+    for k, group in enumerate(groups):
+        raw = ahead.result()
+        if k + 1 < len(groups):
+            ahead = pool.submit(fetch, groups[k + 1])
+        for g in group:
+            yield g, [raw[r.fragment_id] for r in g.fragments]
+
+
+def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: bool = False, force: bool = False,
+                  threads: int = 0) -> list[str]:
     """Write the model's files into `out_dir` (a folder's as its tree); files come back byte-identical
     (every fragment checked against its id, each file against its recorded layout, and with
     `rehash` each file's bytes against its recorded BLAKE3 too), checkpoints as equal state
@@ -64,7 +79,8 @@ def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: b
             sinks = [files.enter_context(open(p, "wb")) for p in tmp]
             for f, sink in zip(manifest.files, sinks):
                 _preallocate(sink, f)
-            write_model(lib, manifest, sinks, rehash)
+            with Workers(threads) as workers:  # 0: every core; the next batch decodes while one is written
+                write_model(lib, manifest, sinks, rehash, workers)
             for sink in sinks:
                 sink.truncate()  # a re-saved checkpoint may be shorter than its original
     except BaseException:
@@ -76,7 +92,7 @@ def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: b
         os.replace(t, p)
     return paths
 
-def write_model(lib: "FragmentLibrary", manifest: ModelManifest, sinks: list[BinaryIO], rehash: bool) -> None:
+def write_model(lib: "FragmentLibrary", manifest: ModelManifest, sinks: list[BinaryIO], rehash: bool, workers: Workers | None = None) -> None:
     """Stream the model into one sink per file, then check each file's layout: the ids of
     the fragments written, each verified against its bytes on read, in the order written.
     A second BLAKE3 pass over every byte (`rehash`) was ~10% of a restore (docs/decisions.md)."""
@@ -86,7 +102,7 @@ def write_model(lib: "FragmentLibrary", manifest: ModelManifest, sinks: list[Bin
     splicers = [  # each file's verbatim gaps around its tensors (haagenti.formats.splice)
         SpliceWriter(f.splice, lambda data, sink=sink, h=h: _put(sink, h, data)) for f, sink, h in zip(manifest.files, sinks, hashers)
     ]
-    for t, parts in iter_parts(lib, manifest):
+    for t, parts in iter_parts(lib, manifest, None, workers):
         i = t.file_index
         if i in states:
             states[i][t.name] = tensor_of(t, b"".join(parts))

@@ -7,7 +7,7 @@
 and size (MB), each through zstandard level 3 (one thread), ZipNN in its dtype's mode (one
 thread), haagenti exact and with similarity at --threads 1 and on all cores: ingest (file ->
 store) and restore (store -> file), RUNS rounds interleaved over the methods, MB/s min / median /
-max. Generated files go under bench/.cache/large and are deleted at the end.
+max. Generated files go under bench/.cache/large-PID and are deleted at the end.
 
 Methods: plain zstd-3 per file; tensor-hash dedup + zstd-3; ZipNN-style byte grouping + zstd
 per tensor; the name-paired XOR oracle (every fine-tune XORed against its known base tensor by
@@ -250,7 +250,7 @@ def haagenti_file(path: str, work: str, similarity: bool, threads: int) -> tuple
 def large(args) -> None:
     from large_models import write_model
 
-    folder = os.path.join(CACHE, "large")
+    folder = os.path.join(CACHE, f"large-{os.getpid()}")  # two runs never delete each other's files
     os.makedirs(folder, exist_ok=True)
     cores = os.cpu_count() or 1
     modes = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

@@ -70,10 +70,11 @@ CLEAR_LEAD = 0.9
 def smallest_encoding(raw: bytes, refs: list[bytes], dtype_name: str, level: int | str = PLANES) -> tuple[Encoding, int | None, str, bytes]:
     """(encoding, index of the reference used or None, codec spec, blob): the smallest of `raw`
     itself and its XOR and difference residuals against each reference (already cast to
-    `raw`'s dtype). Residuals of long fragments are computed whole only for the finalists and
-    coded with the dtype's chain; short ones try every chain of `chain_choices`."""
+    `raw`'s dtype), each coded with every chain of `chain_choices`. On long fragments with
+    references the (option, chain) pairs are ranked on a probe and only the finalists are
+    computed whole; a long fragment without references takes the dtype's chain."""
     d = lookup_dtype(dtype_name)
-    chain, *others = chain_choices(d.itemsize, d.is_float, level)
+    chains = chain_choices(d.itemsize, d.is_float, level)
     plain: tuple[Encoding, int | None] = (Encoding.PLAIN, None)
     options = [plain] + [(enc, i) for i in range(len(refs)) for enc in (Encoding.DELTA_XOR, Encoding.DELTA_SUB)]
 
@@ -81,11 +82,15 @@ def smallest_encoding(raw: bytes, refs: list[bytes], dtype_name: str, level: int
         return raw[:stop] if i is None else residual(enc, raw[:stop], refs[i][:stop], d.itemsize)
 
     probe = PROBE_WORDS * d.itemsize
-    finalists = options
-    chains = [chain] if len(raw) >= 4 * probe else [chain, *others]  # short fragments try every chain
-    if len(options) > 1 and len(raw) >= 4 * probe:
-        sizes = {o: len(chain.encode(body(*o, probe))) for o in options}
-        lead = min(options, key=lambda o: sizes[o])  # the first of equals: plain wins ties
-        finalists = [lead] if sizes[lead] <= CLEAR_LEAD * sizes[plain] else list(dict.fromkeys([plain, lead]))
-    encoded = [(enc, i, *encode_smallest(body(enc, i), c)) for enc, i in finalists for c in chains]
+    pairs = [(o, k) for o in options for k in range(len(chains))]
+    if len(raw) < 4 * probe:
+        finalists = pairs
+    elif len(options) == 1:
+        finalists = [(plain, 0)]
+    else:
+        sizes = {(o, k): len(chains[k].encode(body(*o, probe))) for o, k in pairs}
+        lead = min(pairs, key=lambda p: sizes[p])  # the first of equals: plain wins ties
+        best_plain = min(((plain, k) for k in range(len(chains))), key=lambda p: sizes[p])
+        finalists = [lead] if sizes[lead] <= CLEAR_LEAD * sizes[best_plain] else list(dict.fromkeys([best_plain, lead]))
+    encoded = [(enc, i, *encode_smallest(body(enc, i), chains[k])) for (enc, i), k in finalists]
     return min(encoded, key=lambda e: len(e[3]))

@@ -169,7 +169,16 @@ def stats(library: str, as_json: bool = typer.Option(False, "--json")) -> None:
 def verify(library: str, model: Optional[str] = typer.Argument(None)) -> None:
     """Re-hash every fragment (or one model's) and every restored file."""
     try:
-        r = FragmentLibrary.open(library, create=False).verify(model)
+        lib = FragmentLibrary.open(library, create=False)
+        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console, transient=True) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(f"verify {phase}", total=total)
+                bar.update(tasks[phase], completed=done)
+
+            r = lib.verify(model, progress)
     except (HaagentiError, OSError) as e:
         _fail(e)
         return

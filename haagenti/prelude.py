@@ -2,8 +2,9 @@
 from haagenti.config import LibraryConfig, LibraryStats, ModelStats
 from haagenti.errors import FormatError, FragmentError, HaagentiError, LibraryError, ModelIdError, UnsafeFileError
 from haagenti.fragment import Encoding, Fragment, FragmentId, FragmentMetadata, FragmentType
-from haagenti.library import FragmentLibrary, IngestReport, VerifyReport
+from haagenti.library import FragmentLibrary, IngestReport
 from haagenti.loader import ModelLoader
+from haagenti.maintenance import VerifyReport
 from haagenti.manifest import FragmentRef, LayerMapping, ModelManifest, TensorRef
 from haagenti.signature import FragmentSignature, SignatureConfig
 from haagenti.similarity import MatchType, SimilarityIndex, SimilarityMatch, SimilarityThreshold

@@ -3,7 +3,6 @@ files (byte-identical, checkpoints as equal state dicts), as the tree they were 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import warnings
 from typing import TYPE_CHECKING, BinaryIO, Iterable
@@ -125,13 +124,6 @@ def write_model(lib: "FragmentLibrary", manifest: ModelManifest, sinks: list[Bin
             if manifest.lossy:
                 raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} differs from the original, as the model is stored lossy ({lossy_summary(manifest)})")
             raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} has blake3 {h.hexdigest()}, expected {f.blake3}")
-
-
-class NullSink(io.RawIOBase):
-    """A sink that discards what it is given: what verify restores into."""
-
-    def write(self, b) -> int:  # type: ignore[override]
-        return len(b)
 
 
 def _preallocate(sink: BinaryIO, f: FileRecord) -> None:

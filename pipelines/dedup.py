@@ -22,7 +22,8 @@ from haagenti.errors import LibraryError
 from haagenti.formats.source import expand_urls
 from haagenti.groups import sort_rows
 from haagenti.ingest import signature_table
-from haagenti.library import FragmentLibrary, model_relations
+from haagenti.library import FragmentLibrary
+from haagenti.maintenance import closest_models
 from haagenti.matching import BUCKET, band_table, bucket_pairs, choose_references, hamming_limit, shared_buckets
 from haagenti.store import LibraryStore
 from haagenti.writer import Committer
@@ -232,18 +233,13 @@ def _infer_families(lib: FragmentLibrary, todo: list[dict], existing: dict) -> d
     the most fragments (exact or as delta references) with, when that share is large enough."""
     declared = {mid: m["family"] for mid, m in existing.items()}
     declared.update({s["model_id"]: s["family"] for s in todo})
-    rel = model_relations(lib)
+    closest = closest_models(lib, [s["model_id"] for s in todo if not s["family"]])
     out = {}
     for s in todo:
         mid = s["model_id"]
         if s["family"]:
             out[mid] = s["family"]
             continue
-        scores = {}
-        for (a, b), share in rel.items():
-            if mid in (a, b):
-                other = b if a == mid else a
-                scores[other] = max(scores.get(other, 0.0), share)
-        best = max(sorted(scores), key=lambda o: scores[o], default=None)
-        out[mid] = (declared.get(best) or best) if best is not None and scores[best] >= FAMILY_SHARE else None
+        best, share = closest[mid] or (None, 0.0)
+        out[mid] = (declared.get(best) or best) if best is not None and share >= FAMILY_SHARE else None
     return out

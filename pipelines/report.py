@@ -9,7 +9,8 @@ import posixpath
 from dataclasses import asdict
 
 from haagenti.fsio import filesystem_for
-from haagenti.library import FragmentLibrary, model_relations
+from haagenti.library import FragmentLibrary
+from haagenti.maintenance import model_relations
 from pipelines.dedup import RunReport
 
 

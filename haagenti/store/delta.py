@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -203,6 +203,15 @@ class LibraryStore:
                 t = t.filter(pc.equal(t[equals[0]], equals[1]))
             parts.append(t.select(target.names))
         return pa.concat_tables(parts) if parts else target.empty_table()
+
+    def scan(self, name: str, columns: list[str] | None = None, batch_rows: int = 65536, version: int | None = None) -> Iterator[pa.Table]:
+        """A table at one version in batches of at most `batch_rows` rows (projected, cast to
+        the declared schema), one row group at a time and nothing cached: what maintenance
+        streams over, so that its memory does not grow with the table."""
+        for path in self._paths(name, version):
+            for t in self.files.row_groups(path, columns or SCHEMAS[name].names, SCHEMAS[name]):
+                for start in range(0, t.num_rows, batch_rows):
+                    yield t.slice(start, batch_rows)
 
     def read_fragments(self, ids: Iterable[str], columns: list[str] | None = None, version: int | None = None) -> pa.Table:
         """Rows of the given fragment ids, reading only the row groups that hold them."""

@@ -3,7 +3,7 @@ of a Delta table are never rewritten in place (a path names one immutable file),
 footers, row-group boundaries and small metadata columns are cached by path."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +56,15 @@ class DataFiles:
             if "blob" not in columns:
                 self._columns.put(key, t)
         return t
+
+    def row_groups(self, path: str, columns: list[str], schema: pa.Schema) -> Iterator[pa.Table]:
+        """Columns of one data file, a row group at a time, cast to the declared schema and not
+        cached. Plain reads, not the memory map: a mapped file's pages count in the process's
+        RSS until it is closed, and `iter_batches` held a whole ~64 MiB fragments file."""
+        with damaged(f"data file {path}"), pa.OSFile(path) if self.local else self.fs.open(path, "rb") as src:
+            pf = pq.ParquetFile(src, metadata=self.footer(path))
+            for g in range(pf.num_row_groups):
+                yield pf.read_row_group(g, columns=columns, use_threads=ARROW_THREADS).cast(project(schema, columns))
 
     def fragments(self, paths: list[str], ids: Iterable[str], columns: list[str]) -> pa.Table:
         """Rows of the given fragment ids from fragments data files, reading only the row

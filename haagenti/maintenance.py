@@ -1,0 +1,396 @@
+"""Library maintenance in bounded memory: verify, gc, stats, rm and model relations.
+
+Each streams over the tables in batches (`LibraryStore.scan`) and aggregates in Arrow, so no
+step holds every fragment's bytes or a Python object per row. What still grows with the
+library, as compact Arrow columns: the ids some model references (gc), the distinct
+(model, fragment) pairs and the fragments' sizes (stats, relations) — docs/decisions.md.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from haagenti import restore
+from haagenti.config import LibraryStats, ModelStats
+from haagenti.encode import RawCache, decode_row, fragment_rows
+from haagenti.errors import DamagedError, FragmentError
+from haagenti.formats.dtypes import dtype as lookup_dtype
+from haagenti.fragment import Encoding
+
+if TYPE_CHECKING:
+    from haagenti.library import FragmentLibrary
+    from haagenti.store import LibraryStore
+
+VerifyProgress = Callable[[str, int, int], None]  # (phase, bytes done, bytes in the phase)
+
+REF_CACHE_BYTES = 256 * 1024 * 1024  # decoded delta references kept between batches
+BLOB_BATCH_ROWS = 32  # fragments decoded per batch: at most 32 MiB of raw bytes at the largest size
+MAX_ERRORS = 100  # fragment errors listed one by one; the rest are counted
+
+
+@dataclass
+class VerifyReport:
+    fragments_checked: int = 0
+    models_checked: int = 0
+    files_checked: int = 0
+    lossy_tensors: dict[str, dict[str, float]] = field(default_factory=dict)  # "model:tensor" -> errors
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+# ---- verify ------------------------------------------------------------------------------
+def verify(lib: "FragmentLibrary", model_id: str | None = None, progress: VerifyProgress | None = None) -> VerifyReport:
+    """Re-hash fragments and restored files. With a model: every fragment it needs and every
+    file it restores. Without: the tables' Delta logs, every stored fragment (streamed, batch
+    by batch), then every model, one at a time."""
+    report = VerifyReport()
+    if model_id is None:
+        report.errors += lib.store.log_problems()
+        try:
+            _verify_fragments(lib.store, report, progress)
+        except DamagedError as e:  # an unreadable data file: said, and the models are still checked
+            report.errors.append(str(e))
+        models = lib.store.read("models", columns=["model_id", "ingest_seq", "raw_bytes"]).sort_by("ingest_seq")
+        targets = models["model_id"].to_pylist()
+        total = pc.sum(models["raw_bytes"]).as_py() or 0
+    else:
+        targets, total = [model_id], lib.model(model_id)["raw_bytes"]
+    sink = _CountingSink("models", total, progress)
+    for mid in targets:
+        try:
+            manifest = lib.manifest(mid)
+            # A lossy model's bytes differ from the original's by design: verify checks its
+            # fragments and layout, and reports its error bounds below.
+            restore.write_model(lib, manifest, [sink for _ in manifest.files], rehash=not manifest.lossy)
+            report.models_checked += 1
+            report.files_checked += len(manifest.files)
+            if model_id is not None:
+                report.fragments_checked += len(manifest.fragment_ids)
+        except (FragmentError, DamagedError) as e:
+            report.errors.append(str(e))
+            continue
+        report.lossy_tensors.update({f"{mid}:{name}": e for name, e in manifest.lossy_tensors().items()})
+    return report
+
+
+def _verify_fragments(store: "LibraryStore", report: VerifyReport, progress: VerifyProgress | None) -> None:
+    """Decode every stored fragment and check it against its id, a few rows at a time. A delta
+    needs its reference's bytes: references (plain, one hop) are kept in a bounded cache as
+    they pass, and the ones it no longer holds are read back together, per batch, from the
+    row groups that hold them."""
+    total, refs = 0, _Distinct()
+    for t in store.scan("fragments", ["raw_size", "ref_id"]):
+        total += pc.sum(t["raw_size"]).as_py() or 0
+        refs.add(t["ref_id"].drop_null())
+    wanted = refs.array()  # only these are worth caching
+    cache = RawCache(REF_CACHE_BYTES)
+    bad: dict[str, str] = {}
+    done = 0
+    for t in store.scan("fragments", batch_rows=BLOB_BATCH_ROWS):
+        rows = fragment_rows(t)
+        keep = pc.is_in(t["fragment_id"], value_set=wanted).to_pylist()
+        here: dict[str, bytes] = {}
+        for row, is_ref in zip(rows, keep):  # plain rows first: later deltas of the batch use them
+            if row["ref_id"] is None:
+                raw = _check(row, None, bad)
+                if raw is not None and is_ref:
+                    here[row["fragment_id"]] = raw
+                    cache.put(row["fragment_id"], raw)
+        deltas = [r for r in rows if r["ref_id"] is not None]
+        for ref_id in {r["ref_id"] for r in deltas} - here.keys():  # taken now: fetching may evict them
+            held = cache.get(ref_id)
+            if held is not None:
+                here[ref_id] = held
+        missing = {r["ref_id"] for r in deltas} - here.keys()
+        if missing:
+            for row in fragment_rows(store.read_fragments(missing)):
+                raw = _check(row, None, {})  # a bad reference is reported in its own turn
+                if raw is not None:
+                    here[row["fragment_id"]] = raw
+                    cache.put(row["fragment_id"], raw)
+        for row in deltas:
+            ref = here.get(row["ref_id"])
+            if ref is None:
+                bad[row["fragment_id"]] = f"fragment {row['fragment_id']}: its delta reference {row['ref_id']} is missing or failed verification"
+            else:
+                _check(row, ref, bad)
+        report.fragments_checked += len(rows)
+        done += sum(r["raw_size"] for r in rows)
+        if progress:
+            progress("fragments", done, total)
+    report.fragments_checked -= len(bad)
+    report.errors.extend(_name_users(store, bad))
+
+
+def _check(row: dict, ref: bytes | None, bad: dict[str, str]) -> bytes | None:
+    """A fragment's verified raw bytes, or None with the reason recorded in `bad`."""
+    try:
+        return decode_row(row, ref, row["ref_dtype"])
+    except FragmentError as e:
+        bad[row["fragment_id"]] = str(e)
+    except Exception as e:  # a damaged blob can fail inside any codec: it is a finding, not a crash
+        bad[row["fragment_id"]] = f"fragment {row['fragment_id']}: cannot decode ({type(e).__name__}: {e})"
+    return None
+
+
+def _name_users(store: "LibraryStore", bad: dict[str, str]) -> list[str]:
+    """One line per bad fragment, naming the models and tensors that use it."""
+    if not bad:
+        return []
+    listed = sorted(bad)[:MAX_ERRORS]
+    ids = pa.array(listed, pa.string())
+    users: dict[str, list[str]] = {}
+    for t in store.scan("manifests", ["model_id", "tensor_name", "fragment_id"]):
+        hit = t.filter(pc.is_in(t["fragment_id"], value_set=ids))
+        for mid, name, fid in zip(*(hit[c].to_pylist() for c in ("model_id", "tensor_name", "fragment_id"))):
+            names = users.setdefault(fid, [])
+            if len(names) < 3 and f"model {mid!r}, tensor {name!r}" not in names:
+                names.append(f"model {mid!r}, tensor {name!r}")
+    lines = [f"{bad[f]} (used by {'; '.join(users[f]) if f in users else 'no model'})" for f in listed]
+    if len(bad) > len(listed):
+        lines.append(f"... and {len(bad) - len(listed)} more fragment(s) failed verification")
+    return lines
+
+
+class _CountingSink(io.RawIOBase):
+    """Discards what a verify restores, reporting the bytes as progress."""
+
+    def __init__(self, phase: str, total: int, progress: VerifyProgress | None):
+        self.phase, self.total, self.progress, self.done = phase, total, progress, 0
+
+    def write(self, b) -> int:  # type: ignore[override]
+        n = len(b)
+        self.done += n
+        if self.progress:
+            self.progress(self.phase, min(self.done, self.total), self.total)
+        return n
+
+
+# ---- gc and rm ---------------------------------------------------------------------------
+def rm(lib: "FragmentLibrary", model_id: str) -> None:
+    """Unpublish the model (one commit), then drop its manifest rows; `gc` frees fragments."""
+    lib.model(model_id)
+    lib.store.delete_models([model_id])
+    lib.store.delete_manifests([model_id])
+
+
+def referenced(store: "LibraryStore") -> pa.Array:
+    """Distinct ids some model needs: its manifests' fragments and the references of those
+    that are deltas. Arrow strings, O(referenced fragments), never a Python set."""
+    live = _Distinct()
+    for t in store.scan("manifests", ["fragment_id"]):
+        live.add(t["fragment_id"].drop_null())
+    direct = live.array()
+    for t in store.scan("fragments", ["fragment_id", "ref_id"]):
+        live.add(t["ref_id"].filter(pc.is_in(t["fragment_id"], value_set=direct)).drop_null())
+    return live.array()
+
+
+def gc(lib: "FragmentLibrary") -> dict[str, int]:
+    """Delete fragments no model references (directly or as a delta reference), the
+    signatures of fragments no longer stored, and vacuum. Must not run while an ingest into
+    the same library is in flight (docs/decisions.md)."""
+    store = lib.store
+    keep = referenced(store)
+    dead, alive = _Distinct(), _Distinct()
+    freed = 0
+    for t in store.scan("fragments", ["fragment_id", "stored_size"]):
+        held = pc.is_in(t["fragment_id"], value_set=keep)
+        gone = t.filter(pc.invert(held))
+        freed += pc.sum(gone["stored_size"]).as_py() or 0
+        dead.add(gone["fragment_id"])
+        alive.add(t["fragment_id"].filter(held))
+    removed = store.delete_fragments(dead.array().to_pylist())
+    stale = _Distinct()
+    present = alive.array()
+    for t in store.scan("signatures", ["fragment_id"]):
+        stale.add(t["fragment_id"].filter(pc.invert(pc.is_in(t["fragment_id"], value_set=present))))
+    store.delete_signatures(stale.array().to_pylist())
+    return {"fragments_removed": removed, "bytes_freed": freed, "files_vacuumed": store.vacuum()}
+
+
+# ---- stats and relations -----------------------------------------------------------------
+def stats(lib: "FragmentLibrary") -> LibraryStats:
+    """Reduction per model and family. A model's new stored bytes are those of the fragments
+    it was the first (in ingest order) to reference."""
+    store = lib.store
+    models = store.read("models", columns=["model_id", "family", "raw_bytes", "ingest_seq"]).sort_by("ingest_seq")
+    ranks = pa.table({"model_id": models["model_id"], "rank": pa.array(range(models.num_rows), pa.int64())})
+    pairs, counts = _Distinct("model_id", "fragment_id"), []
+    for t in store.scan("manifests", ["model_id", "fragment_id", "source_fragment_id", "elem_count", "dtype"]):
+        t = t.filter(pc.is_valid(t["fragment_id"]))
+        lossy = pc.fill_null(pc.not_equal(t["fragment_id"], t["source_fragment_id"]), True)
+        counts.append(pa.table({
+            "model_id": t["model_id"],
+            "refs": t["fragment_id"],
+            "lossy": pc.cast(lossy, pa.int64()),
+            "lossy_bytes": pc.if_else(lossy, pc.multiply(t["elem_count"], _itemsizes(t["dtype"])), 0),
+        }).group_by("model_id").aggregate([("refs", "count"), ("lossy", "sum"), ("lossy_bytes", "sum")]))
+        pairs.add(t.select(["model_id", "fragment_id"]))
+    per = _sum_by(counts, "model_id", ["refs_count", "lossy_sum", "lossy_bytes_sum"])
+    frags, rows, plain = [], 0, 0
+    for t in store.scan("fragments", ["fragment_id", "stored_size", "encoding"]):
+        rows += t.num_rows
+        plain += pc.sum(pc.equal(t["encoding"], Encoding.PLAIN.value)).as_py() or 0
+        frags.append(t.select(["fragment_id", "stored_size"]))
+    # One size per id (a fragment written twice by racing ingests is the same content).
+    sizes = _concat(frags, ["fragment_id", "stored_size"], [pa.string(), pa.int64()]).group_by("fragment_id", use_threads=False).aggregate([("stored_size", "last")])
+    pairs_t = pairs.table()
+    users = pairs_t.group_by("fragment_id").aggregate([("model_id", "count")])
+    shared = users.filter(pc.greater(users["model_id_count"], 1))["model_id_count"]
+    first = pairs_t.join(ranks, "model_id").group_by("fragment_id").aggregate([("rank", "min")])
+    new = first.join(sizes, "fragment_id").group_by("rank_min").aggregate([("stored_size_last", "sum")])
+    new_by_rank = dict(zip(new["rank_min"].to_pylist(), new["stored_size_last_sum"].to_pylist()))
+    per_model = []
+    for rank, (mid, fam, raw) in enumerate(zip(*(models[c].to_pylist() for c in ("model_id", "family", "raw_bytes")))):
+        refs, lossy, _ = per.get(mid, (0, 0, 0))
+        per_model.append(ModelStats(mid, fam, raw, new_by_rank.get(rank, 0), refs, lossy))
+    families: dict[str, list[ModelStats]] = {}
+    for s in per_model:
+        if s.family:
+            families.setdefault(s.family, []).append(s)
+    per_family = {f: 1 - sum(s.new_stored_bytes for s in ms) / max(sum(s.raw_bytes for s in ms), 1) for f, ms in sorted(families.items())}
+    lossy_refs = sum(v[1] for v in per.values())
+    return LibraryStats(
+        models=models.num_rows,
+        fragments=sizes.num_rows,
+        raw_bytes=pc.sum(models["raw_bytes"]).as_py() or 0,
+        stored_bytes=pc.sum(sizes["stored_size_last"]).as_py() or 0,
+        plain_fragments=plain,
+        delta_fragments=rows - plain,
+        shared_fragments=len(shared),
+        refs_per_shared_fragment=(pc.sum(shared).as_py() / len(shared)) if len(shared) else 0.0,
+        lossy_refs=lossy_refs,
+        lossy_saved_bytes=sum(v[2] for v in per.values()),
+        per_model=per_model,
+        per_family=per_family,
+    )
+
+
+def model_relations(lib: "FragmentLibrary", model_ids: list[str] | None = None) -> dict[tuple[str, str], float]:
+    """Share of model a's fragments that are b's fragments, or deltas against b's fragments,
+    for every ordered pair of models (of `model_ids`, when given) that reference fragments.
+    The basis of family inference and of the model-by-model similarity map."""
+    pairs = _model_pairs(lib.store, model_ids)
+    sizes = dict(zip(*_counts(pairs, "model_id")))
+    out = {(a, b): 0.0 for a in sizes for b in sizes if a != b}
+    hits = _shared_counts(lib.store, pairs, pairs)
+    for a, b, n in zip(*(hits[c].to_pylist() for c in ("a", "b", "n"))):
+        out[(a, b)] = n / sizes[a]
+    return out
+
+
+def closest_models(lib: "FragmentLibrary", model_ids: list[str]) -> dict[str, tuple[str, float] | None]:
+    """For each of `model_ids`, the other model it is most related to (either direction of
+    `model_relations`; ties to the smallest id) and that share. Only relations touching these
+    models are computed: a pipeline run infers families for the models it adds, not for the
+    whole library."""
+    everyone = _model_pairs(lib.store, None)
+    mine = everyone.filter(pc.is_in(everyone["model_id"], value_set=pa.array(model_ids, pa.string())))
+    sizes = dict(zip(*_counts(everyone, "model_id")))
+    scores: dict[str, dict[str, float]] = {m: {} for m in model_ids}
+    for mine_is_a in (True, False):
+        hits = _shared_counts(lib.store, mine, everyone) if mine_is_a else _shared_counts(lib.store, everyone, mine)
+        for a, b, n in zip(*(hits[c].to_pylist() for c in ("a", "b", "n"))):
+            m, other = (a, b) if mine_is_a else (b, a)
+            scores[m][other] = max(scores[m].get(other, 0.0), n / sizes[a])
+    out: dict[str, tuple[str, float] | None] = {}
+    for mid in model_ids:
+        s = scores[mid]
+        others = [o for o in sizes if o != mid] if mid in sizes else []
+        for o in others:  # related models with nothing shared still compete, at 0.0
+            s.setdefault(o, 0.0)
+        best = max(sorted(s), key=lambda o: s[o], default=None)
+        out[mid] = (best, s[best]) if best is not None else None
+    return out
+
+
+def _model_pairs(store: "LibraryStore", model_ids: list[str] | None) -> pa.Table:
+    """Distinct (model_id, fragment_id) of the manifests, optionally of some models only."""
+    wanted = pa.array(model_ids, pa.string()) if model_ids is not None else None
+    pairs = _Distinct("model_id", "fragment_id")
+    for t in store.scan("manifests", ["model_id", "fragment_id"]):
+        t = t.filter(pc.is_valid(t["fragment_id"]))
+        if wanted is not None:
+            t = t.filter(pc.is_in(t["model_id"], value_set=wanted))
+        pairs.add(t)
+    return pairs.table()
+
+
+def _shared_counts(store: "LibraryStore", a_pairs: pa.Table, b_pairs: pa.Table) -> pa.Table:
+    """(a, b, n): how many of a's fragments b holds too, or are deltas against one b holds."""
+    ids = pc.unique(a_pairs["fragment_id"])
+    refs = []
+    for t in store.scan("fragments", ["fragment_id", "ref_id"]):
+        t = t.filter(pc.and_(pc.is_valid(t["ref_id"]), pc.is_in(t["fragment_id"], value_set=ids)))
+        refs.append(t)
+    refs_t = _concat(refs, ["fragment_id", "ref_id"], [pa.string(), pa.string()]).group_by(["fragment_id", "ref_id"]).aggregate([])
+    a = a_pairs.rename_columns(["a", "fragment_id"])
+    direct = a.append_column("key", a["fragment_id"])
+    via = a.join(refs_t, "fragment_id")
+    keys = pa.concat_tables([direct, pa.table({"a": via["a"], "fragment_id": via["fragment_id"], "key": via["ref_id"]})])
+    b = b_pairs.rename_columns(["b", "key"])
+    hits = keys.join(b, "key").select(["a", "fragment_id", "b"])
+    hits = hits.filter(pc.not_equal(hits["a"], hits["b"])).group_by(["a", "fragment_id", "b"]).aggregate([])
+    n = hits.group_by(["a", "b"]).aggregate([("fragment_id", "count")])
+    return pa.table({"a": n["a"], "b": n["b"], "n": n["fragment_id_count"]})
+
+
+def _counts(t: pa.Table, key: str) -> tuple[list, list]:
+    c = t.group_by(key).aggregate([(key, "count")])
+    return c[key].to_pylist(), c[f"{key}_count"].to_pylist()
+
+
+def _itemsizes(dtypes: pa.ChunkedArray) -> pa.Array:
+    """Bytes per element of each row's dtype name."""
+    names = pc.unique(dtypes)
+    sizes = pa.array([lookup_dtype(n).itemsize for n in names.to_pylist()], pa.int64())
+    return pc.take(sizes, pc.index_in(dtypes, value_set=names))
+
+
+def _sum_by(parts: list[pa.Table], key: str, cols: list[str]) -> dict[str, tuple]:
+    if not parts:
+        return {}
+    t = pa.concat_tables(parts).group_by(key).aggregate([(c, "sum") for c in cols])
+    return {k: v for k, *v in zip(t[key].to_pylist(), *(t[f"{c}_sum"].to_pylist() for c in cols))}
+
+
+def _concat(parts: list[pa.Table], names: list[str], types: list[pa.DataType]) -> pa.Table:
+    return pa.concat_tables(parts) if parts else pa.table({n: pa.array([], ty) for n, ty in zip(names, types)})
+
+
+class _Distinct:
+    """Distinct rows of some string columns, gathered batch by batch and compacted as they
+    accumulate, so memory stays at about the number of distinct rows (never one per row read)."""
+
+    def __init__(self, *columns: str, compact_every: int = 1 << 20):
+        self.columns = list(columns or ("id",))
+        self.parts: list[pa.Table] = []
+        self.pending = 0
+        self.compact_every = compact_every
+
+    def add(self, values: pa.Table | pa.Array | pa.ChunkedArray) -> None:
+        t = values.select(self.columns) if isinstance(values, pa.Table) else pa.table({self.columns[0]: values})
+        if t.num_rows:
+            self.parts.append(t.group_by(self.columns).aggregate([]))
+            self.pending += self.parts[-1].num_rows
+            if self.pending >= self.compact_every:
+                self.parts = [self.table()]
+                self.pending = self.parts[0].num_rows
+                self.compact_every = max(self.compact_every, 2 * self.pending)
+
+    def table(self) -> pa.Table:
+        if not self.parts:
+            return pa.table({c: pa.array([], pa.string()) for c in self.columns})
+        return pa.concat_tables(self.parts).group_by(self.columns).aggregate([]).select(self.columns)
+
+    def array(self) -> pa.Array:
+        """The distinct values of a one-column gathering."""
+        return self.table()[self.columns[0]].combine_chunks()

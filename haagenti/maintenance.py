@@ -8,7 +8,7 @@ library, as compact Arrow columns: the ids some model references (gc), the disti
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import pyarrow as pa
@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 VerifyProgress = Callable[[str, int, int], None]  # (phase, bytes done, bytes in the phase)
 
-REF_CACHE_BYTES = 256 * 1024 * 1024  # decoded delta references kept between batches
+REF_CACHE_BYTES = 128 * 1024 * 1024  # decoded delta references kept between batches
+MODEL_BATCH_BYTES = 16 * 1024 * 1024  # raw bytes per fetch when a model's files are re-hashed
 BLOB_BATCH_ROWS = 32  # fragments decoded per batch: at most 32 MiB of raw bytes at the largest size
 MAX_ERRORS = 100  # fragment errors listed one by one; the rest are counted
 
@@ -63,12 +64,13 @@ def verify(lib: "FragmentLibrary", model_id: str | None = None, progress: Verify
     else:
         targets, total = [model_id], lib.model(model_id)["raw_bytes"]
     sink = _CountingSink("models", total, progress)
+    walker = type(lib)(lib.store, replace(lib.config, batch_bytes=MODEL_BATCH_BYTES))  # a restore's walk, in smaller steps
     for mid in targets:
         try:
             manifest = lib.manifest(mid)
             # A lossy model's bytes differ from the original's by design: verify checks its
             # fragments and layout, and reports its error bounds below.
-            restore.write_model(lib, manifest, [sink for _ in manifest.files], rehash=not manifest.lossy)
+            restore.write_model(walker, manifest, [sink for _ in manifest.files], rehash=not manifest.lossy)
             report.models_checked += 1
             report.files_checked += len(manifest.files)
             if model_id is not None:

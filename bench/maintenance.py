@@ -8,8 +8,9 @@ the base, so verify exercises its reference path), then measures, each in a fres
   verify   the whole library (every stored fragment, then every model's files re-hashed)
   gc       after a scratch fine-tune (a tenth of the size) is ingested and removed, so every
            gc run has the same garbage to collect; its reachability scan covers the library
-and, with --baseline REV, the same verify by the haagenti of git revision REV (sizes <= 2 GB:
-the old verify held every decoded fragment at once). Prints min/median/max over the runs.
+  baseline verify   the verify this replaced (every fragment decoded into one dict, then each
+           model re-hashed), up to --baseline GB: it needs ~1.5x the library's raw size in RAM
+Prints min/median/max over the runs.
 
     flock /tmp/haagenti-heavy.lock .venv/bin/python bench/maintenance.py --sizes 0.5,2,8 --runs 3 --runs-large 2
 
@@ -88,6 +89,8 @@ def worker(op: str, lib_url: str) -> None:
     if op == "verify":
         r = lib.verify()
         out = {"ok": r.ok, "fragments": r.fragments_checked, "errors": r.errors[:3]}
+    elif op == "baseline-verify":
+        out = {"ok": True, "fragments": baseline_verify(lib), "errors": []}
     elif op == "gc":
         out = lib.gc()
     else:
@@ -96,9 +99,26 @@ def worker(op: str, lib_url: str) -> None:
     print(json.dumps(out))
 
 
-def measure(op: str, lib: str, pythonpath: str = ROOT) -> dict:
-    env = dict(os.environ, PYTHONPATH=pythonpath)
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", op, lib], capture_output=True, text=True, env=env, cwd=pythonpath)
+def baseline_verify(lib) -> int:
+    """The verify this replaced (git 7e67e19), on today's primitives: every fragment decoded
+    into one dict (`fetch_raw(known_fragments())`), then each model re-hashed as a restore."""
+    from haagenti.restore import write_model
+
+    n = len(lib.fetch_raw(lib.known_fragments()))
+    for m in lib.models():
+        manifest = lib.manifest(m["model_id"])
+        write_model(lib, manifest, [_Discard() for _ in manifest.files], rehash=True)
+    return n
+
+
+class _Discard:
+    def write(self, b) -> int:
+        return len(b)
+
+
+def measure(op: str, lib: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", op, lib], capture_output=True, text=True, env=env, cwd=ROOT)
     if p.returncode != 0:
         raise RuntimeError(f"{op} worker failed: {p.stderr[-2000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -121,16 +141,6 @@ def library_size(lib: str) -> tuple[int, int, int, int]:
     return s["raw_bytes"], s["stored_bytes"], s["fragments"], s["delta_fragments"]
 
 
-def baseline_tree(rev: str) -> str:
-    """The haagenti of git revision `rev`, extracted once under bench/.cache."""
-    out = os.path.join(CACHE, "maintenance", f"baseline-{rev}")
-    if not os.path.exists(os.path.join(out, "haagenti")):
-        os.makedirs(out, exist_ok=True)
-        archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "haagenti", "bench"], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", out], input=archive, check=True)
-    return out
-
-
 def summary(values: list[float]) -> str:
     return f"{min(values):8.1f} {statistics.median(values):8.1f} {max(values):8.1f}"
 
@@ -140,7 +150,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="0.5,2,8", help="GB of raw model bytes per library, comma-separated")
     ap.add_argument("--runs", type=int, default=3, help="runs per measure at sizes below 8 GB")
     ap.add_argument("--runs-large", type=int, default=3, help="runs per measure at 8 GB and above")
-    ap.add_argument("--baseline", default=None, help="also time verify of this git revision (sizes <= 2 GB)")
+    ap.add_argument("--baseline", type=float, default=2, help="also run the replaced verify at sizes up to this many GB (0: never)")
     ap.add_argument("--keep", action="store_true", help="keep the generated models and libraries")
     args = ap.parse_args()
     base_dir = os.path.join(CACHE, "maintenance")
@@ -178,8 +188,8 @@ def main() -> None:
                 if not r["fragments_removed"]:
                     raise RuntimeError("gc found no garbage to collect")
                 res["gc"].append(r)
-                if args.baseline and size <= 2:
-                    res["baseline verify"].append(measure("verify", lib, baseline_tree(args.baseline)))
+                if args.baseline and size <= args.baseline:
+                    res["baseline verify"].append(measure("baseline-verify", lib))
                 print(f"  run {i + 1}: " + ", ".join(f"{k} {v[-1]['seconds']:.1f} s / {v[-1]['peak_mb']:.0f} MB" for k, v in res.items() if v), flush=True)
             for op, rs in res.items():
                 if rs:

@@ -152,16 +152,24 @@ def test_streaming_verify_finds_corruption_and_names_model_and_tensor(built, tmp
     monkeypatch.setattr(maintenance, "BLOB_BATCH_ROWS", 4)
     monkeypatch.setattr(maintenance, "REF_CACHE_BYTES", 64 * 1024)
     asked: list[int] = []  # ids per read of the fragments pass
-    real = lib.store.read_fragments
+    real, real_pass, in_pass = lib.store.read_fragments, maintenance._verify_fragments, []
     phases: dict[str, tuple[int, int]] = {}
 
     def spy(ids, *a, **k):
         ids = set(ids)
-        if "models" not in phases:
+        if in_pass:
             asked.append(len(ids))
         return real(ids, *a, **k)
 
+    def fragments_pass(*a, **k):
+        in_pass.append(True)
+        try:
+            return real_pass(*a, **k)
+        finally:
+            in_pass.clear()
+
     monkeypatch.setattr(lib.store, "read_fragments", spy)
+    monkeypatch.setattr(maintenance, "_verify_fragments", fragments_pass)
     r = lib.verify(progress=lambda phase, done, total: phases.__setitem__(phase, (done, total)))
     assert not r.ok
     line = next(e for e in r.errors if e.startswith(f"fragment {vid}"))

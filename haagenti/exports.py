@@ -11,9 +11,7 @@ import numpy as np
 import torch
 
 from haagenti.errors import FormatError
-from haagenti.examples import DigitsTransformer, digits, train
-
-GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_0")
+from haagenti.examples import DigitsTransformer
 
 
 def load_example(path: str) -> DigitsTransformer:
@@ -48,18 +46,6 @@ def export_all(path: str, out_dir: str) -> list[str]:
     out.append(os.path.join(out_dir, "diffusers"))
     save_diffusers_folder(state_of(model, torch.bfloat16), out[-1])
     return out
-
-
-def train_example(d: int = 128, layers: int = 2, epochs: int = 2, seed: int = 0) -> DigitsTransformer:
-    """The example transformer, trained on digits; its weights rounded to bf16 as published."""
-    torch.manual_seed(seed)
-    model = DigitsTransformer(d, layers)
-    x, y = digits()
-    train(model, x, y, epochs, 1e-3, seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16).float())
-    return model.eval()
 
 
 def state_of(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -8,8 +8,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from haagenti.errors import LibraryError
 from haagenti.config import LibraryConfig
+from haagenti.errors import LibraryError
 from haagenti.library import FragmentLibrary
 from tests.helpers import spy_fetched
 

@@ -185,3 +185,23 @@ def test_the_pipeline_refuses_transposed_onnx_weights_clearly(tmp_path, exports)
     catalog.write_text(yaml.safe_dump({"models": [{"id": "onnx", "files": [exports["onnx"]]}]}))
     with pytest.raises(FormatError, match="stored transposed .* ingest this model with `haagenti ingest`"):
         run_dedup(str(catalog), str(tmp_path / "lib"), LocalExecutor())
+
+
+def test_loader_reads_gguf_tensors_in_torch_layout_and_refuses_quantized_ones(tmp_path, exports):
+    """GGUF lists dims the other way round: a stored tensor has the shape torch gives it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from haagenti.loader import ModelLoader
+
+    lib = FragmentLibrary.open(str(tmp_path / "lib"))
+    lib.ingest([exports["gguf-F16"]], "f16")
+    lib.ingest([exports["gguf-Q8_0"]], "q8")
+    state = ModelLoader(lib).load("f16")
+    want = load_file(exports["safetensors"])
+    assert set(state) == set(want)
+    for name, t in state.items():
+        assert t.dtype == torch.float16 and t.shape == want[name].shape
+        assert torch.equal(t, want[name].to(torch.float16))
+    with pytest.raises(FormatError, match="quantized blocks"):
+        ModelLoader(lib).load("q8")

@@ -292,26 +292,66 @@ def export_cmd(model_file: str, out_dir: str) -> None:
         _fail(e)
 
 
+def _transition(text: str):
+    from haagenti.adaptive import AdaptiveError, TransitionStrategy
+
+    kind, _, n = text.partition(":")
+    if kind in ("immediate", "step_aware"):
+        return TransitionStrategy.immediate() if kind == "immediate" else TransitionStrategy.step_aware()
+    if kind == "gradual" and n.isdigit():
+        return TransitionStrategy.gradual(int(n))
+    raise AdaptiveError(f"unknown transition {text!r}; use immediate, gradual:N or step_aware")
+
+
 @schedule_app.callback(invoke_without_command=True)
 def schedule(
     ctx: typer.Context,
-    preset: str = typer.Option("balanced", help="performance, balanced, quality, low_vram, conservative, noise_adaptive"),
-    steps: int = typer.Option(30),
+    preset: str = typer.Option("balanced", help="performance, balanced, quality, low_vram, conservative (budget points), noise_adaptive"),
+    steps: int = typer.Option(20),
+    sampler: str = typer.Option("ddim", help="ddim, dpmpp2m, euler_a, heun: whose measured sensitivity and noise levels to use"),
     transition: str = typer.Option("immediate", help="immediate, gradual:N or step_aware"),
 ) -> None:
-    """Print the timeline of a preset's schedule."""
+    """Print the timeline of a preset's schedule on the sampler's own noise levels."""
     if ctx.invoked_subcommand:
         return
-    from haagenti.adaptive import AdaptiveError, TransitionStrategy, quick_schedule
-    from haagenti.adaptive.denoiser import ddim_timesteps, sigmas_for
+    from haagenti.adaptive import AdaptiveError, PrecisionCapabilities, ProfilePreset
+    from haagenti.adaptive.sampling import make_scheduler
+    from haagenti.adaptive.switch import plan_for
 
     try:
-        kind, _, n = transition.partition(":")
-        strategy = {"immediate": TransitionStrategy.immediate, "step_aware": TransitionStrategy.step_aware}.get(kind)
-        strategy = strategy() if strategy else TransitionStrategy.gradual(int(n or 0)) if kind == "gradual" else None
-        if strategy is None:
-            raise AdaptiveError(f"unknown transition {transition!r}")
-        out.print(quick_schedule(preset, steps, strategy, sigmas_for(ddim_timesteps(steps))).timeline(), highlight=False, markup=False)
+        scheduler = make_scheduler(sampler)
+        profile = ProfilePreset.parse(preset).profile(sampler)
+        plan = plan_for(scheduler, steps, profile, _transition(transition), PrecisionCapabilities.detect())
+        out.print(plan.timeline(), highlight=False, markup=False, soft_wrap=True)
+    except (AdaptiveError, ValueError) as e:
+        _fail(e)
+
+
+@schedule_app.command("search")
+def schedule_search(
+    budget: float = typer.Option(..., help="weight bytes touched over a generation, as a share of all-FP16 (0.4 = 40%)"),
+    sampler: str = typer.Option("ddim", help="ddim, dpmpp2m or euler_a"),
+    model: str = typer.Option("unet", help="unet or mlp: whose measured sensitivity"),
+    steps: Optional[int] = typer.Option(None, help="plan at this many steps (default: the measured count)"),
+    transition: str = typer.Option("immediate", help="immediate, gradual:N or step_aware"),
+    sensitivity: Optional[str] = typer.Option(None, help="adaptive.json from `haagenti schedule evaluate` (default: the shipped measurement)"),
+) -> None:
+    """The schedule with the least predicted quality loss within BUDGET (a DP over windows of
+    steps on the measured per-step sensitivity; loss = summed MSE vs FP32 samples)."""
+    from haagenti.adaptive import AdaptiveError
+    from haagenti.adaptive.search import measured, search
+
+    try:
+        if not 0 < budget <= 2:
+            raise AdaptiveError(f"--budget is a share of all-FP16 weight bytes in (0, 2], not {budget}")
+        table = measured(sensitivity)
+        if (model, sampler) not in table:
+            raise AdaptiveError(f"no measured sensitivity for {model}/{sampler}; have {', '.join(f'{m}/{s}' for m, s in sorted(table))}")
+        found = search(table[model, sampler], budget)
+        plan = found.schedule(f"search@{budget:g} {model}/{sampler}", steps, _transition(transition))
+        out.print(plan.timeline(), highlight=False, markup=False, soft_wrap=True)
+        out.print(f"  predicted MSE vs FP32 samples {found.predicted_mse:.3g} (windows: {' '.join(p.value for p in found.choice)}); "
+                  f"measured weight bytes {found.weight_bytes_vs_fp16:.1%} of all-FP16 (scales included)", highlight=False, markup=False, soft_wrap=True)
     except (AdaptiveError, ValueError) as e:
         _fail(e)
 
@@ -319,20 +359,31 @@ def schedule(
 @schedule_app.command("evaluate")
 def schedule_evaluate(
     out_dir: str = typer.Option("adaptive-eval", "--out"),
-    steps: int = typer.Option(30),
+    models: str = typer.Option("unet,mlp", help="comma-separated: unet, mlp"),
+    samplers: str = typer.Option("ddim,dpmpp2m,euler_a", help="comma-separated: ddim, dpmpp2m, euler_a, heun"),
+    steps: int = typer.Option(20),
     samples: int = typer.Option(512),
-    train_iters: int = typer.Option(4000, help="training iterations when no denoiser.pt is in OUT"),
+    window: int = typer.Option(2, help="steps per window of the sensitivity sweep"),
+    train_iters: Optional[int] = typer.Option(None, help="training iterations for models not yet in OUT (default: unet 1500, mlp 4000)"),
 ) -> None:
-    """Measure every preset on the project's DDPM; write adaptive.md/json/png to OUT."""
-    from haagenti.adaptive.report import STAGES, evaluate_all, table
-    from haagenti.adaptive.evaluate import ScheduleResult
+    """Measure sensitivity, searched schedules and the presets (named budget points) on the
+    project's digits models (trained into OUT on first use); write adaptive.md/json/png to OUT."""
+    from haagenti.adaptive import AdaptiveError
+    from haagenti.adaptive.models import KINDS
+    from haagenti.adaptive.report import STAGES, evaluate_all
+    from haagenti.adaptive.sampling import SAMPLERS
 
-    with _stages("evaluate:", STAGES) as ended:
-        doc = evaluate_all(out_dir, steps, samples, train_iters, progress=ended)
-    out.print(table([ScheduleResult(**r) for r in doc["presets"]]))
-    t = doc["target"]
-    out.print(f"target (<=50% of FP16 weight bytes, <=1 dB NN-PSNR loss): {t['name'] + ' at ' + format(t['weight_bytes_vs_fp16'], '.1%') if t else 'none found'}")
-    out.print(f"wrote {out_dir}/adaptive.md, adaptive.json, adaptive.png")
+    try:
+        ms, ss = [m.strip() for m in models.split(",")], [s.strip() for s in samplers.split(",")]
+        bad = [m for m in ms if m not in KINDS] + [s for s in ss if s not in SAMPLERS]
+        if bad or steps < 1 or samples < 2 or window < 1 or (train_iters is not None and train_iters < 1):
+            raise AdaptiveError(f"unknown model/sampler {', '.join(bad)}" if bad else "--steps, --window and --train-iters must be >= 1, --samples >= 2")
+        with _stages("evaluate:", STAGES) as ended:
+            doc = evaluate_all(out_dir, ms, ss, steps, samples, window, train_iters=train_iters, progress=ended)
+    except (AdaptiveError, ValueError) as e:
+        _fail(e)
+    out.print(open(f"{out_dir}/adaptive.md").read(), highlight=False, markup=False, soft_wrap=True)
+    out.print(f"wrote {out_dir}/adaptive.md, adaptive.json (use as --sensitivity), adaptive-*.png; {len(doc['pairs'])} model/sampler pairs")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -12,9 +12,18 @@ from haagenti.adaptive import (
     TransitionStrategy,
     quick_schedule,
 )
-from haagenti.adaptive.denoiser import ddim_timesteps, sigmas_for, train_denoiser
-from haagenti.adaptive.evaluate import Evaluator, uniform
-from haagenti.adaptive.quantize import quantize
+from haagenti.adaptive.evaluate import Evaluator, uniform, window_schedule
+from haagenti.adaptive.models import DigitsMLP, digits, train, unet
+from haagenti.adaptive.quantize import PrecisionLayers, quantize
+from haagenti.adaptive.sampling import DigitsPipeline, make_scheduler
+from haagenti.adaptive.search import CHOICES, Sensitivity, frontier, measured, search
+from haagenti.adaptive.switch import PrecisionSwitcher, noise_levels, plan_for
+
+SAMPLERS = ("ddim", "dpmpp2m", "euler_a", "heun")
+
+
+def ddim_sigmas(steps):
+    return noise_levels(make_scheduler("ddim"), steps)[1]
 
 
 def test_precision_parsing_and_sizes():
@@ -40,14 +49,30 @@ def test_profiles_reject_gaps_overlaps_and_partial_cover():
 @pytest.mark.parametrize("preset", list(ProfilePreset))
 def test_every_preset_plans_for_any_step_count(preset):
     for steps in (1, 7, 20, 50):
-        s = quick_schedule(preset, steps, sigmas=sigmas_for(ddim_timesteps(steps)))
+        s = quick_schedule(preset, steps, sigmas=ddim_sigmas(steps))
         assert len(s) == steps and abs(sum(s.precision_distribution().values()) - 1) < 1e-9
         with pytest.raises(AdaptiveError, match="outside"):
             s.precision_at(steps)
 
 
+def test_presets_are_searched_budget_points():
+    table = measured()
+    assert {s for _, s in table} >= {"ddim", "dpmpp2m", "euler_a"} and {m for m, _ in table} == {"unet", "mlp"}
+    for preset in ProfilePreset:
+        if preset.budget is None:
+            continue
+        for sampler in ("ddim", "dpmpp2m", "euler_a"):
+            found = search(table["unet", sampler], preset.budget)
+            assert found.weight_bytes_vs_fp16 <= preset.budget
+            planned = TransitionPlanner().plan(ScheduleConfig(20, preset.profile(sampler)))
+            assert [s.precision for s in planned.steps] == [s.precision for s in found.schedule("x", 20).steps]
+    with pytest.raises(AdaptiveError, match="no measured sensitivity"):
+        ProfilePreset.BALANCED.profile("heun")
+
+
 def test_schedule_queries_transitions_and_timeline():
-    s = TransitionPlanner().plan(ScheduleConfig(20, ProfilePreset.BALANCED.profile(), transition=TransitionStrategy.gradual(3)))
+    balanced = PrecisionProfile.by_fraction("b", (0.0, 0.7, "int8"), (0.7, 1.0, "int4"))
+    s = TransitionPlanner().plan(ScheduleConfig(20, balanced, transition=TransitionStrategy.gradual(3)))
     assert s.precision_at(0) is Precision.INT8 and s.precision_at(19) is Precision.INT4
     t = s.next_transition(0)
     assert t.source is Precision.INT8 and t.target is Precision.INT4 and t.step == 14
@@ -55,17 +80,21 @@ def test_schedule_queries_transitions_and_timeline():
     assert blends == sorted(blends) and blends[0] < 1 and s.steps[17].blend == 1.0 and s.steps[14].previous is Precision.INT8
     assert s.steps_at_precision(Precision.INT8) == list(range(14))
     assert "int4" in s.timeline() and "~" in s.timeline()
-    immediate = TransitionPlanner().plan(ScheduleConfig(20, ProfilePreset.BALANCED.profile()))
+    immediate = TransitionPlanner().plan(ScheduleConfig(20, balanced))
     assert immediate.weight_bytes_ratio() < s.weight_bytes_ratio()  # blending steps touch both precisions' weights
 
 
-def test_noise_axis_gives_the_same_physics_at_any_step_count():
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_noise_axis_takes_each_schedulers_own_noise_levels(sampler):
     prof = ProfilePreset.NOISE_ADAPTIVE.profile()
-    for steps in (20, 50):
-        sig = sigmas_for(ddim_timesteps(steps))
-        s = TransitionPlanner().plan(ScheduleConfig(steps, prof, sigmas=tuple(sig)))
+    for steps in (10, 25):
+        sched = make_scheduler(sampler)
+        ts, sig = noise_levels(sched, steps)
+        assert len(ts) == steps and sig == sorted(sig, reverse=True)  # one level per step, noisy first
+        s = plan_for(sched, steps, prof)
         for i, sigma in enumerate(sig):
             assert s.precision_at(i) is (Precision.INT4 if sigma < 1 else Precision.INT8 if sigma < 20 else Precision.FP16)
+        assert {s.precision_at(0), s.precision_at(steps - 1)} == {Precision.FP16, Precision.INT4}
 
 
 def test_hardware_clamp_min_gap_and_memory_budget():
@@ -93,23 +122,143 @@ def test_quantisation_error_and_bytes():
 
 
 @pytest.fixture(scope="module")
-def evaluator():
-    return Evaluator(train_denoiser(iters=1500, width=256), steps=20, samples=256)
+def tiny_unet():
+    """A UNet2DModel on 8x8 digits trained for seconds: enough to make real samples differ.
+    One thread: the machine is shared and thread spin-waits only slow everyone down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield train(unet(8, (8, 16)), digits(8), 60, batch=32)
+    torch.set_num_threads(threads)
 
 
-def test_measured_schedules_on_a_trained_ddpm(evaluator):
-    fp16 = evaluator.evaluate(uniform(Precision.FP16, 20))
-    int8 = evaluator.evaluate(uniform(Precision.INT8, 20))
-    int4 = evaluator.evaluate(uniform(Precision.INT4, 20))
-    assert fp16.psnr_db > int8.psnr_db > int4.psnr_db
+def _pipe(model, sampler):
+    pipe = DigitsPipeline(model, make_scheduler(sampler))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_switcher_runs_each_call_at_its_steps_precision(tiny_unet, sampler):
+    pipe = _pipe(tiny_unet, sampler)
+    sched = plan_for(pipe.scheduler, 6, PrecisionProfile.by_fraction("h", (0, 0.5, "int8"), (0.5, 1, "int4")))
+    originals = {n: m for n, m in tiny_unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    seen = []
+    keep = lambda pipe, i, t, kw: seen.append(kw["latents"].clone())  # noqa: E731
+    plain = pipe(4, 6, torch.Generator().manual_seed(1), callback_on_step_end=keep).images
+    with PrecisionSwitcher(tiny_unet, pipe.scheduler, sched) as sw:
+        low = pipe(4, 6, torch.Generator().manual_seed(1), callback_on_step_end=keep).images
+        cached = dict(sw.cache)
+    expect_calls = 11 if sampler == "heun" else 6  # Heun calls the model twice per step but the last
+    assert len(sw.calls) == expect_calls
+    assert [c.step for c in sw.calls] == sorted(c.step for c in sw.calls) and {c.step for c in sw.calls} == set(range(6))
+    assert all(c.precision is sched.precision_at(c.step) for c in sw.calls)
+    assert not torch.equal(seen[0], seen[6])  # the first step already ran at INT8 (images may saturate)
+    # Afterwards the model is its FP32 self again, and sampling reproduces exactly.
+    assert {n: m for n, m in tiny_unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))} == originals
+    assert torch.equal(pipe(4, 6, torch.Generator().manual_seed(1)).images, plain)
+    with sw:  # a second run reuses every precision's layers, built once
+        again = pipe(4, 6, torch.Generator().manual_seed(1)).images
+    assert all(sw.cache[p] is cached[p] for p in cached) and torch.equal(again, low)
+
+
+def test_switcher_blends_on_gradual_steps_and_refuses_a_mismatched_schedule(tiny_unet):
+    pipe = _pipe(tiny_unet, "ddim")
+    prof = PrecisionProfile.by_fraction("h", (0, 0.5, "fp16"), (0.5, 1, "int4"))
+    gradual = plan_for(pipe.scheduler, 8, prof, TransitionStrategy.gradual(2))
+    immediate = plan_for(pipe.scheduler, 8, prof)
+    with PrecisionSwitcher(tiny_unet, pipe.scheduler, gradual) as sw:
+        a = pipe(4, 8, torch.Generator().manual_seed(2)).images
+    blended = [c for c in sw.calls if c.previous is not None]
+    assert [c.step for c in blended] == [4, 5] and all(0 < c.blend < 1 and c.previous is Precision.FP16 for c in blended)
+    fp16, int4 = sw.cache[Precision.FP16].weight_bytes, sw.cache[Precision.INT4].weight_bytes
+    assert all(c.weight_bytes == fp16 + int4 for c in blended)
+    with PrecisionSwitcher(tiny_unet, pipe.scheduler, immediate):
+        b = pipe(4, 8, torch.Generator().manual_seed(2)).images
+    assert not torch.equal(a, b)
+    with pytest.raises(AdaptiveError, match="8 steps but the scheduler runs 5"):
+        with PrecisionSwitcher(tiny_unet, pipe.scheduler, immediate):
+            pipe(4, 5, torch.Generator().manual_seed(2))
+
+
+def test_quanto_layers_are_bit_stable_and_sized(tiny_unet):
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor(400)
+    outs, sizes = [], {}
+    built = [PrecisionLayers(tiny_unet, p) for p in (Precision.INT8, Precision.INT8, Precision.INT4, Precision.FP16, Precision.FP32)]
+    for layers in built:  # each built from the FP32 model, then installed in turn
+        sizes[layers.precision] = layers.weight_bytes
+        layers.install(tiny_unet)
+        with torch.no_grad():
+            outs.append((tiny_unet(x, t).sample, tiny_unet(x, t).sample))
+        assert torch.equal(*outs[-1])  # same output twice
+    assert torch.equal(outs[0][0], outs[1][0])  # same weights when built twice
+    assert sizes[Precision.INT4] < sizes[Precision.INT8] < sizes[Precision.FP16] == sizes[Precision.FP32] / 2
+    assert sizes[Precision.INT8] > sizes[Precision.FP32] / 4  # INT8 counts its scales
+
+
+def _random_sensitivity(k=6, steps=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    windows = tuple((i * steps // k, (i + 1) * steps // k) for i in range(k))
+    loss = {"int4": torch.rand(k, generator=g) * 10, "int8": torch.rand(k, generator=g), "fp16": torch.rand(k, generator=g) * 0.01}
+    return Sensitivity("m", "s", steps, windows, {"int4": 0.3, "int8": 0.52, "fp16": 1.0}, {p: tuple(v.tolist()) for p, v in loss.items()})
+
+
+def test_search_is_the_exact_optimum_within_the_budget():
+    import itertools
+
+    for seed in range(3):
+        sens = _random_sensitivity(seed=seed)
+        every = list(itertools.product(CHOICES, repeat=len(sens.windows)))
+        for budget in (0.3, 0.35, 0.42, 0.6, 1.0):
+            best = min((c for c in every if sens.bytes_of(c) <= budget + 1e-9), key=sens.predicted)
+            got = search(sens, budget)
+            assert got.predicted_mse == pytest.approx(sens.predicted(best)) and got.weight_bytes_vs_fp16 <= budget + 1e-9
+        front = frontier(sens)
+        assert [r.weight_bytes_vs_fp16 for r in front] == sorted(r.weight_bytes_vs_fp16 for r in front)
+        assert [r.predicted_mse for r in front] == sorted((r.predicted_mse for r in front), reverse=True)
+    with pytest.raises(AdaptiveError, match="all-INT4 already touches 30.0%"):
+        search(sens, 0.2)
+    found = search(sens, 0.42)
+    assert [s.precision for s in found.schedule("p", 24).steps][::2] == [p for p in found.choice for _ in range(2)]
+    with pytest.raises(AdaptiveError, match="tile"):
+        Sensitivity("m", "s", 12, ((0, 4), (5, 12)), sens.bytes_vs_fp16, sens.loss)
+
+
+def test_metrics_on_real_samples(tiny_unet):
+    from haagenti.adaptive.metrics import frechet, psnr, ssim
+
+    ev = Evaluator(tiny_unet, "euler_a", steps=6, samples=96)
+    ref = ev.reference
+    assert ssim(ref, ref) == pytest.approx(1.0) and psnr(ref, ref) == float("inf")
+    f = ev.classifier.features(ref).detach().numpy()
+    assert frechet(f, f) == pytest.approx(0, abs=1e-3) and frechet(f, f + 1) == pytest.approx(f.shape[1], rel=1e-3)
+    assert ev.classifier_accuracy > 0.85
+    fp16, int8, int4 = (ev.evaluate(uniform(p, 6)) for p in (Precision.FP16, Precision.INT8, Precision.INT4))
+    assert fp16.psnr_db > int8.psnr_db > int4.psnr_db and fp16.ssim > int4.ssim
     assert int4.weight_bytes_vs_fp16 < int8.weight_bytes_vs_fp16 < fp16.weight_bytes_vs_fp16 == pytest.approx(1.0)
-    rows = evaluator.sensitivity(windows=4)
-    # The measured finding the presets follow: the deterministic sampler carries early errors
-    # through the whole trajectory, so early steps are the sensitive ones.
-    assert rows[0]["int4_psnr_db"] < rows[-1]["int4_psnr_db"]
-    seed = evaluator.evaluate(evaluator.seed_schedule())
-    ours = evaluator.evaluate(TransitionPlanner().plan(ScheduleConfig(20, ProfilePreset.BALANCED.profile())))
-    assert ours.psnr_db > seed.psnr_db and ours.weight_bytes_vs_fp16 < seed.weight_bytes_vs_fp16
+    w = ev.evaluate(window_schedule(6, 0, 2, Precision.INT4))
+    assert w.weight_bytes_vs_fp16 == pytest.approx((2 * int4.weight_bytes_vs_fp16 + 4 * 2) / 6)
+
+
+def test_cli_schedule_search_and_presets():
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "haagenti.cli", "schedule", *args], capture_output=True, text=True)
+
+    p = cli("search", "--budget", "0.4", "--sampler", "dpmpp2m")
+    assert p.returncode == 0, p.stderr
+    assert "search@0.4 unet/dpmpp2m: 20 steps" in p.stdout and "predicted MSE" in p.stdout
+    share = float(p.stdout.split("measured weight bytes ")[1].split("%")[0])
+    assert share <= 40.0
+    for args, msg in ((("search", "--budget", "0.1"), "no schedule fits 10%"), (("search", "--budget", "0.4", "--sampler", "plms"), "no measured sensitivity"),
+                      (("search", "--budget", "0.4", "--sensitivity", "/nonexistent.json"), "cannot read"), (("--preset", "fast"), "unknown preset"),
+                      (("--sampler", "plms"), "unknown sampler"), (("--transition", "gradual:x"), "unknown transition")):
+        p = cli(*args)
+        assert p.returncode == 1 and msg in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+    p = cli("--preset", "noise_adaptive", "--sampler", "heun", "--steps", "12")
+    assert p.returncode == 0 and "12 steps" in p.stdout, p.stderr
 
 
 def test_precision_tiers_in_the_library(tmp_path, family):

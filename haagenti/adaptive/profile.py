@@ -76,11 +76,10 @@ INF = float("inf")
 
 
 class ProfilePreset(str, Enum):
-    """Presets set from the measurements in bench/adaptive.py on the project's own DDPM (see
-    docs/adaptive.md). What they showed, against the seed's assumption: with a deterministic
-    (DDIM) sampler, quantisation error in the *early*, noisy steps is carried through the whole
-    trajectory and costs the most PSNR, while INT8 is harmless everywhere and INT4 is cheapest
-    in the last steps. So the low-precision zones sit at the end, not the start."""
+    """Named budget points: each preset is the searched schedule (search.py) at its share of
+    all-FP16 weight bytes, on the measured sensitivity of a sampler (default DDIM on the digits
+    UNet; docs/adaptive.md). `haagenti schedule evaluate` re-measures them. NOISE_ADAPTIVE stays a
+    profile on the noise axis (precision by sigma), for any scheduler."""
 
     PERFORMANCE = "performance"
     BALANCED = "balanced"
@@ -89,18 +88,22 @@ class ProfilePreset(str, Enum):
     CONSERVATIVE = "conservative"
     NOISE_ADAPTIVE = "noise_adaptive"
 
-    def profile(self) -> PrecisionProfile:
-        P = Precision
-        table = {
-            "performance": PrecisionProfile.by_fraction("performance", (0.0, 0.5, P.INT8), (0.5, 1.0, P.INT4)),
-            "balanced": PrecisionProfile.by_fraction("balanced", (0.0, 0.7, P.INT8), (0.7, 1.0, P.INT4)),
-            "quality": PrecisionProfile.by_fraction("quality", (0.0, 0.5, P.FP16), (0.5, 1.0, P.INT8)),
-            "low_vram": PrecisionProfile.by_fraction("low_vram", (0.0, 0.3, P.INT8), (0.3, 1.0, P.INT4)),
-            "conservative": PrecisionProfile.by_fraction("conservative", (0.0, 0.6, P.FP32), (0.6, 1.0, P.FP16)),
+    @property
+    def budget(self) -> float | None:
+        """Weight bytes touched over a generation / all-FP16."""
+        return {"performance": 0.35, "balanced": 0.4, "quality": 0.6, "low_vram": 0.32, "conservative": 1.0}.get(self.value)
+
+    def profile(self, sampler: str = "ddim", model: str = "unet", sensitivity=None) -> PrecisionProfile:
+        if self is ProfilePreset.NOISE_ADAPTIVE:
             # sigma = sqrt((1 - a_bar) / a_bar): above 20 the latent is almost pure noise.
-            "noise_adaptive": PrecisionProfile.by_sigma("noise_adaptive", (-INF, 1.0, P.INT4), (1.0, 20.0, P.INT8), (20.0, INF, P.FP16)),
-        }
-        return table[self.value]
+            P = Precision
+            return PrecisionProfile.by_sigma("noise_adaptive", (-INF, 1.0, P.INT4), (1.0, 20.0, P.INT8), (20.0, INF, P.FP16))
+        from haagenti.adaptive.search import measured, search
+
+        table = measured(sensitivity)
+        if (model, sampler) not in table:
+            raise AdaptiveError(f"no measured sensitivity for {model}/{sampler}; have {', '.join(f'{m}/{s}' for m, s in sorted(table))}")
+        return search(table[model, sampler], self.budget).profile(self.value)
 
     @classmethod
     def parse(cls, text: str) -> "ProfilePreset":

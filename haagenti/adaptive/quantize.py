@@ -1,14 +1,15 @@
-"""Weight-only quantisation of Linear/Conv weights: INT8 per output channel, INT4 per group
-of 32 with one scale each (two values packed per byte), FP16/BF16 casts.
+"""Weight-only quantisation. At run time each precision's copy of a denoiser's Linear/Conv2d
+layers comes from optimum-quanto (INT8 per output channel, INT4 per group, both weight-only;
+chosen over torchao, whose weight-only configs quantise Linear layers only and fail on Conv2d,
+see docs/adaptive.md); FP16/BF16 are the FP32 weights rounded through that type.
 
-Why not torchao or optimum-quanto: on CPU here torchao's Int4WeightOnlyConfig does not run
-("Requires mslk") and its int8 path rewrites modules in place, while a schedule needs every
-precision's weights side by side, built once, and switched per step; it also needs the exact
-bytes each precision holds. That is ~60 lines, below; the maths is the standard symmetric
-absmax scheme those libraries use.
+The hand-written symmetric absmax quantiser below is kept for one use only: precision tiers in
+the fragment library (tiers.py) store plain int8/uint8 tensors plus scales in safetensors,
+a storage format, while quanto's tensors are runtime objects.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -58,26 +59,49 @@ def quantize(w: torch.Tensor, p: Precision) -> QuantizedTensor:
     return QuantizedTensor(p, w.shape, w.to(dtype))
 
 
-class QuantizedWeights:
-    """One precision's copy of a model's Linear/Conv weights (other parameters stay FP32)."""
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds, summing the inner tensors of a tensor subclass (quanto's data,
+    scales and shifts), so INT8/INT4 sizes include their quantisation parameters."""
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def layer_paths(model: nn.Module) -> list[str]:
+    """The layers whose weights a precision changes: every Linear and Conv2d."""
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+class PrecisionLayers:
+    """One precision's copy of a model's Linear/Conv2d layers, built once (FP32: the model's own
+    layers). `weight_bytes` is what this precision's weights occupy, scales included."""
 
     def __init__(self, model: nn.Module, p: Precision):
         self.precision = p
-        self.tensors: dict[str, QuantizedTensor] = {}
-        self.passthrough: dict[str, torch.Tensor] = {}
-        for mod_name, mod in model.named_modules():
-            if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-                self.tensors[f"{mod_name}.weight"] = quantize(mod.weight, p)
-        for name, t in model.state_dict().items():
-            if name not in self.tensors:
-                self.passthrough[name] = t.detach().float()
+        paths = layer_paths(model)
+        if p is Precision.FP32:
+            self.layers = {k: model.get_submodule(k) for k in paths}
+        elif p.is_integer:
+            from optimum.quanto import freeze, qint4, qint8
+            from optimum.quanto import quantize as quanto_quantize
 
-    @property
-    def weight_bytes(self) -> int:
-        return sum(q.nbytes for q in self.tensors.values())
+            clone = copy.deepcopy(model)
+            quanto_quantize(clone, weights=qint8 if p is Precision.INT8 else qint4)
+            freeze(clone)
+            self.layers = {k: clone.get_submodule(k) for k in paths}
+        else:
+            dtype = torch.float16 if p is Precision.FP16 else torch.bfloat16
+            self.layers = {}
+            for k in paths:
+                layer = copy.deepcopy(model.get_submodule(k))
+                layer.weight.data = layer.weight.data.to(dtype).float()
+                self.layers[k] = layer
+        half = p in (Precision.FP16, Precision.BF16)
+        self.weight_bytes = sum(m.weight.numel() * 2 if half else tensor_bytes(m.weight) for m in self.layers.values())
 
-    def parameters(self) -> dict[str, torch.Tensor]:
-        """Dequantised parameters for torch.func.functional_call (built per use, not kept)."""
-        out = dict(self.passthrough)
-        out.update({k: q.dequantize() for k, q in self.tensors.items()})
-        return out
+    def install(self, model: nn.Module) -> None:
+        """Put these layers in `model` (a dict assignment per layer: no copy, no allocation)."""
+        for path, layer in self.layers.items():
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, layer)

@@ -131,7 +131,7 @@ class PrecisionSchedule:
         lines = [f"{self.name}: {len(self.steps)} steps  [{bar}]", "  4=INT4 8=INT8 h=FP16 b=BF16 F=FP32 ~=blending"]
         for p, share in self.precision_distribution().items():
             lines.append(f"  {p.value:5s} {share:6.1%}  steps {_ranges(self.steps_at_precision(p))}")
-        lines.append(f"  average {self.average_bits():.1f} bits; weight bytes {self.weight_bytes_ratio():.0%} of all-FP16")
+        lines.append(f"  average {self.average_bits():.1f} bits: {self.weight_bytes_ratio():.0%} of all-FP16 weight bits (quantisation scales not counted)")
         return "\n".join(lines)
 
 
@@ -204,7 +204,8 @@ class TransitionPlanner:
         return out
 
 
-def quick_schedule(preset: str | ProfilePreset, steps: int, transition: TransitionStrategy | None = None, sigmas: list[float] | None = None) -> PrecisionSchedule:
+def quick_schedule(preset: str | ProfilePreset, steps: int, transition: TransitionStrategy | None = None, sigmas: list[float] | None = None,
+                   sampler: str = "ddim") -> PrecisionSchedule:
     p = preset if isinstance(preset, ProfilePreset) else ProfilePreset.parse(preset)
-    config = ScheduleConfig(steps, p.profile(), PrecisionCapabilities.detect(), transition or TransitionStrategy.immediate(), sigmas=tuple(sigmas) if sigmas else None)
+    config = ScheduleConfig(steps, p.profile(sampler), PrecisionCapabilities.detect(), transition or TransitionStrategy.immediate(), sigmas=tuple(sigmas) if sigmas else None)
     return TransitionPlanner().plan(config)

@@ -13,7 +13,7 @@ from haagenti.adaptive import (
     quick_schedule,
 )
 from haagenti.adaptive.evaluate import Evaluator, uniform, window_schedule
-from haagenti.adaptive.models import DigitsMLP, digits, train, unet
+from haagenti.adaptive.models import digits, train, unet
 from haagenti.adaptive.quantize import PrecisionLayers, quantize
 from haagenti.adaptive.sampling import DigitsPipeline, make_scheduler
 from haagenti.adaptive.search import CHOICES, Sensitivity, frontier, measured, search

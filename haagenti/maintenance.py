@@ -294,6 +294,8 @@ def closest_models(lib: "FragmentLibrary", model_ids: list[str]) -> dict[str, tu
     `model_relations`; ties to the smallest id) and that share. Only relations touching these
     models are computed: a pipeline run infers families for the models it adds, not for the
     whole library."""
+    if not model_ids:
+        return {}
     everyone = _model_pairs(lib.store, None)
     mine = everyone.filter(pc.is_in(everyone["model_id"], value_set=pa.array(model_ids, pa.string())))
     sizes = dict(zip(*_counts(everyone, "model_id")))

@@ -3,7 +3,7 @@ MLP (8x8), under DDIM (eta 0), DPM-Solver++ 2M and Euler ancestral: the per-step
 sweep, uniform precisions, searched schedules over budgets, the presets, the additive-error check,
 and which ecosystem quantiser runs here (torchao / optimum-quanto: conv support, bit-stability).
 
-    python bench/adaptive.py [--steps 20] [--samples 512] [--window 2] [--ship]
+    python bench/adaptive.py [--steps 20] [--samples 256] [--window 4] [--ship]
 
 Models are trained on first use under /tmp/haagenti-heavy.lock (minutes of CPU) and cached in
 bench/.cache/adaptive as diffusers folders (the digits classifiers, seconds each, beside them); results go to bench/.cache/adaptive/out/adaptive.{md,json} and adaptive-SAMPLER.png.
@@ -76,8 +76,8 @@ def ecosystem(model) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--samples", type=int, default=512)
-    ap.add_argument("--window", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--models", default="unet,mlp")
     ap.add_argument("--samplers", default="ddim,dpmpp2m,euler_a")
     ap.add_argument("--ship", action="store_true")
@@ -85,14 +85,14 @@ def main() -> None:
     torch.set_num_threads(1)
     base = os.path.join(CACHE, "adaptive")
     os.makedirs(base, exist_ok=True)
-    models = args.models.split(",")
-    for kind in models:  # training (minutes of CPU) under the shared heavy lock; sampling is one thread, ~0.5 GB
-        if not os.path.exists(os.path.join(base, kind, "config.json")):
-            with open("/tmp/haagenti-heavy.lock", "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                load_or_train(kind, os.path.join(base, kind), TRAIN_ITERS[kind])
-    samplers = args.samplers.split(",")
+    models, samplers = args.models.split(","), args.samplers.split(",")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)) as bar:
+        for kind in models:  # training (minutes of CPU) under the shared heavy lock; sampling is one thread, ~0.5 GB
+            if not os.path.exists(os.path.join(base, kind, "config.json")):
+                with open("/tmp/haagenti-heavy.lock", "a") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    trained = bar.add_task(f"train {kind}", total=TRAIN_ITERS[kind])
+                    load_or_train(kind, os.path.join(base, kind), TRAIN_ITERS[kind], lambda: bar.advance(trained))
         task = bar.add_task("sampling runs", total=len(models) * len(samplers) * runs_per_pair(args.steps, args.window))
         doc = evaluate_all(os.path.join(base, "out"), models, samplers, args.steps, args.samples, args.window, model_dir=base,
                            progress=lambda stage: bar.console.print(f"adaptive: {stage} done"), tick=lambda: bar.advance(task))

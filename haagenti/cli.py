@@ -362,8 +362,8 @@ def schedule_evaluate(
     models: str = typer.Option("unet,mlp", help="comma-separated: unet, mlp"),
     samplers: str = typer.Option("ddim,dpmpp2m,euler_a", help="comma-separated: ddim, dpmpp2m, euler_a, heun"),
     steps: int = typer.Option(20),
-    samples: int = typer.Option(512),
-    window: int = typer.Option(2, help="steps per window of the sensitivity sweep"),
+    samples: int = typer.Option(256),
+    window: int = typer.Option(4, help="steps per window of the sensitivity sweep"),
     train_iters: Optional[int] = typer.Option(None, help="training iterations for models not yet in OUT (default: unet 1500, mlp 4000)"),
 ) -> None:
     """Measure sensitivity, searched schedules and the presets (named budget points) on the

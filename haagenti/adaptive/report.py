@@ -88,7 +88,7 @@ def runs_per_pair(steps: int, width: int) -> int:
     return 4 + 2 * windows + len(BUDGETS) + 3 + 1  # an upper bound: budgets below all-INT4 are skipped
 
 
-def evaluate_all(out_dir: str, models=KINDS, samplers=("ddim", "dpmpp2m", "euler_a"), steps: int = 20, samples: int = 512, width: int = 2,
+def evaluate_all(out_dir: str, models=KINDS, samplers=("ddim", "dpmpp2m", "euler_a"), steps: int = 20, samples: int = 256, width: int = 4,
                  model_dir: str | None = None, train_iters: int | None = None, progress: Callable[[str], None] | None = None,
                  tick: Callable[[], None] | None = None) -> dict:
     """Every measurement and the report files in OUT_DIR; models (and the digits classifiers) are

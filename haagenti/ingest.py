@@ -27,6 +27,7 @@ from haagenti.formats.source import ModelSource
 from haagenti.formats.splice import FileHasher
 from haagenti.fragment import Encoding, FragmentId, FragmentType
 from haagenti.hashing import model_hash
+from haagenti.index import BandIndex, KnownIds
 from haagenti.manifest import FileRecord, FragmentRef, ModelManifest, TensorRef, validate_model_id
 from haagenti.matching import RunMatcher
 from haagenti.parallel import Workers
@@ -155,10 +156,13 @@ class FragmentEncoder:
     """The library's stages after the cut, batch by batch: which occurrences are new, their
     signatures, their references (one RunMatcher for the whole ingest), and their rows."""
 
-    def __init__(self, config: LibraryConfig, known: dict[str, str], matcher: RunMatcher | None,
+    def __init__(self, config: LibraryConfig, stored: Callable[[list[str]], dict[str, str]], matcher: RunMatcher | None,
                  fetch_raw: Callable[[set[str]], dict[str, bytes]], device: str = "cpu", quality: str = "exact",
                  workers: Workers | None = None):
-        self.config, self.known, self.matcher, self.fetch_raw = config, known, matcher, fetch_raw
+        self.config, self.stored, self.matcher, self.fetch_raw = config, stored, matcher, fetch_raw
+        # id -> dtype of the fragments this ingest met: its new ones, and the library's it
+        # found among its ids (asked of `stored` batch by batch) or its candidates.
+        self.known: dict[str, str] = {}
         self.device, self.quality = device, quality
         self.workers = workers or Workers(1)  # signs and encodes a batch's fragments
         self.refs = RawCache(512 * 1024 * 1024)
@@ -190,6 +194,7 @@ class FragmentEncoder:
         """(fragments rows, signatures rows, raw bytes consumed) of the queued (or `taken`) occurrences."""
         batch, consumed = taken if taken is not None else self.take()
         new: list[Occurrence] = []
+        self.known.update(self.stored(list({o.piece.fragment_id for o, _ in batch} - self.known.keys())))
         for occ, _ in batch:
             fid = occ.piece.fragment_id
             if fid not in self.known:
@@ -198,6 +203,7 @@ class FragmentEncoder:
         signed = [o.piece for o in new if signs(o.piece)] if self.matcher is not None else []
         sigs = signature_table(signed, self.config.signature, self.device, self.workers)
         candidates = self.matcher.match(sigs) if self.matcher is not None else {}
+        self.known.update(self.stored(list({c for cs in candidates.values() for c in cs} - self.known.keys())))
         batch_ids = {o.piece.fragment_id for o in new}  # anchors of this batch: encoded before they are referenced
         wanted = {c for cs in candidates.values() for c in cs if c not in self.refs and c not in self.uncommitted and c not in batch_ids}
         if wanted:
@@ -291,10 +297,12 @@ def _ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: P
     config = lib.config
     sources = [open_model(m.urls) for m in models]  # every file is checked before anything is written
     # Tier models (quality != exact) never reference exact data, only each other.
-    library_refs = lib.reference_signatures() if quality == "exact" else SCHEMAS["signatures"].empty_table().select(["fragment_id", "bits", "n_elements"])
-    matcher = RunMatcher(config, library_refs) if config.similarity else None
-    encoder = FragmentEncoder(config, lib.known_fragments(), matcher, lib.fetch_raw, device, quality, workers)
-    committer = Committer(lib.store, f"ingest {', '.join(ids)}"[:200], config.batch_bytes, encoder.committed)
+    # The library's index is read per batch, by key: the ids a batch could repeat and the buckets
+    # its signatures fall in (haagenti.index), never the whole index.
+    lookup = BandIndex(lib.store, config.signature).rows if quality == "exact" else None
+    matcher = RunMatcher(config, lookup) if config.similarity else None
+    encoder = FragmentEncoder(config, KnownIds(lib.store).lookup, matcher, lib.fetch_raw, device, quality, workers)
+    committer = Committer(lib.store, config.signature, f"ingest {', '.join(ids)}"[:200], config.batch_bytes, encoder.committed)
 
     def encode(taken, owner: int) -> None:
         frags, sigs, consumed = encoder.encode(taken)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import BinaryIO, Iterable
 
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from haagenti import maintenance, restore
 from haagenti.config import LibraryConfig, LibraryStats
@@ -57,14 +55,6 @@ class FragmentLibrary:
     def known_fragments(self) -> dict[str, str]:
         t = self.store.read("fragments", columns=["fragment_id", "dtype"])
         return dict(zip(t["fragment_id"].to_pylist(), t["dtype"].to_pylist()))
-
-    def reference_signatures(self) -> pa.Table:
-        """(fragment_id, bits, n_elements) of the fragments a delta may reference: plain and
-        exact (references are never deltas, so chains stay one hop deep)."""
-        frags = self.store.read("fragments", columns=["fragment_id", "encoding", "quality"])
-        plain = frags.filter(pc.and_(pc.equal(frags["encoding"], Encoding.PLAIN.value), pc.equal(frags["quality"], "exact")))
-        sigs = self.store.read("signatures", columns=["fragment_id", "bits", "n_elements"])
-        return sigs.filter(pc.is_in(sigs["fragment_id"], plain["fragment_id"]))
 
     def fetch_raw(self, ids: Iterable[str], cache: RawCache | None = None, workers: Workers | None = None) -> dict[str, bytes]:
         """Decoded, hash-verified bytes of fragments (and nothing else from the library),

@@ -210,6 +210,7 @@ def gc(lib: "FragmentLibrary") -> dict[str, int]:
         dead.add(gone["fragment_id"])
         alive.add(t["fragment_id"].filter(held))
     removed = store.delete_fragments(dead.array().to_pylist())
+    store.delete_index_rows(dead.array().to_pylist())
     stale = _Distinct()
     present = alive.array()
     for t in store.scan("signatures", ["fragment_id"]):

@@ -23,6 +23,7 @@ over the whole run at once gives (the pipeline): the two paths build the same li
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -118,6 +119,32 @@ def bucket_pairs(part: pa.Table, max_hamming: int, max_partners: int = MAX_PARTN
     )
 
 
+def library_rows(rows: pa.Table) -> pa.Table:
+    """Band rows read from the library's index (haagenti.index.BandIndex.rows) as reference
+    candidates: before every new fragment (pos -1), usable."""
+    n = rows.num_rows
+    return pa.table({
+        "band": rows["band"], "band_hash": rows["band_hash"].cast(pa.uint64()), "fragment_id": rows["fragment_id"],
+        "bits": rows["bits"], "n_elements": rows["n_elements"], "pos": pa.array(np.full(n, -1, np.int64)),
+        "is_new": pa.array(np.zeros(n, bool)), "usable": pa.array(np.ones(n, bool)),
+    }, schema=BAND_SCHEMA)
+
+
+Lookup = Callable[[pa.Table], pa.Table]  # (band, band_hash) buckets -> the library's band rows in them
+
+
+def partner_pairs(new: pa.Table, lookup: Lookup | None, earlier: pa.Table | None, max_hamming: int) -> pa.Table:
+    """Pairs of `new` band rows with the fragments before them in their buckets: the library's,
+    read by `lookup` for these buckets only, and `earlier` rows of this run."""
+    buckets = new.select(BUCKET).group_by(BUCKET).aggregate([])
+    parts = [new]
+    if lookup is not None:
+        parts.append(library_rows(lookup(buckets)))
+    if earlier is not None:
+        parts.append(earlier.join(buckets, BUCKET, join_type="left semi"))
+    return bucket_pairs(shared_buckets(pa.concat_tables(parts)), max_hamming)
+
+
 def choose_references(pairs: pa.Table, new_ids: list[str], k: int) -> dict[str, list[str]]:
     """Rules 2 and 3 of the module doc over the pairs of fragments decided together (`new_ids`):
     {fragment: its k nearest usable candidates} for every fragment that has a candidate (the
@@ -149,14 +176,16 @@ def choose_references(pairs: pa.Table, new_ids: list[str], k: int) -> dict[str, 
 
 
 class RunMatcher:
-    """The rule applied batch by batch (the library's ingest): holds the band rows of the
-    library's reference fragments and of this run's earlier new fragments, with whether each
-    may serve as a reference."""
+    """The rule applied batch by batch (the library's ingest): reads the library's band rows
+    of each batch's buckets through `lookup` (None: no library references, as for precision
+    tiers) and holds the band rows of this run's earlier new fragments, with whether each may
+    serve as a reference: memory grows with what is new, not with the library."""
 
-    def __init__(self, config: LibraryConfig, library: pa.Table):
+    def __init__(self, config: LibraryConfig, lookup: Lookup | None):
         self.config = config
         self.limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
-        self.earlier = band_table(library, config.signature, np.full(library.num_rows, -1), False, True)
+        self.lookup = lookup
+        self.earlier = BAND_SCHEMA.empty_table()
         self.next_pos = 0
 
     def match(self, sigs: pa.Table) -> dict[str, list[str]]:
@@ -167,8 +196,7 @@ class RunMatcher:
         pos = np.arange(self.next_pos, self.next_pos + sigs.num_rows)
         self.next_pos += sigs.num_rows
         batch = band_table(sigs, self.config.signature, pos, True, False)
-        near = self.earlier.join(batch.select(BUCKET).group_by(BUCKET).aggregate([]), BUCKET, join_type="left semi")
-        pairs = bucket_pairs(shared_buckets(pa.concat_tables([near, batch])), self.limit)
+        pairs = partner_pairs(batch, self.lookup, self.earlier, self.limit)
         ids = sigs["fragment_id"].to_pylist()
         refs = choose_references(pairs, ids, self.config.candidates)
         anchors = np.array([i not in refs for i in ids])

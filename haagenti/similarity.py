@@ -153,16 +153,15 @@ class SimilarityIndex:
 
 
 def band_rows(ids: list[str], bits: list[bytes], config: SignatureConfig) -> pa.Table:
-    """Explode signatures into one row per band; rows <= 64 so a band's bits are its own hash."""
-    if config.rows > 64:
-        raise ValueError("band_rows needs rows <= 64")
-    arr = np.unpackbits(np.frombuffer(b"".join(bits), np.uint8).reshape(len(ids), -1), axis=1) if ids else np.zeros((0, config.bits), np.uint8)
-    weights = (np.uint64(1) << np.arange(config.rows, dtype=np.uint64)[::-1])
-    hashes = (arr.reshape(len(ids), config.bands, config.rows).astype(np.uint64) * weights).sum(axis=2, dtype=np.uint64)
+    """Explode signatures into one row per band, keyed as the library's index keys them
+    (haagenti.index.band_hashes: a band's bits are its own hash)."""
+    from haagenti.index import band_hashes
+
+    hashes = band_hashes(bits, config)
     return pa.table(
         {
             "band": pa.array(np.tile(np.arange(config.bands, dtype=np.int16), len(ids))),
-            "band_hash": pa.array(hashes.reshape(-1)),
+            "band_hash": pa.array(hashes.reshape(-1).astype(np.uint64)),
             "fragment_id": pa.array(np.repeat(np.array(ids, dtype=object), config.bands), pa.string()),
         }
     )

@@ -2,16 +2,16 @@
 
 Commit order (docs/format.md states it for readers and writers):
   1. new fragments in chunks of about `chunk_bytes`: each chunk's `signatures` rows, then its
-     `fragments` rows (one commit each);
+     `fragments` rows, then their index rows (haagenti.index: `ids`, then `bands`), one commit
+     each;
   2. the `manifests` rows of every model of the ingest, in one commit;
   3. their `models` rows, in one commit: the publication.
 A model is visible only once step 3 is committed, so a reader never sees a model whose
 fragments or manifest rows are missing. A crash anywhere before it leaves rows no model
-references: signatures without fragments (the reference index reads only signatures of stored
-plain fragments) and fragments, which the next ingest reuses as exact matches or `gc` removes.
-Signatures go first within a chunk because a fragment committed without its signature would
-be reused as an exact match by the next ingest but never signed again, so it could never
-serve as a delta reference.
+references: signatures without fragments, fragments (with their index rows: the next ingest
+reuses them as exact matches and references, or `gc` removes them). A crash between a chunk's
+fragments and its index rows leaves fragments the index does not know: the next ingest stores
+them again (readers keep one row per id) and `gc` removes the unreferenced copies.
 
 Row groups: each model's new fragments start a row group of their own, so restoring one model
 reads none of its neighbour's rows (docs/decisions.md).
@@ -25,13 +25,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from haagenti.index import append_index
 from haagenti.manifest import ModelManifest
+from haagenti.signature import SignatureConfig
 from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS, LibraryStore
 
 
 class Committer:
-    def __init__(self, store: LibraryStore, note: str, chunk_bytes: int, on_commit: Callable[[], None] | None = None):
-        self.store, self.note, self.chunk_bytes, self.on_commit = store, note, chunk_bytes, on_commit
+    def __init__(self, store: LibraryStore, signature: SignatureConfig, note: str, chunk_bytes: int, on_commit: Callable[[], None] | None = None):
+        self.store, self.signature, self.note, self.chunk_bytes, self.on_commit = store, signature, note, chunk_bytes, on_commit
         self.fragments: list[pa.Table] = []
         self.signatures: list[pa.Table] = []
         self.owners: list[np.ndarray] = []  # the model (index in the ingest) of each fragment row
@@ -51,12 +53,15 @@ class Committer:
 
     def flush(self) -> None:
         """Commit what is held: signatures, then fragments, each model's rows a run of row groups."""
-        if self.signatures:
-            self.store.append("signatures", pa.concat_tables(self.signatures), self.note)
+        sigs = pa.concat_tables(self.signatures) if self.signatures else None
+        if sigs is not None:
+            self.store.append("signatures", sigs, self.note)
         if self.fragments:
             owners = np.concatenate(self.owners)
             bounds = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1], True])
-            self.store.append("fragments", pa.concat_tables(self.fragments), self.note, np.diff(bounds).tolist())
+            frags = pa.concat_tables(self.fragments)
+            self.store.append("fragments", frags, self.note, np.diff(bounds).tolist())
+            append_index(self.store, frags.drop_columns(["blob"]), sigs if sigs is not None else SCHEMAS["signatures"].empty_table(), self.signature, self.note)
         self.fragments, self.signatures, self.owners, self.held = [], [], [], 0
         if self.on_commit:
             self.on_commit()

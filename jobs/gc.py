@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from haagenti.errors import HaagentiError
+from haagenti.index import compact
 from haagenti.library import FragmentLibrary
 from jobs import refuse_relative_in_job
 
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lib = FragmentLibrary.open(refuse_relative_in_job("--library", args.library), create=False)
         r = lib.gc()
-        compacted = lib.store.compact()
+        compacted = compact(lib.store) + lib.store.compact()  # gc's deletes rewrite index files: sort them again
     except HaagentiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

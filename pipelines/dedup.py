@@ -22,15 +22,16 @@ from haagenti.errors import LibraryError
 from haagenti.formats.source import expand_urls
 from haagenti.groups import sort_rows
 from haagenti.ingest import signature_table
+from haagenti.index import KnownIds
 from haagenti.library import FragmentLibrary
 from haagenti.maintenance import closest_models
-from haagenti.matching import BUCKET, band_table, bucket_pairs, choose_references, hamming_limit, shared_buckets
+from haagenti.matching import band_table, choose_references, hamming_limit
 from haagenti.store import LibraryStore
 from haagenti.writer import Committer
 from pipelines.catalog import Catalog, read_catalog
 from pipelines.chaos import maybe_die
 from pipelines.executors import Executor, LocalExecutor
-from pipelines.steps import ASSIGNMENT_SCHEMA, EncodeFragments, FragmentModel, SignFragments, scan_model
+from pipelines.steps import ASSIGNMENT_SCHEMA, EncodeFragments, FragmentModel, MatchBands, SignFragments, scan_model
 
 # Fragments per encode call: measured on 2 CPUs, 32 per call spent ~4 s of a 7-model run in
 # per-call overhead, 128 per call 0.4 s; 64 keeps an output batch (~10 MB) well inside a small
@@ -150,8 +151,9 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
     occ = pa.concat_tables([o for _, o in cuts])
     t = stage("fragment", t)
 
-    # New fragments: ids not in the library, first occurrence of each (run order).
-    known = lib.known_fragments()
+    # New fragments: ids not in the library (looked up by key in its index, never the whole id
+    # set), first occurrence of each (run order).
+    known = KnownIds(lib.store).lookup(pc.unique(occ["fragment_id"]).to_pylist())
     first: dict[str, int] = {}
     for i, fid in enumerate(occ["fragment_id"].to_pylist()):
         if fid not in known and fid not in first:
@@ -167,9 +169,10 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
 
     # Encode: each new fragment plain or as a delta against its best reference; commit as the
     # results arrive, in chunks the executor can afford to have pinned.
+    known.update(KnownIds(lib.store).lookup(list({c for cs in refs.values() for c in cs} - set(first))))  # the library references' dtypes
     assignments = _assignments(new, refs, set(first), known)
     encoded = executor.map_batches(EncodeFragments, (lib.store.url, config), assignments, ENCODE_BATCH)
-    committer = Committer(lib.store, "dedup", min(config.batch_bytes, executor.held_bytes or config.batch_bytes))
+    committer = Committer(lib.store, config.signature, "dedup", min(config.batch_bytes, executor.held_bytes or config.batch_bytes))
     for tb in encoded:
         report.new_fragments += tb.num_rows
         report.delta_fragments += int(pc.sum(pc.not_equal(tb["encoding"], "plain")).as_py() or 0)
@@ -198,18 +201,15 @@ def _sign(executor: Executor, config: LibraryConfig, floats: pa.Table) -> pa.Tab
 
 
 def _match(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, sigs: pa.Table, new_ids: pa.ChunkedArray) -> dict[str, list[str]]:
-    """haagenti.matching's rule over the whole run: the library's reference fragments and this
-    run's new ones as band rows, paired bucket by bucket on the executor; returns each new
-    fragment's reference candidates (the band and pair tables, ~70 MB at 1.4 GB of models, are
-    freed on return, not held through encoding)."""
+    """haagenti.matching's rule over the whole run, as a join by band partition: the driver
+    holds this run's band rows only; each task takes whole bands of them and reads the
+    library's rows of their buckets straight from storage (pipelines.steps.MatchBands).
+    Returns each new fragment's reference candidates (the band and pair tables are freed on
+    return, not held through encoding)."""
     pos = pc.index_in(sigs["fragment_id"], value_set=new_ids).to_numpy(zero_copy_only=False)
-    library = lib.reference_signatures()
-    bands = pa.concat_tables([
-        band_table(sigs, config.signature, pos, True, False),
-        band_table(library, config.signature, np.full(library.num_rows, -1), False, True),
-    ])
+    bands = band_table(sigs, config.signature, pos, True, False)
     limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
-    pairs = executor.group_by(shared_buckets(bands), BUCKET, lambda g: bucket_pairs(g, limit))
+    pairs = executor.group_by(bands, ["band"], MatchBands(lib.store.url, config.signature, limit))
     return choose_references(pairs, sigs["fragment_id"].to_pylist(), config.candidates)
 
 

@@ -13,10 +13,13 @@ from haagenti.formats.source import RangeReader
 from haagenti.fragment import FragmentType
 from haagenti.fsio import filesystem_for
 from haagenti.hashing import hasher, model_hash
+from haagenti.index import BandIndex
 from haagenti.ingest import ModelCut, ModelInput, fragment_table, signature_table, signs
 from haagenti.library import FragmentLibrary
 from haagenti.manifest import ModelManifest
+from haagenti.matching import partner_pairs
 from haagenti.signature import SignatureConfig
+from haagenti.store import LibraryStore
 
 # One row per fragment occurrence of the run's models, in model order.
 OCCURRENCE_SCHEMA = pa.schema(
@@ -93,6 +96,24 @@ class SignFragments:
         rows = batch.to_pylist()
         data = [self.reader.read(r["url"], r["byte_offset"], r["byte_len"]) for r in rows]
         return signature_table(_pieces(rows, data), self.config, self.device)
+
+
+class MatchBands:
+    """Reference pairs of this run's band rows of some whole bands (one task of the match
+    stage's join): the library's rows of their buckets are read here, from storage (only the
+    index files and row groups that hold them), never sent from the driver."""
+
+    def __init__(self, library_url: str, config: SignatureConfig, max_hamming: int):
+        self.library_url, self.config, self.max_hamming = library_url, config, max_hamming
+
+    def __call__(self, part: pa.Table) -> pa.Table:
+        index = _INDEXES.get(self.library_url)
+        if index is None:  # one per worker process: its row-group ranges and footers are cached
+            index = _INDEXES[self.library_url] = BandIndex(LibraryStore(self.library_url), self.config)
+        return partner_pairs(part, index.rows, None, self.max_hamming)
+
+
+_INDEXES: dict[str, BandIndex] = {}
 
 
 ASSIGNMENT_SCHEMA = pa.schema(

@@ -108,8 +108,13 @@ def test_batch_by_batch_equals_the_whole_run_at_once():
         ])), limit),
         run["fragment_id"].to_pylist(), config.candidates,
     )
+    rows = band_table(library, config.signature, np.full(library.num_rows, -1), False, True).select(["band", "band_hash", "fragment_id", "bits", "n_elements"])
+
+    def lookup(buckets: pa.Table) -> pa.Table:  # the library's band rows in these buckets, as its index returns them
+        return rows.join(buckets, ["band", "band_hash"], join_type="left semi")
+
     for sizes in ([300], [1] * 300, [7, 50, 1, 100, 142]):
-        matcher, batched, start = RunMatcher(config, library), {}, 0
+        matcher, batched, start = RunMatcher(config, lookup), {}, 0
         for n in sizes:
             batched.update(matcher.match(run.slice(start, n)))
             start += n

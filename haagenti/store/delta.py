@@ -34,7 +34,7 @@ from haagenti.fsio import filesystem_for, s3_endpoint
 from haagenti.store.damage import damaged, log_problems
 from haagenti.store.files import DataFiles
 from haagenti.store.schema import LIBRARY_FORMAT_VERSION, SCHEMAS, project
-from haagenti.store.sql import in_lists, quote
+from haagenti.store.sql import hex_in_lists, in_lists, quote
 
 # Small row groups on the fragments table let a restore read only the fragments it needs.
 # Rows stay in the order they were ingested (a model's tensors in file order), so a restore,
@@ -281,6 +281,11 @@ class LibraryStore:
         with self._lock:
             metrics = self.table("models").update(updates={"family": quote(family)}, predicate=f"model_id = {quote(model_id)}")
         return int(metrics.get("num_updated_rows", 0))
+
+    def delete_index_rows(self, fragment_ids: list[str]) -> int:
+        """Drop deleted fragments' rows from the index tables (haagenti/index.py)."""
+        ids = sorted(fragment_ids)
+        return sum(self.delete("ids", p) for p in in_lists("fragment_id", ids)) + sum(self.delete("bands", p) for p in hex_in_lists("fragment_id", ids))
 
     def compact(self) -> int:
         """Merge small files of the metadata tables (fragments keep their small row groups)."""

@@ -1,4 +1,4 @@
-"""The library's on-disk format: its version and the schemas of its four tables
+"""The library's on-disk format: its version and the schemas of its tables
 (docs/format.md describes every column)."""
 from __future__ import annotations
 
@@ -56,6 +56,16 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("rel_l2_error", pa.float64()),
         ]
     ),
+    # The global indexes (haagenti/index.py): sorted by their int64 key, read by key range.
+    "bands": pa.schema(
+        [
+            ("bucket", pa.int64()),  # band << rows | the band's bits (haagenti.index.buckets)
+            ("fragment_id", pa.binary()),  # the id's 32 raw bytes (hex in every other table)
+            ("bits", pa.binary()),
+            ("n_elements", pa.int64()),
+        ]
+    ),
+    "ids": pa.schema([("id_key", pa.int64()), ("fragment_id", pa.string()), ("dtype", pa.string())]),
     "models": pa.schema(
         [
             ("model_id", pa.string()),

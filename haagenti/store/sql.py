@@ -16,3 +16,9 @@ def quote(value: str) -> str:
 def in_lists(column: str, values: list[str]) -> list[str]:
     """`column IN (...)` predicates covering `values`, IN_LIST values each."""
     return [f"{column} IN ({', '.join(quote(v) for v in values[i : i + IN_LIST])})" for i in range(0, len(values), IN_LIST)]
+
+
+def hex_in_lists(column: str, values: list[str]) -> list[str]:
+    """`column IN (X'..', ...)` predicates for a binary column holding hex ids' raw bytes."""
+    lits = ["X'" + bytes.fromhex(v).hex() + "'" for v in values]  # fromhex: only hex reaches SQL
+    return [f"{column} IN ({', '.join(lits[i : i + IN_LIST])})" for i in range(0, len(lits), IN_LIST)]

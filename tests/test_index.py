@@ -1,0 +1,167 @@
+"""The global index as tables: its lookups give the references the in-memory index gave, an
+ingest reads only the partitions and row groups its keys can hit, the pipeline's distributed
+match equals the driver-side match it replaced, compaction keeps every answer."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from haagenti.config import LibraryConfig
+from haagenti.formats import open_model
+from haagenti.fragment import FragmentId
+from haagenti.index import BANDS, IDS, BandIndex, KnownIds, append_keyed, band_table, compact, id_table
+from haagenti.library import FragmentLibrary, ModelInput
+from haagenti.matching import RunMatcher, bucket_pairs, choose_references, hamming_limit, library_rows, shared_buckets
+from haagenti.matching import band_table as match_rows
+from haagenti.signature import compute_signatures
+from haagenti.store import LibraryStore
+from haagenti.store.files import DataFiles
+from pipelines.dedup import _match
+from pipelines.executors import LocalExecutor
+
+CONFIG = LibraryConfig(fragment_size=64 * 1024)
+
+
+def all_reference_rows(lib: FragmentLibrary) -> pa.Table:
+    """The library's whole index as ingest used to hold it: every plain exact fragment's
+    signature, read from the fragments and signatures tables."""
+    frags = lib.store.read("fragments", columns=["fragment_id", "encoding", "quality"])
+    plain = frags.filter(pc.and_(pc.equal(frags["encoding"], "plain"), pc.equal(frags["quality"], "exact")))
+    sigs = lib.store.read("signatures", columns=["fragment_id", "bits", "n_elements"])
+    sigs = sigs.filter(pc.is_in(sigs["fragment_id"], plain["fragment_id"]))
+    return match_rows(sigs, CONFIG.signature, np.full(sigs.num_rows, -1), False, True)
+
+
+def signatures_of(paths: list[str]) -> pa.Table:
+    """(fragment_id, bits, n_elements) of the distinct float fragments of some models, in order."""
+    seen, ids, data = set(), [], []
+    for path in paths:
+        src = open_model([path])
+        for t in src.tensors:
+            if t.dtype.is_float and t.nbytes:
+                for chunk in src.iter_chunks(t, CONFIG.fragment_elements * t.dtype.itemsize):
+                    fid = FragmentId.of(chunk)
+                    if fid not in seen:
+                        seen.add(fid)
+                        ids.append(fid)
+                        data.append((chunk, t.dtype.name, t.dtype.itemsize))
+    sigs = compute_signatures([(d, dt) for d, dt, _ in data], CONFIG.signature)
+    return pa.table({"fragment_id": ids, "bits": pa.array([s.bits for s in sigs], pa.binary()), "n_elements": [len(d) // w for d, _, w in data]})
+
+
+@pytest.fixture(scope="module")
+def family_library(family, tmp_path_factory):
+    """The base and two variants ingested; the rest of the family is what gets added."""
+    lib = FragmentLibrary.open(str(tmp_path_factory.mktemp("idx") / "lib"), CONFIG)
+    lib.ingest_many([ModelInput([m.file], m.model_id, m.family) for m in family[:3]])
+    return lib
+
+
+def test_lookups_give_the_references_of_the_in_memory_index(family, family_library):
+    lib = family_library
+    whole = all_reference_rows(lib)
+    assert whole.num_rows > 30 * CONFIG.signature.bands
+    index = BandIndex(lib.store, CONFIG.signature)
+    # A bucket lookup returns exactly the library's rows in those buckets.
+    some = whole.slice(0, 40 * CONFIG.signature.bands).select(["band", "band_hash"])
+    got = library_rows(index.rows(some)).sort_by([("band", "ascending"), ("band_hash", "ascending"), ("fragment_id", "ascending")])
+    expected = whole.join(some.group_by(["band", "band_hash"]).aggregate([]), ["band", "band_hash"], join_type="left semi")
+    assert got.to_pylist() == expected.sort_by([("band", "ascending"), ("band_hash", "ascending"), ("fragment_id", "ascending")]).to_pylist()
+    # The rest of the family, batch by batch: the same references as with the whole index in memory.
+    sigs = signatures_of([m.file for m in family[3:]])
+    from_table, in_memory = RunMatcher(CONFIG, index.rows), RunMatcher(CONFIG, lambda buckets: whole)
+    found = 0
+    for start in range(0, sigs.num_rows, 97):
+        batch = sigs.slice(start, 97)
+        refs = from_table.match(batch)
+        assert refs == in_memory.match(batch)
+        found += sum(1 for cs in refs.values() for c in cs if c not in set(sigs["fragment_id"].to_pylist()))
+    assert found > 0  # library fragments were chosen as references
+    # Every stored id is known, with its dtype; a new one is not.
+    frags = lib.store.read("fragments", columns=["fragment_id", "dtype"])
+    known = KnownIds(lib.store).lookup(frags["fragment_id"].to_pylist() + ["ab" * 32])
+    assert known == dict(zip(frags["fragment_id"].to_pylist(), frags["dtype"].to_pylist()))
+
+
+def test_pipeline_match_gives_the_same_references(family, family_library):
+    lib = family_library
+    sigs = signatures_of([m.file for m in family[3:]]).sort_by("fragment_id")
+    new_ids = pa.chunked_array([sigs["fragment_id"]])
+    pos = np.arange(sigs.num_rows)
+    bands = pa.concat_tables([match_rows(sigs, CONFIG.signature, pos, True, False), all_reference_rows(lib)])
+    limit = hamming_limit(CONFIG.signature, CONFIG.thresholds.similar_cosine)
+    expected = choose_references(bucket_pairs(shared_buckets(bands), limit), sigs["fragment_id"].to_pylist(), CONFIG.candidates)
+    assert _match(lib, LocalExecutor(), CONFIG, sigs, new_ids) == expected
+    assert any(c not in set(new_ids.to_pylist()) for cs in expected.values() for c in cs)
+
+
+def test_compaction_sorts_files_and_keeps_answers(family, tmp_path):
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    for m in family[:3]:  # one ingest per model: three files per partition
+        lib.ingest([m.file], m.model_id, m.family)
+    index = BandIndex(lib.store, CONFIG.signature)
+    assert len(index.reader.files()) == 3
+    buckets = all_reference_rows(lib).select(["band", "band_hash"])
+    before = index.rows(buckets).sort_by([("band", "ascending"), ("band_hash", "ascending"), ("fragment_id", "ascending")])
+    assert compact(lib.store) > 0
+    index = BandIndex(lib.store, CONFIG.signature)
+    after = index.rows(buckets).sort_by([("band", "ascending"), ("band_hash", "ascending"), ("fragment_id", "ascending")])
+    assert after.to_pylist() == before.to_pylist()
+    [(path, lo, hi)] = index.reader.files()
+    keys = pq.read_table(path, columns=["bucket"])["bucket"].to_numpy()
+    assert (np.diff(keys) >= 0).all() and keys[0] == lo and keys[-1] == hi
+    ids = lib.store.read("fragments", columns=["fragment_id"])["fragment_id"].to_pylist()
+    assert KnownIds(lib.store).lookup(ids).keys() == set(ids)
+    # gc drops deleted fragments' index rows.
+    lib.rm(family[2].model_id)
+    lib.gc()
+    left = set(lib.store.read("fragments", columns=["fragment_id"])["fragment_id"].to_pylist())
+    assert left < set(ids) and KnownIds(lib.store).lookup(ids).keys() == left
+
+
+def synthetic_index(store: LibraryStore, n: int, seed: int = 7) -> None:
+    rng = np.random.default_rng(seed)
+    ids = [rng.bytes(32).hex() for _ in range(n)]
+    append_keyed(store, BANDS, band_table(ids, [rng.bytes(32) for _ in ids], [1] * n, CONFIG.signature))
+    append_keyed(store, IDS, id_table(ids, ["BF16"] * n))
+
+
+def test_an_ingest_reads_only_the_row_groups_its_keys_fall_in(tmp_path, monkeypatch):
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    synthetic_index(lib.store, 40_000)  # 640k band rows in 625 row groups, 40k ids in 40
+    opened, groups, whole = [], [], []
+    real_open, real_groups, real_read = DataFiles.open, pq.ParquetFile.read_row_groups, LibraryStore.read
+
+    def spy_open(self, path):
+        opened.append(path)
+        return real_open(self, path)
+
+    def spy_groups(self, row_groups, *a, **k):
+        groups.append((opened[-1], len(row_groups)))
+        return real_groups(self, row_groups, *a, **k)
+
+    def spy_read(self, name, *a, **k):
+        whole.append(name)
+        return real_read(self, name, *a, **k)
+
+    monkeypatch.setattr(DataFiles, "open", spy_open)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy_groups)
+    monkeypatch.setattr(LibraryStore, "read", spy_read)
+    import torch
+    from safetensors.torch import save_file
+
+    model = str(tmp_path / "small.safetensors")  # 6 new fragments against 40k in the index
+    save_file({f"w{i}": torch.randn(CONFIG.fragment_elements, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(6)}, model)
+    report = lib.ingest([model], "small")
+    monkeypatch.undo()
+    assert report.plain > 0
+    # Nothing read the fragments or signatures tables whole (the in-memory index and id set did).
+    assert "fragments" not in whole and "signatures" not in whole
+    read_bands = sum(n for path, n in groups if "/bands/" in path)
+    read_ids = sum(n for path, n in groups if "/ids/" in path)
+    total = sum(pq.ParquetFile(p).num_row_groups for p, *_ in BandIndex(lib.store, CONFIG.signature).reader.files())
+    # Each new fragment's 16 buckets hit one or two row groups each; far from all of them.
+    assert report.fragments == 6 and 0 < read_bands <= 2 * CONFIG.signature.bands * report.fragments and read_bands < total / 4
+    assert 0 < read_ids <= 2 * report.fragments
+    assert all("/bands/" in p or "/ids/" in p for p in opened)

@@ -112,19 +112,17 @@ def _hex(a):
 
 
 # ---- spies -----------------------------------------------------------------------------
-SPY: dict = {}
-
-
 def install_spies() -> None:
     """Count, per table: files opened, row groups read and their bytes, whole-table reads;
-    and s3fs requests by kind. Installed in each process that reads (driver, Ray workers)."""
+    and s3fs requests by kind. Installed in each process that reads (driver, Ray workers); the
+    counts live on the pyarrow.parquet module, which a Ray actor keeps between calls (this
+    script's own globals are shipped anew with each function a call sends)."""
     import pyarrow.parquet as pq
 
     from haagenti.store import LibraryStore
     from haagenti.store.files import DataFiles
 
-    SPY.clear()
-    SPY.update(files={}, row_groups={}, bytes={}, whole={}, s3={})
+    SPY = pq._haagenti_scale_spy = dict(files={}, row_groups={}, bytes={}, whole={}, s3={})
     last = [""]
     real_open, real_groups, real_read = DataFiles.open, pq.ParquetFile.read_row_groups, LibraryStore.read
 
@@ -163,7 +161,9 @@ def install_spies() -> None:
 
 
 def spied() -> dict:
-    return dict(SPY, peak_mib=vmhwm_mib())
+    import pyarrow.parquet as pq
+
+    return dict(pq._haagenti_scale_spy, peak_mib=vmhwm_mib())
 
 
 # ---- one run per process ---------------------------------------------------------------

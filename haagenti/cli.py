@@ -156,6 +156,7 @@ def stats(library: str, as_json: bool = typer.Option(False, "--json")) -> None:
         f"{s.raw_bytes:,} B raw -> {s.stored_bytes:,} B stored: {s.reduction:.1%} saved (lossless"
         + (f"; {s.lossy_refs} lossy refs saved a further {s.lossy_saved_bytes:,} B" if s.lossy_refs else "")
         + f"); {s.shared_fragments} shared fragments, {s.refs_per_shared_fragment:.2f} models each"
+        + (f"; {s.unreferenced_bytes:,} B no model references (gc frees them)" if s.unreferenced_bytes else "")
     )
     t = Table("model", "family", "raw B", "new stored B", "reduction", "lossy refs")
     for m in s.per_model:
@@ -189,6 +190,8 @@ def verify(library: str, model: Optional[str] = typer.Argument(None)) -> None:
             console.print(f"[red]error:[/red] {e}", soft_wrap=True)
         raise typer.Exit(1)
     out.print(f"ok: {r.fragments_checked} fragments, {r.models_checked} models, {r.files_checked} files verified")
+    if r.unpublished_manifests:
+        out.print(f"note: {r.unpublished_manifests} manifest(s) of interrupted ingests are ignored; gc removes them")
 
 
 @app.command()
@@ -202,10 +205,10 @@ def rm(library: str, model: str) -> None:
 
 
 @app.command()
-def gc(library: str) -> None:
-    """Delete fragments no model references."""
+def gc(library: str, wait: float = typer.Option(0.0, "--wait", help="seconds to wait for running writers (ingests, rm) to finish")) -> None:
+    """Delete fragments no model references (refused while another writer runs)."""
     try:
-        r = FragmentLibrary.open(library, create=False).gc()
+        r = FragmentLibrary.open(library, create=False).gc(wait)
         out.print(f"gc: {r['fragments_removed']} fragments removed, {r['bytes_freed']:,} B freed, {r['files_vacuumed']} files vacuumed")
     except (HaagentiError, OSError) as e:
         _fail(e)

@@ -90,7 +90,7 @@ class LibraryStats:
     models: int
     fragments: int
     raw_bytes: int  # sum of the models' file sizes
-    stored_bytes: int  # sum of stored blobs (what the fragments table holds)
+    stored_bytes: int  # sum of the stored blobs the published models reference
     plain_fragments: int
     delta_fragments: int
     shared_fragments: int  # referenced by two or more models
@@ -99,6 +99,7 @@ class LibraryStats:
     lossy_saved_bytes: int  # raw bytes served by lossy sharing instead of their own fragment
     per_model: list[ModelStats]
     per_family: dict[str, float]
+    unreferenced_bytes: int = 0  # stored blobs no published model references (gc frees them)
 
     @property
     def saved_bytes(self) -> int:

@@ -34,6 +34,7 @@ from haagenti.parallel import Workers
 from haagenti.signature import SignatureConfig, compute_signatures
 from haagenti.similarity import measure
 from haagenti.store import SCHEMAS
+from haagenti.store.leases import writing
 from haagenti.writer import Committer
 
 if TYPE_CHECKING:
@@ -274,23 +275,25 @@ class FragmentEncoder:
 
 # ---- the library's ingest -----------------------------------------------------------------
 def ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: Progress | None = None,
-                  device: str = "cpu", quality: str = "exact", threads: int = 0) -> list[IngestReport]:
+                  device: str = "cpu", quality: str = "exact", threads: int = 0, wait: float = 60.0) -> list[IngestReport]:
     """Add several models in one set of commits (haagenti.writer.Committer states the order);
     later models deduplicate against earlier ones. A Delta commit costs milliseconds whatever
     its size, so a family of small models ingests much faster this way than one by one.
     With `threads` > 1 (0: every core) a batch is signed, encoded and committed in the
-    background, its fragments spread over the threads, while the next batch is read and hashed."""
-    with Workers(threads) as workers:
-        return _ingest_models(lib, models, progress, device, quality, workers)
-
-
-def _ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: Progress | None, device: str, quality: str,
-                   workers: Workers) -> list[IngestReport]:
+    background, its fragments spread over the threads, while the next batch is read and hashed.
+    Holds an ingest lease on the ids throughout (waiting up to `wait` seconds for a gc)."""
     ids = [m.model_id for m in models]
     for mid in ids:
         validate_model_id(mid)
     if len(set(ids)) != len(ids):
         raise LibraryError(f"model ids repeat within one ingest: {sorted({i for i in ids if ids.count(i) > 1})}")
+    with writing(lib.store, "ingest", ids, wait) as lease, Workers(threads) as workers:
+        return _ingest_models(lib, models, progress, device, quality, workers, lease.writer)
+
+
+def _ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: Progress | None, device: str, quality: str,
+                   workers: Workers, ingest_id: str) -> list[IngestReport]:
+    ids = [m.model_id for m in models]
     present = set(lib.store.read("models", columns=["model_id"])["model_id"].to_pylist()) & set(ids)
     if present:
         raise LibraryError(f"model {sorted(present)[0]!r} is already in the library; `haagenti rm` it first to replace it")
@@ -302,7 +305,7 @@ def _ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: P
     lookup = BandIndex(lib.store, config.signature).rows if quality == "exact" else None
     matcher = RunMatcher(config, lookup) if config.similarity else None
     encoder = FragmentEncoder(config, KnownIds(lib.store).lookup, matcher, lib.fetch_raw, device, quality, workers)
-    committer = Committer(lib.store, config.signature, f"ingest {', '.join(ids)}"[:200], config.batch_bytes, encoder.committed)
+    committer = Committer(lib.store, config.signature, ingest_id, f"ingest {', '.join(ids)}"[:200], config.batch_bytes, encoder.committed)
 
     def encode(taken, owner: int) -> None:
         frags, sigs, consumed = encoder.encode(taken)

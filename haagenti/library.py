@@ -50,6 +50,7 @@ class FragmentLibrary:
     def manifest(self, model_id: str) -> ModelManifest:
         model = self.model(model_id)
         rows = self.store.read("manifests", equals=("model_id", model_id))
+        rows = rows.filter(pc.equal(rows["ingest_id"], model["ingest_id"]))  # not an interrupted ingest's rows
         return trusted_manifest(model, rows)  # names, counts and offsets are untrusted input
 
     def known_fragments(self) -> dict[str, str]:
@@ -93,9 +94,11 @@ class FragmentLibrary:
         device: str = "cpu",
         quality: str = "exact",
         threads: int = 0,
+        wait: float = 60.0,
     ) -> list[IngestReport]:
-        """Add several models in one set of commits (haagenti.ingest)."""
-        return ingest_models(self, models, progress, device, quality, threads)
+        """Add several models in one set of commits (haagenti.ingest), waiting up to `wait`
+        seconds for a running gc."""
+        return ingest_models(self, models, progress, device, quality, threads, wait)
 
     # ---- restore (haagenti.restore) ----------------------------------------------------
     def iter_tensors(self, manifest: ModelManifest, cache: RawCache | None = None) -> Iterable[tuple[TensorRef, bytes]]:
@@ -130,9 +133,10 @@ class FragmentLibrary:
         """Distinct ids some model needs, directly or as a delta reference (Arrow strings)."""
         return maintenance.referenced(self.store)
 
-    def gc(self) -> dict[str, int]:
-        """Delete fragments no model references and vacuum (not while an ingest runs)."""
-        return maintenance.gc(self)
+    def gc(self, wait: float = 0.0) -> dict[str, int]:
+        """Delete what no published model owns and vacuum, under the gc lease (refused, after
+        `wait` seconds, while another writer runs)."""
+        return maintenance.gc(self, wait)
 
     def stats(self) -> LibraryStats:
         return maintenance.stats(self)

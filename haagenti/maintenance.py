@@ -20,6 +20,8 @@ from haagenti.encode import RawCache, decode_row, fragment_rows
 from haagenti.errors import DamagedError, FragmentError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding
+from haagenti.store.leases import writing
+from haagenti.store.publication import log_errors, orphan_manifest_keys, scan_manifests, unpublish
 
 if TYPE_CHECKING:
     from haagenti.library import FragmentLibrary
@@ -40,6 +42,7 @@ class VerifyReport:
     files_checked: int = 0
     lossy_tensors: dict[str, dict[str, float]] = field(default_factory=dict)  # "model:tensor" -> errors
     errors: list[str] = field(default_factory=list)
+    unpublished_manifests: int = 0  # model manifests (by model and ingest) no publication owns: ignored, gc removes them
 
     @property
     def ok(self) -> bool:
@@ -54,6 +57,8 @@ def verify(lib: "FragmentLibrary", model_id: str | None = None, progress: Verify
     report = VerifyReport()
     if model_id is None:
         report.errors += lib.store.log_problems()
+        report.errors += log_errors(lib.store)
+        report.unpublished_manifests = len(orphan_manifest_keys(lib.store))
         try:
             _verify_fragments(lib.store, report, progress)
         except DamagedError as e:  # an unreadable data file: said, and the models are still checked
@@ -149,7 +154,7 @@ def _name_users(store: "LibraryStore", bad: dict[str, str]) -> list[str]:
     listed = sorted(bad)[:MAX_ERRORS]
     ids = pa.array(listed, pa.string())
     users: dict[str, list[str]] = {}
-    for t in store.scan("manifests", ["model_id", "tensor_name", "fragment_id"]):
+    for t in scan_manifests(store, ["model_id", "tensor_name", "fragment_id"]):
         hit = t.filter(pc.is_in(t["fragment_id"], value_set=ids))
         for mid, name, fid in zip(*(hit[c].to_pylist() for c in ("model_id", "tensor_name", "fragment_id"))):
             names = users.setdefault(fid, [])
@@ -177,17 +182,17 @@ class _CountingSink(io.RawIOBase):
 
 # ---- gc and rm ---------------------------------------------------------------------------
 def rm(lib: "FragmentLibrary", model_id: str) -> None:
-    """Unpublish the model (one commit), then drop its manifest rows; `gc` frees fragments."""
-    lib.model(model_id)
-    lib.store.delete_models([model_id])
-    lib.store.delete_manifests([model_id])
+    """Unpublish the model (one commit), then drop its manifest rows; `gc` frees fragments.
+    Holds an rm lease on the id: an ingest of the same id meanwhile is refused."""
+    with writing(lib.store, "rm", [model_id]):
+        unpublish(lib.store, model_id, lib.model(model_id)["ingest_id"])
 
 
 def referenced(store: "LibraryStore") -> pa.Array:
     """Distinct ids some model needs: its manifests' fragments and the references of those
     that are deltas. Arrow strings, O(referenced fragments), never a Python set."""
     live = _Distinct()
-    for t in store.scan("manifests", ["fragment_id"]):
+    for t in scan_manifests(store, ["fragment_id"]):
         live.add(t["fragment_id"].drop_null())
     direct = live.array()
     for t in store.scan("fragments", ["fragment_id", "ref_id"]):
@@ -195,11 +200,17 @@ def referenced(store: "LibraryStore") -> pa.Array:
     return live.array()
 
 
-def gc(lib: "FragmentLibrary") -> dict[str, int]:
-    """Delete fragments no model references (directly or as a delta reference), the
-    signatures of fragments no longer stored, and vacuum. Must not run while an ingest into
-    the same library is in flight (docs/decisions.md)."""
-    store = lib.store
+def gc(lib: "FragmentLibrary", wait: float = 0.0) -> dict[str, int]:
+    """Delete what no published model owns (manifest rows of interrupted ingests, fragments no
+    model references directly or as a delta reference, signatures of fragments no longer
+    stored) and vacuum. Holds the gc lease, which excludes every other writer: refused (after
+    `wait` seconds) while one runs."""
+    with writing(lib.store, "gc", wait=wait):
+        return _gc(lib.store)
+
+
+def _gc(store: "LibraryStore") -> dict[str, int]:
+    orphans = store.delete_owned("manifests", orphan_manifest_keys(store))
     keep = referenced(store)
     dead, alive = _Distinct(), _Distinct()
     freed = 0
@@ -216,7 +227,9 @@ def gc(lib: "FragmentLibrary") -> dict[str, int]:
     for t in store.scan("signatures", ["fragment_id"]):
         stale.add(t["fragment_id"].filter(pc.invert(pc.is_in(t["fragment_id"], value_set=present))))
     store.delete_signatures(stale.array().to_pylist())
-    return {"fragments_removed": removed, "bytes_freed": freed, "files_vacuumed": store.vacuum()}
+    files = store.vacuum()
+    store.leases.clear_void()
+    return {"fragments_removed": removed, "bytes_freed": freed, "files_vacuumed": files, "manifest_rows_removed": orphans}
 
 
 # ---- stats and relations -----------------------------------------------------------------
@@ -227,7 +240,7 @@ def stats(lib: "FragmentLibrary") -> LibraryStats:
     models = store.read("models", columns=["model_id", "family", "raw_bytes", "ingest_seq"]).sort_by("ingest_seq")
     ranks = pa.table({"model_id": models["model_id"], "rank": pa.array(range(models.num_rows), pa.int64())})
     pairs, counts = _Distinct("model_id", "fragment_id"), []
-    for t in store.scan("manifests", ["model_id", "fragment_id", "source_fragment_id", "elem_count", "dtype"]):
+    for t in scan_manifests(store, ["model_id", "fragment_id", "source_fragment_id", "elem_count", "dtype"]):
         t = t.filter(pc.is_valid(t["fragment_id"]))
         lossy = pc.fill_null(pc.not_equal(t["fragment_id"], t["source_fragment_id"]), True)
         counts.append(pa.table({
@@ -245,6 +258,11 @@ def stats(lib: "FragmentLibrary") -> LibraryStats:
         frags.append(t.select(["fragment_id", "stored_size"]))
     # One size per id (a fragment written twice by racing ingests is the same content).
     sizes = _concat(frags, ["fragment_id", "stored_size"], [pa.string(), pa.int64()]).group_by("fragment_id", use_threads=False).aggregate([("stored_size", "last")])
+    # Fragments no published model references (an interrupted ingest's) are not the models'
+    # storage: counted apart, as what gc would free.
+    live = pc.is_in(sizes["fragment_id"], value_set=referenced(store))
+    unreferenced = pc.sum(sizes.filter(pc.invert(live))["stored_size_last"]).as_py() or 0
+    sizes = sizes.filter(live)
     pairs_t = pairs.table()
     users = pairs_t.group_by("fragment_id").aggregate([("model_id", "count")])
     shared = users.filter(pc.greater(users["model_id_count"], 1))["model_id_count"]
@@ -274,6 +292,7 @@ def stats(lib: "FragmentLibrary") -> LibraryStats:
         lossy_saved_bytes=sum(v[2] for v in per.values()),
         per_model=per_model,
         per_family=per_family,
+        unreferenced_bytes=unreferenced,
     )
 
 
@@ -290,14 +309,14 @@ def model_relations(lib: "FragmentLibrary", model_ids: list[str] | None = None) 
     return out
 
 
-def closest_models(lib: "FragmentLibrary", model_ids: list[str]) -> dict[str, tuple[str, float] | None]:
+def closest_models(lib: "FragmentLibrary", model_ids: list[str], pending: str | None = None) -> dict[str, tuple[str, float] | None]:
     """For each of `model_ids`, the other model it is most related to (either direction of
     `model_relations`; ties to the smallest id) and that share. Only relations touching these
     models are computed: a pipeline run infers families for the models it adds, not for the
     whole library."""
     if not model_ids:
         return {}
-    everyone = _model_pairs(lib.store, None)
+    everyone = _model_pairs(lib.store, None, pending)
     mine = everyone.filter(pc.is_in(everyone["model_id"], value_set=pa.array(model_ids, pa.string())))
     sizes = dict(zip(*_counts(everyone, "model_id")))
     scores: dict[str, dict[str, float]] = {m: {} for m in model_ids}
@@ -317,11 +336,12 @@ def closest_models(lib: "FragmentLibrary", model_ids: list[str]) -> dict[str, tu
     return out
 
 
-def _model_pairs(store: "LibraryStore", model_ids: list[str] | None) -> pa.Table:
-    """Distinct (model_id, fragment_id) of the manifests, optionally of some models only."""
+def _model_pairs(store: "LibraryStore", model_ids: list[str] | None, pending: str | None = None) -> pa.Table:
+    """Distinct (model_id, fragment_id) of the published manifests (and of ingest `pending`,
+    not yet published: a pipeline run's own), optionally of some models only."""
     wanted = pa.array(model_ids, pa.string()) if model_ids is not None else None
     pairs = _Distinct("model_id", "fragment_id")
-    for t in store.scan("manifests", ["model_id", "fragment_id"]):
+    for t in scan_manifests(store, ["model_id", "fragment_id"], pending):
         t = t.filter(pc.is_valid(t["fragment_id"]))
         if wanted is not None:
             t = t.filter(pc.is_in(t["model_id"], value_set=wanted))

@@ -112,7 +112,8 @@ class ModelManifest:
                 }
         return out
 
-    def manifest_rows(self) -> pa.Table:
+    def manifest_rows(self, ingest_id: str) -> pa.Table:
+        """The model's manifests-table rows, owned by the ingest `ingest_id` that publishes them."""
         cols: dict[str, list] = {k: [] for k in (
             "model_id", "file_index", "tensor_index", "tensor_name", "dtype", "shape", "fragment_seq", "fragment_id",
             "elem_offset", "elem_count", "fragment_type", "source_fragment_id", "max_abs_error", "rel_l2_error")}
@@ -128,6 +129,7 @@ class ModelManifest:
                     ("source_fragment_id", r.source_fragment_id), ("max_abs_error", r.max_abs_error), ("rel_l2_error", r.rel_l2_error),
                 ):
                     cols[k].append(v)
+        cols["ingest_id"] = [ingest_id] * len(cols["model_id"])
         return pa.table(cols, schema=SCHEMAS["manifests"])  # typed even with no rows (a model with no tensors)
 
     @classmethod

@@ -5,7 +5,10 @@ Commit order (docs/format.md states it for readers and writers):
      `fragments` rows, then their index rows (haagenti.index: `ids`, then `bands`), one commit
      each;
   2. the `manifests` rows of every model of the ingest, in one commit;
-  3. their `models` rows, in one commit: the publication.
+  3. their `models` rows, in one commit: the publication (haagenti.store.publication: on top
+     of the models version whose ids it checked, never publishing an id twice).
+Manifests and models rows carry the ingest's id (its lease's writer id), so rows of an ingest
+that never published belong to no model (docs/format.md, "Many writers").
 A model is visible only once step 3 is committed, so a reader never sees a model whose
 fragments or manifest rows are missing. A crash anywhere before it leaves rows no model
 references: signatures without fragments, fragments (with their index rows: the next ingest
@@ -23,17 +26,18 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from haagenti.index import append_index
 from haagenti.manifest import ModelManifest
 from haagenti.signature import SignatureConfig
 from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS, LibraryStore
+from haagenti.store.publication import publish
 
 
 class Committer:
-    def __init__(self, store: LibraryStore, signature: SignatureConfig, note: str, chunk_bytes: int, on_commit: Callable[[], None] | None = None):
-        self.store, self.signature, self.note, self.chunk_bytes, self.on_commit = store, signature, note, chunk_bytes, on_commit
+    def __init__(self, store: LibraryStore, signature: SignatureConfig, ingest_id: str, note: str, chunk_bytes: int,
+                 on_commit: Callable[[], None] | None = None):
+        self.store, self.signature, self.ingest_id, self.note, self.chunk_bytes, self.on_commit = store, signature, ingest_id, note, chunk_bytes, on_commit
         self.fragments: list[pa.Table] = []
         self.signatures: list[pa.Table] = []
         self.owners: list[np.ndarray] = []  # the model (index in the ingest) of each fragment row
@@ -70,18 +74,17 @@ class Committer:
         """Everything held, then every model's manifest rows in one commit."""
         self.flush()
         if manifests:
-            self.store.append("manifests", pa.concat_tables([m.manifest_rows() for m in manifests]), self.note)
+            self.store.append("manifests", pa.concat_tables([m.manifest_rows(self.ingest_id) for m in manifests]), self.note)
 
     def publish(self, manifests: list[ModelManifest]) -> None:
-        """The models rows, numbered after the library's last: the commit that publishes them."""
-        seqs = self.store.read("models", columns=["ingest_seq"])["ingest_seq"]
-        first = (pc.max(seqs).as_py() + 1) if len(seqs) else 0
-        rows = [model_row(m, first + i) for i, m in enumerate(manifests)]
-        self.store.append("models", pa.Table.from_pylist(rows, schema=SCHEMAS["models"]), self.note)
+        """The models rows (numbered after the library's last by publish): the commit that
+        publishes them."""
+        rows = [model_row(m, self.ingest_id) for m in manifests]
+        publish(self.store, pa.Table.from_pylist(rows, schema=SCHEMAS["models"]), self.note)
 
 
-def model_row(m: ModelManifest, seq: int) -> dict:
-    """The models-table row of a manifest."""
+def model_row(m: ModelManifest, ingest_id: str) -> dict:
+    """The models-table row of a manifest (publish numbers its ingest_seq)."""
     return {
         "model_id": m.model_id,
         "family": m.family,
@@ -91,6 +94,7 @@ def model_row(m: ModelManifest, seq: int) -> dict:
         "lossy": m.lossy,
         "files": [asdict(f) for f in m.files],
         "source_uris": m.source_uris,
-        "ingest_seq": seq,
+        "ingest_seq": -1,
         "format_version": LIBRARY_FORMAT_VERSION,
+        "ingest_id": ingest_id,
     }

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None, progress: Callable[[str], None] | None =
         for mid, fam in run.inferred_families.items():
             print(f"inferred family of {mid}: {fam or 'none'}")
         print(run.summary())
+        if run.gc_skipped:
+            print(f"gc skipped: {run.gc_skipped}")
         return 0
     except (HaagentiError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

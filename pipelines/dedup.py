@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from haagenti.chaos import maybe_die
 from haagenti.config import LibraryConfig
 from haagenti.errors import LibraryError
 from haagenti.formats.source import expand_urls
@@ -27,9 +28,9 @@ from haagenti.library import FragmentLibrary
 from haagenti.maintenance import closest_models
 from haagenti.matching import band_table, choose_references, hamming_limit
 from haagenti.store import LibraryStore
+from haagenti.store.leases import LeaseConflict, writing
 from haagenti.writer import Committer
 from pipelines.catalog import Catalog, read_catalog
-from pipelines.chaos import maybe_die
 from pipelines.executors import Executor, LocalExecutor
 from pipelines.steps import ASSIGNMENT_SCHEMA, EncodeFragments, FragmentModel, MatchBands, SignFragments, scan_model
 
@@ -56,6 +57,7 @@ class RunReport:
     stored_bytes_added: int = 0
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
+    gc_skipped: str = ""  # why the run's gc did not run (another writer held the library)
 
     @property
     def nothing_to_do(self) -> bool:
@@ -104,6 +106,23 @@ def run_dedup(
     report = RunReport(catalog_url, library_url)
     lib = FragmentLibrary.open(library_url, config)
     config = lib.config  # with the library's invariants
+    # The run holds an ingest lease on every model it may write: the catalog's, and with prune
+    # the library's (models published after this read are left to the next run).
+    claimed = {e.model_id for e in catalog.entries} | ({m["model_id"] for m in lib.models()} if prune else set())
+    with writing(lib.store, "ingest", sorted(claimed), wait=60.0) as lease:
+        gone = _run(lib, catalog, executor, config, report, prune, progress, claimed, lease.writer)
+    if gone or report.replaced:
+        try:
+            lib.gc()
+        except LeaseConflict as e:  # the models are published; their old fragments wait for a later gc
+            report.gc_skipped = str(e)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _run(lib: FragmentLibrary, catalog: Catalog, executor: Executor, config: LibraryConfig, report: RunReport, prune: bool,
+         progress: Progress | None, claimed: set[str], ingest_id: str) -> list[str]:
+    """Scan, ingest what changed and remove (with prune) what left the catalog; returns the removed ids."""
 
     def stage(name: str, t0: float) -> float:
         now = time.perf_counter()
@@ -129,20 +148,18 @@ def run_dedup(
             continue
         (report.replaced if old is not None else report.added).append(s["model_id"])
         todo.append(s)
-    gone = sorted(set(existing) - {e.model_id for e in catalog.entries}) if prune else []
+    gone = sorted((set(existing) & claimed) - {e.model_id for e in catalog.entries}) if prune else []
     t = stage("scan", t)
     if todo:
-        _ingest(lib, executor, config, todo, report, existing, t, stage)
+        _ingest(lib, executor, config, todo, report, existing, t, stage, ingest_id)
     for mid in gone:
         lib.rm(mid)
         report.removed.append(mid)
-    if gone or report.replaced:
-        lib.gc()
-    report.seconds = time.perf_counter() - started
-    return report
+    return gone
 
 
-def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, todo: list[dict], report: RunReport, existing: dict, t: float, stage) -> None:
+def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, todo: list[dict], report: RunReport, existing: dict, t: float, stage,
+            ingest_id: str) -> None:
     """The ingest core's stages (haagenti.ingest), each distributed by the executor; the
     driver decides which fragments are new, chooses references and commits."""
     report.raw_bytes_in = sum(s["raw_bytes"] for s in todo)
@@ -172,7 +189,7 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
     known.update(KnownIds(lib.store).lookup(list({c for cs in refs.values() for c in cs} - set(first))))  # the library references' dtypes
     assignments = _assignments(new, refs, set(first), known)
     encoded = executor.map_batches(EncodeFragments, (lib.store.url, config), assignments, ENCODE_BATCH)
-    committer = Committer(lib.store, config.signature, "dedup", min(config.batch_bytes, executor.held_bytes or config.batch_bytes))
+    committer = Committer(lib.store, config.signature, ingest_id, "dedup", min(config.batch_bytes, executor.held_bytes or config.batch_bytes))
     for tb in encoded:
         report.new_fragments += tb.num_rows
         report.delta_fragments += int(pc.sum(pc.not_equal(tb["encoding"], "plain")).as_py() or 0)
@@ -187,7 +204,7 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
     for mid in report.replaced:
         lib.rm(mid)
     committer.commit_manifests(manifests)
-    families = _infer_families(lib, todo, existing)
+    families = _infer_families(lib, todo, existing, ingest_id)
     report.inferred_families = {s["model_id"]: families[s["model_id"]] for s in todo if not s["family"]}
     for m in manifests:
         m.family = families[m.model_id]
@@ -228,12 +245,12 @@ def _assignments(new: pa.Table, refs: dict[str, list[str]], in_run: set[str], kn
     return pa.Table.from_pylist(rows, schema=ASSIGNMENT_SCHEMA)
 
 
-def _infer_families(lib: FragmentLibrary, todo: list[dict], existing: dict) -> dict[str, str | None]:
+def _infer_families(lib: FragmentLibrary, todo: list[dict], existing: dict, ingest_id: str) -> dict[str, str | None]:
     """Explicit families stand; a model without one joins the family of the model it shares
     the most fragments (exact or as delta references) with, when that share is large enough."""
     declared = {mid: m["family"] for mid, m in existing.items()}
     declared.update({s["model_id"]: s["family"] for s in todo})
-    closest = closest_models(lib, [s["model_id"] for s in todo if not s["family"]])
+    closest = closest_models(lib, [s["model_id"] for s in todo if not s["family"]], ingest_id)
     out = {}
     for s in todo:
         mid = s["model_id"]

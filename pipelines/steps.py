@@ -143,7 +143,7 @@ class EncodeFragments:
         self.reader = RangeReader()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipelines.chaos import maybe_die
+        from haagenti.chaos import maybe_die
 
         maybe_die("encode")
         rows = batch.to_pylist()

@@ -12,6 +12,7 @@ references is committed.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import posixpath
@@ -26,15 +27,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction
 
+from haagenti.chaos import maybe_die
 from haagenti.errors import DamagedError, LibraryError
 from haagenti.fsio import filesystem_for, s3_endpoint
 from haagenti.store.damage import damaged, log_problems
 from haagenti.store.files import DataFiles
 from haagenti.store.schema import LIBRARY_FORMAT_VERSION, SCHEMAS, project
-from haagenti.store.sql import hex_in_lists, in_lists, quote
+from haagenti.store.leases import HeldLease, Leases, writing
+from haagenti.store.sql import hex_in_lists, in_lists, owned_by, quote
 
 # Small row groups on the fragments table let a restore read only the fragments it needs.
 # Rows stay in the order they were ingested (a model's tensors in file order), so a restore,
@@ -44,7 +47,6 @@ from haagenti.store.sql import hex_in_lists, in_lists, quote
 # straddling two models made each restore read its neighbour's rows too (on the example
 # family, 50 MB read to restore 29 MB of stored fragments).
 _FRAGMENT_ROW_GROUP_BYTES = 2 * 1024 * 1024
-ORPHAN_HOURS = 1
 
 
 def storage_options_for(url: str) -> dict[str, str]:
@@ -95,6 +97,10 @@ class LibraryStore:
         # Listing a snapshot's files and their statistics cost ~2 ms per read, more than an
         # incremental log update; a version never changes, so they are computed once per version.
         self._snapshots: dict[str, tuple[int, list[str], dict]] = {}
+        # Concurrent writers (docs/format.md): every writer holds a lease while it writes, and
+        # each commit first checks that the lease is still alive.
+        self.leases = Leases(self.fs, self.root, self._local)
+        self.lease: HeldLease | None = None
 
     # ---- layout -----------------------------------------------------------------------
     def table_uri(self, table: str) -> str:
@@ -218,11 +224,13 @@ class LibraryStore:
         return self.files.fragments(self._paths("fragments", version), ids, columns or SCHEMAS["fragments"].names)
 
     # ---- writes -------------------------------------------------------------------------
-    def append(self, name: str, rows: pa.Table, note: str = "", runs: list[int] | None = None) -> None:
+    def append(self, name: str, rows: pa.Table, note: str = "", runs: list[int] | None = None, on_version: int | None = None) -> None:
         """Append rows in one atomic commit: one new Parquet file, then one Delta log entry that
-        adds it. A crash before the commit leaves an unreferenced file (vacuum removes it), never
-        a half-visible append. `runs` (row counts summing to the rows) are consecutive runs that
-        never share a row group, so a reader of one run reads no rows of its neighbours.
+        adds it. A failed append removes its file; a killed one leaves an unreferenced file (gc
+        removes it), never a half-visible append. `runs` (row counts summing to the rows) are
+        consecutive runs that never share a row group, so a reader of one run reads no rows of
+        its neighbours. With `on_version`, the commit is made on top of that version or not at
+        all (CommitFailedError when another writer committed first).
 
         The file is written by pyarrow and committed with delta-rs' `create_write_transaction`
         rather than `write_deltalake`: on the example family's 24 MB of fragment blobs
@@ -242,33 +250,50 @@ class LibraryStore:
         # Fragments: blobs are zstd already, so no page compression; no statistics or
         # dictionary on blobs; row groups of ~2 MiB so a restore reads little beyond its rows.
         group_rows = max(1, _FRAGMENT_ROW_GROUP_BYTES * rows.num_rows // max(1, rows["blob"].nbytes)) if blobs else None
-        with self.fs.open(path, "wb") as f, pq.ParquetWriter(
-            f, schema, compression="none" if blobs else "snappy", use_dictionary=scalar, write_statistics=scalar
-        ) as w:
-            start = 0
-            for n in runs:
-                if n:
-                    w.write_table(rows.slice(start, n), row_group_size=group_rows)
-                start += n
-        action = AddAction(fname, self.fs.size(path), {}, int(time.time() * 1000), True, json.dumps(_file_stats(rows, scalar)))
+        try:
+            with self.fs.open(path, "wb") as f, pq.ParquetWriter(
+                f, schema, compression="none" if blobs else "snappy", use_dictionary=scalar, write_statistics=scalar
+            ) as w:
+                start = 0
+                for n in runs:
+                    if n:
+                        w.write_table(rows.slice(start, n), row_group_size=group_rows)
+                        maybe_die(f"write-{name}")
+                    start += n
+            action = AddAction(fname, self.fs.size(path), {}, int(time.time() * 1000), True, json.dumps(_file_stats(rows, scalar)))
+            maybe_die(f"commit-{name}")
+            self._check_lease()
+        except BaseException:
+            self._remove_quietly(path)  # a full disk must not stay full of a file nobody will commit
+            raise
+        props = CommitProperties(custom_metadata={"haagenti": note} if note else None, max_commit_retries=0 if on_version is not None else None)
         with self._lock:
-            self.table(name).create_write_transaction(
-                [action], mode="append", schema=schema,
-                commit_properties=CommitProperties(custom_metadata={"haagenti": note}) if note else None,
-            )
+            table = self.table(name) if on_version is None else self.table(name, version=on_version)
+            try:
+                table.create_write_transaction([action], mode="append", schema=schema, commit_properties=props)
+            except CommitFailedError:
+                self._remove_quietly(path)  # not committed, for sure
+                raise
+        maybe_die(f"committed-{name}")
+
+    def _check_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.check()
+
+    def _remove_quietly(self, path: str) -> None:
+        with contextlib.suppress(OSError):
+            self.fs.rm_file(path)
 
     def delete(self, name: str, predicate: str) -> int:
         """Delete rows matching a SQL predicate in one commit; returns rows deleted."""
+        self._check_lease()
         with self._lock:
             metrics = self.table(name).delete(predicate)
         return int(metrics.get("num_deleted_rows", 0))
 
-    def delete_models(self, model_ids: list[str]) -> int:
-        """Unpublish models: their models rows (one commit per IN_LIST ids)."""
-        return sum(self.delete("models", p) for p in in_lists("model_id", sorted(model_ids)))
-
-    def delete_manifests(self, model_ids: list[str]) -> int:
-        return sum(self.delete("manifests", p) for p in in_lists("model_id", sorted(model_ids)))
+    def delete_owned(self, name: str, keys: list[tuple[str, str]]) -> int:
+        """Delete the models or manifests rows of the given (model_id, ingest_id) pairs."""
+        return sum(self.delete(name, p) for p in owned_by(sorted(keys)))
 
     def delete_fragments(self, fragment_ids: list[str]) -> int:
         return sum(self.delete("fragments", p) for p in in_lists("fragment_id", sorted(fragment_ids)))
@@ -278,6 +303,7 @@ class LibraryStore:
 
     def set_family(self, model_id: str, family: str) -> int:
         """Record another family for a published model, in one commit of the models table."""
+        self._check_lease()
         with self._lock:
             metrics = self.table("models").update(updates={"family": quote(family)}, predicate=f"model_id = {quote(model_id)}")
         return int(metrics.get("num_updated_rows", 0))
@@ -287,25 +313,28 @@ class LibraryStore:
         ids = sorted(fragment_ids)
         return sum(self.delete("ids", p) for p in in_lists("fragment_id", ids)) + sum(self.delete("bands", p) for p in hex_in_lists("fragment_id", ids))
 
-    def compact(self) -> int:
+    def compact(self, wait: float = 0.0) -> int:
         """Merge small files of the metadata tables (fragments keep their small row groups)."""
         n = 0
-        for name in ("signatures", "manifests", "models"):
-            with self._lock:
-                n += int(self.table(name).optimize.compact().get("numFilesRemoved", 0))
-        self.vacuum()
+        with writing(self, "gc", wait=wait):
+            for name in ("signatures", "manifests", "models"):
+                self._check_lease()
+                with self._lock:
+                    n += int(self.table(name).optimize.compact().get("numFilesRemoved", 0))
+            self.vacuum()
         return n
 
-    def vacuum(self) -> int:
-        """Physically remove data files no longer in any retained version (after gc), and data
-        files no commit ever referenced (an append killed between its file and its commit) once
-        they are ORPHAN_HOURS old: a younger one may belong to an append still running."""
+    def vacuum(self, wait: float = 0.0) -> int:
+        """Physically remove every data file the latest version of a table does not reference:
+        files of older versions (after gc) and files no commit ever referenced (an append killed
+        between its file and its commit). Under a gc lease no other writer is running, so none
+        of them can belong to an append still in flight, however young."""
         n = 0
-        for name in SCHEMAS:
-            with self._lock:
-                t = self.table(name)
-                n += len(t.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False))
-                n += len(t.vacuum(retention_hours=ORPHAN_HOURS, full=True, enforce_retention_duration=False, dry_run=False))
+        with writing(self, "gc", wait=wait):
+            for name in SCHEMAS:
+                self._check_lease()
+                with self._lock:
+                    n += len(self.table(name).vacuum(retention_hours=0, full=True, enforce_retention_duration=False, dry_run=False))
         return n
 
 

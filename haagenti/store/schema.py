@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-LIBRARY_FORMAT_VERSION = 4  # 2: BLAKE3 ids and file hashes; 3: file layout digests; 4: invariants in haagenti.json
+LIBRARY_FORMAT_VERSION = 4  # 2: BLAKE3 ids and file hashes; 3: file layout digests; 4: invariants in haagenti.json, ingest ids
 
 SCHEMAS: dict[str, pa.Schema] = {
     "fragments": pa.schema(
@@ -54,6 +54,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("source_fragment_id", pa.string()),  # differs from fragment_id only for lossy sharing
             ("max_abs_error", pa.float64()),
             ("rel_l2_error", pa.float64()),
+            ("ingest_id", pa.string()),  # the writer that wrote the row; owned by the models row with the same id
         ]
     ),
     # The global indexes (haagenti/index.py): sorted by their int64 key, read by key range.
@@ -92,6 +93,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("source_uris", pa.list_(pa.string())),
             ("ingest_seq", pa.int64()),
             ("format_version", pa.int32()),
+            ("ingest_id", pa.string()),  # the writer that published it (its manifest rows carry the same)
         ]
     ),
 }

@@ -13,6 +13,14 @@ def quote(value: str) -> str:
     return f"'{value}'"
 
 
+def owned_by(keys: list[tuple[str, str]]) -> list[str]:
+    """Predicates covering the rows of the given (model_id, ingest_id) pairs, IN_LIST pairs each."""
+    return [
+        " OR ".join(f"(model_id = {quote(m)} AND ingest_id = {quote(i)})" for m, i in keys[k : k + IN_LIST])
+        for k in range(0, len(keys), IN_LIST)
+    ]
+
+
 def in_lists(column: str, values: list[str]) -> list[str]:
     """`column IN (...)` predicates covering `values`, IN_LIST values each."""
     return [f"{column} IN ({', '.join(quote(v) for v in values[i : i + IN_LIST])})" for i in range(0, len(values), IN_LIST)]

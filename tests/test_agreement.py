@@ -27,14 +27,19 @@ def tables(url: str) -> dict[str, list[dict]]:
     """Every table's rows, sorted. `family` is left out of models rows: the pipeline infers a
     family for a catalog entry without one (from shared fragments), `ingest` takes a single
     --family for every file; nothing else may differ (ids, encodings, references, blobs, layouts,
-    ingest order). Commit times live in the Delta log, not in the rows."""
+    ingest order). `ingest_id` names the run that wrote a row, a fresh id per run: it is checked
+to be one id for all manifests and models rows of the run, then left out too."""
     lib = FragmentLibrary.open(url, create=False)
     out = {}
+    runs = set()
     for name, key in KEYS.items():
         rows = lib.store.read(name).to_pylist()
         for r in rows:
             r.pop("family", None)
+            if name in ("manifests", "models"):
+                runs.add(r.pop("ingest_id"))
         out[name] = sorted(rows, key=lambda r: tuple(r[k] for k in key))
+    assert len(runs) == 1, runs
     return out
 
 

@@ -75,9 +75,9 @@ def test_both_paths_commit_in_the_one_order(tmp_path, family, monkeypatch):
     commits: list[tuple[str, int]] = []
     real = LibraryStore.append
 
-    def logged(self, name, rows, note="", runs=None):
+    def logged(self, name, rows, note="", runs=None, **kw):
         commits.append((name, len(runs or [rows.num_rows])))
-        return real(self, name, rows, note, runs)
+        return real(self, name, rows, note, runs, **kw)
 
     monkeypatch.setattr(LibraryStore, "append", logged)
     small = LibraryConfig(fragment_size=64 * 1024, batch_bytes=2 * 1024 * 1024)  # several chunks

@@ -103,6 +103,7 @@ def test_same_id_ingests_one_wins(tmp_path, where, same_file):
     a, b = model_file(tmp_path / "a.safetensors", 1), model_file(tmp_path / "b.safetensors", 2)
     for trial, stagger in enumerate(STAGGERS):
         url = f"{where}-{trial}"
+        FragmentLibrary.open(url, CONFIG)  # the race is over the model id, not over creating the library
         files = [a, a if same_file else b]
         results = race([["ingest", url, f, "--model-id", "m", *FRAGMENT] for f in files], stagger)
         winners = [f for f, (rc, _, _) in zip(files, results) if rc == 0]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import BinaryIO, Iterable
 
+import pyarrow.compute as pc
 
 from haagenti import maintenance, restore
 from haagenti.config import LibraryConfig, LibraryStats

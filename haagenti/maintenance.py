@@ -267,7 +267,11 @@ def stats(lib: "FragmentLibrary") -> LibraryStats:
     users = pairs_t.group_by("fragment_id").aggregate([("model_id", "count")])
     shared = users.filter(pc.greater(users["model_id_count"], 1))["model_id_count"]
     first = pairs_t.join(ranks, "model_id").group_by("fragment_id").aggregate([("rank", "min")])
-    new = first.join(sizes, "fragment_id").group_by("rank_min").aggregate([("stored_size_last", "sum")])
+    sized = first.join(sizes, "fragment_id")
+    missing = sized["stored_size_last"].null_count
+    if missing:  # e.g. a fragments log entry lost: say so rather than count them as free
+        raise DamagedError(f"{store.url}: {missing} fragment(s) that published models reference are missing from the fragments table (run `haagenti verify`)")
+    new = sized.group_by("rank_min").aggregate([("stored_size_last", "sum")])
     new_by_rank = dict(zip(new["rank_min"].to_pylist(), new["stored_size_last_sum"].to_pylist()))
     per_model = []
     for rank, (mid, fam, raw) in enumerate(zip(*(models[c].to_pylist() for c in ("model_id", "family", "raw_bytes")))):

@@ -10,13 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -28,25 +25,7 @@ from haagenti.library import FragmentLibrary  # noqa: E402
 from haagenti.store.leases import writing  # noqa: E402
 from haagenti.store.publication import record  # noqa: E402
 
-
-def moto() -> subprocess.Popen:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(150):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-    return proc
+from common import start_moto  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +33,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=15)
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-leases-")
-    server = moto()
+    server, _ = start_moto("bench")
     try:
         rng = np.random.default_rng(0)
         path = os.path.join(tmp, "m.safetensors")

@@ -22,16 +22,16 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+from common import start_moto  # noqa: E402
+
 CACHE = os.path.join(HERE, ".cache", "scale")
 CHUNK = 2_000_000  # rows per appended (sorted) file of the synthetic index
 BUCKET = "scale"
@@ -204,26 +204,6 @@ def run_pipeline(url: str, model: str) -> dict:
 
 
 # ---- the S3 server and the stores ------------------------------------------------------
-def start_moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(150):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
-    return proc, endpoint
-
-
 def index_bytes(url: str) -> int:
     from haagenti.fsio import filesystem_for
 
@@ -288,7 +268,7 @@ def main() -> None:
     try:
         for store in a.stores:
             if store == "s3":
-                moto, _ = start_moto()
+                moto, _ = start_moto(BUCKET)
             for n in a.sizes:
                 if store == "s3" and n > a.s3_max:
                     print(f"s3 {n:>10,}: skipped (moto_server keeps every object in memory; the index alone would take {n * 1.1e-6:.0f} GB of it)", flush=True)

@@ -18,6 +18,7 @@ from haagenti.adaptive.quantize import PrecisionLayers, quantize
 from haagenti.adaptive.sampling import DigitsPipeline, make_scheduler
 from haagenti.adaptive.search import CHOICES, Sensitivity, frontier, measured, search
 from haagenti.adaptive.switch import PrecisionSwitcher, noise_levels, plan_for
+from tests.helpers import cli
 
 SAMPLERS = ("ddim", "dpmpp2m", "euler_a", "heun")
 
@@ -243,11 +244,9 @@ def test_metrics_on_real_samples(tiny_unet):
 def test_cli_schedule_search_and_presets():
     import subprocess
     import sys
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "haagenti.cli", "schedule", *args], capture_output=True, text=True)
-
-    p = cli("search", "--budget", "0.4", "--sampler", "dpmpp2m")
+    # The real console once (a subprocess), every mistake in this process: each start imports torch.
+    p = subprocess.run([sys.executable, "-m", "haagenti.cli", "schedule", "search", "--budget", "0.4", "--sampler", "dpmpp2m"],
+                       capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "search@0.4 unet/dpmpp2m: 20 steps" in p.stdout and "predicted MSE" in p.stdout
     share = float(p.stdout.split("measured weight bytes ")[1].split("%")[0])
@@ -255,10 +254,10 @@ def test_cli_schedule_search_and_presets():
     for args, msg in ((("search", "--budget", "0.1"), "no schedule fits 10%"), (("search", "--budget", "0.4", "--sampler", "plms"), "no measured sensitivity"),
                       (("search", "--budget", "0.4", "--sensitivity", "/nonexistent.json"), "cannot read"), (("--preset", "fast"), "unknown preset"),
                       (("--sampler", "plms"), "unknown sampler"), (("--transition", "gradual:x"), "unknown transition")):
-        p = cli(*args)
-        assert p.returncode == 1 and msg in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
-    p = cli("--preset", "noise_adaptive", "--sampler", "heun", "--steps", "12")
-    assert p.returncode == 0 and "12 steps" in p.stdout, p.stderr
+        code, _, err = cli("schedule", *args)
+        assert code == 1 and msg in err, (args, err)
+    code, out, err = cli("schedule", "--preset", "noise_adaptive", "--sampler", "heun", "--steps", "12")
+    assert code == 0 and "12 steps" in out, err
 
 
 def test_precision_tiers_in_the_library(tmp_path, family):

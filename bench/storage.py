@@ -94,11 +94,11 @@ def byte_grouped(files, tensors):
         for dt, data in tensors[f].values():
             d = dtype(dt)
             chain = chain_for(d.itemsize, d.is_float, 3)
-            packed.append((chain, chain.encode(data)))
+            packed.append((chain, chain.encode(data), len(data)))
     t1 = time.perf_counter()
-    for chain, p in packed:
-        chain.decode(p)
-    return sum(len(p) for _, p in packed), t1 - t0, time.perf_counter() - t1
+    for chain, p, size in packed:
+        chain.decode(p, size)
+    return sum(len(p) for _, p, _ in packed), t1 - t0, time.perf_counter() - t1
 
 
 def xor_oracle(members, tensors):

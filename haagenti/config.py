@@ -10,6 +10,7 @@ from haagenti.similarity import SimilarityThreshold
 
 MIN_FRAGMENT = 64 * 1024
 MAX_FRAGMENT = 1024 * 1024
+MAX_RAW_FRAGMENT = 4 * MAX_FRAGMENT  # fragment_size // 2 elements of an 8-byte dtype
 
 
 # A library's invariants: fixed when it is created (haagenti.json) and used from then on.

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from haagenti.codecs import apply_delta, cast_reference, codec_chain, smallest_encoding
+from haagenti.config import MAX_RAW_FRAGMENT
 from haagenti.errors import FragmentError
 from haagenti.formats.dtypes import castable
 from haagenti.formats.dtypes import dtype as lookup_dtype
@@ -59,8 +60,10 @@ def decode_row(row: dict, ref_raw: bytes | None, ref_dtype: str | None) -> bytes
     """Raw bytes of one stored fragment row, verified against its id."""
     if row["encoding"] != Encoding.PLAIN.value and (ref_raw is None or ref_dtype is None):
         raise FragmentError(f"fragment {row['fragment_id']}: reference {row['ref_id']} is missing")
+    if not isinstance(row["raw_size"], int) or not 0 <= row["raw_size"] <= MAX_RAW_FRAGMENT:
+        raise FragmentError(f"fragment {row['fragment_id']} is damaged: its record claims {row['raw_size']} bytes")
     try:
-        raw = codec_chain(row["codec"]).decode(row["blob"])
+        raw = codec_chain(row["codec"]).decode(row["blob"], row["raw_size"])
         enc = Encoding(row["encoding"])
         if enc is not Encoding.PLAIN:
             ref = cast_reference(ref_raw, ref_dtype, row["dtype"])

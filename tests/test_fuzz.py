@@ -292,3 +292,33 @@ def test_damaged_library_through_the_real_entrypoint(library, tmp_path, case):
             assert "damaged" in p.stderr or "failed verification" in p.stderr, p.stderr
             failed.append(mid)
     assert failed
+
+
+def test_a_blob_that_would_decode_past_its_record_is_refused_unread(library, tmp_path):
+    """A zstd frame is a promise of its size: a blob swapped for frames of 64 MiB of zeros each
+    (a few KB stored) must be refused from its header, not inflated and then found wrong."""
+    import zstandard
+
+    from haagenti.codecs import codec_chain
+
+    lib, files = library
+    copy = tmp_path / "copy"
+    shutil.copytree(lib, copy)
+    path = data_files(copy, "fragments")[0]
+    t = pq.read_table(path)
+    specs = t["codec"].to_pylist()
+    i = next(k for k, s in enumerate(specs) if "zstd" in s)
+    streams = codec_chain(specs[i]).codecs[-1].streams
+    frame = zstandard.ZstdCompressor(level=19).compress(bytes(64 << 20))
+    bomb = b"".join(struct.pack("<BI", 1, len(frame)) for _ in range(streams)) + frame * streams
+    blobs = t["blob"].to_pylist()
+    blobs[i] = bomb
+    t = t.set_column(t.schema.get_field_index("blob"), "blob", pa.array(blobs, t.schema.field("blob").type))
+    pq.write_table(t, path, compression="none")
+    errors = []
+    for mid in ("m0", "m1"):
+        code, _, err = cli("restore", copy, mid, tmp_path / mid)
+        if code:
+            errors.append(err)
+    assert errors and all(len(e.strip().splitlines()) == 1 for e in errors), errors
+    assert any(f"more than the {t['raw_size'][i].as_py()} recorded" in e for e in errors), errors

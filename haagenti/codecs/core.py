@@ -14,11 +14,18 @@ from haagenti.errors import FragmentError
 class Codec(Protocol):
     spec: str
 
-    """Encoders and decoders take and return any bytes-like object (bytes or a memoryview)."""
+    """Encoders and decoders take and return any bytes-like object (bytes or a memoryview).
+    `decode` refuses to produce more than `limit` bytes: stored bytes are untrusted, and a zstd
+    frame header may claim any size (it would be allocated before a byte is checked)."""
 
     def encode(self, data: bytes | memoryview) -> bytes | memoryview: ...
 
-    def decode(self, data: bytes | memoryview) -> bytes | memoryview: ...
+    def decode(self, data: bytes | memoryview, limit: int) -> bytes | memoryview: ...
+
+
+def _within(size: int, limit: int) -> None:
+    if size > limit:
+        raise FragmentError(f"decodes to {size} bytes, more than the {limit} recorded")
 
 
 class ByteGroup:
@@ -48,7 +55,8 @@ class ByteGroup:
             np.right_shift(words, 8 * i, out=planes[i], casting="unsafe")  # keeps byte i of each word
         return memoryview(planes).cast("B")
 
-    def decode(self, data: bytes | memoryview) -> memoryview:
+    def decode(self, data: bytes | memoryview, limit: int) -> memoryview:
+        _within(len(data), limit)
         planes = np.frombuffer(data, dtype=np.uint8).reshape(self.width, -1)
         out = planes[-1].astype(_WORD[self.width])
         for i in range(self.width - 2, -1, -1):
@@ -90,7 +98,8 @@ class SignLast:
             self._out, self._tmp = np.empty(n, _WORD[self.width]), np.empty(n, _WORD[self.width])
         return memoryview(self._rotate(data, 1, self._out, self._tmp)).cast("B")
 
-    def decode(self, data: bytes | memoryview) -> memoryview:
+    def decode(self, data: bytes | memoryview, limit: int) -> memoryview:
+        _within(len(data), limit)
         n = len(data) // self.width
         if len(self._tmp) < n:
             self._tmp = np.empty(n, _WORD[self.width])
@@ -148,7 +157,7 @@ class Zstd:
         packed = self._c.compress(part)
         return packed if len(packed) < len(part) else None
 
-    def decode(self, data: bytes | memoryview) -> memoryview:
+    def decode(self, data: bytes | memoryview, limit: int) -> memoryview:
         """The streams copied into one buffer of their own by numpy (which releases the GIL),
         not joined by bytes.join (which holds it for the copy of every byte and so kept restore
         threads from running side by side)."""
@@ -159,6 +168,8 @@ class Zstd:
             compressed, length = struct.unpack_from("<BI", view, 5 * i)
             part = view[pos : pos + length]
             pos += length
+            if compressed:  # a frame without a content size is refused by decompress itself
+                _within(zstandard.frame_content_size(part), limit)
             parts.append(np.frombuffer(self._d.decompress(part) if compressed else part, np.uint8))
         return memoryview(np.concatenate(parts) if len(parts) > 1 else parts[0].copy())
 
@@ -175,9 +186,9 @@ class CodecChain:
             data = c.encode(data)
         return data if isinstance(data, bytes) else bytes(data)  # never a codec's reused buffer
 
-    def decode(self, data: bytes | memoryview) -> bytes | memoryview:
+    def decode(self, data: bytes | memoryview, limit: int) -> bytes | memoryview:
         for c in reversed(self.codecs):
-            data = c.decode(data)
+            data = c.decode(data, limit)
         # "raw": a copy, never a view of the caller's buffer (a cached view would pin it).
         return data if self.codecs else bytes(data)
 

@@ -1,15 +1,21 @@
 """Model switching within a family: bytes read and time, haagenti's ModelLoader against loading
 each model's safetensors file from scratch.
 
-    python bench/switching.py
-The library holds the example family (with similarity). One loader with a 1 GiB fragment cache
-loads the base, then switches to each other member in turn; a switch reads only the fragments it
-does not hold (a fine-tune's deltas, not the base fragments they reference; nothing for layers a
-partial fine-tune froze). The baseline reads the member's whole file with safetensors
-(`load_file`, page cache warm: the file was just written). Times are medians of REPEATS runs.
+    python bench/switching.py [--repeats 7] [--family family]
+The library holds the family (with similarity). Each round starts two loaders with empty
+1 GiB fragment caches, one on one thread and one on every core, which load the base and then
+switch to each other member in turn (a first visit: the manifest is read and the fragments the
+loader does not hold are read, verified and decoded; a fine-tune reads its deltas, not the base
+fragments they reference, and nothing for layers a partial fine-tune froze). Then both switch
+to every member once more (a revisit: every fragment is held). Beside each load, interleaved,
+the member's file is loaded with safetensors twice: `load_file` as is (it maps the file and
+returns tensors over the mapping, so no byte is read until used) and with `backend="pread"`
+(the bytes read into memory of the tensors' own, as the loader returns them). The page cache
+is warm for both. Times are min / median / max over the rounds.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import statistics
@@ -24,36 +30,56 @@ from common import example_family
 from haagenti.config import LibraryConfig
 from haagenti.library import FragmentLibrary, ModelInput
 from haagenti.loader import ModelLoader
+from haagenti.parallel import thread_count
 
-REPEATS = 3
+
+def spread(xs: list[float]) -> str:
+    """min / median / max in ms."""
+    return f"{min(xs) * 1e3:5.1f} {statistics.median(xs) * 1e3:5.1f} {max(xs) * 1e3:6.1f}"
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--family", default="family", help="bench/common.py's example_family name (family, largeK)")
+    args = ap.parse_args()
     torch.set_num_threads(1)
-    members = example_family()
+    members = example_family(args.family)
+    cores = thread_count(0)
     root = tempfile.mkdtemp(prefix="haagenti-switch-")
     try:
         lib = FragmentLibrary.open(os.path.join(root, "lib"), LibraryConfig(similarity=True))
         lib.ingest_many([ModelInput([m.file], m.model_id, m.family) for m in members])
-        runs: dict[str, list[tuple[float, int, int, int, float]]] = {m.model_id: [] for m in members}
-        for _ in range(REPEATS):
-            loader = ModelLoader(lib, cache_bytes=1 << 30)
+        cols = ["hg 1", f"hg {cores}", "st mmap", "st pread", "again 1", f"again {cores}"]
+        t: dict[str, dict[str, list[float]]] = {m.model_id: {c: [] for c in cols} for m in members}
+        reads: dict[str, tuple[int, int, int]] = {}
+        for _ in range(args.repeats):
+            loaders = {"1": ModelLoader(lib, cache_bytes=1 << 30, threads=1), str(cores): ModelLoader(lib, cache_bytes=1 << 30, threads=cores)}
             for m in members:  # the base first, then a switch to each member
-                t0 = time.perf_counter()
-                loader.load(m.model_id)
-                secs = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                load_file(m.file)
-                file_secs = time.perf_counter() - t0
-                r = loader.last
-                runs[m.model_id].append((secs, r.fragments_fetched, r.fragments, r.stored_bytes_read, file_secs))
-        print(f"{'load (in order)':22s} {'fetched':>12s} {'bytes read':>12s} {'file bytes':>11s} {'haagenti ms':>12s} {'file ms':>8s}")
+                for k, loader in loaders.items():
+                    t[m.model_id][f"hg {k}"].append(timed(lambda: loader.load(m.model_id)))
+                    r = loader.last
+                    reads[m.model_id] = (r.fragments_fetched, r.fragments, r.stored_bytes_read)
+                t[m.model_id]["st mmap"].append(timed(lambda: load_file(m.file)))
+                t[m.model_id]["st pread"].append(timed(lambda: load_file(m.file, backend="pread")))
+            for m in members:  # back to each member: everything is held
+                for k, loader in loaders.items():
+                    t[m.model_id][f"again {k}"].append(timed(lambda: loader.load(m.model_id)))
+                    assert loader.last.stored_bytes_read == 0
+            for loader in loaders.values():
+                loader.close()
+        print(f"{cores} cores; ms as min / median / max over {args.repeats} rounds; 'again': the revisit (nothing read)")
+        print(f"{'load (in order)':20s} {'fetched':>9s} {'read MB':>8s} {'file MB':>8s}" + "".join(f" {c:>18s}" for c in cols))
         for m in members:
-            rs = runs[m.model_id]
-            secs, fetched, total, read, _ = rs[0]
-            size = os.path.getsize(m.file)
-            print(f"{m.model_id:22s} {fetched:5d} / {total:4d} {read / 1e6:9.2f} MB {size / 1e6:8.2f} MB "
-                  f"{statistics.median(r[0] for r in rs) * 1e3:12.1f} {statistics.median(r[4] for r in rs) * 1e3:8.1f}")
+            fetched, total, read = reads[m.model_id]
+            print(f"{m.model_id:20s} {fetched:3d} / {total:3d} {read / 1e6:8.2f} {os.path.getsize(m.file) / 1e6:8.2f}"
+                  + "".join(f" {spread(t[m.model_id][c]):>18s}" for c in cols))
     finally:
         shutil.rmtree(root)
 

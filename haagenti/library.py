@@ -58,18 +58,26 @@ class FragmentLibrary:
         t = self.store.read("fragments", columns=["fragment_id", "dtype"])
         return dict(zip(t["fragment_id"].to_pylist(), t["dtype"].to_pylist()))
 
-    def fetch_raw(self, ids: Iterable[str], cache: RawCache | None = None, workers: Workers | None = None) -> dict[str, bytes]:
+    def fetch_raw(self, ids: Iterable[str], cache: RawCache | None = None, workers: Workers | None = None,
+                  tally: list[int] | None = None) -> dict[str, bytes]:
         """Decoded, hash-verified bytes of fragments (and nothing else from the library),
-        decoded over `workers` when given."""
+        decoded over `workers` when given; `tally` gets the stored size of every row read."""
         ids = set(ids)
         held = {i: cache.get(i) for i in ids} if cache else {}
         held = {i: v for i, v in held.items() if v is not None}  # taken now: decoding may evict them
         todo = ids - held.keys()
-        rows = fragment_rows(self.store.read_fragments(todo)) if todo else []
+
+        def read(wanted: set[str]) -> list[dict]:
+            rows = fragment_rows(self.store.read_fragments(wanted))
+            if tally is not None:
+                tally.extend(len(r["blob"]) for r in rows)
+            return rows
+
+        rows = read(todo) if todo else []
         missing = todo - {r["fragment_id"] for r in rows}
         if missing:
             raise FragmentError(f"fragment(s) missing from the library: {sorted(missing)[:3]}")
-        out = decode_rows(rows, lambda s: fragment_rows(self.store.read_fragments(s)), cache, workers)
+        out = decode_rows(rows, read, cache, workers)
         out.update(held)
         return out
 

@@ -24,10 +24,11 @@ if TYPE_CHECKING:
 
 
 def iter_parts(lib: "FragmentLibrary", manifest: ModelManifest, cache: RawCache | None = None,
-               workers: Workers | None = None) -> Iterable[tuple[TensorRef, list[bytes]]]:
+               workers: Workers | None = None, tally: list[int] | None = None) -> Iterable[tuple[TensorRef, list[bytes]]]:
     """(tensor, its fragments' verified bytes in order): what a restore writes, uncopied.
     Fragments come in groups of about `batch_bytes`; with `workers` a group is decoded over
-    them while the one before it is written (two groups in memory at most)."""
+    them while the one before it is written (two groups in memory at most). `tally` gets the
+    stored size of every fragment row read from storage."""
     groups: list[list[TensorRef]] = [[]]
     size = 0
     for t in manifest.tensors:
@@ -40,7 +41,7 @@ def iter_parts(lib: "FragmentLibrary", manifest: ModelManifest, cache: RawCache 
     def fetch(group: list[TensorRef]) -> dict[str, bytes]:
         ids = {r.fragment_id for g in group for r in g.fragments}
         try:
-            return lib.fetch_raw(ids, cache, workers)
+            return lib.fetch_raw(ids, cache, workers, tally)
         except FragmentError as e:
             names = [g.name for g in group if any(r.fragment_id in str(e) for r in g.fragments)] or [g.name for g in group]
             raise FragmentError(f"model {manifest.model_id!r}, tensor {names[0]!r}: {e}") from None
@@ -104,7 +105,7 @@ def write_model(lib: "FragmentLibrary", manifest: ModelManifest, sinks: list[Bin
     for t, parts in iter_parts(lib, manifest, None, workers):
         i = t.file_index
         if i in states:
-            states[i][t.name] = tensor_of(t, b"".join(parts))
+            states[i][t.name] = tensor_of(t, parts)
             continue
         splicers[i].begin_tensor()
         for ref, part in zip(t.fragments, parts):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING
 
+from haagenti.errors import FragmentError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.manifest import TensorRef
 
@@ -12,12 +13,22 @@ if TYPE_CHECKING:
     import torch
 
 
-def tensor_of(t: TensorRef, data: bytes) -> torch.Tensor:
-    """A tensor's restored bytes as a CPU tensor of its dtype and shape (owning a copy)."""
+def tensor_of(t: TensorRef, parts: list[bytes | memoryview]) -> torch.Tensor:
+    """A tensor of its dtype and shape (CPU, owning its memory) from its restored bytes in
+    pieces: each piece copied once into the tensor, not joined first and copied again."""
+    import numpy as np
     import torch
 
-    dt = lookup_dtype(t.dtype).torch_dtype
-    return torch.frombuffer(bytearray(data), dtype=dt).reshape(t.shape) if data else torch.empty(t.shape, dtype=dt)
+    out = torch.empty(t.shape, dtype=lookup_dtype(t.dtype).torch_dtype)
+    dest = out.view(-1).view(torch.uint8).numpy() if out.numel() else np.empty(0, np.uint8)
+    pieces = [np.frombuffer(p, np.uint8) for p in parts]
+    if sum(len(p) for p in pieces) != len(dest):
+        raise FragmentError(f"tensor {t.name!r}: its fragments hold {sum(len(p) for p in pieces)} bytes, its shape and dtype {len(dest)}")
+    pos = 0
+    for piece in pieces:
+        dest[pos : pos + len(piece)] = piece
+        pos += len(piece)
+    return out
 
 
 def checkpoint_bytes(state: dict[str, torch.Tensor]) -> bytes:

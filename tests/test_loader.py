@@ -1,0 +1,97 @@
+"""ModelLoader: what it keeps between switches (decoded fragments, manifests, threads) never
+serves bytes that were not verified when read from storage, nor a model that changed."""
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from haagenti.config import LibraryConfig
+from haagenti.errors import FragmentError, LibraryError
+from haagenti.library import FragmentLibrary, ModelInput
+from haagenti.loader import ModelLoader
+
+SMALL_FRAGMENTS = LibraryConfig(fragment_size=64 * 1024)
+
+
+def members(family, *names):
+    by_id = {m.model_id: m for m in family}
+    return [by_id[n] for n in names]
+
+
+def equal(state, path) -> bool:
+    want = load_file(path)
+    return set(state) == set(want) and all(torch.equal(state[k], v) and state[k].dtype == v.dtype for k, v in want.items())
+
+
+def flip_stored_byte(lib_path, fragment_id: str) -> None:
+    """One byte flipped in the middle of a fragment's stored blob, in place: the data file keeps
+    its size and layout (open readers keep valid footers), only the blob's bytes change."""
+    for path in sorted((lib_path / "fragments").glob("*.parquet")):
+        t = pq.read_table(path, columns=["fragment_id", "blob"])
+        ids = t["fragment_id"].to_pylist()
+        if fragment_id in ids:
+            blob = t["blob"][ids.index(fragment_id)].as_py()
+            data = bytearray(path.read_bytes())
+            at = data.find(blob)
+            assert at >= 0 and data.find(blob, at + 1) < 0
+            data[at + len(blob) // 2] ^= 0x5A
+            path.write_bytes(bytes(data))
+            return
+    raise AssertionError(f"{fragment_id} is not stored")
+
+
+def test_a_fragment_damaged_on_disk_is_caught_after_switches(tmp_path, family):
+    base, ft, partial = members(family, "digits-base", "digits-ft-lr1e-4", "digits-ft-partial")
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    lib.ingest_many([ModelInput([m.file], m.model_id, m.family) for m in (base, ft, partial)])
+    loader = ModelLoader(lib, cache_bytes=256 << 20, threads=2)
+    assert equal(loader.load(base.model_id), base.file)
+    assert equal(loader.load(partial.model_id), partial.file)
+    held = lib.manifest(base.model_id).fragment_ids | lib.manifest(partial.model_id).fragment_ids
+    [target, *_] = sorted(lib.manifest(ft.model_id).fragment_ids - held)
+    flip_stored_byte(tmp_path / "lib", target)
+    with pytest.raises(FragmentError, match=target):
+        loader.load(ft.model_id)
+    # What the loader holds was verified when it was read: switching back serves it unchanged.
+    assert equal(loader.load(base.model_id), base.file)
+    # A held fragment damaged on disk afterwards is still caught by every new read from storage.
+    [held_target, *_] = sorted(lib.manifest(base.model_id).fragment_ids - lib.manifest(ft.model_id).fragment_ids)
+    flip_stored_byte(tmp_path / "lib", held_target)
+    assert equal(loader.load(base.model_id), base.file)
+    with pytest.raises(FragmentError, match=held_target):
+        ModelLoader(lib, threads=1).load(base.model_id)
+
+
+def test_loader_reports_the_bytes_it_reads_and_threads_agree(tmp_path, family):
+    base, ft = members(family, "digits-base", "digits-ft-lr1e-4")
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    lib.ingest_many([ModelInput([m.file], m.model_id, m.family) for m in (base, ft)])
+    stored = dict(zip(*lib.store.read("fragments", columns=["fragment_id", "stored_size"]).to_pydict().values()))
+    refs = {k: v for k, v in zip(*lib.store.read("fragments", columns=["fragment_id", "ref_id"]).to_pydict().values()) if v}
+    ft_ids = lib.manifest(ft.model_id).fragment_ids
+    needs = ft_ids | {refs[i] for i in ft_ids if i in refs}  # its fragments and their delta references
+    assert needs - ft_ids  # a fine-tune stored as deltas
+    for threads in (1, 2):
+        loader = ModelLoader(lib, threads=threads)
+        assert equal(loader.load(ft.model_id), ft.file)
+        assert loader.last.stored_bytes_read == sum(stored[i] for i in needs)  # references read too
+        assert loader.last.fragments_fetched == len(ft_ids)
+        assert equal(loader.load(base.model_id), base.file)
+        assert loader.last.stored_bytes_read == sum(stored[i] for i in lib.manifest(base.model_id).fragment_ids - needs)
+        assert equal(loader.load(ft.model_id), ft.file)
+        assert (loader.last.fragments_fetched, loader.last.stored_bytes_read) == (0, 0)
+        loader.close()
+
+
+def test_loader_rereads_a_manifest_once_the_model_changes(tmp_path, family):
+    base, ft = members(family, "digits-base", "digits-ft-lr1e-4")
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    lib.ingest([base.file], "m")
+    loader = ModelLoader(lib, threads=1)
+    assert equal(loader.load("m"), base.file)
+    assert equal(loader.load("m"), base.file)  # the kept manifest
+    lib.rm("m")
+    with pytest.raises(LibraryError, match="not in the library"):
+        loader.load("m")
+    lib.ingest([ft.file], "m")
+    assert equal(loader.load("m"), ft.file)

@@ -8,7 +8,8 @@ machine that stalls does.
 The marker file records that it happened, so a retry (Ray's, or the test's re-run) goes through.
 Points: the pipeline's `encode` and `after-fragments`; each table append's `write-TABLE` (data
 file half written), `commit-TABLE` (data file written, not committed) and `committed-TABLE`;
-`published` (the models commit made, its publication record not yet written).
+`published` (the models commit made, its publication record not yet written); `create-marker`
+(a new library's tables made, its haagenti.json not yet written).
 """
 from __future__ import annotations
 

@@ -60,12 +60,11 @@ def ingest(
         from haagenti.formats import open_model
 
         total = sum(open_model(m.urls).raw_bytes for m in models)  # every file is checked before a library is made
-        with _new_library_removed_on_failure(library):
-            lib = FragmentLibrary.open(library, _config(fragment_size, lossy_threshold, not no_similarity))
-            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console, transient=True) as bar:
-                label = models[0].model_id if len(models) == 1 else f"{len(models)} models"
-                task = bar.add_task(f"ingest {label}", total=total)
-                reports = lib.ingest_many(models, progress=lambda n: bar.advance(task, n), threads=threads)
+        lib = FragmentLibrary.open(library, _config(fragment_size, lossy_threshold, not no_similarity))
+        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console, transient=True) as bar:
+            label = models[0].model_id if len(models) == 1 else f"{len(models)} models"
+            task = bar.add_task(f"ingest {label}", total=total)
+            reports = lib.ingest_many(models, progress=lambda n: bar.advance(task, n), threads=threads)
         for r in reports:
             out.print(
                 f"ingested {r.model_id}: {r.fragments} fragments ({r.exact} exact, {r.delta} delta, {r.plain} plain, {r.lossy} lossy), "
@@ -100,21 +99,6 @@ def _stages(label: str, stages: tuple[str, ...]):
             console.print(f"{label} {stage} done", highlight=False)
 
         yield ended
-
-
-@contextlib.contextmanager
-def _new_library_removed_on_failure(url: str):
-    """A first ingest into a new path that fails leaves no library folder behind."""
-    from haagenti.store import LibraryStore
-
-    store = LibraryStore(url)
-    fresh = not store.fs.exists(store.root)
-    try:
-        yield
-    except BaseException:
-        if fresh and store.fs.exists(store.root):
-            store.fs.rm(store.root, recursive=True)
-        raise
 
 
 @app.command()

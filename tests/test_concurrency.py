@@ -292,6 +292,21 @@ def test_stalled_writer_whose_lease_expired_commits_nothing(tmp_path):
     check(url, {"b": a}, tmp_path)
 
 
+def test_two_writers_creating_one_library_agree_on_its_invariants(tmp_path, where):
+    """Both find no library; one stalls before writing haagenti.json while the other creates the
+    library with another fragment size and stores a model. The stalled one, woken, must not
+    rewrite the invariants under the stored fragments: it is refused in one line."""
+    a, b = model_file(tmp_path / "a.safetensors", 1), model_file(tmp_path / "b.safetensors", 2)
+    stalled = start("ingest", where, a, "--model-id", "a", *FRAGMENT, env={"HAAGENTI_CHAOS": f"create-marker=stop:{tmp_path / 'm'}"})
+    _wait_stopped(stalled)
+    assert _run("ingest", where, b, "--model-id", "b", "--fragment-size", "131072", "--no-similarity")[0] == 0
+    os.kill(stalled.pid, signal.SIGCONT)
+    rc, out, err = stalled.wait(60), *stalled.communicate()
+    one_line_refusal(rc, out, err, "this library's fragment_size is 131072, not 65536")
+    assert FragmentLibrary.open(where, create=False).config.fragment_size == 131072
+    check(where, {"b": b}, tmp_path, absent=("a",))
+
+
 def test_a_lease_of_another_host_holds_until_it_expires(tmp_path):
     from haagenti.store.leases import Lease
 

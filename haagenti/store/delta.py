@@ -110,16 +110,36 @@ class LibraryStore:
         return self.fs.exists(posixpath.join(self.root, "haagenti.json"))
 
     def create(self, invariants: dict) -> None:
-        """Create the marker file, which records the library's invariants (haagenti.config),
-        and the empty tables; idempotent (a marker already written is kept)."""
+        """Create the empty tables and the marker file, which records the library's invariants
+        (haagenti.config). Safe against a concurrent creator: the first marker written wins and
+        is never rewritten (the loser then reads the winner's invariants, which its own config
+        must agree with), and a table another writer created meanwhile is kept."""
         for name, schema in SCHEMAS.items():
-            if not self._is_table(name):
+            if self._is_table(name):
+                continue
+            try:
                 DeltaTable.create(self.table_uri(name), schema, mode="ignore", storage_options=self.options,
                                   description=f"haagenti {name} (format {LIBRARY_FORMAT_VERSION})")
+            except Exception:  # version 0 committed by a concurrent creator between the check and ours
+                if not self._is_table(name):
+                    raise
+        maybe_die("create-marker")
+        body = json.dumps({"format": "haagenti", "format_version": LIBRARY_FORMAT_VERSION, **invariants}).encode()
         marker = posixpath.join(self.root, "haagenti.json")
-        if not self.fs.exists(marker):
-            with self.fs.open(marker, "w") as f:
-                json.dump({"format": "haagenti", "format_version": LIBRARY_FORMAT_VERSION, **invariants}, f)
+        try:
+            if self._local:  # written whole, then linked: link(2) never replaces, and no reader sees half a marker
+                tmp = f"{marker}.{os.getpid()}.{threading.get_ident()}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(body)
+                try:
+                    os.link(tmp, marker)
+                finally:
+                    os.unlink(tmp)
+            else:  # S3's If-None-Match: * (one PUT, atomic)
+                with self.fs.open(marker, "xb") as f:
+                    f.write(body)
+        except FileExistsError:
+            pass
 
     def marker(self) -> dict:
         """haagenti.json, checked to be this format's."""

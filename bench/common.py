@@ -51,24 +51,11 @@ def mbps(nbytes: int, seconds: float) -> str:
 def start_moto(bucket: str) -> tuple["subprocess.Popen", str]:
     """moto's S3 API on a free loopback port, in its own process, with `bucket` created and the
     AWS_* environment (read by s3fs, boto3 and delta-rs) pointing at it; the caller terminates it."""
-    import socket
-    import subprocess
-    import urllib.request
-
     import boto3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(150):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
+    from haagenti.testing import s3_environment, start_s3_server
+
+    proc, endpoint = start_s3_server()
+    os.environ.update(s3_environment(endpoint))
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
     return proc, endpoint

@@ -2,11 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
@@ -48,32 +43,11 @@ def family(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 API on 127.0.0.1, in its own process: delta-rs calls hold the GIL, so an
-    in-process (threaded) server would never get to answer them. Sets the AWS_* environment
-    that s3fs, boto3 and delta-rs all read."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.2)
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    """moto's S3 API on 127.0.0.1 for the whole run, with the AWS_* environment set."""
+    from haagenti.testing import s3_environment, start_s3_server
+
+    proc, endpoint = start_s3_server()
+    env = s3_environment(endpoint)
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield endpoint

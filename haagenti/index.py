@@ -65,6 +65,30 @@ def id_keys(ids: Iterable[str]) -> np.ndarray:
     return np.frombuffer(raw, ">u8").astype(np.uint64).view(np.int64) ^ np.int64(-(2**63))
 
 
+def fixed_width(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(n, width) uint8 view of a binary column whose values all have one width (ids, signature
+    bits): no Python object per value, no copy for a single chunk."""
+    arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    n = len(arr)
+    if n == 0:
+        return np.zeros((0, 0), np.uint8)
+    offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset : arr.offset + n + 1]
+    width = int(offsets[1] - offsets[0])
+    if (np.diff(offsets) != width).any() or arr.null_count:
+        raise ValueError("binary values of unequal widths")
+    return np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].reshape(n, width)
+
+
+_HEX = np.frombuffer(b"".join(f"{i:02x}".encode() for i in range(256)), np.uint16)  # byte -> its 2 hex chars
+
+
+def hex_ids(raw: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Raw 32-byte ids as their hex strings, the id form of every other table (vectorised)."""
+    chars = _HEX[fixed_width(raw)]
+    offsets = np.arange(len(chars) + 1, dtype=np.int32) * 64
+    return pa.Array.from_buffers(pa.string(), len(chars), [None, pa.py_buffer(offsets), pa.py_buffer(chars)])
+
+
 def band_hashes(bits: list[bytes] | np.ndarray, config: SignatureConfig) -> np.ndarray:
     """(fragments, bands) int64 band values: a band's `rows` bits are its own hash (rows <= 63).
     `bits`: signatures as bytes, or as an (n, bits / 8) uint8 array."""
@@ -243,8 +267,7 @@ class BandIndex:
         key = t["bucket"].to_numpy()
         return pa.table({
             "band": pa.array((key >> rows).astype(np.int16)), "band_hash": pa.array(key & ((1 << rows) - 1)),
-            "fragment_id": pa.array([x.hex() for x in t["fragment_id"].to_pylist()], pa.string()),
-            "bits": t["bits"], "n_elements": t["n_elements"],
+            "fragment_id": hex_ids(t["fragment_id"]), "bits": t["bits"].combine_chunks(), "n_elements": t["n_elements"],
         })
 
 

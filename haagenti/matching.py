@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 
 from haagenti.config import LibraryConfig
 from haagenti.groups import group_starts, rank_in_runs, sort_rows
+from haagenti.index import fixed_width
 from haagenti.signature import SignatureConfig
 from haagenti.similarity import band_rows
 
@@ -51,7 +52,6 @@ BAND_SCHEMA = pa.schema(
     ]
 )
 PAIR_SCHEMA = pa.schema([("fragment_id", pa.string()), ("candidate_id", pa.string()), ("hamming", pa.int32()), ("usable", pa.bool_())])
-_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.int32)
 
 
 def hamming_limit(config: SignatureConfig, cosine: float) -> int:
@@ -104,8 +104,10 @@ def bucket_pairs(part: pa.Table, max_hamming: int, max_partners: int = MAX_PARTN
     first = np.cumsum(reps) - reps
     i = np.repeat(rows_i, reps)
     j = np.repeat(row_start[rows_i], reps) + np.arange(int(reps.sum())) - np.repeat(first, reps)
-    packed = np.frombuffer(b"".join(t["bits"].to_pylist()), np.uint8).reshape(t.num_rows, -1)
-    d = _POPCOUNT[packed[i] ^ packed[j]].sum(axis=1)
+    words = fixed_width(t["bits"])
+    if words.shape[1] % 8 == 0:  # XOR and popcount a word at a time
+        words = words.view(np.uint64)
+    d = np.bitwise_count(words[i] ^ words[j]).sum(axis=1, dtype=np.int64)
     close = d <= max_hamming
     ids = t["fragment_id"].combine_chunks()
     return pa.table(

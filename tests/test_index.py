@@ -165,3 +165,19 @@ def test_an_ingest_reads_only_the_row_groups_its_keys_fall_in(tmp_path, monkeypa
     assert report.fragments == 6 and 0 < read_bands <= 2 * CONFIG.signature.bands * report.fragments and read_bands < total / 4
     assert 0 < read_ids <= 2 * report.fragments
     assert all("/bands/" in p or "/ids/" in p for p in opened)
+
+
+def test_raw_ids_and_bits_convert_without_python_objects_per_row():
+    """The index's raw ids become the hex ids of every other table, and equal-width binary
+    columns become (n, width) arrays, sliced or chunked; unequal widths are refused."""
+    from haagenti.index import fixed_width, hex_ids
+
+    rng = np.random.default_rng(3)
+    raw = [rng.bytes(32) for _ in range(50)]
+    col = pa.chunked_array([pa.array(raw[:20], pa.binary()), pa.array(raw[20:], pa.binary())])
+    assert hex_ids(col).to_pylist() == [r.hex() for r in raw]
+    sliced = pa.array(raw, pa.binary()).slice(7, 11)
+    assert fixed_width(sliced).tobytes() == b"".join(raw[7:18]) and fixed_width(sliced).shape == (11, 32)
+    assert hex_ids(pa.array([], pa.binary())).to_pylist() == []
+    with pytest.raises(ValueError):
+        fixed_width(pa.array([b"ab", b"abc"], pa.binary()))

@@ -271,13 +271,16 @@ def large(args) -> None:
                 if args.methods:
                     methods = [m for m in methods if any(k in m[0] for k in args.methods.split(","))]
                 runs: dict[str, list[tuple[int, float, float]]] = {label: [] for label, _ in methods}
-                for _ in range(args.runs):
+                for k in range(args.runs):
                     for label, fn in methods:
                         work = tempfile.mkdtemp(prefix="haagenti-large-", dir=folder)
                         try:
                             runs[label].append(fn(work))
                         finally:
                             shutil.rmtree(work)
+                        stored, tin, tout = runs[label][-1]  # each round as it ends: a stopped run keeps what it measured
+                        print(f"  {dt} {size / 1e6:.0f} MB round {k + 1} {time.strftime('%H:%M:%S')}: {label}: "
+                              f"{1 - stored / size:.2%}, in {size / tin / 1e6:.1f} MB/s, out {size / tout / 1e6:.1f} MB/s", flush=True)
                 print(f"\n{dt}, {size / 1e6:.0f} MB ({path})")
                 print(f"{'method':36s} {'reduction':>9s}   {'ingest MB/s min / med / max':>28s}   {'restore MB/s min / med / max':>28s}")
                 for label, rs in runs.items():
@@ -285,7 +288,7 @@ def large(args) -> None:
                     fin = sorted(size / r[1] / 1e6 for r in rs)
                     fout = sorted(size / r[2] / 1e6 for r in rs)
                     cell = lambda v: f"{v[0]:8.1f} / {statistics.median(v):8.1f} / {v[-1]:8.1f}"
-                    print(f"{label:36s} {red:9.2%}   {cell(fin)}   {cell(fout)}")
+                    print(f"{label:36s} {red:9.2%}   {cell(fin)}   {cell(fout)}", flush=True)
                 os.remove(path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -86,14 +86,11 @@ def tensor_hash_dedup(files, tensors):
 
 
 def byte_grouped(files, tensors):
-    from haagenti.formats.dtypes import dtype
-
     t0 = time.perf_counter()
     packed = []
     for f in files:
         for dt, data in tensors[f].values():
-            d = dtype(dt)
-            chain = chain_for(d.itemsize, d.is_float, 3)
+            chain = chain_for(dt, 3)
             packed.append((chain, chain.encode(data), len(data)))
     t1 = time.perf_counter()
     for chain, p, size in packed:
@@ -112,7 +109,7 @@ def xor_oracle(members, tensors):
     for m in members:
         for name, (dt, data) in tensors[m.file].items():
             d = dtype(dt)
-            chain = chain_for(d.itemsize, d.is_float)
+            chain = chain_for(dt)
             if m.family and m is not base and name in tensors[base.file] and d.is_float:
                 bdt, bdata = tensors[base.file][name]
                 ref = cast_reference(bdata, bdt, dt)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from haagenti.codecs import ByteGroup, SignLast, Zstd, apply_delta, cast_reference, chain_for, codec_chain, smallest_encoding
+from haagenti.codecs import ByteGroup, RotateLeft, Zstd, apply_delta, cast_reference, chain_for, codec_chain, smallest_encoding
 from haagenti.codecs.delta import residual
 from haagenti.fragment import Encoding, FragmentType
 
@@ -19,20 +19,36 @@ def test_byte_group_round_trip_and_layout(width):
     assert enc[:1000] == data[0::width]  # plane 0 holds every word's first byte
 
 
-@pytest.mark.parametrize("width", [2, 4, 8])
-def test_sign_last_round_trip_and_layout(width):
+@pytest.mark.parametrize("width,bits", [(2, 1), (2, 3), (2, 15), (4, 1), (4, 3), (8, 1), (8, 63)])
+def test_rotate_left_round_trip_and_layout(width, bits):
     data = os.urandom(width * 1000)
-    enc = bytes(SignLast(width).encode(data))
-    assert bytes(SignLast(width).decode(enc, len(data))) == data
+    enc = bytes(RotateLeft(width, bits).encode(data))
+    assert bytes(RotateLeft(width, bits).decode(enc, len(data))) == data
     words = np.frombuffer(data, f"<u{width}").astype(np.uint64)
-    bits = 8 * width
-    assert np.array_equal(np.frombuffer(enc, f"<u{width}"), ((words << 1) | (words >> (bits - 1))) & ((1 << bits) - 1))
+    size = 8 * width
+    mask = (1 << size) - 1 if size < 64 else np.uint64(2**64 - 1)
+    expected = ((words << np.uint64(bits)) | (words >> np.uint64(size - bits))) & np.uint64(mask)
+    assert np.array_equal(np.frombuffer(enc, f"<u{width}"), expected)
+
+
+@pytest.mark.parametrize("spec", ["rotl:2:0", "rotl:2:16", "rotl:3:1", "rotl:2", "rotl:2:1:1", "rotl:x:1"])
+def test_rotate_left_refuses_bad_specs(spec):
+    with pytest.raises(Exception, match="unknown codec"):
+        codec_chain(spec)
+
+
+def test_format_4_sign_last_rows_still_decode():
+    """Rows written as signlast:W (format 4 before the rotation became per dtype) decode as
+    rotl:W:1, which is the same transform."""
+    data = (torch.randn(1 << 14) * 0.02).bfloat16().view(torch.uint8).numpy().tobytes()
+    new = codec_chain("rotl:2:1+bytegroup:2+zstd:planes:2")
+    assert codec_chain("signlast:2+bytegroup:2+zstd:planes:2").decode(new.encode(data), len(data)) == data
 
 
 def test_chains_reuse_their_buffers_and_never_hand_them_out():
     """Intermediate stages write into buffers the (per-thread) chain reuses; what a chain returns
     is its own: a second encode must not change the first one's result."""
-    chain = codec_chain("signlast:2+bytegroup:2")
+    chain = codec_chain("rotl:2:3+bytegroup:2")
     a, b = os.urandom(4096), os.urandom(4096)
     ea = chain.encode(a)
     eb = chain.encode(b)
@@ -40,20 +56,25 @@ def test_chains_reuse_their_buffers_and_never_hand_them_out():
 
 
 def test_format_3_chains_still_decode():
-    """Rows written by format 3 (no signlast) decode with today's registry."""
+    """Rows written by format 3 (no rotation) decode with today's registry."""
     data = (torch.randn(1 << 14) * 0.02).bfloat16().view(torch.uint8).numpy().tobytes()
     old = codec_chain("bytegroup:2+zstd:planes:2")
     assert codec_chain(old.spec).decode(old.encode(data), len(data)) == data
 
 
 @pytest.mark.parametrize("name,torch_dtype", [("BF16", torch.bfloat16), ("F16", torch.float16), ("F32", torch.float32)])
-def test_sign_last_makes_plain_float_fragments_smaller(name, torch_dtype):
-    """Sign-last planes against plain byte planes on trained-like values (rows of different scale)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 512, generator=g) * 0.02 * torch.exp(0.3 * torch.randn(256, 1, generator=g))
-    data = _bits(x.to(torch_dtype))
+def test_each_dtypes_rotation_makes_plain_float_fragments_smaller(name, torch_dtype):
+    """The dtype's rotated planes against unrotated and sign-last ones on trained-like values
+    (heavy tails, rows of different scale): bf16 and fp32 rotate by 3, fp16 by 1."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_t(5, (256, 512)) * 0.02 * np.exp(0.3 * rng.standard_normal((256, 1)))
+    data = _bits(torch.from_numpy(x.astype(np.float32)).to(torch_dtype))
     w = torch_dtype.itemsize
-    assert len(codec_chain(f"signlast:{w}+bytegroup:{w}+zstd:planes:{w}").encode(data)) < len(codec_chain(f"bytegroup:{w}+zstd:planes:{w}").encode(data))
+    chain = chain_for(name)
+    assert chain.spec == f"rotl:{w}:{3 if name != 'F16' else 1}+bytegroup:{w}+zstd:planes:{w}"
+    assert len(chain.encode(data)) < len(codec_chain(f"bytegroup:{w}+zstd:planes:{w}").encode(data))
+    if name != "F16":
+        assert len(chain.encode(data)) < len(codec_chain(f"rotl:{w}:1+bytegroup:{w}+zstd:planes:{w}").encode(data))
 
 
 def test_zstd_streams_store_incompressible_parts_raw():
@@ -64,9 +85,9 @@ def test_zstd_streams_store_incompressible_parts_raw():
     assert len(enc) < len(noise) + 1000  # the zero stream compressed, the noise kept raw
 
 
-@pytest.mark.parametrize("level,spec", [(None, "signlast:2+bytegroup:2+zstd:planes:2"), (3, "signlast:2+bytegroup:2+zstd:3:2")])
+@pytest.mark.parametrize("level,spec", [(None, "rotl:2:3+bytegroup:2+zstd:planes:2"), (3, "rotl:2:3+bytegroup:2+zstd:3:2")])
 def test_chain_spec_round_trips(level, spec):
-    chain = chain_for(2, True) if level is None else chain_for(2, True, level)
+    chain = chain_for("BF16") if level is None else chain_for("BF16", level)
     assert chain.spec == spec
     data = torch.randn(5000).bfloat16().view(torch.uint8).numpy().tobytes()
     assert codec_chain(chain.spec).decode(chain.encode(data), len(data)) == data
@@ -76,12 +97,12 @@ def test_chain_spec_round_trips(level, spec):
 
 def test_byte_grouping_beats_plain_zstd_on_bf16():
     data = (torch.randn(1 << 17) * 0.02).bfloat16().view(torch.uint8).numpy().tobytes()
-    assert len(chain_for(2, True).encode(data)) < len(codec_chain("zstd:3").encode(data))
+    assert len(chain_for("BF16").encode(data)) < len(codec_chain("zstd:3").encode(data))
 
 
 def test_planes_preset_is_no_larger_than_level_1_on_exponent_planes():
     data = (torch.randn(1 << 17, generator=torch.Generator().manual_seed(1)) * 0.02).bfloat16().view(torch.uint8).numpy().tobytes()
-    assert len(chain_for(2, True).encode(data)) <= len(chain_for(2, True, 1).encode(data))
+    assert len(chain_for("BF16").encode(data)) <= len(chain_for("BF16", 1).encode(data))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -96,7 +117,7 @@ def test_deltas_are_exact_and_small_for_fine_tunes(dtype):
     assert enc is not Encoding.PLAIN and i == 0
     res = codec_chain(spec).decode(blob, len(raw))
     assert apply_delta(enc, res, ref, tuned.to(dtype).element_size()) == raw
-    assert len(blob) < len(chain_for(tuned.to(dtype).element_size(), True).encode(raw))
+    assert len(blob) < len(chain_for(name).encode(raw))
     for e in (Encoding.DELTA_XOR, Encoding.DELTA_SUB):
         assert apply_delta(e, residual(e, raw, ref, 2 if name != "F32" else 4), ref, 2 if name != "F32" else 4) == raw
 

@@ -9,6 +9,7 @@ import numpy as np
 import zstandard
 
 from haagenti.errors import FragmentError
+from haagenti.formats.dtypes import dtype
 
 
 class Codec(Protocol):
@@ -65,19 +66,19 @@ class ByteGroup:
         return memoryview(out).cast("B")
 
 
-class SignLast:
-    """Rotate each `width`-byte word left by one bit: a float's sign moves to the lowest bit and
-    its exponent then fills the top byte exactly (bf16, fp32, fp64 high bits), instead of sharing
-    it with the sign while its lowest exponent bit sits among the mantissa bits. Composed before
-    ByteGroup, the exponent plane is coded on its own and the sign joins the near-random
-    mantissa plane (as ZipNN does): measured in docs/decisions.md."""
+class RotateLeft:
+    """Rotate each `width`-byte word left by `bits` bits. Composed before ByteGroup, this
+    chooses which bits share the top byte plane: by one bit, a float's sign moves to the lowest
+    bit and its exponent fills the top byte (sign-last, as ZipNN groups it); by three (bf16,
+    fp32), the two top exponent bits, near-constant in trained weights, move to the lowest plane,
+    where zstd's Huffman stage takes them at 1 bit in 8, and the two top mantissa bits, whose
+    skew depends on the exponent, join the exponent plane. Measured in docs/decisions.md."""
 
-    def __init__(self, width: int):
-        if width not in (2, 4, 8):
-            raise ValueError(f"signlast width must be 2, 4 or 8, not {width}")
-        self.width = width
-        self.spec = f"signlast:{width}"
-        self._bits = 8 * width - 1
+    def __init__(self, width: int, bits: int):
+        if width not in (2, 4, 8) or not 0 < bits < 8 * width:
+            raise ValueError(f"rotl needs a width of 2, 4 or 8 bytes and 1 to 8 x width - 1 bits, not {width}:{bits}")
+        self.width, self.bits = width, bits
+        self.spec = f"rotl:{width}:{bits}"
         self._out = np.empty(0, _WORD[width])
         self._tmp = np.empty(0, _WORD[width])
 
@@ -96,14 +97,14 @@ class SignLast:
         n = len(data) // self.width
         if len(self._out) < n:
             self._out, self._tmp = np.empty(n, _WORD[self.width]), np.empty(n, _WORD[self.width])
-        return memoryview(self._rotate(data, 1, self._out, self._tmp)).cast("B")
+        return memoryview(self._rotate(data, self.bits, self._out, self._tmp)).cast("B")
 
     def decode(self, data: bytes | memoryview, limit: int) -> memoryview:
         _within(len(data), limit)
         n = len(data) // self.width
         if len(self._tmp) < n:
             self._tmp = np.empty(n, _WORD[self.width])
-        return memoryview(self._rotate(data, self._bits, np.empty(n, _WORD[self.width]), self._tmp)).cast("B")
+        return memoryview(self._rotate(data, 8 * self.width - self.bits, np.empty(n, _WORD[self.width]), self._tmp)).cast("B")
 
 
 _WORD = {2: np.dtype("<u2").type, 4: np.dtype("<u4").type, 8: np.dtype("<u8").type}  # safetensors data is little-endian
@@ -216,7 +217,9 @@ def _zstd(args: list[str]) -> Zstd:
 # Codecs by spec name: a codec is registered here once and then composes with any other.
 CODECS: dict[str, Callable[[list[str]], Codec]] = {
     "bytegroup": lambda args: ByteGroup(*map(int, args)),
-    "signlast": lambda args: SignLast(*map(int, args)),
+    "rotl": lambda args: RotateLeft(*map(int, args)),
+    # format 4's first spelling of rotl:W:1 (rows written before the rotation became per dtype)
+    "signlast": lambda args: RotateLeft(*map(int, args), 1),
     "zstd": _zstd,
 }
 
@@ -234,23 +237,32 @@ def _parse_chain(spec: str) -> CodecChain:
     return CodecChain(codecs)
 
 
-def chain_for(itemsize: int, is_float: bool, level: int | str = PLANES) -> CodecChain:
-    """The chain used for a fragment of this dtype: sign-last byte planes for multi-byte floats
+# Bits a float word is rotated left before byte grouping (RotateLeft); 1 (sign last) for the
+# others. Reduction of plain fragments by rotation, measured in docs/decisions.md: bf16 and
+# fp32 gain most at 3, fp16 (5 exponent bits, all needed in the top plane) at 1.
+ROTATION = {"BF16": 3, "F32": 3}
+
+
+def chain_for(dtype_name: str, level: int | str = PLANES) -> CodecChain:
+    """The chain used for a fragment of this dtype: rotated byte planes for multi-byte floats
     (and the residuals of deltas, which share their structure), plain zstd otherwise (level 1
     for the planes preset: integer data has real repeats worth matching)."""
-    if is_float and itemsize in (2, 4, 8):
-        return codec_chain(f"signlast:{itemsize}+bytegroup:{itemsize}+zstd:{level}:{itemsize}")
+    d = dtype(dtype_name)
+    if d.is_float and d.itemsize in (2, 4, 8):
+        w = d.itemsize
+        return codec_chain(f"rotl:{w}:{ROTATION.get(d.name, 1)}+bytegroup:{w}+zstd:{level}:{w}")
     return codec_chain(f"zstd:{1 if level == PLANES else level}")
 
 
-def chain_choices(itemsize: int, is_float: bool, level: int | str = PLANES) -> list[CodecChain]:
-    """chain_for's chain, then the alternatives worth trying on short fragments: for floats,
-    byte planes without signlast. Values that straddle a power of two (norm weights around
-    1.0: 0x3F7F / 0x3F80) keep a constant top byte only unrotated, and on a few hundred bytes
-    that beats the exponent plane's Huffman table (measured in docs/decisions.md)."""
-    chain = chain_for(itemsize, is_float, level)
-    if is_float and itemsize in (2, 4, 8):
-        return [chain, codec_chain(f"bytegroup:{itemsize}+zstd:{level}:{itemsize}")]
+def chain_choices(dtype_name: str, level: int | str = PLANES) -> list[CodecChain]:
+    """chain_for's chain, then the alternative worth trying on short fragments and residuals:
+    for floats, byte planes without a rotation. Values that straddle a power of two (norm
+    weights around 1.0: 0x3F7F / 0x3F80) keep a constant top byte only unrotated, and on a few
+    hundred bytes that beats the exponent plane's Huffman table (measured in docs/decisions.md)."""
+    chain = chain_for(dtype_name, level)
+    d = dtype(dtype_name)
+    if d.is_float and d.itemsize in (2, 4, 8):
+        return [chain, codec_chain(f"bytegroup:{d.itemsize}+zstd:{level}:{d.itemsize}")]
     return [chain]
 
 

@@ -74,7 +74,7 @@ def smallest_encoding(raw: bytes, refs: list[bytes], dtype_name: str, level: int
     references the (option, chain) pairs are ranked on a probe and only the finalists are
     computed whole; a long fragment without references takes the dtype's chain."""
     d = lookup_dtype(dtype_name)
-    chains = chain_choices(d.itemsize, d.is_float, level)
+    chains = chain_choices(dtype_name, level)
     plain: tuple[Encoding, int | None] = (Encoding.PLAIN, None)
     options = [plain] + [(enc, i) for i in range(len(refs)) for enc in (Encoding.DELTA_XOR, Encoding.DELTA_SUB)]
 

@@ -148,7 +148,7 @@ class Zstd:
             packed = self._pack(part)
             head.append(struct.pack("<BI", packed is not None, len(packed if packed is not None else part)))
             body.append(packed if packed is not None else part)
-        return b"".join(head) + b"".join(body)
+        return b"".join(head + body)  # one copy of the output, not two
 
     def _pack(self, part: bytes) -> bytes | None:
         if len(part) > 4 * self.PROBE:

@@ -2,11 +2,13 @@
 fragments, so moving between models of one family reads only the fragments that differ."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from haagenti.encode import RawCache
+from haagenti.errors import LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.library import FragmentLibrary
 from haagenti.manifest import ModelManifest
@@ -21,6 +23,9 @@ class LoadReport:
     fragments: int
     fragments_fetched: int
     stored_bytes_read: int
+    manifest_seconds: float = 0.0  # where the load's time went: its manifest,
+    fetch_seconds: float = 0.0  # reading, verifying and decoding the fragments not held,
+    assemble_seconds: float = 0.0  # and copying every fragment into the tensors
 
 
 class ModelLoader:
@@ -36,18 +41,31 @@ class ModelLoader:
         self._manifests: dict[str, tuple[int, ModelManifest]] = {}  # model id -> (models table version, manifest)
         self.last: LoadReport | None = None
 
-    def load(self, model_id: str) -> dict[str, torch.Tensor]:
+    def load(self, model_id: str, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The model's tensors by name (CPU, each owning its memory). Fragments already cached
-        are not read again."""
+        are not read again. With `into` (a live model's state dict, say: the same names, dtypes
+        and shapes, contiguous on the CPU; checked before anything is read) the weights are
+        copied into those tensors and `into` is returned, so a switch allocates nothing once
+        its fragments are held; a load that fails midway leaves `into` partly overwritten."""
+        start = time.perf_counter()
         manifest = self.manifest(model_id)
         for t in manifest.tensors:
             lookup_dtype(t.dtype).torch_dtype  # quantized blocks are refused before anything is read
+        if into is not None:
+            _check_into(manifest, into)
         ids = manifest.fragment_ids
         fetched = sum(1 for i in ids if i not in self.cache)
         read: list[int] = []
-        state = {t.name: tensor_of(t, parts) for t, parts in iter_parts(self.library, manifest, self.cache, self.workers, read)}
-        self.last = LoadReport(model_id, len(ids), fetched, sum(read))
-        return state
+        state: dict[str, torch.Tensor] = {}
+        assemble = 0.0
+        fetch_start = time.perf_counter()
+        for t, parts in iter_parts(self.library, manifest, self.cache, self.workers, read):
+            t0 = time.perf_counter()
+            state[t.name] = tensor_of(t, parts, into[t.name] if into is not None else None)
+            assemble += time.perf_counter() - t0
+        end = time.perf_counter()
+        self.last = LoadReport(model_id, len(ids), fetched, sum(read), fetch_start - start, end - fetch_start - assemble, assemble)
+        return into if into is not None else state
 
     def manifest(self, model_id: str) -> ModelManifest:
         """The model's manifest, read again only once the models table has a new version (a
@@ -63,3 +81,15 @@ class ModelLoader:
 
     def close(self) -> None:
         self.workers.close()
+
+
+def _check_into(manifest: ModelManifest, into: dict[str, torch.Tensor]) -> None:
+    names = {t.name for t in manifest.tensors}
+    if set(into) != names:
+        odd = sorted(set(into) ^ names)
+        raise LibraryError(f"model {manifest.model_id!r}: the tensors to load into differ in names from the model's ({', '.join(map(repr, odd[:3]))}{' ...' if len(odd) > 3 else ''})")
+    for t in manifest.tensors:
+        x = into[t.name]
+        want = lookup_dtype(t.dtype).torch_dtype
+        if x.dtype != want or tuple(x.shape) != tuple(t.shape) or x.device.type != "cpu" or not x.is_contiguous():
+            raise LibraryError(f"model {manifest.model_id!r}: tensor {t.name!r} is {want} {list(t.shape)}; the tensor to load it into is {x.dtype} {list(x.shape)} on {x.device}{'' if x.is_contiguous() else ', not contiguous'}")

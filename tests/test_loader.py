@@ -95,3 +95,28 @@ def test_loader_rereads_a_manifest_once_the_model_changes(tmp_path, family):
         loader.load("m")
     lib.ingest([ft.file], "m")
     assert equal(loader.load("m"), ft.file)
+
+
+def test_load_into_switches_live_tensors_in_place_and_refuses_a_mismatch_untouched(tmp_path, family):
+    base, ft, fp16 = members(family, "digits-base", "digits-ft-lr1e-4", "digits-base-fp16")
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    lib.ingest_many([ModelInput([m.file], m.model_id, m.family) for m in (base, ft, fp16)])
+    loader = ModelLoader(lib, threads=2)
+    live = loader.load(base.model_id)
+    where = {k: v.data_ptr() for k, v in live.items()}
+    assert loader.load(ft.model_id, into=live) is live
+    assert equal(live, ft.file) and {k: v.data_ptr() for k, v in live.items()} == where
+    assert loader.load(base.model_id, into=live) is live and equal(live, base.file)  # back, from the cache
+    assert (loader.last.fragments_fetched, loader.last.stored_bytes_read) == (0, 0)
+    before = {k: v.clone() for k, v in live.items()}
+    held = len(loader.cache._d)
+    with pytest.raises(LibraryError, match=r"is torch\.float16 \[.*\]; the tensor to load it into is torch\.(bfloat16|float32) "):
+        loader.load(fp16.model_id, into=live)  # the same names, another dtype
+    name = next(iter(live))
+    with pytest.raises(LibraryError, match=f"differ in names .*{name!r}"):
+        loader.load(ft.model_id, into={k: v for k, v in live.items() if k != name})
+    matrix = next(k for k, v in live.items() if v.dim() == 2 and v.shape[0] != v.shape[1])
+    transposed = torch.empty(live[matrix].shape[::-1], dtype=live[matrix].dtype).T  # the right shape, not contiguous
+    with pytest.raises(LibraryError, match=f"{matrix!r} .* not contiguous"):
+        loader.load(ft.model_id, into={**live, matrix: transposed})
+    assert len(loader.cache._d) == held and all(torch.equal(live[k], v) for k, v in before.items())  # nothing read, nothing written

@@ -16,6 +16,7 @@ from haagenti.manifest import ModelManifest, TensorRef, validate_model_id
 from haagenti.parallel import Workers
 from haagenti.records import trusted_manifest
 from haagenti.store import LibraryStore
+from haagenti.store.files import strings
 
 
 class FragmentLibrary:
@@ -51,7 +52,7 @@ class FragmentLibrary:
     def manifest(self, model_id: str) -> ModelManifest:
         model = self.model(model_id)
         rows = self.store.read("manifests", equals=("model_id", model_id))
-        rows = rows.filter(pc.equal(rows["ingest_id"], model["ingest_id"]))  # not an interrupted ingest's rows
+        rows = rows.filter(pc.equal(rows["ingest_id"], strings([model["ingest_id"]])[0]))  # not an interrupted ingest's rows
         return trusted_manifest(model, rows)  # names, counts and offsets are untrusted input
 
     def known_fragments(self) -> dict[str, str]:

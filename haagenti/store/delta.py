@@ -34,7 +34,7 @@ from haagenti.chaos import maybe_die
 from haagenti.errors import DamagedError, LibraryError
 from haagenti.fsio import filesystem_for, s3_endpoint
 from haagenti.store.damage import damaged, log_problems
-from haagenti.store.files import DataFiles
+from haagenti.store.files import DataFiles, strings
 from haagenti.store.schema import LIBRARY_FORMAT_VERSION, SCHEMAS, project
 from haagenti.store.leases import HeldLease, Leases, writing
 from haagenti.store.sql import hex_in_lists, in_lists, owned_by, quote
@@ -209,7 +209,7 @@ class LibraryStore:
             cached = self._snapshots.get(name)
             if cached is not None and cached[0] == at:
                 return cached[1], cached[2]
-            actions = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
+            actions = pa.RecordBatchReader.from_stream(dt.get_add_actions(flatten=True)).read_all().to_pydict()  # not pa.table(): see strings()
             paths = [self.fs._strip_protocol(f"{self.table_uri(name)}/{p}") for p in actions["path"]]
             if version is None:
                 self._snapshots[name] = (at, paths, actions)
@@ -226,7 +226,7 @@ class LibraryStore:
         for path in self._paths(name, version, equals):
             t = self.files.columns(path, needed, schema)
             if equals:
-                t = t.filter(pc.equal(t[equals[0]], equals[1]))
+                t = t.filter(pc.equal(t[equals[0]], strings([equals[1]])[0]))
             parts.append(t.select(target.names))
         return pa.concat_tables(parts) if parts else target.empty_table()
 

@@ -22,6 +22,27 @@ from haagenti.store.schema import SCHEMAS, project
 ARROW_THREADS = False
 
 
+def strings(values: Iterable[str]) -> pa.StringArray:
+    """A string array built from its buffers: pa.array() on Python objects imports pandas to
+    ask whether they are a DataFrame (0.2-0.4 s of a cold process's first read, which needs
+    no pandas: the read path builds no Arrow data from Python objects)."""
+    data = [v.encode() for v in values]
+    offsets = np.zeros(len(data) + 1, np.int64)
+    np.cumsum([len(d) for d in data], out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise ValueError("strings: over 2 GiB of text")
+    return pa.StringArray.from_buffers(len(data), pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(data)))
+
+
+def positions(mask: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Indices where a boolean mask holds, read from the result's buffer (to_numpy() and
+    np.asarray import pandas too)."""
+    idx = pc.indices_nonzero(mask)
+    if not len(idx):
+        return np.empty(0, np.uint64)
+    return np.frombuffer(idx.buffers()[1], np.uint64, count=len(idx), offset=idx.offset * 8)
+
+
 class DataFiles:
     """Data files of one library, with their caches."""
 
@@ -69,7 +90,7 @@ class DataFiles:
     def fragments(self, paths: list[str], ids: Iterable[str], columns: list[str]) -> pa.Table:
         """Rows of the given fragment ids from fragments data files, reading only the row
         groups that hold them."""
-        wanted = pa.array(list(set(ids)), pa.string())
+        wanted = strings(set(ids))
         parts = []
         if len(wanted):
             for path in paths:
@@ -89,7 +110,7 @@ class DataFiles:
         file's id column (cached) rather than on min/max statistics: ids are hashes, so every
         row group's id range spans most of the id space and statistics would select them all."""
         ids = self.columns(path, ["fragment_id"], SCHEMAS["fragments"])["fragment_id"]
-        rows = pc.indices_nonzero(pc.is_in(ids, value_set=wanted)).to_numpy()
+        rows = positions(pc.is_in(ids, value_set=wanted))
         if not len(rows):
             return []
         ends = self._row_group_ends.get(path)
@@ -102,7 +123,7 @@ class DataFiles:
 def _rows_where(t: pa.Table, mask: pa.ChunkedArray) -> pa.Table:
     """Rows of `t` where `mask` holds, as zero-copy slices of their contiguous runs: a filter
     would copy every selected blob, and a model's fragments lie in runs (ingest order)."""
-    idx = pc.indices_nonzero(mask).to_numpy()
+    idx = positions(mask)
     if len(idx) == t.num_rows:
         return t
     breaks = np.flatnonzero(np.diff(idx) != 1) + 1

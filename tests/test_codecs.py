@@ -154,7 +154,10 @@ def test_numpy_casts_from_f32_equal_torch_on_ties_nans_and_edges(dst):
 
 def test_restoring_a_cross_dtype_delta_model_does_not_import_torch(tmp_path):
     """A model stored as fp16 deltas against its bf16 base restores in a process that never
-    imports torch (the import alone cost more than restoring a small model)."""
+    imports torch (the import alone cost more than restoring a small model), nor pandas
+    (pyarrow imports it on a process's first pa.array()/pa.table()/to_numpy() to ask whether
+    it got a DataFrame: 0.15-0.4 s of a cold first restore or load; the read path builds its
+    Arrow arrays from buffers)."""
     from haagenti.library import FragmentLibrary
     from safetensors.numpy import save_file
 
@@ -173,10 +176,10 @@ def test_restoring_a_cross_dtype_delta_model_does_not_import_torch(tmp_path):
     script = (
         "import sys; from haagenti.library import FragmentLibrary; "
         f"FragmentLibrary.open({str(tmp_path / 'lib')!r}).restore('fp16', {str(tmp_path / 'out')!r}); "
-        "print('torch' in sys.modules)"
+        "print('torch' in sys.modules, 'pandas' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "False"
+    assert done.stdout.strip() == "False False"
     assert (tmp_path / "out" / "fp16.safetensors").read_bytes() == (tmp_path / "fp16.safetensors").read_bytes()
 
 

@@ -121,24 +121,3 @@ def test_load_into_switches_live_tensors_in_place_and_refuses_a_mismatch_untouch
         loader.load(ft.model_id, into={**live, matrix: transposed})
     assert len(loader.cache._d) == held and all(torch.equal(live[k], v) for k, v in before.items())  # nothing read, nothing written
 
-
-def test_a_cold_process_reads_a_library_without_importing_pandas(tmp_path):
-    """pyarrow imports pandas on the first pa.array() / pa.table() / to_numpy() of a process
-    (to ask whether it was handed a DataFrame): it was 0.15-0.4 s of a cold process's first
-    load or restore. The read path builds its Arrow arrays from buffers instead."""
-    import subprocess
-    import sys
-
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    save_file({"w": np.arange(40_000, dtype=np.float32), "b": np.ones(3, np.float32)}, tmp_path / "m.safetensors")
-    FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS).ingest([str(tmp_path / "m.safetensors")], "m")
-    script = (
-        "import sys; from haagenti.library import FragmentLibrary; "
-        f"FragmentLibrary.open({str(tmp_path / 'lib')!r}).restore('m', {str(tmp_path / 'out')!r}); "
-        "print('pandas' in sys.modules)"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "False"
-    assert (tmp_path / "out" / "m.safetensors").read_bytes() == (tmp_path / "m.safetensors").read_bytes()

@@ -121,3 +121,17 @@ def test_load_into_switches_live_tensors_in_place_and_refuses_a_mismatch_untouch
         loader.load(ft.model_id, into={**live, matrix: transposed})
     assert len(loader.cache._d) == held and all(torch.equal(live[k], v) for k, v in before.items())  # nothing read, nothing written
 
+
+
+def test_arrow_arrays_built_from_buffers_equal_pyarrows():
+    """The read path's pandas-free builders (haagenti.store.files) give what pyarrow gives."""
+    import numpy as np
+    import pyarrow as pa
+
+    from haagenti.store.files import positions, strings
+
+    for values in (["ab", None, "ü", "", "x" * 70], [], [None], ["only"]):
+        assert strings(values).equals(pa.array(values, pa.string()))
+    mask = pa.chunked_array([pa.array([True, False, True]), pa.array([False, True])])
+    for m in (mask, mask.chunk(0), mask.chunk(1).slice(1), pa.array([False, False])):
+        assert positions(m).tolist() == np.flatnonzero(np.array(m.to_pylist(), bool)).tolist()

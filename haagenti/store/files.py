@@ -22,16 +22,19 @@ from haagenti.store.schema import SCHEMAS, project
 ARROW_THREADS = False
 
 
-def strings(values: Iterable[str]) -> pa.StringArray:
-    """A string array built from its buffers: pa.array() on Python objects imports pandas to
-    ask whether they are a DataFrame (0.2-0.4 s of a cold process's first read, which needs
-    no pandas: the read path builds no Arrow data from Python objects)."""
-    data = [v.encode() for v in values]
+def strings(values: Iterable[str | None]) -> pa.StringArray:
+    """A string array (None: null) built from its buffers: pa.array() on Python objects imports
+    pandas to ask whether they are a DataFrame (0.15-0.4 s of a cold process's first read,
+    which needs no pandas: the read path builds no Arrow data from Python objects)."""
+    values = list(values)
+    data = [v.encode() if v is not None else b"" for v in values]
     offsets = np.zeros(len(data) + 1, np.int64)
     np.cumsum([len(d) for d in data], out=offsets[1:])
     if offsets[-1] >= 2**31:
         raise ValueError("strings: over 2 GiB of text")
-    return pa.StringArray.from_buffers(len(data), pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(data)))
+    valid = np.array([v is not None for v in values], bool)
+    mask = pa.py_buffer(np.packbits(valid, bitorder="little")) if not valid.all() else None
+    return pa.StringArray.from_buffers(len(data), pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(data)), mask)
 
 
 def positions(mask: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -220,13 +220,14 @@ def _gc(store: "LibraryStore") -> dict[str, int]:
         freed += pc.sum(gone["stored_size"]).as_py() or 0
         dead.add(gone["fragment_id"])
         alive.add(t["fragment_id"].filter(held))
-    removed = store.delete_fragments(dead.array().to_pylist())
-    store.delete_index_rows(dead.array().to_pylist())
+    gone = dead.array()
+    removed = store.delete_fragments(gone)
+    store.delete_index_rows(gone)
     stale = _Distinct()
     present = alive.array()
     for t in store.scan("signatures", ["fragment_id"]):
         stale.add(t["fragment_id"].filter(pc.invert(pc.is_in(t["fragment_id"], value_set=present))))
-    store.delete_signatures(stale.array().to_pylist())
+    store.delete_signatures(stale.array())
     files = store.vacuum()
     store.leases.clear_void()
     return {"fragments_removed": removed, "bytes_freed": freed, "files_vacuumed": files, "manifest_rows_removed": orphans}

@@ -131,6 +131,42 @@ def test_rm_then_gc_removes_exactly_the_unreferenced(built, tmp_path):
     assert lib.verify().ok
 
 
+def test_gc_rewrites_a_partly_dead_file_in_its_own_row_groups(built, tmp_path):
+    """A fragments file holding dead and live fragments is replaced by its live rows in its own
+    row groups (a restore reads ~2 MiB groups), blobs still uncompressed and without statistics.
+    delta-rs' `delete` rewrote such a file whole into one zstd row group, holding it in memory."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    lib0, family = built
+    shutil.copytree(lib0.store.url, tmp_path / "lib")
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    for m in family[:2] + family[3:]:
+        lib.rm(m.model_id)
+    keep = _oracle_referenced(lib)
+
+    def groups(path: str) -> list[list[str]]:
+        f = pq.ParquetFile(path)
+        return [f.read_row_group(g, columns=["fragment_id"])["fragment_id"].to_pylist() for g in range(f.num_row_groups)]
+
+    before = {p: groups(p) for p in lib.store._paths("fragments", None)}
+    want = []  # per partly dead file: its row groups less the dead fragments
+    for gs in before.values():
+        live = [[i for i in g if i in keep] for g in gs]
+        if 0 < sum(map(len, live)) < sum(map(len, gs)):
+            want.append([g for g in live if g])
+    assert want, "the family's files must hold some dead and some live fragments"
+    lib.gc()
+    after = {p: groups(p) for p in lib.store._paths("fragments", None)}
+    assert sorted(gs for p, gs in after.items() if p not in before) == sorted(want)
+    for p in after:
+        md = pq.ParquetFile(p).metadata
+        blob = next(md.row_group(0).column(i) for i in range(md.num_columns) if md.row_group(0).column(i).path_in_schema == "blob")
+        assert (blob.compression, blob.is_stats_set) == ("UNCOMPRESSED", False)
+    assert lib.verify().ok
+
+
 def test_streaming_verify_finds_corruption_and_names_model_and_tensor(built, tmp_path, monkeypatch):
     import shutil
 

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
-from deltalake.transaction import AddAction
+from deltalake.transaction import AddAction, RemoveAction
 
 from haagenti.chaos import maybe_die
 from haagenti.errors import DamagedError, LibraryError
@@ -37,7 +37,7 @@ from haagenti.store.damage import damaged, log_problems
 from haagenti.store.files import DataFiles, strings
 from haagenti.store.schema import LIBRARY_FORMAT_VERSION, SCHEMAS, project
 from haagenti.store.leases import HeldLease, Leases, writing
-from haagenti.store.sql import hex_in_lists, in_lists, owned_by, quote
+from haagenti.store.sql import owned_by, quote
 
 # Small row groups on the fragments table let a restore read only the fragments it needs.
 # Rows stay in the order they were ingested (a model's tensors in file order), so a restore,
@@ -203,17 +203,21 @@ class LibraryStore:
 
     def _snapshot(self, name: str, version: int | None) -> tuple[list[str], dict]:
         """(data file paths, add actions as columns) of a table version, in the same order."""
+        return self._versioned_snapshot(name, version)[1:]
+
+    def _versioned_snapshot(self, name: str, version: int | None) -> tuple[int, list[str], dict]:
+        """The version read, its data file paths and its add actions as columns."""
         with self._lock, damaged(f"{self.url}: table {name!r} (its Delta log)"):
             dt = self.table(name, version)
             at = dt.version()
             cached = self._snapshots.get(name)
             if cached is not None and cached[0] == at:
-                return cached[1], cached[2]
+                return cached
             actions = pa.RecordBatchReader.from_stream(dt.get_add_actions(flatten=True)).read_all().to_pydict()  # not pa.table(): see strings()
             paths = [self.fs._strip_protocol(f"{self.table_uri(name)}/{p}") for p in actions["path"]]
             if version is None:
                 self._snapshots[name] = (at, paths, actions)
-            return paths, actions
+            return at, paths, actions
 
     def read(self, name: str, columns: list[str] | None = None, equals: tuple[str, str] | None = None, version: int | None = None) -> pa.Table:
         """A table at one version, projected and optionally filtered on column == value, read as
@@ -261,30 +265,23 @@ class LibraryStore:
         schema = SCHEMAS[name]
         rows = rows.cast(schema)
         blobs = name == "fragments"
-        scalar = [f.name for f in schema if not pa.types.is_nested(f.type) and not pa.types.is_large_binary(f.type)]
-        fname = f"part-00000-{uuid.uuid4()}-c000.{'uncompressed' if blobs else 'snappy'}.parquet"
-        path = posixpath.join(self.root, name, fname)
+        scalar = _scalar_columns(schema)
         runs = runs or [rows.num_rows]
         if sum(runs) != rows.num_rows:
             raise ValueError(f"runs cover {sum(runs)} rows, the append has {rows.num_rows}")
         # Fragments: blobs are zstd already, so no page compression; no statistics or
         # dictionary on blobs; row groups of ~2 MiB so a restore reads little beyond its rows.
         group_rows = max(1, _FRAGMENT_ROW_GROUP_BYTES * rows.num_rows // max(1, rows["blob"].nbytes)) if blobs else None
+        starts = [sum(runs[:i]) for i in range(len(runs))]
+        parts = (rows.slice(start, n) for start, n in zip(starts, runs) if n)
+        options = {"compression": "none" if blobs else "snappy", "use_dictionary": scalar, "write_statistics": scalar}
+        action = self._write_file(name, parts, options, group_rows)
+        path = posixpath.join(self.root, name, action.path)
         try:
-            with self.fs.open(path, "wb") as f, pq.ParquetWriter(
-                f, schema, compression="none" if blobs else "snappy", use_dictionary=scalar, write_statistics=scalar
-            ) as w:
-                start = 0
-                for n in runs:
-                    if n:
-                        w.write_table(rows.slice(start, n), row_group_size=group_rows)
-                        maybe_die(f"write-{name}")
-                    start += n
-            action = AddAction(fname, self.fs.size(path), {}, int(time.time() * 1000), True, json.dumps(_file_stats(rows, scalar)))
             maybe_die(f"commit-{name}")
             self._check_lease()
         except BaseException:
-            self._remove_quietly(path)  # a full disk must not stay full of a file nobody will commit
+            self._remove_quietly(path)
             raise
         props = CommitProperties(custom_metadata={"haagenti": note} if note else None, max_commit_retries=0 if on_version is not None else None)
         with self._lock:
@@ -295,6 +292,26 @@ class LibraryStore:
                 self._remove_quietly(path)  # not committed, for sure
                 raise
         maybe_die(f"committed-{name}")
+
+    def _write_file(self, name: str, parts: Iterable[pa.Table], options: dict, group_rows: int | None = None) -> AddAction:
+        """One new data file of table `name` holding `parts` in order (each part starts a row
+        group; `group_rows` rows at most per group), written by pyarrow with writer `options`, and
+        its add action (statistics on the scalar columns). A failed write removes the file."""
+        schema = SCHEMAS[name]
+        codec = options["compression"] if isinstance(options["compression"], str) else next(iter(options["compression"].values()), "none")
+        fname = f"part-00000-{uuid.uuid4()}-c000.{'uncompressed' if codec.lower() == 'none' else codec.lower()}.parquet"
+        path = posixpath.join(self.root, name, fname)
+        stats = _FileStats(_scalar_columns(schema))
+        try:
+            with self.fs.open(path, "wb") as f, pq.ParquetWriter(f, schema, **options) as w:
+                for t in parts:
+                    w.write_table(t, row_group_size=group_rows)
+                    stats.add(t)
+                    maybe_die(f"write-{name}")
+            return AddAction(fname, self.fs.size(path), {}, int(time.time() * 1000), True, json.dumps(stats.json()))
+        except BaseException:
+            self._remove_quietly(path)  # a full disk must not stay full of a file nobody will commit
+            raise
 
     def _check_lease(self) -> None:
         if self.lease is not None:
@@ -315,11 +332,49 @@ class LibraryStore:
         """Delete the models or manifests rows of the given (model_id, ingest_id) pairs."""
         return sum(self.delete(name, p) for p in owned_by(sorted(keys)))
 
-    def delete_fragments(self, fragment_ids: list[str]) -> int:
-        return sum(self.delete("fragments", p) for p in in_lists("fragment_id", sorted(fragment_ids)))
+    def delete_where(self, name: str, column: str, values: pa.Array, note: str = "") -> int:
+        """Delete the rows whose `column` is in `values`, in one commit, one data file at a
+        time: a file holding none is left alone, a file holding nothing else is removed, and any
+        other is rewritten without them, row group by row group (its row groups less the deleted
+        rows, its compression, dictionaries and statistics), the replacement committed with the
+        removal. Memory is a row group, not a file or the table; rows appended meanwhile are not
+        touched (only files read are removed). Returns rows deleted."""
+        if not len(values):
+            return 0
+        schema = SCHEMAS[name]
+        version, paths, actions = self._versioned_snapshot(name, None)
+        now = int(time.time() * 1000)
+        removes: list[RemoveAction] = []
+        adds: list[AddAction] = []
+        deleted = 0
+        try:
+            for path, rel, size in zip(paths, actions["path"], actions["size_bytes"]):
+                hits = sum(pc.sum(pc.is_in(t[column], value_set=values)).as_py() or 0 for t in self.files.row_groups(path, [column], schema))
+                if not hits:
+                    continue
+                deleted += hits
+                removes.append(RemoveAction(rel, True, now, size))
+                md = self.files.footer(path)
+                if hits < md.num_rows:
+                    rest = (t.filter(pc.invert(pc.is_in(t[column], value_set=values))) for t in self.files.row_groups(path, schema.names, schema))
+                    adds.append(self._write_file(name, (t for t in rest if t.num_rows), _writer_options(md)))
+            if not removes:
+                return 0
+            self._check_lease()
+            props = CommitProperties(custom_metadata={"haagenti": note} if note else None)
+            with self._lock:
+                self.table(name, version=version).create_write_transaction([*removes, *adds], mode="append", schema=schema, commit_properties=props)
+        except BaseException:
+            for a in adds:  # not committed: nobody references them
+                self._remove_quietly(posixpath.join(self.root, name, a.path))
+            raise
+        return deleted
 
-    def delete_signatures(self, fragment_ids: list[str]) -> int:
-        return sum(self.delete("signatures", p) for p in in_lists("fragment_id", sorted(fragment_ids)))
+    def delete_fragments(self, fragment_ids: pa.Array) -> int:
+        return self.delete_where("fragments", "fragment_id", fragment_ids, "gc")
+
+    def delete_signatures(self, fragment_ids: pa.Array) -> int:
+        return self.delete_where("signatures", "fragment_id", fragment_ids, "gc")
 
     def set_family(self, model_id: str, family: str) -> int:
         """Record another family for a published model, in one commit of the models table."""
@@ -328,10 +383,12 @@ class LibraryStore:
             metrics = self.table("models").update(updates={"family": quote(family)}, predicate=f"model_id = {quote(model_id)}")
         return int(metrics.get("num_updated_rows", 0))
 
-    def delete_index_rows(self, fragment_ids: list[str]) -> int:
-        """Drop deleted fragments' rows from the index tables (haagenti/index.py)."""
-        ids = sorted(fragment_ids)
-        return sum(self.delete("ids", p) for p in in_lists("fragment_id", ids)) + sum(self.delete("bands", p) for p in hex_in_lists("fragment_id", ids))
+    def delete_index_rows(self, fragment_ids: pa.Array) -> int:
+        """Drop deleted fragments' rows from the index tables (haagenti/index.py), where bands
+        hold ids as their 32 raw bytes."""
+        raw = bytes.fromhex("".join(fragment_ids.to_pylist()))  # fromhex: only hex ids pass
+        as_bytes = pa.Array.from_buffers(pa.binary(32), len(fragment_ids), [None, pa.py_buffer(raw)]).cast(pa.binary())
+        return self.delete_where("ids", "fragment_id", fragment_ids, "gc") + self.delete_where("bands", "fragment_id", as_bytes, "gc")
 
     def compact(self, wait: float = 0.0) -> int:
         """Merge small files of the metadata tables (fragments keep their small row groups)."""
@@ -358,15 +415,46 @@ class LibraryStore:
         return n
 
 
-def _file_stats(rows: pa.Table, columns: list[str]) -> dict:
-    """Delta add-action statistics (numRecords, per-column min, max and null count) for the
-    scalar columns: readers such as ours, DuckDB or Spark skip files with them."""
-    mins, maxs, nulls = {}, {}, {}
-    for c in columns:
-        col = rows[c]
-        nulls[c] = col.null_count
-        if pa.types.is_string(col.type) or pa.types.is_integer(col.type):
-            mm = pc.min_max(col)
-            if mm["min"].is_valid:
-                mins[c], maxs[c] = mm["min"].as_py(), mm["max"].as_py()
-    return {"numRecords": rows.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
+def _scalar_columns(schema: pa.Schema) -> list[str]:
+    """Columns that get dictionaries and statistics: not nested, not blobs."""
+    return [f.name for f in schema if not pa.types.is_nested(f.type) and not pa.types.is_large_binary(f.type)]
+
+
+class _FileStats:
+    """Delta add-action statistics of a data file written in parts (numRecords, per-column min,
+    max and null count) for the scalar columns: readers such as ours, DuckDB or Spark skip
+    files with them."""
+
+    def __init__(self, columns: list[str]):
+        self.columns, self.rows = columns, 0
+        self.mins: dict = {}
+        self.maxs: dict = {}
+        self.nulls = dict.fromkeys(columns, 0)
+
+    def add(self, t: pa.Table) -> None:
+        self.rows += t.num_rows
+        for c in self.columns:
+            col = t[c]
+            self.nulls[c] += col.null_count
+            if pa.types.is_string(col.type) or pa.types.is_integer(col.type):
+                mm = pc.min_max(col)
+                if mm["min"].is_valid:
+                    lo, hi = mm["min"].as_py(), mm["max"].as_py()
+                    self.mins[c] = min(lo, self.mins.get(c, lo))
+                    self.maxs[c] = max(hi, self.maxs.get(c, hi))
+
+    def json(self) -> dict:
+        return {"numRecords": self.rows, "minValues": self.mins, "maxValues": self.maxs, "nullCount": self.nulls}
+
+
+def _writer_options(md: pq.FileMetaData) -> dict:
+    """pyarrow writer options that reproduce a data file's column chunks: their compression,
+    dictionaries and statistics (a fragments file keeps blobs uncompressed and without
+    statistics, an index file statistics on its key only)."""
+    rg = md.row_group(0)
+    chunks = [rg.column(i) for i in range(rg.num_columns)]
+    return {
+        "compression": {c.path_in_schema: "none" if c.compression == "UNCOMPRESSED" else c.compression.lower() for c in chunks},
+        "use_dictionary": [c.path_in_schema for c in chunks if c.has_dictionary_page],
+        "write_statistics": [c.path_in_schema for c in chunks if c.is_stats_set],
+    }

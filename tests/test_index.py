@@ -120,6 +120,33 @@ def test_compaction_sorts_files_and_keeps_answers(family, tmp_path):
     assert left < set(ids) and KnownIds(lib.store).lookup(ids).keys() == left
 
 
+def test_compact_job_holds_the_gc_lease_and_refuses_relative_paths_in_a_job(family, tmp_path, monkeypatch, capsys):
+    """jobs.compact rewrites index files as gc does: refused (one line) while another writer
+    runs, and a relative --library inside a Ray job is refused as jobs.gc refuses it."""
+    from jobs.compact import main
+
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    for m in family[:3]:
+        lib.ingest([m.file], m.model_id, m.family)
+    files = lambda: sorted(p for name in ("bands", "ids") for p in lib.store._paths(name, None))  # noqa: E731
+    before = files()
+    ingest = lib.store.leases.acquire("ingest", ["x"])  # a writer at work
+    try:
+        assert main(["--library", lib.store.url]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: gc refused") and len(err.strip().splitlines()) == 1, err
+        assert files() == before  # nothing rewritten
+    finally:
+        ingest.release()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets
+    assert main(["--library", "lib"]) == 1
+    assert "is relative" in capsys.readouterr().err and files() == before
+    assert main(["--library", lib.store.url]) == 0
+    assert capsys.readouterr().out.startswith("compact: ") and files() != before
+    assert lib.store.leases.all() == []
+
+
 def synthetic_index(store: LibraryStore, n: int, seed: int = 7) -> None:
     rng = np.random.default_rng(seed)
     ids = [rng.bytes(32).hex() for _ in range(n)]

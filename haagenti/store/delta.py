@@ -298,8 +298,7 @@ class LibraryStore:
         group; `group_rows` rows at most per group), written by pyarrow with writer `options`, and
         its add action (statistics on the scalar columns). A failed write removes the file."""
         schema = SCHEMAS[name]
-        codec = options["compression"] if isinstance(options["compression"], str) else next(iter(options["compression"].values()), "none")
-        fname = f"part-00000-{uuid.uuid4()}-c000.{'uncompressed' if codec.lower() == 'none' else codec.lower()}.parquet"
+        fname = f"part-00000-{uuid.uuid4()}-c000.parquet"
         path = posixpath.join(self.root, name, fname)
         stats = _FileStats(_scalar_columns(schema))
         try:

@@ -16,12 +16,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from maintenance import CACHE, ROOT, _vmhwm_mb, generate, ingest, summary  # noqa: E402
+from maintenance import CACHE, _vmhwm_mb, entrypoint, generate, ingest, measure, size_folders, summary  # noqa: E402
 
 METHODS = ("delta-rs delete", "delete_where")
 
@@ -44,14 +43,6 @@ def worker(method: str, lib: str) -> None:
     print(json.dumps({"seconds": time.perf_counter() - t, "peak_mb": _vmhwm_mb(), "start_mb": start, "deleted": n}))
 
 
-def measure(method: str, lib: str) -> dict:
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", method, lib], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
-    if p.returncode != 0:
-        raise RuntimeError(f"{method} worker failed: {p.stderr[-2000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="0.25,1", help="GB of raw model bytes per library, comma-separated")
@@ -60,10 +51,7 @@ def main() -> None:
     base_dir = os.path.join(CACHE, "deletes")
     rows = []
     try:
-        for size in [float(s) for s in args.sizes.split(",")]:
-            folder = os.path.join(base_dir, f"{size:g}gb")
-            shutil.rmtree(folder, ignore_errors=True)
-            os.makedirs(folder)
+        for size, folder in size_folders(base_dir, args.sizes):
             lib, work = os.path.join(folder, "lib"), os.path.join(folder, "work")
             paths = generate(folder, size, scale=1.0)
             ingest(lib, paths[:1])
@@ -76,7 +64,7 @@ def main() -> None:
                 for m in METHODS:
                     shutil.copytree(lib, work)
                     try:
-                        res[m].append(measure(m, work))
+                        res[m].append(measure(m, work, __file__))
                     finally:
                         shutil.rmtree(work, ignore_errors=True)
                 print(f"  run {i + 1}: " + ", ".join(f"{m} {v[-1]['seconds']:.1f} s / {v[-1]['peak_mb']:.0f} MB" for m, v in res.items()), flush=True)
@@ -91,7 +79,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3])
-    else:
-        main()
+    entrypoint(main, worker)

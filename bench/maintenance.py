@@ -28,6 +28,7 @@ import struct
 import subprocess
 import sys
 import time
+from typing import Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("HAAGENTI_BENCH_CACHE", os.path.join(ROOT, "bench", ".cache"))  # as bench/common.py
@@ -116,9 +117,11 @@ class _Discard:
         return len(b)
 
 
-def measure(op: str, lib: str) -> dict:
+def measure(op: str, lib: str, script: str = __file__) -> dict:
+    """`op` on `lib` in a fresh subprocess of `script` (its VmHWM is the work's peak): the
+    JSON of its last line."""
     env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", op, lib], capture_output=True, text=True, env=env, cwd=ROOT)
+    p = subprocess.run([sys.executable, os.path.abspath(script), "--worker", op, lib], capture_output=True, text=True, env=env, cwd=ROOT)
     if p.returncode != 0:
         raise RuntimeError(f"{op} worker failed: {p.stderr[-2000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -141,6 +144,15 @@ def library_size(lib: str) -> tuple[int, int, int, int]:
     return s["raw_bytes"], s["stored_bytes"], s["fragments"], s["delta_fragments"]
 
 
+def size_folders(base_dir: str, sizes: str) -> Iterator[tuple[float, str]]:
+    """(size, a new empty folder for it) for each of the comma-separated sizes (GB)."""
+    for size in (float(s) for s in sizes.split(",")):
+        folder = os.path.join(base_dir, f"{size:g}gb")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        yield size, folder
+
+
 def summary(values: list[float]) -> str:
     return f"{min(values):8.1f} {statistics.median(values):8.1f} {max(values):8.1f}"
 
@@ -156,10 +168,7 @@ def main() -> None:
     base_dir = os.path.join(CACHE, "maintenance")
     rows = []
     try:
-        for size in [float(s) for s in args.sizes.split(",")]:
-            folder = os.path.join(base_dir, f"{size:g}gb")
-            shutil.rmtree(folder, ignore_errors=True)
-            os.makedirs(folder)
+        for size, folder in size_folders(base_dir, args.sizes):
             lib = os.path.join(folder, "lib")
             t = time.perf_counter()
             paths = generate(folder, size)
@@ -204,8 +213,13 @@ def main() -> None:
         print(f"{size:7g}  {op:16s} {n:4d}  {summary(peaks)}   {summary(rates)}   {summary(secs)}   {start:8.0f}")
 
 
-if __name__ == "__main__":
+def entrypoint(main, worker) -> None:
+    """`SCRIPT --worker OP LIB` runs one measured operation (see `measure`); anything else the bench."""
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         worker(sys.argv[2], sys.argv[3])
     else:
         main()
+
+
+if __name__ == "__main__":
+    entrypoint(main, worker)

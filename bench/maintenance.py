@@ -8,11 +8,13 @@ the base, so verify exercises its reference path), then measures, each in a fres
   verify   the whole library (every stored fragment, then every model's files re-hashed)
   gc       after a scratch fine-tune (a tenth of the size) is ingested and removed, so every
            gc run has the same garbage to collect; its reachability scan covers the library
+  gc job   the same garbage again, collected by `python -m jobs.gc` (gc, then the index tables
+           z-ordered and the metadata tables compacted, under one lease)
   baseline verify   the verify this replaced (every fragment decoded into one dict, then each
            model re-hashed), up to --baseline GB: it needs ~1.5x the library's raw size in RAM
 Prints min/median/max over the runs.
 
-    flock /tmp/haagenti-heavy.lock .venv/bin/python bench/maintenance.py --sizes 0.5,2,8 --runs 3 --runs-large 2
+    flock /tmp/haagenti-heavy.lock .venv/bin/python bench/maintenance.py --sizes 0.5,2,8 --runs 3 --runs-large 3
 
 Generated files live under bench/.cache/maintenance and are deleted at the end (--keep keeps them).
 """
@@ -94,6 +96,10 @@ def worker(op: str, lib_url: str) -> None:
         out = {"ok": True, "fragments": baseline_verify(lib), "errors": []}
     elif op == "gc":
         out = lib.gc()
+    elif op == "gc-job":
+        from jobs.gc import main as gc_job
+
+        out = {"rc": gc_job(["--library", lib_url])}
     else:
         raise SystemExit(f"unknown op {op}")
     out.update(seconds=time.perf_counter() - t, peak_mb=_vmhwm_mb(), start_mb=start_rss)
@@ -185,7 +191,7 @@ def main() -> None:
             print(f"\n{size:g} GB: {raw / 1e9:.2f} GB raw, {stored / 1e9:.2f} GB stored, {frags} fragments "
                   f"({deltas} delta); generated in {gen_s:.0f} s, ingested in {ing_s:.0f} s ({ing_cpu:.0f} s CPU)", flush=True)
             runs = args.runs if size < 8 else args.runs_large
-            res: dict[str, list[dict]] = {"verify": [], "gc": [], "baseline verify": []}
+            res: dict[str, list[dict]] = {"verify": [], "gc": [], "gc job": [], "baseline verify": []}
             for i in range(runs):
                 r = measure("verify", lib)
                 if not r["ok"]:
@@ -197,6 +203,12 @@ def main() -> None:
                 if not r["fragments_removed"]:
                     raise RuntimeError("gc found no garbage to collect")
                 res["gc"].append(r)
+                ingest(lib, [scratch])
+                rm(lib, "scratch-ft")
+                r = measure("gc-job", lib)
+                if r["rc"] != 0:
+                    raise RuntimeError("python -m jobs.gc failed")
+                res["gc job"].append(r)
                 if args.baseline and size <= args.baseline:
                     res["baseline verify"].append(measure("baseline-verify", lib))
                 print(f"  run {i + 1}: " + ", ".join(f"{k} {v[-1]['seconds']:.1f} s / {v[-1]['peak_mb']:.0f} MB" for k, v in res.items() if v), flush=True)

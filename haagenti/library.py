@@ -12,7 +12,7 @@ from haagenti.errors import FragmentError, LibraryError
 from haagenti.fragment import Encoding
 from haagenti.ingest import IngestReport, ModelInput, Progress, ingest_models
 from haagenti.maintenance import VerifyProgress, VerifyReport
-from haagenti.manifest import ModelManifest, TensorRef, validate_model_id
+from haagenti.manifest import ModelManifest, validate_model_id
 from haagenti.parallel import Workers
 from haagenti.records import trusted_manifest
 from haagenti.store import LibraryStore
@@ -111,11 +111,6 @@ class FragmentLibrary:
         return ingest_models(self, models, progress, device, quality, threads, wait)
 
     # ---- restore (haagenti.restore) ----------------------------------------------------
-    def iter_tensors(self, manifest: ModelManifest, cache: RawCache | None = None) -> Iterable[tuple[TensorRef, bytes]]:
-        """(tensor, raw bytes) in manifest order, fetching fragments in bounded batches."""
-        for t, parts in restore.iter_parts(self, manifest, cache):
-            yield t, b"".join(parts)
-
     def restore(self, model_id: str, out_dir: str, rehash: bool = False, force: bool = False, threads: int = 0) -> list[str]:
         """Write the model's files into `out_dir` (haagenti.restore.restore_model); `threads`: 0 uses every core."""
         return restore.restore_model(self, model_id, out_dir, rehash, force, threads)

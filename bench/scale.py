@@ -13,8 +13,10 @@ loopback) it is added `--runs` times through `haagenti ingest` and through the R
 back to their previous version (Delta restore) after each run, so every run adds the same
 model to the same library. Each run is its own process; peak memory is VmHWM of the driver
 and of each Ray worker. Reads are counted with spies on the store's file opens, Parquet
-row-group reads and s3fs requests. Generated data is deleted at the end (the model files in
-bench/.cache/scale are kept for re-runs; delete them with --clean).
+row-group reads and s3fs requests. Rounds of runs go over every size and mode in turn, so each
+round sees the same machine load. Generated data is deleted at the end (the model files in
+bench/.cache/scale, and with --keep the local libraries, are kept for re-runs; delete them with
+--clean).
 """
 from __future__ import annotations
 
@@ -234,6 +236,30 @@ def worker(mode: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def library(store: str, n: int, work: str, keep: bool) -> tuple[str, dict, dict, int]:
+    """(url, table versions, build figures, index bytes) of a library whose index holds n
+    fragments. With `keep`, local ones are kept in bench/.cache/scale/lib-N and reused."""
+    from haagenti.store import LibraryStore
+
+    if store == "s3":
+        url = f"s3://{BUCKET}/lib{n}"
+    else:
+        url = os.path.join(CACHE if keep else work, f"lib-{n}")
+    done = url + ".json"
+    if store == "local" and keep and os.path.exists(done):
+        with open(done) as f:
+            built, size = json.load(f)
+    else:
+        if store == "local":
+            shutil.rmtree(url, ignore_errors=True)
+        built = worker("build", url, str(n))
+        size = index_bytes(url)
+        if store == "local" and keep:
+            with open(done, "w") as f:
+                json.dump([built, size], f)
+    return url, LibraryStore(url).versions(), built, size
+
+
 def fmt_reads(d: dict, table: str) -> str:
     return f"{d['files'].get(table, 0)}f/{d['row_groups'].get(table, 0)}rg/{d['bytes'].get(table, 0) / 1e6:.1f}MB"
 
@@ -249,6 +275,7 @@ def main() -> None:
     ap.add_argument("--no-pipeline", action="store_true")
     ap.add_argument("--plot", default=os.path.join(os.path.dirname(HERE), "docs", "figures", "scale.png"))
     ap.add_argument("--json", default=os.path.join(HERE, ".cache", "scale.json"))
+    ap.add_argument("--keep", action="store_true", help="keep the local libraries in bench/.cache/scale for re-runs")
     ap.add_argument("--clean", action="store_true")
     a = ap.parse_args()
     if a.worker:
@@ -265,44 +292,43 @@ def main() -> None:
     rows = []
     work = tempfile.mkdtemp(prefix="scale-", dir=os.path.join(HERE, ".cache"))
     moto = None
+    modes = ["ingest"] + ([] if a.no_pipeline else ["pipeline"])
     try:
         for store in a.stores:
             if store == "s3":
                 moto, _ = start_moto(BUCKET)
+            libs = {}
             for n in a.sizes:
                 if store == "s3" and n > a.s3_max:
                     print(f"s3 {n:>10,}: skipped (moto_server keeps every object in memory; the index alone would take {n * 1.1e-6:.0f} GB of it)", flush=True)
                     continue
-                url = os.path.join(work, f"lib{n}") if store == "local" else f"s3://{BUCKET}/lib{n}"
-                built = worker("build", url, str(n))
-                from haagenti.store import LibraryStore
-
-                versions = LibraryStore(url).versions()
-                size = index_bytes(url)
-                modes = ["ingest"] + ([] if a.no_pipeline else ["pipeline"])
-                for mode in modes:
-                    runs = []
-                    for _ in range(a.runs):
-                        runs.append(worker(mode, url, model))
+                libs[n] = library(store, n, work, a.keep)
+            results = {(n, mode): [] for n in libs for mode in modes}
+            for r in range(a.runs):  # sizes and modes interleaved: each round sees the same machine load
+                for n, (url, versions, built, size) in libs.items():
+                    for mode in modes:
+                        got = worker(mode, url, model)
                         rollback(url, versions)
-                    secs = [r["seconds"] for r in runs]
-                    row = {"store": store, "fragments": n, "mode": mode, "seconds": secs, "build_s": built["build_s"], "index_bytes": size, "runs": runs}
-                    rows.append(row)
-                    d = runs[-1]["driver"]
-                    wk = runs[-1].get("workers", [])
-                    wpeak = max((w["peak_mib"] for w in wk), default=0)
-                    wb = {k: sum(w[k].get("bands", 0) for w in wk) for k in ("files", "row_groups", "bytes")}
-                    s3 = sum(d["s3"].values()) + sum(sum(w["s3"].values()) for w in wk)
-                    print(
-                        f"{store:5s} {n:>10,} {mode:8s} {min(secs):7.1f} / {statistics.median(secs):7.1f} / {max(secs):7.1f} s  "
-                        f"{raw / 1e6 / statistics.median(secs):6.1f} MB/s  driver {d['peak_mib']:5d} MiB  workers {wpeak:5d} MiB  "
-                        f"index {size / n:6.0f} B/frag  bands {fmt_reads(d, 'bands')} (workers {wb['files']}f/{wb['row_groups']}rg/{wb['bytes'] / 1e6:.1f}MB) "
-                        f"ids {fmt_reads(d, 'ids')}  "
-                        f"whole-table reads {d['whole']}  s3 requests {s3}  (build {built['build_s']:.0f} s)",
-                        flush=True,
-                    )
-                if store == "local":
-                    shutil.rmtree(url, ignore_errors=True)
+                        results[(n, mode)].append(got)
+                        print(f"  run {r + 1}: {store} {n:>10,} {mode:8s} {got['seconds']:7.1f} s", flush=True)
+            for (n, mode), runs in results.items():
+                url, versions, built, size = libs[n]
+                secs = [r["seconds"] for r in runs]
+                rows.append({"store": store, "fragments": n, "mode": mode, "seconds": secs, "build_s": built["build_s"], "index_bytes": size, "runs": runs})
+                d = runs[-1]["driver"]
+                wk = runs[-1].get("workers", [])
+                dpeak = max(r["driver"]["peak_mib"] for r in runs)
+                wpeak = max((w["peak_mib"] for r in runs for w in r.get("workers", [])), default=0)
+                wb = {k: sum(w[k].get("bands", 0) for w in wk) for k in ("files", "row_groups", "bytes")}
+                s3 = sum(d["s3"].values()) + sum(sum(w["s3"].values()) for w in wk)
+                print(
+                    f"{store:5s} {n:>10,} {mode:8s} {min(secs):7.1f} / {statistics.median(secs):7.1f} / {max(secs):7.1f} s  "
+                    f"{raw / 1e6 / statistics.median(secs):6.1f} MB/s  driver {dpeak:5d} MiB  workers {wpeak:5d} MiB  "
+                    f"index {size / n:6.0f} B/frag  bands {fmt_reads(d, 'bands')} (workers {wb['files']}f/{wb['row_groups']}rg/{wb['bytes'] / 1e6:.1f}MB) "
+                    f"ids {fmt_reads(d, 'ids')}  "
+                    f"whole-table reads {d['whole']}  s3 requests {s3}  (build {built['build_s']:.0f} s)",
+                    flush=True,
+                )
             if moto is not None:
                 moto.terminate()
                 moto.wait(30)

@@ -179,6 +179,43 @@ def run_ingest(url: str, model: str) -> dict:
     return {"seconds": secs, "driver": spied()}
 
 
+def run_recall(url: str, n: str, queries: int = 256) -> dict:
+    """How often the reference rule proposes a library fragment for a near-duplicate of it (its
+    signature with `flips` bits flipped, as a fine-tune moves it), matched against this index:
+    rows regenerated from `build`'s seed. `lsh`: the pair shares a band bucket; `proposed`: the
+    rule (first MAX_PARTNERS of a bucket by id, within the Hamming limit) pairs them."""
+    import numpy as np
+    import pyarrow as pa
+
+    from haagenti.index import BandIndex, band_hashes
+    from haagenti.library import FragmentLibrary
+    from haagenti.matching import band_table, hamming_limit, partner_pairs
+
+    n = int(n)
+    lib = FragmentLibrary.open(url)
+    cfg = lib.config.signature
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
+    bits = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
+    pick = np.random.default_rng(2).choice(n, queries, replace=False)
+    index = BandIndex(lib.store, cfg)
+    limit = hamming_limit(cfg, lib.config.thresholds.similar_cosine)
+    out = {"limit": limit}
+    for flips in (4, 8, 16):
+        g = np.random.default_rng(flips)
+        q = np.unpackbits(bits[pick], axis=1)
+        for row in q:
+            row[g.choice(cfg.bits, flips, replace=False)] ^= 1
+        q = np.packbits(q, axis=1)
+        qids = [g.bytes(32).hex() for _ in range(queries)]
+        t = pa.table({"fragment_id": qids, "bits": pa.array([r.tobytes() for r in q], pa.binary()), "n_elements": pa.array(np.full(queries, 131072), pa.int64())})
+        pairs = partner_pairs(band_table(t, cfg, np.arange(queries), True, False), index.rows, None, limit)
+        got = set(zip(pairs["fragment_id"].to_pylist(), pairs["candidate_id"].to_pylist()))
+        lsh = (band_hashes(q, cfg) == band_hashes(bits[pick], cfg)).any(axis=1)
+        out[flips] = {"lsh": float(lsh.mean()), "proposed": float(np.mean([(a, ids[i].tobytes().hex()) in got for a, i in zip(qids, pick)]))}
+    return out
+
+
 def run_pipeline(url: str, model: str) -> dict:
     import ray
     import yaml
@@ -280,7 +317,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         mode, *rest = a.worker
-        fn = {"build": lambda u, n: build(u, int(n)), "ingest": run_ingest, "pipeline": run_pipeline}[mode]
+        fn = {"build": lambda u, n: build(u, int(n)), "ingest": run_ingest, "pipeline": run_pipeline, "recall": run_recall}[mode]
         print(json.dumps(fn(*rest)))
         return
     if a.clean:
@@ -303,6 +340,10 @@ def main() -> None:
                     print(f"s3 {n:>10,}: skipped (moto_server keeps every object in memory; the index alone would take {n * 1.1e-6:.0f} GB of it)", flush=True)
                     continue
                 libs[n] = library(store, n, work, a.keep)
+            for n, (url, *_) in libs.items():
+                rec = worker("recall", url, str(n))
+                print(f"{store:5s} {n:>10,} near-duplicate recall of the rule (Hamming limit {rec.pop('limit')}): "
+                      + "  ".join(f"{f} bits flipped: shares a bucket {r['lsh']:.3f}, proposed {r['proposed']:.3f}" for f, r in rec.items()), flush=True)
             results = {(n, mode): [] for n in libs for mode in modes}
             for r in range(a.runs):  # sizes and modes interleaved: each round sees the same machine load
                 for n, (url, versions, built, size) in libs.items():

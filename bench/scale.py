@@ -310,6 +310,7 @@ def main() -> None:
     ap.add_argument("--s3-max", type=int, default=1_000_000)
     ap.add_argument("--stores", nargs="+", default=["local", "s3"])
     ap.add_argument("--no-pipeline", action="store_true")
+    ap.add_argument("--modes", nargs="+", default=["ingest", "pipeline"], choices=["ingest", "pipeline"])
     ap.add_argument("--plot", default=os.path.join(os.path.dirname(HERE), "docs", "figures", "scale.png"))
     ap.add_argument("--json", default=os.path.join(HERE, ".cache", "scale.json"))
     ap.add_argument("--keep", action="store_true", help="keep the local libraries in bench/.cache/scale for re-runs")
@@ -329,7 +330,7 @@ def main() -> None:
     rows = []
     work = tempfile.mkdtemp(prefix="scale-", dir=os.path.join(HERE, ".cache"))
     moto = None
-    modes = ["ingest"] + ([] if a.no_pipeline else ["pipeline"])
+    modes = [m for m in a.modes if not (a.no_pipeline and m == "pipeline")]
     try:
         for store in a.stores:
             if store == "s3":

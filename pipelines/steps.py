@@ -108,8 +108,9 @@ class MatchBands:
 
     def __call__(self, part: pa.Table) -> pa.Table:
         index = _INDEXES.get(self.library_url)
-        if index is None:  # one per worker process: its row-group ranges and footers are cached
-            index = _INDEXES[self.library_url] = BandIndex(LibraryStore(self.library_url), self.config)
+        if index is None:  # one per worker process, row-group ranges cached; footers are not kept: a
+            # run reads each band's files in one task, and kept footers grow with the library
+            index = _INDEXES[self.library_url] = BandIndex(LibraryStore(self.library_url), self.config, keep_footers=False)
         return partner_pairs(part, index.rows, None, self.max_hamming)
 
 

@@ -188,6 +188,14 @@ def test_an_ingest_reads_only_the_row_groups_its_keys_fall_in(tmp_path, monkeypa
     read_bands = sum(n for path, n in groups if "/bands/" in path)
     read_ids = sum(n for path, n in groups if "/ids/" in path)
     total = sum(pq.ParquetFile(p).num_row_groups for p, *_ in BandIndex(lib.store, CONFIG.signature).reader.files())
+    # A reader that keeps no footers (the pipeline's, one task per band) answers the same.
+    kept, dropped = BandIndex(lib.store, CONFIG.signature), BandIndex(lib.store, CONFIG.signature, keep_footers=False)
+    keys = pq.read_table(kept.reader.files()[0][0], columns=["bucket"])["bucket"].to_numpy()[::5000]
+    rows = CONFIG.signature.rows
+    buckets = pa.table({"band": pa.array(keys >> rows, pa.int16()), "band_hash": pa.array(keys & ((1 << rows) - 1), pa.uint64())})
+    got = kept.rows(buckets)
+    assert got.num_rows >= len(keys) and got.to_pylist() == dropped.rows(buckets).to_pylist()
+    assert kept.reader.footers and not dropped.reader.footers and dropped.reader.ranges
     # Each new fragment's 16 buckets hit one or two row groups each; far from all of them.
     assert report.fragments == 6 and 0 < read_bands <= 2 * CONFIG.signature.bands * report.fragments and read_bands < total / 4
     assert 0 < read_ids <= 2 * report.fragments

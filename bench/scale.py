@@ -183,7 +183,7 @@ def run_recall(url: str, n: str, queries: int = 256) -> dict:
     """How often the reference rule proposes a library fragment for a near-duplicate of it (its
     signature with `flips` bits flipped, as a fine-tune moves it), matched against this index:
     rows regenerated from `build`'s seed. `lsh`: the pair shares a band bucket; `proposed`: the
-    rule (first MAX_PARTNERS of a bucket by id, within the Hamming limit) pairs them."""
+    rule (the nearest MAX_PARTNERS within the Hamming limit among the first MAX_SCAN of a bucket) pairs them."""
     import numpy as np
     import pyarrow as pa
 

@@ -6,8 +6,8 @@ LoRA merge and fp16 export (related), and against the unrelated model (unrelated
 measured two ways, per band of measured cosine: datasketch's in-memory LSH (`SimilarityIndex`,
 nearest 4 of the fragments sharing a band), and what an ingest runs: the base ingested into a
 library, whose index tables (haagenti.index) each variant's fragments are matched against with
-haagenti.matching's rule (a base fragment is *proposed* when it shares a bucket among the first
-MAX_PARTNERS and is within the Hamming limit, *chosen* when it is among the k references tried).
+haagenti.matching's rule (a base fragment is *proposed* when it shares a bucket, is among the MAX_SCAN looked at
+and the MAX_PARTNERS nearest within the Hamming limit, *chosen* when it is among the k references tried).
 """
 from __future__ import annotations
 

@@ -7,9 +7,12 @@ Ray pipeline (once over the whole run, its bucket groups spread over workers):
    order, tensors in file order, fragments in tensor order). Its candidates are the fragments
    *before* it that share an LSH band with it and have its length: plain exact fragments of the
    library first (by id), then this run's new float fragments (by position). Per band bucket
-   only the first `MAX_PARTNERS` such fragments are considered (a bucket of identical
-   signatures, e.g. zero-filled fragments, stays linear), and only those within
-   `hamming_limit(similar_cosine)` bits of it are kept.
+   the first `MAX_SCAN` such fragments are looked at, those within
+   `hamming_limit(similar_cosine)` bits of it are kept, and of those the `MAX_PARTNERS` nearest
+   (by Hamming distance, then that order). Both caps keep a bucket of identical signatures
+   linear; the nearest are kept, not the first, because a bucket fills with unrelated fragments
+   as the library grows (N/65,536 rows per 16-bit bucket): with the first 32 by id, a
+   near-duplicate in a 10M-fragment library was proposed 27% of the time (docs/decisions.md).
 2. Anchors. A new fragment with no candidate is an *anchor*: it is stored plain and may serve as
    a reference. Chains stay one hop deep: a fragment may reference library fragments and this
    run's anchors only, never another delta.
@@ -35,7 +38,8 @@ from haagenti.index import fixed_width
 from haagenti.signature import SignatureConfig
 from haagenti.similarity import band_rows
 
-MAX_PARTNERS = 32  # candidates looked at per new fragment and band bucket
+MAX_SCAN = 1024  # earlier fragments looked at per new fragment and band bucket
+MAX_PARTNERS = 32  # of those, the nearest kept as candidates
 BUCKET = ["band", "band_hash"]
 # One row per (fragment, band). `pos` orders fragments: -1 for the library's, then run order.
 # `is_new`: decided in this call; `usable`: may serve as a reference (known for earlier rows).
@@ -85,12 +89,12 @@ def shared_buckets(bands: pa.Table) -> pa.Table:
     return bands.join(keep, BUCKET, join_type="inner")
 
 
-def bucket_pairs(part: pa.Table, max_hamming: int, max_partners: int = MAX_PARTNERS) -> pa.Table:
+def bucket_pairs(part: pa.Table, max_hamming: int, max_partners: int = MAX_PARTNERS, max_scan: int = MAX_SCAN) -> pa.Table:
     """(new fragment, candidate, Hamming distance, candidate usable) for the rows of whole
-    buckets: each new fragment against the first `max_partners` fragments of its length before
-    it in its bucket (rule 1 of the module doc), kept when within `max_hamming`. Vectorised:
-    rows sorted by (bucket, length, pos, id), the partners of a row are the first
-    min(its rank, max_partners) rows of its group."""
+    buckets: each new fragment against the first `max_scan` fragments of its length before it
+    in its bucket, kept when within `max_hamming`, the `max_partners` nearest of those (rule 1 of
+    the module doc). Vectorised: rows sorted by (bucket, length, pos, id), the partners of a row
+    are among the first min(its rank, max_scan) rows of its group."""
     if part.num_rows == 0:
         return PAIR_SCHEMA.empty_table()
     t = sort_rows(part, BUCKET + ["n_elements", "pos", "fragment_id"])
@@ -100,7 +104,7 @@ def bucket_pairs(part: pa.Table, max_hamming: int, max_partners: int = MAX_PARTN
     rank = np.arange(t.num_rows) - row_start
     is_new = t["is_new"].to_numpy(zero_copy_only=False)
     rows_i = np.flatnonzero(is_new & (rank > 0))
-    reps = np.minimum(rank[rows_i], max_partners)
+    reps = np.minimum(rank[rows_i], max_scan)
     first = np.cumsum(reps) - reps
     i = np.repeat(rows_i, reps)
     j = np.repeat(row_start[rows_i], reps) + np.arange(int(reps.sum())) - np.repeat(first, reps)
@@ -109,13 +113,18 @@ def bucket_pairs(part: pa.Table, max_hamming: int, max_partners: int = MAX_PARTN
         words = words.view(np.uint64)
     d = np.bitwise_count(words[i] ^ words[j]).sum(axis=1, dtype=np.int64)
     close = d <= max_hamming
+    i, j, d = i[close], j[close], d[close]
+    nearest = np.lexsort((j, d, i))  # per new row: by distance, then bucket order
+    i, j, d = i[nearest], j[nearest], d[nearest]
+    keep = rank_in_runs(i) < max_partners
+    i, j, d = i[keep], j[keep], d[keep]
     ids = t["fragment_id"].combine_chunks()
     return pa.table(
         {
-            "fragment_id": ids.take(pa.array(i[close])),
-            "candidate_id": ids.take(pa.array(j[close])),
-            "hamming": pa.array(d[close], pa.int32()),
-            "usable": t["usable"].combine_chunks().take(pa.array(j[close])),
+            "fragment_id": ids.take(pa.array(i)),
+            "candidate_id": ids.take(pa.array(j)),
+            "hamming": pa.array(d, pa.int32()),
+            "usable": t["usable"].combine_chunks().take(pa.array(j)),
         },
         schema=PAIR_SCHEMA,
     )

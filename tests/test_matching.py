@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow as pa
 
 from haagenti.config import LibraryConfig
+from haagenti.signature import SignatureConfig
 from haagenti.matching import (
     BAND_SCHEMA,
     RunMatcher,
@@ -16,9 +17,10 @@ from haagenti.matching import (
 
 
 def test_bucket_pairs_matches_a_plain_loop_over_each_bucket():
-    """In each bucket, each new fragment against the first `max_partners` fragments of its length
-    before it (library rows first by id, then run rows by position), kept when close enough.
-    Buckets of every kind: singletons, mixed lengths, only old rows, and large ones."""
+    """In each bucket, each new fragment against the first `max_scan` fragments of its length
+    before it (library rows first by id, then run rows by position), kept when close enough, the
+    `max_partners` nearest of those. Buckets of every kind: singletons, mixed lengths, only old
+    rows, and large ones."""
     rng = np.random.default_rng(0)
     rows = []
     pos = 0
@@ -33,22 +35,37 @@ def test_bucket_pairs_matches_a_plain_loop_over_each_bucket():
             })
             pos += 1
     table = pa.Table.from_pylist(rows, schema=BAND_SCHEMA)
-    limit, cap = 120, 4
+    limit, cap, scan = 120, 4, 10
     expected = set()
     for key in {(r["band"], r["band_hash"]) for r in rows}:
         members = sorted((r for r in rows if (r["band"], r["band_hash"]) == key), key=lambda r: (r["pos"], r["fragment_id"]))
         for at, r in enumerate(members):
             if not r["is_new"]:
                 continue
-            partners = [o for o in members[:at] if o["n_elements"] == r["n_elements"]][:cap]
-            for o in partners:
-                d = sum(bin(a ^ b).count("1") for a, b in zip(r["bits"], o["bits"]))
-                if d <= limit:
-                    expected.add((r["fragment_id"], o["fragment_id"], d, o["usable"]))
-    got = bucket_pairs(table, limit, cap)
+            looked = [o for o in members[:at] if o["n_elements"] == r["n_elements"]][:scan]
+            near = [(sum(bin(a ^ b).count("1") for a, b in zip(r["bits"], o["bits"])), k, o) for k, o in enumerate(looked)]
+            for d, _, o in sorted((x for x in near if x[0] <= limit), key=lambda x: x[:2])[:cap]:
+                expected.add((r["fragment_id"], o["fragment_id"], d, o["usable"]))
+    got = bucket_pairs(table, limit, cap, scan)
     assert set(zip(*(got[c].to_pylist() for c in ("fragment_id", "candidate_id", "hamming", "usable")))) == expected
     assert got.num_rows == len(expected) and len(expected) > 50
     assert {u for *_, u in expected} == {True, False}
+
+
+def test_a_near_duplicate_is_proposed_in_a_bucket_full_of_unrelated_fragments():
+    """A 10M-fragment library puts ~152 unrelated rows in every 16-bit bucket: the new fragment's
+    near-duplicate must be proposed wherever its id sorts among them (the first 32 by id were
+    looked at before, so it was found ~32/152 of the time)."""
+    rng = np.random.default_rng(2)
+    bits = [rng.integers(0, 256, 32, dtype=np.uint8).tobytes() for _ in range(152)]
+    near = bytearray(bits[-1])
+    near[0] ^= 0x0F  # 4 of 256 bits flipped: cosine ~0.998
+    rows = [{"band": 0, "band_hash": 7, "fragment_id": f"{i:064x}", "bits": b, "n_elements": 1024, "pos": -1,
+             "is_new": False, "usable": True} for i, b in enumerate(bits)]
+    rows.append({"band": 0, "band_hash": 7, "fragment_id": "f" * 64, "bits": bytes(near), "n_elements": 1024, "pos": 0, "is_new": True, "usable": False})
+    table = pa.Table.from_pylist(rows, schema=BAND_SCHEMA)
+    got = bucket_pairs(table, hamming_limit(SignatureConfig(), 0.9))
+    assert got["candidate_id"].to_pylist() == [f"{151:064x}"] and got["hamming"].to_pylist() == [4]
 
 
 def test_choose_references_matches_its_definition():

@@ -26,7 +26,7 @@ from haagenti.ingest import signature_table
 from haagenti.index import KnownIds
 from haagenti.library import FragmentLibrary
 from haagenti.maintenance import closest_models
-from haagenti.matching import band_table, choose_references, hamming_limit
+from haagenti.matching import BUCKET, band_table, choose_references, hamming_limit
 from haagenti.store import LibraryStore
 from haagenti.store.leases import LeaseConflict, writing
 from haagenti.writer import Committer
@@ -38,6 +38,7 @@ from pipelines.steps import ASSIGNMENT_SCHEMA, EncodeFragments, FragmentModel, M
 # per-call overhead, 128 per call 0.4 s; 64 keeps an output batch (~10 MB) well inside a small
 # object store with a few calls in flight.
 ENCODE_BATCH = 64
+MATCH_PART_ROWS = 4096  # run band rows per match task: 256 fragments x 16 bands, an ingest batch's lookup
 FAMILY_SHARE = 0.3  # a model joins the family of the model it shares most with, above this share
 
 
@@ -218,15 +219,17 @@ def _sign(executor: Executor, config: LibraryConfig, floats: pa.Table) -> pa.Tab
 
 
 def _match(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, sigs: pa.Table, new_ids: pa.ChunkedArray) -> dict[str, list[str]]:
-    """haagenti.matching's rule over the whole run, as a join by band partition: the driver
-    holds this run's band rows only; each task takes whole bands of them and reads the
-    library's rows of their buckets straight from storage (pipelines.steps.MatchBands).
+    """haagenti.matching's rule over the whole run, as a join by bucket: the driver holds this
+    run's band rows only; each task takes whole buckets of them, at most MATCH_PART_ROWS rows
+    (what one ingest batch looks up: the library rows a task reads grow with its buckets times
+    the library's bucket fill), and reads the library's rows of those buckets straight from
+    storage (pipelines.steps.MatchBands).
     Returns each new fragment's reference candidates (the band and pair tables are freed on
     return, not held through encoding)."""
     pos = pc.index_in(sigs["fragment_id"], value_set=new_ids).to_numpy(zero_copy_only=False)
     bands = band_table(sigs, config.signature, pos, True, False)
     limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
-    pairs = executor.group_by(bands, ["band"], MatchBands(lib.store.url, config.signature, limit))
+    pairs = executor.group_by(bands, BUCKET, MatchBands(lib.store.url, config.signature, limit), MATCH_PART_ROWS)
     return choose_references(pairs, sigs["fragment_id"].to_pylist(), config.candidates)
 
 

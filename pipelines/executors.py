@@ -31,8 +31,9 @@ class Executor(Protocol):
 
     def map_batches(self, cls: type, args: tuple, table: pa.Table, batch_size: int, actors: bool = False) -> Iterator[pa.Table]: ...
 
-    def group_by(self, table: pa.Table, keys: list[str], fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
-        """`fn` over parts of `table` sorted by `keys`, each holding whole groups (one part or many)."""
+    def group_by(self, table: pa.Table, keys: list[str], fn: Callable[[pa.Table], pa.Table], max_rows: int | None = None) -> pa.Table:
+        """`fn` over parts of `table` sorted by `keys`, each holding whole groups (one part or
+        many) and, with `max_rows`, about that many rows at most (a group is never split)."""
         ...
 
 
@@ -47,8 +48,10 @@ class LocalExecutor:
         for start in range(0, table.num_rows, batch_size):
             yield step(table.slice(start, batch_size))
 
-    def group_by(self, table, keys, fn):
-        return fn(sort_rows(table, keys))
+    def group_by(self, table, keys, fn, max_rows=None):
+        t = sort_rows(table, keys)
+        parts = _cut_at_groups(t, keys, -(-t.num_rows // max_rows)) if max_rows and t.num_rows else [t]
+        return pa.concat_tables([fn(p) for p in parts])
 
 
 class RayExecutor:
@@ -107,13 +110,14 @@ class RayExecutor:
         slices = (table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size))
         return self._run(((_call, cls, args, b) for b in slices), gpu=actors)
 
-    def group_by(self, table, keys, fn):
+    def group_by(self, table, keys, fn, max_rows=None):
         """Sort by key on the driver (Arrow, C++), cut at group boundaries into about two parts
-        per worker slot, and run `fn` on each part on the pool."""
+        per worker slot (more when `max_rows` asks), and run `fn` on each part on the pool."""
         if table.num_rows == 0:
             return fn(table)
         t = sort_rows(table, keys)
-        parts = _cut_at_groups(t, keys, max(1, min(2 * len(self.pool), t.num_rows // 2000 + 1)))
+        n = max(1, min(2 * len(self.pool), t.num_rows // 2000 + 1), -(-t.num_rows // max_rows) if max_rows else 1)
+        parts = _cut_at_groups(t, keys, n)
         tables = [_owned(x) for x in self._run((_apply, fn, p) for p in parts) if x.num_rows]
         return pa.concat_tables(tables) if tables else fn(table.slice(0, 0))
 

@@ -99,8 +99,8 @@ class SignFragments:
 
 
 class MatchBands:
-    """Reference pairs of this run's band rows of some whole bands (one task of the match
-    stage's join): the library's rows of their buckets are read here, from storage (only the
+    """Reference pairs of this run's band rows of some whole buckets (one task of the match
+    stage's join): the library's rows of those buckets are read here, from storage (only the
     index files and row groups that hold them), never sent from the driver."""
 
     def __init__(self, library_url: str, config: SignatureConfig, max_hamming: int):
@@ -108,8 +108,8 @@ class MatchBands:
 
     def __call__(self, part: pa.Table) -> pa.Table:
         index = _INDEXES.get(self.library_url)
-        if index is None:  # one per worker process, row-group ranges cached; footers are not kept: a
-            # run reads each band's files in one task, and kept footers grow with the library
+        if index is None:  # one per worker process, row-group ranges cached; footers are not kept:
+            # a task reads few files, and kept footers grow with the library
             index = _INDEXES[self.library_url] = BandIndex(LibraryStore(self.library_url), self.config, keep_footers=False)
         return partner_pairs(part, index.rows, None, self.max_hamming)
 

@@ -17,7 +17,9 @@ from haagenti.matching import band_table as match_rows
 from haagenti.signature import compute_signatures
 from haagenti.store import LibraryStore
 from haagenti.store.files import DataFiles
+from pipelines import dedup
 from pipelines.dedup import _match
+from pipelines.steps import MatchBands
 from pipelines.executors import LocalExecutor
 
 CONFIG = LibraryConfig(fragment_size=64 * 1024)
@@ -84,7 +86,7 @@ def test_lookups_give_the_references_of_the_in_memory_index(family, family_libra
     assert known == dict(zip(frags["fragment_id"].to_pylist(), frags["dtype"].to_pylist()))
 
 
-def test_pipeline_match_gives_the_same_references(family, family_library):
+def test_pipeline_match_gives_the_same_references(family, family_library, monkeypatch):
     lib = family_library
     sigs = signatures_of([m.file for m in family[3:]]).sort_by("fragment_id")
     new_ids = pa.chunked_array([sigs["fragment_id"]])
@@ -93,6 +95,12 @@ def test_pipeline_match_gives_the_same_references(family, family_library):
     limit = hamming_limit(CONFIG.signature, CONFIG.thresholds.similar_cosine)
     expected = choose_references(bucket_pairs(shared_buckets(bands), limit), sigs["fragment_id"].to_pylist(), CONFIG.candidates)
     assert _match(lib, LocalExecutor(), CONFIG, sigs, new_ids) == expected
+    # Cut into many tasks of whole buckets (the pipeline's parts at scale): the same answer.
+    parts = []
+    monkeypatch.setattr(dedup, "MATCH_PART_ROWS", 37)
+    monkeypatch.setattr(dedup, "MatchBands", lambda *a: (lambda part, step=MatchBands(*a): parts.append(part.num_rows) or step(part)))
+    assert _match(lib, LocalExecutor(), CONFIG, sigs, new_ids) == expected
+    assert len(parts) > 10 and max(parts) < 37 + 16 and sum(parts) == sigs.num_rows * CONFIG.signature.bands
     assert any(c not in set(new_ids.to_pylist()) for cs in expected.values() for c in cs)
 
 

@@ -49,10 +49,9 @@ class ModelLoader:
         its fragments are held; a load that fails midway leaves `into` partly overwritten."""
         start = time.perf_counter()
         manifest = self.manifest(model_id)
-        for t in manifest.tensors:
-            lookup_dtype(t.dtype).torch_dtype  # quantized blocks are refused before anything is read
+        dtypes = _torch_dtypes(manifest)  # quantized blocks are refused before anything is read
         if into is not None:
-            _check_into(manifest, into)
+            _check_into(manifest, into, dtypes)
         ids = manifest.fragment_ids
         fetched = sum(1 for i in ids if i not in self.cache)
         read: list[int] = []
@@ -83,13 +82,18 @@ class ModelLoader:
         self.workers.close()
 
 
-def _check_into(manifest: ModelManifest, into: dict[str, torch.Tensor]) -> None:
+def _torch_dtypes(manifest: ModelManifest) -> dict[str, torch.dtype]:
+    """Each tensor's torch dtype (FormatError for quantized blocks, which have none)."""
+    return {t.name: lookup_dtype(t.dtype).torch_dtype for t in manifest.tensors}
+
+
+def _check_into(manifest: ModelManifest, into: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]) -> None:
     names = {t.name for t in manifest.tensors}
     if set(into) != names:
         odd = sorted(set(into) ^ names)
         raise LibraryError(f"model {manifest.model_id!r}: the tensors to load into differ in names from the model's ({', '.join(map(repr, odd[:3]))}{' ...' if len(odd) > 3 else ''})")
     for t in manifest.tensors:
         x = into[t.name]
-        want = lookup_dtype(t.dtype).torch_dtype
+        want = dtypes[t.name]
         if x.dtype != want or tuple(x.shape) != tuple(t.shape) or x.device.type != "cpu" or not x.is_contiguous():
             raise LibraryError(f"model {manifest.model_id!r}: tensor {t.name!r} is {want} {list(t.shape)}; the tensor to load it into is {x.dtype} {list(x.shape)} on {x.device}{'' if x.is_contiguous() else ', not contiguous'}")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from haagenti.codecs import ByteGroup, RotateLeft, Zstd, apply_delta, cast_reference, chain_for, codec_chain, smallest_encoding
+from haagenti.codecs import PLANES, ByteGroup, RotateLeft, Zstd, apply_delta, cast_reference, chain_for, codec_chain, smallest_encoding
 from haagenti.codecs.delta import residual
 from haagenti.fragment import Encoding, FragmentType
 
@@ -83,6 +83,16 @@ def test_zstd_streams_store_incompressible_parts_raw():
     enc = z.encode(noise + zeros)
     assert z.decode(enc, 2 << 18) == noise + zeros
     assert len(enc) < len(noise) + 1000  # the zero stream compressed, the noise kept raw
+
+
+def test_zstd_tries_every_part_whole():
+    """A part whose start looks incompressible is still coded when the whole part shrinks (a
+    16 KiB probe of its start used to store it raw)."""
+    part = os.urandom(1 << 14) + bytes(7 << 14)
+    z = Zstd(PLANES, streams=2)
+    enc = z.encode(part + part)
+    assert len(enc) < (1 << 15) + 1000
+    assert z.decode(enc, 1 << 18) == part + part
 
 
 @pytest.mark.parametrize("level,spec", [(None, "rotl:2:3+bytegroup:2+zstd:planes:2"), (3, "rotl:2:3+bytegroup:2+zstd:3:2")])

@@ -111,3 +111,36 @@ def test_memory_url_models_are_read_through_fsspec(tmp_path):
     src = open_model(["memory://models/m.safetensors"])
     assert [t.name for t in src.tensors] == ["w"]
     assert src.read(src.tensors[0], 0, 40) == torch.arange(10, dtype=torch.int32).numpy().tobytes()
+
+
+@pytest.mark.parametrize("name", ["BF16", "F16", "F8_E5M2", "F8_E4M3"])
+def test_has_nonfinite_on_every_bit_pattern(name):
+    """Each pattern beside the largest finite values of both signs: NaN/Inf found exactly where
+    torch sees one, whatever the sign (the check reads words as signed and as unsigned)."""
+    import numpy as np
+
+    from haagenti.formats.dtypes import dtype, has_nonfinite
+
+    d = dtype(name)
+    word = {1: np.uint8, 2: np.uint16}[d.itemsize]
+    patterns = np.arange(1 << (8 * d.itemsize), dtype=word)
+    finite = torch.isfinite(torch.from_numpy(patterns.view(np.int16 if d.itemsize == 2 else np.int8)).view(d.torch_dtype).float()).numpy()
+    top = patterns[finite].view(np.int8 if d.itemsize == 1 else np.int16)
+    largest = [word(top.max()), word(top.min())]  # the largest finite magnitudes, + and -
+    for p, ok in zip(patterns, finite):
+        assert has_nonfinite(np.array([*largest, p], word).tobytes(), d) == (not ok), hex(p)
+
+
+def test_has_nonfinite_wide_floats():
+    import numpy as np
+
+    from haagenti.formats.dtypes import dtype, has_nonfinite
+
+    for name, t in (("F32", np.float32), ("F64", np.float64), ("C64", np.complex64)):
+        x = np.array([1.5, -3.0e30 if t is not np.float64 else -1e300, 0.0, -0.0], t)
+        assert not has_nonfinite(x.tobytes(), dtype(name))
+        for bad in (np.nan, -np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y[2] = bad
+            assert has_nonfinite(y.tobytes(), dtype(name)), (name, bad)
+        assert has_nonfinite(np.array([1.0, np.nan], t)[::-1].tobytes(), dtype(name))

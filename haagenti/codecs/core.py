@@ -120,15 +120,10 @@ _PLANE_PARAMS = zstandard.ZstdCompressionParameters(window_log=17, hash_log=6, c
 
 class Zstd:
     """zstd over `streams` equal parts compressed independently; a part that zstd does not
-    shrink is stored raw. A 16 KiB probe skips zstd on parts that look incompressible
-    (mantissa planes), which is most of the time saved against plain zstd. `level` is a zstd
+    shrink is stored raw. Every part is tried whole: with the planes preset zstd passes over an
+    incompressible plane at ~4 GB/s, so a 16 KiB probe to skip it (tried until session 10) cost
+    more on the planes that do compress than it saved (docs/decisions.md). `level` is a zstd
     level or PLANES; decoding never depends on it."""
-
-    PROBE = 16 * 1024
-    # zstd Huffman-codes literals only when that saves more than 1/64 of them: a part whose probe
-    # saves less is stored raw without trying (it was 0.97, which also skipped planes zstd would
-    # have shrunk by 1.6-3%).
-    SKIP = 0.985
 
     def __init__(self, level: int | str = 3, streams: int = 1):
         self.level = level
@@ -151,10 +146,6 @@ class Zstd:
         return b"".join(head + body)  # one copy of the output, not two
 
     def _pack(self, part: bytes) -> bytes | None:
-        if len(part) > 4 * self.PROBE:
-            probe = self._c.compress(part[: self.PROBE])
-            if len(probe) > self.SKIP * self.PROBE:
-                return None
         packed = self._c.compress(part)
         return packed if len(packed) < len(part) else None
 

@@ -101,20 +101,22 @@ _EXPONENT_MASKS = {
     "F8_E4M3": (np.uint8, 0x7F),
     "C64": (np.uint32, 0x7F800000),  # a pair of F32 words
 }
+_SIGNED = {np.uint8: np.int8, np.uint16: np.int16, np.uint32: np.int32, np.uint64: np.int64}
 
 
 def has_nonfinite(data: bytes, d: DType) -> bool:
     """Whether raw little-endian values hold a NaN or Inf, from bit patterns (any float dtype).
-    With the sign bit cleared, a value is NaN or Inf exactly when its bits are >= the exponent
-    mask (all exponent bits set), so one AND and one max answer it (2x faster than AND, compare
-    and any)."""
+    A value is NaN or Inf exactly when its bits without the sign are >= the exponent mask: for
+    positive values that is the largest of the words read as signed integers, for negative ones
+    the largest read as unsigned, less the sign bit. Two reductions over views of the data, no
+    temporary (an AND into a fresh array, then a max, cost 1.5x as much: docs/decisions.md)."""
     spec = _EXPONENT_MASKS.get(d.name)
     if spec is None or not data:
         return False
     word, mask = spec
     w = np.frombuffer(data, dtype=word)
-    magnitude = word(np.iinfo(word).max >> 1)  # every bit but the sign
-    return bool(np.bitwise_and(w, magnitude).max() >= mask)
+    sign = word(1 << (8 * w.itemsize - 1))
+    return bool(w.view(_SIGNED[word]).max() >= mask or w.max() >= sign | word(mask))
 
 
 @lru_cache(maxsize=None)

@@ -4,9 +4,9 @@ lookup reads only the files and row groups that can hold its keys.
 Both tables are keyed by an int64 and every data file is sorted by it:
   bands: (bucket, fragment_id, bits, n_elements), one row per band of each plain exact float
          fragment; key `bucket` = band << rows | the band's bits: bands are key ranges.
-  ids:   (id_key, fragment_id, dtype), one row per stored fragment; key `id_key` (the id's first
-         8 bytes), the known-id check.
-A lookup takes the Delta log's per-file min/max of the key (no listing, no file opened), then
+  ids:   (id_key, fragment_id, dtype, data_file), one row per stored fragment; key `id_key` (the
+         id's first 8 bytes): the known-id check, and where read_fragments finds a fragment.
+The reading by key is haagenti.store.keyed's: a lookup takes the Delta log's per-file min/max of the key (no listing, no file opened), then
 each candidate file's row-group min/max from its footer, and reads only the row groups whose
 range holds a wanted key (docs/decisions.md: why sorted row groups rather than Delta
 partitions or bloom filters). Each commit of fragments appends one sorted file per index table
@@ -20,51 +20,24 @@ its signatures (SignatureConfig). The reference rule over the rows read is haage
 """
 from __future__ import annotations
 
-import json
-import posixpath
-import time
-import uuid
-from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from deltalake import WriterProperties
-from deltalake.transaction import AddAction
 
 from haagenti.signature import SignatureConfig
 from haagenti.store import SCHEMAS, LibraryStore
+from haagenti.store.keyed import IDS, KeyedReader, KeyedTable, ReadCounts, append_keyed, id_keys, id_rows
 
-
-@dataclass(frozen=True)
-class KeyedTable:
-    name: str
-    key: str
-    group_rows: int  # rows per row group: the unit a lookup reads (docs/decisions.md)
+__all__ = ["BANDS", "IDS", "BandIndex", "KeyedReader", "KnownIds", "ReadCounts", "append_index", "append_keyed", "band_table", "compact", "id_keys", "id_table"]
 
 
 BANDS = KeyedTable("bands", "bucket", 256)
-IDS = KeyedTable("ids", "id_key", 256)
-
-
-@dataclass
-class ReadCounts:
-    """What lookups read: data files opened, row groups and their bytes (compressed)."""
-
-    files: int = 0
-    row_groups: int = 0
-    bytes: int = 0
 
 
 # ---- keys ------------------------------------------------------------------------------
-def id_keys(ids: Iterable[str]) -> np.ndarray:
-    """The first 8 bytes of each hex id as a signed big-endian int64 (sorts like the ids)."""
-    raw = bytes.fromhex("".join(i[:16] for i in ids))
-    return np.frombuffer(raw, ">u8").astype(np.uint64).view(np.int64) ^ np.int64(-(2**63))
-
-
 def fixed_width(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """(n, width) uint8 view of a binary column whose values all have one width (ids, signature
     bits): no Python object per value, no copy for a single chunk."""
@@ -130,42 +103,25 @@ def band_table(ids: list[str], bits: list[bytes], n_elements: list[int], config:
     )
 
 
-def id_table(ids: list[str], dtypes: list[str]) -> pa.Table:
-    return pa.table({"id_key": pa.array(id_keys(ids)), "fragment_id": pa.array(ids, pa.string()), "dtype": pa.array(dtypes, pa.string())}, schema=SCHEMAS["ids"])
+def id_table(ids: list[str], dtypes: list[str], data_file: str | None = None) -> pa.Table:
+    """Rows of the ids table; `data_file`: the uuid of the fragments data file they were
+    appended in (LibraryStore.append returns it), where read_fragments looks first."""
+    return pa.table({
+        "id_key": pa.array(id_keys(ids)), "fragment_id": pa.array(ids, pa.string()), "dtype": pa.array(dtypes, pa.string()),
+        "data_file": pa.array([data_file] * len(ids), pa.string()),
+    }, schema=SCHEMAS["ids"])
 
 
 # ---- writes ----------------------------------------------------------------------------
-def append_keyed(store: LibraryStore, spec: KeyedTable, rows: pa.Table, note: str = "") -> None:
-    """Append rows in one commit: one file sorted by the key, row groups of `group_rows`,
-    statistics on the key only (small footers), nothing compressed (ids and signature bits are
-    random bytes), the key's range in the add action."""
-    if rows.num_rows == 0:
-        return
-    from deltalake import CommitProperties
-
-    schema = SCHEMAS[spec.name]
-    rows = rows.cast(schema).sort_by(spec.key)
-    fname = f"part-00000-{uuid.uuid4()}-c000.parquet"
-    path = posixpath.join(store.root, spec.name, fname)
-    ints = [f.name for f in schema if pa.types.is_integer(f.type)]
-    with store.fs.open(path, "wb") as f:
-        pq.write_table(rows, f, row_group_size=spec.group_rows, compression="none", use_dictionary=ints, write_statistics=[spec.key])
-    key = rows[spec.key]
-    stats = {"numRecords": rows.num_rows, "minValues": {spec.key: key[0].as_py()}, "maxValues": {spec.key: key[-1].as_py()}, "nullCount": {spec.key: 0}}
-    action = AddAction(fname, store.fs.size(path), {}, int(time.time() * 1000), True, json.dumps(stats))
-    with store._lock:
-        store.table(spec.name).create_write_transaction(
-            [action], mode="append", schema=schema, commit_properties=CommitProperties(custom_metadata={"haagenti": note}) if note else None,
-        )
-
-
-def append_index(store: LibraryStore, fragments: pa.Table, signatures: pa.Table, config: SignatureConfig, note: str = "") -> None:
-    """Index rows for newly committed fragments: every id, and band rows of the plain exact
-    ones that have a signature (the only fragments a delta may reference). Written after the
-    fragments and signatures they index, before the manifests and models that publish them."""
+def append_index(store: LibraryStore, fragments: pa.Table, signatures: pa.Table, config: SignatureConfig, note: str = "",
+                 data_file: str | None = None) -> None:
+    """Index rows for newly committed fragments (appended in the fragments data file whose uuid
+    is `data_file`): every id, and band rows of the plain exact ones that have a signature (the
+    only fragments a delta may reference). Written after the fragments and signatures they
+    index, before the manifests and models that publish them."""
     if fragments.num_rows == 0:
         return
-    append_keyed(store, IDS, id_table(fragments["fragment_id"].to_pylist(), fragments["dtype"].to_pylist()), note)
+    append_keyed(store, IDS, id_table(fragments["fragment_id"].to_pylist(), fragments["dtype"].to_pylist(), data_file), note)
     plain = fragments.filter(pc.and_(pc.equal(fragments["encoding"], "plain"), pc.equal(fragments["quality"], "exact")))
     sigs = signatures.filter(pc.is_in(signatures["fragment_id"], plain["fragment_id"]))
     if sigs.num_rows:
@@ -173,83 +129,15 @@ def append_index(store: LibraryStore, fragments: pa.Table, signatures: pa.Table,
 
 
 # ---- reads -----------------------------------------------------------------------------
-class KeyedReader:
-    """Reads rows of a keyed table by key, touching only files and row groups whose key range
-    holds a wanted key. Row-group ranges are cached per data file (files never change); footers
-    too with `keep_footers`, for a reader that comes back to the same files (an ingest, batch
-    after batch). A footer costs ~3.5 KB of memory per row group (27 MB per 2M band rows)."""
-
-    def __init__(self, store: LibraryStore, spec: KeyedTable, keep_footers: bool = True):
-        self.store, self.spec, self.keep_footers = store, spec, keep_footers
-        self.ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.footers: dict[str, pq.FileMetaData] = {}  # of the files this reader opened (one ingest's)
-        self.counts = ReadCounts()
-
-    def files(self) -> list[tuple[str, int, int]]:
-        """(path, min key, max key) of the latest snapshot's data files."""
-        paths, actions = self.store._snapshot(self.spec.name, None)
-        return list(zip(paths, actions[f"min.{self.spec.key}"], actions[f"max.{self.spec.key}"])) if paths else []
-
-    def read(self, keys: np.ndarray, columns: list[str]) -> pa.Table:
-        """Rows whose key is in `keys` (sorted, unique), with `columns`."""
-        schema = SCHEMAS[self.spec.name]
-        need = columns if self.spec.key in columns else columns + [self.spec.key]
-        out = []
-        for path, lo, hi in self.files():
-            sel = keys[(keys >= lo) & (keys <= hi)] if lo is not None else keys
-            if len(sel):
-                t = self._read_file(path, sel, need, schema)
-                if t is not None and t.num_rows:
-                    out.append(t.select(columns))
-        return pa.concat_tables(out) if out else pa.schema([schema.field(c) for c in columns]).empty_table()
-
-    def _read_file(self, path: str, keys: np.ndarray, columns: list[str], schema: pa.Schema) -> pa.Table | None:
-        with self.store.files.open(path) as src:
-            pf = pq.ParquetFile(src, metadata=self.footers.get(path))
-            if self.keep_footers:
-                self.footers[path] = pf.metadata
-            lows, highs = self._ranges(path, pf.metadata)
-            first = np.searchsorted(keys, lows, side="left")
-            hit = first < len(keys)
-            hit[hit] = keys[first[hit]] <= highs[hit]
-            groups = np.flatnonzero(hit).tolist()
-            self.counts.files += 1
-            if not groups:
-                return None
-            self.counts.row_groups += len(groups)
-            self.counts.bytes += sum(pf.metadata.row_group(g).total_byte_size for g in groups)
-            t = pf.read_row_groups(groups, columns=columns, use_threads=False)
-        t = t.cast(pa.schema([schema.field(c) for c in columns]))
-        return t.filter(pc.is_in(t[self.spec.key], value_set=pa.array(keys)))
-
-    def _ranges(self, path: str, md: pq.FileMetaData) -> tuple[np.ndarray, np.ndarray]:
-        got = self.ranges.get(path)
-        if got is None:
-            col = md.schema.names.index(self.spec.key)
-            lows, highs = [], []
-            for g in range(md.num_row_groups):
-                s = md.row_group(g).column(col).statistics
-                ok = s is not None and s.has_min_max
-                lows.append(s.min if ok else -(2**63))
-                highs.append(s.max if ok else 2**63 - 1)
-            got = self.ranges[path] = (np.array(lows, np.int64), np.array(highs, np.int64))
-        return got
-
-
 class KnownIds:
     """Which of some fragment ids the library holds (id -> dtype), reading only the ids table's
     row groups their keys fall in; never the whole id set."""
 
     def __init__(self, store: LibraryStore):
-        self.reader = KeyedReader(store, IDS)
+        self.reader = store.ids  # shared with read_fragments: one set of cached footers per library
 
     def lookup(self, ids: Iterable[str]) -> dict[str, str]:
-        ids = sorted(set(ids))
-        if not ids:
-            return {}
-        keys = np.unique(id_keys(ids))
-        t = self.reader.read(keys, ["fragment_id", "dtype"])
-        t = t.filter(pc.is_in(t["fragment_id"], value_set=pa.array(ids, pa.string())))
+        t = id_rows(self.reader, ids, ["fragment_id", "dtype"])
         return dict(zip(t["fragment_id"].to_pylist(), t["dtype"].to_pylist()))
 
 

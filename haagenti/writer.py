@@ -64,8 +64,8 @@ class Committer:
             owners = np.concatenate(self.owners)
             bounds = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1], True])
             frags = pa.concat_tables(self.fragments)
-            self.store.append("fragments", frags, self.note, np.diff(bounds).tolist())
-            append_index(self.store, frags.drop_columns(["blob"]), sigs if sigs is not None else SCHEMAS["signatures"].empty_table(), self.signature, self.note)
+            data_file = self.store.append("fragments", frags, self.note, np.diff(bounds).tolist())
+            append_index(self.store, frags.drop_columns(["blob"]), sigs if sigs is not None else SCHEMAS["signatures"].empty_table(), self.signature, self.note, data_file)
         self.fragments, self.signatures, self.owners, self.held = [], [], [], 0
         if self.on_commit:
             self.on_commit()

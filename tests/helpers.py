@@ -43,21 +43,30 @@ def library_with_one_model(path: str):
     return lib
 
 
-def restore_counting_reads(lib, model_id: str, out: str, monkeypatch) -> tuple[set[str], int]:
-    """Restore a model; returns the fragment ids it fetched and the Parquet rows it read."""
-    rows_read = [0]
+def restore_counting_reads(lib, model_id: str, out: str, monkeypatch) -> tuple[set[str], dict[str, int]]:
+    """Restore a model; returns the fragment ids it fetched and the Parquet rows it read from
+    each table (by row groups: the table of the data file opened last)."""
+    from haagenti.store.files import DataFiles
+
+    rows_read: dict[str, int] = {}
+    opened = [""]
     seen = spy_fetched(lib, monkeypatch)
+
+    def spy_open(self, path):
+        opened[0] = path.rstrip("/").split("/")[-2]
+        return real_open(self, path)
 
     def count_rows(self, *a, **k):
         t = real_groups(self, *a, **k)
-        rows_read[0] += t.num_rows
+        rows_read[opened[0]] = rows_read.get(opened[0], 0) + t.num_rows
         return t
 
-    real_groups = pq.ParquetFile.read_row_groups
+    real_open, real_groups = DataFiles.open, pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(DataFiles, "open", spy_open)
     monkeypatch.setattr(pq.ParquetFile, "read_row_groups", count_rows)
     lib.restore(model_id, out)
     monkeypatch.undo()
-    return seen, rows_read[0]
+    return seen, rows_read
 
 
 def cli(*args: str):

@@ -16,7 +16,7 @@ from haagenti.matching import RunMatcher, bucket_pairs, choose_references, hammi
 from haagenti.matching import band_table as match_rows
 from haagenti.signature import compute_signatures
 from haagenti.store import LibraryStore
-from haagenti.store.files import DataFiles
+from haagenti.store.files import DataFiles, data_file_uuid
 from pipelines import dedup
 from pipelines.dedup import _match
 from pipelines.steps import MatchBands
@@ -224,3 +224,91 @@ def test_raw_ids_and_bits_convert_without_python_objects_per_row():
     assert hex_ids(pa.array([], pa.binary())).to_pylist() == []
     with pytest.raises(ValueError):
         fixed_width(pa.array([b"ab", b"abc"], pa.binary()))
+
+
+def fragments_files_read(lib: FragmentLibrary, monkeypatch, ids: list[str]) -> tuple[pa.Table, set[str]]:
+    """read_fragments(ids) on a store opened afresh (no cache), and the fragments data files
+    whose rows or id column it read."""
+    store = LibraryStore(lib.store.url)
+    touched: set[str] = set()
+    real = DataFiles._groups_holding
+    monkeypatch.setattr(DataFiles, "_groups_holding", lambda self, path, wanted: touched.add(path) or real(self, path, wanted))
+    t = store.read_fragments(ids, ["fragment_id", "blob"])
+    monkeypatch.undo()
+    return t, touched
+
+
+def rows_of(lib: FragmentLibrary, ids: list[str]) -> dict[str, bytes]:
+    """The fragments rows of `ids` found by reading the whole fragments table (the answer)."""
+    t = lib.store.read("fragments", columns=["fragment_id", "blob"])
+    t = t.filter(pc.is_in(t["fragment_id"], value_set=pa.array(ids)))
+    return dict(zip(t["fragment_id"].to_pylist(), t["blob"].to_pylist()))
+
+
+def test_read_fragments_opens_only_the_data_files_its_ids_are_in(family, tmp_path, monkeypatch):
+    """Fragments are found through the ids table's data_file, read by key: a reference costs
+    the files it is in, not every file of the library; gc's rewrites keep the hint working."""
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    lib.ingest_many([ModelInput([m.file], m.model_id, m.family) for m in family[1:3]])  # one data file, two models
+    [shared] = lib.store._paths("fragments", None)
+    for m in family[3:6]:
+        lib.ingest([m.file], m.model_id, m.family)
+    paths = lib.store._paths("fragments", None)
+    assert len(paths) >= 4
+    mine = pq.read_table(shared, columns=["fragment_id"])["fragment_id"].to_pylist()
+    ids = mine[:3] + mine[-3:]
+    t, touched = fragments_files_read(lib, monkeypatch, ids)
+    assert touched == {shared}
+    assert dict(zip(t["fragment_id"].to_pylist(), t["blob"].to_pylist())) == rows_of(lib, ids) and t.num_rows == 6
+    # An id the library does not hold is looked for everywhere (the error path: a record
+    # naming a missing fragment), and not found.
+    t, touched = fragments_files_read(lib, monkeypatch, ["ab" * 32, "not an id"])
+    assert t.num_rows == 0 and touched == set(paths)
+    # gc rewrites the shared file without the fragments only the removed model held.
+    before = set(mine)
+    lib.rm(family[2].model_id)
+    lib.gc()
+    paths = lib.store._paths("fragments", None)
+    [rewritten] = [p for p in paths if p.split("/")[-1].startswith(shared.split("/")[-1][:47])]  # its uuid first
+    assert rewritten != shared
+    left = pq.read_table(rewritten, columns=["fragment_id"])["fragment_id"].to_pylist()
+    assert 0 < len(left) < len(before) and set(left) < before
+    t, touched = fragments_files_read(lib, monkeypatch, left[:4])
+    assert touched == {rewritten}
+    assert dict(zip(t["fragment_id"].to_pylist(), t["blob"].to_pylist())) == rows_of(lib, left[:4])
+
+
+def test_read_fragments_without_hints_or_with_stale_ones_reads_every_file(family, tmp_path, monkeypatch):
+    """A hint is never trusted for an answer: ids whose data file was rewritten by another tool
+    (delta-rs' compaction names files its own way), or whose ids rows have no data_file (a
+    library written before format 4 had it), are found by the exact scan of every file; an
+    ingest then adds the column to the table, and index compaction keeps it."""
+    from deltalake import write_deltalake
+
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    for m in family[1:4]:
+        lib.ingest([m.file], m.model_id, m.family)
+    ids = lib.store.read("fragments", columns=["fragment_id"])["fragment_id"].to_pylist()
+    asked = ids[::7]
+    # The ids table as a format-4 library written before data_file had it.
+    old = lib.store.read("ids").drop_columns(["data_file"])
+    write_deltalake(lib.store.table_uri("ids"), old, mode="overwrite", schema_mode="overwrite")
+    assert "data_file" not in pq.read_table(lib.store._paths("ids", None)[0]).column_names
+    t, touched = fragments_files_read(lib, monkeypatch, asked)
+    assert touched == set(lib.store._paths("fragments", None)) and len(touched) == 3
+    assert dict(zip(t["fragment_id"].to_pylist(), t["blob"].to_pylist())) == rows_of(lib, asked)
+    assert KnownIds(LibraryStore(lib.store.url)).lookup(ids).keys() == set(ids)
+    # An ingest into it: its ids rows carry their data file, and compaction keeps them.
+    lib = FragmentLibrary.open(lib.store.url)
+    lib.ingest([family[4].file], family[4].model_id, family[4].family)
+    assert compact(lib.store) > 0
+    hinted = lib.store.read("ids").filter(pc.is_valid(lib.store.read("ids")["data_file"]))
+    new = [p for p in lib.store._paths("fragments", None) if data_file_uuid(p) in set(hinted["data_file"].to_pylist())]
+    assert len(new) == 1 and hinted.num_rows == pq.read_metadata(new[0]).num_rows
+    t, touched = fragments_files_read(lib, monkeypatch, hinted["fragment_id"].to_pylist()[:5])
+    assert touched == set(new) and t.num_rows == 5
+    # Fragments files rewritten by delta-rs: every hint is stale, the answers stay exact.
+    lib.store.table("fragments").optimize.compact()
+    t, touched = fragments_files_read(lib, monkeypatch, asked + hinted["fragment_id"].to_pylist()[:5])
+    assert dict(zip(t["fragment_id"].to_pylist(), t["blob"].to_pylist())) == rows_of(lib, asked + hinted["fragment_id"].to_pylist()[:5])
+    assert touched == set(lib.store._paths("fragments", None))

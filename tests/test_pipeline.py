@@ -45,7 +45,7 @@ def test_local_pipeline_incremental_reruns(tmp_path, family, monkeypatch):
         assert sha256(p) == sha256(m.file)
     # Each model's new fragments have row groups of their own: the unrelated model reads only its rows.
     seen, rows_read = restore_counting_reads(lib, "unrelated", str(tmp_path / "out-again"), monkeypatch)
-    assert rows_read == len(seen) == len(lib.manifest("unrelated").fragment_ids)
+    assert rows_read["fragments"] == len(seen) == len(lib.manifest("unrelated").fragment_ids)
     # No family was declared: the family is inferred from shared and delta-referenced fragments.
     inferred = first.inferred_families
     assert inferred["unrelated"] is None

@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from typing import Iterable, Iterator
 
 import pyarrow as pa
@@ -34,7 +33,8 @@ from haagenti.chaos import maybe_die
 from haagenti.errors import DamagedError, LibraryError
 from haagenti.fsio import filesystem_for, s3_endpoint
 from haagenti.store.damage import damaged, log_problems
-from haagenti.store.files import DataFiles, strings
+from haagenti.store.files import DataFiles, data_file_uuid, new_data_file, strings
+from haagenti.store.keyed import IDS, KeyedReader, id_rows
 from haagenti.store.schema import LIBRARY_FORMAT_VERSION, SCHEMAS, project
 from haagenti.store.leases import HeldLease, Leases, writing
 from haagenti.store.sql import owned_by, quote
@@ -97,6 +97,10 @@ class LibraryStore:
         # Listing a snapshot's files and their statistics cost ~2 ms per read, more than an
         # incremental log update; a version never changes, so they are computed once per version.
         self._snapshots: dict[str, tuple[int, list[str], dict]] = {}
+        # The ids table read by key (KnownIds and read_fragments share its cached footers), and
+        # the fragments data files of one version by the uuid their names start with.
+        self.ids = KeyedReader(self, IDS)
+        self._by_uuid: tuple[int, dict[str, list[str]]] | None = None
         # Concurrent writers (docs/format.md): every writer holds a lease while it writes, and
         # each commit first checks that the lease is still alive.
         self.leases = Leases(self.fs, self.root, self._local)
@@ -244,11 +248,28 @@ class LibraryStore:
                     yield t.slice(start, batch_rows)
 
     def read_fragments(self, ids: Iterable[str], columns: list[str] | None = None, version: int | None = None) -> pa.Table:
-        """Rows of the given fragment ids, reading only the row groups that hold them."""
-        return self.files.fragments(self._paths("fragments", version), ids, columns or SCHEMAS["fragments"].names)
+        """Rows of the given fragment ids, reading only the row groups that hold them. Each id
+        is looked for first in the data file its `ids` row names (the ids table read by key: a
+        cost in what is asked, not in the library), then, if not found there, in every data file:
+        a hint is never trusted for an answer (docs/format.md, "The index tables")."""
+        wanted = set(ids)
+        at, paths, _ = self._versioned_snapshot("fragments", version)
+        if self._by_uuid is None or self._by_uuid[0] != at:
+            by_uuid: dict[str, list[str]] = {}
+            for p in paths:
+                by_uuid.setdefault(data_file_uuid(p), []).append(p)
+            self._by_uuid = (at, by_uuid)
+        files = self._by_uuid[1]
+        hints: dict[str, set[str]] = {}
+        if wanted:
+            t = id_rows(self.ids, wanted, ["fragment_id", "data_file"])
+            for fid, u in zip(t["fragment_id"].to_pylist(), t["data_file"].to_pylist()):
+                for p in files.get(u, ()) if u else ():
+                    hints.setdefault(p, set()).add(fid)
+        return self.files.fragments(paths, wanted, columns or SCHEMAS["fragments"].names, hints)
 
     # ---- writes -------------------------------------------------------------------------
-    def append(self, name: str, rows: pa.Table, note: str = "", runs: list[int] | None = None, on_version: int | None = None) -> None:
+    def append(self, name: str, rows: pa.Table, note: str = "", runs: list[int] | None = None, on_version: int | None = None) -> str | None:
         """Append rows in one atomic commit: one new Parquet file, then one Delta log entry that
         adds it. A failed append removes its file; a killed one leaves an unreferenced file (gc
         removes it), never a half-visible append. `runs` (row counts summing to the rows) are
@@ -259,9 +280,10 @@ class LibraryStore:
         The file is written by pyarrow and committed with delta-rs' `create_write_transaction`
         rather than `write_deltalake`: on the example family's 24 MB of fragment blobs
         `write_deltalake` ran at 390-560 MB/s and pyarrow's writer at 700-1480 MB/s, which made
-        the commit a quarter of an exact ingest (docs/decisions.md)."""
+        the commit a quarter of an exact ingest (docs/decisions.md). Returns the uuid of the
+        data file committed (what the `ids` table's `data_file` records), None for no rows."""
         if rows.num_rows == 0:
-            return
+            return None
         schema = SCHEMAS[name]
         rows = rows.cast(schema)
         blobs = name == "fragments"
@@ -292,13 +314,16 @@ class LibraryStore:
                 self._remove_quietly(path)  # not committed, for sure
                 raise
         maybe_die(f"committed-{name}")
+        return data_file_uuid(action.path)
 
-    def _write_file(self, name: str, parts: Iterable[pa.Table], options: dict, group_rows: int | None = None) -> AddAction:
+    def _write_file(self, name: str, parts: Iterable[pa.Table], options: dict, group_rows: int | None = None,
+                    replaces: str | None = None) -> AddAction:
         """One new data file of table `name` holding `parts` in order (each part starts a row
         group; `group_rows` rows at most per group), written by pyarrow with writer `options`, and
-        its add action (statistics on the scalar columns). A failed write removes the file."""
+        its add action (statistics on the scalar columns). A file that `replaces` another keeps
+        its uuid (new_data_file). A failed write removes the file."""
         schema = SCHEMAS[name]
-        fname = f"part-00000-{uuid.uuid4()}-c000.parquet"
+        fname, _ = new_data_file(replaces)
         path = posixpath.join(self.root, name, fname)
         stats = _FileStats(_scalar_columns(schema))
         try:
@@ -356,7 +381,7 @@ class LibraryStore:
                 md = self.files.footer(path)
                 if hits < md.num_rows:
                     rest = (t.filter(pc.invert(pc.is_in(t[column], value_set=values))) for t in self.files.row_groups(path, schema.names, schema))
-                    adds.append(self._write_file(name, (t for t in rest if t.num_rows), _writer_options(md)))
+                    adds.append(self._write_file(name, (t for t in rest if t.num_rows), _writer_options(md), replaces=rel))
             if not removes:
                 return 0
             self._check_lease()

@@ -3,6 +3,9 @@ of a Delta table are never rewritten in place (a path names one immutable file),
 footers, row-group boundaries and small metadata columns are cached by path."""
 from __future__ import annotations
 
+import posixpath
+import re
+import uuid
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -12,7 +15,7 @@ import pyarrow.parquet as pq
 
 from haagenti.lru import SizedLru
 from haagenti.store.damage import damaged
-from haagenti.store.schema import SCHEMAS, project
+from haagenti.store.schema import SCHEMAS, conform, project
 
 # Parquet reads decode on the calling thread: Arrow's pool hands each column of a ~2 MiB row
 # group to another thread, and the hand-offs cost more than they save. Restores of the example
@@ -20,6 +23,24 @@ from haagenti.store.schema import SCHEMAS, project
 # faster on one thread, 1.14x while the disk was busy writing back. Parallelism comes from
 # running more workers (the Ray pipeline), one core each, and the bench figures are per core.
 ARROW_THREADS = False
+
+
+_FILE_UUID = re.compile(r"part-\d+-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+
+
+def new_data_file(replaces: str | None = None) -> tuple[str, str]:
+    """(name, uuid) of a new data file. A file written to replace another (gc's rewrite without
+    deleted rows) keeps that file's uuid first in its name, so an `ids` row naming the uuid of
+    the file its fragment was appended in still finds it after any number of rewrites."""
+    fresh = str(uuid.uuid4())
+    kept = data_file_uuid(replaces) if replaces else None
+    return (f"part-00000-{kept}-{fresh}-c000.parquet", kept) if kept else (f"part-00000-{fresh}-c000.parquet", fresh)
+
+
+def data_file_uuid(path: str) -> str | None:
+    """The uuid a data file's name starts with (new_data_file); None for a name not of that form."""
+    m = _FILE_UUID.match(posixpath.basename(path))
+    return m.group(1) if m else None
 
 
 def strings(values: Iterable[str | None]) -> pa.StringArray:
@@ -76,7 +97,8 @@ class DataFiles:
         t = self._columns.get(key)
         if t is None:
             with damaged(f"data file {path}"), self.open(path) as src:
-                t = pq.ParquetFile(src, metadata=self.footer(path)).read(columns=columns, use_threads=ARROW_THREADS).cast(project(schema, columns))
+                t = pq.ParquetFile(src, metadata=self.footer(path)).read(columns=columns, use_threads=ARROW_THREADS)
+                t = conform(t, project(schema, columns))
             if "blob" not in columns:
                 self._columns.put(key, t)
         return t
@@ -88,25 +110,34 @@ class DataFiles:
         with damaged(f"data file {path}"), pa.OSFile(path) if self.local else self.fs.open(path, "rb") as src:
             pf = pq.ParquetFile(src, metadata=self.footer(path))
             for g in range(pf.num_row_groups):
-                yield pf.read_row_group(g, columns=columns, use_threads=ARROW_THREADS).cast(project(schema, columns))
+                yield conform(pf.read_row_group(g, columns=columns, use_threads=ARROW_THREADS), project(schema, columns))
 
-    def fragments(self, paths: list[str], ids: Iterable[str], columns: list[str]) -> pa.Table:
+    def fragments(self, paths: list[str], ids: Iterable[str], columns: list[str], hints: dict[str, set[str]] | None = None) -> pa.Table:
         """Rows of the given fragment ids from fragments data files, reading only the row
-        groups that hold them."""
-        wanted = strings(set(ids))
-        parts = []
-        if len(wanted):
-            for path in paths:
-                groups = self._groups_holding(path, wanted)
-                if groups:
-                    with damaged(f"data file {path}"), self.open(path) as src:
-                        pf = pq.ParquetFile(src, metadata=self.footer(path))
-                        t = pf.read_row_groups(groups, columns=columns, use_threads=ARROW_THREADS).cast(project(SCHEMAS["fragments"], columns))
-                    parts.append(_rows_where(t, pc.is_in(t["fragment_id"], wanted)))
+        groups that hold them. `hints` (data file -> ids said to be in it, each file one of
+        `paths`) are looked in first; any id not found where a hint says, or without a hint,
+        is looked for in every file (exact, but O(files))."""
+        wanted = set(ids)
+        parts = [self._rows(path, strings(there & wanted), columns) for path, there in (hints or {}).items() if there & wanted]
+        rest = wanted - {i for t in parts for i in t["fragment_id"].to_pylist()}
+        if rest:
+            values = strings(rest)
+            parts += [self._rows(path, values, columns) for path in paths]
+        parts = [t for t in parts if t.num_rows]
         if not parts:
             return SCHEMAS["fragments"].empty_table().select(columns)
         # A fragment written twice by racing ingests is the same bytes: keep one row.
         return _first_per_id(pa.concat_tables(parts))
+
+    def _rows(self, path: str, wanted: pa.Array, columns: list[str]) -> pa.Table:
+        """Rows of one fragments data file whose id is in `wanted` (`columns` hold the id)."""
+        groups = self._groups_holding(path, wanted)
+        if not groups:
+            return SCHEMAS["fragments"].empty_table().select(columns)
+        with damaged(f"data file {path}"), self.open(path) as src:
+            pf = pq.ParquetFile(src, metadata=self.footer(path))
+            t = conform(pf.read_row_groups(groups, columns=columns, use_threads=ARROW_THREADS), project(SCHEMAS["fragments"], columns))
+        return _rows_where(t, pc.is_in(t["fragment_id"], wanted))
 
     def _groups_holding(self, path: str, wanted: pa.Array) -> list[int]:
         """Row groups of one fragments data file that hold any of `wanted`, found exactly on the

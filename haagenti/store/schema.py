@@ -66,7 +66,14 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("n_elements", pa.int64()),
         ]
     ),
-    "ids": pa.schema([("id_key", pa.int64()), ("fragment_id", pa.string()), ("dtype", pa.string())]),
+    "ids": pa.schema(
+        [
+            ("id_key", pa.int64()),
+            ("fragment_id", pa.string()),
+            ("dtype", pa.string()),
+            ("data_file", pa.string()),  # where its fragments row was appended: a hint (docs/format.md); null in older rows
+        ]
+    ),
     "models": pa.schema(
         [
             ("model_id", pa.string()),
@@ -101,3 +108,13 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 def project(schema: pa.Schema, cols: list[str]) -> pa.Schema:
     return pa.schema([schema.field(c) for c in cols])
+
+
+def conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`t` as `schema`: its columns cast to the declared types (files rewritten by delta-rs hold
+    string_view columns), and a column its data file lacks as nulls (a column added to format 4
+    after the file was written: `ids.data_file`)."""
+    for f in schema:
+        if f.name not in t.column_names:
+            t = t.append_column(f.name, pa.nulls(t.num_rows, f.type))
+    return t.select(schema.names).cast(schema)

@@ -1,0 +1,177 @@
+"""Tables keyed by an int64, read by key: every data file is sorted by its key and carries the
+key's min/max in its Delta add action and in its row groups' statistics, so a lookup opens only
+the files whose range holds a wanted key and reads only those row groups (docs/decisions.md:
+why sorted row groups rather than Delta partitions or bloom filters). haagenti/index.py keeps
+its LSH bands this way; the `ids` table (one row per stored fragment, keyed by the id's first
+8 bytes) answers which ids the library holds and in which fragments data file each was
+appended, so neither needs every id in memory."""
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, Field
+from deltalake.exceptions import CommitFailedError
+from deltalake.transaction import AddAction
+
+from haagenti.store.files import new_data_file, strings
+from haagenti.store.schema import SCHEMAS, conform, project
+
+if TYPE_CHECKING:
+    from haagenti.store.delta import LibraryStore
+
+
+@dataclass(frozen=True)
+class KeyedTable:
+    name: str
+    key: str
+    group_rows: int  # rows per row group: the unit a lookup reads (docs/decisions.md)
+
+
+IDS = KeyedTable("ids", "id_key", 256)
+_HEX_ID = re.compile(r"[0-9a-f]{64}")
+_DELTA_TYPES = {pa.string(): "string", pa.int64(): "long"}
+
+
+@dataclass
+class ReadCounts:
+    """What lookups read: data files opened, row groups and their bytes (compressed)."""
+
+    files: int = 0
+    row_groups: int = 0
+    bytes: int = 0
+
+
+def id_keys(ids: Iterable[str]) -> np.ndarray:
+    """The first 8 bytes of each hex id as a signed big-endian int64 (sorts like the ids)."""
+    raw = bytes.fromhex("".join(i[:16] for i in ids))
+    return np.frombuffer(raw, ">u8").astype(np.uint64).view(np.int64) ^ np.int64(-(2**63))
+
+
+def append_keyed(store: LibraryStore, spec: KeyedTable, rows: pa.Table, note: str = "") -> None:
+    """Append rows in one commit: one file sorted by the key, row groups of `group_rows`,
+    statistics on the key only (small footers), nothing compressed (ids and signature bits are
+    random bytes), the key's range in the add action."""
+    if rows.num_rows == 0:
+        return
+    schema = SCHEMAS[spec.name]
+    rows = conform(rows, schema).sort_by(spec.key)
+    fname, _ = new_data_file()
+    path = posixpath.join(store.root, spec.name, fname)
+    ints = [f.name for f in schema if pa.types.is_integer(f.type)]
+    with store.fs.open(path, "wb") as f:
+        pq.write_table(rows, f, row_group_size=spec.group_rows, compression="none", use_dictionary=ints, write_statistics=[spec.key])
+    key = rows[spec.key]
+    stats = {"numRecords": rows.num_rows, "minValues": {spec.key: key[0].as_py()}, "maxValues": {spec.key: key[-1].as_py()}, "nullCount": {spec.key: 0}}
+    action = AddAction(fname, store.fs.size(path), {}, int(time.time() * 1000), True, json.dumps(stats))
+    with store._lock:
+        table = store.table(spec.name)
+        _learn_columns(table, schema)
+        table.create_write_transaction(
+            [action], mode="append", schema=schema, commit_properties=CommitProperties(custom_metadata={"haagenti": note}) if note else None,
+        )
+
+
+def _learn_columns(table: DeltaTable, schema: pa.Schema) -> None:
+    """Add to the Delta table's schema the columns of `schema` it lacks (a column added to
+    format 4 later: ids.data_file), before a file holding them is committed: Delta readers and
+    rewriters (compaction's z-order) drop the columns a table's schema does not name."""
+    def missing() -> list[pa.Field]:
+        return [f for f in schema if f.name not in table.schema().to_arrow().names]
+
+    if missing():
+        try:
+            table.alter.add_columns([Field(f.name, _DELTA_TYPES[f.type], nullable=True) for f in missing()])
+        except CommitFailedError:  # another writer changed the table first, perhaps adding them
+            table.update_incremental()
+            if missing():
+                raise
+
+
+class KeyedReader:
+    """Reads rows of a keyed table by key, touching only files and row groups whose key range
+    holds a wanted key. Row-group ranges are cached per data file (files never change); footers
+    too with `keep_footers`, for a reader that comes back to the same files (an ingest, batch
+    after batch). A footer costs ~3.5 KB of memory per row group (27 MB per 2M band rows)."""
+
+    def __init__(self, store: LibraryStore, spec: KeyedTable, keep_footers: bool = True):
+        self.store, self.spec, self.keep_footers = store, spec, keep_footers
+        self.ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.footers: dict[str, pq.FileMetaData] = {}  # of the files this reader opened (one ingest's)
+        self.counts = ReadCounts()
+
+    def files(self) -> list[tuple[str, int, int]]:
+        """(path, min key, max key) of the latest snapshot's data files."""
+        paths, actions = self.store._snapshot(self.spec.name, None)
+        return list(zip(paths, actions[f"min.{self.spec.key}"], actions[f"max.{self.spec.key}"])) if paths else []
+
+    def read(self, keys: np.ndarray, columns: list[str]) -> pa.Table:
+        """Rows whose key is in `keys` (sorted, unique), with `columns`."""
+        schema = SCHEMAS[self.spec.name]
+        need = columns if self.spec.key in columns else columns + [self.spec.key]
+        out = []
+        for path, lo, hi in self.files():
+            sel = keys[(keys >= lo) & (keys <= hi)] if lo is not None else keys
+            if len(sel):
+                t = self._read_file(path, sel, need, schema)
+                if t is not None and t.num_rows:
+                    out.append(t.select(columns))
+        return pa.concat_tables(out) if out else project(schema, columns).empty_table()
+
+    def _read_file(self, path: str, keys: np.ndarray, columns: list[str], schema: pa.Schema) -> pa.Table | None:
+        with self.store.files.open(path) as src:
+            pf = pq.ParquetFile(src, metadata=self.footers.get(path))
+            if self.keep_footers:
+                self.footers[path] = pf.metadata
+            lows, highs = self._ranges(path, pf.metadata)
+            first = np.searchsorted(keys, lows, side="left")
+            hit = first < len(keys)
+            hit[hit] = keys[first[hit]] <= highs[hit]
+            groups = np.flatnonzero(hit).tolist()
+            self.counts.files += 1
+            if not groups:
+                return None
+            self.counts.row_groups += len(groups)
+            self.counts.bytes += sum(pf.metadata.row_group(g).total_byte_size for g in groups)
+            t = pf.read_row_groups(groups, columns=columns, use_threads=False)
+        t = conform(t, project(schema, columns))
+        return t.filter(pc.is_in(t[self.spec.key], value_set=_int64s(keys)))
+
+    def _ranges(self, path: str, md: pq.FileMetaData) -> tuple[np.ndarray, np.ndarray]:
+        got = self.ranges.get(path)
+        if got is None:
+            col = md.schema.names.index(self.spec.key)
+            lows, highs = [], []
+            for g in range(md.num_row_groups):
+                s = md.row_group(g).column(col).statistics
+                ok = s is not None and s.has_min_max
+                lows.append(s.min if ok else -(2**63))
+                highs.append(s.max if ok else 2**63 - 1)
+            got = self.ranges[path] = (np.array(lows, np.int64), np.array(highs, np.int64))
+        return got
+
+
+def _int64s(values: np.ndarray) -> pa.Array:
+    """An int64 array from its buffer: pa.array() on a numpy array imports pandas (0.5 s of a
+    cold process's first lookup)."""
+    values = np.ascontiguousarray(values, np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
+
+
+def id_rows(reader: KeyedReader, ids: Iterable[str], columns: list[str]) -> pa.Table:
+    """The `ids` rows (with `columns`, which hold `fragment_id`) of those of `ids` the library
+    holds: only the row groups their keys fall in are read. Ids that are not 64 hex digits (a
+    damaged record naming one) have no row."""
+    ids = sorted({i for i in ids if isinstance(i, str) and _HEX_ID.fullmatch(i)})
+    if not ids:
+        return project(SCHEMAS["ids"], columns).empty_table()
+    t = reader.read(np.unique(id_keys(ids)), columns)
+    return t.filter(pc.is_in(t["fragment_id"], value_set=strings(ids)))

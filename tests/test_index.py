@@ -312,3 +312,21 @@ def test_read_fragments_without_hints_or_with_stale_ones_reads_every_file(family
     t, touched = fragments_files_read(lib, monkeypatch, asked + hinted["fragment_id"].to_pylist()[:5])
     assert dict(zip(t["fragment_id"].to_pylist(), t["blob"].to_pylist())) == rows_of(lib, asked + hinted["fragment_id"].to_pylist()[:5])
     assert touched == set(lib.store._paths("fragments", None))
+
+
+def test_footers_kept_for_fragment_reads_are_bounded(family, tmp_path, monkeypatch):
+    """A process that reads fragments from many data files over its life keeps the parsed
+    footers of the last ones only (FOOTER_CACHE_BYTES of serialized footers), and still answers."""
+    from haagenti.store import files
+
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    for m in family[1:5]:
+        lib.ingest([m.file], m.model_id, m.family)
+    paths = lib.store._paths("fragments", None)
+    one = max(pq.read_metadata(p).serialized_size for p in paths)
+    monkeypatch.setattr(files, "FOOTER_CACHE_BYTES", 2 * one)
+    store = LibraryStore(lib.store.url)
+    ids = [pq.read_table(p, columns=["fragment_id"])["fragment_id"][0].as_py() for p in paths]
+    t = store.read_fragments(ids, ["fragment_id", "blob"])
+    assert dict(zip(t["fragment_id"].to_pylist(), t["blob"].to_pylist())) == rows_of(lib, ids) and t.num_rows == len(paths) == 4
+    assert store.files._footers.size <= 2 * one and 0 < len([p for p in paths if p in store.files._footers]) < len(paths)

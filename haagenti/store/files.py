@@ -23,6 +23,10 @@ from haagenti.store.schema import SCHEMAS, conform, project
 # faster on one thread, 1.14x while the disk was busy writing back. Parallelism comes from
 # running more workers (the Ray pipeline), one core each, and the bench figures are per core.
 ARROW_THREADS = False
+# Parsed footers kept, by their serialized bytes: a parsed footer takes several times its
+# serialized size (docs/decisions.md, issue 16 session 10), and a process that reads
+# fragments from many files over its life (a loader, a long restore) must not keep them all.
+FOOTER_CACHE_BYTES = 16 * 1024 * 1024
 
 
 _FILE_UUID = re.compile(r"part-\d+-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
@@ -72,7 +76,7 @@ class DataFiles:
 
     def __init__(self, fs, local: bool):
         self.fs, self.local = fs, local
-        self._footers: dict[str, pq.FileMetaData] = {}
+        self._footers: SizedLru[pq.FileMetaData] = SizedLru(FOOTER_CACHE_BYTES, size=lambda md: md.serialized_size)
         self._row_group_ends: dict[str, np.ndarray] = {}
         self._columns: SizedLru[pa.Table] = SizedLru(256 * 1024 * 1024, size=lambda t: t.nbytes)
 
@@ -87,7 +91,8 @@ class DataFiles:
         md = self._footers.get(path)
         if md is None:
             with damaged(f"data file {path}"), self.open(path) as src:
-                md = self._footers[path] = pq.ParquetFile(src).metadata
+                md = pq.ParquetFile(src).metadata
+            self._footers.put(path, md)
         return md
 
     def columns(self, path: str, columns: list[str], schema: pa.Schema) -> pa.Table:

@@ -330,3 +330,21 @@ def test_footers_kept_for_fragment_reads_are_bounded(family, tmp_path, monkeypat
     t = store.read_fragments(ids, ["fragment_id", "blob"])
     assert dict(zip(t["fragment_id"].to_pylist(), t["blob"].to_pylist())) == rows_of(lib, ids) and t.num_rows == len(paths) == 4
     assert store.files._footers.size <= 2 * one and 0 < len([p for p in paths if p in store.files._footers]) < len(paths)
+
+
+def test_fetching_fragments_by_id_imports_no_pandas(family_library):
+    """A cold process's first read_fragments and known-id lookup build no Arrow data through
+    pandas (pa.array on numpy and Schema.empty_table import it: 0.2-0.5 s of the first call)."""
+    import subprocess
+    import sys
+
+    ids = family_library.store.read("fragments", columns=["fragment_id"])["fragment_id"].to_pylist()[:8]
+    code = (
+        "import sys; from haagenti.library import FragmentLibrary; from haagenti.index import KnownIds\n"
+        f"lib = FragmentLibrary.open({family_library.store.url!r}); ids = {ids!r}\n"
+        "assert lib.store.read_fragments(ids).num_rows == 8 and lib.store.read_fragments([]).num_rows == 0\n"
+        "assert KnownIds(lib.store).lookup(ids + ['ab' * 32]).keys() == set(ids)\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

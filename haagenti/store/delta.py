@@ -35,7 +35,7 @@ from haagenti.fsio import filesystem_for, s3_endpoint
 from haagenti.store.damage import damaged, log_problems
 from haagenti.store.files import DataFiles, data_file_uuid, new_data_file, strings
 from haagenti.store.keyed import IDS, KeyedReader, id_rows
-from haagenti.store.schema import LIBRARY_FORMAT_VERSION, SCHEMAS, project
+from haagenti.store.schema import LIBRARY_FORMAT_VERSION, SCHEMAS, empty, project
 from haagenti.store.leases import HeldLease, Leases, writing
 from haagenti.store.sql import owned_by, quote
 
@@ -236,7 +236,7 @@ class LibraryStore:
             if equals:
                 t = t.filter(pc.equal(t[equals[0]], strings([equals[1]])[0]))
             parts.append(t.select(target.names))
-        return pa.concat_tables(parts) if parts else target.empty_table()
+        return pa.concat_tables(parts) if parts else empty(target)
 
     def scan(self, name: str, columns: list[str] | None = None, batch_rows: int = 65536, version: int | None = None) -> Iterator[pa.Table]:
         """A table at one version in batches of at most `batch_rows` rows (projected, cast to

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from haagenti.lru import SizedLru
 from haagenti.store.damage import damaged
-from haagenti.store.schema import SCHEMAS, conform, project
+from haagenti.store.schema import SCHEMAS, conform, empty, project
 
 # Parquet reads decode on the calling thread: Arrow's pool hands each column of a ~2 MiB row
 # group to another thread, and the hand-offs cost more than they save. Restores of the example
@@ -130,7 +130,7 @@ class DataFiles:
             parts += [self._rows(path, values, columns) for path in paths]
         parts = [t for t in parts if t.num_rows]
         if not parts:
-            return SCHEMAS["fragments"].empty_table().select(columns)
+            return empty(project(SCHEMAS["fragments"], columns))
         # A fragment written twice by racing ingests is the same bytes: keep one row.
         return _first_per_id(pa.concat_tables(parts))
 
@@ -138,7 +138,7 @@ class DataFiles:
         """Rows of one fragments data file whose id is in `wanted` (`columns` hold the id)."""
         groups = self._groups_holding(path, wanted)
         if not groups:
-            return SCHEMAS["fragments"].empty_table().select(columns)
+            return empty(project(SCHEMAS["fragments"], columns))
         with damaged(f"data file {path}"), self.open(path) as src:
             pf = pq.ParquetFile(src, metadata=self.footer(path))
             t = conform(pf.read_row_groups(groups, columns=columns, use_threads=ARROW_THREADS), project(SCHEMAS["fragments"], columns))

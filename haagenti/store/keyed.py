@@ -23,7 +23,7 @@ from deltalake.exceptions import CommitFailedError
 from deltalake.transaction import AddAction
 
 from haagenti.store.files import new_data_file, strings
-from haagenti.store.schema import SCHEMAS, conform, project
+from haagenti.store.schema import SCHEMAS, conform, empty, project
 
 if TYPE_CHECKING:
     from haagenti.store.delta import LibraryStore
@@ -124,7 +124,7 @@ class KeyedReader:
                 t = self._read_file(path, sel, need, schema)
                 if t is not None and t.num_rows:
                     out.append(t.select(columns))
-        return pa.concat_tables(out) if out else project(schema, columns).empty_table()
+        return pa.concat_tables(out) if out else empty(project(schema, columns))
 
     def _read_file(self, path: str, keys: np.ndarray, columns: list[str], schema: pa.Schema) -> pa.Table | None:
         with self.store.files.open(path) as src:
@@ -172,6 +172,6 @@ def id_rows(reader: KeyedReader, ids: Iterable[str], columns: list[str]) -> pa.T
     damaged record naming one) have no row."""
     ids = sorted({i for i in ids if isinstance(i, str) and _HEX_ID.fullmatch(i)})
     if not ids:
-        return project(SCHEMAS["ids"], columns).empty_table()
+        return empty(project(SCHEMAS["ids"], columns))
     t = reader.read(np.unique(id_keys(ids)), columns)
     return t.filter(pc.is_in(t["fragment_id"], value_set=strings(ids)))

@@ -1,7 +1,8 @@
 """Cost of fetching a few fragments by id as the library grows: `read_fragments` of 64 ids.
 
     flock /tmp/haagenti-heavy.lock python bench/lookups.py [--sizes 10000 100000 1000000 10000000]
-        [--runs 3] [--calls 5] [--stores local s3] [--s3-max 100000] [--before /path/to/older/checkout] [--keep]
+        [--runs 3] [--calls 5] [--stores local s3] [--s3-max 100000] [--appended 100000]
+        [--before /path/to/older/checkout] [--compare-max 1000000] [--keep]
 
 Each library holds N fragments in fragments data files of 256 rows (one 64 MiB commit of
 256 KiB fragments), each row group 8 rows (2 MiB of 256 KiB blobs): the files an ingest
@@ -37,8 +38,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.environ.get("LOOKUPS_CODE", ROOT))  # the haagenti measured: this checkout, or --before's
+sys.path.insert(1, HERE)
 CACHE = os.path.join(HERE, ".cache", "lookups")
 FILE_ROWS, GROUP_ROWS, ADDS_PER_COMMIT, ID_CHUNK, ASK = 256, 8, 1000, 2_000_000, 64
 BUCKET = "lookups"
@@ -158,7 +159,7 @@ def probe(url: str, mode: str, queries_path: str) -> dict:
 
 
 def run_probe(url: str, mode: str, queries: str, before: str | None) -> dict:
-    env = dict(os.environ, PYTHONPATH=before if mode == "before" else ROOT)
+    env = dict(os.environ, LOOKUPS_CODE=before if mode == "before" else ROOT)
     cmd = [sys.executable, os.path.abspath(__file__), "--probe", url, "scan" if mode == "scan" else "hinted", queries]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--appended", type=int, nargs="*", default=[100_000], help="sizes also measured with the ids table as appended (not compacted)")
     p.add_argument("--before", help="a checkout of the code to compare with (mode 'before')")
     p.add_argument("--modes", nargs="+", default=["hinted", "scan"], choices=["hinted", "scan", "before"])
+    p.add_argument("--compare-max", type=int, default=1_000_000,
+                   help="largest size measured in modes scan and before (the code before held every data file's footer: ~13 GB at 10M)")
     p.add_argument("--keep", action="store_true", help="keep the local libraries for another run")
     p.add_argument("--probe", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         results: dict[tuple, list[dict]] = {}
         for r in range(args.runs):
             for store, url, n, queries in libs:
-                for mode in modes:
+                for mode in [m for m in modes if m == "hinted" or n <= args.compare_max]:
                     got = run_probe(url, mode, queries, args.before)
                     results.setdefault((store, n, mode), []).append(got)
                     print(f"run {r + 1} {store} {n:>10,} {mode:6}: open {got['open_s']:.3f} s, first {got['first_s']:.3f} s, later {spread(got['later_s'])} s, "

@@ -122,6 +122,36 @@ def test_fragment_of_denormals_and_zeros_is_signed():
     assert sigs[1].histogram[0] == 1 and sigs[1].histogram[-1] == 1 and sigs[1].mean == 0.0
 
 
+@pytest.mark.parametrize("name", ["BF16", "F16"])
+def test_16_bit_bounds_from_words_equal_float_min_max(name):
+    """BF16/F16 fragments take min and max from integer reductions over their words (only the
+    sample is converted): equal to the float min/max on any mix of finite patterns, signs and
+    subnormals; NaN/Inf and zero bounds go the float way; both kernels agree."""
+    from haagenti.formats.dtypes import dtype
+    from haagenti.signature import _bounds16
+
+    rs = np.random.RandomState(7)
+    t = dtype(name).torch_dtype
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(t).float().numpy()
+    finite = np.flatnonzero(np.isfinite(every)).astype(np.uint16)
+    positive, negative = finite[finite < 0x8000], finite[finite >= 0x8000]
+    pools = [finite, positive[positive > 0], negative[negative > 0x8000], finite[(finite & 0x7FFF) < 0x400]]
+    frags = []
+    for pool in pools:
+        for n in (1, 2, 7, 5000, 131072):
+            frags.append(rs.choice(pool, n).astype(np.uint16).tobytes())
+    frags += [np.array(w, np.uint16).tobytes() for w in ([0, 0x8000, 5], [0x8000, 0x8001], [0x3F80, 0, 0x8000], [0x8001, 0x7C00], [0xFFFF, 1])]
+    for data in frags:
+        x = torch.frombuffer(bytearray(data), dtype=t).float().numpy()
+        got = _bounds16(data, name, len(x))
+        if not np.isfinite(x).all() or x.min() == 0 or x.max() == 0:
+            assert got is None
+        else:
+            assert got == (float(x.min()), float(x.max()))
+    signed = [(d, name) for d in frags]
+    assert compute_signatures(signed) == _torch_kernel(signed)
+
+
 def test_signature_batch_equals_one_by_one():
     g = torch.Generator().manual_seed(5)
     frags = [frag(torch.randn(8192, generator=g).bfloat16()) for _ in range(5)]

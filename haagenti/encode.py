@@ -78,10 +78,13 @@ def decode_row(row: dict, ref_raw: bytes | None, ref_dtype: str | None) -> bytes
 
 
 def decode_rows(rows: list[dict], fetch_refs: Callable[[set[str]], list[dict]], cache: RawCache | None = None,
-                workers: Workers | None = None) -> dict[str, bytes]:
+                workers: Workers | None = None, place: Callable[[str, bytes], bool] | None = None) -> dict[str, bytes]:
     """Decode stored rows; delta references not among `rows` are fetched with `fetch_refs`.
     References are always plain (one hop), so this needs at most one extra read, and decoding
-    runs in two waves over `workers`: plain rows (references among them), then deltas."""
+    runs in two waves over `workers`: plain rows (references among them), then deltas.
+    `place(id, raw)` is called on each of `rows` in the worker that decoded it; what it took
+    (True) is left out of the answer and let go once no delta needs it (a restore writes it
+    where it belongs: nothing of a batch is held until the batch is done)."""
     by_id = {r["fragment_id"]: r for r in rows}
     outside = {r["ref_id"] for r in rows if r["ref_id"] and r["ref_id"] not in by_id}
     held = {f: cache.get(f) for f in outside} if cache else {}
@@ -98,13 +101,26 @@ def decode_rows(rows: list[dict], fetch_refs: Callable[[set[str]], list[dict]], 
             out[fid] = cached
         elif fid not in out:
             todo.append(row)
+    needed = {r["ref_id"] for r in todo if r["ref_id"]}
+    placed: set[str] = set()
+
+    def one(r: dict) -> bytes | None:
+        raw = decode_row(r, out[r["ref_id"]] if r["ref_id"] else None, r["ref_dtype"])
+        fid = r["fragment_id"]
+        if place is not None and fid in by_id and place(fid, raw):
+            placed.add(fid)
+            return raw if fid in needed else None
+        return raw
+
     each = workers.each if workers is not None else lambda fn, xs: [fn(x) for x in xs]
     for wave in ([r for r in todo if not r["ref_id"]], [r for r in todo if r["ref_id"]]):
-        for row, raw in zip(wave, each(lambda r: decode_row(r, out[r["ref_id"]] if r["ref_id"] else None, r["ref_dtype"]), wave)):
+        for row, raw in zip(wave, each(one, wave)):
+            if raw is None:
+                continue
             out[row["fragment_id"]] = raw
             if cache is not None:
                 cache.put(row["fragment_id"], raw)
-    return {fid: out[fid] for fid in by_id}
+    return {fid: out[fid] for fid in by_id if fid not in placed}
 
 
 def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str]], level: int | str, quality: str = "exact") -> dict:

@@ -1,7 +1,7 @@
 """FragmentLibrary: ingest models, restore them bit-exact, and keep the library tidy."""
 from __future__ import annotations
 
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import pyarrow.compute as pc
 
@@ -60,27 +60,32 @@ class FragmentLibrary:
         return dict(zip(t["fragment_id"].to_pylist(), t["dtype"].to_pylist()))
 
     def fetch_raw(self, ids: Iterable[str], cache: RawCache | None = None, workers: Workers | None = None,
-                  tally: list[int] | None = None) -> dict[str, bytes]:
+                  tally: list[int] | None = None, place: Callable[[str, bytes], bool] | None = None,
+                  rows: list[dict] | None = None) -> dict[str, bytes]:
         """Decoded, hash-verified bytes of fragments (and nothing else from the library),
-        decoded over `workers` when given; `tally` gets the stored size of every row read."""
+        decoded over `workers` when given; `tally` gets the stored size of every row read;
+        `place` takes fragments as they are decoded (haagenti.encode.decode_rows); `rows`: the
+        rows of `ids` already read (`read_rows`)."""
         ids = set(ids)
         held = {i: cache.get(i) for i in ids} if cache else {}
         held = {i: v for i, v in held.items() if v is not None}  # taken now: decoding may evict them
         todo = ids - held.keys()
-
-        def read(wanted: set[str]) -> list[dict]:
-            rows = fragment_rows(self.store.read_fragments(wanted))
-            if tally is not None:
-                tally.extend(len(r["blob"]) for r in rows)
-            return rows
-
-        rows = read(todo) if todo else []
-        missing = todo - {r["fragment_id"] for r in rows}
-        if missing:
-            raise FragmentError(f"fragment(s) missing from the library: {sorted(missing)[:3]}")
-        out = decode_rows(rows, read, cache, workers)
+        if rows is None:
+            rows = self.read_rows(todo, tally) if todo else []
+        out = decode_rows(rows, lambda wanted: self.read_rows(wanted, tally, complete=False), cache, workers, place)
         out.update(held)
         return out
+
+    def read_rows(self, ids: set[str], tally: list[int] | None = None, complete: bool = True) -> list[dict]:
+        """The stored rows of fragments, blobs as views into Arrow's buffers (`fetch_raw` decodes
+        them); every one of `ids` must be there when `complete`."""
+        rows = fragment_rows(self.store.read_fragments(ids))
+        if tally is not None:
+            tally.extend(len(r["blob"]) for r in rows)
+        missing = ids - {r["fragment_id"] for r in rows} if complete else set()
+        if missing:
+            raise FragmentError(f"fragment(s) missing from the library: {sorted(missing)[:3]}")
+        return rows
 
     # ---- ingest -------------------------------------------------------------------------
     def ingest(

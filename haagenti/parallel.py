@@ -4,6 +4,7 @@ pipeline spreads the same functions over processes instead."""
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
@@ -21,24 +22,45 @@ def thread_count(threads: int | None) -> int:
 
 
 class Workers:
-    """`threads` workers. `map` keeps order, hands each worker a contiguous slice (per-thread
-    buffers stay warm) and runs the first slice in the calling thread, so a stage submitted in
-    the background still fans out over every worker; with one thread everything runs inline,
-    in the caller, as before."""
+    """`threads` workers. `map` keeps order and runs in the calling thread too, so a stage
+    submitted in the background still fans out over every worker; with one thread everything
+    runs inline, in the caller, as before."""
+
+    SLICES_PER_THREAD = 4  # a thread slowed by other work (a read, a commit, another process) takes fewer
 
     def __init__(self, threads: int | None = 0):
         self.threads = thread_count(threads)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="haagenti") if self.threads > 1 else None
 
     def map(self, fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R]:
-        """fn over contiguous slices of `items`, results concatenated in order."""
+        """fn over contiguous slices of `items`, results concatenated in order. The caller and
+        up to `threads` - 1 pool workers each take the next slice until none is left: with one
+        fixed slice per thread, the thread that shared its core finished last and the others
+        waited (docs/decisions.md, "Issue 17 (session 10)")."""
         if self._pool is None or len(items) < 2:
             return fn(items)
-        k = min(self.threads, len(items))
-        cuts = [len(items) * i // k for i in range(k + 1)]
-        futures = [self._pool.submit(fn, items[a:b]) for a, b in zip(cuts[1:], cuts[2:])]
-        first = fn(items[: cuts[1]])
-        return first + [r for f in futures for r in f.result()]
+        size = -(-len(items) // (self.threads * self.SLICES_PER_THREAD))
+        starts = range(0, len(items), size)
+        results: list[list[R] | None] = [None] * len(starts)
+        taken = iter(range(len(starts)))
+        lock = threading.Lock()
+
+        def run() -> None:
+            while True:
+                with lock:
+                    i = next(taken, None)
+                if i is None:
+                    return
+                results[i] = fn(items[starts[i] : starts[i] + size])
+
+        helpers = [self._pool.submit(run) for _ in range(min(self.threads, len(starts)) - 1)]
+        try:
+            run()  # the caller works too, so it never waits for a helper still queued behind other work
+        finally:  # every slice is taken: cancel the helpers not started, wait for the running ones
+            errors = [None if f.cancel() else f.exception() for f in helpers]
+        if (error := next((e for e in errors if e is not None), None)) is not None:
+            raise error
+        return [r for part in results for r in part]  # type: ignore[union-attr]
 
     def each(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """fn on every item, in order."""

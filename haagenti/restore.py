@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import TYPE_CHECKING, BinaryIO, Iterable
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
 
 from haagenti.encode import RawCache
 from haagenti.errors import FragmentError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
-from haagenti.formats.splice import SpliceWriter
+from haagenti.formats.splice import SpliceWriter, transpose
 from haagenti.hashing import file_layout, hasher
 from haagenti.manifest import FileRecord, ModelManifest, TensorRef
 from haagenti.parallel import Workers
@@ -23,12 +23,8 @@ if TYPE_CHECKING:
     from haagenti.library import FragmentLibrary
 
 
-def iter_parts(lib: "FragmentLibrary", manifest: ModelManifest, cache: RawCache | None = None,
-               workers: Workers | None = None, tally: list[int] | None = None) -> Iterable[tuple[TensorRef, list[bytes]]]:
-    """(tensor, its fragments' verified bytes in order): what a restore writes, uncopied.
-    Fragments come in groups of about `batch_bytes`; with `workers` a group is decoded over
-    them while the one before it is written (two groups in memory at most). `tally` gets the
-    stored size of every fragment row read from storage."""
+def _groups(lib: "FragmentLibrary", manifest: ModelManifest) -> list[list[TensorRef]]:
+    """The model's tensors in groups of about `batch_bytes`: what one read fetches."""
     groups: list[list[TensorRef]] = [[]]
     size = 0
     for t in manifest.tensors:
@@ -37,14 +33,29 @@ def iter_parts(lib: "FragmentLibrary", manifest: ModelManifest, cache: RawCache 
             size = 0
         groups[-1].append(t)
         size += sum(r.elem_count for r in t.fragments) * lookup_dtype(t.dtype).itemsize
+    return groups
+
+
+@contextlib.contextmanager
+def _naming(manifest: ModelManifest, group: list[TensorRef]) -> Iterator[None]:
+    """A missing or damaged fragment named with its model and tensor."""
+    try:
+        yield
+    except FragmentError as e:
+        names = [g.name for g in group if any(r.fragment_id in str(e) for r in g.fragments)] or [g.name for g in group]
+        raise FragmentError(f"model {manifest.model_id!r}, tensor {names[0]!r}: {e}") from None
+
+
+def iter_parts(lib: "FragmentLibrary", manifest: ModelManifest, cache: RawCache | None = None,
+               workers: Workers | None = None, tally: list[int] | None = None) -> Iterable[tuple[TensorRef, list[bytes]]]:
+    """(tensor, its fragments' verified bytes in order): what a stream or a loader takes, uncopied.
+    With `workers` a group is decoded over them while the one before it is taken (two groups
+    in memory at most). `tally` gets the stored size of every fragment row read from storage."""
+    groups = _groups(lib, manifest)
 
     def fetch(group: list[TensorRef]) -> dict[str, bytes]:
-        ids = {r.fragment_id for g in group for r in g.fragments}
-        try:
-            return lib.fetch_raw(ids, cache, workers, tally)
-        except FragmentError as e:
-            names = [g.name for g in group if any(r.fragment_id in str(e) for r in g.fragments)] or [g.name for g in group]
-            raise FragmentError(f"model {manifest.model_id!r}, tensor {names[0]!r}: {e}") from None
+        with _naming(manifest, group):
+            return lib.fetch_raw({r.fragment_id for g in group for r in g.fragments}, cache, workers, tally)
 
     pool = workers or Workers(1)
     ahead = pool.submit(fetch, groups[0])
@@ -79,10 +90,10 @@ def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: b
             sinks = [files.enter_context(open(p, "wb")) for p in tmp]
             for f, sink in zip(manifest.files, sinks):
                 _preallocate(sink, f)
-            with Workers(threads) as workers:  # 0: every core; the next batch decodes while one is written
-                write_model(lib, manifest, sinks, rehash, workers)
-            for sink in sinks:
-                sink.truncate()  # a re-saved checkpoint may be shorter than its original
+            with Workers(threads) as workers:  # 0: every core
+                place_model(lib, manifest, [s.fileno() for s in sinks], workers)
+        if rehash:
+            _check_files(manifest, None, [_file_hash(p) for p in tmp])
     except BaseException:
         for p in tmp:  # a failed restore leaves nothing half-written behind
             with contextlib.suppress(FileNotFoundError):
@@ -92,10 +103,93 @@ def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: b
         os.replace(t, p)
     return paths
 
+
+def place_model(lib: "FragmentLibrary", manifest: ModelManifest, fds: list[int], workers: Workers) -> None:
+    """Write the model into one file per record (open for writing): every fragment at its
+    offset (os.pwrite), by the worker that decoded and verified it, the moment it is decoded;
+    then check each file's layout. The rows of the next group are read meanwhile. One writer
+    thread after the decoders was serial work, and the decoded group it held was 64 MB of
+    fresh pages per group in the workers' malloc arenas (docs/decisions.md, "Issue 17 (session 10)")."""
+    plan = _Placement(manifest, fds)
+    for fd, offset, gap in plan.gaps:
+        _pwrite(fd, gap, offset)
+    states: dict[int, dict[str, torch.Tensor]] = {i: {} for i, f in enumerate(manifest.files) if f.format == "torch"}
+    groups = _groups(lib, manifest)
+    ids = [{r.fragment_id for g in group for r in g.fragments} for group in groups]
+    ahead = workers.submit(lib.read_rows, ids[0])
+    for k, group in enumerate(groups):
+        with _naming(manifest, group):
+            rows = ahead.result()
+            if k + 1 < len(groups):
+                ahead = workers.submit(lib.read_rows, ids[k + 1])
+            raw = lib.fetch_raw(ids[k], None, workers, place=plan.put, rows=rows)
+        for t in group:  # what could not be placed as it came: checkpoint tensors, transposed ones
+            if t.file_index in states:
+                states[t.file_index][t.name] = tensor_of(t, [raw[r.fragment_id] for r in t.fragments])
+            elif id(t) in plan.whole:
+                fd, offset, (rows_, cols, itemsize) = plan.whole[id(t)]
+                _pwrite(fd, transpose(b"".join(raw[r.fragment_id] for r in t.fragments), cols, rows_, itemsize), offset)
+    for i, state in states.items():
+        data = checkpoint_bytes(state)
+        _pwrite(fds[i], data, 0)
+        plan.ends[i] = len(data)
+    for fd, end in zip(fds, plan.ends):
+        os.ftruncate(fd, end)  # a re-saved checkpoint may be shorter than its original
+    _check_files(manifest, plan.layouts, None)
+
+
+class _Placement:
+    """Where a model's bytes lie in its restored files, in SpliceWriter's order (gap k, then
+    tensor k, then the gaps after the last tensor): `at` each fragment's (fd, offset, length)
+    for every place it fills, `gaps` the verbatim bytes, `whole` the transposed tensors (written
+    whole, turned back), `kept` the ids a caller assembles (those and checkpoint tensors)."""
+
+    def __init__(self, manifest: ModelManifest, fds: list[int]):
+        self.at: dict[str, list[tuple[int, int, int]]] = {}
+        self.gaps: list[tuple[int, int, bytes]] = []
+        self.whole: dict[int, tuple[int, int, tuple[int, int, int]]] = {}
+        self.kept: set[str] = set()
+        self.ends = [0] * len(fds)
+        self.layouts: list[list[str]] = [[] for _ in fds]  # each file's fragment ids in file order (of the original)
+        tensors: list[list[TensorRef]] = [[] for _ in fds]
+        for t in manifest.tensors:
+            tensors[t.file_index].append(t)
+        for i, (f, fd) in enumerate(zip(manifest.files, fds)):
+            if f.format == "torch":
+                self.kept.update(r.fragment_id for t in tensors[i] for r in t.fragments)
+                continue
+            splice, pos = f.splice, 0
+            for k, t in enumerate(tensors[i]):
+                if k < len(splice.gaps):
+                    self.gaps.append((fd, pos, splice.gaps[k]))
+                    pos += len(splice.gaps[k])
+                itemsize = lookup_dtype(t.dtype).itemsize
+                if k in splice.transposed:
+                    self.whole[id(t)] = (fd, pos, splice.transposed[k])
+                    self.kept.update(r.fragment_id for r in t.fragments)
+                for r in t.fragments:
+                    if k not in splice.transposed:
+                        self.at.setdefault(r.fragment_id, []).append((fd, pos, r.elem_count * itemsize))
+                    self.layouts[i].append(r.source_fragment_id)  # the layout is of the original's fragments (lossy refs too)
+                    pos += r.elem_count * itemsize
+            for gap in splice.gaps[len(tensors[i]) :]:
+                self.gaps.append((fd, pos, gap))
+                pos += len(gap)
+            self.ends[i] = pos
+
+    def put(self, fragment_id: str, raw: bytes) -> bool:
+        """Write a decoded fragment wherever it goes (any thread); False when a caller still needs it."""
+        for fd, offset, length in self.at.get(fragment_id, ()):
+            if len(raw) != length:
+                raise FragmentError(f"fragment {fragment_id}: {len(raw)} bytes where the manifest places {length}")
+            _pwrite(fd, raw, offset)
+        return fragment_id in self.at and fragment_id not in self.kept
+
+
 def write_model(lib: "FragmentLibrary", manifest: ModelManifest, sinks: list[BinaryIO], rehash: bool, workers: Workers | None = None) -> None:
-    """Stream the model into one sink per file, then check each file's layout: the ids of
-    the fragments written, each verified against its bytes on read, in the order written.
-    A second BLAKE3 pass over every byte (`rehash`) was ~10% of a restore (docs/decisions.md)."""
+    """Stream the model into one sink per file, in order, then check each file's layout: the
+    ids of the fragments written, each verified against its bytes on read, in the order
+    written. A second BLAKE3 pass over every byte (`rehash`) was ~10% of a restore (docs/decisions.md)."""
     hashers = [hasher() if rehash else None for _ in manifest.files]
     written: list[list[str]] = [[] for _ in manifest.files]
     states: dict[int, dict[str, torch.Tensor]] = {i: {} for i, f in enumerate(manifest.files) if f.format == "torch"}
@@ -116,15 +210,36 @@ def write_model(lib: "FragmentLibrary", manifest: ModelManifest, sinks: list[Bin
         s.finish()
     for i, state in states.items():
         _put(sinks[i], hashers[i], checkpoint_bytes(state))
-    for f, ids, h in zip(manifest.files, written, hashers):
+    _check_files(manifest, written, [h.hexdigest() if h is not None else None for h in hashers])
+
+
+def _check_files(manifest: ModelManifest, layouts: list[list[str]] | None, digests: list[str | None] | None) -> None:
+    """Each restored file's fragment ids (in file order) against its recorded layout, and its
+    BLAKE3 (where given) against its recorded hash; checkpoints restore as state dicts, unchecked."""
+    for i, f in enumerate(manifest.files):
         if f.format == "torch":
             continue
-        if file_layout(f.inline, ids) != f.layout:
+        if layouts is not None and file_layout(f.inline, layouts[i]) != f.layout:
             raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} does not match its recorded layout (fragments missing or out of order)")
-        if h is not None and h.hexdigest() != f.blake3:
+        digest = digests[i] if digests is not None else None
+        if digest is not None and digest != f.blake3:
             if manifest.lossy:
                 raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} differs from the original, as the model is stored lossy ({lossy_summary(manifest)})")
-            raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} has blake3 {h.hexdigest()}, expected {f.blake3}")
+            raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} has blake3 {digest}, expected {f.blake3}")
+
+
+def _file_hash(path: str) -> str:
+    """BLAKE3 of a file as it is on disk (the bytes a rehash vouches for)."""
+    h = hasher()
+    h.update_mmap(path)
+    return h.hexdigest()
+
+
+def _pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _preallocate(sink: BinaryIO, f: FileRecord) -> None:

@@ -1,4 +1,5 @@
 import threading
+import time
 
 import pytest
 
@@ -7,17 +8,45 @@ from haagenti.parallel import Workers, thread_count
 
 def test_map_keeps_order_and_uses_the_workers():
     seen: set[str] = set()
+    meet = threading.Barrier(2, timeout=10)  # the first two slices run at once, or map did not fan out
+    calls = iter(range(1000))
 
     def part(xs):
         seen.add(threading.current_thread().name)
+        if next(calls) < 2:
+            meet.wait()
         return [x * 2 for x in xs]
 
     with Workers(3) as w:
         assert w.map(part, list(range(10))) == [x * 2 for x in range(10)]
         assert w.each(lambda x: x + 1, range(5)) == [1, 2, 3, 4, 5]
-        # a stage in the background fans out too: its first slice runs in its own thread
+        # a stage in the background fans out too: it takes slices in its own thread
+        meet.reset()
+        calls = iter(range(1000))
         assert w.submit(lambda: w.map(part, list(range(7)))).result() == [x * 2 for x in range(7)]
     assert len(seen) >= 2
+
+
+def test_map_balances_a_slow_thread():
+    """Slices go to whichever thread is free: a thread held up the whole time (by a read, a
+    commit, another process) does a small share, the others take the rest (with one fixed slice
+    per thread it did half of the work, and the others waited for it)."""
+    first: list[int] = []
+    done: list[int] = []
+
+    def part(xs):
+        if xs[0] == 0:  # the first slice stalls until every other item is done
+            first.extend(xs)
+            deadline = time.monotonic() + 10
+            while len(done) < 16 - len(first) and time.monotonic() < deadline:
+                time.sleep(0.001)
+        else:
+            done.extend(xs)
+        return xs
+
+    with Workers(2) as w:
+        assert w.map(part, list(range(16))) == list(range(16))
+    assert len(done) == 16 - len(first) and len(first) <= 16 // 4
 
 
 def test_one_thread_runs_inline_and_errors_surface():

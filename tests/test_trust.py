@@ -110,7 +110,7 @@ def test_a_failed_forced_restore_leaves_the_old_files(tmp_path, lib_with_model, 
     def broken(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(restore_module, "_put", broken)
+    monkeypatch.setattr(restore_module, "_pwrite", broken)  # every write of a restore to files
     with pytest.raises(OSError):
         lib.restore("m", str(out), force=True)
     assert os.listdir(out) == ["m.safetensors"] and (out / "m.safetensors").read_bytes() == b"old"

@@ -11,6 +11,7 @@ catalog (tests/test_agreement.py).
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -191,8 +192,12 @@ class FragmentEncoder:
         self.batch, self.batch_bytes = [], 0
         return taken
 
-    def encode(self, taken: tuple[list[tuple[Occurrence, IngestReport]], int] | None = None) -> tuple[pa.Table, pa.Table, int]:
-        """(fragments rows, signatures rows, raw bytes consumed) of the queued (or `taken`) occurrences."""
+    def encode(self, taken: tuple[list[tuple[Occurrence, IngestReport]], int] | None = None,
+               before_match: Callable[[], object] | None = None) -> tuple[pa.Table, pa.Table, int]:
+        """(fragments rows, signatures rows, raw bytes consumed) of the queued (or `taken`)
+        occurrences. `before_match` is called before the library's index is read for references
+        (an ingest waits there for its previous batch's commit: references are chosen from the
+        same rows whatever the timing)."""
         batch, consumed = taken if taken is not None else self.take()
         new: list[Occurrence] = []
         self.known.update(self.stored(list({o.piece.fragment_id for o, _ in batch} - self.known.keys())))
@@ -203,6 +208,8 @@ class FragmentEncoder:
                 new.append(occ)
         signed = [o.piece for o in new if signs(o.piece)] if self.matcher is not None else []
         sigs = signature_table(signed, self.config.signature, self.device, self.workers)
+        if before_match is not None and self.matcher is not None:
+            before_match()
         candidates = self.matcher.match(sigs) if self.matcher is not None else {}
         self.known.update(self.stored(list({c for cs in candidates.values() for c in cs} - self.known.keys())))
         batch_ids = {o.piece.fragment_id for o in new}  # anchors of this batch: encoded before they are referenced
@@ -307,20 +314,33 @@ def _ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: P
     encoder = FragmentEncoder(config, KnownIds(lib.store).lookup, matcher, lib.fetch_raw, device, quality, workers)
     committer = Committer(lib.store, config.signature, ingest_id, f"ingest {', '.join(ids)}"[:200], config.batch_bytes, encoder.committed)
 
-    def encode(taken, owner: int) -> None:
-        frags, sigs, consumed = encoder.encode(taken)
+    def commit(encoded: tuple[pa.Table, pa.Table, int], owner: int, before: Future | None) -> None:
+        if before is not None:
+            before.result()  # a failed commit fails every later one
+        frags, sigs, consumed = encoded
         committer.add(frags, sigs, owner)
         if progress and consumed:
             progress(consumed)
 
-    pending = None  # the batch being encoded in the background: one at a time, in order
+    def encode(taken, owner: int, before: Future | None) -> Future:
+        """A batch's rows, then their commit queued behind the previous batch's (`before`)."""
+        encoded = encoder.encode(taken, before.result if before is not None else None)
+        return workers.in_order(commit, encoded, owner, before)
+
+    # One batch encodes in the background (its fragments spread over the threads) while the
+    # main thread reads and hashes the next and the batch before it commits on a lane of its
+    # own: commits in order, one encode at a time, three batches in memory at most.
+    pending: Future | None = None  # the batch being encoded; its result: that batch's commit
+    committed: Future | None = None  # the commit of the batch before it
 
     def encode_next(owner: int) -> None:
-        nonlocal pending
+        nonlocal pending, committed
         taken = encoder.take()
         if pending is not None:
-            pending.result()
-        pending = workers.submit(encode, taken, owner)
+            if committed is not None:
+                committed.result()
+            committed = pending.result()
+        pending = workers.submit(encode, taken, owner, committed)
 
     manifests, reports = [], []
     for owner, (m, source) in enumerate(zip(models, sources)):
@@ -340,6 +360,8 @@ def _ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: P
         manifests.append(cut.manifest())
         report.seconds = time.perf_counter() - started
         reports.append(report)
+    if pending is not None:
+        pending.result().result()  # every batch committed, in order
     committer.flush()
     committer.commit_manifests(manifests)
     committer.publish(manifests)

@@ -31,6 +31,7 @@ class Workers:
     def __init__(self, threads: int | None = 0):
         self.threads = thread_count(threads)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="haagenti") if self.threads > 1 else None
+        self._lane = ThreadPoolExecutor(1, thread_name_prefix="haagenti-lane") if self.threads > 1 else None
 
     def map(self, fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R]:
         """fn over contiguous slices of `items`, results concatenated in order. The caller and
@@ -68,18 +69,29 @@ class Workers:
 
     def submit(self, fn: Callable[..., R], *args) -> "Future[R]":
         """Run fn in the background (inline with one thread): overlap a stage with the next."""
-        if self._pool is None:
+        return self._run(self._pool, fn, *args)
+
+    @staticmethod
+    def _run(pool: ThreadPoolExecutor | None, fn: Callable[..., R], *args) -> "Future[R]":
+        if pool is None:
             f: Future[R] = Future()
             try:
                 f.set_result(fn(*args))
             except BaseException as e:  # re-raised by result(), as a pool's future would
                 f.set_exception(e)
             return f
-        return self._pool.submit(fn, *args)
+        return pool.submit(fn, *args)
+
+    def in_order(self, fn: Callable[..., R], *args) -> "Future[R]":
+        """Run fn in the background after everything given to `in_order` before it (inline with
+        one thread), on a thread of its own: a stage whose effects must land in order (commits)
+        overlaps the next batch's work without holding one of the `threads`."""
+        return self._run(self._lane, fn, *args)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        for pool in (self._pool, self._lane):
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def __enter__(self) -> "Workers":
         return self

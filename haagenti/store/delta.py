@@ -292,11 +292,16 @@ class LibraryStore:
         if sum(runs) != rows.num_rows:
             raise ValueError(f"runs cover {sum(runs)} rows, the append has {rows.num_rows}")
         # Fragments: blobs are zstd already, so no page compression; no statistics or
-        # dictionary on blobs; row groups of ~2 MiB so a restore reads little beyond its rows.
+        # dictionary on blobs; row groups of ~2 MiB so a restore reads little beyond its rows,
+        # each column chunk one page: with 1 MiB pages (the default) the writer cut a page
+        # about every six blobs (each blob its own Arrow chunk), which made writing a batch 1.4x
+        # slower than one page per row group (docs/decisions.md, "Issue 17 (session 10)").
         group_rows = max(1, _FRAGMENT_ROW_GROUP_BYTES * rows.num_rows // max(1, rows["blob"].nbytes)) if blobs else None
         starts = [sum(runs[:i]) for i in range(len(runs))]
         parts = (rows.slice(start, n) for start, n in zip(starts, runs) if n)
         options = {"compression": "none" if blobs else "snappy", "use_dictionary": scalar, "write_statistics": scalar}
+        if blobs:
+            options["data_page_size"] = 4 * _FRAGMENT_ROW_GROUP_BYTES
         action = self._write_file(name, parts, options, group_rows)
         path = posixpath.join(self.root, name, action.path)
         try:

@@ -348,3 +348,25 @@ def test_fetching_fragments_by_id_imports_no_pandas(family_library):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_uncompacted_id_files_are_read_once_per_process(family, tmp_path, monkeypatch):
+    """Before compaction every commit's ids file spans the whole key range, so every lookup
+    touches all of them: each (one row group) is read once into the column cache, and later
+    lookups and fetches open none of them again (on S3, a request per file per lookup)."""
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    for m in family[1:4]:
+        lib.ingest([m.file], m.model_id, m.family)
+    ids_files = set(lib.store._paths("ids", None))
+    assert len(ids_files) == 3
+    store = LibraryStore(lib.store.url)
+    opened: list[str] = []
+    real = DataFiles.open
+    monkeypatch.setattr(DataFiles, "open", lambda self, path: opened.append(path) or real(self, path))
+    ids = lib.store.read("fragments", columns=["fragment_id"])["fragment_id"].to_pylist()
+    assert KnownIds(store).lookup(ids[:5]).keys() == set(ids[:5])
+    assert set(opened) & ids_files == ids_files
+    opened.clear()
+    assert KnownIds(store).lookup(ids[5:]).keys() == set(ids[5:])
+    assert store.read_fragments(ids[::9]).num_rows == len(ids[::9])
+    assert not set(opened) & ids_files

@@ -110,18 +110,29 @@ class KeyedReader:
 
     def files(self) -> list[tuple[str, int, int]]:
         """(path, min key, max key) of the latest snapshot's data files."""
+        return [f[:3] for f in self._files()]
+
+    def _files(self) -> list[tuple[str, int, int, int | None]]:
+        """(path, min key, max key, rows) of the latest snapshot's data files."""
         paths, actions = self.store._snapshot(self.spec.name, None)
-        return list(zip(paths, actions[f"min.{self.spec.key}"], actions[f"max.{self.spec.key}"])) if paths else []
+        return list(zip(paths, actions[f"min.{self.spec.key}"], actions[f"max.{self.spec.key}"], actions.get("num_records", [None] * len(paths))))
 
     def read(self, keys: np.ndarray, columns: list[str]) -> pa.Table:
-        """Rows whose key is in `keys` (sorted, unique), with `columns`."""
+        """Rows whose key is in `keys` (sorted, unique), with `columns`. A file of one row group
+        (one commit's rows, before compaction merges them) is read whole into the store's column
+        cache: every file of an uncompacted table holds a key of most lookups, and reopening them
+        all on each one cost a request per file on S3 (docs/decisions.md)."""
         schema = SCHEMAS[self.spec.name]
         need = columns if self.spec.key in columns else columns + [self.spec.key]
         out = []
-        for path, lo, hi in self.files():
+        for path, lo, hi, rows in self._files():
             sel = keys[(keys >= lo) & (keys <= hi)] if lo is not None else keys
             if len(sel):
-                t = self._read_file(path, sel, need, schema)
+                if rows is not None and rows <= self.spec.group_rows:
+                    t = self.store.files.columns(path, schema.names, schema)  # every column: one cache entry serves every lookup
+                    t = t.filter(pc.is_in(t[self.spec.key], value_set=_int64s(sel)))
+                else:
+                    t = self._read_file(path, sel, need, schema)
                 if t is not None and t.num_rows:
                     out.append(t.select(columns))
         return pa.concat_tables(out) if out else empty(project(schema, columns))

@@ -328,7 +328,7 @@ class LibraryStore:
         its add action (statistics on the scalar columns). A file that `replaces` another keeps
         its uuid (new_data_file). A failed write removes the file."""
         schema = SCHEMAS[name]
-        fname, _ = new_data_file(replaces)
+        fname = new_data_file(replaces)
         path = posixpath.join(self.root, name, fname)
         stats = _FileStats(_scalar_columns(schema))
         try:

@@ -32,13 +32,12 @@ FOOTER_CACHE_BYTES = 16 * 1024 * 1024
 _FILE_UUID = re.compile(r"part-\d+-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 
 
-def new_data_file(replaces: str | None = None) -> tuple[str, str]:
-    """(name, uuid) of a new data file. A file written to replace another (gc's rewrite without
+def new_data_file(replaces: str | None = None) -> str:
+    """The name of a new data file. A file written to replace another (gc's rewrite without
     deleted rows) keeps that file's uuid first in its name, so an `ids` row naming the uuid of
     the file its fragment was appended in still finds it after any number of rewrites."""
-    fresh = str(uuid.uuid4())
     kept = data_file_uuid(replaces) if replaces else None
-    return (f"part-00000-{kept}-{fresh}-c000.parquet", kept) if kept else (f"part-00000-{fresh}-c000.parquet", fresh)
+    return f"part-00000-{kept + '-' if kept else ''}{uuid.uuid4()}-c000.parquet"
 
 
 def data_file_uuid(path: str) -> str | None:

@@ -64,7 +64,7 @@ def append_keyed(store: LibraryStore, spec: KeyedTable, rows: pa.Table, note: st
         return
     schema = SCHEMAS[spec.name]
     rows = conform(rows, schema).sort_by(spec.key)
-    fname, _ = new_data_file()
+    fname = new_data_file()
     path = posixpath.join(store.root, spec.name, fname)
     ints = [f.name for f in schema if pa.types.is_integer(f.type)]
     with store.fs.open(path, "wb") as f:

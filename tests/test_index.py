@@ -370,3 +370,24 @@ def test_uncompacted_id_files_are_read_once_per_process(family, tmp_path, monkey
     assert KnownIds(store).lookup(ids[5:]).keys() == set(ids[5:])
     assert store.read_fragments(ids[::9]).num_rows == len(ids[::9])
     assert not set(opened) & ids_files
+
+
+def test_a_damaged_ids_file_costs_the_hints_not_the_fragments(family, tmp_path):
+    """read_fragments only takes hints from the ids table: with an ids data file cut short, a
+    restore still finds every fragment (by the exact scan) and writes the model byte-identical,
+    while a known-id check, which has no other source, refuses with one line."""
+    from haagenti.errors import DamagedError
+    from tests.helpers import sha256
+
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    for m in family[1:3]:
+        lib.ingest([m.file], m.model_id, m.family)
+    for path in lib.store._paths("ids", None):
+        with open(path, "r+b") as f:
+            f.truncate(100)
+    lib = FragmentLibrary.open(lib.store.url)
+    [out] = lib.restore(family[2].model_id, str(tmp_path / "out"))
+    assert sha256(out) == sha256(family[2].file)
+    with pytest.raises(DamagedError, match="is damaged") as e:
+        KnownIds(lib.store).lookup(lib.manifest(family[1].model_id).fragment_ids)
+    assert "\n" not in str(e.value)

@@ -262,7 +262,10 @@ class LibraryStore:
         files = self._by_uuid[1]
         hints: dict[str, set[str]] = {}
         if wanted:
-            t = id_rows(self.ids, wanted, ["fragment_id", "data_file"])
+            try:
+                t = id_rows(self.ids, wanted, ["fragment_id", "data_file"])
+            except DamagedError:  # an unreadable ids file costs the hints, not the fragments: the scan finds them
+                t = empty(project(SCHEMAS["ids"], ["fragment_id", "data_file"]))
             for fid, u in zip(t["fragment_id"].to_pylist(), t["data_file"].to_pylist()):
                 for p in files.get(u, ()) if u else ():
                     hints.setdefault(p, set()).add(fid)

@@ -22,6 +22,7 @@ from deltalake import CommitProperties, DeltaTable, Field
 from deltalake.exceptions import CommitFailedError
 from deltalake.transaction import AddAction
 
+from haagenti.store.damage import damaged
 from haagenti.store.files import new_data_file, strings
 from haagenti.store.schema import SCHEMAS, conform, empty, project
 
@@ -138,7 +139,7 @@ class KeyedReader:
         return pa.concat_tables(out) if out else empty(project(schema, columns))
 
     def _read_file(self, path: str, keys: np.ndarray, columns: list[str], schema: pa.Schema) -> pa.Table | None:
-        with self.store.files.open(path) as src:
+        with damaged(f"data file {path}"), self.store.files.open(path) as src:
             pf = pq.ParquetFile(src, metadata=self.footers.get(path))
             if self.keep_footers:
                 self.footers[path] = pf.metadata

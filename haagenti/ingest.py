@@ -223,7 +223,7 @@ class FragmentEncoder:
             p = occ.piece
             if self.matcher is not None and signs(p) and p.fragment_id not in candidates:
                 self.uncommitted[p.fragment_id] = p.data  # later fragments may reference it
-        encoded = self.workers.each(lambda o: self._encode_one(o.piece, candidates.get(o.piece.fragment_id)), new)
+        encoded = self.workers.each(lambda o: _blob_in_arrow(*self._encode_one(o.piece, candidates.get(o.piece.fragment_id))), new)
         for occ, (row, ref) in zip(new, encoded):
             p = occ.piece
             if ref is not None:  # shared lossily: nothing stored, and the id stays unknown
@@ -278,6 +278,19 @@ class FragmentEncoder:
         if rel <= (self.config.lossy_threshold or 0.0):
             return FragmentRef(cand, p.elem_offset, p.n_elements, p.fragment_id, mx, rel)
         return None
+
+
+def _blob_in_arrow(row: dict | None, ref: FragmentRef | None) -> tuple[dict | None, FragmentRef | None]:
+    """The row with its blob copied into Arrow's memory, the encoder's bytes freed at once.
+    A batch's blobs (40 MB of 64) are held until its commit: held in malloc's memory, they went
+    back to the kernel when freed and came back as fresh pages for the next batch (8.7k page
+    faults per batch, half the encode rate on this VM; Arrow's allocator keeps its pages), see
+    docs/decisions.md, "Issue 17 (session 10)"."""
+    if row is not None and row["blob"]:
+        buf = pa.allocate_buffer(len(row["blob"]))
+        np.frombuffer(buf, np.uint8)[:] = np.frombuffer(row["blob"], np.uint8)
+        row["blob"] = buf
+    return row, ref
 
 
 # ---- the library's ingest -----------------------------------------------------------------

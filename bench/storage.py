@@ -23,6 +23,7 @@ import argparse
 import gc
 import hashlib
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -271,13 +272,17 @@ def large(args) -> None:
                 for k in range(args.runs):
                     for label, fn in methods:
                         work = tempfile.mkdtemp(prefix="haagenti-large-", dir=folder)
+                        cpu = resource.getrusage(resource.RUSAGE_SELF)
                         try:
                             runs[label].append(fn(work))
                         finally:
                             shutil.rmtree(work)
                         stored, tin, tout = runs[label][-1]  # each round as it ends: a stopped run keeps what it measured
+                        used = resource.getrusage(resource.RUSAGE_SELF)
+                        cores = (used.ru_utime - cpu.ru_utime + used.ru_stime - cpu.ru_stime) / (tin + tout)  # did a second thread get a second core?
                         print(f"  {dt} {size / 1e6:.0f} MB round {k + 1} {time.strftime('%H:%M:%S')}: {label}: "
-                              f"{1 - stored / size:.2%}, in {size / tin / 1e6:.1f} MB/s, out {size / tout / 1e6:.1f} MB/s", flush=True)
+                              f"{1 - stored / size:.2%}, in {size / tin / 1e6:.1f} MB/s, out {size / tout / 1e6:.1f} MB/s, "
+                              f"CPU/wall {cores:.2f}, load {os.getloadavg()[0]:.1f}", flush=True)
                 print(f"\n{dt}, {size / 1e6:.0f} MB ({path})")
                 print(f"{'method':36s} {'reduction':>9s}   {'ingest MB/s min / med / max':>28s}   {'restore MB/s min / med / max':>28s}")
                 for label, rs in runs.items():

@@ -336,7 +336,14 @@ def _ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: P
             progress(consumed)
 
     def encode(taken, owner: int, before: Future | None) -> Future:
-        """A batch's rows, then their commit queued behind the previous batch's (`before`)."""
+        """A batch's NaN/Inf check and rows (over the threads: on the main thread, beside the
+        read and the hashes, the check made the cut the slowest stage at two threads), then
+        their commit queued behind the previous batch's (`before`)."""
+        occurrences = [occ for occ, _ in taken[0]]
+        flagged = workers.each(lambda occ: has_nonfinite(occ.piece.data, lookup_dtype(occ.piece.dtype)), occurrences)
+        for (occ, report), bad in zip(taken[0], flagged):
+            if bad and occ.tensor.name not in report.nonfinite_tensors:
+                report.nonfinite_tensors.append(occ.tensor.name)
         encoded = encoder.encode(taken, before.result if before is not None else None)
         return workers.in_order(commit, encoded, owner, before)
 
@@ -361,11 +368,7 @@ def _ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: P
         report = IngestReport(m.model_id, source.raw_bytes)
         cut = ModelCut(m, source, config.fragment_elements)
         with source:
-            nonfinite: set[str] = set()
             for occ in cut:
-                if occ.tensor.name not in nonfinite and has_nonfinite(occ.piece.data, lookup_dtype(occ.piece.dtype)):
-                    nonfinite.add(occ.tensor.name)
-                    report.nonfinite_tensors.append(occ.tensor.name)
                 if encoder.add(occ, report):
                     encode_next(owner)
             encode_next(owner)

@@ -279,10 +279,10 @@ def large(args) -> None:
                             shutil.rmtree(work)
                         stored, tin, tout = runs[label][-1]  # each round as it ends: a stopped run keeps what it measured
                         used = resource.getrusage(resource.RUSAGE_SELF)
-                        cores = (used.ru_utime - cpu.ru_utime + used.ru_stime - cpu.ru_stime) / (tin + tout)  # did a second thread get a second core?
+                        cpu_per_wall = (used.ru_utime - cpu.ru_utime + used.ru_stime - cpu.ru_stime) / (tin + tout)  # did a second thread get a second core?
                         print(f"  {dt} {size / 1e6:.0f} MB round {k + 1} {time.strftime('%H:%M:%S')}: {label}: "
                               f"{1 - stored / size:.2%}, in {size / tin / 1e6:.1f} MB/s, out {size / tout / 1e6:.1f} MB/s, "
-                              f"CPU/wall {cores:.2f}, load {os.getloadavg()[0]:.1f}", flush=True)
+                              f"CPU/wall {cpu_per_wall:.2f}, load {os.getloadavg()[0]:.1f}", flush=True)
                 print(f"\n{dt}, {size / 1e6:.0f} MB ({path})")
                 print(f"{'method':36s} {'reduction':>9s}   {'ingest MB/s min / med / max':>28s}   {'restore MB/s min / med / max':>28s}")
                 for label, rs in runs.items():

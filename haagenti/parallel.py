@@ -14,6 +14,8 @@ R = TypeVar("R")
 
 def thread_count(threads: int | None) -> int:
     """`threads` as given, or every core for 0 / None."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)):
+        raise ValueError(f"threads must be a whole number, not {threads!r}")
     if threads is not None and threads < 0:
         raise ValueError(f"threads must be 0 (all cores) or more, not {threads}")
     if threads:

@@ -63,6 +63,8 @@ def test_thread_count():
     assert thread_count(3) == 3 and thread_count(0) >= 1 and thread_count(None) == thread_count(0)
     with pytest.raises(ValueError):
         thread_count(-1)
+    with pytest.raises(ValueError, match="whole number"):  # a float slipped through, and Workers.map failed midway
+        Workers(2.0)
 
 
 def test_threads_change_nothing_stored_or_restored(tmp_path, family):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from haagenti.formats.dtypes import EXPONENT_MASKS
 from haagenti.formats.dtypes import dtype as lookup_dtype
 
 if TYPE_CHECKING:
@@ -234,7 +235,6 @@ def _as_float32(data: bytes, dt: str, n: int) -> np.ndarray:
     return out
 
 
-_HALF_EXPONENT = {"BF16": 0x7F80, "F16": 0x7C00}
 
 
 def _bounds16(data: bytes, dt: str, n: int) -> tuple[float, float] | None:
@@ -244,9 +244,9 @@ def _bounds16(data: bytes, dt: str, n: int) -> tuple[float, float] | None:
     dtypes, NaN/Inf, and a bound of zero, whose sign numpy's float min/max leaves to the order
     it meets -0.0 and +0.0. Converting every value cost 4x the rest of a bf16 signature's
     reductions (docs/decisions.md)."""
-    mask = _HALF_EXPONENT.get(dt)
-    if mask is None or not n:
+    if dt not in ("BF16", "F16") or not n:
         return None
+    mask = EXPONENT_MASKS[dt][1]
     w = np.frombuffer(data, np.uint16, n)
     top, top_unsigned = int(w.view(np.int16).max()), int(w.max())
     if top >= mask or top_unsigned >= 0x8000 | mask:  # NaN or Inf

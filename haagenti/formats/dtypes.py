@@ -92,7 +92,7 @@ def from_torch(t: "torch.dtype") -> DType:
 
 # (word type, exponent mask): a float is NaN or Inf exactly when all its exponent bits are set.
 # float8_e4m3fn has no Inf and one NaN pattern per sign (0x7F/0xFF), hence the full mask.
-_EXPONENT_MASKS = {
+EXPONENT_MASKS = {
     "F64": (np.uint64, 0x7FF0000000000000),
     "F32": (np.uint32, 0x7F800000),
     "F16": (np.uint16, 0x7C00),
@@ -110,7 +110,7 @@ def has_nonfinite(data: bytes, d: DType) -> bool:
     positive values that is the largest of the words read as signed integers, for negative ones
     the largest read as unsigned, less the sign bit. Two reductions over views of the data, no
     temporary (an AND into a fresh array, then a max, cost 1.5x as much: docs/decisions.md)."""
-    spec = _EXPONENT_MASKS.get(d.name)
+    spec = EXPONENT_MASKS.get(d.name)
     if spec is None or not data:
         return False
     word, mask = spec

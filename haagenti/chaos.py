@@ -4,7 +4,8 @@ named point of a writer.
 HAAGENTI_CHAOS="POINT:/path/marker" kills the process (SIGKILL) the first time it reaches POINT;
 HAAGENTI_CHAOS="POINT=enospc:/path/marker" raises the OSError a full disk raises there instead;
 HAAGENTI_CHAOS="POINT=stop:/path/marker" stops the whole process (SIGSTOP) until a SIGCONT, as a
-machine that stalls does.
+machine that stalls does; HAAGENTI_CHAOS="POINT=interrupt:/path/marker" sends it a SIGINT, as
+Ctrl-C does.
 The marker file records that it happened, so a retry (Ray's, or the test's re-run) goes through.
 Points: the pipeline's `encode` and `after-fragments`; each table append's `write-TABLE` (data
 file half written), `commit-TABLE` (data file written, not committed) and `committed-TABLE`;
@@ -31,4 +32,4 @@ def maybe_die(point: str) -> None:
     os.close(fd)
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"injected at {point}")
-    os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
+    os.kill(os.getpid(), {"stop": signal.SIGSTOP, "interrupt": signal.SIGINT}.get(action, signal.SIGKILL))

@@ -10,28 +10,33 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TransferSpeedColumn
 from rich.table import Table
 
 from haagenti.config import LibraryConfig
-from haagenti.errors import HaagentiError
+from haagenti.errors import HaagentiError, UnknownModelError
 from haagenti.library import FragmentLibrary, ModelInput
 from haagenti.manifest import validate_model_id
 from haagenti.records import LossyRestoreWarning
 
-app = typer.Typer(help="Deduplicate model catalogs into a fragment library and restore them bit-exact.", no_args_is_help=True)
-examples_app = typer.Typer(help="Example model families, made by training.", no_args_is_help=True)
+# Plain help (rich_markup_mode=None): typer's rich panels label every flag with its type
+# (`--each <bool>`); click's own help prints flags as flags.
+HELP = {"rich_markup_mode": None}
+app = typer.Typer(help="Deduplicate model catalogs into a fragment library and restore them bit-exact.", no_args_is_help=True, **HELP)
+examples_app = typer.Typer(help="Example model families, made by training.", no_args_is_help=True, **HELP)
 app.add_typer(examples_app, name="examples")
-schedule_app = typer.Typer(help="Adaptive precision schedules for diffusion sampling.")
+schedule_app = typer.Typer(help="Adaptive precision schedules for diffusion sampling.", **HELP)
 app.add_typer(schedule_app, name="schedule")
-tier_app = typer.Typer(help="Precision tiers (int8, int4) of stored models.", no_args_is_help=True)
+tier_app = typer.Typer(help="Precision tiers (int8, int4) of stored models.", no_args_is_help=True, **HELP)
 app.add_typer(tier_app, name="tier")
 console = Console(stderr=True)
 out = Console()
 
 
-def _fail(e: Exception) -> None:
-    console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+def _fail(e: Exception, library: str | None = None) -> None:
+    hint = f"; `haagenti list {library}` lists the models it holds" if isinstance(e, UnknownModelError) and library else ""
+    console.print(f"[red]error:[/red] {escape(str(e))}{escape(hint)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -39,51 +44,85 @@ def _config(fragment_size: Optional[int], lossy_threshold: Optional[float], simi
     return LibraryConfig(fragment_size=fragment_size, lossy_threshold=lossy_threshold, similarity=similarity)
 
 
-@app.command()
+FORMATS = "safetensors, GGUF, ONNX (with its external data), PyTorch checkpoints (.pt .pth .bin .ckpt, weights only) and Hugging Face or diffusers folders"
+
+
+@app.command(help=f"""Add one model (all its files) to LIBRARY, or with --each one model per file.
+
+Reads {FORMATS}. Several weight files that are not shards of one file, or a folder that is no
+Hugging Face or diffusers folder, become one model only with --model-id. The same files again
+under a stored id are a no-op ("nothing to do"); other files under it need --replace.""")
 def ingest(
     library: str,
     files: list[str] = typer.Argument(..., help="model files or folders (any fsspec URL)"),
-    model_id: Optional[str] = typer.Option(None, "--model-id", help="defaults to the first file's stem"),
-    family: Optional[str] = typer.Option(None, "--family"),
-    each: bool = typer.Option(False, "--each", help="each FILE is its own model (id = its stem), all added in one set of commits"),
+    model_id: Optional[str] = typer.Option(None, "--model-id", help="the model's id (default: the first file's name without its extension)"),
+    family: Optional[str] = typer.Option(None, "--family", help="the family the model belongs to (stats and reports total per family)"),
+    each: bool = typer.Option(False, "--each", help="each FILE is its own model (id = its name without the extension), all added in one set of commits"),
+    replace: bool = typer.Option(False, "--replace", help="replace a model stored under the same id with other bytes"),
     fragment_size: Optional[int] = typer.Option(None, help="bytes per fragment of a 16-bit tensor, for a new library (default 262144); an existing library keeps its own"),
     lossy_threshold: Optional[float] = typer.Option(None, "--lossy-threshold", help="opt in to lossy sharing up to this relative L2 error"),
     no_similarity: bool = typer.Option(False, "--no-similarity", help="exact dedup only (no deltas)"),
     threads: int = typer.Option(0, "--threads", min=0, help="threads reading, hashing, signing and encoding (0: every core)"),
 ) -> None:
-    """Add one model (all its files) to LIBRARY, or with --each one model per file."""
+    from haagenti.formats import open_model
+    from haagenti.formats.source import grouping_doubt
+
+    before: set[str] | None = None  # ingests published before this one (None: no library opened yet)
     try:
         if each and model_id:
             raise ValueError("--model-id names one model; with --each ids come from the file names")
         groups = [[f] for f in files] if each else [files]
         models = [ModelInput(g, model_id or _stem(g[0]), family) for g in groups]
-        from haagenti.formats import open_model
-
+        for m in models if model_id is None else []:
+            doubt = grouping_doubt(m.urls)
+            if doubt:
+                raise ValueError(f"{doubt} would become one model {m.model_id!r}; give --model-id {m.model_id} to store them as one model"
+                                 + ("" if each else ", or --each for one model per file"))
         total = sum(open_model(m.urls).raw_bytes for m in models)  # every file is checked before a library is made
         lib = FragmentLibrary.open(library, _config(fragment_size, lossy_threshold, not no_similarity))
+        before = {m["ingest_id"] for m in lib.models()}
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console, transient=True) as bar:
             label = models[0].model_id if len(models) == 1 else f"{len(models)} models"
             task = bar.add_task(f"ingest {label}", total=total)
-            reports = lib.ingest_many(models, progress=lambda n: bar.advance(task, n), threads=threads)
+            reports = lib.ingest_many(models, progress=lambda n: bar.advance(task, n), threads=threads, replace=replace)
         for r in reports:
+            if r.unchanged:
+                out.print(f"nothing to do: {r.model_id} is in the library with the same bytes", highlight=False)
+                continue
             out.print(
                 f"ingested {r.model_id}: {r.fragments} fragments ({r.exact} exact, {r.delta} delta, {r.plain} plain, {r.lossy} lossy), "
-                f"{r.raw_bytes:,} B -> {r.stored_bytes:,} B new ({r.reduction:.1%} saved) in {r.seconds:.2f}s"
+                f"{r.raw_bytes:,} B -> {r.stored_bytes:,} B new ({r.reduction:.1%} saved) in {r.seconds:.2f}s", highlight=False, markup=False, soft_wrap=True
             )
             if r.nonfinite_tensors:
                 console.print(f"[yellow]warning:[/yellow] {r.model_id}: NaN/Inf values stored bit-exact in {len(r.nonfinite_tensors)} tensor(s): {', '.join(r.nonfinite_tensors[:5])}")
+    except KeyboardInterrupt:
+        console.print(_interrupted(library, before), highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(130)
     except (HaagentiError, ValueError, OSError) as e:
         _fail(e)
 
 
+def _interrupted(library: str, before: set[str] | None) -> str:
+    """What an ingest stopped by Ctrl-C left: what it published (nothing, unless the stop came
+    after its last commit) and the bytes of fragments no model references, which gc frees."""
+    if before is None:
+        return "interrupted; nothing was written"
+    try:
+        lib = FragmentLibrary.open(library, create=False)
+        published = [m["model_id"] for m in lib.models() if m["ingest_id"] not in before]
+        left = lib.stats().unreferenced_bytes
+    except (HaagentiError, OSError) as e:
+        return f"interrupted; the library could not be read afterwards: {e}"
+    said = f"interrupted after publishing {', '.join(published)}" if published else "interrupted; nothing was published"
+    return said + (f"; `haagenti gc {library}` frees {left:,} B" if left else "")
+
+
 def _stem(url: str) -> str:
     """A model id from a file or folder name: only a known model-file extension is cut
-    (`v0.1-alex.safetensors` -> `v0.1-alex`, `llama-3.1-8b.safetensors` -> `llama-3.1-8b`)."""
-    from haagenti.formats.source import SAFETENSORS_EXT, TORCH_EXT
+    (`v0.1-alex.safetensors` -> `v0.1-alex`, `model-int8.onnx` -> `model-int8`)."""
+    from haagenti.formats.source import strip_model_ext
 
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    ext = next((e for e in SAFETENSORS_EXT + TORCH_EXT if name.lower().endswith(e)), "")
-    return name[: len(name) - len(ext)]
+    return strip_model_ext(url.rstrip("/").rsplit("/", 1)[-1])
 
 
 @contextlib.contextmanager
@@ -119,7 +158,28 @@ def restore(
             console.print(f"[yellow]warning:[/yellow] {w.message}", highlight=False, soft_wrap=True)
         out.print(f"restored {model}: {', '.join(paths)}")
     except (HaagentiError, OSError) as e:
+        _fail(e, library)
+
+
+@app.command("list")
+def list_models(library: str) -> None:
+    """The models in LIBRARY, in ingest order: id (in full), family, files, raw bytes."""
+    try:
+        models = FragmentLibrary.open(library, create=False).models()
+    except (HaagentiError, OSError) as e:
         _fail(e)
+        return
+    if not models:
+        out.print(f"no models in {library}", highlight=False, markup=False)
+    width = max((len(m["model_id"]) for m in models), default=0)
+    fam = max((len(m["family"] or "-") for m in models), default=0)
+    for m in models:
+        lossy = "  lossy" if m["lossy"] else ""
+        out.print(f"{m['model_id']:<{width}}  {m['family'] or '-':<{fam}}  {len(m['files']):>3} file(s)  {m['raw_bytes']:>15,} B{lossy}",
+                  highlight=False, markup=False, soft_wrap=True)
+
+
+app.command("ls", help="The same as list.")(list_models)
 
 
 @app.command()
@@ -143,6 +203,7 @@ def stats(library: str, as_json: bool = typer.Option(False, "--json")) -> None:
         + (f"; {s.unreferenced_bytes:,} B no model references (gc frees them)" if s.unreferenced_bytes else "")
     )
     t = Table("model", "family", "raw B", "new stored B", "reduction", "lossy refs")
+    t.columns[0].overflow = "fold"  # an id is shown whole (wrapped), never cut: `haagenti list` prints them one a line
     for m in s.per_model:
         t.add_row(m.model_id, m.family or "-", f"{m.raw_bytes:,}", f"{m.new_stored_bytes:,}", f"{m.reduction:.1%}", str(m.lossy_fragments))
     out.print(t)
@@ -165,7 +226,7 @@ def verify(library: str, model: Optional[str] = typer.Argument(None)) -> None:
 
             r = lib.verify(model, progress)
     except (HaagentiError, OSError) as e:
-        _fail(e)
+        _fail(e, library)
         return
     for name, err in r.lossy_tensors.items():
         out.print(f"lossy {name}: {err['fragments']} fragment(s), max abs error {err['max_abs_error']:.3g}, relative L2 {err['rel_l2_error']:.3g}")
@@ -185,15 +246,16 @@ def rm(library: str, model: str) -> None:
         FragmentLibrary.open(library, create=False).rm(model)
         out.print(f"removed {model}")
     except (HaagentiError, OSError) as e:
-        _fail(e)
+        _fail(e, library)
 
 
 @app.command()
 def gc(library: str, wait: float = typer.Option(0.0, "--wait", help="seconds to wait for running writers (ingests, rm) to finish")) -> None:
     """Delete fragments no model references (refused while another writer runs)."""
     try:
-        r = FragmentLibrary.open(library, create=False).gc(wait)
-        out.print(f"gc: {r['fragments_removed']} fragments removed, {r['bytes_freed']:,} B freed, {r['files_vacuumed']} files vacuumed")
+        from haagenti.maintenance import gc_line
+
+        out.print(gc_line(FragmentLibrary.open(library, create=False).gc(wait)))
     except (HaagentiError, OSError) as e:
         _fail(e)
 
@@ -248,21 +310,22 @@ def tier_list(library: str, model: Optional[str] = typer.Argument(None)) -> None
 
 
 @examples_app.command("make-family")
-def make_family_cmd(out_dir: str, small: bool = typer.Option(False, help="a smaller model, for quick runs")) -> None:
-    """Train the example digits family into OUT_DIR and write catalog.yaml beside it."""
-    from haagenti.examples import MEMBERS, cached_family, make_family, write_catalog
+def make_family_cmd(out_dir: str, small: bool = typer.Option(False, "--small", help="a smaller model, for quick runs")) -> None:
+    """Train the example digits family into OUT_DIR and write catalog.yaml beside it. A family
+    trained before with the same settings and code, here or into any other folder, is reused
+    (kept in $HAAGENTI_CACHE, default ~/.cache/haagenti)."""
+    from haagenti.examples import MEMBERS, family_cache, obtain_family, write_catalog
 
     settings = {"d": 128, "layers": 2, "epochs": 2} if small else {}
-    members = cached_family(out_dir, **settings)
-    if members is not None:
-        out.print(f"reusing the family trained in {out_dir} (same settings and code; delete {out_dir}/family.json to retrain)")
-    else:
-        with _stages("training", MEMBERS) as trained:
-            members = make_family(out_dir, progress=trained, **settings)
+    with _stages("training", MEMBERS) as trained:
+        members, how = obtain_family(out_dir, progress=trained, **settings)
+    if how != "trained":
+        where = f"trained in {out_dir}" if how == "kept" else f"trained before (same settings and code), copied into {out_dir}"
+        out.print(f"reusing the family {where}; delete {family_cache()} and {out_dir}/family.json to retrain", highlight=False, soft_wrap=True)
     path = write_catalog(members, out_dir)
     for m in members:
-        out.print(f"{m.model_id:22s} {m.family or '-':8s} {m.note}")
-    out.print(f"catalog: {path}")
+        out.print(f"{m.model_id:22s} {m.family or '-':8s} {m.note}", highlight=False)
+    out.print(f"catalog: {path}", highlight=False, soft_wrap=True)
 
 
 @examples_app.command("export")

@@ -25,6 +25,11 @@ class LibraryError(HaagentiError):
     """The library is in a state that forbids the operation (unknown model, version mismatch, ...)."""
 
 
+class UnknownModelError(LibraryError):
+    """The library holds no model of that id (the command line then says how to list them)."""
+
+
 class DamagedError(HaagentiError):
     """Something read from a library is damaged or cannot be trusted (an unreadable table file,
     a lying record such as a file name that leaves the output folder)."""
+

@@ -177,6 +177,45 @@ def cached_family(out_dir: str, d: int = 256, layers: int = 4, seed: int = 0, ep
     return members
 
 
+def family_cache() -> str:
+    """Where trained families are kept for any folder to reuse: $HAAGENTI_CACHE/families, else
+    ~/.cache/haagenti/families (or under $XDG_CACHE_HOME)."""
+    root = os.environ.get("HAAGENTI_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "haagenti")
+    return os.path.join(root, "families")
+
+
+def obtain_family(out_dir: str, d: int = 256, layers: int = 4, seed: int = 0, epochs: int = 3,
+                  progress: Callable[[str], None] | None = None, cache: str | None = None) -> tuple[list[FamilyMember], str]:
+    """The example family in `out_dir`, trained at most once per machine: kept if `out_dir`
+    holds it ("kept"), else copied from `cache` (default `family_cache()`), where families are
+    keyed by their settings, this code and torch's version ("copied"), else trained there first
+    ("trained"; concurrent callers wait for one training). Returns the members and which."""
+    import fcntl
+    import shutil
+
+    members = cached_family(out_dir, d, layers, seed, epochs)
+    if members is not None:
+        return members, "kept"
+    key = hashlib.sha256(json.dumps(_settings(d, layers, seed, epochs), sort_keys=True).encode()).hexdigest()[:16]
+    home = os.path.join(cache or family_cache(), key)
+    os.makedirs(os.path.dirname(home), exist_ok=True)
+    how = "copied"
+    with open(home + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if cached_family(home, d, layers, seed, epochs) is None:
+            staging = home + ".partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            make_family(staging, d, layers, seed, epochs, progress)
+            shutil.rmtree(home, ignore_errors=True)
+            os.replace(staging, home)
+            how = "trained"
+    shutil.copytree(home, out_dir, dirs_exist_ok=True)
+    members = cached_family(out_dir, d, layers, seed, epochs)
+    if members is None:
+        raise OSError(f"{out_dir}: the family copied from {home} does not read back")
+    return members, how
+
+
 def _settings(d: int, layers: int, seed: int, epochs: int) -> dict:
     """What decides the trained bytes: the settings, this module's code and torch's version."""
     with open(__file__, "rb") as f:

@@ -5,7 +5,9 @@ folder (`save_pretrained`). Test and bench material; nothing is downloaded."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -86,7 +88,17 @@ def export_gguf(state: dict[str, torch.Tensor], path: str, qtype: str = "F16", s
 def export_onnx(model: torch.nn.Module, path: str, external_data: bool = False) -> None:
     """`torch.onnx.export` (the torch.export-based exporter) of the fp32 model; with
     `external_data` the initializers go to `<name>.data` next to it."""
-    torch.onnx.export(model.float().eval(), (torch.zeros(1, 64),), path, dynamo=True, external_data=external_data, verbose=False)
+    # torch's exporter logs a warning per torchvision op it cannot register and torch.export a
+    # FutureWarning of its own: noise about torch's insides, not about the user's model.
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(model.float().eval(), (torch.zeros(1, 64),), path, dynamo=True, external_data=external_data, verbose=False)
+    finally:
+        onnx_log.setLevel(level)
 
 
 def save_hf_folder(state: dict[str, torch.Tensor], folder: str, shards: int = 4) -> None:

@@ -165,11 +165,16 @@ class BandIndex:
 def compact(store: LibraryStore, target_bytes: int = 256 * 1024 * 1024) -> int:
     """Rewrite each index table sorted by its key (z-order on one column) into files of about
     `target_bytes` with disjoint key ranges and row groups of `group_rows`: a lookup then opens
-    one file per key range. Deletes nothing (gc's vacuum does). Returns data files replaced."""
+    one file per key range. Deletes nothing (gc's vacuum does). Returns data files replaced (0:
+nothing changed since the last compact)."""
     removed = 0
     for spec in (BANDS, IDS):
         props = WriterProperties(max_row_group_size=spec.group_rows, compression="UNCOMPRESSED")
         with store._lock:
-            m = store.table(spec.name).optimize.z_order([spec.key], target_size=target_bytes, writer_properties=props)
+            table = store.table(spec.name)
+            last = next((h.get("operation") for h in table.history(16) if not str(h.get("operation")).startswith("VACUUM")), None)
+            if last == "OPTIMIZE":
+                continue  # nothing appended or deleted since it was last sorted: a rewrite would change nothing
+            m = table.optimize.z_order([spec.key], target_size=target_bytes, writer_properties=props)
         removed += int(m.get("numFilesRemoved", 0))
     return removed

@@ -295,12 +295,16 @@ def _blob_in_arrow(row: dict | None, ref: FragmentRef | None) -> tuple[dict | No
 
 # ---- the library's ingest -----------------------------------------------------------------
 def ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: Progress | None = None,
-                  device: str = "cpu", quality: str = "exact", threads: int = 0, wait: float = 60.0) -> list[IngestReport]:
+                  device: str = "cpu", quality: str = "exact", threads: int = 0, wait: float = 60.0,
+                  replace: bool = False) -> list[IngestReport]:
     """Add several models in one set of commits (haagenti.writer.Committer states the order);
     later models deduplicate against earlier ones. A Delta commit costs milliseconds whatever
     its size, so a family of small models ingests much faster this way than one by one.
     With `threads` > 1 (0: every core) a batch is signed, encoded and committed in the
     background, its fragments spread over the threads, while the next batch is read and hashed.
+    A model already stored with the same file bytes is left as it is (`unchanged`, its family
+    set when one is given), as the Ray job does; one stored with other bytes is refused unless
+    `replace`, and then unpublished just before the new one is published.
     Holds an ingest lease on the ids throughout (waiting up to `wait` seconds for a gc)."""
     ids = [m.model_id for m in models]
     for mid in ids:
@@ -308,17 +312,45 @@ def ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: Pr
     if len(set(ids)) != len(ids):
         raise LibraryError(f"model ids repeat within one ingest: {sorted({i for i in ids if ids.count(i) > 1})}")
     with writing(lib.store, "ingest", ids, wait) as lease, Workers(threads) as workers:
-        return _ingest_models(lib, models, progress, device, quality, workers, lease.writer)
+        sources = [open_model(m.urls) for m in models]  # every file is checked before anything is written
+        unchanged, replaced = _against_stored(lib, models, sources, replace)
+        todo = [(m, s) for m, s in zip(models, sources) if m.model_id not in unchanged]
+        done = _ingest_models(lib, todo, progress, device, quality, workers, lease.writer, replaced) if todo else []
+    by_id = {r.model_id: r for r in done + list(unchanged.values())}
+    return [by_id[m] for m in ids]
 
 
-def _ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: Progress | None, device: str, quality: str,
-                   workers: Workers, ingest_id: str) -> list[IngestReport]:
-    ids = [m.model_id for m in models]
-    present = set(lib.store.read("models", columns=["model_id"])["model_id"].to_pylist()) & set(ids)
-    if present:
-        raise LibraryError(f"model {sorted(present)[0]!r} is already in the library; `haagenti rm` it first to replace it")
+def _against_stored(lib: "FragmentLibrary", models: list[ModelInput], sources: list[ModelSource],
+                    replace: bool) -> tuple[dict[str, IngestReport], list[str]]:
+    """(reports of the models stored already with the same bytes, ids of those to replace).
+    Same bytes: the same files' BLAKE3 in order, and not stored lossy unless lossy sharing is
+    on (a lossy model given again without it is stored exact)."""
+    wanted = {m.model_id for m in models}
+    stored = {r["model_id"]: r for r in lib.store.read("models", columns=["model_id", "family", "content_hash", "lossy"]).to_pylist()
+              if r["model_id"] in wanted}
+    unchanged: dict[str, IngestReport] = {}
+    replaced: list[str] = []
+    for m, source in zip(models, sources):
+        old = stored.get(m.model_id)
+        if old is None:
+            continue
+        same_bytes = old["content_hash"] == model_hash(source.file_digests())
+        if same_bytes and (not old["lossy"] or lib.config.lossy_threshold is not None):
+            if m.family and m.family != old["family"]:
+                lib.store.set_family(m.model_id, m.family)
+            unchanged[m.model_id] = IngestReport(m.model_id, source.raw_bytes, unchanged=True)
+        elif replace:
+            replaced.append(m.model_id)
+        else:
+            what = "stored lossy" if same_bytes else "in the library with other bytes"
+            raise LibraryError(f"model {m.model_id!r} is {what}; replace it with --replace (replace=True)")
+    return unchanged, replaced
+
+
+def _ingest_models(lib: "FragmentLibrary", todo: list[tuple[ModelInput, ModelSource]], progress: Progress | None, device: str,
+                   quality: str, workers: Workers, ingest_id: str, replaced: list[str]) -> list[IngestReport]:
+    ids = [m.model_id for m, _ in todo]
     config = lib.config
-    sources = [open_model(m.urls) for m in models]  # every file is checked before anything is written
     # Tier models (quality != exact) never reference exact data, only each other.
     # The library's index is read per batch, by key: the ids a batch could repeat and the buckets
     # its signatures fall in (haagenti.index), never the whole index.
@@ -363,7 +395,7 @@ def _ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: P
         pending = workers.submit(encode, taken, owner, committed)
 
     manifests, reports = [], []
-    for owner, (m, source) in enumerate(zip(models, sources)):
+    for owner, (m, source) in enumerate(todo):
         started = time.perf_counter()
         report = IngestReport(m.model_id, source.raw_bytes)
         cut = ModelCut(m, source, config.fragment_elements)
@@ -379,6 +411,8 @@ def _ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: P
     if pending is not None:
         pending.result().result()  # every batch committed, in order
     committer.flush()
+    for mid in replaced:  # unpublished just before the new one is published; gc frees what only it held
+        lib.rm(mid)
     committer.commit_manifests(manifests)
     committer.publish(manifests)
     return reports

@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 from haagenti import maintenance, restore
 from haagenti.config import LibraryConfig, LibraryStats
 from haagenti.encode import RawCache, decode_rows, fragment_rows
-from haagenti.errors import FragmentError, LibraryError
+from haagenti.errors import FragmentError, LibraryError, UnknownModelError
 from haagenti.fragment import Encoding
 from haagenti.ingest import IngestReport, ModelInput, Progress, ingest_models
 from haagenti.maintenance import VerifyProgress, VerifyReport
@@ -46,7 +46,7 @@ class FragmentLibrary:
         validate_model_id(model_id)
         rows = self.store.read("models", equals=("model_id", model_id)).to_pylist()
         if not rows:
-            raise LibraryError(f"model {model_id!r} is not in the library")
+            raise UnknownModelError(f"model {model_id!r} is not in the library")
         return rows[0]
 
     def manifest(self, model_id: str) -> ModelManifest:
@@ -110,10 +110,12 @@ class FragmentLibrary:
         quality: str = "exact",
         threads: int = 0,
         wait: float = 60.0,
+        replace: bool = False,
     ) -> list[IngestReport]:
         """Add several models in one set of commits (haagenti.ingest), waiting up to `wait`
-        seconds for a running gc."""
-        return ingest_models(self, models, progress, device, quality, threads, wait)
+        seconds for a running gc. A model stored already with the same bytes is left as it is
+        (its report `unchanged`); one stored with other bytes is refused unless `replace`."""
+        return ingest_models(self, models, progress, device, quality, threads, wait, replace)
 
     # ---- restore (haagenti.restore) ----------------------------------------------------
     def restore(self, model_id: str, out_dir: str, rehash: bool = False, force: bool = False, threads: int = 0) -> list[str]:

@@ -233,6 +233,13 @@ def _gc(store: "LibraryStore") -> dict[str, int]:
     return {"fragments_removed": removed, "bytes_freed": freed, "files_vacuumed": files, "manifest_rows_removed": orphans}
 
 
+def gc_line(r: dict[str, int]) -> str:
+    """What a gc did, in one line; a run with nothing to collect says so."""
+    if not any(r.values()):
+        return "gc: nothing to collect"
+    return f"gc: {r['fragments_removed']} fragments removed, {r['bytes_freed']:,} B freed, {r['files_vacuumed']} files vacuumed"
+
+
 # ---- stats and relations -----------------------------------------------------------------
 def stats(lib: "FragmentLibrary") -> LibraryStats:
     """Reduction per model and family. A model's new stored bytes are those of the fragments

@@ -82,6 +82,7 @@ def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: b
         raise LibraryError(f"{out_dir}: {', '.join(present[:3])} already exist(s); refusing to overwrite without --force")
     if manifest.lossy:
         warnings.warn(LossyRestoreWarning(lossy_summary(manifest)), stacklevel=3)
+    made = _absent_folders(paths)
     for d in sorted({os.path.dirname(p) for p in paths}):
         os.makedirs(d, exist_ok=True)
     tmp = [p + ".partial" for p in paths]
@@ -98,10 +99,25 @@ def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: b
         for p in tmp:  # a failed restore leaves nothing half-written behind
             with contextlib.suppress(FileNotFoundError):
                 os.remove(p)
+        for d in reversed(made):  # nor the folders it made (rmdir: only while empty)
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
         raise
     for t, p in zip(tmp, paths):
         os.replace(t, p)
     return paths
+
+
+def _absent_folders(paths: list[str]) -> list[str]:
+    """The folders a restore of `paths` makes (the output folder and the model's subfolders not
+    there yet), parents first."""
+    absent = set()
+    for p in paths:
+        d = os.path.dirname(p)
+        while d and not os.path.isdir(d) and d not in absent:
+            absent.add(d)
+            d = os.path.dirname(d)
+    return sorted(absent, key=len)
 
 
 def place_model(lib: "FragmentLibrary", manifest: ModelManifest, fds: list[int], workers: Workers) -> None:

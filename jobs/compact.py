@@ -22,6 +22,8 @@ from jobs import exclusive_job
 def rewrite(lib: FragmentLibrary, args: argparse.Namespace) -> str:
     t = time.perf_counter()
     files = compact(lib.store, args.target_mb * 1024 * 1024)
+    if not files:
+        return "compact: nothing to do (nothing was added or removed since the index was last sorted)"
     return f"compact: {files} index files rewritten in {time.perf_counter() - t:.1f}s"
 
 

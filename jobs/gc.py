@@ -10,13 +10,14 @@ import sys
 
 from haagenti.index import compact
 from haagenti.library import FragmentLibrary
+from haagenti.maintenance import gc_line
 from jobs import exclusive_job
 
 
 def collect(lib: FragmentLibrary, args: argparse.Namespace) -> str:
     r = lib.gc()
     compacted = compact(lib.store) + lib.store.compact()  # gc's deletes rewrite index files: sort them again
-    return f"gc: {r['fragments_removed']} fragments removed, {r['bytes_freed']:,} B freed; {compacted} files compacted"
+    return gc_line(r) + (f"; {compacted} files compacted" if compacted else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,7 @@ from haagenti.errors import FormatError
 from haagenti.formats import open_model
 from haagenti.formats.source import RangeReader
 from haagenti.fragment import FragmentType
-from haagenti.fsio import filesystem_for
-from haagenti.hashing import hasher, model_hash
+from haagenti.hashing import model_hash
 from haagenti.index import BandIndex
 from haagenti.ingest import ModelCut, ModelInput, fragment_table, signature_table, signs
 from haagenti.library import FragmentLibrary
@@ -39,17 +38,8 @@ OCCURRENCE_SCHEMA = pa.schema(
 def scan_model(row: dict) -> dict:
     """Content hash and file records of one catalog entry (reads its files once, streaming)."""
     src = open_model(list(row["files"]))
-    records = []
-    for f in src.files:
-        digest = f.blake3
-        if not digest:
-            h = hasher()
-            fs, path = filesystem_for(f.url)
-            with fs.open(path, "rb", block_size=8 << 20) as fh:
-                while chunk := fh.read(8 << 20):
-                    h.update(chunk)
-            digest = h.hexdigest()
-        records.append({"name": f.name, "format": f.format, "size": f.size, "blake3": digest, "header": f.header, "url": f.url})
+    records = [{"name": f.name, "format": f.format, "size": f.size, "blake3": digest, "header": f.header, "url": f.url}
+               for f, digest in zip(src.files, src.file_digests())]
     if any(r["format"] == "torch" for r in records):
         raise FormatError(f"model {row['model_id']!r}: the pipeline reads safetensors by byte range; ingest .pt checkpoints with `haagenti ingest`")
     content_hash = model_hash([r["blake3"] for r in records])

@@ -2,41 +2,25 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 SMALL = {"d": 128, "layers": 2, "epochs": 2}
+TEST_CACHE = os.path.join(tempfile.gettempdir(), "haagenti-test-cache")  # HAAGENTI_CACHE of the suite's trained families
+TEST_FAMILIES = os.path.join(TEST_CACHE, "families")
 
 
 @pytest.fixture(scope="session")
 def family(tmp_path_factory):
     """The example family, trained for real (small settings), with its catalog. Training is
-    deterministic, so its files are kept in a machine-wide cache keyed by the training code and
-    settings (test runs in parallel share one training; `examples.cached_family` checks the
-    record); each run gets its own copy, record included."""
-    import fcntl
-    import hashlib
-    import json
-    import shutil
-    import tempfile
+    deterministic, so it is done once per machine into a cache keyed by the training code and
+    settings (`examples.obtain_family`, as `haagenti examples make-family` does; parallel
+    test runs share one training); each run gets its own copy, record included."""
+    from haagenti import examples
 
-    import haagenti.examples as examples
-
-    with open(examples.__file__, "rb") as f:
-        key = hashlib.sha256(f.read() + json.dumps(SMALL, sort_keys=True).encode()).hexdigest()[:16]
-    cache = os.path.join(tempfile.gettempdir(), "haagenti-test-family", key)
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    with open(cache + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if examples.cached_family(cache, **SMALL) is None:
-            staging = cache + ".partial"
-            shutil.rmtree(staging, ignore_errors=True)
-            examples.make_family(staging, **SMALL)
-            shutil.rmtree(cache, ignore_errors=True)
-            os.replace(staging, cache)
     out = str(tmp_path_factory.mktemp("family"))
-    shutil.copytree(cache, out, dirs_exist_ok=True)
-    members = examples.cached_family(out, **SMALL)
+    members, _ = examples.obtain_family(out, cache=TEST_FAMILIES, **SMALL)
     examples.write_catalog(members, out)
     return members
 

@@ -1,9 +1,11 @@
 """The command line as a user runs it: a subprocess, one-line errors, non-zero exits."""
 import json
+import os
 import subprocess
 import sys
 
-from tests.helpers import sha256
+from haagenti.library import FragmentLibrary
+from tests.helpers import cli, sha256
 
 
 def run(*args, ok=True):
@@ -26,6 +28,7 @@ def test_cli_round_trip(tmp_path, family):
     assert sha256(tmp_path / "out" / "digits-ft-lr1e-4.safetensors") == sha256(ft.file)
     run("rm", lib, "base")
     assert "fragments removed" in run("gc", lib).stdout
+    assert run("gc", lib).stdout.strip() == "gc: nothing to collect"
     run("verify", lib, "ft")
 
 
@@ -59,3 +62,91 @@ def test_commands_and_pipeline_steps_start_without_torch():
     code = "import sys, haagenti.cli, pipelines.dedup, pipelines.steps, jobs.dedup; print('torch' in sys.modules)"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert p.stdout.strip() == "False", p.stdout + p.stderr
+
+
+def test_list_shows_whole_ids_and_restore_of_an_unknown_model_says_how_to_list(tmp_path, family):
+    lib = str(tmp_path / "lib")
+    long_ids = ["digits-ft-lr1e-4-" + "x" * 70, "digits-ft-lr1e-4-" + "y" * 70]  # alike for the 80 columns a table would cut at
+    for mid, m in zip(long_ids, family[1:3]):
+        assert cli("ingest", lib, m.file, "--model-id", mid, "--family", "digits", "--no-similarity")[0] == 0
+    for command in ("list", "ls"):
+        code, out, _ = cli(command, lib)
+        assert code == 0 and [line.split()[0] for line in out.splitlines()] == long_ids
+    code, _, err = cli("restore", lib, "digits-ft", str(tmp_path / "out"))
+    assert code == 1 and f"model 'digits-ft' is not in the library; `haagenti list {lib}` lists the models it holds" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_many_files_or_a_plain_folder_become_one_model_only_when_named(tmp_path, family):
+    lib = str(tmp_path / "lib")
+    folder = os.path.dirname(family[0].file)  # 7 models, catalog.yaml and family.json
+    code, _, err = cli("ingest", lib, folder)
+    name = os.path.basename(folder)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "7 weight files that are not shards of one file" in err and f"one model {name!r}; give --model-id {name}" in err
+    code, _, err = cli("ingest", lib, *[m.file for m in family[:2]])
+    assert code == 1 and "would become one model 'digits-base'" in err and "--each" in err
+    code, _, err = cli("ingest", lib, family[0].file, str(tmp_path.parent / os.path.basename(folder) / "catalog.yaml"), "--each")
+    assert code == 1 and "side files (catalog.yaml)" in err
+    assert not os.path.exists(lib)  # refused before a library was made
+    code, out, _ = cli("ingest", lib, *[m.file for m in family[:2]], "--model-id", "both", "--no-similarity")
+    assert code == 0 and "ingested both:" in out
+
+
+def test_each_names_models_without_any_known_extension(tmp_path, exports):
+    lib = str(tmp_path / "lib")
+    code, out, err = cli("ingest", lib, exports["gguf-Q8_0"], exports["onnx"], "--each", "--no-similarity")
+    assert code == 0, err
+    assert "ingested base-Q8_0:" in out and "ingested base:" in out
+    assert [m["model_id"] for m in FragmentLibrary.open(lib, create=False).models()] == ["base-Q8_0", "base"]
+
+
+def test_same_file_again_is_a_no_op_other_bytes_need_replace(tmp_path, family):
+    lib = str(tmp_path / "lib")
+    base, ft = family[0].file, family[1].file
+    assert cli("ingest", lib, base, "--model-id", "m", "--no-similarity")[0] == 0
+    code, out, _ = cli("ingest", lib, base, "--model-id", "m")
+    assert code == 0 and out.strip() == "nothing to do: m is in the library with the same bytes"
+    code, _, err = cli("ingest", lib, ft, "--model-id", "m")
+    assert code == 1 and "'m' is in the library with other bytes; replace it with --replace" in err
+    code, out, _ = cli("ingest", lib, ft, "--model-id", "m", "--replace")
+    assert code == 0 and "ingested m:" in out
+    run("restore", lib, "m", str(tmp_path / "out"))
+    assert sha256(tmp_path / "out" / os.path.basename(ft)) == sha256(ft)
+    assert cli("gc", lib)[1].startswith("gc: ") and cli("gc", lib)[1].strip() == "gc: nothing to collect"
+
+
+def test_ctrl_c_during_an_ingest_says_what_is_left_and_gc_frees_it(tmp_path, family):
+    lib = str(tmp_path / "lib")
+    env = dict(os.environ, HAAGENTI_CHAOS=f"committed-fragments=interrupt:{tmp_path / 'marker'}")
+    p = subprocess.run([sys.executable, "-m", "haagenti.cli", "ingest", lib, family[0].file, "--no-similarity"],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr
+    [line] = [x for x in p.stderr.splitlines() if x.strip()]
+    written = FragmentLibrary.open(lib, create=False).stats().unreferenced_bytes
+    assert written > 0 and line == f"interrupted; nothing was published; `haagenti gc {lib}` frees {written:,} B"
+    assert FragmentLibrary.open(lib, create=False).models() == []
+    code, out, _ = cli("gc", lib)
+    assert code == 0 and f"{written:,} B freed" in out
+
+
+def test_help_renders_flags_as_flags_and_names_the_formats():
+    code, out, _ = cli("ingest", "--help")
+    assert code == 0 and "<bool>" not in out and "--each " in out and "--replace " in out
+    assert "the family the model belongs to" in out
+    for fmt in ("safetensors", "GGUF", "ONNX", "PyTorch checkpoints", "diffusers"):
+        assert fmt in out
+    assert "<bool>" not in cli("restore", "--help")[1]
+
+
+def test_make_family_reuses_a_family_trained_for_another_folder(tmp_path, family, monkeypatch):
+    """The session's family was trained (once per machine) into the test cache: a new folder
+    gets a copy, with no training."""
+    from tests.conftest import TEST_CACHE
+
+    monkeypatch.setenv("HAAGENTI_CACHE", TEST_CACHE)
+    code, out, err = cli("examples", "make-family", tmp_path / "fam", "--small")
+    assert code == 0 and "reusing the family trained before (same settings and code), copied into" in out, out + err
+    assert "training" not in err
+    for m in family:
+        assert sha256(tmp_path / "fam" / os.path.basename(m.file)) == sha256(m.file)

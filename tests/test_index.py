@@ -152,6 +152,9 @@ def test_compact_job_holds_the_gc_lease_and_refuses_relative_paths_in_a_job(fami
     assert "is relative" in capsys.readouterr().err and files() == before
     assert main(["--library", lib.store.url]) == 0
     assert capsys.readouterr().out.startswith("compact: ") and files() != before
+    sorted_files = files()
+    assert main(["--library", lib.store.url]) == 0  # nothing new since: says so, rewrites nothing
+    assert capsys.readouterr().out.startswith("compact: nothing to do") and files() == sorted_files
     assert lib.store.leases.all() == []
 
 

@@ -282,11 +282,20 @@ def test_append_killed_before_its_commit_leaves_an_orphan_that_gc_collects_at_on
     assert sha256(p) == sha256(family[1].file)
 
 
-def test_duplicate_model_id_refused(tmp_path, family):
+def test_same_id_same_bytes_is_a_no_op_other_bytes_need_replace(tmp_path, family):
     lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
     lib.ingest([family[0].file], "m")
-    with pytest.raises(LibraryError, match="already in the library"):
+    before = [m["ingest_id"] for m in lib.models()]
+    again = lib.ingest([family[0].file], "m", family="digits")  # same bytes: nothing stored, the family set
+    assert again.unchanged and again.fragments == 0
+    assert [m["ingest_id"] for m in lib.models()] == before and lib.models()[0]["family"] == "digits"
+    with pytest.raises(LibraryError, match="'m' is in the library with other bytes; replace it with --replace"):
         lib.ingest([family[1].file], "m")
+    assert [m["ingest_id"] for m in lib.models()] == before
+    report = lib.ingest_many([ModelInput([family[1].file], "m")], replace=True)[0]
+    assert not report.unchanged and report.fragments > 0
+    [p] = lib.restore("m", str(tmp_path / "out"))
+    assert sha256(p) == sha256(family[1].file) and len(lib.models()) == 1
 
 
 def test_lossy_sharing_is_opt_in_bounded_and_reported(tmp_path, family):

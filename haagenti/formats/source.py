@@ -24,7 +24,7 @@ from haagenti.formats.onnx_file import ExternalRef, parse_onnx
 from haagenti.formats.safetensors import parse_header
 from haagenti.formats.splice import Splice, TensorSpan, splice_spans, transpose
 from haagenti.fsio import filesystem_for
-from haagenti.hashing import content_hash
+from haagenti.hashing import content_hash, hasher
 
 if TYPE_CHECKING:
     import torch  # imported only for PyTorch checkpoints (safetensors never need it)
@@ -36,6 +36,8 @@ TORCH_EXT = (".pt", ".pth", ".bin", ".ckpt")
 VERBATIM_EXT = (".json", ".yaml", ".yml", ".txt", ".md", ".model", ".jinja")
 MAX_NAME = 1024
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MODEL_EXT = SAFETENSORS_EXT + GGUF_EXT + ONNX_EXT + TORCH_EXT  # weight files: what a model id from a file name drops
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")  # model-00001-of-00004.safetensors, llama.cpp's split GGUF
 PICKLE_EXT = (".pkl", ".pickle", ".joblib", ".npy", ".npz")
 MAX_VERBATIM_BYTES = 16 * 1024 * 1024
 READ_BLOCK = 4 * 1024 * 1024  # read-ahead of remote (s3://, gs://) model files
@@ -100,6 +102,22 @@ class ModelSource:
     tensors: list[SourceTensor] = field(default_factory=list)
     reader: RangeReader = field(default_factory=lambda: RangeReader(max_open=1 << 30), repr=False)
     _turned: tuple[SourceTensor | None, bytes] = field(default=(None, b""), repr=False)
+
+    def file_digests(self) -> list[str]:
+        """Each file's BLAKE3: recorded when known (checkpoints, side files), else read once,
+        streaming (what an incremental ingest compares before cutting anything)."""
+        out = []
+        for f in self.files:
+            digest = f.blake3
+            if not digest:
+                h = hasher()
+                fs, path = filesystem_for(f.url)
+                with fs.open(path, "rb", block_size=8 << 20) as fh:
+                    while chunk := fh.read(8 << 20):
+                        h.update(chunk)
+                digest = h.hexdigest()
+            out.append(digest)
+        return out
 
     def close(self) -> None:
         self.reader.close()
@@ -172,6 +190,33 @@ def expand_urls(urls: list[str]) -> list[tuple[str, str, bool]]:
         else:
             raise FormatError(f"{url}: no such file")
     return out
+
+
+def strip_model_ext(name: str) -> str:
+    """A file name without its weight-file extension, if it has one (`v0.1-alex.safetensors`
+    -> `v0.1-alex`, `model-int8.onnx` -> `model-int8`, `config.json` stays)."""
+    ext = next((e for e in MODEL_EXT if name.lower().endswith(e)), "")
+    return name[: len(name) - len(ext)]
+
+
+def grouping_doubt(urls: list[str]) -> str | None:
+    """Why these files may not be one model, or None: several weight files that are not the
+    shards of one file (or an ONNX file and its external data), or side files (configs,
+    catalogs) outside a Hugging Face or diffusers folder (one with config.json or
+    model_index.json at its top)."""
+    if len(urls) == 1:
+        fs, path = filesystem_for(urls[0])
+        if fs.isdir(path) and any(fs.isfile(posixpath.join(path.rstrip("/"), n)) for n in ("config.json", "model_index.json")):
+            return None
+    names = [name for _, name, _ in expand_urls(urls)]
+    weights = [n for n in names if n.lower().endswith(MODEL_EXT)]
+    stems = {_SHARD.sub("", strip_model_ext(posixpath.basename(n))) for n in weights}
+    side = [n for n in names if n.lower().endswith(VERBATIM_EXT)]
+    if len(stems) > 1:
+        return f"{len(weights)} weight files that are not shards of one file ({', '.join(weights[:3])}{', ...' if len(weights) > 3 else ''})"
+    if side:
+        return f"side files ({', '.join(side[:3])}) outside a Hugging Face or diffusers folder (one with config.json or model_index.json)"
+    return None
 
 
 def _regular(info: dict, url: str) -> str:

@@ -9,6 +9,7 @@ Ctrl-C does.
 The marker file records that it happened, so a retry (Ray's, or the test's re-run) goes through.
 Points: the pipeline's `encode` and `after-fragments`; each table append's `write-TABLE` (data
 file half written), `commit-TABLE` (data file written, not committed) and `committed-TABLE`;
+each delete's `deleted-TABLE` (gc: one table's delete committed, the next not yet made);
 `published` (the models commit made, its publication record not yet written); `create-marker`
 (a new library's tables made, its haagenti.json not yet written).
 """

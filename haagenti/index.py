@@ -131,14 +131,19 @@ def append_index(store: LibraryStore, fragments: pa.Table, signatures: pa.Table,
 # ---- reads -----------------------------------------------------------------------------
 class KnownIds:
     """Which of some fragment ids the library holds (id -> dtype), reading only the ids table's
-    row groups their keys fall in; never the whole id set."""
+    row groups their keys fall in; never the whole id set. An id row is confirmed by its
+    fragment's row (the id column of the data file it names, cached per file): an index row
+    whose fragment is gone must cost a copy, never a published model that cannot be restored."""
 
     def __init__(self, store: LibraryStore):
+        self.store = store
         self.reader = store.ids  # shared with read_fragments: one set of cached footers per library
 
     def lookup(self, ids: Iterable[str]) -> dict[str, str]:
         t = id_rows(self.reader, ids, ["fragment_id", "dtype"])
-        return dict(zip(t["fragment_id"].to_pylist(), t["dtype"].to_pylist()))
+        found = dict(zip(t["fragment_id"].to_pylist(), t["dtype"].to_pylist()))
+        stored = set(self.store.read_fragments(found, columns=["fragment_id"])["fragment_id"].to_pylist()) if found else set()
+        return {i: d for i, d in found.items() if i in stored}
 
 
 class BandIndex:

@@ -20,6 +20,7 @@ from haagenti.encode import RawCache, decode_row, fragment_rows
 from haagenti.errors import DamagedError, FragmentError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding
+from haagenti.index import hex_ids
 from haagenti.store.leases import writing
 from haagenti.store.publication import log_errors, orphan_manifest_keys, scan_manifests, unpublish
 
@@ -220,11 +221,20 @@ def _gc(store: "LibraryStore") -> dict[str, int]:
         freed += pc.sum(gone["stored_size"]).as_py() or 0
         dead.add(gone["fragment_id"])
         alive.add(t["fragment_id"].filter(held))
-    gone = dead.array()
-    removed = store.delete_fragments(gone)
-    store.delete_index_rows(gone)
+    gone, present = dead.array(), alive.array()
+    # Index rows go before their fragments: a gc killed in between leaves fragments the index
+    # does not know (the next gc removes them), never an index row that says "stored" for a
+    # fragment that is gone. Rows a gc killed before this order left are removed too.
     stale = _Distinct()
-    present = alive.array()
+    stale.add(gone)
+    for t in store.scan("ids", ["fragment_id"]):
+        stale.add(t["fragment_id"].filter(pc.invert(pc.is_in(t["fragment_id"], value_set=present))))
+    for t in store.scan("bands", ["fragment_id"]):
+        ids = hex_ids(t["fragment_id"])
+        stale.add(ids.filter(pc.invert(pc.is_in(ids, value_set=present))))
+    store.delete_index_rows(stale.array())
+    removed = store.delete_fragments(gone)
+    stale = _Distinct()
     for t in store.scan("signatures", ["fragment_id"]):
         stale.add(t["fragment_id"].filter(pc.invert(pc.is_in(t["fragment_id"], value_set=present))))
     store.delete_signatures(stale.array())

@@ -400,6 +400,7 @@ class LibraryStore:
             for a in adds:  # not committed: nobody references them
                 self._remove_quietly(posixpath.join(self.root, name, a.path))
             raise
+        maybe_die(f"deleted-{name}")
         return deleted
 
     def delete_fragments(self, fragment_ids: pa.Array) -> int:

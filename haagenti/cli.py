@@ -261,6 +261,21 @@ def gc(library: str, wait: float = typer.Option(0.0, "--wait", help="seconds to 
 
 
 @app.command()
+def upgrade(library: str) -> None:
+    """Move a format-4 library to this haagenti's format in place (record digests; docs/format.md)."""
+    from haagenti.maintenance import upgrade as upgrade_library
+    from haagenti.store import LIBRARY_FORMAT_VERSION
+
+    try:
+        failed = upgrade_library(library)
+        for line in failed:
+            console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
+        out.print(f"{library}: library format {LIBRARY_FORMAT_VERSION}{f' ({len(failed)} model(s) left unverifiable)' if failed else ''}", soft_wrap=True)
+    except (HaagentiError, OSError) as e:
+        _fail(e)
+
+
+@app.command()
 def dedup(
     catalog: str,
     library: str = typer.Option(..., "--library", help="library URL (local path, s3://, gs://)"),

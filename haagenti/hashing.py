@@ -45,3 +45,12 @@ def model_hash(file_hashes: list[str]) -> str:
     """A model's content hash: the hash of its files' hashes in order (what an incremental run
     compares to decide whether a model changed)."""
     return content_hash("".join(file_hashes).encode())
+
+
+_RECORD_CONTEXT = "haagenti 2026-12-07 model record v1"
+
+
+def record_hasher() -> blake3:
+    """A hasher for a model's record digest (haagenti.records.record_digest): its own domain,
+    never equal to a content hash or a layout digest."""
+    return blake3(derive_key_context=_RECORD_CONTEXT)

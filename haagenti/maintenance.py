@@ -17,16 +17,21 @@ import pyarrow.compute as pc
 from haagenti import restore
 from haagenti.config import LibraryStats, ModelStats
 from haagenti.encode import RawCache, decode_row, fragment_rows
-from haagenti.errors import DamagedError, FragmentError
+from haagenti.chaos import maybe_die
+from haagenti.errors import DamagedError, FragmentError, HaagentiError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding
 from haagenti.index import hex_ids
+from haagenti.manifest import ModelManifest
+from haagenti.records import check_manifest, record_digest
+from haagenti.store import LIBRARY_FORMAT_VERSION, LibraryStore
+from haagenti.store.files import strings
 from haagenti.store.leases import writing
+from haagenti.store.schema import UPGRADABLE_FROM
 from haagenti.store.publication import log_errors, orphan_manifest_keys, scan_manifests, unpublish
 
 if TYPE_CHECKING:
     from haagenti.library import FragmentLibrary
-    from haagenti.store import LibraryStore
 
 VerifyProgress = Callable[[str, int, int], None]  # (phase, bytes done, bytes in the phase)
 
@@ -248,6 +253,42 @@ def gc_line(r: dict[str, int]) -> str:
     if not any(r.values()):
         return "gc: nothing to collect"
     return f"gc: {r['fragments_removed']} fragments removed, {r['bytes_freed']:,} B freed, {r['files_vacuumed']} files vacuumed"
+
+
+# ---- upgrade -----------------------------------------------------------------------------
+def upgrade(url: str) -> list[str]:
+    """Move a format-4 library to format 5 in place, under the gc lease: each published model's
+    record is checked whole as a restore checks it (records.check_manifest), its record digest
+    written into its models row (every row in one commit), then haagenti.json says format 5. A
+    model whose record fails the check gets no digest, so every reader refuses it by name;
+    returns those failures, one line each. Killed before the marker is rewritten, the library
+    is still format 4 and a rerun does it all again."""
+    store = LibraryStore(url)
+    found = store.marker_version()
+    if found == LIBRARY_FORMAT_VERSION:
+        return []
+    if found != UPGRADABLE_FROM:
+        raise LibraryError(f"{store.url}: library format {found!r}; `haagenti upgrade` moves format {UPGRADABLE_FROM} to {LIBRARY_FORMAT_VERSION} only")
+    failed: list[str] = []
+    with writing(store, "gc"):
+        models = store.read("models")
+        digests = []
+        for model in models.to_pylist():
+            rows = store.read("manifests", equals=("model_id", model["model_id"]))
+            rows = rows.filter(pc.equal(rows["ingest_id"], strings([model["ingest_id"]])[0]))
+            try:
+                m = check_manifest(ModelManifest.from_rows(model, rows))
+                digests.append(record_digest(m, model["ingest_id"], model["n_tensors"], model["lossy"]))
+            except (HaagentiError, ValueError, TypeError, KeyError, AttributeError) as e:
+                failed.append(f"model {model['model_id']!r}: left without a record digest, its record fails its check ({e})")
+                digests.append(None)
+        versions = pa.array([LIBRARY_FORMAT_VERSION] * models.num_rows, pa.int32())
+        models = models.set_column(models.column_names.index("format_version"), "format_version", versions)
+        models = models.set_column(models.column_names.index("record_digest"), "record_digest", pa.array(digests, pa.string()))
+        store.replace_models(models, f"upgrade to format {LIBRARY_FORMAT_VERSION}")
+        maybe_die("upgraded-models")
+        store.rewrite_marker(LIBRARY_FORMAT_VERSION)
+    return failed
 
 
 # ---- stats and relations -----------------------------------------------------------------

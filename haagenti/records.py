@@ -4,6 +4,7 @@ inside the output folder, every count, offset and length agrees with the file's 
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 
@@ -12,7 +13,7 @@ from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.safetensors import file_prefix, parse_header
 from haagenti.formats.source import validate_file_name
 from haagenti.formats.splice import SPLICED_FORMATS, Splice
-from haagenti.hashing import model_hash
+from haagenti.hashing import content_hash, model_hash, record_hasher
 from haagenti.manifest import ModelManifest
 
 FORMATS = ("safetensors", "torch", "verbatim", *SPLICED_FORMATS)
@@ -43,13 +44,44 @@ def check_file_name(name: object, where: str) -> str:
         raise DamagedError(f"{where}: recorded file name {name!r} is not a plain file name or relative path inside the model's folder; refusing to restore") from None
 
 
+def record_digest(m: ModelManifest, ingest_id: str, n_tensors: int, lossy: bool) -> str:
+    """The digest of a model's record: its models row's trusted fields (id, publishing ingest,
+    content hash, size, tensor count, lossy flag, every file's name, format, size, hash,
+    header and layout) and every manifest row (tensor names, dtypes, shapes, files, fragment
+    ids, offsets, counts, sources, errors), in order. Written in the models row at publication
+    (the same commit) and checked before a reader trusts a name: fragments are verified by
+    their ids and files by their layouts, and this verifies what names and places them.
+    The family is left out: it is a label a later run may change (set_family)."""
+    h = record_hasher()
+
+    def put(value: object) -> None:
+        data = json.dumps(value, separators=(",", ":")).encode()
+        h.update(len(data).to_bytes(8, "little") + data)
+
+    put([m.model_id, ingest_id, m.content_hash, int(m.raw_bytes), int(n_tensors), bool(lossy), len(m.files)])
+    for f in m.files:
+        put([f.name, f.format, int(f.size), f.blake3, content_hash(f.header), f.layout])
+    for t in m.tensors:
+        put([t.name, t.dtype, [int(s) for s in t.shape], int(t.file_index), t.fragment_type.value, [
+            [r.fragment_id, int(r.elem_offset), int(r.elem_count), r.source_fragment_id, float(r.max_abs_error), float(r.rel_l2_error)]
+            for r in t.fragments
+        ]])
+    return h.hexdigest()
+
+
 def trusted_manifest(model: dict, rows) -> ModelManifest:
-    """A model's manifest built from its models row and manifest rows, checked whole."""
+    """A model's manifest built from its models row and manifest rows, checked whole (each
+    field as a restore needs it), then against the row's record digest."""
+    where = f"model {model.get('model_id')!r}"
     try:
         m = ModelManifest.from_rows(model, rows)
-    except (ValueError, TypeError, KeyError) as e:  # a field of the wrong kind (a null shape, an unknown type)
-        raise DamagedError(f"model {model.get('model_id')!r}: unreadable manifest record ({type(e).__name__}: {e})") from None
-    return check_manifest(m)
+        digest = record_digest(m, model["ingest_id"], model["n_tensors"], model["lossy"])
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # a field of the wrong kind (a null shape, an unknown type)
+        raise DamagedError(f"{where}: unreadable manifest record ({type(e).__name__}: {e})") from None
+    check_manifest(m)
+    if digest != model.get("record_digest"):
+        raise DamagedError(f"{where}: its record does not match its digest (its files, names or fragment records were changed after publication)")
+    return m
 
 
 def check_manifest(m: ModelManifest) -> ModelManifest:

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from haagenti.index import append_index
 from haagenti.manifest import ModelManifest
+from haagenti.records import record_digest
 from haagenti.signature import SignatureConfig
 from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS, LibraryStore
 from haagenti.store.publication import publish
@@ -84,7 +85,8 @@ class Committer:
 
 
 def model_row(m: ModelManifest, ingest_id: str) -> dict:
-    """The models-table row of a manifest (publish numbers its ingest_seq)."""
+    """The models-table row of a manifest (publish numbers its ingest_seq), with its record
+    digest: published in the same commit as the record it vouches for."""
     return {
         "model_id": m.model_id,
         "family": m.family,
@@ -97,4 +99,5 @@ def model_row(m: ModelManifest, ingest_id: str) -> dict:
         "ingest_seq": -1,
         "format_version": LIBRARY_FORMAT_VERSION,
         "ingest_id": ingest_id,
+        "record_digest": record_digest(m, ingest_id, len(m.tensors), m.lossy),
     }

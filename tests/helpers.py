@@ -105,3 +105,21 @@ def model_file(path, seed=0, n=3, scale=0.0, base_seed=None):
         state = {k: v + scale * torch.randn(v.shape, generator=noise) for k, v in state.items()}
     save_file({k: v.bfloat16() for k, v in state.items()}, str(path))
     return str(path)
+
+
+def reseal(lib, model_id: str) -> None:
+    """Rewrite a model's record digest to match its (tampered) record: a tamperer who knows the
+    scheme, so that the checks behind the digest (layouts, fragment ids) are what must catch it."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from haagenti.manifest import ModelManifest
+    from haagenti.records import record_digest
+
+    t = lib.store.read("models", equals=("model_id", model_id))
+    [row] = t.to_pylist()
+    rows = lib.store.read("manifests", equals=("model_id", model_id))
+    m = ModelManifest.from_rows(row, rows.filter(pc.equal(rows["ingest_id"], row["ingest_id"])))
+    row["record_digest"] = record_digest(m, row["ingest_id"], row["n_tensors"], row["lossy"])
+    lib.store.delete("models", f"model_id = '{model_id}'")
+    lib.store.append("models", pa.Table.from_pylist([row], schema=t.schema))

@@ -34,8 +34,8 @@ from haagenti.errors import DamagedError, LibraryError
 from haagenti.fsio import filesystem_for, s3_endpoint
 from haagenti.store.damage import damaged, log_problems
 from haagenti.store.files import DataFiles, data_file_uuid, new_data_file, strings
-from haagenti.store.keyed import IDS, KeyedReader, id_rows
-from haagenti.store.schema import LIBRARY_FORMAT_VERSION, SCHEMAS, empty, project
+from haagenti.store.keyed import IDS, KeyedReader, id_rows, learn_columns
+from haagenti.store.schema import LIBRARY_FORMAT_VERSION, SCHEMAS, UPGRADABLE_FROM, empty, project
 from haagenti.store.leases import HeldLease, Leases, writing
 from haagenti.store.sql import owned_by, quote
 
@@ -156,9 +156,58 @@ class LibraryStore:
             found = doc.get("format_version")
         except (ValueError, AttributeError):  # not JSON, not UTF-8, or not an object
             raise DamagedError(f"{self.url}: haagenti.json is damaged (not the JSON object haagenti writes)") from None
+        if found == UPGRADABLE_FROM:
+            raise LibraryError(f"{self.url}: library format {found}, this haagenti reads format {LIBRARY_FORMAT_VERSION}: run `haagenti upgrade {self.url}` first")
         if found != LIBRARY_FORMAT_VERSION:
             raise LibraryError(f"{self.url}: library format {found}, this haagenti reads format {LIBRARY_FORMAT_VERSION} (docs/format.md says how to move a library)")
         return doc
+
+    def marker_version(self) -> object:
+        """haagenti.json's format_version, whatever it is (what an upgrade starts from)."""
+        path = posixpath.join(self.root, "haagenti.json")
+        try:
+            with self.fs.open(path, "r") as f:
+                doc = json.load(f)
+            return doc.get("format_version")
+        except FileNotFoundError:
+            raise LibraryError(f"{self.url}: not a haagenti library (no haagenti.json)") from None
+        except (ValueError, AttributeError):
+            raise DamagedError(f"{self.url}: haagenti.json is damaged (not the JSON object haagenti writes)") from None
+
+    def rewrite_marker(self, version: int) -> None:
+        """haagenti.json with another format version, written whole (locally a finished
+        temporary file renamed over it; on an object store one PUT): the last step of an upgrade."""
+        path = posixpath.join(self.root, "haagenti.json")
+        with self.fs.open(path, "r") as f:
+            doc = json.load(f)
+        body = json.dumps({**doc, "format_version": version}).encode()
+        if self._local:
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(body)
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, body)
+
+    def replace_models(self, rows: pa.Table, note: str) -> None:
+        """Every models row rewritten in one commit (an upgrade's): the table's data files
+        removed and one file of `rows` added, its schema learning the columns it lacks."""
+        schema = SCHEMAS["models"]
+        rows = rows.cast(schema)
+        version, _, actions = self._versioned_snapshot("models", None)
+        now = int(time.time() * 1000)
+        removes = [RemoveAction(rel, True, now, size) for rel, size in zip(actions["path"], actions["size_bytes"])]
+        add = self._write_file("models", [rows] if rows.num_rows else [], {"compression": "snappy"})
+        try:
+            self._check_lease()
+            with self._lock:
+                table = self.table("models", version=version)
+                learn_columns(table, schema)
+                table.create_write_transaction([*removes, add], mode="append", schema=schema,
+                                               commit_properties=CommitProperties(custom_metadata={"haagenti": note}))
+        except BaseException:
+            self._remove_quietly(posixpath.join(self.root, "models", add.path))
+            raise
 
     def _is_table(self, name: str) -> bool:
         return DeltaTable.is_deltatable(self.table_uri(name), storage_options=self.options)

@@ -75,15 +75,15 @@ def append_keyed(store: LibraryStore, spec: KeyedTable, rows: pa.Table, note: st
     action = AddAction(fname, store.fs.size(path), {}, int(time.time() * 1000), True, json.dumps(stats))
     with store._lock:
         table = store.table(spec.name)
-        _learn_columns(table, schema)
+        learn_columns(table, schema)
         table.create_write_transaction(
             [action], mode="append", schema=schema, commit_properties=CommitProperties(custom_metadata={"haagenti": note}) if note else None,
         )
 
 
-def _learn_columns(table: DeltaTable, schema: pa.Schema) -> None:
+def learn_columns(table: DeltaTable, schema: pa.Schema) -> None:
     """Add to the Delta table's schema the columns of `schema` it lacks (a column added to
-    format 4 later: ids.data_file), before a file holding them is committed: Delta readers and
+    format 4 later: ids.data_file; format 5's models.record_digest), before a file holding them is committed: Delta readers and
     rewriters (compaction's z-order) drop the columns a table's schema does not name."""
     def missing() -> list[pa.Field]:
         return [f for f in schema if f.name not in table.schema().to_arrow().names]

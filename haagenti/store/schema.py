@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-LIBRARY_FORMAT_VERSION = 4  # 2: BLAKE3 ids and file hashes; 3: file layout digests; 4: invariants in haagenti.json, ingest ids
+LIBRARY_FORMAT_VERSION = 5  # 2: BLAKE3 ids and file hashes; 3: file layout digests; 4: invariants in haagenti.json, ingest ids; 5: record digests
+UPGRADABLE_FROM = 4  # `haagenti upgrade` moves a library of this format to this one (haagenti.maintenance.upgrade)
 
 SCHEMAS: dict[str, pa.Schema] = {
     "fragments": pa.schema(
@@ -101,6 +102,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("ingest_seq", pa.int64()),
             ("format_version", pa.int32()),
             ("ingest_id", pa.string()),  # the writer that published it (its manifest rows carry the same)
+            ("record_digest", pa.string()),  # haagenti.records.record_digest of this row and its manifest rows
         ]
     ),
 }

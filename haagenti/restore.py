@@ -3,13 +3,17 @@ files (byte-identical, checkpoints as equal state dicts), as the tree they were 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import uuid
 import warnings
 from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
 
+from haagenti.chaos import maybe_die
 from haagenti.encode import RawCache
 from haagenti.errors import FragmentError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
+from haagenti.formats.source import RESTORE_JOURNAL, RESTORE_STAGING
 from haagenti.formats.splice import SpliceWriter, transpose
 from haagenti.hashing import file_layout, hasher
 from haagenti.manifest import FileRecord, ModelManifest, TensorRef
@@ -77,22 +81,32 @@ def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: b
     every restore, and with `rehash` fails naming the first file that differs."""
     manifest = lib.manifest(model_id)  # checked whole: no recorded name leaves out_dir (records.py)
     paths = [os.path.join(out_dir, *f.name.split("/")) for f in manifest.files]  # a folder's files keep their tree
+    journal = os.path.join(out_dir, RESTORE_JOURNAL)
+    if os.path.lexists(journal) and not force:
+        raise LibraryError(f"{out_dir}: {_interrupted(journal)}; rerun with --force to restore it whole")
     present = [os.path.relpath(p, out_dir) for p in paths if os.path.lexists(p)]
     if present and not force:
         raise LibraryError(f"{out_dir}: {', '.join(present[:3])} already exist(s); refusing to overwrite without --force")
+    _open_file_room(manifest)
+    if os.path.lexists(journal):  # --force over an interrupted restore: its staged files go first
+        _remove_leftovers(journal, out_dir)
     if manifest.lossy:
         warnings.warn(LossyRestoreWarning(lossy_summary(manifest)), stacklevel=3)
     made = _absent_folders(paths)
     for d in sorted({os.path.dirname(p) for p in paths}):
         os.makedirs(d, exist_ok=True)
-    tmp = [p + ".partial" for p in paths]
+    tmp: list[str] = []
     try:
         with contextlib.ExitStack() as files:
-            sinks = [files.enter_context(open(p, "wb")) for p in tmp]
-            for f, sink in zip(manifest.files, sinks):
-                _preallocate(sink, f)
+            fds = []
+            for p in paths:  # staged under names of our own, made exclusively: never a file or link already there
+                tmp.append(os.path.join(os.path.dirname(p), f".{uuid.uuid4().hex}{RESTORE_STAGING}"))
+                fds.append(os.open(tmp[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644))
+                files.callback(os.close, fds[-1])
+            for f, fd in zip(manifest.files, fds):
+                _preallocate(fd, f)
             with Workers(threads) as workers:  # 0: every core
-                place_model(lib, manifest, [s.fileno() for s in sinks], workers)
+                place_model(lib, manifest, fds, workers)
         if rehash:
             _check_files(manifest, None, [_file_hash(p) for p in tmp])
     except BaseException:
@@ -103,8 +117,15 @@ def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: b
             with contextlib.suppress(OSError):
                 os.rmdir(d)
         raise
+    # The moves are not one step: a journal says, until the last is made, that the folder mixes
+    # files of before and after (a restore killed here is refused until rerun with --force).
+    doc = {"model": model_id, "files": [f.name for f in manifest.files], "staged": [os.path.relpath(t, out_dir) for t in tmp]}
+    with open(os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w") as j:
+        json.dump(doc, j)
     for t, p in zip(tmp, paths):
         os.replace(t, p)
+        maybe_die("restore-moved")
+    _remove_leftovers(journal, out_dir)
     return paths
 
 
@@ -118,6 +139,48 @@ def _absent_folders(paths: list[str]) -> list[str]:
             absent.add(d)
             d = os.path.dirname(d)
     return sorted(absent, key=len)
+
+
+def _interrupted(journal: str) -> str:
+    """What a leftover journal says, in words."""
+    try:
+        with open(journal) as f:
+            model = json.load(f).get("model")
+    except (OSError, ValueError, AttributeError):
+        model = None
+    return f"an earlier restore{f' of {model!r}' if isinstance(model, str) else ''} was interrupted while moving its files in (some may be old, some new)"
+
+
+def _remove_leftovers(journal: str, out_dir: str) -> None:
+    """The journal of the restore just finished, and the staged files it names that an earlier,
+    interrupted restore left (their moves never happened)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+        with open(os.open(journal, os.O_RDONLY | os.O_NOFOLLOW)) as f:
+            staged = json.load(f).get("staged", [])
+        for rel in staged:
+            p = os.path.join(out_dir, rel)
+            if os.path.basename(p).endswith(RESTORE_STAGING) and os.path.commonpath([os.path.abspath(out_dir), os.path.abspath(p)]) == os.path.abspath(out_dir):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(p)
+    os.remove(journal)
+
+
+def _open_file_room(manifest: ModelManifest) -> None:
+    """A restore holds every file of the model open at once: raise the soft limit on open files
+    to what that needs (at most the hard limit), or refuse in one line before writing anything."""
+    try:
+        import resource
+    except ImportError:  # no rlimits to adjust (Windows)
+        return
+    need = len(manifest.files) + 64  # the library's own files, sockets and the interpreter's
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        room = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (room, hard))
+            soft = room
+        if soft < need:
+            raise LibraryError(f"model {manifest.model_id!r} has {len(manifest.files)} files; a restore holds them all open and this process may open {soft} (ulimit -n)")
 
 
 def place_model(lib: "FragmentLibrary", manifest: ModelManifest, fds: list[int], workers: Workers) -> None:
@@ -258,13 +321,13 @@ def _pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _preallocate(sink: BinaryIO, f: FileRecord) -> None:
+def _preallocate(fd: int, f: FileRecord) -> None:
     """Reserve a restored file's blocks up front where its size is known. Measured here (ext4):
     once ~100 MB of a restore are dirty, writes into a growing file fall from ~4 GB/s to
     ~0.7 GB/s (delayed block allocation racing writeback); into reserved blocks they stay fast."""
     if f.format != "torch" and f.size > 0 and hasattr(os, "posix_fallocate"):
         try:
-            os.posix_fallocate(sink.fileno(), 0, f.size)
+            os.posix_fallocate(fd, 0, f.size)
         except OSError:
             pass  # a filesystem without fallocate: the writes still work, just slower
 

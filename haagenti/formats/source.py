@@ -165,7 +165,13 @@ def validate_file_name(name: object, where: str = "") -> str:
         or any(p in ("", ".", "..") or len(p.encode("utf-8", "surrogatepass")) > 255 for p in parts)
     ):
         raise FormatError(f"{where or name!r}: invalid file name {name!r} (a relative path inside the model's folder)")
+    if parts[-1] == RESTORE_JOURNAL or parts[-1].endswith(RESTORE_STAGING):
+        raise FormatError(f"{where or name!r}: file name {name!r} is one a restore uses for itself")
     return name
+
+
+RESTORE_JOURNAL = ".haagenti-restore.json"  # in a restore's output folder while it moves its files in
+RESTORE_STAGING = ".haagenti-partial"  # a file a restore stages: "." + a random uuid + this, beside its final name
 
 
 def expand_urls(urls: list[str]) -> list[tuple[str, str, bool]]:
@@ -230,8 +236,10 @@ def open_model(urls: list[str]) -> ModelSource:
     """Every file of the model checked and located; nothing but headers and side files read."""
     entries = expand_urls(urls)
     names = [validate_file_name(name, url) for url, name, _ in entries]
-    if len(set(names)) != len(names):
-        raise FormatError(f"model files must have distinct names, got {names}")
+    folded = [n.casefold() for n in names]
+    if len(set(folded)) != len(folded):  # on a case-insensitive disk a restore would write one over the other
+        twice = sorted({n for n, f in zip(names, folded) if folded.count(f) > 1})
+        raise FormatError(f"model files must have names that differ in more than case, got {', '.join(twice[:4])}")
     onnx = {name: _read_onnx(url, name) for url, name, _ in entries if name.lower().endswith(ONNX_EXT)}
     external: dict[str, list[TensorSpan]] = {}
     for name, (_, _, refs) in onnx.items():

@@ -1,0 +1,117 @@
+"""Defects the issue-31 fault campaign found, each held by a test: restore's staging, what ingest
+accepts that restore would refuse, gc's reach, and refusals that say one line."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from haagenti.config import LibraryConfig
+from haagenti.errors import FormatError, LibraryError
+from haagenti.library import FragmentLibrary
+from tests.helpers import cli, sha256
+
+CONFIG = LibraryConfig(fragment_size=65536, similarity=False)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def weights(path, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    save_file({"w": rng.standard_normal((64, 64)).astype(np.float16)}, str(path))
+    return str(path)
+
+
+def folder(path, names: dict[str, bytes | None]) -> str:
+    """A folder model: a safetensors file under each name mapped to None, else that side file."""
+    for name, data in names.items():
+        p = path / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if data is None:
+            weights(p, len(name))
+        else:
+            p.write_bytes(data)
+    return str(path)
+
+
+# ---- restore's staging ---------------------------------------------------------------------
+def test_a_file_named_like_a_staged_one_restores_bit_exact(tmp_path):
+    src = folder(tmp_path / "m", {"w.safetensors": None, "w.safetensors.partial": b"mine, not a staging file"})
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    lib.ingest([src], "m")
+    lib.restore("m", str(tmp_path / "out"), rehash=True)
+    for name in ("w.safetensors", "w.safetensors.partial"):
+        assert sha256(tmp_path / "out" / name) == sha256(tmp_path / "m" / name), name
+    assert sorted(os.listdir(tmp_path / "out")) == ["w.safetensors", "w.safetensors.partial"]
+    lib.ingest([weights(tmp_path / "v.safetensors")], "v")  # a file of the user's where a staging name once was
+    (tmp_path / "out" / "v.safetensors.partial").write_bytes(b"the user's")
+    lib.restore("v", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "v.safetensors.partial").read_bytes() == b"the user's"
+
+
+def test_a_planted_link_is_never_written_through(tmp_path):
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    lib.ingest([weights(tmp_path / "w.safetensors")], "m")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep")
+    (tmp_path / "out").mkdir()
+    for name in ("w.safetensors.partial", "w.safetensors.haagenti-partial", ".haagenti-restore.json"):
+        os.symlink(outside, tmp_path / "out" / name)
+    with pytest.raises(LibraryError, match="an earlier restore was interrupted"):  # the planted journal
+        lib.restore("m", str(tmp_path / "out"))
+    lib.restore("m", str(tmp_path / "out"), force=True)
+    assert outside.read_bytes() == b"keep"
+    assert sha256(tmp_path / "out" / "w.safetensors") == sha256(tmp_path / "w.safetensors")
+    assert not os.path.lexists(tmp_path / "out" / ".haagenti-restore.json")
+
+
+def test_a_name_part_of_255_bytes_restores(tmp_path):
+    name = "n" * 243 + ".safetensors"
+    assert len(name) == 255
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    lib.ingest([folder(tmp_path / "m", {name: None})], "m")
+    lib.restore("m", str(tmp_path / "out"), rehash=True)
+    assert sha256(tmp_path / "out" / name) == sha256(tmp_path / "m" / name)
+
+
+def test_names_differing_only_in_case_are_refused_on_ingest(tmp_path):
+    src = folder(tmp_path / "m", {"w.safetensors": None, "Config.json": b"{}", "config.json": b"{}"})
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    with pytest.raises(FormatError, match="differ in more than case.*Config.json, config.json"):
+        lib.ingest([src], "m")
+    assert lib.models() == []
+
+
+def test_restore_force_killed_while_moving_is_said_and_recovered(tmp_path):
+    src = folder(tmp_path / "m", {f"w{i}.safetensors": None for i in range(3)})
+    url, out = str(tmp_path / "lib"), tmp_path / "out"
+    FragmentLibrary.open(url, CONFIG).ingest([src], "m")
+    env = dict(os.environ, PYTHONPATH=ROOT, HAAGENTI_CHAOS=f"restore-moved:{tmp_path / 'marker'}")
+    p = subprocess.run([sys.executable, "-m", "haagenti.cli", "restore", url, "m", str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    rc, _, err = cli("restore", url, "m", str(out))
+    assert rc == 1 and "an earlier restore of 'm' was interrupted" in err and "--force" in err and len(err.strip().splitlines()) == 1, err
+    assert cli("restore", url, "m", str(out), "--force")[0] == 0
+    assert sorted(os.listdir(out)) == [f"w{i}.safetensors" for i in range(3)]  # no journal, no staged file left
+    for i in range(3):
+        assert sha256(out / f"w{i}.safetensors") == sha256(tmp_path / "m" / f"w{i}.safetensors")
+
+
+def test_a_model_of_more_files_than_the_open_file_limit_restores(tmp_path):
+    import resource
+
+    src = folder(tmp_path / "m", {"w.safetensors": None, **{f"side/{i}.json": b"{}" for i in range(100)}})
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    lib.ingest([src], "m")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (held + 40, hard))  # room for 40 more: fewer than the model's files
+    try:
+        lib.restore("m", str(tmp_path / "out"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(os.listdir(tmp_path / "out" / "side")) == 100

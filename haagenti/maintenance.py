@@ -216,7 +216,7 @@ def gc(lib: "FragmentLibrary", wait: float = 0.0) -> dict[str, int]:
 
 
 def _gc(store: "LibraryStore") -> dict[str, int]:
-    orphans = store.delete_owned("manifests", orphan_manifest_keys(store))
+    _refuse_damage(store)
     keep = referenced(store)
     dead, alive = _Distinct(), _Distinct()
     freed = 0
@@ -227,6 +227,10 @@ def _gc(store: "LibraryStore") -> dict[str, int]:
         dead.add(gone["fragment_id"])
         alive.add(t["fragment_id"].filter(held))
     gone, present = dead.array(), alive.array()
+    missing = len(keep) - len(present)
+    if missing:  # a log entry lost, say: its data files look unreferenced, and vacuuming them would make the loss final
+        raise DamagedError(f"gc refused: {missing} fragment(s) that published models reference are missing from the fragments table; nothing was deleted (run `haagenti verify`)")
+    orphans = store.delete_owned("manifests", orphan_manifest_keys(store))
     # Index rows go before their fragments: a gc killed in between leaves fragments the index
     # does not know (the next gc removes them), never an index row that says "stored" for a
     # fragment that is gone. Rows a gc killed before this order left are removed too.
@@ -289,6 +293,18 @@ def upgrade(url: str) -> list[str]:
         maybe_die("upgraded-models")
         store.rewrite_marker(LIBRARY_FORMAT_VERSION)
     return failed
+
+
+def _refuse_damage(store: "LibraryStore") -> None:
+    """gc deletes what no record names, so it must not run on records verify finds damaged (a
+    damaged log entry drops the rows it added, and their data files would look unreferenced),
+    nor follow a link out of the library (vacuum and lease clearing delete what they list)."""
+    problems = store.log_problems() + log_errors(store)
+    if problems:
+        raise DamagedError(f"gc refused: {problems[0]}{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; nothing was deleted (run `haagenti verify`)")
+    links = store.links()
+    if links:
+        raise LibraryError(f"gc refused: {links[0]} is a symbolic link; gc never follows links out of the library (nothing was deleted)")
 
 
 # ---- stats and relations -----------------------------------------------------------------

@@ -115,3 +115,80 @@ def test_a_model_of_more_files_than_the_open_file_limit_restores(tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert len(os.listdir(tmp_path / "out" / "side")) == 100
+
+
+# ---- gc's reach and its refusals -----------------------------------------------------------
+def two_models(tmp_path) -> FragmentLibrary:
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    lib.ingest([weights(tmp_path / "a.safetensors", 1)], "a")
+    lib.ingest([weights(tmp_path / "b.safetensors", 2)], "b")
+    lib.rm("b")
+    return lib
+
+
+@pytest.mark.parametrize("where", ["_leases", "fragments/linked"])
+def test_gc_never_deletes_through_a_link(tmp_path, where):
+    lib = two_models(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine")
+    (elsewhere / "part-00000-0-c000.parquet").write_text("mine too")
+    link = tmp_path / "lib" / where
+    if link.exists():
+        os.rename(link, tmp_path / "moved")
+    os.symlink(elsewhere, link)
+    rc, _, err = cli("gc", str(tmp_path / "lib"))
+    assert rc == 1 and "is a symbolic link" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(elsewhere)) == ["notes.txt", "part-00000-0-c000.parquet"]
+    with pytest.raises(LibraryError, match="symbolic link"):
+        lib.store.compact()
+    assert sorted(os.listdir(elsewhere)) == ["notes.txt", "part-00000-0-c000.parquet"]
+
+
+def test_gc_refuses_a_library_whose_fragments_log_entry_is_emptied(tmp_path):
+    lib = two_models(tmp_path)
+    log = tmp_path / "lib" / "fragments" / "_delta_log"
+    latest = sorted(log.glob("*.json"))[-1]  # the commit of b's fragments
+    before = sorted(p.name for p in (tmp_path / "lib" / "fragments").glob("*.parquet"))
+    latest.write_text("")
+    rc, _, err = cli("gc", str(tmp_path / "lib"))
+    assert rc == 1 and "gc refused" in err and "verify" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in (tmp_path / "lib" / "fragments").glob("*.parquet")) == before
+
+
+def test_gc_refuses_when_referenced_fragments_are_missing(tmp_path):
+    lib = two_models(tmp_path)
+    [fid] = {r.fragment_id for t in lib.manifest("a").tensors for r in t.fragments}
+    lib.store.delete("fragments", f"fragment_id = '{fid}'")  # as a lost log entry would
+    with pytest.raises(Exception, match="gc refused: 1 fragment"):
+        lib.gc()
+
+
+def test_a_lease_stuck_choosing_does_not_block_gc_forever(tmp_path, monkeypatch):
+    import json
+    import time
+
+    from haagenti.store import leases
+
+    lib = two_models(tmp_path)
+    monkeypatch.setattr(leases, "CHOOSING_SECONDS", 0.5)
+    stuck = {"kind": "ingest", "writer": "f" * 32, "host": "elsewhere", "pid": 1, "created": time.time(),
+             "expires": time.time() + 10**9, "model_ids": ["x"], "ticket": 0, "choosing": True}
+    (tmp_path / "lib" / "_leases").mkdir(exist_ok=True)
+    (tmp_path / "lib" / "_leases" / f"{'f' * 32}.json").write_text(json.dumps(stuck))
+    start = time.monotonic()
+    with pytest.raises(LibraryError, match="gc refused: the library is in use \\(ingest of x by elsewhere"):
+        lib.gc(wait=0)
+    assert time.monotonic() - start < 5
+
+
+def test_a_lease_with_a_ticket_of_another_type_is_not_a_lease(tmp_path):
+    import json
+
+    lib = two_models(tmp_path)
+    (tmp_path / "lib" / "_leases").mkdir(exist_ok=True)
+    bad = {"kind": "ingest", "writer": "e" * 32, "host": "h", "pid": 1, "created": 0, "expires": 10**12, "model_ids": [], "ticket": "7", "choosing": False}
+    (tmp_path / "lib" / "_leases" / "bad.json").write_text(json.dumps(bad))
+    lib.ingest([weights(tmp_path / "c.safetensors", 3)], "c")
+    assert lib.gc()["fragments_removed"] >= 1
+    assert lib.store.leases.all() == []

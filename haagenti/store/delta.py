@@ -209,6 +209,16 @@ class LibraryStore:
             self._remove_quietly(posixpath.join(self.root, "models", add.path))
             raise
 
+    def links(self) -> list[str]:
+        """Symbolic links inside a local library (never followed): what gc and compaction refuse
+        to delete through. An object store has none."""
+        if not self._local:
+            return []
+        out = []
+        for top, dirs, files in os.walk(self.root):  # followlinks=False: a linked folder is listed, not entered
+            out += [os.path.join(top, n) for n in dirs + files if os.path.islink(os.path.join(top, n))]
+        return sorted(out)
+
     def _is_table(self, name: str) -> bool:
         return DeltaTable.is_deltatable(self.table_uri(name), storage_options=self.options)
 
@@ -490,6 +500,9 @@ class LibraryStore:
         of them can belong to an append still in flight, however young."""
         n = 0
         with writing(self, "gc", wait=wait):
+            links = self.links()
+            if links:  # delta-rs' full vacuum deletes whatever it lists, through links too
+                raise LibraryError(f"{links[0]} is a symbolic link; vacuum never follows links out of the library (nothing was vacuumed)")
             for name in SCHEMAS:
                 self._check_lease()
                 present = {posixpath.relpath(p, posixpath.join(self.root, name)) for p in self.fs.find(posixpath.join(self.root, name))}

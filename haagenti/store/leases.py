@@ -34,6 +34,7 @@ from typing import Iterator
 from haagenti.errors import LibraryError
 
 LEASE_DIR = "_leases"
+CHOOSING_SECONDS = 5.0  # beyond its `wait`, how long a writer waits for another to finish choosing its ticket
 POLL_SECONDS = 0.25  # between listings while waiting behind another writer (a choosing one: a tenth of it)
 HOST = socket.gethostname()
 
@@ -88,6 +89,21 @@ class Lease:
         ids = f" of {', '.join(self.model_ids[:3])}{', ...' if len(self.model_ids) > 3 else ''}" if self.model_ids and self.kind != "gc" else ""
         since = time.strftime("%H:%M:%S", time.gmtime(self.created))
         return f"{self.kind}{ids} by {self.host} pid {self.pid} since {since} UTC"
+
+
+def _checked(lease: Lease) -> Lease:
+    """A lease read from a file, its fields of the types a writer writes (TypeError if not: the
+    file is not a lease, and a ticket "7" must not break the ordering of every writer)."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    ok = (
+        all(isinstance(v, str) for v in (lease.kind, lease.writer, lease.host))
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in (lease.pid, lease.ticket))
+        and number(lease.created) and number(lease.expires) and isinstance(lease.choosing, bool)
+        and isinstance(lease.model_ids, list) and all(isinstance(m, str) for m in lease.model_ids)
+    )
+    if not ok:
+        raise TypeError("not a lease")
+    return lease
 
 
 def _alive(pid: int) -> bool:
@@ -146,7 +162,7 @@ class Leases:
             if posixpath.basename(p).startswith("."):
                 continue  # a local lease being written
             try:
-                out.append((p, Lease(**json.loads(self.fs.cat_file(p)))))
+                out.append((p, _checked(Lease(**json.loads(self.fs.cat_file(p))))))
             except FileNotFoundError:
                 continue  # released while we listed
             except (ValueError, TypeError):
@@ -183,7 +199,10 @@ class Leases:
             while True:
                 mine = held.lease
                 others = [lease for lease in self.live() if mine.conflicts(lease)]
-                if any(lease.choosing for lease in others):
+                choosing = [lease for lease in others if lease.choosing]
+                if choosing:  # milliseconds for a running writer; one stalled there is waited on no longer than `wait` allows
+                    if time.monotonic() >= deadline + CHOOSING_SECONDS:
+                        raise LeaseConflict(_refusal(mine, choosing[0], wait))
                     time.sleep(POLL_SECONDS / 10)
                     continue
                 ahead = sorted((lease for lease in others if lease.order < mine.order), key=lambda lease: lease.order)

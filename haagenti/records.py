@@ -8,12 +8,12 @@ import json
 import math
 import re
 
-from haagenti.errors import DamagedError, FormatError
+from haagenti.errors import DamagedError, FormatError, FragmentError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.safetensors import file_prefix, parse_header
-from haagenti.formats.source import validate_file_name
+from haagenti.formats.source import GGUF_EXT, ONNX_EXT, SAFETENSORS_EXT, TORCH_EXT, validate_file_name
 from haagenti.formats.splice import SPLICED_FORMATS, Splice
-from haagenti.hashing import content_hash, model_hash, record_hasher
+from haagenti.hashing import content_hash, file_layout, model_hash, record_hasher
 from haagenti.manifest import ModelManifest
 
 FORMATS = ("safetensors", "torch", "verbatim", *SPLICED_FORMATS)
@@ -95,6 +95,8 @@ def check_manifest(m: ModelManifest) -> ModelManifest:
         seen.add(f.name.casefold())
         if f.format not in FORMATS or not isinstance(f.size, int) or f.size < 0 or not isinstance(f.header, bytes):
             raise DamagedError(f"{where}: file {f.name!r} has an invalid record (format {f.format!r}, size {f.size!r})")
+        if f.format not in _formats_named(f.name):  # ingest chose it by the name: a restore must not write another kind of file
+            raise DamagedError(f"{where}: file {f.name!r} is recorded as {f.format}, which ingest never makes of a file of that name")
         if f.format == "verbatim" and len(f.header) != f.size:
             raise DamagedError(f"{where}: side file {f.name!r} holds {len(f.header)} bytes, its record says {f.size}")
     if m.content_hash != model_hash([f.blake3 for f in m.files]):
@@ -124,7 +126,12 @@ def check_manifest(m: ModelManifest) -> ModelManifest:
             offset += r.elem_count
         if offset != math.prod(t.shape) // d.block:  # a quantized type's element is a block
             raise DamagedError(f"{tw}: fragments cover {offset} elements, shape {list(t.shape)} has {math.prod(t.shape) // d.block}")
+    layouts: list[list[str]] = [[] for _ in m.files]
+    for t in m.tensors:
+        layouts[t.file_index].extend(r.source_fragment_id for r in t.fragments)  # the original's fragments (lossy refs too)
     for i, f in enumerate(m.files):
+        if f.format != "torch" and file_layout(f.inline, layouts[i]) != f.layout:  # every reader, not only a restore, places by these records
+            raise FragmentError(f"{where}: {f.name} does not match its recorded layout (fragments missing or out of order)")
         if f.format in SPLICED_FORMATS:
             _check_splice(m, i, where)
         if f.format != "safetensors":
@@ -137,6 +144,15 @@ def check_manifest(m: ModelManifest) -> ModelManifest:
         if described != per_file[i]:
             raise DamagedError(f"{where}, file {f.name!r}: its recorded header and tensor records disagree")
     return m
+
+
+def _formats_named(name: str) -> tuple[str, ...]:
+    """The formats ingest (formats.source.open_model) can record for a file of this name."""
+    low = name.lower()
+    for ext, fmt in ((SAFETENSORS_EXT, "safetensors"), (GGUF_EXT, "gguf"), (ONNX_EXT, "onnx")):
+        if low.endswith(ext):
+            return (fmt,)
+    return ("onnx_data", "verbatim", *(("torch",) if low.endswith(TORCH_EXT) else ()))
 
 
 def _check_splice(m: ModelManifest, i: int, where: str) -> None:

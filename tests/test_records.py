@@ -17,12 +17,12 @@ from deltalake import write_deltalake
 from safetensors.numpy import save_file
 
 from haagenti.config import LibraryConfig
-from haagenti.errors import DamagedError, LibraryError
+from haagenti.errors import DamagedError, FragmentError, LibraryError
 from haagenti.library import FragmentLibrary
 from haagenti.loader import ModelLoader
 from haagenti.maintenance import upgrade
 from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS
-from tests.helpers import cli
+from tests.helpers import cli, reseal
 
 CONFIG = LibraryConfig(fragment_size=65536, similarity=False)
 DIGEST = "its record does not match its digest"
@@ -58,7 +58,7 @@ def rename(*pairs):
 
 
 def set_format(rows):
-    rows[0]["files"][0]["format"] = "torch"
+    next(f for f in rows[0]["files"] if f["format"] == "safetensors")["format"] = "torch"
     return rows
 
 
@@ -70,30 +70,41 @@ def swap_fragments(rows):
     return rows
 
 
-TAMPERS = {  # the tampered records of the fault campaign (issue 31)
-    "config-renamed-deeper": ("models", rename(("config.json", "d/d/c.json"))),
-    "file-renamed-tilde": ("models", rename(("model-1.safetensors", "~/escape4.json"))),
-    "names-swapped": ("models", rename(("model-0.safetensors", "model-1.safetensors"), ("model-1.safetensors", "model-0.safetensors"))),
-    "format-to-torch": ("models", set_format),
-    "fragment-rows-swapped": ("manifests", swap_fragments),
+FORMAT = "file {!r} is recorded as {}, which ingest never makes of a file of that name"
+LAYOUT = "model-0.safetensors does not match its recorded layout"
+TAMPERS = {  # the tampered records of the fault campaign (issue 31): (table, change, refusal with the digest recomputed)
+    "config-renamed-deeper": ("models", rename(("config.json", "d/d/c.json")), None),
+    "file-renamed-tilde": ("models", rename(("model-1.safetensors", "~/escape4.json")), FORMAT.format("~/escape4.json", "safetensors")),
+    "names-swapped": ("models", rename(("model-0.safetensors", "model-1.safetensors"), ("model-1.safetensors", "model-0.safetensors")), None),
+    "format-to-torch": ("models", set_format, FORMAT.format("model-0.safetensors", "torch")),
+    "fragment-rows-swapped": ("manifests", swap_fragments, LAYOUT),
 }
 
 
 @pytest.mark.parametrize("tamper", list(TAMPERS))
-def test_a_tampered_record_is_refused_by_every_reader(tmp_path, tamper):
+@pytest.mark.parametrize("resealed", [False, True], ids=["as-is", "resealed"])
+def test_a_tampered_record_is_refused_by_every_reader(tmp_path, tamper, resealed):
+    """As tampered, or with its digest recomputed (by someone who knows the scheme): then the
+    record's own checks must refuse whatever would change bytes or where they go (a renamed or
+    swapped name with its digest redone restores each file's own bytes under the name given)."""
     lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
     lib.ingest([folder_model(tmp_path / "m")], "m")
-    table, change = TAMPERS[tamper]
+    table, change, checked = TAMPERS[tamper]
     rewrite(lib, table, "m", change)
-    line = f"model 'm': {DIGEST}"
-    with pytest.raises(DamagedError, match=line):
+    if resealed:
+        reseal(lib, "m")
+        if checked is None:
+            return
+    line = f"model 'm': {checked or DIGEST}"  # the record's own checks run first, then its digest
+    error = FragmentError if checked == LAYOUT else DamagedError
+    with pytest.raises(error, match=line):
         lib.restore("m", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
     report = lib.verify()
     assert not report.ok and any(line in e for e in report.errors), report.errors
-    with pytest.raises(DamagedError, match=line):
+    with pytest.raises(error, match=line):
         ModelLoader(lib, threads=1).load("m")
-    with pytest.raises(DamagedError, match=line):
+    with pytest.raises(error, match=line):
         lib.open_file("m", "config.json").read()
     rc, out, err = cli("restore", str(tmp_path / "lib"), "m", str(tmp_path / "out2"))
     assert rc == 1 and line in err and len(err.strip().splitlines()) == 1, err

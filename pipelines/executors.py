@@ -73,8 +73,9 @@ class RayExecutor:
 
         if not ray.is_initialized():
             if address is None:
-                _private_token()
-            ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+                init_local_ray(include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
         resources = ray.cluster_resources()
         self.cpus = int(resources.get("CPU", 1))
         self.gpus = int(resources.get("GPU", 0))
@@ -152,6 +153,15 @@ class _StepActor:
 
     def run(self, fn, *args):
         return fn(*args)
+
+
+def init_local_ray(**options) -> None:
+    """`ray.init` of a local cluster (`options` are ray.init's) that writes no ~/.ray/auth_token
+    (`_private_token`): what the pipeline and the test suite start."""
+    import ray
+
+    _private_token()
+    ray.init(ignore_reinit_error=True, **options)
 
 
 @functools.lru_cache(maxsize=None)

@@ -55,12 +55,20 @@ def bucket(s3_server, request):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster for the whole run (2 CPUs: actor pools must stay below that)."""
+    """One local Ray cluster for the whole run (2 CPUs: actor pools must stay below that),
+    started as the pipeline starts one: it must leave no ~/.ray/auth_token, which would turn
+    token auth on for every later head on the machine (a plain `ray job submit` then fails)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from pipelines.executors import init_local_ray
+
+    token = os.path.expanduser("~/.ray/auth_token")
+    had_token = os.path.exists(token)
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+    if not had_token and os.path.exists(token):
+        pytest.fail(f"the test session left {token}: a later `ray start --head` turns token auth on")
 
 
 @pytest.fixture(scope="session")

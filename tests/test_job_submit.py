@@ -1,5 +1,6 @@
 """`ray job submit` against a real Ray head started with `ray start --head`."""
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,12 +24,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def submit(bindir, env, address, *job):
-    """`ray job submit` as documented, retried while the head's job agent is still starting."""
+README_ADDRESS = "http://127.0.0.1:8265"
+
+
+def readme_ray_lines() -> list[str]:
+    """The command lines of the README's "The Ray job" block, as written."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        section = f.read().split("## The Ray job", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, "README: no ```bash block under '## The Ray job'"
+    return [line.split("  #")[0].strip() for line in block.group(1).splitlines() if line.strip()]
+
+
+def submit(bindir, env, line: str):
+    """A `ray job submit` line run by bash in the repository, retried while the head's job agent
+    is still starting."""
     deadline = time.monotonic() + 180
     while True:
-        p = subprocess.run([os.path.join(bindir, "ray"), "job", "submit", "--address", address, "--working-dir", REPO, "--", *job],
-                           env=env, capture_output=True, text=True, timeout=300)
+        p = subprocess.run(["bash", "-c", line], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         # The job list answers before the head's job agent is up; Ray says to try again.
         if "No available agent to submit job" not in p.stderr or time.monotonic() > deadline:
             return p
@@ -37,9 +50,11 @@ def submit(bindir, env, address, *job):
 
 @pytest.mark.timeout(600)
 def test_ray_job_submit_dedup(tmp_path):
-    """As a user meets it: `make demo` (a local cluster the pipeline starts), then `ray start
-    --head` and a plain `ray job submit`, with no RAY_AUTH_MODE anywhere: the demo must not
-    leave a token file that turns auth on for the next head."""
+    """As a user meets it: the README's "The Ray job" block, `ray start --head` (here with ports
+    of its own, beside the suite's cluster) and its `ray job submit` lines as written, with the
+    test's address, catalog and library put in, and no RAY_AUTH_MODE anywhere. (That a local
+    cluster such as `make demo`'s leaves no token file turning auth on for this head is
+    test_pipeline.py's one-CPU test: the same start, init_local_ray, with ~ in a folder.)"""
     bindir = os.path.dirname(sys.executable)
     home = tmp_path / "home"  # the user's ~: where Ray would leave ~/.ray/auth_token
     home.mkdir()
@@ -48,10 +63,6 @@ def test_ray_job_submit_dedup(tmp_path):
     files = [model_file(tmp_path / f"m{i}.safetensors", seed=i) for i in range(2)]
     cat = tmp_path / "catalog.yaml"
     cat.write_text(yaml.safe_dump({"models": [{"id": f"m{i}", "family": "f", "files": [f]} for i, f in enumerate(files)]}))
-    demo = subprocess.run([sys.executable, "-m", "jobs.dedup", "--catalog", str(cat), "--library", str(tmp_path / "demo-lib"), "--no-report"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert demo.returncode == 0 and "added 2" in demo.stdout, demo.stdout[-2000:] + demo.stderr[-2000:]
-    assert not (home / ".ray" / "auth_token").exists()
 
     port, dash = free_port(), free_port()
     # Its own agent ports: another Ray instance on this machine (the suite's session cluster)
@@ -74,15 +85,23 @@ def test_ray_job_submit_dedup(tmp_path):
                 break
             assert time.monotonic() < deadline, f"head did not come up: {probe.stderr[-2000:]}"
             time.sleep(2)
-        p = submit(bindir, env, address, "python", "-m", "jobs.dedup", "--catalog", str(cat), "--library", str(lib), "--fragment-size", "65536")
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        assert "succeeded" in p.stdout and "added 2" in p.stdout
+        lines = readme_ray_lines()
+        assert lines[0] == "ray start --head" and lines[-1] == "ray stop"
+        jobs = [line.replace(README_ADDRESS, address).replace("$PWD/try/fam/catalog.yaml", str(cat)).replace("$PWD/try/lib4", str(lib))
+                for line in lines[1:-1]]
+        assert [j.split(" -- ")[1].split()[2] for j in jobs] == ["jobs.dedup", "jobs.verify", "jobs.gc", "jobs.compact"]
+        said = []
+        for job in jobs:
+            p = submit(bindir, env, job)
+            assert p.returncode == 0 and "succeeded" in p.stdout, job + "\n" + p.stdout[-3000:] + p.stderr[-3000:]
+            said.append(p.stdout)
+        assert "added 2" in said[0] and "ok:" in said[1] and "gc: nothing to collect" in said[2] and "compact: " in said[3]
         library = FragmentLibrary.open(str(lib), create=False)
         for i, f in enumerate(files):
             [out] = library.restore(f"m{i}", str(tmp_path / "out" / f"m{i}"))
             assert sha256(out) == sha256(f)
         # A relative library would land in the job's temporary copy of --working-dir: refused.
-        p = submit(bindir, env, address, "python", "-m", "jobs.dedup", "--catalog", str(cat), "--library", "rel_lib")
+        p = submit(bindir, env, jobs[0].replace(str(lib), "rel_lib"))
         assert p.returncode != 0 and "error: --library 'rel_lib' is relative" in p.stdout + p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
         assert "Traceback" not in p.stdout + p.stderr
     finally:

@@ -189,20 +189,24 @@ def test_cluster_yaml_declares_cpu_and_gpu_workers():
 
 @pytest.mark.timeout(300)
 def test_ray_pipeline_runs_on_a_one_cpu_cluster(tmp_path, family):
-    """A 1-CPU cluster (where the first, Ray Data based executor stalled) finishes the job."""
+    """A 1-CPU cluster (where the first, Ray Data based executor stalled) finishes the job;
+    started as the suite's session cluster is (init_local_ray), it leaves no token file in ~."""
     cat = catalog(tmp_path / "catalog.yaml", family[:2])
     script = (
-        "import ray, sys\n"
-        "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "import sys\n"
+        "from pipelines.executors import RayExecutor, init_local_ray\n"
+        "init_local_ray(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
         "from pipelines.dedup import run_dedup\n"
-        "from pipelines.executors import RayExecutor\n"
         "from haagenti.config import LibraryConfig\n"
         "r = run_dedup(sys.argv[1], sys.argv[2], RayExecutor(), LibraryConfig(fragment_size=65536))\n"
         "print(r.summary())\n"
     )
-    p = subprocess.run([sys.executable, "-c", script, cat, str(tmp_path / "lib")], cwd=REPO, capture_output=True, text=True, timeout=240)
+    home = tmp_path / "home"  # where Ray would leave ~/.ray/auth_token
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(home)}
+    p = subprocess.run([sys.executable, "-c", script, cat, str(tmp_path / "lib")], cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "added 2" in p.stdout
+    assert "added 2" in p.stdout and not (home / ".ray" / "auth_token").exists()
     lib = FragmentLibrary.open(str(tmp_path / "lib"), create=False)
     for m in family[:2]:
         [out] = lib.restore(m.model_id, str(tmp_path / "out" / m.model_id))

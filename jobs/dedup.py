@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import posixpath
 import sys
 from typing import Callable
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None, progress: Callable[[str], None] | None =
     args = ap.parse_args(argv)
     from pipelines.dedup import preflight, run_dedup
     from pipelines.executors import make_executor
-    from pipelines.report import write_report
+    from pipelines.report import report_folder, report_path, write_report
 
     try:
         catalog = preflight(refuse_relative_in_job("--catalog", args.catalog), refuse_relative_in_job("--library", args.library), args.executor == "ray")
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None, progress: Callable[[str], None] | None =
 
             paths = write_report(FragmentLibrary.open(args.library, create=False), run)
             print(f"report: {paths['report.html']}")
+        elif not args.no_report:
+            fs, folder = report_folder(args.library)
+            if fs.exists(posixpath.join(folder, "report.html")):
+                print(f"report: {report_path(args.library, 'report.html')} (of the last run that changed the library)")
         for mid, fam in run.inferred_families.items():
             print(f"inferred family of {mid}: {fam or 'none'}")
         print(run.summary())

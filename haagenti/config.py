@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, is_dataclass, replace
 
 from haagenti.codecs.core import PLANES
-from haagenti.errors import LibraryError
+from haagenti.errors import DamagedError, LibraryError
 from haagenti.signature import SignatureConfig
 from haagenti.similarity import SimilarityThreshold
 
@@ -60,12 +60,18 @@ class LibraryConfig:
     def settled(self, stored: dict, where: str) -> "LibraryConfig":
         """This config with a library's invariants (`stored`, as `invariants()` writes them);
         one set explicitly to another value is refused."""
-        values = {"fragment_size": stored["fragment_size"], "signature": SignatureConfig(**stored["signature"]),
-                  "thresholds": SimilarityThreshold(**stored["thresholds"]), "candidates": stored["candidates"]}
+        try:  # haagenti.json is read from the library: untrusted, and checked as a config given by hand is
+            values = {"fragment_size": stored["fragment_size"], "signature": SignatureConfig(**stored["signature"]),
+                      "thresholds": SimilarityThreshold(**stored["thresholds"]), "candidates": stored["candidates"]}
+            settled = replace(self, **values)
+            if not isinstance(settled.candidates, int) or isinstance(settled.candidates, bool) or settled.candidates < 0:
+                raise ValueError(f"candidates must be a whole number >= 0, not {settled.candidates!r}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise DamagedError(f"{where}: haagenti.json is damaged: its invariants are not valid ({type(e).__name__}: {e})") from None
         for k in sorted(self.given):
             if getattr(self, k) != values[k]:
                 raise LibraryError(f"{where}: this library's {k} is {_show(values[k])}, not {_show(getattr(self, k))}; it is fixed when a library is created (docs/format.md)")
-        return replace(self, **values)
+        return settled
 
 
 def _show(value) -> str:

@@ -135,7 +135,7 @@ def _verify_fragments(store: "LibraryStore", report: VerifyReport, progress: Ver
             else:
                 _check(row, ref, bad)
         report.fragments_checked += len(rows)
-        done += sum(r["raw_size"] for r in rows)
+        done += sum(r["raw_size"] or 0 for r in rows)  # a null raw_size is reported by its decode
         if progress:
             progress("fragments", done, total)
     report.fragments_checked -= len(bad)

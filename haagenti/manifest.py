@@ -141,7 +141,9 @@ class ModelManifest:
             "tensor_index", "tensor_name", "dtype", "shape", "file_index", "fragment_type",
             "fragment_id", "elem_offset", "elem_count", "source_fragment_id", "max_abs_error", "rel_l2_error",
         ))):
-            if len(tensors) - 1 != ti:
+            if not tensors or len(tensors) - 1 != ti:
+                if ti != len(tensors):  # tensor indices are 0, 1, 2, ... in the rows a writer writes
+                    raise ValueError(f"tensor index {ti} where {len(tensors)} comes next")
                 tensors.append(TensorRef(name, dt, tuple(shape), fi, FragmentType(ft)))
             if fid is not None:
                 tensors[-1].fragments.append(FragmentRef(fid, off, n, src, mx, rel))

@@ -192,3 +192,89 @@ def test_a_lease_with_a_ticket_of_another_type_is_not_a_lease(tmp_path):
     lib.ingest([weights(tmp_path / "c.safetensors", 3)], "c")
     assert lib.gc()["fragments_removed"] >= 1
     assert lib.store.leases.all() == []
+
+
+# ---- damaged records say one line ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def with_deltas(tmp_path_factory):
+    """A library of a model and a near copy stored as deltas against it."""
+    d = tmp_path_factory.mktemp("deltas")
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((256, 512)).astype(np.float16)
+    save_file({"w": a}, str(d / "a.safetensors"))
+    save_file({"w": a + np.float16(0.001) * rng.standard_normal(a.shape).astype(np.float16)}, str(d / "b.safetensors"))
+    lib = FragmentLibrary.open(str(d / "lib"), LibraryConfig(fragment_size=65536))
+    lib.ingest([str(d / "a.safetensors")], "a")
+    lib.ingest([str(d / "b.safetensors")], "b")
+    assert any(r["ref_id"] for r in lib.store.read("fragments", columns=["ref_id"]).to_pylist())
+    return d / "lib"
+
+
+def _marker(change):
+    def apply(lib_dir):
+        import json
+
+        path = lib_dir / "haagenti.json"
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    return apply
+
+
+def _rows(table, change):
+    def apply(lib_dir):
+        import pyarrow as pa
+
+        store = FragmentLibrary.open(str(lib_dir), create=False).store
+        t = store.read(table)
+        rows = change(t.to_pylist())
+        store.delete(table, "true")
+        store.append(table, pa.Table.from_pylist(rows, schema=t.schema))
+    return apply
+
+
+def _each(key, value):
+    def change(rows):
+        for r in rows:
+            r[key] = value(r) if callable(value) else value
+        return rows
+    return change
+
+
+def _first(key, value):
+    def change(rows):
+        rows[0][key] = value
+        return rows
+    return change
+
+
+def _deltas_point_at_each_other(rows):
+    a, b = [r for r in rows if r["ref_id"]][:2]
+    a["ref_id"], b["ref_id"] = b["fragment_id"], a["fragment_id"]
+    return rows
+
+
+DAMAGE = {
+    "fragment-size-0": _marker(lambda m: {**m, "fragment_size": 0}),
+    "fragment-size-big": _marker(lambda m: {**m, "fragment_size": "big"}),
+    "no-signature": _marker(lambda m: {k: v for k, v in m.items() if k != "signature"}),
+    "bands-0": _marker(lambda m: {**m, "signature": {**m["signature"], "bands": 0}}),
+    "tensor-index-minus-1": _rows("manifests", _first("tensor_index", -1)),
+    "delta-refers-to-itself": _rows("fragments", _each("ref_id", lambda r: r["fragment_id"] if r["ref_id"] else None)),
+    "deltas-refer-to-each-other": _rows("fragments", _deltas_point_at_each_other),
+    "raw-size-null": _rows("fragments", _each("raw_size", None)),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_records_are_refused_in_one_line(with_deltas, tmp_path, damage):
+    import shutil
+
+    lib_dir = tmp_path / "lib"
+    shutil.copytree(with_deltas, lib_dir)
+    DAMAGE[damage](lib_dir)
+    for args in (("restore", lib_dir, "b", tmp_path / "out"), ("verify", lib_dir)):
+        rc, out, err = cli(*args)
+        lines = [line for line in (err + out).splitlines() if line.strip()]
+        assert rc == 1 and "Traceback" not in err, (args, out, err)
+        assert args[0] == "verify" or len(err.strip().splitlines()) == 1, err
+        assert any("damaged" in line or "unreadable" in line for line in lines), lines
+    assert not (tmp_path / "out").exists()

@@ -278,3 +278,22 @@ def test_damaged_records_are_refused_in_one_line(with_deltas, tmp_path, damage):
         assert args[0] == "verify" or len(err.strip().splitlines()) == 1, err
         assert any("damaged" in line or "unreadable" in line for line in lines), lines
     assert not (tmp_path / "out").exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_a_pickle_refusal_is_one_line_without_torchs_advice(tmp_path):
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2), "x": _Payload()}, buf)
+    (tmp_path / "evil.pt").write_bytes(buf.getvalue())
+    rc, out, err = cli("ingest", tmp_path / "lib", tmp_path / "evil.pt", "--model-id", "evil")
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert "refused by torch.load(weights_only=True): Unsupported global: GLOBAL print was not an allowed global" in err, err
+    assert "weights_only=False" not in err and "will likely succeed" not in err and "Warning" not in err

@@ -12,6 +12,7 @@ import io
 import pickle
 import posixpath
 import re
+import warnings
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -321,6 +322,18 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
 
 
+def _reason(e: Exception) -> str:
+    """What torch.load's refusal says is wrong, without its advice to load the file unsafely
+    ("weights_only=False will likely succeed") or its pointer to the documentation."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:  # the reason, then advice to allowlist what it refused
+            return line.split("WeightsUnpickler error:", 1)[1].split(" Please use", 1)[0].strip()
+    advice = ("Weights only load failed", "(1)", "(2)", "Check the documentation", "Please file an issue")
+    said = [line for line in lines if not line.startswith(advice) and "will likely succeed" not in line]
+    return (said or [type(e).__name__])[0]
+
+
 def load_checkpoint(data: bytes, where: str) -> dict[str, torch.Tensor]:
     """Load a PyTorch checkpoint without executing code; refuse anything but a flat tensor dict."""
     import torch
@@ -328,10 +341,11 @@ def load_checkpoint(data: bytes, where: str) -> dict[str, torch.Tensor]:
     if not (zipfile.is_zipfile(io.BytesIO(data)) or data[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05")):
         raise FormatError(f"{where}: not a PyTorch checkpoint")
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a refusal is one line: torch's unpickler warnings are not ours to print
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsafeFileError(f"{where}: refused by torch.load(weights_only=True): {first}") from None
+        raise UnsafeFileError(f"{where}: refused by torch.load(weights_only=True): {_reason(e)}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise FormatError(f"{where}: checkpoint is not a flat dict of tensors")
     return state

@@ -297,3 +297,14 @@ def test_a_pickle_refusal_is_one_line_without_torchs_advice(tmp_path):
     assert rc == 1 and len(err.strip().splitlines()) == 1, err
     assert "refused by torch.load(weights_only=True): Unsupported global: GLOBAL print was not an allowed global" in err, err
     assert "weights_only=False" not in err and "will likely succeed" not in err and "Warning" not in err
+
+
+def test_a_killed_tier_add_leaves_no_temporary_file(tmp_path):
+    url = str(tmp_path / "lib")
+    FragmentLibrary.open(url, CONFIG).ingest([weights(tmp_path / "w.safetensors")], "m")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(scratch), HAAGENTI_CHAOS=f"committed-fragments:{tmp_path / 'marker'}")
+    p = subprocess.run([sys.executable, "-m", "haagenti.cli", "tier", "add", url, "m", "int8"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert list(scratch.iterdir()) == []

@@ -3,11 +3,12 @@ INT8 or INT4 (values plus scales) as a tier model "<id>.<precision>", whose frag
 quality level. A loader asked for a precision reads only that tier's fragments."""
 from __future__ import annotations
 
-import os
-import tempfile
+import posixpath
+import uuid
 
+import fsspec
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from haagenti.adaptive.precision import AdaptiveError, Precision
 from haagenti.adaptive.quantize import QuantizedTensor, quantize
@@ -39,10 +40,15 @@ def add_tier(library: FragmentLibrary, model_id: str, precision: Precision | str
             out[name + _SCALE] = q.scale.contiguous()
         else:
             out[name] = t.contiguous()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "tier.safetensors")
-        save_file(out, path, metadata={"haagenti_tier": p.value, "source": model_id})
-        return library.ingest([path], tier_id(model_id, p), library.model(model_id)["family"], quality=p.value)
+    # Held in this process's memory (fsspec's memory://), not a temporary file: a tier add
+    # killed midway leaves nothing behind on disk.
+    fs = fsspec.filesystem("memory")
+    path = f"/haagenti-tier-{uuid.uuid4().hex}/tier.safetensors"
+    fs.pipe_file(path, save(out, metadata={"haagenti_tier": p.value, "source": model_id}))
+    try:
+        return library.ingest([f"memory://{path}"], tier_id(model_id, p), library.model(model_id)["family"], quality=p.value)
+    finally:
+        fs.rm(posixpath.dirname(path), recursive=True)
 
 
 def tiers_of(library: FragmentLibrary, model_id: str) -> list[Precision]:

@@ -37,6 +37,35 @@ def example_family(name: str = "family"):
     return [FamilyMember(m["id"], m["files"][0], m["family"], "") for m in doc["models"]]
 
 
+def master_export(members):
+    """The family with its fp16 re-export replaced by an fp16 export of the fp32 master weights,
+    as hubs publish them (the example family's export is cast from the published bf16 base, so
+    it holds the base's values exactly). The master is the bf16 base plus noise below half a
+    bf16 step, so the base is its bf16 rounding; the export is its fp16 rounding, and differs
+    from the base cast to fp16 in the low mantissa bits. Written once next to the family."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    [cast] = [m for m in members if m.model_id.endswith("fp16")]
+    base = members[0]
+    path = os.path.join(os.path.dirname(cast.file), "digits-base-fp16-master.safetensors")
+    if not os.path.exists(path):
+        g = torch.Generator().manual_seed(25)
+        state = {}
+        for k, v in load_file(base.file).items():
+            x = v.float()
+            step = torch.where(x == 0, 0.0, torch.ldexp(torch.ones_like(x), torch.frexp(x)[1] - 9))  # half a bf16 step at x (a whole one below a power of two)
+            master = x + (torch.rand(x.shape, generator=g) - 0.5) * 0.98 * step
+            assert torch.equal(master.bfloat16(), v)
+            state[k] = master.half()
+        save_file(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    export = dataclasses.replace(cast, model_id="digits-base-fp16-master", file=path)
+    return [export if m is cast else m for m in members]
+
+
 @contextmanager
 def timed(box: list):
     t = time.perf_counter()

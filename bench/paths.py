@@ -1,10 +1,17 @@
 """The two ingest paths on one catalog: the library (`ingest_many`, one process) and the
-pipeline (`run_dedup` on the local executor), stored bytes and wall time, round-robin runs.
+pipeline (`run_dedup` on the local executor), stored bytes and wall time, round-robin runs;
+and with --orders, the family ingested in several orders, each through one call and one
+model per call, with the reduction on disk (every file of the library) per order.
 
     python bench/paths.py [--runs 5] [--family family]
+    python bench/paths.py --orders [--family family]
 
 Both paths run the same ingest core, so their stored bytes must be equal; the time is from an
 opened, empty library to the published models (imports the ingest needs included), one core.
+The orders: the catalog's; reversed; the cast (the fp16 re-export) first; the unrelated model
+first. Their spread is what the reference rule loses to the order models arrive in. Then the
+same with the export made from the fp32 master (as the issue-25 family was), where the order
+decides whether the fine-tunes can reference their base.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import statistics
 import tempfile
 import time
 
-from common import CACHE, example_family
+from common import CACHE, example_family, master_export
 
 from haagenti.config import LibraryConfig
 from haagenti.library import FragmentLibrary, ModelInput
@@ -32,12 +39,57 @@ def pipeline(root: str, members, catalog: str) -> None:
     run_dedup(catalog, root, LocalExecutor(), LibraryConfig())
 
 
+def one_by_one(root: str, members) -> None:
+    for m in members:
+        FragmentLibrary.open(root, LibraryConfig()).ingest_many([ModelInput([m.file], m.model_id, m.family)])
+
+
+def disk_bytes(root: str) -> int:
+    """Bytes of every file under `root` (du -b without the directories' own entries)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+
+
+def orders(members) -> dict[str, list]:
+    cast = [m for m in members if "fp16" in m.model_id]
+    unrelated = [m for m in members if m.family is None]
+    return {
+        "catalog": list(members),
+        "reversed": list(reversed(members)),
+        "cast first": cast + [m for m in members if m not in cast],
+        "unrelated first": unrelated + [m for m in members if m not in unrelated],
+    }
+
+
+def bench_orders(members, title: str) -> None:
+    raw = sum(os.path.getsize(m.file) for m in members)
+    print(f"{title}: {len(members)} models, {raw:,} B raw; reduction on disk = 1 - (bytes of the library's files) / raw")
+    print(f"{'order':18s} {'one call':>10s} {'one by one':>11s}")
+    got: dict[str, list[float]] = {}
+    for name, ms in orders(members).items():
+        for way in (lambda r: library(r, ms, ""), lambda r: one_by_one(r, ms)):
+            root = tempfile.mkdtemp(prefix="haagenti-orders-")
+            try:
+                way(os.path.join(root, "lib"))
+                got.setdefault(name, []).append(1 - disk_bytes(os.path.join(root, "lib")) / raw)
+            finally:
+                shutil.rmtree(root)
+        print(f"{name:18s} {got[name][0]:10.2%} {got[name][1]:11.2%}")
+    for i, way in enumerate(("one call", "one by one")):
+        vals = [v[i] for v in got.values()]
+        print(f"spread ({way}): {100 * (max(vals) - min(vals)):.2f} points (best {max(vals):.2%}, worst {min(vals):.2%})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--family", default="family")
+    ap.add_argument("--orders", action="store_true", help="reduction on disk per ingest order instead of the two paths' times")
     args = ap.parse_args()
     members = example_family(args.family)
+    if args.orders:
+        bench_orders(members, args.family)
+        bench_orders(master_export(members), f"{args.family}, its fp16 export made from the fp32 master (common.master_export)")
+        return
     catalog = os.path.join(CACHE, args.family, "catalog.yaml")
     gc.freeze()
     paths = {"ingest_many (library)": library, "run_dedup (local executor)": pipeline}

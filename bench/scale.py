@@ -209,7 +209,7 @@ def run_recall(url: str, n: str, queries: int = 256) -> dict:
         q = np.packbits(q, axis=1)
         qids = [g.bytes(32).hex() for _ in range(queries)]
         t = pa.table({"fragment_id": qids, "bits": pa.array([r.tobytes() for r in q], pa.binary()), "n_elements": pa.array(np.full(queries, 131072), pa.int64())})
-        pairs = partner_pairs(band_table(t, cfg, np.arange(queries), True, False), index.rows, None, limit)
+        pairs = partner_pairs(band_table(t, cfg, np.arange(queries)), index.rows, None, limit)
         got = set(zip(pairs["fragment_id"].to_pylist(), pairs["candidate_id"].to_pylist()))
         lsh = (band_hashes(q, cfg) == band_hashes(bits[pick], cfg)).any(axis=1)
         out[flips] = {"lsh": float(lsh.mean()), "proposed": float(np.mean([(a, ids[i].tobytes().hex()) in got for a, i in zip(qids, pick)]))}

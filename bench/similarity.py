@@ -71,9 +71,9 @@ class RuleMatch:
                 bits.append(s.bits)
                 lengths.append(len(chunk) // dtype(dt).itemsize)
         t = pa.table({"fragment_id": ids, "bits": pa.array(bits, pa.binary()), "n_elements": pa.array(lengths, pa.int64())})
-        pairs = partner_pairs(band_table(t, self.cfg.signature, np.arange(len(ids)), True, False), self.index.rows, None, self.limit)
+        pairs = partner_pairs(band_table(t, self.cfg.signature, np.arange(len(ids))), self.index.rows, None, self.limit)
         proposed = set(zip(pairs["fragment_id"].to_pylist(), pairs["candidate_id"].to_pylist()))
-        return proposed, choose_references(pairs, ids, self.cfg.candidates)
+        return proposed, choose_references(pairs, ids, self.cfg.candidates)[0]
 
 
 def median_seconds(run, repeats: int = 3) -> float:

@@ -11,6 +11,9 @@ from haagenti.similarity import SimilarityThreshold
 MIN_FRAGMENT = 64 * 1024
 MAX_FRAGMENT = 1024 * 1024
 MAX_RAW_FRAGMENT = 4 * MAX_FRAGMENT  # fragment_size // 2 elements of an 8-byte dtype
+# Deltas reference deltas up to this many hops (docs/decisions/0101-reference-chains.md): a
+# reader decodes at most this many references to reach a fragment's bytes and refuses more.
+MAX_CHAIN_DEPTH = 4
 
 
 # A library's invariants: fixed when it is created (haagenti.json) and used from then on.

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from haagenti.codecs import apply_delta, cast_reference, codec_chain, smallest_encoding
-from haagenti.config import MAX_RAW_FRAGMENT
+from haagenti.config import MAX_CHAIN_DEPTH, MAX_RAW_FRAGMENT
 from haagenti.errors import FragmentError
 from haagenti.formats.dtypes import castable
 from haagenti.formats.dtypes import dtype as lookup_dtype
@@ -79,28 +79,40 @@ def decode_row(row: dict, ref_raw: bytes | None, ref_dtype: str | None) -> bytes
 
 def decode_rows(rows: list[dict], fetch_refs: Callable[[set[str]], list[dict]], cache: RawCache | None = None,
                 workers: Workers | None = None, place: Callable[[str, bytes], bool] | None = None) -> dict[str, bytes]:
-    """Decode stored rows; delta references not among `rows` are fetched with `fetch_refs`.
-    References are always plain (one hop), so this needs at most one extra read, and decoding
-    runs in two waves over `workers`: plain rows (references among them), then deltas.
+    """Decode stored rows; delta references neither among `rows` nor in `cache` are fetched
+    with `fetch_refs`, a hop at a time: a reference may be a delta itself, at most
+    MAX_CHAIN_DEPTH hops from a plain fragment. Decoding runs in waves over `workers`, each wave
+    the rows whose references are decoded (plain rows first). A chain that loops or runs deeper
+    is refused after MAX_CHAIN_DEPTH fetches and waves: crafted rows cost bounded work.
     `place(id, raw)` is called on each of `rows` in the worker that decoded it; what it took
     (True) is left out of the answer and let go once no delta needs it (a restore writes it
     where it belongs: nothing of a batch is held until the batch is done)."""
     by_id = {r["fragment_id"]: r for r in rows}
-    outside = {r["ref_id"] for r in rows if r["ref_id"] and r["ref_id"] not in by_id}
-    held = {f: cache.get(f) for f in outside} if cache else {}
-    out: dict[str, bytes] = {f: v for f, v in held.items() if v is not None}  # taken now: decoding may evict them
-    missing_refs = outside - out.keys()
-    ref_rows = {r["fragment_id"]: r for r in fetch_refs(missing_refs)} if missing_refs else {}
-    absent = missing_refs - ref_rows.keys()
-    if absent:
-        raise FragmentError(f"delta reference fragment(s) missing from the library: {sorted(absent)[:3]}")
-    todo = []
-    for fid, row in [*by_id.items(), *ref_rows.items()]:
-        cached = cache.get(fid) if cache else None
-        if cached is not None:
-            out[fid] = cached
-        elif fid not in out:
-            todo.append(row)
+    every = dict(by_id)
+    out: dict[str, bytes] = {}
+
+    def held(ids: set[str]) -> set[str]:
+        """Take what the cache holds now (decoding may evict it); the rest."""
+        for f in ids:
+            raw = cache.get(f) if cache else None
+            if raw is not None:
+                out[f] = raw
+        return ids - out.keys()
+
+    wanted = held({r["ref_id"] for r in rows if r["ref_id"]} - every.keys())
+    for hop in range(MAX_CHAIN_DEPTH + 1):
+        if not wanted:
+            break
+        if hop == MAX_CHAIN_DEPTH:
+            raise FragmentError(f"fragment {sorted(wanted)[0]}: a reference chain is deeper than {MAX_CHAIN_DEPTH} hops")
+        fetched = {r["fragment_id"]: r for r in fetch_refs(wanted)}
+        absent = wanted - fetched.keys()
+        if absent:
+            raise FragmentError(f"delta reference fragment(s) missing from the library: {sorted(absent)[:3]}")
+        every.update(fetched)
+        wanted = held({r["ref_id"] for r in fetched.values() if r["ref_id"]} - every.keys())
+    held(every.keys() - out.keys())
+    todo = [row for fid, row in every.items() if fid not in out]
     needed = {r["ref_id"] for r in todo if r["ref_id"]}
     placed: set[str] = set()
 
@@ -115,22 +127,29 @@ def decode_rows(rows: list[dict], fetch_refs: Callable[[set[str]], list[dict]], 
         return raw
 
     each = workers.each if workers is not None else lambda fn, xs: [fn(x) for x in xs]
-    for wave in ([r for r in todo if not r["ref_id"]], [r for r in todo if r["ref_id"]]):
-        for row, raw in zip(wave, each(one, wave)):
+    for wave in range(MAX_CHAIN_DEPTH + 2):
+        if not todo:
+            break
+        ready = [r for r in todo if not r["ref_id"] or r["ref_id"] in out]
+        if not ready or wave > MAX_CHAIN_DEPTH:
+            raise FragmentError(f"fragment {min(r['fragment_id'] for r in todo)}: its reference chain loops or is deeper than {MAX_CHAIN_DEPTH} hops")
+        for row, raw in zip(ready, each(one, ready)):
             if raw is None:
                 continue
             out[row["fragment_id"]] = raw
             if cache is not None:
                 cache.put(row["fragment_id"], raw)
+        done = {r["fragment_id"] for r in ready}
+        todo = [r for r in todo if r["fragment_id"] not in done]
     return {fid: out[fid] for fid in by_id if fid not in placed}
 
 
-def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str]], level: int | str, quality: str = "exact") -> dict:
+def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str, int]], level: int | str, quality: str = "exact") -> dict:
     """The fragments-table row for `p`: plain, or a delta against the reference (id, raw bytes,
-    dtype) whose encoded residual is smallest; the smallest of all wins. References that cannot
-    stand for `p`'s dtype (a float for quantized blocks) are left out."""
+    dtype, chain depth) whose encoded residual is smallest; the smallest of all wins. References
+    that cannot stand for `p`'s dtype (a float for quantized blocks) are left out."""
     refs = [r for r in refs if castable(r[2], p.dtype)]
-    casts = [cast_reference(ref_raw, cand_dtype, p.dtype) for _, ref_raw, cand_dtype in refs]
+    casts = [cast_reference(ref_raw, cand_dtype, p.dtype) for _, ref_raw, cand_dtype, _ in refs]
     enc, i, spec, blob = smallest_encoding(p.data, casts, p.dtype, level)
     ref_id, ref_dtype = (refs[i][0], refs[i][2]) if i is not None else (None, None)
     return {
@@ -146,6 +165,7 @@ def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str]], leve
         "fragment_type": p.fragment_type.value,
         "quality": quality,
         "blob": blob,
+        "depth": refs[i][3] + 1 if i is not None else 0,
     }
 
 

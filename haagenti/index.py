@@ -2,8 +2,9 @@
 lookup reads only the files and row groups that can hold its keys.
 
 Both tables are keyed by an int64 and every data file is sorted by it:
-  bands: (bucket, fragment_id, bits, n_elements), one row per band of each plain exact float
-         fragment; key `bucket` = band << rows | the band's bits: bands are key ranges.
+  bands: (bucket, fragment_id, bits, n_elements, depth), one row per band of each exact float
+         fragment that may serve as a reference (chain depth below MAX_CHAIN_DEPTH); key
+         `bucket` = band << rows | the band's bits: bands are key ranges.
   ids:   (id_key, fragment_id, dtype, data_file), one row per stored fragment; key `id_key` (the
          id's first 8 bytes): the known-id check, and where read_fragments finds a fragment.
 The reading by key is haagenti.store.keyed's: a lookup takes the Delta log's per-file min/max of the key (no listing, no file opened), then
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import WriterProperties
 
+from haagenti.config import MAX_CHAIN_DEPTH
 from haagenti.signature import SignatureConfig
 from haagenti.store import SCHEMAS, LibraryStore
 from haagenti.store.keyed import IDS, KeyedReader, KeyedTable, ReadCounts, append_keyed, id_keys, id_rows
@@ -35,6 +37,9 @@ __all__ = ["BANDS", "IDS", "BandIndex", "KeyedReader", "KnownIds", "ReadCounts",
 
 
 BANDS = KeyedTable("bands", "bucket", 256)
+# Bytes a band row takes on disk (bands files of the bench family: id 36, bits 36, bucket ~5,
+# length and depth ~1). A fragment's band rows cost `bands` times this.
+BAND_ROW_BYTES = 80
 
 
 # ---- keys ------------------------------------------------------------------------------
@@ -88,8 +93,9 @@ def buckets(hashes: np.ndarray, config: SignatureConfig) -> np.ndarray:
     return (np.arange(config.bands, dtype=np.int64) << config.rows) | hashes
 
 
-def band_table(ids: list[str], bits: list[bytes], n_elements: list[int], config: SignatureConfig) -> pa.Table:
-    """Rows of the bands table for these signatures (fragment ids stored as their 32 raw bytes)."""
+def band_table(ids: list[str], bits: list[bytes], n_elements: list[int], depths: list[int], config: SignatureConfig) -> pa.Table:
+    """Rows of the bands table for these signatures and chain depths (fragment ids stored as their
+    32 raw bytes)."""
     keys = buckets(band_hashes(bits, config), config)
     pick = pa.array(np.repeat(np.arange(len(ids)), config.bands))
     return pa.table(
@@ -98,6 +104,7 @@ def band_table(ids: list[str], bits: list[bytes], n_elements: list[int], config:
             "fragment_id": pa.array([bytes.fromhex(i) for i in ids], pa.binary()).take(pick),
             "bits": pa.array(bits, pa.binary()).take(pick),
             "n_elements": pa.array(n_elements, pa.int64()).take(pick),
+            "depth": pa.array(depths, pa.int64()).take(pick),
         },
         schema=SCHEMAS["bands"],
     )
@@ -116,16 +123,25 @@ def id_table(ids: list[str], dtypes: list[str], data_file: str | None = None) ->
 def append_index(store: LibraryStore, fragments: pa.Table, signatures: pa.Table, config: SignatureConfig, note: str = "",
                  data_file: str | None = None) -> None:
     """Index rows for newly committed fragments (appended in the fragments data file whose uuid
-    is `data_file`): every id, and band rows of the plain exact ones that have a signature (the
-    only fragments a delta may reference). Written after the fragments and signatures they
-    index, before the manifests and models that publish them."""
+    is `data_file`): every id, and band rows of the references later ingests may use: exact
+    fragments with a signature and a chain depth below MAX_CHAIN_DEPTH, plain ones and the deltas
+    that start a lineage in their dtype. A delta of a same-dtype reference (a fine-tune of it)
+    is left out: its relatives are nearer their common ancestor, which is indexed; so is a delta
+    that stored fewer bytes than its band rows would take (a near-copy, a cast re-export: its
+    reference serves as well, within what the delta stored). Docs/decisions/0101-reference-chains.md
+    has the figures. Written after the fragments and signatures they index, before the
+    manifests and models that publish them."""
     if fragments.num_rows == 0:
         return
     append_keyed(store, IDS, id_table(fragments["fragment_id"].to_pylist(), fragments["dtype"].to_pylist(), data_file), note)
-    plain = fragments.filter(pc.and_(pc.equal(fragments["encoding"], "plain"), pc.equal(fragments["quality"], "exact")))
-    sigs = signatures.filter(pc.is_in(signatures["fragment_id"], plain["fragment_id"]))
+    plain = pc.equal(fragments["encoding"], "plain")
+    lineage = pc.and_(pc.not_equal(fragments["ref_dtype"], fragments["dtype"]), pc.greater(fragments["stored_size"], BAND_ROW_BYTES * config.bands))
+    usable = fragments.filter(pc.and_(pc.and_(pc.equal(fragments["quality"], "exact"), pc.less(fragments["depth"], MAX_CHAIN_DEPTH)),
+                                      pc.or_(plain, pc.fill_null(lineage, False))))
+    sigs = signatures.select(["fragment_id", "bits", "n_elements"]).join(usable.select(["fragment_id", "depth"]), "fragment_id", join_type="inner").sort_by("fragment_id")
     if sigs.num_rows:
-        append_keyed(store, BANDS, band_table(sigs["fragment_id"].to_pylist(), sigs["bits"].to_pylist(), sigs["n_elements"].to_pylist(), config), note)
+        append_keyed(store, BANDS, band_table(sigs["fragment_id"].to_pylist(), sigs["bits"].to_pylist(), sigs["n_elements"].to_pylist(),
+                                              sigs["depth"].to_pylist(), config), note)
 
 
 # ---- reads -----------------------------------------------------------------------------
@@ -155,15 +171,16 @@ class BandIndex:
         self.reader = KeyedReader(store, BANDS, keep_footers)
 
     def rows(self, wanted: pa.Table) -> pa.Table:
-        """Rows (band, band_hash, fragment_id as hex, bits, n_elements) of the library in the
-        (band, band_hash) buckets given."""
+        """Rows (band, band_hash, fragment_id as hex, bits, n_elements, depth) of the library in
+        the (band, band_hash) buckets given."""
         rows = self.config.rows
         keys = np.unique((wanted["band"].to_numpy().astype(np.int64) << rows) | wanted["band_hash"].to_numpy().astype(np.int64))
-        t = self.reader.read(keys, ["bucket", "fragment_id", "bits", "n_elements"])
+        t = self.reader.read(keys, ["bucket", "fragment_id", "bits", "n_elements", "depth"])
         key = t["bucket"].to_numpy()
         return pa.table({
             "band": pa.array((key >> rows).astype(np.int16)), "band_hash": pa.array(key & ((1 << rows) - 1)),
             "fragment_id": hex_ids(t["fragment_id"]), "bits": t["bits"].combine_chunks(), "n_elements": t["n_elements"],
+            "depth": t["depth"],
         })
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from haagenti.config import LibraryConfig
+from haagenti.config import MAX_CHAIN_DEPTH, LibraryConfig
 from haagenti.encode import PendingFragment, RawCache, encode_fragment, rows_table, signature_row
 from haagenti.errors import FormatError, LibraryError
 from haagenti.formats import open_model
@@ -165,11 +165,12 @@ class FragmentEncoder:
         # id -> dtype of the fragments this ingest met: its new ones, and the library's it
         # found among its ids (asked of `stored` batch by batch) or its candidates.
         self.known: dict[str, str] = {}
+        self.depths: dict[str, int] = {}  # chain depth of this ingest's new fragments and candidates (haagenti.matching)
         self.device, self.quality = device, quality
         self.workers = workers or Workers(1)  # signs and encodes a batch's fragments
         self.refs = RawCache(512 * 1024 * 1024)
-        # Anchors of this ingest not yet committed: later fragments may reference them before
-        # the store can serve them. Moved to the bounded cache on commit.
+        # New fragments of this ingest not yet committed: later fragments may reference them
+        # before the store can serve them. Moved to the bounded cache on commit.
         self.uncommitted: dict[str, bytes] = {}
         self.batch: list[tuple[Occurrence, IngestReport]] = []
         self.batch_bytes = 0
@@ -210,18 +211,19 @@ class FragmentEncoder:
         sigs = signature_table(signed, self.config.signature, self.device, self.workers)
         if before_match is not None and self.matcher is not None:
             before_match()
-        candidates = self.matcher.match(sigs) if self.matcher is not None else {}
+        candidates, depths = self.matcher.match(sigs) if self.matcher is not None else ({}, {})
+        self.depths.update(depths)
         self.known.update(self.stored(list({c for cs in candidates.values() for c in cs} - self.known.keys())))
-        batch_ids = {o.piece.fragment_id for o in new}  # anchors of this batch: encoded before they are referenced
+        batch_ids = {o.piece.fragment_id for o in new}  # this batch's: referenced by their bytes as cut
         wanted = {c for cs in candidates.values() for c in cs if c not in self.refs and c not in self.uncommitted and c not in batch_ids}
         if wanted:
             for fid, raw in self.fetch_raw(wanted).items():
                 self.refs.put(fid, raw)
         stored: list[dict] = []
         lossy: dict[str, FragmentRef] = {}
-        for occ in new:  # anchors (no candidates: stored plain) first, so the batch encodes in any order
+        for occ in new:  # registered first, so the batch encodes in any order
             p = occ.piece
-            if self.matcher is not None and signs(p) and p.fragment_id not in candidates:
+            if self.matcher is not None and signs(p) and (p.fragment_id not in candidates or self.matcher.new_deltas) and self.depths[p.fragment_id] < MAX_CHAIN_DEPTH:
                 self.uncommitted[p.fragment_id] = p.data  # later fragments may reference it
         encoded = self.workers.each(lambda o: _blob_in_arrow(*self._encode_one(o.piece, candidates.get(o.piece.fragment_id))), new)
         for occ, (row, ref) in zip(new, encoded):
@@ -262,7 +264,7 @@ class FragmentEncoder:
                 shared = self._lossy(p, cand, ref_raw)
                 if shared is not None:
                     return None, shared
-            refs.append((cand, ref_raw, self.known[cand]))
+            refs.append((cand, ref_raw, self.known[cand], self.depths[cand]))
         return encode_fragment(p, refs, self.config.zstd_level, self.quality), None
 
     def _lossy(self, p: PendingFragment, cand: str, ref: bytes) -> FragmentRef | None:
@@ -355,7 +357,7 @@ def _ingest_models(lib: "FragmentLibrary", todo: list[tuple[ModelInput, ModelSou
     # The library's index is read per batch, by key: the ids a batch could repeat and the buckets
     # its signatures fall in (haagenti.index), never the whole index.
     lookup = BandIndex(lib.store, config.signature).rows if quality == "exact" else None
-    matcher = RunMatcher(config, lookup) if config.similarity else None
+    matcher = RunMatcher(config, lookup, new_deltas=config.lossy_threshold is None) if config.similarity else None
     encoder = FragmentEncoder(config, KnownIds(lib.store).lookup, matcher, lib.fetch_raw, device, quality, workers)
     committer = Committer(lib.store, config.signature, ingest_id, f"ingest {', '.join(ids)}"[:200], config.batch_bytes, encoder.committed)
 

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from haagenti import restore
 from haagenti.config import LibraryStats, ModelStats
-from haagenti.encode import RawCache, decode_row, fragment_rows
+from haagenti.encode import RawCache, decode_row, decode_rows, fragment_rows
 from haagenti.chaos import maybe_die
 from haagenti.errors import DamagedError, FragmentError, HaagentiError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
@@ -27,7 +27,8 @@ from haagenti.records import check_manifest, record_digest
 from haagenti.store import LIBRARY_FORMAT_VERSION, LibraryStore
 from haagenti.store.files import strings
 from haagenti.store.leases import writing
-from haagenti.store.schema import UPGRADABLE_FROM
+from haagenti.store.keyed import learn_columns
+from haagenti.store.schema import SCHEMAS, UPGRADABLE_FROM
 from haagenti.store.publication import log_errors, orphan_manifest_keys, scan_manifests, unpublish
 
 if TYPE_CHECKING:
@@ -95,9 +96,9 @@ def verify(lib: "FragmentLibrary", model_id: str | None = None, progress: Verify
 
 def _verify_fragments(store: "LibraryStore", report: VerifyReport, progress: VerifyProgress | None) -> None:
     """Decode every stored fragment and check it against its id, a few rows at a time. A delta
-    needs its reference's bytes: references (plain, one hop) are kept in a bounded cache as
-    they pass, and the ones it no longer holds are read back together, per batch, from the
-    row groups that hold them."""
+    needs its reference's bytes: references (plain or deltas themselves) are kept in a bounded
+    cache as they pass, and the ones it no longer holds are read back together, per batch,
+    through their chains (haagenti.encode.decode_rows)."""
     total, refs = 0, _Distinct()
     for t in store.scan("fragments", ["raw_size", "ref_id"]):
         total += pc.sum(t["raw_size"]).as_py() or 0
@@ -109,37 +110,57 @@ def _verify_fragments(store: "LibraryStore", report: VerifyReport, progress: Ver
     for t in store.scan("fragments", batch_rows=BLOB_BATCH_ROWS):
         rows = fragment_rows(t)
         keep = pc.is_in(t["fragment_id"], value_set=wanted).to_pylist()
-        here: dict[str, bytes] = {}
-        for row, is_ref in zip(rows, keep):  # plain rows first: later deltas of the batch use them
-            if row["ref_id"] is None:
-                raw = _check(row, None, bad)
-                if raw is not None and is_ref:
-                    here[row["fragment_id"]] = raw
-                    cache.put(row["fragment_id"], raw)
-        deltas = [r for r in rows if r["ref_id"] is not None]
-        for ref_id in {r["ref_id"] for r in deltas} - here.keys():  # taken now: fetching may evict them
-            held = cache.get(ref_id)
-            if held is not None:
-                here[ref_id] = held
-        missing = {r["ref_id"] for r in deltas} - here.keys()
-        if missing:
-            for row in fragment_rows(store.read_fragments(missing)):
-                raw = _check(row, None, {})  # a bad reference is reported in its own turn
-                if raw is not None:
-                    here[row["fragment_id"]] = raw
-                    cache.put(row["fragment_id"], raw)
-        for row in deltas:
-            ref = here.get(row["ref_id"])
+        here: dict[str, bytes] = {}  # references taken from the cache now: fetching may evict them
+        later: list[tuple[dict, bool]] = []  # deltas whose reference neither the batch nor the cache holds
+
+        def check(row: dict, is_ref: bool, ref: bytes | None) -> None:
+            raw = _check(row, ref, bad)
+            if raw is not None and is_ref:
+                here[row["fragment_id"]] = raw
+                cache.put(row["fragment_id"], raw)
+
+        for row, is_ref in zip(rows, keep):  # in order: references mostly come before their deltas
+            ref = None
+            if row["ref_id"] is not None:
+                ref = here.get(row["ref_id"])
+                if ref is None:
+                    ref = cache.get(row["ref_id"])
+                if ref is None:
+                    later.append((row, is_ref))
+                    continue
+                here[row["ref_id"]] = ref
+            check(row, is_ref, ref)
+        fetched = _references(store, {r["ref_id"] for r, _ in later} - here.keys(), cache)
+        for row, is_ref in later:
+            ref = here.get(row["ref_id"]) or fetched.get(row["ref_id"])
             if ref is None:
                 bad[row["fragment_id"]] = f"fragment {row['fragment_id']}: its delta reference {row['ref_id']} is missing or failed verification"
             else:
-                _check(row, ref, bad)
+                check(row, is_ref, ref)
         report.fragments_checked += len(rows)
         done += sum(r["raw_size"] or 0 for r in rows)  # a null raw_size is reported by its decode
         if progress:
             progress("fragments", done, total)
     report.fragments_checked -= len(bad)
     report.errors.extend(_name_users(store, bad))
+
+
+def _references(store: "LibraryStore", ids: set[str], cache: RawCache) -> dict[str, bytes]:
+    """Decoded bytes of the references `ids`, through their chains; a reference that fails to
+    decode is left out (it is reported in its own turn)."""
+    read = lambda wanted: fragment_rows(store.read_fragments(wanted))  # noqa: E731
+    if not ids:
+        return {}
+    try:
+        return decode_rows(read(ids), read, cache)
+    except FragmentError:
+        out = {}
+        for i in sorted(ids):
+            try:
+                out.update(decode_rows(read({i}), read, cache))
+            except FragmentError:
+                pass
+        return out
 
 
 def _check(row: dict, ref: bytes | None, bad: dict[str, str]) -> bytes | None:
@@ -195,14 +216,22 @@ def rm(lib: "FragmentLibrary", model_id: str) -> None:
 
 
 def referenced(store: "LibraryStore") -> pa.Array:
-    """Distinct ids some model needs: its manifests' fragments and the references of those
-    that are deltas. Arrow strings, O(referenced fragments), never a Python set."""
+    """Distinct ids some model needs: its manifests' fragments and, hop by hop, the references
+    of those that are deltas (a scan of the fragments' ids per hop, MAX_CHAIN_DEPTH + 1 in a
+    library ingest wrote; more only in a crafted one, which then keeps its whole chains).
+    Arrow strings, O(referenced fragments), never a Python set."""
     live = _Distinct()
     for t in scan_manifests(store, ["fragment_id"]):
         live.add(t["fragment_id"].drop_null())
-    direct = live.array()
-    for t in store.scan("fragments", ["fragment_id", "ref_id"]):
-        live.add(t["ref_id"].filter(pc.is_in(t["fragment_id"], value_set=direct)).drop_null())
+    frontier = live.array()
+    while len(frontier):
+        known = live.array()
+        step = _Distinct()
+        for t in store.scan("fragments", ["fragment_id", "ref_id"]):
+            refs = t["ref_id"].filter(pc.is_in(t["fragment_id"], value_set=frontier)).drop_null()
+            step.add(refs.filter(pc.invert(pc.is_in(refs, value_set=known))))
+        frontier = step.array()
+        live.add(frontier)
     return live.array()
 
 
@@ -290,6 +319,8 @@ def upgrade(url: str) -> list[str]:
         models = models.set_column(models.column_names.index("format_version"), "format_version", versions)
         models = models.set_column(models.column_names.index("record_digest"), "record_digest", pa.array(digests, pa.string()))
         store.replace_models(models, f"upgrade to format {LIBRARY_FORMAT_VERSION}")
+        with store._lock:  # chain depths (format 5): older rows read as nulls (docs/format.md)
+            learn_columns(store.table("fragments"), SCHEMAS["fragments"])
         maybe_die("upgraded-models")
         store.rewrite_marker(LIBRARY_FORMAT_VERSION)
     return failed

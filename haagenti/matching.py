@@ -13,11 +13,15 @@ Ray pipeline (once over the whole run, its bucket groups spread over workers):
    linear; the nearest are kept, not the first, because a bucket fills with unrelated fragments
    as the library grows (N/65,536 rows per 16-bit bucket): with the first 32 by id, a
    near-duplicate in a 10M-fragment library was proposed 27% of the time (docs/decisions.md).
-2. Anchors. A new fragment with no candidate is an *anchor*: it is stored plain and may serve as
-   a reference. Chains stay one hop deep: a fragment may reference library fragments and this
-   run's anchors only, never another delta.
+2. Depth. Every fragment has a depth: 0 when stored plain, else 1 + its reference's depth. A
+   candidate is usable when its depth is below `MAX_CHAIN_DEPTH`, delta or not: a fine-tune
+   references its base even when the base is itself a delta of an export that came first
+   (docs/decisions/0101-reference-chains.md). The library's fragments carry their stored depth
+   (the bands index); this run's carry a bound, decided in run order: 0 without a usable
+   candidate (an anchor, stored plain), else 1 + the deepest of its top k.
 3. Top k. The usable candidates are ranked by (Hamming distance, id); the first `k` are tried
-   as references and the smallest encoding wins (haagenti.encode).
+   as references and the smallest encoding wins (haagenti.encode); the fragment's stored depth
+   is 0 if that is plain, else 1 + the chosen reference's depth (never above its bound).
 
 Every step looks only at fragments before the one it decides, so computing the rule batch by
 batch (the library, carrying the earlier batches' band rows) gives exactly what computing it
@@ -32,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from haagenti.config import LibraryConfig
+from haagenti.config import MAX_CHAIN_DEPTH, LibraryConfig
 from haagenti.groups import group_starts, rank_in_runs, sort_rows
 from haagenti.index import fixed_width
 from haagenti.signature import SignatureConfig
@@ -42,7 +46,7 @@ MAX_SCAN = 1024  # earlier fragments looked at per new fragment and band bucket
 MAX_PARTNERS = 32  # of those, the nearest kept as candidates
 BUCKET = ["band", "band_hash"]
 # One row per (fragment, band). `pos` orders fragments: -1 for the library's, then run order.
-# `is_new`: decided in this call; `usable`: may serve as a reference (known for earlier rows).
+# `is_new`: decided in this call; `depth`: its chain depth (null while being decided).
 BAND_SCHEMA = pa.schema(
     [
         ("band", pa.int16()),
@@ -52,10 +56,10 @@ BAND_SCHEMA = pa.schema(
         ("n_elements", pa.int64()),
         ("pos", pa.int64()),
         ("is_new", pa.bool_()),
-        ("usable", pa.bool_()),
+        ("depth", pa.int16()),
     ]
 )
-PAIR_SCHEMA = pa.schema([("fragment_id", pa.string()), ("candidate_id", pa.string()), ("hamming", pa.int32()), ("usable", pa.bool_())])
+PAIR_SCHEMA = pa.schema([("fragment_id", pa.string()), ("candidate_id", pa.string()), ("hamming", pa.int32()), ("depth", pa.int16())])
 
 
 def hamming_limit(config: SignatureConfig, cosine: float) -> int:
@@ -63,19 +67,19 @@ def hamming_limit(config: SignatureConfig, cosine: float) -> int:
     return int(config.bits * math.acos(max(min(cosine, 1.0), -1.0)) / math.pi)
 
 
-def band_table(sigs: pa.Table, config: SignatureConfig, pos: np.ndarray, is_new: bool, usable: np.ndarray | bool) -> pa.Table:
-    """Band rows of signatures (`fragment_id`, `bits`, `n_elements`), carrying what pairing needs."""
+def band_table(sigs: pa.Table, config: SignatureConfig, pos: np.ndarray, depth: np.ndarray | None = None) -> pa.Table:
+    """Band rows of signatures (`fragment_id`, `bits`, `n_elements`), carrying what pairing needs:
+    new rows to decide (`depth` None), or decided rows of this run with their depths."""
     b = band_rows(sigs["fragment_id"].to_pylist(), sigs["bits"].to_pylist(), config)
     reps = config.bands
     n = sigs.num_rows
-    usable = np.full(n, usable, bool) if isinstance(usable, bool) else np.asarray(usable, bool)
     cols = {
         "band": b["band"], "band_hash": b["band_hash"], "fragment_id": b["fragment_id"],
         "bits": pc.take(sigs["bits"], pa.array(np.repeat(np.arange(n), reps))),
         "n_elements": pa.array(np.repeat(sigs["n_elements"].to_numpy(), reps), pa.int64()),
         "pos": pa.array(np.repeat(np.asarray(pos, np.int64), reps), pa.int64()),
-        "is_new": pa.array(np.full(n * reps, is_new)),
-        "usable": pa.array(np.repeat(usable, reps)),
+        "is_new": pa.array(np.full(n * reps, depth is None)),
+        "depth": pa.nulls(n * reps, pa.int16()) if depth is None else pa.array(np.repeat(np.asarray(depth, np.int16), reps)),
     }
     return pa.table(cols, schema=BAND_SCHEMA)
 
@@ -90,7 +94,7 @@ def shared_buckets(bands: pa.Table) -> pa.Table:
 
 
 def bucket_pairs(part: pa.Table, max_hamming: int, max_partners: int = MAX_PARTNERS, max_scan: int = MAX_SCAN) -> pa.Table:
-    """(new fragment, candidate, Hamming distance, candidate usable) for the rows of whole
+    """(new fragment, candidate, Hamming distance, candidate depth) for the rows of whole
     buckets: each new fragment against the first `max_scan` fragments of its length before it
     in its bucket, kept when within `max_hamming`, the `max_partners` nearest of those (rule 1 of
     the module doc). Vectorised: rows sorted by (bucket, length, pos, id), the partners of a row
@@ -124,7 +128,7 @@ def bucket_pairs(part: pa.Table, max_hamming: int, max_partners: int = MAX_PARTN
             "fragment_id": ids.take(pa.array(i)),
             "candidate_id": ids.take(pa.array(j)),
             "hamming": pa.array(d, pa.int32()),
-            "usable": t["usable"].combine_chunks().take(pa.array(j)),
+            "depth": t["depth"].combine_chunks().take(pa.array(j)),
         },
         schema=PAIR_SCHEMA,
     )
@@ -132,12 +136,12 @@ def bucket_pairs(part: pa.Table, max_hamming: int, max_partners: int = MAX_PARTN
 
 def library_rows(rows: pa.Table) -> pa.Table:
     """Band rows read from the library's index (haagenti.index.BandIndex.rows) as reference
-    candidates: before every new fragment (pos -1), usable."""
+    candidates: before every new fragment (pos -1), with their stored depths."""
     n = rows.num_rows
     return pa.table({
         "band": rows["band"], "band_hash": rows["band_hash"].cast(pa.uint64()), "fragment_id": rows["fragment_id"],
         "bits": rows["bits"], "n_elements": rows["n_elements"], "pos": pa.array(np.full(n, -1, np.int64)),
-        "is_new": pa.array(np.zeros(n, bool)), "usable": pa.array(np.ones(n, bool)),
+        "is_new": pa.array(np.zeros(n, bool)), "depth": rows["depth"].cast(pa.int16()).fill_null(0),  # null: a row written before depths (plain)
     }, schema=BAND_SCHEMA)
 
 
@@ -156,60 +160,79 @@ def partner_pairs(new: pa.Table, lookup: Lookup | None, earlier: pa.Table | None
     return bucket_pairs(shared_buckets(pa.concat_tables(parts)), max_hamming)
 
 
-def choose_references(pairs: pa.Table, new_ids: list[str], k: int) -> dict[str, list[str]]:
-    """Rules 2 and 3 of the module doc over the pairs of fragments decided together (`new_ids`):
-    {fragment: its k nearest usable candidates} for every fragment that has a candidate (the
-    others are anchors). A candidate decided in the same call is usable when it is an anchor;
-    an earlier one carries its `usable` flag. Runs on Arrow and numpy columns: a catalog has tens
-    of pairs per new fragment, and a Python tuple per pair was most of the driver's memory."""
+def choose_references(pairs: pa.Table, new_ids: list[str], k: int, max_depth: int = MAX_CHAIN_DEPTH,
+                      new_deltas: bool = True) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Rules 2 and 3 of the module doc over the pairs of fragments decided together (`new_ids`,
+    in run order): ({fragment: its k nearest usable candidates} for every fragment that has
+    one (the others are anchors), {id: depth} of every new fragment (its bound) and of every
+    candidate chosen). A candidate decided in the same call has the depth decided for it here;
+    an earlier one carries its own. The ranking runs on Arrow and numpy columns (a catalog has
+    tens of pairs per new fragment); the depths are decided in run order, each fragment after
+    the candidates before it, with at most a few usable candidates looked at per fragment.
+    Without `new_deltas` only this call's anchors may serve (lossy sharing: a fragment shared
+    lossily is never stored, so no fragment of its run may reference it)."""
+    depth = np.zeros(len(new_ids), np.int64)
+    out: dict[str, list[str]] = {}
     if pairs.num_rows == 0:
-        return {}
+        return out, dict(zip(new_ids, depth.tolist()))
     keys = pa.array(new_ids, pa.string())
-    fi = pc.index_in(pairs["fragment_id"], value_set=keys).to_numpy(zero_copy_only=False).astype(np.int64)
-    ci = pc.index_in(pairs["candidate_id"], value_set=keys).fill_null(-1).to_numpy().astype(np.int64)
-    has_candidate = np.zeros(len(new_ids), bool)
-    has_candidate[fi] = True
-    usable = np.where(ci >= 0, ~has_candidate[np.maximum(ci, 0)], pairs["usable"].to_numpy(zero_copy_only=False))
-    ranked = pa.table({"f": fi, "d": pairs["hamming"], "c": pairs["candidate_id"]}).filter(pa.array(usable))
-    ranked = ranked.sort_by([("f", "ascending"), ("d", "ascending"), ("c", "ascending")])
+    ranked = pa.table({
+        "f": pc.index_in(pairs["fragment_id"], value_set=keys), "h": pairs["hamming"], "c": pairs["candidate_id"],
+        "ci": pc.index_in(pairs["candidate_id"], value_set=keys).fill_null(-1), "cd": pairs["depth"].cast(pa.int64()).fill_null(-1),
+    }).sort_by([("f", "ascending"), ("h", "ascending"), ("c", "ascending")])
     f = ranked["f"].to_numpy()
     c = ranked["c"].combine_chunks().dictionary_encode()
     cidx = c.indices.to_numpy()
     fresh = np.ones(len(f), bool)  # a pair found in several bands counts once
     fresh[1:] = (f[1:] != f[:-1]) | (cidx[1:] != cidx[:-1])
     f, cidx = f[fresh], cidx[fresh]
-    rank = rank_in_runs(f)
+    ci, cd = ranked["ci"].to_numpy()[fresh], ranked["cd"].to_numpy()[fresh]
     cands = c.dictionary.to_pylist()
-    out: dict[str, list[str]] = {new_ids[i]: [] for i in np.unique(fi).tolist()}
-    for i, j in zip(f[rank < k].tolist(), cidx[rank < k].tolist()):
-        out[new_ids[i]].append(cands[j])
-    return out
+    chosen: dict[str, int] = {}
+    starts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]]).tolist() + [len(f)]
+    for s, e in zip(starts, starts[1:]):
+        taken: list[str] = []
+        deepest = -1
+        for j in range(s, e):
+            d = int(depth[ci[j]]) if ci[j] >= 0 else int(cd[j])
+            if d < max_depth and (new_deltas or ci[j] < 0 or d == 0):
+                taken.append(cands[cidx[j]])
+                chosen[taken[-1]] = d
+                deepest = max(deepest, d)
+                if len(taken) == k:
+                    break
+        if taken:
+            out[new_ids[f[s]]] = taken
+            depth[f[s]] = deepest + 1
+    return out, chosen | dict(zip(new_ids, depth.tolist()))
 
 
 class RunMatcher:
     """The rule applied batch by batch (the library's ingest): reads the library's band rows
     of each batch's buckets through `lookup` (None: no library references, as for precision
-    tiers) and holds the band rows of this run's earlier new fragments, with whether each may
-    serve as a reference: memory grows with what is new, not with the library."""
+    tiers) and holds the band rows of this run's earlier new fragments, with their depths:
+    memory grows with what is new, not with the library. Without `new_deltas` (lossy sharing)
+    only the run's anchors serve as references among its fragments."""
 
-    def __init__(self, config: LibraryConfig, lookup: Lookup | None):
-        self.config = config
+    def __init__(self, config: LibraryConfig, lookup: Lookup | None, new_deltas: bool = True):
+        self.config, self.new_deltas = config, new_deltas
         self.limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
         self.lookup = lookup
         self.earlier = BAND_SCHEMA.empty_table()
         self.next_pos = 0
 
-    def match(self, sigs: pa.Table) -> dict[str, list[str]]:
+    def match(self, sigs: pa.Table) -> tuple[dict[str, list[str]], dict[str, int]]:
         """Reference candidates of the next new fragments (`fragment_id`, `bits`, `n_elements`,
-        in run order); fragments absent from the answer are anchors."""
+        in run order), and the depths of them and their candidates (choose_references);
+        fragments absent from the candidates are anchors."""
         if sigs.num_rows == 0:
-            return {}
+            return {}, {}
         pos = np.arange(self.next_pos, self.next_pos + sigs.num_rows)
         self.next_pos += sigs.num_rows
-        batch = band_table(sigs, self.config.signature, pos, True, False)
+        batch = band_table(sigs, self.config.signature, pos)
         pairs = partner_pairs(batch, self.lookup, self.earlier, self.limit)
         ids = sigs["fragment_id"].to_pylist()
-        refs = choose_references(pairs, ids, self.config.candidates)
-        anchors = np.array([i not in refs for i in ids])
-        self.earlier = pa.concat_tables([self.earlier, band_table(sigs, self.config.signature, pos, False, anchors)])
-        return refs
+        refs, depths = choose_references(pairs, ids, self.config.candidates, new_deltas=self.new_deltas)
+        held = np.array([depths[i] if self.new_deltas or i not in refs else MAX_CHAIN_DEPTH for i in ids])
+        self.earlier = pa.concat_tables([self.earlier, band_table(sigs, self.config.signature, pos, held)])
+        return refs, depths

@@ -182,13 +182,13 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
     # Signatures on the actor pool (GPU when there is one), then reference choice.
     sigs = _sign(executor, config, new.filter(new["signs"]))
     t = stage("sign", t)
-    refs = _match(lib, executor, config, sigs, new["fragment_id"]) if sigs.num_rows else {}
+    refs, depths = _match(lib, executor, config, sigs, new["fragment_id"]) if sigs.num_rows else ({}, {})
     t = stage("match", t)
 
     # Encode: each new fragment plain or as a delta against its best reference; commit as the
     # results arrive, in chunks the executor can afford to have pinned.
     known.update(KnownIds(lib.store).lookup(list({c for cs in refs.values() for c in cs} - set(first))))  # the library references' dtypes
-    assignments = _assignments(new, refs, set(first), known)
+    assignments = _assignments(new, refs, depths, set(first), known)
     encoded = executor.map_batches(EncodeFragments, (lib.store.url, config), assignments, ENCODE_BATCH)
     committer = Committer(lib.store, config.signature, ingest_id, "dedup", min(config.batch_bytes, executor.held_bytes or config.batch_bytes))
     for tb in encoded:
@@ -218,24 +218,27 @@ def _sign(executor: Executor, config: LibraryConfig, floats: pa.Table) -> pa.Tab
     return sort_rows(pa.concat_tables(parts), ["fragment_id"]) if parts else signature_table([], config.signature)
 
 
-def _match(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, sigs: pa.Table, new_ids: pa.ChunkedArray) -> dict[str, list[str]]:
+def _match(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, sigs: pa.Table,
+           new_ids: pa.ChunkedArray) -> tuple[dict[str, list[str]], dict[str, int]]:
     """haagenti.matching's rule over the whole run, as a join by bucket: the driver holds this
     run's band rows only; each task takes whole buckets of them, at most MATCH_PART_ROWS rows
     (what one ingest batch looks up: the library rows a task reads grow with its buckets times
     the library's bucket fill), and reads the library's rows of those buckets straight from
     storage (pipelines.steps.MatchBands).
-    Returns each new fragment's reference candidates (the band and pair tables are freed on
-    return, not held through encoding)."""
+    Returns each new fragment's reference candidates and the chain depths of them and their
+    candidates (the band and pair tables are freed on return, not held through encoding)."""
     pos = pc.index_in(sigs["fragment_id"], value_set=new_ids).to_numpy(zero_copy_only=False)
-    bands = band_table(sigs, config.signature, pos, True, False)
+    bands = band_table(sigs, config.signature, pos)
     limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
     pairs = executor.group_by(bands, BUCKET, MatchBands(lib.store.url, config.signature, limit), MATCH_PART_ROWS)
-    return choose_references(pairs, sigs["fragment_id"].to_pylist(), config.candidates)
+    in_run_order = sigs["fragment_id"].take(pa.array(np.argsort(pos, kind="stable"))).to_pylist()
+    return choose_references(pairs, in_run_order, config.candidates)
 
 
-def _assignments(new: pa.Table, refs: dict[str, list[str]], in_run: set[str], known: dict[str, str]) -> pa.Table:
+def _assignments(new: pa.Table, refs: dict[str, list[str]], depths: dict[str, int], in_run: set[str], known: dict[str, str]) -> pa.Table:
     """One row per new fragment with where to read it and its candidate references: a byte
-    range in this run's files (anchors) or a library fragment (url None, dtype from the library)."""
+    range in this run's files or a library fragment (url None, dtype from the library), and
+    each one's chain depth."""
     loc = {fid: (u, o, ln, dt) for fid, u, o, ln, dt in zip(*(new[c].to_pylist() for c in ("fragment_id", "url", "byte_offset", "byte_len", "dtype")))}
     rows = []
     for r in new.select(["fragment_id", "dtype", "fragment_type", "url", "byte_offset", "byte_len"]).to_pylist():
@@ -244,6 +247,7 @@ def _assignments(new: pa.Table, refs: dict[str, list[str]], in_run: set[str], kn
         rows.append(dict(
             r, ref_ids=ids, ref_urls=[x[0] if x else None for x in run], ref_offsets=[x[1] if x else 0 for x in run],
             ref_lens=[x[2] if x else 0 for x in run], ref_dtypes=[x[3] if x else known[i] for x, i in zip(run, ids)],
+            ref_depths=[depths[i] for i in ids],
         ))
     return pa.Table.from_pylist(rows, schema=ASSIGNMENT_SCHEMA)
 

@@ -120,6 +120,7 @@ ASSIGNMENT_SCHEMA = pa.schema(
         ("ref_offsets", pa.list_(pa.int64())),
         ("ref_lens", pa.list_(pa.int64())),
         ("ref_dtypes", pa.list_(pa.string())),
+        ("ref_depths", pa.list_(pa.int64())),
     ]
 )
 
@@ -144,7 +145,7 @@ class EncodeFragments:
         out = []
         for r, p in zip(rows, _pieces(rows, data)):
             refs = []
-            for rid, url, off, ln, rdt in zip(r["ref_ids"], r["ref_urls"], r["ref_offsets"], r["ref_lens"], r["ref_dtypes"]):
-                refs.append((rid, library_raw[rid] if url is None else self.reader.read(url, off, ln), rdt))
+            for rid, url, off, ln, rdt, depth in zip(r["ref_ids"], r["ref_urls"], r["ref_offsets"], r["ref_lens"], r["ref_dtypes"], r["ref_depths"]):
+                refs.append((rid, library_raw[rid] if url is None else self.reader.read(url, off, ln), rdt, depth))
             out.append(encode_fragment(p, refs, self.level))
         return fragment_table(out)

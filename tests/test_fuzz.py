@@ -322,3 +322,65 @@ def test_a_blob_that_would_decode_past_its_record_is_refused_unread(library, tmp
             errors.append(err)
     assert errors and all(len(e.strip().splitlines()) == 1 for e in errors), errors
     assert any(f"more than the {t['raw_size'][i].as_py()} recorded" in e for e in errors), errors
+
+
+# ---- crafted reference chains -------------------------------------------------------------------
+def chain_library(tmp_path):
+    """A library of one model whose tensor's six fragments are each a genuine delta of the one
+    before (fragment k differs from k-1 in one element), and its rows, to be rewired."""
+    import numpy as np
+
+    from haagenti.config import LibraryConfig
+    from haagenti.encode import PendingFragment, encode_fragment
+    from haagenti.ingest import fragment_table
+    from haagenti.fragment import FragmentId, FragmentType
+    from haagenti.library import FragmentLibrary
+
+    config = LibraryConfig(fragment_size=64 * 1024)
+    n = config.fragment_elements
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal(n).astype(np.float32)]
+    for k in range(1, 6):
+        parts.append(parts[-1].copy())
+        parts[-1][k] += 1.0
+    values = torch.from_numpy(np.concatenate(parts)).bfloat16()
+    save_file({"w": values}, str(tmp_path / "m.safetensors"))
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), config)
+    lib.ingest([str(tmp_path / "m.safetensors")], "m")
+    data = [values[k * n:(k + 1) * n].view(torch.int16).numpy().tobytes() for k in range(6)]
+    ids = [FragmentId.of(d) for d in data]
+    rows = [encode_fragment(PendingFragment(ids[0], "BF16", data[0], FragmentType.GENERIC, 0), [], 3)]
+    for k in range(1, 6):
+        p = PendingFragment(ids[k], "BF16", data[k], FragmentType.GENERIC, k * n)
+        rows.append(encode_fragment(p, [(ids[k - 1], data[k - 1], "BF16", k - 1)], 3))
+    assert [r["depth"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    return lib, rows, fragment_table
+
+
+def rewire(lib, rows, fragment_table, refs: dict[int, int]) -> None:
+    """The model's fragments replaced by `rows`, fragment k's reference made fragment refs[k]."""
+    for k, r in refs.items():
+        rows[k] = dict(rows[k], ref_id=rows[r]["fragment_id"], encoding="delta_xor", ref_dtype="BF16")
+    lib.store.delete("fragments", "true")
+    lib.store.append("fragments", fragment_table(rows))
+
+
+@pytest.mark.parametrize("case", ["deeper-than-the-maximum", "a-cycle", "a-delta-of-itself"])
+def test_crafted_reference_chains_are_refused_in_bounded_work(tmp_path, case):
+    """A chain one hop deeper than MAX_CHAIN_DEPTH (every delta genuine), two deltas referencing
+    each other, a delta referencing itself: restore, verify, fetching by id and gc's reachability
+    each end with one clear line (gc: the whole loop kept), never loop."""
+    from haagenti.errors import FragmentError
+    from haagenti.maintenance import referenced
+
+    lib, rows, table = chain_library(tmp_path)
+    refs = {"deeper-than-the-maximum": {}, "a-cycle": {2: 3, 3: 2}, "a-delta-of-itself": {4: 4}}[case]
+    rewire(lib, rows, table, refs)
+    want = "deeper than 4 hops" if case.startswith("deeper") else "loops or is deeper"
+    code, _, err = cli("restore", lib.store.url, "m", tmp_path / "out")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and want in err and "Traceback" not in err, err
+    code, _, err = cli("verify", lib.store.url)
+    assert code == 1 and "Traceback" not in err and all(line.startswith("error:") for line in err.strip().splitlines()), err
+    with pytest.raises(FragmentError, match="reference chain"):
+        lib.fetch_raw({rows[5]["fragment_id"]})
+    assert set(referenced(lib.store).to_pylist()) == {r["fragment_id"] for r in rows}

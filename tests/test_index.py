@@ -7,10 +7,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from haagenti.config import LibraryConfig
+from haagenti.config import MAX_CHAIN_DEPTH, LibraryConfig
 from haagenti.formats import open_model
 from haagenti.fragment import FragmentId
-from haagenti.index import BANDS, IDS, BandIndex, KnownIds, append_keyed, band_table, compact, id_table
+from haagenti.index import BAND_ROW_BYTES, BANDS, IDS, BandIndex, KnownIds, append_keyed, band_table, compact, id_table
 from haagenti.library import FragmentLibrary, ModelInput
 from haagenti.matching import RunMatcher, bucket_pairs, choose_references, hamming_limit, library_rows, shared_buckets
 from haagenti.matching import band_table as match_rows
@@ -26,13 +26,16 @@ CONFIG = LibraryConfig(fragment_size=64 * 1024)
 
 
 def all_reference_rows(lib: FragmentLibrary) -> pa.Table:
-    """The library's whole index as ingest used to hold it: every plain exact fragment's
-    signature, read from the fragments and signatures tables."""
-    frags = lib.store.read("fragments", columns=["fragment_id", "encoding", "quality"])
-    plain = frags.filter(pc.and_(pc.equal(frags["encoding"], "plain"), pc.equal(frags["quality"], "exact")))
+    """The library's whole index as ingest used to hold it: the signature and chain depth of
+    every exact fragment with a depth below MAX_CHAIN_DEPTH that is plain, or a delta of another
+    dtype's fragment that stored more than its band rows take, read from the fragments and
+    signatures tables."""
+    frags = lib.store.read("fragments", columns=["fragment_id", "depth", "quality", "encoding", "dtype", "ref_dtype", "stored_size"]).to_pylist()
+    usable = pa.Table.from_pylist([f for f in frags if f["quality"] == "exact" and f["depth"] < MAX_CHAIN_DEPTH and (
+        f["encoding"] == "plain" or (f["ref_dtype"] != f["dtype"] and f["stored_size"] > BAND_ROW_BYTES * CONFIG.signature.bands))])
     sigs = lib.store.read("signatures", columns=["fragment_id", "bits", "n_elements"])
-    sigs = sigs.filter(pc.is_in(sigs["fragment_id"], plain["fragment_id"]))
-    return match_rows(sigs, CONFIG.signature, np.full(sigs.num_rows, -1), False, True)
+    sigs = sigs.join(usable.select(["fragment_id", "depth"]), "fragment_id", join_type="inner")
+    return match_rows(sigs, CONFIG.signature, np.full(sigs.num_rows, -1), sigs["depth"].to_numpy())
 
 
 def signatures_of(paths: list[str]) -> pa.Table:
@@ -76,8 +79,8 @@ def test_lookups_give_the_references_of_the_in_memory_index(family, family_libra
     found = 0
     for start in range(0, sigs.num_rows, 97):
         batch = sigs.slice(start, 97)
-        refs = from_table.match(batch)
-        assert refs == in_memory.match(batch)
+        refs, depths = from_table.match(batch)
+        assert (refs, depths) == in_memory.match(batch)
         found += sum(1 for cs in refs.values() for c in cs if c not in set(sigs["fragment_id"].to_pylist()))
     assert found > 0  # library fragments were chosen as references
     # Every stored id is known, with its dtype; a new one is not.
@@ -91,7 +94,7 @@ def test_pipeline_match_gives_the_same_references(family, family_library, monkey
     sigs = signatures_of([m.file for m in family[3:]]).sort_by("fragment_id")
     new_ids = pa.chunked_array([sigs["fragment_id"]])
     pos = np.arange(sigs.num_rows)
-    bands = pa.concat_tables([match_rows(sigs, CONFIG.signature, pos, True, False), all_reference_rows(lib)])
+    bands = pa.concat_tables([match_rows(sigs, CONFIG.signature, pos), all_reference_rows(lib)])
     limit = hamming_limit(CONFIG.signature, CONFIG.thresholds.similar_cosine)
     expected = choose_references(bucket_pairs(shared_buckets(bands), limit), sigs["fragment_id"].to_pylist(), CONFIG.candidates)
     assert _match(lib, LocalExecutor(), CONFIG, sigs, new_ids) == expected
@@ -101,7 +104,7 @@ def test_pipeline_match_gives_the_same_references(family, family_library, monkey
     monkeypatch.setattr(dedup, "MatchBands", lambda *a: (lambda part, step=MatchBands(*a): parts.append(part.num_rows) or step(part)))
     assert _match(lib, LocalExecutor(), CONFIG, sigs, new_ids) == expected
     assert len(parts) > 10 and max(parts) < 37 + 16 and sum(parts) == sigs.num_rows * CONFIG.signature.bands
-    assert any(c not in set(new_ids.to_pylist()) for cs in expected.values() for c in cs)
+    assert any(c not in set(new_ids.to_pylist()) for cs in expected[0].values() for c in cs)
 
 
 def test_compaction_sorts_files_and_keeps_answers(family, tmp_path):
@@ -161,7 +164,7 @@ def test_compact_job_holds_the_gc_lease_and_refuses_relative_paths_in_a_job(fami
 def synthetic_index(store: LibraryStore, n: int, seed: int = 7) -> None:
     rng = np.random.default_rng(seed)
     ids = [rng.bytes(32).hex() for _ in range(n)]
-    append_keyed(store, BANDS, band_table(ids, [rng.bytes(32) for _ in ids], [1] * n, CONFIG.signature))
+    append_keyed(store, BANDS, band_table(ids, [rng.bytes(32) for _ in ids], [1] * n, [0] * n, CONFIG.signature))
     append_keyed(store, IDS, id_table(ids, ["BF16"] * n))
 
 

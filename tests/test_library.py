@@ -339,3 +339,33 @@ def test_loader_switches_within_a_family_reading_only_new_fragments(tmp_path, fa
     assert all(torch.equal(base[k], v) for k, v in load_file(family[0].file).items())
     tiny = ModelLoader(lib, cache_bytes=64 * 1024)  # a cache too small still loads correctly
     assert all(torch.equal(tiny.load("digits-ft-partial")[k], expected[k]) for k in expected)
+
+
+def test_a_fine_tune_of_a_delta_references_it_and_gc_keeps_the_whole_chain(tmp_path):
+    """A bf16 model stored as a delta of an fp16 release that came first starts the bf16 lineage:
+    it is the best reference of its own fine-tune (chain depth 2), in a later ingest too.
+    Removing the middle model and collecting keeps every fragment of the chain; restore,
+    ModelLoader and haagenti:// reads all decode through it bit-exact."""
+    import fsspec
+
+    g = torch.Generator().manual_seed(5)
+    a = {f"l{i}.weight": torch.randn(256, 512, generator=g) for i in range(2)}
+    b = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in a.items()}
+    c = {k: v + 0.002 * torch.randn(v.shape, generator=g) for k, v in b.items()}
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    for name, state, dtype in (("a", a, torch.float16), ("b", b, torch.bfloat16), ("c", c, torch.bfloat16)):
+        save_file({k: v.to(dtype) for k, v in state.items()}, str(tmp_path / f"{name}.safetensors"))
+        lib.ingest([str(tmp_path / f"{name}.safetensors")], name)
+    frags = lib.store.read("fragments", columns=["fragment_id", "depth", "ref_id"])
+    depth = dict(zip(frags["fragment_id"].to_pylist(), frags["depth"].to_pylist()))
+    assert {depth[f] for f in lib.manifest("b").fragment_ids} == {1}  # deltas of a's (a cast each)
+    assert {depth[f] for f in lib.manifest("c").fragment_ids} == {2}  # deltas of b's
+    lib.rm("b")
+    lib.gc()
+    assert lib.stats().fragments == len(depth)  # b's fragments stay: c needs them, and a's
+    [p] = lib.restore("c", str(tmp_path / "out"))
+    assert sha256(p) == sha256(str(tmp_path / "c.safetensors"))
+    loaded = ModelLoader(lib, cache_bytes=1 << 20).load("c")
+    assert all(torch.equal(loaded[k], v.bfloat16()) for k, v in c.items())
+    with fsspec.open(f"haagenti://c/c.safetensors::{lib.store.url}", "rb") as f:
+        assert f.read() == open(str(tmp_path / "c.safetensors"), "rb").read()

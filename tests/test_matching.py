@@ -3,7 +3,7 @@ deciding it batch by batch equals deciding it over the whole run at once."""
 import numpy as np
 import pyarrow as pa
 
-from haagenti.config import LibraryConfig
+from haagenti.config import MAX_CHAIN_DEPTH, LibraryConfig
 from haagenti.signature import SignatureConfig
 from haagenti.matching import (
     BAND_SCHEMA,
@@ -31,7 +31,7 @@ def test_bucket_pairs_matches_a_plain_loop_over_each_bucket():
                 "band": bucket % 3, "band_hash": bucket, "fragment_id": f"{rng.integers(1 << 40):012x}",
                 "bits": rng.integers(0, 256, 32, dtype=np.uint8).tobytes() if k % 4 else bytes(32),
                 "n_elements": int(rng.choice([512, 1024])), "pos": -1 if library else int(rng.integers(0, 1000)) * 100 + pos,
-                "is_new": bool(not library and bucket != 2 and k % 3 != 1), "usable": bool(library or k % 2),
+                "is_new": (new := bool(not library and bucket != 2 and k % 3 != 1)), "depth": None if new else k % 6,
             })
             pos += 1
     table = pa.Table.from_pylist(rows, schema=BAND_SCHEMA)
@@ -45,11 +45,11 @@ def test_bucket_pairs_matches_a_plain_loop_over_each_bucket():
             looked = [o for o in members[:at] if o["n_elements"] == r["n_elements"]][:scan]
             near = [(sum(bin(a ^ b).count("1") for a, b in zip(r["bits"], o["bits"])), k, o) for k, o in enumerate(looked)]
             for d, _, o in sorted((x for x in near if x[0] <= limit), key=lambda x: x[:2])[:cap]:
-                expected.add((r["fragment_id"], o["fragment_id"], d, o["usable"]))
+                expected.add((r["fragment_id"], o["fragment_id"], d, o["depth"]))
     got = bucket_pairs(table, limit, cap, scan)
-    assert set(zip(*(got[c].to_pylist() for c in ("fragment_id", "candidate_id", "hamming", "usable")))) == expected
+    assert set(zip(*(got[c].to_pylist() for c in ("fragment_id", "candidate_id", "hamming", "depth")))) == expected
     assert got.num_rows == len(expected) and len(expected) > 50
-    assert {u for *_, u in expected} == {True, False}
+    assert {u for *_, u in expected} >= {None, 0, 5}  # depths of earlier rows carried, new rows' left to decide
 
 
 def test_a_near_duplicate_is_proposed_in_a_bucket_full_of_unrelated_fragments():
@@ -61,41 +61,51 @@ def test_a_near_duplicate_is_proposed_in_a_bucket_full_of_unrelated_fragments():
     near = bytearray(bits[-1])
     near[0] ^= 0x0F  # 4 of 256 bits flipped: cosine ~0.998
     rows = [{"band": 0, "band_hash": 7, "fragment_id": f"{i:064x}", "bits": b, "n_elements": 1024, "pos": -1,
-             "is_new": False, "usable": True} for i, b in enumerate(bits)]
-    rows.append({"band": 0, "band_hash": 7, "fragment_id": "f" * 64, "bits": bytes(near), "n_elements": 1024, "pos": 0, "is_new": True, "usable": False})
+             "is_new": False, "depth": 0} for i, b in enumerate(bits)]
+    rows.append({"band": 0, "band_hash": 7, "fragment_id": "f" * 64, "bits": bytes(near), "n_elements": 1024, "pos": 0, "is_new": True, "depth": None})
     table = pa.Table.from_pylist(rows, schema=BAND_SCHEMA)
     got = bucket_pairs(table, hamming_limit(SignatureConfig(), 0.9))
     assert got["candidate_id"].to_pylist() == [f"{151:064x}"] and got["hamming"].to_pylist() == [4]
 
 
 def test_choose_references_matches_its_definition():
-    """The vectorised choice equals the rule written out: a fragment with no candidate is an
-    anchor; each other keeps its `k` nearest usable candidates by (Hamming distance, id), where
-    a candidate decided in the same call is usable when it is an anchor and an earlier one
-    carries its flag; a pair seen in several bands counts once. Input order must not matter."""
+    """The vectorised choice equals the rule written out: in run order, a fragment's candidates
+    (a pair seen in several bands counts once) ranked by (Hamming distance, id), the first `k`
+    usable ones kept, usable meaning a depth below MAX_CHAIN_DEPTH (an earlier fragment carries
+    its own; one decided in the same call has the depth decided for it: 0 for an anchor, else 1
+    + the deepest of its references). Without new deltas only the call's anchors serve among its
+    fragments. Input order must not matter."""
     rng = np.random.default_rng(1)
     new = [f"n{i:03d}" for i in range(60)]
-    earlier = {f"l{i:03d}": bool(rng.random() < 0.7) for i in range(25)}  # library and earlier batches
+    earlier = {f"l{i:03d}": int(rng.integers(0, MAX_CHAIN_DEPTH + 2)) for i in range(25)}  # library and earlier batches
     rows, distance = [], {}
     for _ in range(300):
         at = int(rng.integers(1, len(new)))
         f, c = new[at], str(rng.choice(new[:at] + sorted(earlier)))  # candidates come before
         d = distance.setdefault((f, c), int(rng.integers(0, 40)))
-        rows.append((f, c, d, earlier.get(c, False)))
+        rows.append((f, c, d, earlier.get(c)))
         if rng.random() < 0.3:
-            rows.append((f, c, d, earlier.get(c, False)))  # the same pair from another band
+            rows.append((f, c, d, earlier.get(c)))  # the same pair from another band
     table = pa.table({"fragment_id": [r[0] for r in rows], "candidate_id": [r[1] for r in rows],
-                      "hamming": pa.array([r[2] for r in rows], pa.int32()), "usable": [r[3] for r in rows]})
-    for k in (1, 3):
-        cands: dict[str, set] = {}
-        for f, c, d, _ in rows:
-            cands.setdefault(f, set()).add((d, c))
-        anchors = set(new) - set(cands)
-        expected = {f: [c for _, c in sorted((d, c) for d, c in cs if c in anchors or earlier.get(c, False))[:k]] for f, cs in cands.items()}
-        assert choose_references(table, new, k) == expected
-        shuffled = table.take(pa.array(rng.permutation(table.num_rows)))
-        assert choose_references(shuffled, new, k) == expected
-    assert any(expected.values()) and any(not v for v in expected.values())  # both outcomes occur
+                      "hamming": pa.array([r[2] for r in rows], pa.int32()), "depth": pa.array([r[3] for r in rows], pa.int16())})
+    cands: dict[str, set] = {}
+    for f, c, d, _ in rows:
+        cands.setdefault(f, set()).add((d, c))
+    for k in (1, 2, 3):
+        for new_deltas in (True, False):
+            depth, expected, chosen = dict(earlier), {}, {}
+            for f in new:
+                usable = [c for _, c in sorted(cands.get(f, ())) if depth[c] < MAX_CHAIN_DEPTH and (new_deltas or c in earlier or depth[c] == 0)][:k]
+                depth[f] = 1 + max(depth[c] for c in usable) if usable else 0
+                if usable:
+                    expected[f] = usable
+                    chosen.update({c: depth[c] for c in usable})
+            want = (expected, chosen | {f: depth[f] for f in new})
+            assert choose_references(table, new, k, new_deltas=new_deltas) == want
+            shuffled = table.take(pa.array(rng.permutation(table.num_rows)))
+            assert choose_references(shuffled, new, k, new_deltas=new_deltas) == want
+    assert len(expected) < len(new) and any(depth[f] > 1 for f in new)  # anchors and chains both occur
+    assert any(all(depth[c] >= MAX_CHAIN_DEPTH for _, c in cands[f]) for f in cands if f not in expected)  # too deep: an anchor
 
 
 def _signatures(rng, n: int, bits: int) -> pa.Table:
@@ -118,22 +128,23 @@ def test_batch_by_batch_equals_the_whole_run_at_once():
     config = LibraryConfig()
     library, run = _signatures(rng, 120, config.signature.bits), _signatures(rng, 300, config.signature.bits)
     limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
+    stored = band_table(library, config.signature, np.full(library.num_rows, -1), rng.integers(0, MAX_CHAIN_DEPTH, library.num_rows))
     whole = choose_references(
-        bucket_pairs(shared_buckets(pa.concat_tables([
-            band_table(run, config.signature, np.arange(run.num_rows), True, False),
-            band_table(library, config.signature, np.full(library.num_rows, -1), False, True),
-        ])), limit),
+        bucket_pairs(shared_buckets(pa.concat_tables([band_table(run, config.signature, np.arange(run.num_rows)), stored])), limit),
         run["fragment_id"].to_pylist(), config.candidates,
     )
-    rows = band_table(library, config.signature, np.full(library.num_rows, -1), False, True).select(["band", "band_hash", "fragment_id", "bits", "n_elements"])
+    rows = stored.select(["band", "band_hash", "fragment_id", "bits", "n_elements", "depth"])
 
     def lookup(buckets: pa.Table) -> pa.Table:  # the library's band rows in these buckets, as its index returns them
         return rows.join(buckets, ["band", "band_hash"], join_type="left semi")
 
     for sizes in ([300], [1] * 300, [7, 50, 1, 100, 142]):
-        matcher, batched, start = RunMatcher(config, lookup), {}, 0
+        matcher, batched, depths, start = RunMatcher(config, lookup), {}, {}, 0
         for n in sizes:
-            batched.update(matcher.match(run.slice(start, n)))
+            refs, d = matcher.match(run.slice(start, n))
+            batched.update(refs)
+            depths.update(d)
             start += n
-        assert batched == whole
-    assert sum(1 for v in whole.values() if v) > 50 and len(whole) < run.num_rows  # references and anchors both occur
+        assert (batched, depths) == whole
+    assert len(whole[0]) > 50 and len(whole[0]) < run.num_rows  # references and anchors both occur
+    assert max(whole[1].values()) > 1  # chains: deltas of deltas

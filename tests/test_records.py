@@ -120,13 +120,16 @@ def test_the_family_is_not_part_of_the_record(tmp_path):
 
 
 def as_format_4(url: str) -> None:
-    """Turn a library into what format 4 wrote: no record_digest column in its models table (nor
-    in the table's schema), format_version 4 in its rows and its marker."""
+    """Turn a library into what format 4 wrote: no record_digest column in its models table nor
+    depth in its fragments table (nor in the tables' schemas), format_version 4 in its rows and
+    its marker."""
     lib = FragmentLibrary.open(url, create=False)
     t = lib.store.read("models")
     t = t.drop_columns(["record_digest"])
     t = t.set_column(t.column_names.index("format_version"), "format_version", pa.array([4] * t.num_rows, pa.int32()))
     write_deltalake(f"{url}/models", t, mode="overwrite", schema_mode="overwrite")
+    frags = lib.store.read("fragments").drop_columns(["depth"])  # format 4 had no chain depths
+    write_deltalake(f"{url}/fragments", frags, mode="overwrite", schema_mode="overwrite")
     marker = json.loads(open(f"{url}/haagenti.json").read())
     open(f"{url}/haagenti.json", "w").write(json.dumps({**marker, "format_version": 4}))
 
@@ -147,6 +150,7 @@ def test_a_format_4_library_is_refused_until_upgraded_then_restores(tmp_path):
     lib.restore("m", str(out_dir), rehash=True)
     assert (out_dir / "config.json").read_text() == '{"layers": 2}'
     assert upgrade(url) == []  # a second upgrade has nothing to do
+    assert "depth" in lib.store.table("fragments").schema().to_arrow().names  # reference chains' column
     rewrite(lib, "models", "m", rename(("config.json", "c.json")))  # and the digest now protects it
     with pytest.raises(DamagedError, match=DIGEST):
         lib.restore("m", str(tmp_path / "out3"))

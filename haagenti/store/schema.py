@@ -22,6 +22,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("fragment_type", pa.string()),
             ("quality", pa.string()),
             ("blob", pa.large_binary()),
+            ("depth", pa.int64()),  # 0 plain, else 1 + its reference's; null in format-4 rows (plain 0, delta 1)
         ]
     ),
     "signatures": pa.schema(
@@ -65,6 +66,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("fragment_id", pa.binary()),  # the id's 32 raw bytes (hex in every other table)
             ("bits", pa.binary()),
             ("n_elements", pa.int64()),
+            ("depth", pa.int64()),  # the fragment's chain depth (0: plain); null in rows written before chains: 0
         ]
     ),
     "ids": pa.schema(

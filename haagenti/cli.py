@@ -81,6 +81,7 @@ def ingest(
         total = sum(open_model(m.urls).raw_bytes for m in models)  # every file is checked before a library is made
         lib = FragmentLibrary.open(library, _config(fragment_size, lossy_threshold, not no_similarity))
         before = {m["ingest_id"] for m in lib.models()}
+        disk_before = sum(lib.store.disk_bytes().values())
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console, transient=True) as bar:
             label = models[0].model_id if len(models) == 1 else f"{len(models)} models"
             task = bar.add_task(f"ingest {label}", total=total)
@@ -95,6 +96,10 @@ def ingest(
             )
             if r.nonfinite_tensors:
                 console.print(f"[yellow]warning:[/yellow] {r.model_id}: NaN/Inf values stored bit-exact in {len(r.nonfinite_tensors)} tensor(s): {', '.join(r.nonfinite_tensors[:5])}")
+        raw = sum(r.raw_bytes for r in reports if not r.unchanged)
+        if raw:
+            added = sum(lib.store.disk_bytes().values()) - disk_before
+            out.print(f"the library grew by {added:,} B on disk ({1 - added / raw:.1%} saved on {raw:,} B)", highlight=False)
     except KeyboardInterrupt:
         console.print(_interrupted(library, before), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(130)
@@ -192,20 +197,24 @@ def stats(library: str, as_json: bool = typer.Option(False, "--json")) -> None:
         return
     if as_json:
         d = asdict(s)
-        d.update(saved_bytes=s.saved_bytes, reduction=s.reduction)
+        d.update(saved_bytes=s.saved_bytes, reduction=s.reduction, stored_reduction=s.stored_reduction)
+        for m, row in zip(s.per_model, d["per_model"]):
+            row["reduction"] = m.reduction
         out.print_json(json.dumps(d))
         return
     out.print(
         f"{s.models} models, {s.fragments} fragments ({s.plain_fragments} plain, {s.delta_fragments} delta), "
-        f"{s.raw_bytes:,} B raw -> {s.stored_bytes:,} B stored: {s.reduction:.1%} saved (lossless"
+        f"{s.raw_bytes:,} B raw -> {s.disk_bytes:,} B on disk: {s.reduction:.1%} saved (lossless"
         + (f"; {s.lossy_refs} lossy refs saved a further {s.lossy_saved_bytes:,} B" if s.lossy_refs else "")
         + f"); {s.shared_fragments} shared fragments, {s.refs_per_shared_fragment:.2f} models each"
         + (f"; {s.unreferenced_bytes:,} B no model references (gc frees them)" if s.unreferenced_bytes else "")
     )
-    t = Table("model", "family", "raw B", "new stored B", "reduction", "lossy refs")
+    out.print("on disk: " + ", ".join(f"{part} {n:,} B" for part, n in s.disk_by_part.items())
+              + f" (fragment blobs {s.stored_bytes:,} B: {s.stored_reduction:.1%} saved)")
+    t = Table("model", "family", "raw B", "new stored B", "on disk B", "reduction", "lossy refs")
     t.columns[0].overflow = "fold"  # an id is shown whole (wrapped), never cut: `haagenti list` prints them one a line
     for m in s.per_model:
-        t.add_row(m.model_id, m.family or "-", f"{m.raw_bytes:,}", f"{m.new_stored_bytes:,}", f"{m.reduction:.1%}", str(m.lossy_fragments))
+        t.add_row(m.model_id, m.family or "-", f"{m.raw_bytes:,}", f"{m.new_stored_bytes:,}", f"{m.disk_bytes:,}", f"{m.reduction:.1%}", str(m.lossy_fragments))
     out.print(t)
     for fam, red in s.per_family.items():
         out.print(f"family {fam}: {red:.1%} reduction")

@@ -1,7 +1,7 @@
 """Library configuration and statistics."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 
 from haagenti.codecs.core import PLANES
 from haagenti.errors import DamagedError, LibraryError
@@ -89,10 +89,11 @@ class ModelStats:
     new_stored_bytes: int  # stored bytes of fragments this model was first to reference
     fragments: int
     lossy_fragments: int
+    disk_bytes: int = 0  # new_stored_bytes plus the bytes its record keeps verbatim (headers, gaps, side files)
 
     @property
     def reduction(self) -> float:
-        return 1 - self.new_stored_bytes / self.raw_bytes if self.raw_bytes else 0.0
+        return 1 - self.disk_bytes / self.raw_bytes if self.raw_bytes else 0.0
 
 
 @dataclass
@@ -110,11 +111,21 @@ class LibraryStats:
     per_model: list[ModelStats]
     per_family: dict[str, float]
     unreferenced_bytes: int = 0  # stored blobs no published model references (gc frees them)
+    # Every byte the library's files occupy (LibraryStore.disk_bytes), and by part: fragments,
+    # signatures, index (bands and ids), manifests, models, logs (every Delta log), other.
+    disk_bytes: int = 0
+    disk_by_part: dict[str, int] = field(default_factory=dict)
 
     @property
     def saved_bytes(self) -> int:
-        return self.raw_bytes - self.stored_bytes
+        return self.raw_bytes - self.disk_bytes
 
     @property
     def reduction(self) -> float:
+        """The headline: 1 - on disk / raw, as `du` against the models' file sizes."""
+        return 1 - self.disk_bytes / self.raw_bytes if self.raw_bytes else 0.0
+
+    @property
+    def stored_reduction(self) -> float:
+        """1 - fragment blobs / raw: the fragments alone."""
         return 1 - self.stored_bytes / self.raw_bytes if self.raw_bytes else 0.0

@@ -11,6 +11,7 @@ import io
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -340,10 +341,14 @@ def _refuse_damage(store: "LibraryStore") -> None:
 
 # ---- stats and relations -----------------------------------------------------------------
 def stats(lib: "FragmentLibrary") -> LibraryStats:
-    """Reduction per model and family. A model's new stored bytes are those of the fragments
-    it was the first (in ingest order) to reference."""
+    """Reduction per model and family, and every byte on disk. A model's new stored bytes are
+    those of the fragments it was the first (in ingest order) to reference; its disk bytes add
+    what its record keeps verbatim (safetensors headers, gaps of spliced files, side files)."""
     store = lib.store
-    models = store.read("models", columns=["model_id", "family", "raw_bytes", "ingest_seq"]).sort_by("ingest_seq")
+    models = store.read("models", columns=["model_id", "family", "raw_bytes", "ingest_seq", "files"]).sort_by("ingest_seq")
+    files = models["files"].combine_chunks()
+    headers = pc.fill_null(pc.binary_length(pc.struct_field(pc.list_flatten(files), "header")), 0)
+    verbatim = np.bincount(pc.list_parent_indices(files).to_numpy(), headers.to_numpy(), models.num_rows).astype(np.int64)
     ranks = pa.table({"model_id": models["model_id"], "rank": pa.array(range(models.num_rows), pa.int64())})
     pairs, counts = _Distinct("model_id", "fragment_id"), []
     for t in scan_manifests(store, ["model_id", "fragment_id", "source_fragment_id", "elem_count", "dtype"]):
@@ -382,12 +387,16 @@ def stats(lib: "FragmentLibrary") -> LibraryStats:
     per_model = []
     for rank, (mid, fam, raw) in enumerate(zip(*(models[c].to_pylist() for c in ("model_id", "family", "raw_bytes")))):
         refs, lossy, _ = per.get(mid, (0, 0, 0))
-        per_model.append(ModelStats(mid, fam, raw, new_by_rank.get(rank, 0), refs, lossy))
+        new = new_by_rank.get(rank, 0)
+        per_model.append(ModelStats(mid, fam, raw, new, refs, lossy, new + int(verbatim[rank])))
     families: dict[str, list[ModelStats]] = {}
     for s in per_model:
         if s.family:
             families.setdefault(s.family, []).append(s)
-    per_family = {f: 1 - sum(s.new_stored_bytes for s in ms) / max(sum(s.raw_bytes for s in ms), 1) for f, ms in sorted(families.items())}
+    per_family = {f: 1 - sum(s.disk_bytes for s in ms) / max(sum(s.raw_bytes for s in ms), 1) for f, ms in sorted(families.items())}
+    parts = store.disk_bytes()
+    by_part = {"fragments": parts["fragments"], "signatures": parts["signatures"], "index": parts["bands"] + parts["ids"],
+               "manifests": parts["manifests"], "models": parts["models"], "logs": parts["logs"], "other": parts["other"]}
     lossy_refs = sum(v[1] for v in per.values())
     return LibraryStats(
         models=models.num_rows,
@@ -403,6 +412,8 @@ def stats(lib: "FragmentLibrary") -> LibraryStats:
         per_model=per_model,
         per_family=per_family,
         unreferenced_bytes=unreferenced,
+        disk_bytes=sum(by_part.values()),
+        disk_by_part=by_part,
     )
 
 

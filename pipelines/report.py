@@ -43,7 +43,7 @@ def write_report(lib: FragmentLibrary, run: RunReport, folder: str = "reports") 
         "run": asdict(run) | {"summary": run.summary()},
         "totals": {
             "models": stats.models, "fragments": stats.fragments, "raw_bytes": stats.raw_bytes, "stored_bytes": stats.stored_bytes,
-            "reduction": stats.reduction, "delta_fragments": stats.delta_fragments, "shared_fragments": stats.shared_fragments,
+            "disk_bytes": stats.disk_bytes, "reduction": stats.reduction, "delta_fragments": stats.delta_fragments, "shared_fragments": stats.shared_fragments,
         },
         "per_model": rows,
         "families": families,
@@ -114,7 +114,7 @@ def family_rows(stats: LibraryStats) -> list[dict]:
 def _text(doc: dict) -> str:
     t = doc["totals"]
     lines = [f"haagenti run report, {doc['time']}", f"library: {doc['library']}", f"run: {doc['run']['summary']}",
-             f"library: {t['models']} models, {t['raw_bytes']:,} B raw -> {t['stored_bytes']:,} B stored ({t['reduction']:.1%} saved)", ""]
+             f"library: {t['models']} models, {t['raw_bytes']:,} B raw -> {t['disk_bytes']:,} B on disk ({t['reduction']:.1%} saved)", ""]
     lines.append(f"  {'model':30s} {'family':12s} {'raw B':>14s} {'added B':>14s} {'reduction':>9s}  closest (share)  lossy")
     for r in doc["per_model"]:
         closest = _closest(r)
@@ -185,7 +185,7 @@ def _html(doc: dict, png: str) -> str:
         f"<style>{_STYLE}</style><h1>haagenti run report</h1>"
         f"<dl><dt>date</dt><dd>{e(doc['time'])}</dd><dt>library</dt><dd>{e(doc['library'])}</dd>"
         f"<dt>run</dt><dd>{doc['run']['seconds']:.1f} s: {e(doc['run']['summary'])}</dd>"
-        f"<dt>library now</dt><dd>{t['models']} models, {t['raw_bytes']:,} B raw, {t['stored_bytes']:,} B stored "
+        f"<dt>library now</dt><dd>{t['models']} models, {t['raw_bytes']:,} B raw, {t['disk_bytes']:,} B on disk "
         f"({t['reduction']:.1%} saved)</dd></dl>"
         "<h2>Models</h2><p class=note>Added: the stored bytes of the fragments the model was the first (in ingest order) "
         "to reference. Closest: the model holding the largest share of its fragments.</p>"

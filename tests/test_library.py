@@ -369,3 +369,32 @@ def test_a_fine_tune_of_a_delta_references_it_and_gc_keeps_the_whole_chain(tmp_p
     assert all(torch.equal(loaded[k], v.bfloat16()) for k, v in c.items())
     with fsspec.open(f"haagenti://c/c.safetensors::{lib.store.url}", "rb") as f:
         assert f.read() == open(str(tmp_path / "c.safetensors"), "rb").read()
+
+
+def test_stats_counts_every_byte_on_disk(tmp_path, family):
+    """`disk_bytes` is the bytes of every file of the library (du -b, less the folders' own
+    entries), split by part; the headline reduction is against it, not the blobs alone; each
+    model's adds its record's verbatim bytes; `stats --json` carries both byte counts."""
+    import json
+
+    from tests.helpers import cli
+
+    def files() -> int:
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(tmp_path / "lib") for f in names)
+
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    empty = files()
+    code, out, _ = cli("ingest", lib.store.url, family[0].file, family[1].file, "--each")
+    assert code == 0
+    files = files()
+    s = lib.stats()
+    assert s.disk_bytes == files and sum(s.disk_by_part.values()) == files
+    assert s.disk_by_part["fragments"] > s.stored_bytes > 0 and min(s.disk_by_part[p] for p in ("index", "logs", "manifests", "models")) > 0
+    assert s.reduction == 1 - files / s.raw_bytes < s.stored_reduction
+    assert f"the library grew by {files - empty:,} B on disk" in out
+    for m in s.per_model:
+        assert m.disk_bytes > m.new_stored_bytes  # its safetensors header
+    code, out, _ = cli("stats", lib.store.url, "--json")
+    doc = json.loads(out)
+    assert doc["disk_bytes"] == files and doc["stored_bytes"] == s.stored_bytes
+    assert [m["disk_bytes"] for m in doc["per_model"]] == [m.disk_bytes for m in s.per_model]

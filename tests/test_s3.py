@@ -69,3 +69,15 @@ def test_ray_pipeline_refuses_a_memory_library(tmp_path, family, ray_cluster):
     cat.write_text(f"models:\n  - id: base\n    files: [{family[0].file}]\n")
     with pytest.raises(LibraryError, match="memory:// library lives in one process"):
         run_dedup(str(cat), "memory://pipe", RayExecutor(workers=1))
+
+
+def test_stats_disk_bytes_are_the_objects_sizes(tmp_path, family, bucket, s3_server):
+    """On an object store `disk_bytes` is the sum of the library's objects' sizes, as S3 lists them."""
+    import boto3
+
+    lib = FragmentLibrary.open(f"s3://{bucket}/lib", LibraryConfig(fragment_size=64 * 1024))
+    lib.ingest([family[0].file], family[0].model_id)
+    pages = boto3.client("s3", endpoint_url=s3_server).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="lib/")
+    objects = sum(o["Size"] for page in pages for o in page.get("Contents", []))
+    s = lib.stats()
+    assert s.disk_bytes == objects > s.stored_bytes > 0

@@ -493,6 +493,21 @@ class LibraryStore:
             self.vacuum()
         return n
 
+    def disk_bytes(self) -> dict[str, int]:
+        """Bytes of every file of the library (what `du -b` counts, less the folders' own
+        entries), by part: each table's data files under its name, every table's Delta log
+        under "logs", the rest (marker, leases, publication record, reports) under "other".
+        One listing; on an object store, the objects' sizes."""
+        out = dict.fromkeys([*SCHEMAS, "logs", "other"], 0)
+        root = self.root.rstrip("/") + "/"
+        for path, info in self.fs.find(self.root, detail=True).items():
+            if info.get("type") != "file" or not path.startswith(root):
+                continue
+            top, _, rest = path[len(root):].partition("/")
+            part = "logs" if top in SCHEMAS and rest.startswith("_delta_log/") else top if top in SCHEMAS else "other"
+            out[part] += int(info["size"])
+        return out
+
     def vacuum(self, wait: float = 0.0) -> int:
         """Physically remove every data file the latest version of a table does not reference:
         files of older versions (after gc) and files no commit ever referenced (an append killed

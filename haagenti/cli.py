@@ -388,13 +388,17 @@ def schedule(
     """Print the timeline of a preset's schedule on the sampler's own noise levels."""
     if ctx.invoked_subcommand:
         return
-    from haagenti.adaptive import AdaptiveError, PrecisionCapabilities, ProfilePreset
-    from haagenti.adaptive.sampling import make_scheduler
-    from haagenti.adaptive.switch import plan_for
+    from haagenti.adaptive.presets import AdaptiveError, ProfilePreset, check_sampler
 
     try:
+        chosen = ProfilePreset.parse(preset)  # refused here, before torch and diffusers are imported (seconds)
+        check_sampler(sampler)
+        from haagenti.adaptive import PrecisionCapabilities
+        from haagenti.adaptive.sampling import make_scheduler
+        from haagenti.adaptive.switch import plan_for
+
         scheduler = make_scheduler(sampler)
-        profile = ProfilePreset.parse(preset).profile(sampler)
+        profile = chosen.profile(sampler)
         plan = plan_for(scheduler, steps, profile, _transition(transition), PrecisionCapabilities.detect())
         out.print(plan.timeline(), highlight=False, markup=False, soft_wrap=True)
     except (AdaptiveError, ValueError) as e:

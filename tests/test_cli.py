@@ -60,8 +60,16 @@ def test_commands_and_pipeline_steps_start_without_torch():
     """torch costs ~1.1 s to import: the CLI and the pipeline's scan/fragment/encode steps must
     not pay it (only signatures, cross-dtype casts and PyTorch checkpoints import it)."""
     code = "import sys, haagenti.cli, pipelines.dedup, pipelines.steps, jobs.dedup; print('torch' in sys.modules)"
+    # An unknown preset or sampler is refused before torch and diffusers are imported (seconds).
+    code += ("\nfrom typer.testing import CliRunner\nfor bad in (['--preset', 'nope'], ['--sampler', 'nope']):\n"
+             "    r = CliRunner().invoke(haagenti.cli.app, ['schedule', *bad])\n"
+             "    print(r.exit_code, r.stderr.strip(), 'torch' in sys.modules or 'diffusers' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert p.stdout.strip() == "False", p.stdout + p.stderr
+    assert p.stdout.splitlines() == [
+        "False",
+        "1 error: unknown preset 'nope'; use one of performance, balanced, quality, low_vram, conservative, noise_adaptive False",
+        "1 error: unknown sampler 'nope'; use one of ddim, dpmpp2m, euler_a, heun False",
+    ], p.stdout + p.stderr
 
 
 def test_list_shows_whole_ids_and_restore_of_an_unknown_model_says_how_to_list(tmp_path, family):

@@ -1,20 +1,20 @@
 """Adaptive precision for diffusion sampling: schedules assign a weight precision per step,
 and the evaluation measures what each schedule costs in quality, bytes and time."""
-from haagenti.adaptive.precision import AdaptiveError, Precision, PrecisionCapabilities
-from haagenti.adaptive.profile import PrecisionProfile, PrecisionZone, ProfilePreset, ZoneAxis
-from haagenti.adaptive.schedule import (
-    PrecisionSchedule,
-    PrecisionTransition,
-    ScheduleConfig,
-    StepPrecision,
-    TransitionKind,
-    TransitionPlanner,
-    TransitionStrategy,
-    quick_schedule,
-)
+import importlib
 
-__all__ = [
-    "AdaptiveError", "Precision", "PrecisionCapabilities", "PrecisionProfile", "PrecisionZone", "ProfilePreset", "ZoneAxis",
-    "PrecisionSchedule", "PrecisionTransition", "ScheduleConfig", "StepPrecision", "TransitionKind", "TransitionPlanner",
-    "TransitionStrategy", "quick_schedule",
-]
+# Imported on first use: `haagenti schedule` checks its arguments (adaptive.presets) before
+# paying for torch and diffusers.
+_WHERE = {
+    "AdaptiveError": "presets", "ProfilePreset": "presets",
+    "Precision": "precision", "PrecisionCapabilities": "precision",
+    "PrecisionProfile": "profile", "PrecisionZone": "profile", "ZoneAxis": "profile",
+    "PrecisionSchedule": "schedule", "PrecisionTransition": "schedule", "ScheduleConfig": "schedule", "StepPrecision": "schedule",
+    "TransitionKind": "schedule", "TransitionPlanner": "schedule", "TransitionStrategy": "schedule", "quick_schedule": "schedule",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

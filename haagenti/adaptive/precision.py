@@ -6,9 +6,7 @@ from enum import Enum
 
 import torch
 
-
-class AdaptiveError(ValueError):
-    """An invalid step, profile, schedule or constraint."""
+from haagenti.adaptive.presets import AdaptiveError  # noqa: F401  (re-exported)
 
 
 class Precision(str, Enum):

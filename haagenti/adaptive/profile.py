@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from haagenti.adaptive.precision import AdaptiveError, Precision
+from haagenti.adaptive.presets import ProfilePreset  # noqa: F401  (re-exported)
 
 
 class ZoneAxis(str, Enum):
@@ -73,42 +74,3 @@ class PrecisionProfile:
 
 
 INF = float("inf")
-
-
-class ProfilePreset(str, Enum):
-    """Named budget points: each preset is the searched schedule (search.py) at its share of
-    all-FP16 weight bytes, on the measured sensitivity of a sampler (default DDIM on the digits
-    UNet; docs/adaptive.md). `haagenti schedule evaluate` re-measures them. NOISE_ADAPTIVE stays a
-    profile on the noise axis (precision by sigma), for any scheduler."""
-
-    PERFORMANCE = "performance"
-    BALANCED = "balanced"
-    QUALITY = "quality"
-    LOW_VRAM = "low_vram"
-    CONSERVATIVE = "conservative"
-    NOISE_ADAPTIVE = "noise_adaptive"
-
-    @property
-    def budget(self) -> float | None:
-        """Weight bytes touched over a generation / all-FP16."""
-        return {"performance": 0.35, "balanced": 0.4, "quality": 0.6, "low_vram": 0.32, "conservative": 1.0}.get(self.value)
-
-    def profile(self, sampler: str = "ddim", model: str = "unet", sensitivity=None) -> PrecisionProfile:
-        if self is ProfilePreset.NOISE_ADAPTIVE:
-            # sigma = sqrt((1 - a_bar) / a_bar): above 20 the latent is almost pure noise.
-            P = Precision
-            return PrecisionProfile.by_sigma("noise_adaptive", (-INF, 1.0, P.INT4), (1.0, 20.0, P.INT8), (20.0, INF, P.FP16))
-        from haagenti.adaptive.search import measured, search
-
-        table = measured(sensitivity)
-        if (model, sampler) not in table:
-            raise AdaptiveError(f"no measured sensitivity for {model}/{sampler}; have {', '.join(f'{m}/{s}' for m, s in sorted(table))}")
-        return search(table[model, sampler], self.budget).profile(self.value)
-
-    @classmethod
-    def parse(cls, text: str) -> "ProfilePreset":
-        key = text.strip().lower().replace("-", "_").replace("lowvram", "low_vram").replace("noiseadaptive", "noise_adaptive")
-        try:
-            return cls(key)
-        except ValueError:
-            raise AdaptiveError(f"unknown preset {text!r}; use one of {', '.join(p.value for p in cls)}") from None

@@ -12,21 +12,19 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from haagenti.adaptive.models import TRAIN_STEPS
-from haagenti.adaptive.precision import AdaptiveError
+from haagenti.adaptive.presets import SAMPLER_NAMES, check_sampler
 
-SAMPLERS = {
-    "ddim": (DDIMScheduler, {}),  # eta 0: deterministic
-    "dpmpp2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),  # re-injects noise every step
-    "heun": (HeunDiscreteScheduler, {}),  # two model calls per step
-}
+SAMPLERS = dict(zip(SAMPLER_NAMES, (
+    (DDIMScheduler, {}),  # eta 0: deterministic
+    (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    (EulerAncestralDiscreteScheduler, {}),  # re-injects noise every step
+    (HeunDiscreteScheduler, {}),  # two model calls per step
+), strict=True))
 
 
 def make_scheduler(sampler: str):
     """A fresh scheduler of the named kind on the training noise schedule."""
-    if sampler not in SAMPLERS:
-        raise AdaptiveError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
-    cls, extra = SAMPLERS[sampler]
+    cls, extra = SAMPLERS[check_sampler(sampler)]
     return cls.from_config(DDPMScheduler(num_train_timesteps=TRAIN_STEPS).config, **extra)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import warnings
 from dataclasses import asdict
@@ -460,8 +461,10 @@ def schedule_evaluate(
             doc = evaluate_all(out_dir, ms, ss, steps, samples, window, train_iters=train_iters, progress=ended)
     except (AdaptiveError, ValueError) as e:
         _fail(e)
-    out.print(open(f"{out_dir}/adaptive.md").read(), highlight=False, markup=False, soft_wrap=True)
-    out.print(f"wrote {out_dir}/adaptive.md, adaptive.json (use as --sensitivity), adaptive-*.png; {len(doc['pairs'])} model/sampler pairs")
+    md = os.path.join(out_dir, "adaptive.md")
+    with open(md) as f:
+        out.print(f.read(), highlight=False, markup=False, soft_wrap=True)
+    out.print(f"wrote {md}, adaptive.json (use as --sensitivity), adaptive-*.png; {len(doc['pairs'])} model/sampler pairs", highlight=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry

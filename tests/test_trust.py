@@ -375,6 +375,6 @@ def test_make_family_reuses_a_trained_family(family):
 def test_schedule_evaluate_reports_each_stage(tmp_path):
     from haagenti.adaptive.report import STAGES
 
-    code, out, err = cli("schedule", "evaluate", "--out", tmp_path, "--models", "mlp", "--samplers", "ddim", "--steps", 4, "--samples", 16, "--train-iters", 20)
+    code, out, err = cli("schedule", "evaluate", "--out", f"{tmp_path}/", "--models", "mlp", "--samplers", "ddim", "--steps", 4, "--samples", 16, "--train-iters", 20)
     assert code == 0 and [line for line in err.splitlines() if line.endswith(" done")] == [f"evaluate: {s} done" for s in STAGES]
-    assert (tmp_path / "adaptive.json").exists()
+    assert (tmp_path / "adaptive.json").exists() and f"wrote {tmp_path}/adaptive.md, " in out  # not eval//adaptive.md

@@ -9,6 +9,7 @@ import random
 from typing import Callable
 
 import numpy as np
+import torch
 
 from haagenti.adaptive.evaluate import Evaluator, ScheduleResult, uniform, window_schedule
 from haagenti.adaptive.models import KINDS, load_or_train
@@ -93,7 +94,20 @@ def evaluate_all(out_dir: str, models=KINDS, samplers=("ddim", "dpmpp2m", "euler
                  tick: Callable[[], None] | None = None) -> dict:
     """Every measurement and the report files in OUT_DIR; models (and the digits classifiers) are
     trained into MODEL_DIR (default OUT_DIR) when absent. `progress(stage)` is called as each of
-    STAGES ends; `tick()` after every sampling run (runs_per_pair per model and sampler)."""
+    STAGES ends; `tick()` after every sampling run (runs_per_pair per model and sampler).
+    Runs torch on one thread: these models are so small that a second thread only waits, and
+    on a busy machine its spinning made training and sampling 10-20x slower (docs/decisions/
+    0029-everyday-use.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _evaluate_all(out_dir, models, samplers, steps, samples, width, model_dir, train_iters, progress, tick)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate_all(out_dir: str, models, samplers, steps: int, samples: int, width: int, model_dir: str | None, train_iters: int | None,
+                  progress: Callable[[str], None] | None, tick: Callable[[], None] | None) -> dict:
     done, tick = progress or (lambda stage: None), tick or (lambda: None)
     os.makedirs(out_dir, exist_ok=True)
     model_dir = model_dir or out_dir

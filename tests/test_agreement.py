@@ -28,7 +28,8 @@ def tables(url: str) -> dict[str, list[dict]]:
     family for a catalog entry without one (from shared fragments), `ingest` takes a single
     --family for every file; nothing else may differ (ids, encodings, references, blobs, layouts,
     ingest order). `ingest_id` names the run that wrote a row, a fresh id per run: it is checked
-to be one id for all manifests and models rows of the run, then left out too."""
+to be one id for all manifests and models rows of the run, then left out too, and so is the
+record digest that covers it, once each model's record is checked against its digest."""
     lib = FragmentLibrary.open(url, create=False)
     out = {}
     runs = set()
@@ -38,6 +39,9 @@ to be one id for all manifests and models rows of the run, then left out too."""
             r.pop("family", None)
             if name in ("manifests", "models"):
                 runs.add(r.pop("ingest_id"))
+            if name == "models":
+                lib.manifest(r["model_id"])  # raises unless the record matches its digest
+                r.pop("record_digest")
         out[name] = sorted(rows, key=lambda r: tuple(r[k] for k in key))
     assert len(runs) == 1, runs
     return out

@@ -195,13 +195,15 @@ class Leases:
         held = HeldLease(self, Lease(kind, uuid.uuid4().hex, HOST, os.getpid(), now, now + ttl, sorted(set(model_ids))), ttl)
         try:
             held.update(ticket=1 + max((lease.ticket for lease in self.live()), default=0), choosing=False)
-            deadline = time.monotonic() + wait
+            began = time.monotonic()
+            deadline = began + wait
             while True:
                 mine = held.lease
                 others = [lease for lease in self.live() if mine.conflicts(lease)]
                 choosing = [lease for lease in others if lease.choosing]
                 if choosing:  # milliseconds for a running writer; one stalled there is waited on no longer than `wait` allows
-                    if time.monotonic() >= deadline + CHOOSING_SECONDS:
+                    waits = any("gc" in (kind, lease.kind) for lease in choosing)  # a writer of the same ids is refused at once
+                    if time.monotonic() >= (deadline if waits else began) + CHOOSING_SECONDS:
                         raise LeaseConflict(_refusal(mine, choosing[0], wait))
                     time.sleep(POLL_SECONDS / 10)
                     continue

@@ -127,9 +127,11 @@ class FragmentLibrary:
 
     def open_file(self, model_id: str, name: str):
         """A stored file, opened for reading by range without restoring it (haagenti.libraryfs)."""
-        from haagenti.libraryfs import LibraryFileSystem
+        from haagenti.libraryfs import LibraryFile, LibraryFileSystem
 
-        return LibraryFileSystem(self).open(f"{validate_model_id(model_id)}/{name}", "rb")
+        fs = LibraryFileSystem(self)
+        manifest, i = fs.model_file(validate_model_id(model_id), name)  # by model and name: never a path to split
+        return LibraryFile(fs, f"{model_id}/{name}", manifest, i, cache_type="none")
 
     # ---- maintenance (haagenti.maintenance: streamed, in bounded memory) ------------------
     def verify(self, model_id: str | None = None, progress: VerifyProgress | None = None) -> VerifyReport:

@@ -95,21 +95,30 @@ class LibraryFileSystem(AbstractFileSystem):
         return path.strip("/")
 
     def _model_and_name(self, path: str) -> tuple[str, str]:
-        """The longest stored model id that prefixes the path ('org/name' before 'org')."""
+        """The stored model and file a path names: 'org/name/f' may be model 'org/name' file
+        'f' or model 'org' file 'name/f' (a folder's file); a path that names both is refused
+        rather than guessed (FragmentLibrary.open_file names the model apart)."""
         parts = self._strip_protocol(path).split("/")
-        known = {m["model_id"] for m in self.library.models()}
-        for n in (2, 1):
-            if len(parts) >= n and "/".join(parts[:n]) in known:
-                return "/".join(parts[:n]), "/".join(parts[n:])
-        raise FileNotFoundError(path)
+        files = {m["model_id"]: {f["name"] for f in m["files"] or []} for m in self.library.models()}
+        found = [("/".join(parts[:n]), "/".join(parts[n:])) for n in (2, 1) if len(parts) > n]
+        found = [(mid, name) for mid, name in found if name in files.get(mid, ())]
+        if len(found) > 1:
+            (a, fa), (b, fb) = found
+            raise LibraryError(f"haagenti://{'/'.join(parts)} names both model {a!r}'s {fa} and model {b!r}'s {fb}; open it with FragmentLibrary.open_file(model, name)")
+        if not found:
+            raise FileNotFoundError(path)
+        return found[0]
 
     def _file(self, path: str) -> tuple[ModelManifest, int]:
-        model_id, name = self._model_and_name(path)
+        return self.model_file(*self._model_and_name(path))
+
+    def model_file(self, model_id: str, name: str) -> tuple[ModelManifest, int]:
+        """A model's manifest and the index of its file `name` (FileNotFoundError if it has none)."""
         manifest = self.library.manifest(model_id)
         for i, f in enumerate(manifest.files):
             if f.name == name:
                 return manifest, i
-        raise FileNotFoundError(path)
+        raise FileNotFoundError(f"{model_id}/{name}")
 
     def ls(self, path, detail=True, **kwargs):
         path = self._strip_protocol(path)

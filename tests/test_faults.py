@@ -308,3 +308,19 @@ def test_a_killed_tier_add_leaves_no_temporary_file(tmp_path):
     p = subprocess.run([sys.executable, "-m", "haagenti.cli", "tier", "add", url, "m", "int8"], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert list(scratch.iterdir()) == []
+
+
+def test_model_ids_and_file_paths_are_never_confused_in_haagenti_urls(tmp_path):
+    import fsspec
+
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    lib.ingest([folder(tmp_path / "sd", {"unet/w.safetensors": None, "unet/config.json": b'{"of": "sd"}'})], "sd")
+    lib.ingest([folder(tmp_path / "sdu", {"v.safetensors": None, "config.json": b'{"of": "sd/unet"}'})], "sd/unet")
+    assert lib.open_file("sd", "unet/config.json").read() == b'{"of": "sd"}'
+    assert lib.open_file("sd/unet", "config.json").read() == b'{"of": "sd/unet"}'
+    with pytest.raises(LibraryError, match="names both model 'sd/unet'.s config.json and model 'sd'.s unet/config.json"):
+        fsspec.open("haagenti://sd/unet/config.json", library=str(tmp_path / "lib")).open()
+    with fsspec.open("haagenti://sd/unet/v.safetensors", library=str(tmp_path / "lib")) as f:  # one reading only: served
+        assert f.read() == (tmp_path / "sdu" / "v.safetensors").read_bytes()
+    with fsspec.open("haagenti://sd/unet/w.safetensors", library=str(tmp_path / "lib")) as f:
+        assert f.read() == (tmp_path / "sd" / "unet" / "w.safetensors").read_bytes()

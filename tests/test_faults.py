@@ -324,3 +324,15 @@ def test_model_ids_and_file_paths_are_never_confused_in_haagenti_urls(tmp_path):
         assert f.read() == (tmp_path / "sdu" / "v.safetensors").read_bytes()
     with fsspec.open("haagenti://sd/unet/w.safetensors", library=str(tmp_path / "lib")) as f:
         assert f.read() == (tmp_path / "sd" / "unet" / "w.safetensors").read_bytes()
+
+
+def test_an_onnx_with_two_initializers_of_one_name_is_refused(tmp_path):
+    from tests.test_strict_containers import GOOD_ONNX, onnx_model
+
+    model = onnx_model(GOOD_ONNX)
+    model.graph.initializer.append(model.graph.initializer[0])  # "w" twice
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    with pytest.raises(FormatError, match="initializer 'w' is listed more than once"):
+        lib.ingest([str(tmp_path / "m.onnx")], "m")
+    assert lib.models() == []

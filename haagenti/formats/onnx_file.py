@@ -119,6 +119,10 @@ def parse_onnx(data: bytes, name: str, where: str) -> tuple[list[TensorSpan], Sp
     if not model.HasField("graph"):
         raise FormatError(f"{where}: not an ONNX model (no graph)")
     inits = list(model.graph.initializer)
+    names = [init.name for init in inits]
+    if len(set(names)) != len(names):  # a model's tensors are told apart by name: restore refuses a record naming one twice
+        twice = next(n for n in names if names.count(n) > 1)
+        raise FormatError(f"{where}: initializer {twice!r} is listed more than once (ONNX names each initializer once)")
     ranges = _raw_data_ranges(data, where)
     if len(ranges) != len(inits):
         raise FormatError(f"{where}: found {len(ranges)} initializers in the wire format, onnx parsed {len(inits)}")

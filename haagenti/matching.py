@@ -44,6 +44,7 @@ from haagenti.similarity import band_rows
 
 MAX_SCAN = 1024  # earlier fragments looked at per new fragment and band bucket
 MAX_PARTNERS = 32  # of those, the nearest kept as candidates
+PAIR_CHUNK = 1 << 20  # candidate pairs scored at once (~130 MB of temporaries with 256-bit signatures)
 BUCKET = ["band", "band_hash"]
 # One row per (fragment, band). `pos` orders fragments: -1 for the library's, then run order.
 # `is_new`: decided in this call; `depth`: its chain depth (null while being decided).
@@ -109,19 +110,31 @@ def bucket_pairs(part: pa.Table, max_hamming: int, max_partners: int = MAX_PARTN
     is_new = t["is_new"].to_numpy(zero_copy_only=False)
     rows_i = np.flatnonzero(is_new & (rank > 0))
     reps = np.minimum(rank[rows_i], max_scan)
-    first = np.cumsum(reps) - reps
-    i = np.repeat(rows_i, reps)
-    j = np.repeat(row_start[rows_i], reps) + np.arange(int(reps.sum())) - np.repeat(first, reps)
     words = fixed_width(t["bits"])
     if words.shape[1] % 8 == 0:  # XOR and popcount a word at a time
         words = words.view(np.uint64)
-    d = np.bitwise_count(words[i] ^ words[j]).sum(axis=1, dtype=np.int64)
-    close = d <= max_hamming
-    i, j, d = i[close], j[close], d[close]
-    nearest = np.lexsort((j, d, i))  # per new row: by distance, then bucket order
-    i, j, d = i[nearest], j[nearest], d[nearest]
-    keep = rank_in_runs(i) < max_partners
-    i, j, d = i[keep], j[keep], d[keep]
+    # Scored a run of new rows at a time, at most PAIR_CHUNK pairs (and their signatures) held:
+    # a bucket of many fragments of one length (20k one-element tensors) otherwise made
+    # rows x max_scan pairs at once (23.7 GB). Each run keeps its rows' nearest, so the
+    # result is the same as scoring every pair together.
+    ends = np.cumsum(reps)
+    kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    lo = 0
+    while lo < len(rows_i):
+        hi = max(lo + 1, int(np.searchsorted(ends, ends[lo] - reps[lo] + PAIR_CHUNK, side="right")))
+        ri, rr = rows_i[lo:hi], reps[lo:hi]
+        first = np.cumsum(rr) - rr
+        i = np.repeat(ri, rr)
+        j = np.repeat(row_start[ri], rr) + np.arange(int(rr.sum())) - np.repeat(first, rr)
+        d = np.bitwise_count(words[i] ^ words[j]).sum(axis=1, dtype=np.int64)
+        close = d <= max_hamming
+        i, j, d = i[close], j[close], d[close]
+        nearest = np.lexsort((j, d, i))  # per new row: by distance, then bucket order
+        i, j, d = i[nearest], j[nearest], d[nearest]
+        keep = rank_in_runs(i) < max_partners
+        kept.append((i[keep], j[keep], d[keep]))
+        lo = hi
+    i, j, d = (np.concatenate(parts) for parts in zip(*kept)) if kept else (np.zeros(0, np.int64),) * 3
     ids = t["fragment_id"].combine_chunks()
     return pa.table(
         {

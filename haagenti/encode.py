@@ -117,8 +117,6 @@ def decode_rows(rows: list[dict], fetch_refs: Callable[[set[str]], list[dict]], 
     placed: set[str] = set()
 
     def one(r: dict) -> bytes | None:
-        if r["ref_id"] and r["ref_id"] not in out:  # itself, or another delta: a record no ingest writes
-            raise FragmentError(f"fragment {r['fragment_id']} is damaged: its reference {r['ref_id']} is not a plain fragment")
         raw = decode_row(r, out[r["ref_id"]] if r["ref_id"] else None, r["ref_dtype"])
         fid = r["fragment_id"]
         if place is not None and fid in by_id and place(fid, raw):

@@ -25,7 +25,7 @@ HEATMAP = ("Each cell is the share of the row model's fragments that the column 
            "a dark row is a model that shares little with any other.")
 PER_MODEL = pa.schema([
     ("model_id", pa.string()), ("family", pa.string()), ("raw_bytes", pa.int64()), ("stored_bytes_added", pa.int64()),
-    ("reduction", pa.float64()), ("fragments", pa.int64()), ("closest_model", pa.string()), ("closest_share", pa.float64()),
+    ("disk_bytes_added", pa.int64()), ("reduction", pa.float64()), ("fragments", pa.int64()), ("closest_model", pa.string()), ("closest_share", pa.float64()),
     ("lossy", pa.bool_()), ("lossy_fragments", pa.int64()), ("library", pa.string()), ("report_time", pa.string()),
 ])
 
@@ -82,8 +82,9 @@ def report_path(library_url: str, name: str, folder: str = "reports") -> str:
 
 
 def per_model_rows(lib: FragmentLibrary, stats: LibraryStats, rel: dict[tuple[str, str], float], when: str, library: str) -> list[dict]:
-    """One row per model, in ingest order: its bytes, what it added to the library (the stored
-    bytes of the fragments it was first to reference), and the model it shares most with."""
+    """One row per model, in ingest order: its bytes, what it added to the library (the blobs of
+    the fragments it was first to reference, and on disk those plus what its record keeps
+    verbatim), and the model it shares most with."""
     lossy = {m["model_id"]: bool(m["lossy"]) for m in lib.models()}
     rows = []
     for m in stats.per_model:
@@ -91,7 +92,7 @@ def per_model_rows(lib: FragmentLibrary, stats: LibraryStats, rel: dict[tuple[st
         closest = max(shares, key=shares.get) if shares else None
         rows.append({
             "model_id": m.model_id, "family": m.family, "raw_bytes": m.raw_bytes, "stored_bytes_added": m.new_stored_bytes,
-            "reduction": m.reduction, "fragments": m.fragments, "closest_model": closest,
+            "disk_bytes_added": m.disk_bytes, "reduction": m.reduction, "fragments": m.fragments, "closest_model": closest,
             "closest_share": shares[closest] if closest else 0.0, "lossy": lossy.get(m.model_id, False),
             "lossy_fragments": m.lossy_fragments, "library": library, "report_time": when,
         })
@@ -102,12 +103,13 @@ def family_rows(stats: LibraryStats) -> list[dict]:
     """Each family's models and totals (models without a family: under None)."""
     out: dict[str | None, dict] = {}
     for m in stats.per_model:
-        f = out.setdefault(m.family, {"family": m.family, "models": 0, "raw_bytes": 0, "stored_bytes_added": 0})
+        f = out.setdefault(m.family, {"family": m.family, "models": 0, "raw_bytes": 0, "stored_bytes_added": 0, "disk_bytes_added": 0})
         f["models"] += 1
         f["raw_bytes"] += m.raw_bytes
         f["stored_bytes_added"] += m.new_stored_bytes
+        f["disk_bytes_added"] += m.disk_bytes
     for f in out.values():
-        f["reduction"] = 1 - f["stored_bytes_added"] / f["raw_bytes"] if f["raw_bytes"] else 0.0
+        f["reduction"] = 1 - f["disk_bytes_added"] / f["raw_bytes"] if f["raw_bytes"] else 0.0
     return sorted(out.values(), key=lambda f: (f["family"] is None, f["family"] or ""))
 
 
@@ -115,15 +117,15 @@ def _text(doc: dict) -> str:
     t = doc["totals"]
     lines = [f"haagenti run report, {doc['time']}", f"library: {doc['library']}", f"run: {doc['run']['summary']}",
              f"library: {t['models']} models, {t['raw_bytes']:,} B raw -> {t['disk_bytes']:,} B on disk ({t['reduction']:.1%} saved)", ""]
-    lines.append(f"  {'model':30s} {'family':12s} {'raw B':>14s} {'added B':>14s} {'reduction':>9s}  closest (share)  lossy")
+    lines.append(f"  {'model':30s} {'family':12s} {'raw B':>14s} {'on disk B':>14s} {'reduction':>9s}  closest (share)  lossy")
     for r in doc["per_model"]:
         closest = _closest(r)
-        lines.append(f"  {r['model_id']:30s} {r['family'] or '-':12s} {r['raw_bytes']:>14,} {r['stored_bytes_added']:>14,} "
+        lines.append(f"  {r['model_id']:30s} {r['family'] or '-':12s} {r['raw_bytes']:>14,} {r['disk_bytes_added']:>14,} "
                      f"{r['reduction']:>9.1%}  {closest}  {'yes' if r['lossy'] else 'no'}")
     lines.append("")
     for f in doc["families"]:
         lines.append(f"  family {f['family'] or '(none)'}: {f['models']} models, {f['raw_bytes']:,} B raw -> "
-                     f"{f['stored_bytes_added']:,} B added ({f['reduction']:.1%} saved)")
+                     f"{f['disk_bytes_added']:,} B added on disk ({f['reduction']:.1%} saved)")
     lines += [f"  inferred family of {m}: {f or 'none (shares too little with any model)'}" for m, f in doc["run"]["inferred_families"].items()]
     return "\n".join(lines) + "\n"
 
@@ -170,14 +172,14 @@ def _html(doc: dict, png: str) -> str:
     t = doc["totals"]
     model_rows = "".join(
         f"<tr><td>{e(r['model_id'])}</td><td>{e(r['family'] or '-')}</td><td class=n>{r['raw_bytes']:,}</td>"
-        f"<td class=n>{r['stored_bytes_added']:,}</td><td class=n>{r['reduction']:.1%}</td><td class=n>{r['fragments']:,}</td>"
+        f"<td class=n>{r['disk_bytes_added']:,}</td><td class=n>{r['reduction']:.1%}</td><td class=n>{r['fragments']:,}</td>"
         f"<td>{e(_closest(r))}</td>"
         f"<td>{'yes' if r['lossy'] else 'no'}</td></tr>"
         for r in doc["per_model"]
     )
     family_rows_html = "".join(
         f"<tr><td>{e(f['family'] or '(none)')}</td><td class=n>{f['models']}</td><td class=n>{f['raw_bytes']:,}</td>"
-        f"<td class=n>{f['stored_bytes_added']:,}</td><td class=n>{f['reduction']:.1%}</td></tr>"
+        f"<td class=n>{f['disk_bytes_added']:,}</td><td class=n>{f['reduction']:.1%}</td></tr>"
         for f in doc["families"]
     )
     return (
@@ -187,13 +189,14 @@ def _html(doc: dict, png: str) -> str:
         f"<dt>run</dt><dd>{doc['run']['seconds']:.1f} s: {e(doc['run']['summary'])}</dd>"
         f"<dt>library now</dt><dd>{t['models']} models, {t['raw_bytes']:,} B raw, {t['disk_bytes']:,} B on disk "
         f"({t['reduction']:.1%} saved)</dd></dl>"
-        "<h2>Models</h2><p class=note>Added: the stored bytes of the fragments the model was the first (in ingest order) "
-        "to reference. Closest: the model holding the largest share of its fragments.</p>"
-        "<table id=per-model><thead><tr><th>model</th><th>family</th><th class=n>raw B</th><th class=n>added B</th>"
+        "<h2>Models</h2><p class=note>Added on disk: the fragments the model was the first (in ingest order) to "
+        "reference, plus what its record keeps verbatim (headers, gaps, side files); reduction: 1 - that / raw. "
+        "Closest: the model holding the largest share of its fragments.</p>"
+        "<table id=per-model><thead><tr><th>model</th><th>family</th><th class=n>raw B</th><th class=n>added on disk B</th>"
         "<th class=n>reduction</th><th class=n>fragments</th><th>closest (share)</th><th>lossy</th></tr></thead>"
         f"<tbody>{model_rows}</tbody></table>"
         "<h2>Families</h2><table id=families><thead><tr><th>family</th><th class=n>models</th><th class=n>raw B</th>"
-        f"<th class=n>added B</th><th class=n>reduction</th></tr></thead><tbody>{family_rows_html}</tbody></table>"
+        f"<th class=n>added on disk B</th><th class=n>reduction</th></tr></thead><tbody>{family_rows_html}</tbody></table>"
         f"<h2>Plots</h2><p class=note>Left: reduction per model. Right: {e(HEATMAP)}</p>"
         f"<img alt='reduction per model and the model-by-model similarity map' src='data:image/png;base64,{png}'>"
         "<p class=note>The same per-model numbers: report.parquet and report.json beside this file.</p></html>"

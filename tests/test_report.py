@@ -55,12 +55,13 @@ def test_report_tables_match_the_library_and_the_parquet(reported):
     rows = pq.read_table(lib / "reports" / "report.parquet").to_pylist()
     assert [r["model_id"] for r in rows] == [m.model_id for m in stats.per_model] == [r["model_id"] for r in doc["per_model"]]
     for r, m in zip(rows, stats.per_model):
-        assert (r["raw_bytes"], r["stored_bytes_added"], r["fragments"]) == (m.raw_bytes, m.new_stored_bytes, m.fragments)
+        assert (r["raw_bytes"], r["stored_bytes_added"], r["disk_bytes_added"], r["fragments"]) == (m.raw_bytes, m.new_stored_bytes, m.disk_bytes, m.fragments)
         assert r["reduction"] == pytest.approx(m.reduction) and r["lossy"] is False
     by_id = {r["model_id"]: r for r in rows}
     assert by_id["digits-ft-lr1e-4"]["closest_model"] == "digits-base" and by_id["digits-ft-lr1e-4"]["closest_share"] > 0.5
     digits = next(f for f in doc["families"] if f["family"] == "digits")
     assert digits["models"] == 2 and digits["raw_bytes"] == by_id["digits-base"]["raw_bytes"] + by_id["digits-ft-lr1e-4"]["raw_bytes"]
+    assert digits["disk_bytes_added"] == by_id["digits-base"]["disk_bytes_added"] + by_id["digits-ft-lr1e-4"]["disk_bytes_added"] > 0
     text = (lib / "reports" / "report.txt").read_text()
     assert "family digits: 2 models" in text and "digits-ft-lr1e-4" in text
 

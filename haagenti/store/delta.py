@@ -480,7 +480,10 @@ class LibraryStore:
         hold ids as their 32 raw bytes."""
         raw = bytes.fromhex("".join(fragment_ids.to_pylist()))  # fromhex: only hex ids pass
         as_bytes = pa.Array.from_buffers(pa.binary(32), len(fragment_ids), [None, pa.py_buffer(raw)]).cast(pa.binary())
-        return self.delete_where("ids", "fragment_id", fragment_ids, "gc") + self.delete_where("bands", "fragment_id", as_bytes, "gc")
+        # bands first: a gc stopped in between leaves ids rows without band rows (an exact match
+        # still found, a reference not proposed), never a band row whose fragment the ids table
+        # no longer knows (proposed as a reference, or as its own, to the next ingest)
+        return self.delete_where("bands", "fragment_id", as_bytes, "gc") + self.delete_where("ids", "fragment_id", fragment_ids, "gc")
 
     def compact(self, wait: float = 0.0) -> int:
         """Merge small files of the metadata tables (fragments keep their small row groups)."""

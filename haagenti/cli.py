@@ -208,7 +208,8 @@ def stats(library: str, as_json: bool = typer.Option(False, "--json")) -> None:
         f"{s.raw_bytes:,} B raw -> {s.disk_bytes:,} B on disk: {s.reduction:.1%} saved (lossless"
         + (f"; {s.lossy_refs} lossy refs saved a further {s.lossy_saved_bytes:,} B" if s.lossy_refs else "")
         + f"); {s.shared_fragments} shared fragments, {s.refs_per_shared_fragment:.2f} models each"
-        + (f"; {s.unreferenced_bytes:,} B no model references (gc frees them)" if s.unreferenced_bytes else "")
+        + (f"; {s.unreferenced_fragments} other fragments, {s.unreferenced_bytes:,} B, no model references (gc frees them)" if s.unreferenced_fragments else ""),
+        highlight=False, soft_wrap=True,
     )
     out.print("on disk: " + ", ".join(f"{part} {n:,} B" for part, n in s.disk_by_part.items())
               + f" (fragment blobs {s.stored_bytes:,} B: {s.stored_reduction:.1%} saved)")

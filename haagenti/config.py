@@ -111,6 +111,7 @@ class LibraryStats:
     per_model: list[ModelStats]
     per_family: dict[str, float]
     unreferenced_bytes: int = 0  # stored blobs no published model references (gc frees them)
+    unreferenced_fragments: int = 0  # how many (not among `fragments`, `plain_fragments`, `delta_fragments`)
     # Every byte the library's files occupy (LibraryStore.disk_bytes), and by part: fragments,
     # signatures, index (bands and ids), manifests, models, logs (every Delta log), other.
     disk_bytes: int = 0

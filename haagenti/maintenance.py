@@ -362,18 +362,19 @@ def stats(lib: "FragmentLibrary") -> LibraryStats:
         }).group_by("model_id").aggregate([("refs", "count"), ("lossy", "sum"), ("lossy_bytes", "sum")]))
         pairs.add(t.select(["model_id", "fragment_id"]))
     per = _sum_by(counts, "model_id", ["refs_count", "lossy_sum", "lossy_bytes_sum"])
-    frags, rows, plain = [], 0, 0
+    frags = []
     for t in store.scan("fragments", ["fragment_id", "stored_size", "encoding"]):
-        rows += t.num_rows
-        plain += pc.sum(pc.equal(t["encoding"], Encoding.PLAIN.value)).as_py() or 0
-        frags.append(t.select(["fragment_id", "stored_size"]))
+        frags.append(t.select(["fragment_id", "stored_size"]).append_column("plain", pc.equal(t["encoding"], Encoding.PLAIN.value)))
     # One size per id (a fragment written twice by racing ingests is the same content).
-    sizes = _concat(frags, ["fragment_id", "stored_size"], [pa.string(), pa.int64()]).group_by("fragment_id", use_threads=False).aggregate([("stored_size", "last")])
+    sizes = _concat(frags, ["fragment_id", "stored_size", "plain"], [pa.string(), pa.int64(), pa.bool_()]).group_by(
+        "fragment_id", use_threads=False).aggregate([("stored_size", "last"), ("plain", "last")])
     # Fragments no published model references (an interrupted ingest's) are not the models'
-    # storage: counted apart, as what gc would free.
+    # storage: counted apart, as what gc would free; plain and delta count the models' only.
     live = pc.is_in(sizes["fragment_id"], value_set=referenced(store))
-    unreferenced = pc.sum(sizes.filter(pc.invert(live))["stored_size_last"]).as_py() or 0
+    left = sizes.filter(pc.invert(live))
+    unreferenced = pc.sum(left["stored_size_last"]).as_py() or 0
     sizes = sizes.filter(live)
+    plain = pc.sum(pc.cast(sizes["plain_last"], pa.int64())).as_py() or 0
     pairs_t = pairs.table()
     users = pairs_t.group_by("fragment_id").aggregate([("model_id", "count")])
     shared = users.filter(pc.greater(users["model_id_count"], 1))["model_id_count"]
@@ -404,7 +405,7 @@ def stats(lib: "FragmentLibrary") -> LibraryStats:
         raw_bytes=pc.sum(models["raw_bytes"]).as_py() or 0,
         stored_bytes=pc.sum(sizes["stored_size_last"]).as_py() or 0,
         plain_fragments=plain,
-        delta_fragments=rows - plain,
+        delta_fragments=sizes.num_rows - plain,
         shared_fragments=len(shared),
         refs_per_shared_fragment=(pc.sum(shared).as_py() / len(shared)) if len(shared) else 0.0,
         lossy_refs=lossy_refs,
@@ -412,6 +413,7 @@ def stats(lib: "FragmentLibrary") -> LibraryStats:
         per_model=per_model,
         per_family=per_family,
         unreferenced_bytes=unreferenced,
+        unreferenced_fragments=left.num_rows,
         disk_bytes=sum(by_part.values()),
         disk_by_part=by_part,
     )

@@ -134,6 +134,8 @@ def test_ctrl_c_during_an_ingest_says_what_is_left_and_gc_frees_it(tmp_path, fam
     written = FragmentLibrary.open(lib, create=False).stats().unreferenced_bytes
     assert written > 0 and line == f"interrupted; nothing was published; `haagenti gc {lib}` frees {written:,} B"
     assert FragmentLibrary.open(lib, create=False).models() == []
+    code, out, _ = cli("stats", lib)  # the leftovers are counted apart, not as the library's fragments
+    assert code == 0 and out.startswith("0 models, 0 fragments (0 plain, 0 delta)") and f"other fragments, {written:,} B, no model references" in out
     code, out, _ = cli("gc", lib)
     assert code == 0 and f"{written:,} B freed" in out
 

@@ -503,13 +503,25 @@ class LibraryStore:
         One listing; on an object store, the objects' sizes."""
         out = dict.fromkeys([*SCHEMAS, "logs", "other"], 0)
         root = self.root.rstrip("/") + "/"
-        for path, info in self.fs.find(self.root, detail=True).items():
+        for path, info in self.listing(self.root).items():
             if info.get("type") != "file" or not path.startswith(root):
                 continue
             top, _, rest = path[len(root):].partition("/")
             part = "logs" if top in SCHEMAS and rest.startswith("_delta_log/") else top if top in SCHEMAS else "other"
             out[part] += int(info["size"])
         return out
+
+    def listing(self, path: str) -> dict[str, dict]:
+        """Every entry under `path` with its info, listed afresh. s3fs keeps the listings it made
+        for the life of the process and answers a later open from them: a file committed after
+        the listing then reads as missing (a gc loop took a just-published models file for
+        damage). The whole cache is dropped before and after: dropping `path` keeps the
+        listings of the folders under it."""
+        self.fs.invalidate_cache()
+        try:
+            return self.fs.find(path, detail=True)
+        finally:
+            self.fs.invalidate_cache()
 
     def vacuum(self, wait: float = 0.0) -> int:
         """Physically remove every data file the latest version of a table does not reference:
@@ -523,7 +535,7 @@ class LibraryStore:
                 raise LibraryError(f"{links[0]} is a symbolic link; vacuum never follows links out of the library (nothing was vacuumed)")
             for name in SCHEMAS:
                 self._check_lease()
-                present = {posixpath.relpath(p, posixpath.join(self.root, name)) for p in self.fs.find(posixpath.join(self.root, name))}
+                present = {posixpath.relpath(p, posixpath.join(self.root, name)) for p in self.listing(posixpath.join(self.root, name))}
                 with self._lock:
                     gone = self.table(name).vacuum(retention_hours=0, full=True, enforce_retention_duration=False, dry_run=False)
                 # delta-rs also lists files of old versions that an earlier vacuum deleted: counted

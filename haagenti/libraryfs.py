@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from haagenti.encode import RawCache
-from haagenti.errors import LibraryError
+from haagenti.errors import FragmentError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.splice import transpose
 from haagenti.manifest import ModelManifest
@@ -197,5 +197,7 @@ class LibraryFile(AbstractBufferedFile):
                 data = transpose(b"".join(raw[f] for f in s.fragment_ids), cols, rows, itemsize)
             else:
                 data = raw[s.fragment_ids[0]]
+            if len(data) != s.size:  # a verified fragment of another length than its record places: never a file cut short
+                raise FragmentError(f"model {self.model_id!r}: fragment {s.fragment_ids[0]}: {len(data)} bytes where the manifest places {s.size}")
             out.append(memoryview(data)[max(start - s.offset, 0) : min(end - s.offset, s.size)])
         return b"".join(out)

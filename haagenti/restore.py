@@ -68,7 +68,12 @@ def iter_parts(lib: "FragmentLibrary", manifest: ModelManifest, cache: RawCache 
         if k + 1 < len(groups):
             ahead = pool.submit(fetch, groups[k + 1])
         for g in group:
-            yield g, [raw[r.fragment_id] for r in g.fragments]
+            parts = [raw[r.fragment_id] for r in g.fragments]
+            itemsize = lookup_dtype(g.dtype).itemsize
+            for r, part in zip(g.fragments, parts):  # verified bytes, but the record decides how many it places
+                if len(part) != r.elem_count * itemsize:
+                    raise FragmentError(f"model {manifest.model_id!r}, tensor {g.name!r}: fragment {r.fragment_id}: {len(part)} bytes where the manifest places {r.elem_count * itemsize}")
+            yield g, parts
 
 
 def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: bool = False, force: bool = False,

@@ -177,7 +177,8 @@ def _open_file_room(manifest: ModelManifest) -> None:
         import resource
     except ImportError:  # no rlimits to adjust (Windows)
         return
-    need = len(manifest.files) + 64  # the library's own files, sockets and the interpreter's
+    held = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0  # open already (cached table files, sockets)
+    need = held + len(manifest.files) + 64  # and room for the reads a restore makes meanwhile
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
         room = need if hard == resource.RLIM_INFINITY else min(need, hard)

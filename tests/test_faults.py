@@ -106,12 +106,15 @@ def test_a_model_of_more_files_than_the_open_file_limit_restores(tmp_path):
     lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
     lib.ingest([src], "m")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    busy = [open(os.devnull) for _ in range(150)]  # a process with files open already
     held = len(os.listdir("/proc/self/fd"))
     resource.setrlimit(resource.RLIMIT_NOFILE, (held + 40, hard))  # room for 40 more: fewer than the model's files
     try:
         lib.restore("m", str(tmp_path / "out"))
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for f in busy:
+            f.close()
     assert len(os.listdir(tmp_path / "out" / "side")) == 100
 
 

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from haagenti.config import LibraryConfig
 from haagenti.library import FragmentLibrary, ModelInput
-from tests.helpers import sha256
+from tests.helpers import cli, sha256
 
 ROOT = str(Path(__file__).resolve().parents[1])
 FRAGMENT = ["--fragment-size", "65536", "--no-similarity"]
@@ -320,10 +320,10 @@ def test_a_lease_of_another_host_holds_until_it_expires(tmp_path):
     now = time.time()
     other = Lease("ingest", "f" * 32, "elsewhere", 1, now, now + 60, ["x"], ticket=1, choosing=False)
     lib.store.leases.write(other)
-    one_line_refusal(*_run("gc", url), "gc refused", "ingest of x by elsewhere pid 1")
-    one_line_refusal(*_run("ingest", url, a, "--model-id", "x", *FRAGMENT), "model 'x' is being ingested by another writer (ingest of x by elsewhere")
+    one_line_refusal(*cli("gc", url), "gc refused", "ingest of x by elsewhere pid 1")  # in this process: the lease is another host's
+    one_line_refusal(*cli("ingest", url, a, "--model-id", "x", *FRAGMENT), "model 'x' is being ingested by another writer (ingest of x by elsewhere")
     lib.store.leases.write(Lease(**{**other.__dict__, "expires": now - 1}))  # crashed long ago
-    assert _run("gc", url)[0] == 0
+    assert cli("gc", url)[0] == 0
     assert lib.store.leases.all() == []  # gc cleared the void lease
     check(url, {"a": a}, tmp_path)
 
@@ -361,7 +361,7 @@ def test_verify_notices_a_vanished_models_log_entry(tmp_path, where):
     one_line_refusal(rc, out, err, "is missing")
 
 
-@pytest.mark.parametrize("point", ["deleted-bands", "deleted-ids", "deleted-fragments"])
+@pytest.mark.parametrize("point", ["deleted-ids", "deleted-fragments"])
 def test_gc_stopped_between_its_deletes_then_the_removed_model_is_reingested(tmp_path, point, monkeypatch):
     """A gc stopped after one table's delete (a full disk at its next write; a kill leaves the
     same tables): no index row may outlive its fragment, or the next ingest of the same content

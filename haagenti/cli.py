@@ -111,8 +111,8 @@ def ingest(
 def _interrupted(library: str, before: set[str] | None) -> str:
     """What an ingest stopped by Ctrl-C left: what it published (nothing, unless the stop came
     after its last commit) and the bytes of fragments no model references, which gc frees."""
-    if before is None:
-        return "interrupted; nothing was written"
+    if before is None:  # stopped while checking the files, before the library was read
+        return "interrupted; nothing was published"
     try:
         lib = FragmentLibrary.open(library, create=False)
         published = [m["model_id"] for m in lib.models() if m["ingest_id"] not in before]

@@ -160,3 +160,19 @@ def test_make_family_reuses_a_family_trained_for_another_folder(tmp_path, family
     assert "training" not in err
     for m in family:
         assert sha256(tmp_path / "fam" / os.path.basename(m.file)) == sha256(m.file)
+
+
+def test_onnx_export_says_nothing_about_torchs_insides(tmp_path, capfd):
+    """`examples export` printed torch.export's FutureWarning on every ONNX export (and the
+    exporter's torchvision notices once per process): not the user's business."""
+    import warnings
+
+    import torch
+
+    from haagenti.exports import export_onnx
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        export_onnx(torch.nn.Sequential(torch.nn.Linear(64, 8)), str(tmp_path / "m.onnx"))
+    assert [str(w.message) for w in said] == [] and "torchvision" not in capfd.readouterr().err
+    assert (tmp_path / "m.onnx").stat().st_size > 0

@@ -1,5 +1,7 @@
 """The run report as a catalog owner reads it: a per-model table, families with totals, the
 run, the same numbers as Parquet, and one self-contained HTML page that a real browser renders."""
+import contextlib
+import io
 import json
 import os
 import re
@@ -28,9 +30,6 @@ def reported(family, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        import contextlib
-        import io
-
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             assert dedup_main(["--catalog", str(cat), "--library", "lib", "--executor", "local", "--fragment-size", "65536"]) == 0

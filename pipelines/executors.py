@@ -6,7 +6,6 @@ groups, and one GPU actor per GPU for signatures when the cluster has GPUs.
 """
 from __future__ import annotations
 
-import functools
 import os
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -164,13 +163,12 @@ def init_local_ray(**options) -> None:
     ray.init(ignore_reinit_error=True, **options)
 
 
-@functools.lru_cache(maxsize=None)
 def _private_token() -> None:
     """A local cluster started here keeps Ray's token auth, with a token of its own held in the
     environment (its processes inherit it): left to itself, `ray.init` writes ~/.ray/auth_token,
     which turns token auth on for every later `ray start` on the machine, and a plain
     `ray job submit` then fails with "Missing authentication token". A mode or token the user
-    set, or a token file already there, is left alone."""
+    set, or a token file already there, is left alone; a second call finds its own token set."""
     import secrets
 
     if any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):

@@ -253,17 +253,40 @@ def _assignments(new: pa.Table, refs: dict[str, list[str]], depths: dict[str, in
 
 
 def _infer_families(lib: FragmentLibrary, todo: list[dict], existing: dict, ingest_id: str) -> dict[str, str | None]:
-    """Explicit families stand; a model without one joins the family of the model it shares
-    the most fragments (exact or as delta references) with, when that share is large enough."""
+    """Explicit families stand. A model without one is linked to the model it shares the most
+    fragments (exact or as delta references) with, when that share is large enough; linked
+    models form one family, named by the declared family of its first member that has one,
+    else by its first member's id (library models first, then catalog order). With reference
+    chains a fine-tune's closest model can be another fine-tune: the family is the linked
+    group's, not that model's id."""
     declared = {mid: m["family"] for mid, m in existing.items()}
     declared.update({s["model_id"]: s["family"] for s in todo})
+    order = {mid: i for i, mid in enumerate([*existing, *(s["model_id"] for s in todo)])}
     closest = closest_models(lib, [s["model_id"] for s in todo if not s["family"]], ingest_id)
+    parent: dict[str, str] = {}
+
+    def root(mid: str) -> str:
+        while parent.get(mid, mid) != mid:
+            mid = parent[mid]
+        return mid
+
+    linked = set()
+    for s in todo:
+        best, share = closest.get(s["model_id"]) or (None, 0.0)
+        if s["family"] or best is None or share < FAMILY_SHARE:
+            continue
+        a, b = sorted((root(s["model_id"]), root(best)), key=lambda m: order.get(m, len(order)))
+        parent[b] = a
+        linked.add(s["model_id"])
+    members: dict[str, list[str]] = {}
+    for mid in sorted({*order, *parent, *parent.values()}, key=lambda m: order.get(m, len(order))):
+        members.setdefault(root(mid), []).append(mid)
     out = {}
     for s in todo:
         mid = s["model_id"]
-        if s["family"]:
-            out[mid] = s["family"]
+        if s["family"] or mid not in linked:
+            out[mid] = s["family"] or None
             continue
-        best, share = closest[mid] or (None, 0.0)
-        out[mid] = (declared.get(best) or best) if best is not None and share >= FAMILY_SHARE else None
+        group = members[root(mid)]
+        out[mid] = next((declared[m] for m in group if declared.get(m)), group[0])
     return out

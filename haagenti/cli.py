@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TransferSpeedColumn
+from rich.measure import Measurement
 from rich.table import Table
 
 from haagenti.config import LibraryConfig
@@ -212,12 +213,14 @@ def stats(library: str, as_json: bool = typer.Option(False, "--json")) -> None:
         highlight=False, soft_wrap=True,
     )
     out.print("on disk: " + ", ".join(f"{part} {n:,} B" for part, n in s.disk_by_part.items())
-              + f" (fragment blobs {s.stored_bytes:,} B: {s.stored_reduction:.1%} saved)")
+              + f" (fragment blobs {s.stored_bytes:,} B: {s.stored_reduction:.1%} saved)", soft_wrap=True)
     t = Table("model", "family", "raw B", "new stored B", "on disk B", "reduction", "lossy refs")
-    t.columns[0].overflow = "fold"  # an id is shown whole (wrapped), never cut: `haagenti list` prints them one a line
     for m in s.per_model:
         t.add_row(m.model_id, m.family or "-", f"{m.raw_bytes:,}", f"{m.new_stored_bytes:,}", f"{m.disk_bytes:,}", f"{m.reduction:.1%}", str(m.lossy_fragments))
-    out.print(t)
+    # At its natural width: a console narrower than the table (80 columns when not a terminal)
+    # would cut figures and ids.
+    need = Measurement.get(out, out.options.update_width(1 << 16), t).maximum
+    (out if need <= out.width else Console(width=need)).print(t)
     for fam, red in s.per_family.items():
         out.print(f"family {fam}: {red:.1%} reduction")
 

@@ -19,17 +19,21 @@ def test_cli_round_trip(tmp_path, family):
     base, ft = family[0], family[1]
     out = run("ingest", lib, base.file, "--model-id", "base", "--family", "digits", "--fragment-size", "65536").stdout
     assert "ingested base" in out
-    run("ingest", lib, ft.file, "--model-id", "ft", "--family", "digits", "--fragment-size", "65536")
+    ft_id = "digits-ft-lr1e-4-of-the-round-trip"
+    run("ingest", lib, ft.file, "--model-id", ft_id, "--family", "digits", "--fragment-size", "65536")
     stats = json.loads(run("stats", lib, "--json").stdout)
     assert stats["models"] == 2 and stats["reduction"] > 0
-    assert "family digits" in run("stats", lib).stdout
+    text = run("stats", lib).stdout  # not a terminal: 80 columns, and still every id and figure whole
+    assert "family digits" in text
+    for m in stats["per_model"]:
+        assert m["model_id"] in text and f"{m['raw_bytes']:,}" in text and f"{m['disk_bytes']:,}" in text, text
     assert "ok:" in run("verify", lib).stdout
-    run("restore", lib, "ft", str(tmp_path / "out"))
+    run("restore", lib, ft_id, str(tmp_path / "out"))
     assert sha256(tmp_path / "out" / "digits-ft-lr1e-4.safetensors") == sha256(ft.file)
     run("rm", lib, "base")
     assert "fragments removed" in run("gc", lib).stdout
     assert cli("gc", lib)[1].strip() == "gc: nothing to collect"  # a second gc says it did nothing
-    run("verify", lib, "ft")
+    run("verify", lib, ft_id)
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -401,3 +401,22 @@ def test_the_fault_bench_runs_clean_at_a_small_n(capsys, monkeypatch):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["class", "where", "trials"]
     assert table[1].split() == ["crafted", "local", "3", "0", "0", "0", "0", "0"]
+
+
+def test_an_index_row_whose_fragment_is_gone_is_not_taken_as_stored(tmp_path):
+    """The exact-id path confirms an id by its fragment's row: an ids row left by an older gc
+    killed between its deletes must cost a copy, never a published model that cannot restore."""
+    import pyarrow as pa
+
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
+    src = weights(tmp_path / "w.safetensors")
+    lib.ingest([src], "m")
+    lib.rm("m")
+    ids = pa.array(sorted({r["fragment_id"] for r in lib.store.read("fragments", columns=["fragment_id"]).to_pylist()}), pa.string())
+    lib.store.delete_fragments(ids)  # the fragments gone, their ids rows kept
+    assert lib.store.read("ids").num_rows
+    lib.ingest([src], "m")
+    [out] = lib.restore("m", str(tmp_path / "out"), rehash=True)
+    assert sha256(out) == sha256(src)
+    lib.gc()  # and gc removes the stale rows
+    assert set(lib.store.read("ids", columns=["fragment_id"])["fragment_id"].to_pylist()) == set(ids.to_pylist())

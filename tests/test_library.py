@@ -341,10 +341,10 @@ def test_loader_switches_within_a_family_reading_only_new_fragments(tmp_path, fa
     assert all(torch.equal(tiny.load("digits-ft-partial")[k], expected[k]) for k in expected)
 
 
-def test_a_fine_tune_of_a_delta_references_it_and_gc_keeps_the_whole_chain(tmp_path):
+def test_a_fine_tune_of_a_delta_references_it_and_gc_keeps_the_whole_chain(tmp_path, monkeypatch):
     """A bf16 model stored as a delta of an fp16 release that came first starts the bf16 lineage:
     it is the best reference of its own fine-tune (chain depth 2), in a later ingest too.
-    Removing the middle model and collecting keeps every fragment of the chain; restore,
+    Removing the middle model and collecting keeps every fragment of the chain; verify, restore,
     ModelLoader and haagenti:// reads all decode through it bit-exact."""
     import fsspec
 
@@ -360,9 +360,17 @@ def test_a_fine_tune_of_a_delta_references_it_and_gc_keeps_the_whole_chain(tmp_p
     depth = dict(zip(frags["fragment_id"].to_pylist(), frags["depth"].to_pylist()))
     assert {depth[f] for f in lib.manifest("b").fragment_ids} == {1}  # deltas of a's (a cast each)
     assert {depth[f] for f in lib.manifest("c").fragment_ids} == {2}  # deltas of b's
+    assert lib.verify().ok  # every fragment decoded through its chain
+    from haagenti import maintenance
+
+    monkeypatch.setattr(maintenance, "REF_CACHE_BYTES", 0)  # every reference read back through its chain
+    monkeypatch.setattr(maintenance, "BLOB_BATCH_ROWS", 1)
+    assert lib.verify().ok
+    monkeypatch.undo()
     lib.rm("b")
     lib.gc()
     assert lib.stats().fragments == len(depth)  # b's fragments stay: c needs them, and a's
+    assert lib.verify().ok
     [p] = lib.restore("c", str(tmp_path / "out"))
     assert sha256(p) == sha256(str(tmp_path / "c.safetensors"))
     loaded = ModelLoader(lib, cache_bytes=1 << 20).load("c")

@@ -18,9 +18,13 @@ KEYS = {
 }
 
 
-def haagenti(*args: str) -> None:
-    p = subprocess.run([sys.executable, "-m", "haagenti.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=500)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+def haagenti(*commands: list[str]) -> None:
+    """Each command a `haagenti` process, all at once (each writes its own library): each must exit 0."""
+    procs = [subprocess.Popen([sys.executable, "-m", "haagenti.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args in commands]
+    for p in procs:
+        out, err = p.communicate(timeout=500)
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
 
 
 def tables(url: str) -> dict[str, list[dict]]:
@@ -51,9 +55,9 @@ record digest that covers it, once each model's record is checked against its di
 def test_ingest_each_local_dedup_and_ray_dedup_build_identical_tables(tmp_path, family):
     catalog = os.path.join(os.path.dirname(family[0].file), "catalog.yaml")
     files = [os.path.abspath(m.file) for m in family]  # the catalog's files, in its order
-    haagenti("ingest", str(tmp_path / "ingest"), *files, "--each")
-    haagenti("dedup", catalog, "--library", str(tmp_path / "local"), "--executor", "local")
-    haagenti("dedup", catalog, "--library", str(tmp_path / "ray"), "--executor", "ray", "--workers", "1")
+    haagenti(["ingest", str(tmp_path / "ingest"), *files, "--each"],
+             ["dedup", catalog, "--library", str(tmp_path / "local"), "--executor", "local"],
+             ["dedup", catalog, "--library", str(tmp_path / "ray"), "--executor", "ray", "--workers", "1"])
     ingest, local, ray = (tables(str(tmp_path / d)) for d in ("ingest", "local", "ray"))
     assert len(ingest["models"]) == len(family)
     frags = ingest["fragments"]

@@ -28,8 +28,7 @@ from haagenti.records import check_manifest, record_digest
 from haagenti.store import LIBRARY_FORMAT_VERSION, LibraryStore
 from haagenti.store.files import strings
 from haagenti.store.leases import writing
-from haagenti.store.keyed import learn_columns
-from haagenti.store.schema import SCHEMAS, UPGRADABLE_FROM
+from haagenti.store.schema import UPGRADABLE_FROM
 from haagenti.store.publication import log_errors, orphan_manifest_keys, scan_manifests, unpublish
 
 if TYPE_CHECKING:
@@ -320,8 +319,7 @@ def upgrade(url: str) -> list[str]:
         models = models.set_column(models.column_names.index("format_version"), "format_version", versions)
         models = models.set_column(models.column_names.index("record_digest"), "record_digest", pa.array(digests, pa.string()))
         store.replace_models(models, f"upgrade to format {LIBRARY_FORMAT_VERSION}")
-        with store._lock:  # chain depths (format 5): older rows read as nulls (docs/format.md)
-            learn_columns(store.table("fragments"), SCHEMAS["fragments"])
+        store.learn_columns("fragments")  # chain depths (format 5): older rows read as nulls (docs/format.md)
         maybe_die("upgraded-models")
         store.rewrite_marker(LIBRARY_FORMAT_VERSION)
     return failed

@@ -511,6 +511,12 @@ class LibraryStore:
             out[part] += int(info["size"])
         return out
 
+    def learn_columns(self, name: str) -> None:
+        """Add to table `name`'s Delta schema the columns of this format it lacks (an upgraded
+        library: format 5's fragments.depth), so readers and rewriters keep them."""
+        with self._lock:
+            learn_columns(self.table(name), SCHEMAS[name])
+
     def listing(self, path: str) -> dict[str, dict]:
         """Every entry under `path` with its info, listed afresh. s3fs keeps the listings it made
         for the life of the process and answers a later open from them: a file committed after

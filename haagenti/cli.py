@@ -17,7 +17,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from haagenti.config import LibraryConfig
-from haagenti.errors import HaagentiError, UnknownModelError
+from haagenti.errors import HaagentiError, MissingExtraError, UnknownModelError
 from haagenti.library import FragmentLibrary, ModelInput
 from haagenti.manifest import validate_model_id
 from haagenti.records import LossyRestoreWarning
@@ -406,7 +406,7 @@ def schedule(
         profile = chosen.profile(sampler)
         plan = plan_for(scheduler, steps, profile, _transition(transition), PrecisionCapabilities.detect())
         out.print(plan.timeline(), highlight=False, markup=False, soft_wrap=True)
-    except (AdaptiveError, ValueError) as e:
+    except (AdaptiveError, MissingExtraError, ValueError) as e:
         _fail(e)
 
 
@@ -435,7 +435,7 @@ def schedule_search(
         out.print(plan.timeline(), highlight=False, markup=False, soft_wrap=True)
         out.print(f"  predicted MSE vs FP32 samples {found.predicted_mse:.3g} (windows: {' '.join(p.value for p in found.choice)}); "
                   f"measured weight bytes {found.weight_bytes_vs_fp16:.1%} of all-FP16 (scales included)", highlight=False, markup=False, soft_wrap=True)
-    except (AdaptiveError, ValueError) as e:
+    except (AdaptiveError, MissingExtraError, ValueError) as e:
         _fail(e)
 
 
@@ -452,18 +452,19 @@ def schedule_evaluate(
     """Measure sensitivity, searched schedules and the presets (named budget points) on the
     project's digits models (trained into OUT on first use); write adaptive.md/json/png to OUT."""
     from haagenti.adaptive import AdaptiveError
-    from haagenti.adaptive.models import KINDS
-    from haagenti.adaptive.report import STAGES, evaluate_all
-    from haagenti.adaptive.sampling import SAMPLERS
 
     try:
+        from haagenti.adaptive.models import KINDS
+        from haagenti.adaptive.report import STAGES, evaluate_all
+        from haagenti.adaptive.sampling import SAMPLERS
+
         ms, ss = [m.strip() for m in models.split(",")], [s.strip() for s in samplers.split(",")]
         bad = [m for m in ms if m not in KINDS] + [s for s in ss if s not in SAMPLERS]
         if bad or steps < 1 or samples < 2 or window < 1 or (train_iters is not None and train_iters < 1):
             raise AdaptiveError(f"unknown model/sampler {', '.join(bad)}" if bad else "--steps, --window and --train-iters must be >= 1, --samples >= 2")
         with _stages("evaluate:", STAGES) as ended:
             doc = evaluate_all(out_dir, ms, ss, steps, samples, window, train_iters=train_iters, progress=ended)
-    except (AdaptiveError, ValueError) as e:
+    except (AdaptiveError, MissingExtraError, ValueError) as e:
         _fail(e)
     md = os.path.join(out_dir, "adaptive.md")
     with open(md) as f:

@@ -29,6 +29,10 @@ class UnknownModelError(LibraryError):
     """The library holds no model of that id (the command line then says how to list them)."""
 
 
+class MissingExtraError(HaagentiError):
+    """An optional part of haagenti is used without the pip extra that installs it."""
+
+
 class DamagedError(HaagentiError):
     """Something read from a library is damaged or cannot be trusted (an unreadable table file,
     a lying record such as a file name that leaves the output folder)."""

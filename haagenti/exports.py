@@ -14,6 +14,7 @@ import torch
 
 from haagenti.errors import FormatError
 from haagenti.examples import DigitsTransformer
+from haagenti.extras import require
 
 
 def load_example(path: str) -> DigitsTransformer:
@@ -120,6 +121,7 @@ def save_hf_folder(state: dict[str, torch.Tensor], folder: str, shards: int = 4)
 def save_diffusers_folder(text_encoder: dict[str, torch.Tensor], folder: str, seed: int = 0) -> None:
     """A diffusers folder written by diffusers: a small UNet and VAE (`save_pretrained`), the
     scheduler config and model_index.json, with the example transformer as text_encoder/."""
+    require("adaptive")
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
     from huggingface_hub import save_torch_state_dict
 

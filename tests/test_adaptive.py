@@ -286,3 +286,18 @@ def test_precision_tiers_in_the_library(tmp_path, family):
     err = (got[w].float() - exact[w].float()).norm() / exact[w].float().norm()
     assert 0 < err < 0.02
     assert torch.equal(load_model(lib, base.model_id, "fp32")[w], exact[w])
+
+
+def test_adaptive_precision_without_its_extra_names_the_extra_in_one_line():
+    """With diffusers not importable, `haagenti schedule` exits 1 with one line naming
+    `pip install 'haagenti[adaptive]'`, not a ModuleNotFoundError traceback."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['diffusers'] = None; sys.argv = ['haagenti', 'schedule', '--steps', '10'];"
+            "from haagenti.cli import main; main()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    text = (r.stdout + r.stderr).strip()
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    assert "pip install 'haagenti[adaptive]'" in text and "diffusers" in text

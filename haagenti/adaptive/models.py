@@ -7,6 +7,10 @@ import math
 import os
 
 import torch
+
+from haagenti.extras import require
+
+require("adaptive")
 from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput

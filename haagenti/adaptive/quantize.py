@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from haagenti.adaptive.precision import Precision
+from haagenti.extras import require
 
 GROUP = 32
 
@@ -83,6 +84,7 @@ class PrecisionLayers:
         if p is Precision.FP32:
             self.layers = {k: model.get_submodule(k) for k in paths}
         elif p.is_integer:
+            require("adaptive")
             from optimum.quanto import freeze, qint4, qint8
             from optimum.quanto import quantize as quanto_quantize
 

@@ -7,6 +7,10 @@ import inspect
 from typing import Callable
 
 import torch
+
+from haagenti.extras import require
+
+require("adaptive")
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor

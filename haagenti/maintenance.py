@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from haagenti import restore
 from haagenti.config import LibraryStats, ModelStats
 from haagenti.encode import RawCache, decode_row, decode_rows, fragment_rows
-from haagenti.chaos import maybe_die
+from haagenti.checkpoints import reached
 from haagenti.errors import DamagedError, FragmentError, HaagentiError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding
@@ -320,7 +320,7 @@ def upgrade(url: str) -> list[str]:
         models = models.set_column(models.column_names.index("record_digest"), "record_digest", pa.array(digests, pa.string()))
         store.replace_models(models, f"upgrade to format {LIBRARY_FORMAT_VERSION}")
         store.learn_columns("fragments")  # chain depths (format 5): older rows read as nulls (docs/format.md)
-        maybe_die("upgraded-models")
+        reached("upgraded-models")
         store.rewrite_marker(LIBRARY_FORMAT_VERSION)
     return failed
 

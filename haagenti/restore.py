@@ -9,7 +9,7 @@ import uuid
 import warnings
 from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
 
-from haagenti.chaos import maybe_die
+from haagenti.checkpoints import reached
 from haagenti.encode import RawCache
 from haagenti.errors import FragmentError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
@@ -129,7 +129,7 @@ def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: b
         json.dump(doc, j)
     for t, p in zip(tmp, paths):
         os.replace(t, p)
-        maybe_die("restore-moved")
+        reached("restore-moved")
     _remove_leftovers(journal, out_dir)
     return paths
 

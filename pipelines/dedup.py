@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from haagenti.chaos import maybe_die
+from haagenti.checkpoints import reached
 from haagenti.config import LibraryConfig
 from haagenti.errors import LibraryError
 from haagenti.formats.source import expand_urls
@@ -198,7 +198,7 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
         at = pc.index_in(tb["fragment_id"], value_set=new["fragment_id"])
         committer.add(tb, sigs.filter(pc.is_in(sigs["fragment_id"], value_set=tb["fragment_id"])), new["rank"].take(at).to_numpy())
     committer.flush()
-    maybe_die("after-fragments")
+    reached("after-fragments")
     t = stage("encode+write", t)
 
     # Publish: manifests, then models (the commit that makes them visible).

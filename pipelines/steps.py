@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from haagenti.checkpoints import reached
 from haagenti.config import LibraryConfig
 from haagenti.encode import PendingFragment, encode_fragment
 from haagenti.errors import FormatError
@@ -135,9 +136,7 @@ class EncodeFragments:
         self.reader = RangeReader()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from haagenti.chaos import maybe_die
-
-        maybe_die("encode")
+        reached("encode")
         rows = batch.to_pylist()
         from_library = {i for r in rows for i, u in zip(r["ref_ids"], r["ref_urls"]) if u is None}
         library_raw = self.library.fetch_raw(from_library) if from_library else {}

@@ -29,7 +29,7 @@ from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
-from haagenti.chaos import maybe_die
+from haagenti.checkpoints import reached
 from haagenti.errors import DamagedError, LibraryError
 from haagenti.fsio import filesystem_for, s3_endpoint
 from haagenti.store.damage import damaged, log_problems
@@ -127,7 +127,7 @@ class LibraryStore:
             except Exception:  # version 0 committed by a concurrent creator between the check and ours
                 if not self._is_table(name):
                     raise
-        maybe_die("create-marker")
+        reached("create-marker")
         body = json.dumps({"format": "haagenti", "format_version": LIBRARY_FORMAT_VERSION, **invariants}).encode()
         marker = posixpath.join(self.root, "haagenti.json")
         try:
@@ -367,7 +367,7 @@ class LibraryStore:
         action = self._write_file(name, parts, options, group_rows)
         path = posixpath.join(self.root, name, action.path)
         try:
-            maybe_die(f"commit-{name}")
+            reached(f"commit-{name}")
             self._check_lease()
         except BaseException:
             self._remove_quietly(path)
@@ -380,7 +380,7 @@ class LibraryStore:
             except CommitFailedError:
                 self._remove_quietly(path)  # not committed, for sure
                 raise
-        maybe_die(f"committed-{name}")
+        reached(f"committed-{name}")
         return data_file_uuid(action.path)
 
     def _write_file(self, name: str, parts: Iterable[pa.Table], options: dict, group_rows: int | None = None,
@@ -398,7 +398,7 @@ class LibraryStore:
                 for t in parts:
                     w.write_table(t, row_group_size=group_rows)
                     stats.add(t)
-                    maybe_die(f"write-{name}")
+                    reached(f"write-{name}")
             return AddAction(fname, self.fs.size(path), {}, int(time.time() * 1000), True, json.dumps(stats.json()))
         except BaseException:
             self._remove_quietly(path)  # a full disk must not stay full of a file nobody will commit
@@ -459,7 +459,7 @@ class LibraryStore:
             for a in adds:  # not committed: nobody references them
                 self._remove_quietly(posixpath.join(self.root, name, a.path))
             raise
-        maybe_die(f"deleted-{name}")
+        reached(f"deleted-{name}")
         return deleted
 
     def delete_fragments(self, fragment_ids: pa.Array) -> int:

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake.exceptions import CommitFailedError
 
-from haagenti.chaos import maybe_die
+from haagenti.checkpoints import reached
 from haagenti.errors import LibraryError
 from haagenti.store.delta import LibraryStore
 from haagenti.store.schema import SCHEMAS
@@ -100,7 +100,7 @@ def unpublish(store: LibraryStore, model_id: str, ingest_id: str) -> None:
 
 def record(store: LibraryStore, version: int, model_ids: list[str], removed: list[str] = ()) -> None:
     """Write the publication record of a models commit and drop the older ones."""
-    maybe_die("published")
+    reached("published")
     path = posixpath.join(store.root, RECORD_DIR, f"models-{version:020d}.json")
     store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
     store.fs.pipe_file(path, json.dumps({"version": version, "published": model_ids, "removed": list(removed), "time": time.time()}).encode())

@@ -1,17 +1,12 @@
-"""Fault injection for the interruption tests: a real process death, or a full disk, once, at a
-named point of a writer.
+"""Fault injection for the interruption tests: a real process death, a full disk, a stall or a
+Ctrl-C, once, at a named checkpoint (haagenti.checkpoints) of a writer.
 
 HAAGENTI_CHAOS="POINT:/path/marker" kills the process (SIGKILL) the first time it reaches POINT;
 HAAGENTI_CHAOS="POINT=enospc:/path/marker" raises the OSError a full disk raises there instead;
 HAAGENTI_CHAOS="POINT=stop:/path/marker" stops the whole process (SIGSTOP) until a SIGCONT, as a
 machine that stalls does; HAAGENTI_CHAOS="POINT=interrupt:/path/marker" sends it a SIGINT, as
-Ctrl-C does.
-The marker file records that it happened, so a retry (Ray's, or the test's re-run) goes through.
-Points: the pipeline's `encode` and `after-fragments`; each table append's `write-TABLE` (data
-file half written), `commit-TABLE` (data file written, not committed) and `committed-TABLE`;
-each delete's `deleted-TABLE` (gc: one table's delete committed, the next not yet made);
-`published` (the models commit made, its publication record not yet written); `create-marker`
-(a new library's tables made, its haagenti.json not yet written).
+Ctrl-C does. The marker file records that it happened, so a retry (Ray's, or the test's re-run)
+goes through. The variable is read at each point, so a test may set and clear it in-process.
 """
 from __future__ import annotations
 
@@ -20,7 +15,7 @@ import os
 import signal
 
 
-def maybe_die(point: str) -> None:
+def inject(point: str) -> None:
     spec = os.environ.get("HAAGENTI_CHAOS", "")
     head, _, marker = spec.partition(":")
     where, _, action = head.partition("=")

@@ -1,4 +1,6 @@
-"""What tests/ and bench/ share: an S3 API server (moto) on loopback, in its own process."""
+"""What tests/ and bench/ share: an S3 API server (moto) on loopback, in its own process; and
+the fault injector (haagenti.testing.faults). Nothing in the library imports this package,
+except the checkpoint seam when a test asks for fault injection (haagenti.checkpoints)."""
 from __future__ import annotations
 
 import os

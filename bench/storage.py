@@ -164,7 +164,7 @@ def main() -> None:
     # The set-up's ~270k objects (torch, scikit-learn, the family) would otherwise be scanned by
     # every full garbage collection inside a timed run: measured 24-163 ms per pass, 5 passes a
     # run, landing on whichever method was running. Frozen, a pass scans only what the measured
-    # code itself keeps (docs/decisions.md).
+    # code itself keeps (docs/decisions/0006-plain-coding.md).
     gc.freeze()
     configs = {label: LibraryConfig(fragment_size=args.fragment_size, similarity=sim)
                for label, sim in (("haagenti exact dedup only", False), ("haagenti + similarity", True))}

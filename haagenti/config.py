@@ -34,7 +34,7 @@ class LibraryConfig:
     `given` records those set explicitly, which must agree with the library's."""
 
     fragment_size: int | None = None
-    zstd_level: int | str = PLANES  # the plane-tuned zstd preset; or a zstd level (docs/decisions.md)
+    zstd_level: int | str = PLANES  # the plane-tuned zstd preset; or a zstd level (docs/decisions/0006-plain-coding.md)
     similarity: bool = True
     candidates: int | None = None  # signature neighbours tried as delta references
     lossy_threshold: float | None = None  # max relative L2 error for lossy sharing; None = lossless only

@@ -185,7 +185,7 @@ def signature_row(p: PendingFragment, s: FragmentSignature) -> dict:
 
 def rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     """Rows as a table; large_binary columns (the blobs) wrap each row's bytes without a copy:
-    from_pylist copied every blob into one fresh buffer, 0.1 s per 64 MB batch (docs/decisions.md)."""
+    from_pylist copied every blob into one fresh buffer, 0.1 s per 64 MB batch (docs/decisions/0037-every-core.md)."""
     return pa.Table.from_arrays([_blobs(rows, f.name) if f.type == pa.large_binary() else pa.array([r[f.name] for r in rows], f.type) for f in schema], schema=schema)
 
 

@@ -2,7 +2,7 @@
 
 BLAKE3 (the `blake3` package, the BLAKE3 team's bindings) rather than sha256: every fragment is
 hashed on ingest and again on every read, so the hash is on the hot path of both. Measured on
-256 KiB inputs, one core of this machine: blake3 3.2 GB/s, sha256 1.5 GB/s (OpenSSL with
+256 KiB inputs, one core of the 2-core development machine (docs/decisions/0004-blake3.md): blake3 3.2 GB/s, sha256 1.5 GB/s (OpenSSL with
 SHA-NI), blake2b 0.8 GB/s. BLAKE3 is collision resistant like
 sha256 (content ids must be: a collision would silently swap a fragment), and HuggingFace's Xet
 storage addresses chunks with it too.

@@ -9,14 +9,14 @@ Both tables are keyed by an int64 and every data file is sorted by it:
          id's first 8 bytes): the known-id check, and where read_fragments finds a fragment.
 The reading by key is haagenti.store.keyed's: a lookup takes the Delta log's per-file min/max of the key (no listing, no file opened), then
 each candidate file's row-group min/max from its footer, and reads only the row groups whose
-range holds a wanted key (docs/decisions.md: why sorted row groups rather than Delta
+range holds a wanted key (docs/decisions/0013-index-as-tables.md: why sorted row groups rather than Delta
 partitions or bloom filters). Each commit of fragments appends one sorted file per index table
 with their rows; `compact()` z-orders each table (one key column: a sort) into files with
 disjoint key ranges.
 
 Why not datasketch here: its MinHashLSH keeps every band bucket in one process's dicts (or in
 Redis/Cassandra), which is what this module exists to avoid. Its `_optimal_param` does not
-choose bands x rows either (docs/decisions.md): the library's bands x rows is an invariant of
+choose bands x rows either (docs/decisions/0011-datasketch-banding.md): the library's bands x rows is an invariant of
 its signatures (SignatureConfig). The reference rule over the rows read is haagenti.matching's.
 """
 from __future__ import annotations

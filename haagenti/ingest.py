@@ -286,8 +286,8 @@ def _blob_in_arrow(row: dict | None, ref: FragmentRef | None) -> tuple[dict | No
     """The row with its blob copied into Arrow's memory, the encoder's bytes freed at once.
     A batch's blobs (40 MB of 64) are held until its commit: held in malloc's memory, they went
     back to the kernel when freed and came back as fresh pages for the next batch (8.7k page
-    faults per batch, half the encode rate on this VM; Arrow's allocator keeps its pages), see
-    docs/decisions.md, "Issue 17 (session 10)"."""
+    faults per batch, half the encode rate on a 2-core machine; Arrow's allocator keeps its pages), see
+    docs/decisions/0037-every-core.md."""
     if row is not None and row["blob"]:
         buf = pa.allocate_buffer(len(row["blob"]))
         np.frombuffer(buf, np.uint8)[:] = np.frombuffer(row["blob"], np.uint8)

@@ -3,7 +3,7 @@
 Each streams over the tables in batches (`LibraryStore.scan`) and aggregates in Arrow, so no
 step holds every fragment's bytes or a Python object per row. What still grows with the
 library, as compact Arrow columns: the ids some model references (gc), the distinct
-(model, fragment) pairs and the fragments' sizes (stats, relations) — docs/decisions.md.
+(model, fragment) pairs and the fragments' sizes (stats, relations) — docs/decisions/0038-maintenance-streaming.md.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ Ray pipeline (once over the whole run, its bucket groups spread over workers):
    (by Hamming distance, then that order). Both caps keep a bucket of identical signatures
    linear; the nearest are kept, not the first, because a bucket fills with unrelated fragments
    as the library grows (N/65,536 rows per 16-bit bucket): with the first 32 by id, a
-   near-duplicate in a 10M-fragment library was proposed 27% of the time (docs/decisions.md).
+   near-duplicate in a 10M-fragment library was proposed 27% of the time (docs/decisions/0015-reference-rule.md).
 2. Depth. Every fragment has a depth: 0 when stored plain, else 1 + its reference's depth. A
    candidate is usable when its depth is below `MAX_CHAIN_DEPTH`, delta or not: a fine-tune
    references its base even when the base is itself a delta of an export that came first

@@ -39,7 +39,7 @@ class Workers:
         """fn over contiguous slices of `items`, results concatenated in order. The caller and
         up to `threads` - 1 pool workers each take the next slice until none is left: with one
         fixed slice per thread, the thread that shared its core finished last and the others
-        waited (docs/decisions.md, "Issue 17 (session 10)")."""
+        waited (docs/decisions/0037-every-core.md)."""
         if self._pool is None or len(items) < 2:
             return fn(items)
         size = -(-len(items) // (self.threads * self.SLICES_PER_THREAD))

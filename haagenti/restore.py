@@ -194,7 +194,7 @@ def place_model(lib: "FragmentLibrary", manifest: ModelManifest, fds: list[int],
     offset (os.pwrite), by the worker that decoded and verified it, the moment it is decoded;
     then check each file's layout. The rows of the next group are read meanwhile. One writer
     thread after the decoders was serial work, and the decoded group it held was 64 MB of
-    fresh pages per group in the workers' malloc arenas (docs/decisions.md, "Issue 17 (session 10)")."""
+    fresh pages per group in the workers' malloc arenas (docs/decisions/0037-every-core.md)."""
     plan = _Placement(manifest, fds)
     for fd, offset, gap in plan.gaps:
         _pwrite(fd, gap, offset)
@@ -274,7 +274,7 @@ class _Placement:
 def write_model(lib: "FragmentLibrary", manifest: ModelManifest, sinks: list[BinaryIO], rehash: bool, workers: Workers | None = None) -> None:
     """Stream the model into one sink per file, in order, then check each file's layout: the
     ids of the fragments written, each verified against its bytes on read, in the order
-    written. A second BLAKE3 pass over every byte (`rehash`) was ~10% of a restore (docs/decisions.md)."""
+    written. A second BLAKE3 pass over every byte (`rehash`) was ~10% of a restore (docs/decisions/0005-file-layout-digest.md)."""
     hashers = [hasher() if rehash else None for _ in manifest.files]
     written: list[list[str]] = [[] for _ in manifest.files]
     states: dict[int, dict[str, torch.Tensor]] = {i: {} for i, f in enumerate(manifest.files) if f.format == "torch"}

@@ -16,7 +16,7 @@ Steps 1-3 and the mean/std/histogram run on a fixed sample of the fragment: ever
 k = ceil(n / sample), so a full 131,072-element fragment is signed on 16,384 elements. The
 cosine of two such samples tracks the cosine of the whole fragments (a fine-tune changes every
 element a little; LSH only proposes, the real bytes decide). Measured: 4-5x faster signatures
-on full fragments, near-duplicate recall unchanged (docs/decisions.md). Min, max, the scale and
+on full fragments, near-duplicate recall unchanged (docs/decisions/0010-signatures.md). Min, max, the scale and
 the NaN/Inf count are exact over all elements.
 """
 from __future__ import annotations
@@ -201,7 +201,7 @@ def _factor(lo: float, hi: float, levels: int) -> tuple[float, float]:
 
 class _Buffers(threading.local):
     """Per-thread scratch arrays, grown on demand and then reused: a fresh 512 KiB temporary per
-    fragment costs page faults that dominated signing (docs/decisions.md)."""
+    fragment costs page faults that dominated signing (docs/decisions/0037-every-core.md)."""
 
     def __init__(self) -> None:
         self.arrays: dict[str, np.ndarray] = {}
@@ -243,7 +243,7 @@ def _bounds16(data: bytes, dt: str, n: int) -> tuple[float, float] | None:
     largest word above 0x8000 is the most negative. None (the float path decides) for other
     dtypes, NaN/Inf, and a bound of zero, whose sign numpy's float min/max leaves to the order
     it meets -0.0 and +0.0. Converting every value cost 4x the rest of a bf16 signature's
-    reductions (docs/decisions.md)."""
+    reductions (docs/decisions/0044-one-core-hot-path.md)."""
     if dt not in ("BF16", "F16") or not n:
         return None
     mask = EXPONENT_MASKS[dt][1]
@@ -336,7 +336,7 @@ def _cpu_signatures(fragments: list[tuple[bytes, str]], config: SignatureConfig)
         sketches.append(_Sketch(lo, hi, nonfinite, missing, m))
     # Partial sums are integers below (sample + fold) * L < 2**24: exact in float32 in any order.
     # One BLAS thread: OpenBLAS's own threads made this product 2-10x slower on a busy machine,
-    # and ingest runs one signing thread per core anyway (docs/decisions.md).
+    # and ingest runs one signing thread per core anyway (docs/decisions/0037-every-core.md).
     with _blas().limit(limits=1, user_api="blas"):
         proj = folded @ _projection32(config)
     return _finish(sketches, proj, counts, config)

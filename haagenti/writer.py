@@ -17,7 +17,7 @@ fragments and its index rows leaves fragments the index does not know: the next 
 them again (readers keep one row per id) and `gc` removes the unreferenced copies.
 
 Row groups: each model's new fragments start a row group of their own, so restoring one model
-reads none of its neighbour's rows (docs/decisions.md).
+reads none of its neighbour's rows (docs/decisions/0045-located-by-id.md).
 """
 from __future__ import annotations
 

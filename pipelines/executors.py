@@ -57,7 +57,7 @@ class RayExecutor:
     """Runs steps on a Ray cluster (started locally unless `address` / RAY_ADDRESS names one)
     on a pool of long-lived step actors, plus a GPU pool for signatures when the cluster has GPUs.
 
-    Why actors and not Ray Data or plain tasks: measured on this 2-CPU box, every Ray Data
+    Why actors and not Ray Data or plain tasks: measured on a 2-CPU machine (docs/decisions/0012-ray-step-actors.md), every Ray Data
     execution paid seconds of planning and operator start-up (35-55 s per dedup run for
     6-90 MB catalogs, the LSH group-by alone ~13 s) and stalled on a 1-CPU cluster; plain
     tasks with fractional CPUs made Ray start and kill worker processes between stages, each

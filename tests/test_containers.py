@@ -71,7 +71,7 @@ def test_quantized_tensors_cut_on_blocks_and_shared_between_files(tmp_path, expo
 
 
 def test_a_quantized_fine_tune_is_stored_as_deltas_on_the_base_blocks(tmp_path, exports):
-    """XOR against the base's Q8_0 blocks pays (docs/decisions.md): the fine-tune's changed
+    """XOR against the base's Q8_0 blocks pays (docs/decisions/0030-quantized-deltas.md): the fine-tune's changed
     blocks reference the base's, found by signatures of their dequantized values."""
     sizes = {}
     for similarity in (True, False):
@@ -121,7 +121,7 @@ def test_reshard_invariance(tmp_path, exports, one, many):
 
 def test_onnx_inline_and_external_share_every_tensor_fragment(tmp_path, exports):
     """Moving initializers to an external data file changes the graph's bytes (its records are
-    stored again, docs/decisions.md), never a fragment."""
+    stored again, docs/decisions/0033-verbatim-per-model.md), never a fragment."""
     lib = FragmentLibrary.open(str(tmp_path / "lib"))
     lib.ingest([exports["onnx"]], "one")
     report = lib.ingest([exports["onnx-external"]], "many")

@@ -73,7 +73,7 @@ class RotateLeft:
     bit and its exponent fills the top byte (sign-last, as ZipNN groups it); by three (bf16,
     fp32), the two top exponent bits, near-constant in trained weights, move to the lowest plane,
     where zstd's Huffman stage takes them at 1 bit in 8, and the two top mantissa bits, whose
-    skew depends on the exponent, join the exponent plane. Measured in docs/decisions.md."""
+    skew depends on the exponent, join the exponent plane. Measured in docs/decisions/0006-plain-coding.md."""
 
     def __init__(self, width: int, bits: int):
         if width not in (2, 4, 8) or not 0 < bits < 8 * width:
@@ -114,7 +114,7 @@ _WORD = {2: np.dtype("<u2").type, 4: np.dtype("<u4").type, 8: np.dtype("<u8").ty
 # The "planes" preset: a byte plane of floats (exponents, XOR residuals) is entropy, not
 # repetition, so match finding is cut to the bone (tiny hash table, 7-byte matches only) and
 # zstd spends its time in the Huffman literal coder. Measured on the example family's exponent
-# planes: 2.6x faster than level 1 and 12% smaller (docs/decisions.md).
+# planes: 2.6x faster than level 1 and 12% smaller (docs/decisions/0006-plain-coding.md).
 PLANES = "planes"
 _PLANE_PARAMS = zstandard.ZstdCompressionParameters(window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7, target_length=0, strategy=1)
 
@@ -122,8 +122,8 @@ _PLANE_PARAMS = zstandard.ZstdCompressionParameters(window_log=17, hash_log=6, c
 class Zstd:
     """zstd over `streams` equal parts compressed independently; a part that zstd does not
     shrink is stored raw. Every part is tried whole: with the planes preset zstd passes over an
-    incompressible plane at ~4 GB/s, so a 16 KiB probe to skip it (tried until session 10) cost
-    more on the planes that do compress than it saved (docs/decisions.md). `level` is a zstd
+    incompressible plane at ~4 GB/s, so a 16 KiB probe to skip it (tried, then dropped) cost
+    more on the planes that do compress than it saved (docs/decisions/0006-plain-coding.md). `level` is a zstd
     level or PLANES; decoding never depends on it."""
 
     def __init__(self, level: int | str = 3, streams: int = 1):
@@ -230,7 +230,7 @@ def _parse_chain(spec: str) -> CodecChain:
 
 
 # Bits a float word is rotated left before byte grouping (RotateLeft); 1 (sign last) for the
-# others. Reduction of plain fragments by rotation, measured in docs/decisions.md: bf16 and
+# others. Reduction of plain fragments by rotation, measured in docs/decisions/0006-plain-coding.md: bf16 and
 # fp32 gain most at 3, fp16 (5 exponent bits, all needed in the top plane) at 1.
 ROTATION = {"BF16": 3, "F32": 3}
 
@@ -250,7 +250,7 @@ def chain_choices(dtype_name: str, level: int | str = PLANES) -> list[CodecChain
     """chain_for's chain, then the alternative worth trying on short fragments and residuals:
     for floats, byte planes without a rotation. Values that straddle a power of two (norm
     weights around 1.0: 0x3F7F / 0x3F80) keep a constant top byte only unrotated, and on a few
-    hundred bytes that beats the exponent plane's Huffman table (measured in docs/decisions.md)."""
+    hundred bytes that beats the exponent plane's Huffman table (measured in docs/decisions/0006-plain-coding.md)."""
     chain = chain_for(dtype_name, level)
     d = dtype(dtype_name)
     if d.is_float and d.itemsize in (2, 4, 8):

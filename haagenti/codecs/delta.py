@@ -60,7 +60,7 @@ def apply_delta(encoding: Encoding, res: bytes | memoryview, ref: bytes, itemsiz
 
 # Fragments of at least 4 x PROBE_WORDS words are ranked by the encoded size of their first
 # PROBE_WORDS words and only the leader is encoded whole: full encodes of every option were a
-# third of the zstd time of an ingest with similarity (measurements in docs/decisions.md).
+# third of the zstd time of an ingest with similarity (measurements in docs/decisions/0009-deltas.md).
 PROBE_WORDS = 16384
 # ...except that plain is encoded whole too unless the leading delta's probe is at most this
 # share of plain's: a near tie on a probe is no verdict on the whole fragment.

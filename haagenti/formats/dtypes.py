@@ -109,7 +109,7 @@ def has_nonfinite(data: bytes, d: DType) -> bool:
     A value is NaN or Inf exactly when its bits without the sign are >= the exponent mask: for
     positive values that is the largest of the words read as signed integers, for negative ones
     the largest read as unsigned, less the sign bit. Two reductions over views of the data, no
-    temporary (an AND into a fresh array, then a max, cost 1.5x as much: docs/decisions.md)."""
+    temporary (an AND into a fresh array, then a max, cost 1.5x as much: docs/decisions/0044-one-core-hot-path.md)."""
     spec = EXPONENT_MASKS.get(d.name)
     if spec is None or not data:
         return False

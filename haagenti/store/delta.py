@@ -1,6 +1,6 @@
 """The library's tables as Delta Lake tables.
 
-Why Delta (docs/decisions.md has the measurements): each append is one atomic commit, a
+Why Delta (docs/decisions/0001-delta-lake-tables.md has the measurements): each append is one atomic commit, a
 reader sees a whole table version or the previous one, two writers race on the same log
 entry and the loser gets an error instead of overwriting, and the tables stay plain
 Parquet that pyarrow, DuckDB, polars and Ray Data read without haagenti.
@@ -342,7 +342,7 @@ class LibraryStore:
         The file is written by pyarrow and committed with delta-rs' `create_write_transaction`
         rather than `write_deltalake`: on the example family's 24 MB of fragment blobs
         `write_deltalake` ran at 390-560 MB/s and pyarrow's writer at 700-1480 MB/s, which made
-        the commit a quarter of an exact ingest (docs/decisions.md). Returns the uuid of the
+        the commit a quarter of an exact ingest (docs/decisions/0007-parquet-and-commits.md). Returns the uuid of the
         data file committed (what the `ids` table's `data_file` records), None for no rows."""
         if rows.num_rows == 0:
             return None
@@ -357,7 +357,7 @@ class LibraryStore:
         # dictionary on blobs; row groups of ~2 MiB so a restore reads little beyond its rows,
         # each column chunk one page: with 1 MiB pages (the default) the writer cut a page
         # about every six blobs (each blob its own Arrow chunk), which made writing a batch 1.4x
-        # slower than one page per row group (docs/decisions.md, "Issue 17 (session 10)").
+        # slower than one page per row group (docs/decisions/0007-parquet-and-commits.md).
         group_rows = max(1, _FRAGMENT_ROW_GROUP_BYTES * rows.num_rows // max(1, rows["blob"].nbytes)) if blobs else None
         starts = [sum(runs[:i]) for i in range(len(runs))]
         parts = (rows.slice(start, n) for start, n in zip(starts, runs) if n)

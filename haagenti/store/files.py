@@ -24,7 +24,7 @@ from haagenti.store.schema import SCHEMAS, conform, empty, project
 # running more workers (the Ray pipeline), one core each, and the bench figures are per core.
 ARROW_THREADS = False
 # Parsed footers kept, by their serialized bytes: a parsed footer takes several times its
-# serialized size (docs/decisions.md, issue 16 session 10), and a process that reads
+# serialized size (docs/decisions/0045-located-by-id.md), and a process that reads
 # fragments from many files over its life (a loader, a long restore) must not keep them all.
 FOOTER_CACHE_BYTES = 16 * 1024 * 1024
 

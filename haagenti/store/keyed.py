@@ -1,6 +1,6 @@
 """Tables keyed by an int64, read by key: every data file is sorted by its key and carries the
 key's min/max in its Delta add action and in its row groups' statistics, so a lookup opens only
-the files whose range holds a wanted key and reads only those row groups (docs/decisions.md:
+the files whose range holds a wanted key and reads only those row groups (docs/decisions/0045-located-by-id.md:
 why sorted row groups rather than Delta partitions or bloom filters). haagenti/index.py keeps
 its LSH bands this way; the `ids` table (one row per stored fragment, keyed by the id's first
 8 bytes) answers which ids the library holds and in which fragments data file each was
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 class KeyedTable:
     name: str
     key: str
-    group_rows: int  # rows per row group: the unit a lookup reads (docs/decisions.md)
+    group_rows: int  # rows per row group: the unit a lookup reads (docs/decisions/0045-located-by-id.md)
 
 
 IDS = KeyedTable("ids", "id_key", 256)
@@ -122,7 +122,7 @@ class KeyedReader:
         """Rows whose key is in `keys` (sorted, unique), with `columns`. A file of one row group
         (one commit's rows, before compaction merges them) is read whole into the store's column
         cache: every file of an uncompacted table holds a key of most lookups, and reopening them
-        all on each one cost a request per file on S3 (docs/decisions.md)."""
+        all on each one cost a request per file on S3 (docs/decisions/0045-located-by-id.md)."""
         schema = SCHEMAS[self.spec.name]
         need = columns if self.spec.key in columns else columns + [self.spec.key]
         out = []

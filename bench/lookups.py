@@ -16,10 +16,11 @@ Each measurement is a fresh process that opens the library and calls `read_fragm
 `--calls` sets of 64 random ids of the library (the first call pays for every cache: footers,
 the ids table's row-group ranges, the fragments id columns of the old scan; the tables' Delta logs are read before the clock
 starts and timed apart, as `open`). Modes:
-  hinted: this checkout's read_fragments (ids table by key, then the data files it names)
+  hinted: this checkout's FragmentLibrary.read_rows (the index layout locates the ids by key,
+          then read_fragments reads the data files it names)
   scan:   this checkout's exact scan of every data file's id column (DataFiles.fragments without
           hints: what read_fragments did before the ids table named data files)
-  before: read_fragments of the checkout given by --before (e.g. `git worktree add --detach
+  before: FragmentLibrary.read_rows of the checkout given by --before (e.g. `git worktree add --detach
           /tmp/before <commit>`), on the same library
 Rounds go over every size and mode in turn, so each round sees the same machine load. Prints
 min/median/max of the first call's and the later calls' seconds and the process's peak RSS.
@@ -63,7 +64,8 @@ def build(url: str, n: int, sets: int, appended: bool = False, seed: int = 1) ->
     from haagenti.store import SCHEMAS
     from haagenti.store.delta import _scalar_columns
     from haagenti.store.files import data_file_uuid
-    from haagenti.store.keyed import IDS, append_keyed, id_keys
+    from haagenti.index.bands import IDS, id_keys
+    from haagenti.store.keyed import append_keyed
 
     t0 = time.perf_counter()
     lib = FragmentLibrary.open(url)
@@ -89,8 +91,7 @@ def build(url: str, n: int, sets: int, appended: bool = False, seed: int = 1) ->
         actions.append(store._write_file("fragments", (rows.slice(g, GROUP_ROWS) for g in range(0, k, GROUP_ROWS)), options))
         files.append(data_file_uuid(actions[-1].path))
         if len(actions) == ADDS_PER_COMMIT or a + k >= n:
-            with store._lock:
-                store.table("fragments").create_write_transaction(actions, mode="append", schema=schema)
+            store.commit_add("fragments", actions)
             actions = []
     keys = _keys(ids)
     assert (keys[:1000] == id_keys(ids.slice(0, 1000).to_pylist())).all()
@@ -117,7 +118,7 @@ def _hex_ids(rng, n: int):
 
 
 def _keys(ids):
-    """id_keys of a string array of hex ids, vectorised (haagenti.store.keyed.id_keys, by buffers)."""
+    """id_keys of a string array of hex ids, vectorised (haagenti.index.bands.id_keys, by buffers)."""
     import numpy as np
 
     raw = np.frombuffer(ids.buffers()[2], np.uint8).reshape(len(ids), 64)[:, :16]
@@ -140,7 +141,8 @@ def probe(url: str, mode: str, queries_path: str) -> dict:
     real = DataFiles._groups_holding
     DataFiles._groups_holding = lambda self, path, wanted: touched.add(path) or real(self, path, wanted)
     t = time.perf_counter()
-    store = FragmentLibrary.open(url).store
+    lib = FragmentLibrary.open(url)
+    store = lib.store
     store._paths("fragments", None), store._paths("ids", None)  # the Delta logs, read by both modes: timed apart
     opened = time.perf_counter() - t
     rss0 = vm_mib("VmRSS")
@@ -151,9 +153,9 @@ def probe(url: str, mode: str, queries_path: str) -> dict:
         if mode == "scan":
             out = store.files.fragments(store._paths("fragments", None), ids, SCHEMAS["fragments"].names)
         else:
-            out = store.read_fragments(ids)
+            out = lib.read_rows(set(ids))  # the library's own read, whichever checkout
         secs.append(time.perf_counter() - t)
-        found.append(out.num_rows)
+        found.append(len(out))
         files.append(len(touched))
     return {"open_s": opened, "first_s": secs[0], "later_s": secs[1:], "found": found, "files_read": files, "rss_before_mib": rss0, "peak_mib": vm_mib("VmHWM")}
 

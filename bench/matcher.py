@@ -1,5 +1,5 @@
 """The reference matcher alone against a library's index: batches of 256 random signatures
-(like those of a bf16 model's fragments) through `RunMatcher` + `BandIndex.rows`, in one process.
+(like those of a bf16 model's fragments) through `RunMatcher` + the index layout's `propose`, in one process.
 
     flock /tmp/haagenti-heavy.lock python bench/matcher.py LIBRARY [--batches 8] [--profile]
 
@@ -18,7 +18,6 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from haagenti.index import BandIndex
 from haagenti.library import FragmentLibrary
 from haagenti.matching import RunMatcher
 
@@ -30,12 +29,12 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
     lib = FragmentLibrary.open(a.library)
-    index = BandIndex(lib.store, lib.config.signature)
+    index = lib.index
     spent, rows = [0.0], [0]
 
     def lookup(buckets: pa.Table) -> pa.Table:
         t = time.perf_counter()
-        got = index.rows(buckets)
+        got = index.propose(buckets)
         spent[0] += time.perf_counter() - t
         rows[0] += got.num_rows
         return got

@@ -66,7 +66,9 @@ def build(url: str, n: int, seed: int = 1) -> dict:
     import numpy as np
     import pyarrow as pa
 
-    from haagenti.index import BANDS, IDS, append_keyed, band_hashes, buckets
+    from haagenti.index.bands import BANDS, IDS, buckets
+    from haagenti.signature import band_hashes
+    from haagenti.store.keyed import append_keyed
     from haagenti.library import FragmentLibrary
     from haagenti.signature import SignatureConfig
 
@@ -187,9 +189,9 @@ def run_recall(url: str, n: str, queries: int = 256) -> dict:
     import numpy as np
     import pyarrow as pa
 
-    from haagenti.index import BandIndex, band_hashes
     from haagenti.library import FragmentLibrary
-    from haagenti.matching import band_table, hamming_limit, partner_pairs
+    from haagenti.matching import hamming_limit, match_rows, partner_pairs
+    from haagenti.signature import band_hashes
 
     n = int(n)
     lib = FragmentLibrary.open(url)
@@ -198,7 +200,7 @@ def run_recall(url: str, n: str, queries: int = 256) -> dict:
     ids = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
     bits = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
     pick = np.random.default_rng(2).choice(n, queries, replace=False)
-    index = BandIndex(lib.store, cfg)
+    index = lib.index
     limit = hamming_limit(cfg, lib.config.thresholds.similar_cosine)
     out = {"limit": limit}
     for flips in (4, 8, 16):
@@ -209,7 +211,7 @@ def run_recall(url: str, n: str, queries: int = 256) -> dict:
         q = np.packbits(q, axis=1)
         qids = [g.bytes(32).hex() for _ in range(queries)]
         t = pa.table({"fragment_id": qids, "bits": pa.array([r.tobytes() for r in q], pa.binary()), "n_elements": pa.array(np.full(queries, 131072), pa.int64())})
-        pairs = partner_pairs(band_table(t, cfg, np.arange(queries)), index.rows, None, limit)
+        pairs = partner_pairs(match_rows(t, cfg, np.arange(queries)), index.propose, None, limit)
         got = set(zip(pairs["fragment_id"].to_pylist(), pairs["candidate_id"].to_pylist()))
         lsh = (band_hashes(q, cfg) == band_hashes(bits[pick], cfg)).any(axis=1)
         out[flips] = {"lsh": float(lsh.mean()), "proposed": float(np.mean([(a, ids[i].tobytes().hex()) in got for a, i in zip(qids, pick)]))}

@@ -3,7 +3,7 @@
     python bench/similarity.py
 Labelled pairs: fragment k of a tensor in the base and the same fragment in each fine-tune,
 LoRA merge and fp16 export (related), and against the unrelated model (unrelated). Recall is
-measured two ways, per band of measured cosine: datasketch's in-memory LSH (`SimilarityIndex`,
+measured two ways, per band of measured cosine: datasketch's in-memory LSH (bench/lsh_baseline.py's `SimilarityIndex`,
 nearest 4 of the fragments sharing a band), and what an ingest runs: the base ingested into a
 library, whose index tables (haagenti.index) each variant's fragments are matched against with
 haagenti.matching's rule (a base fragment is *proposed* when it shares a bucket, is among the MAX_SCAN looked at
@@ -20,16 +20,16 @@ import pyarrow as pa
 import torch
 
 from common import example_family
+from lsh_baseline import SimilarityIndex
 
 from haagenti.config import LibraryConfig
 from haagenti.formats import open_model
 from haagenti.formats.dtypes import dtype
 from haagenti.fragment import FragmentId
-from haagenti.index import BandIndex
 from haagenti.library import FragmentLibrary
-from haagenti.matching import band_table, choose_references, hamming_limit, partner_pairs
+from haagenti.matching import choose_references, hamming_limit, match_rows, partner_pairs
 from haagenti.signature import compute_signatures
-from haagenti.similarity import SimilarityIndex, measure
+from haagenti.similarity import measure
 
 
 def fragments(path: str, elems: int) -> dict[tuple[str, int], tuple[bytes, str]]:
@@ -57,7 +57,7 @@ class RuleMatch:
         lib.ingest([base_file], "digits-base")
         frags = lib.store.read("fragments", columns=["fragment_id", "encoding", "quality"])
         self.plain = {f for f, e, q in zip(*(frags[c].to_pylist() for c in ("fragment_id", "encoding", "quality"))) if e == "plain" and q == "exact"}
-        self.index = BandIndex(lib.store, cfg.signature)
+        self.index = lib.index
         self.limit = hamming_limit(cfg.signature, cfg.thresholds.similar_cosine)
 
     def match(self, frags: dict, sigs: list) -> tuple[set[tuple[str, str]], dict[str, list[str]]]:
@@ -71,7 +71,7 @@ class RuleMatch:
                 bits.append(s.bits)
                 lengths.append(len(chunk) // dtype(dt).itemsize)
         t = pa.table({"fragment_id": ids, "bits": pa.array(bits, pa.binary()), "n_elements": pa.array(lengths, pa.int64())})
-        pairs = partner_pairs(band_table(t, self.cfg.signature, np.arange(len(ids))), self.index.rows, None, self.limit)
+        pairs = partner_pairs(match_rows(t, self.cfg.signature, np.arange(len(ids))), self.index.propose, None, self.limit)
         proposed = set(zip(pairs["fragment_id"].to_pylist(), pairs["candidate_id"].to_pylist()))
         return proposed, choose_references(pairs, ids, self.cfg.candidates)[0]
 

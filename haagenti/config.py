@@ -19,9 +19,13 @@ MAX_CHAIN_DEPTH = 4
 # A library's invariants: fixed when it is created (haagenti.json) and used from then on.
 # Another fragment size cuts other fragments (other ids: no exact match with what is stored),
 # another signature configuration gives bits that cannot be compared with the stored ones, and
-# the thresholds and candidate count decide which references an ingest chooses.
-INVARIANTS = ("fragment_size", "signature", "thresholds", "candidates")
-_DEFAULTS = {"fragment_size": 256 * 1024, "signature": SignatureConfig(), "thresholds": SimilarityThreshold(), "candidates": 2}
+# the thresholds and candidate count decide which references an ingest chooses, and the index
+# layout (haagenti.index) is how its index tables are kept.
+INVARIANTS = ("fragment_size", "signature", "thresholds", "candidates", "index")
+# The index layout of every library written before layouts were named: a haagenti.json without
+# "index" is read as this one (docs/format.md).
+DEFAULT_INDEX = "bands"
+_DEFAULTS = {"fragment_size": 256 * 1024, "signature": SignatureConfig(), "thresholds": SimilarityThreshold(), "candidates": 2, "index": DEFAULT_INDEX}
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class LibraryConfig:
     batch_bytes: int = 64 * 1024 * 1024  # raw bytes per encode batch and per fragment commit
     signature: SignatureConfig | None = None
     thresholds: SimilarityThreshold | None = None
+    index: str | None = None  # the index layout's registered name (haagenti.index)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "given", frozenset(k for k in INVARIANTS if getattr(self, k) is not None))
@@ -65,10 +70,13 @@ class LibraryConfig:
         one set explicitly to another value is refused."""
         try:  # haagenti.json is read from the library: untrusted, and checked as a config given by hand is
             values = {"fragment_size": stored["fragment_size"], "signature": SignatureConfig(**stored["signature"]),
-                      "thresholds": SimilarityThreshold(**stored["thresholds"]), "candidates": stored["candidates"]}
+                      "thresholds": SimilarityThreshold(**stored["thresholds"]), "candidates": stored["candidates"],
+                      "index": stored.get("index", DEFAULT_INDEX)}
             settled = replace(self, **values)
             if not isinstance(settled.candidates, int) or isinstance(settled.candidates, bool) or settled.candidates < 0:
                 raise ValueError(f"candidates must be a whole number >= 0, not {settled.candidates!r}")
+            if not isinstance(settled.index, str):
+                raise ValueError(f"index must be a layout's name, not {settled.index!r}")
         except (KeyError, TypeError, ValueError) as e:
             raise DamagedError(f"{where}: haagenti.json is damaged: its invariants are not valid ({type(e).__name__}: {e})") from None
         for k in sorted(self.given):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
 
@@ -64,37 +63,3 @@ class Encoding(str, Enum):
     PLAIN = "plain"  # codec chain over the raw bytes
     DELTA_XOR = "delta_xor"  # codec chain over raw XOR reference (reference cast to this dtype)
     DELTA_SUB = "delta_sub"  # codec chain over raw - reference, as wrapping unsigned words
-
-
-@dataclass(frozen=True)
-class FragmentMetadata:
-    """One row of the fragments table, without the blob."""
-
-    fragment_id: FragmentId
-    dtype: str
-    n_elements: int
-    raw_size: int
-    stored_size: int
-    encoding: Encoding
-    codec: str
-    ref_id: str | None
-    fragment_type: FragmentType
-    quality: str = "exact"  # "exact", or a precision tier such as "int8"
-    ref_count: int = 0
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.raw_size / self.stored_size if self.stored_size else float("inf")
-
-
-@dataclass(frozen=True)
-class Fragment:
-    """A fragment's raw bytes together with its identity."""
-
-    fragment_id: FragmentId
-    dtype: str
-    data: bytes
-
-    @classmethod
-    def of(cls, dtype: str, data: bytes) -> "Fragment":
-        return cls(FragmentId.of(data), dtype, data)

@@ -28,7 +28,7 @@ from haagenti.formats.source import ModelSource
 from haagenti.formats.splice import FileHasher
 from haagenti.fragment import Encoding, FragmentId, FragmentType
 from haagenti.hashing import model_hash
-from haagenti.index import BandIndex, KnownIds
+from haagenti.index import open_index
 from haagenti.manifest import FileRecord, FragmentRef, ModelManifest, TensorRef, validate_model_id
 from haagenti.matching import RunMatcher
 from haagenti.parallel import Workers
@@ -356,10 +356,11 @@ def _ingest_models(lib: "FragmentLibrary", todo: list[tuple[ModelInput, ModelSou
     # Tier models (quality != exact) never reference exact data, only each other.
     # The library's index is read per batch, by key: the ids a batch could repeat and the buckets
     # its signatures fall in (haagenti.index), never the whole index.
-    lookup = BandIndex(lib.store, config.signature).rows if quality == "exact" else None
+    index = open_index(lib.store, config)
+    lookup = index.propose if quality == "exact" else None
     matcher = RunMatcher(config, lookup, new_deltas=config.lossy_threshold is None) if config.similarity else None
-    encoder = FragmentEncoder(config, KnownIds(lib.store).lookup, matcher, lib.fetch_raw, device, quality, workers)
-    committer = Committer(lib.store, config.signature, ingest_id, f"ingest {', '.join(ids)}"[:200], config.batch_bytes, encoder.committed)
+    encoder = FragmentEncoder(config, index.known, matcher, lib.fetch_raw, device, quality, workers)
+    committer = Committer(lib.store, index, ingest_id, f"ingest {', '.join(ids)}"[:200], config.batch_bytes, encoder.committed)
 
     def commit(encoded: tuple[pa.Table, pa.Table, int], owner: int, before: Future | None) -> None:
         if before is not None:

@@ -10,6 +10,7 @@ from haagenti.config import LibraryConfig, LibraryStats
 from haagenti.encode import RawCache, decode_rows, fragment_rows
 from haagenti.errors import FragmentError, LibraryError, UnknownModelError
 from haagenti.fragment import Encoding
+from haagenti.index import layout_class, open_index
 from haagenti.ingest import IngestReport, ModelInput, Progress, ingest_models
 from haagenti.maintenance import VerifyProgress, VerifyReport
 from haagenti.manifest import ModelManifest, validate_model_id
@@ -23,6 +24,7 @@ class FragmentLibrary:
     def __init__(self, store: LibraryStore, config: LibraryConfig):
         self.store = store
         self.config = config
+        self.index = open_index(store, config)  # its ids reader's footers serve every fragment read
 
     @classmethod
     def open(cls, url: str, config: LibraryConfig | None = None, create: bool = True) -> "FragmentLibrary":
@@ -35,6 +37,7 @@ class FragmentLibrary:
                 raise LibraryError(f"{url}: is a file, not a library folder")
             if not create:
                 raise LibraryError(f"{url}: no haagenti library here")
+            layout_class(config.index)  # a layout this haagenti knows, before it is recorded
             store.create(config.invariants())
         return cls(store, config.settled(store.marker(), url))
 
@@ -79,7 +82,7 @@ class FragmentLibrary:
     def read_rows(self, ids: set[str], tally: list[int] | None = None, complete: bool = True) -> list[dict]:
         """The stored rows of fragments, blobs as views into Arrow's buffers (`fetch_raw` decodes
         them); every one of `ids` must be there when `complete`."""
-        rows = fragment_rows(self.store.read_fragments(ids))
+        rows = fragment_rows(self.store.read_fragments(ids, locate=self.index.locate))
         if tally is not None:
             tally.extend(len(r["blob"]) for r in rows)
         missing = ids - {r["fragment_id"] for r in rows} if complete else set()
@@ -151,6 +154,11 @@ class FragmentLibrary:
         """Delete what no published model owns and vacuum, under the gc lease (refused, after
         `wait` seconds, while another writer runs)."""
         return maintenance.gc(self, wait)
+
+    def compact(self, target_bytes: int = 256 * 1024 * 1024) -> int:
+        """Rewrite the index for lookups, then merge the metadata tables' small files and vacuum
+        (haagenti.maintenance.compact); returns data files replaced."""
+        return maintenance.compact(self, target_bytes)
 
     def stats(self) -> LibraryStats:
         return maintenance.stats(self)

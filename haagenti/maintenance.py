@@ -22,7 +22,6 @@ from haagenti.checkpoints import reached
 from haagenti.errors import DamagedError, FragmentError, HaagentiError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding
-from haagenti.index import hex_ids
 from haagenti.manifest import ModelManifest
 from haagenti.records import check_manifest, record_digest
 from haagenti.store import LIBRARY_FORMAT_VERSION, LibraryStore
@@ -67,7 +66,7 @@ def verify(lib: "FragmentLibrary", model_id: str | None = None, progress: Verify
         report.errors += log_errors(lib.store)
         report.unpublished_manifests = len(orphan_manifest_keys(lib.store))
         try:
-            _verify_fragments(lib.store, report, progress)
+            _verify_fragments(lib, report, progress)
         except DamagedError as e:  # an unreadable data file: said, and the models are still checked
             report.errors.append(str(e))
         models = lib.store.read("models", columns=["model_id", "ingest_seq", "raw_bytes"]).sort_by("ingest_seq")
@@ -94,11 +93,12 @@ def verify(lib: "FragmentLibrary", model_id: str | None = None, progress: Verify
     return report
 
 
-def _verify_fragments(store: "LibraryStore", report: VerifyReport, progress: VerifyProgress | None) -> None:
+def _verify_fragments(lib: "FragmentLibrary", report: VerifyReport, progress: VerifyProgress | None) -> None:
     """Decode every stored fragment and check it against its id, a few rows at a time. A delta
     needs its reference's bytes: references (plain or deltas themselves) are kept in a bounded
     cache as they pass, and the ones it no longer holds are read back together, per batch,
     through their chains (haagenti.encode.decode_rows)."""
+    store = lib.store
     total, refs = 0, _Distinct()
     for t in store.scan("fragments", ["raw_size", "ref_id"]):
         total += pc.sum(t["raw_size"]).as_py() or 0
@@ -130,7 +130,7 @@ def _verify_fragments(store: "LibraryStore", report: VerifyReport, progress: Ver
                     continue
                 here[row["ref_id"]] = ref
             check(row, is_ref, ref)
-        fetched = _references(store, {r["ref_id"] for r, _ in later} - here.keys(), cache)
+        fetched = _references(lib, {r["ref_id"] for r, _ in later} - here.keys(), cache)
         for row, is_ref in later:
             ref = here.get(row["ref_id"]) or fetched.get(row["ref_id"])
             if ref is None:
@@ -145,10 +145,10 @@ def _verify_fragments(store: "LibraryStore", report: VerifyReport, progress: Ver
     report.errors.extend(_name_users(store, bad))
 
 
-def _references(store: "LibraryStore", ids: set[str], cache: RawCache) -> dict[str, bytes]:
+def _references(lib: "FragmentLibrary", ids: set[str], cache: RawCache) -> dict[str, bytes]:
     """Decoded bytes of the references `ids`, through their chains; a reference that fails to
     decode is left out (it is reported in its own turn)."""
-    read = lambda wanted: fragment_rows(store.read_fragments(wanted))  # noqa: E731
+    read = lambda wanted: lib.read_rows(wanted, complete=False)  # noqa: E731
     if not ids:
         return {}
     try:
@@ -241,10 +241,11 @@ def gc(lib: "FragmentLibrary", wait: float = 0.0) -> dict[str, int]:
     stored) and vacuum. Holds the gc lease, which excludes every other writer: refused (after
     `wait` seconds) while one runs."""
     with writing(lib.store, "gc", wait=wait):
-        return _gc(lib.store)
+        return _gc(lib)
 
 
-def _gc(store: "LibraryStore") -> dict[str, int]:
+def _gc(lib: "FragmentLibrary") -> dict[str, int]:
+    store = lib.store
     _refuse_damage(store)
     keep = referenced(store)
     dead, alive = _Distinct(), _Distinct()
@@ -263,14 +264,7 @@ def _gc(store: "LibraryStore") -> dict[str, int]:
     # Index rows go before their fragments: a gc killed in between leaves fragments the index
     # does not know (the next gc removes them), never an index row that says "stored" for a
     # fragment that is gone. Rows a gc killed before this order left are removed too.
-    stale = _Distinct()
-    stale.add(gone)
-    for t in store.scan("ids", ["fragment_id"]):
-        stale.add(t["fragment_id"].filter(pc.invert(pc.is_in(t["fragment_id"], value_set=present))))
-    for t in store.scan("bands", ["fragment_id"]):
-        ids = hex_ids(t["fragment_id"])
-        stale.add(ids.filter(pc.invert(pc.is_in(ids, value_set=present))))
-    store.delete_index_rows(stale.array())
+    lib.index.delete_except(present)
     removed = store.delete_fragments(gone)
     stale = _Distinct()
     for t in store.scan("signatures", ["fragment_id"]):
@@ -279,6 +273,14 @@ def _gc(store: "LibraryStore") -> dict[str, int]:
     files = store.vacuum()
     store.leases.clear_void()
     return {"fragments_removed": removed, "bytes_freed": freed, "files_vacuumed": files, "manifest_rows_removed": orphans}
+
+
+def compact(lib: "FragmentLibrary", target_bytes: int = 256 * 1024 * 1024, wait: float = 0.0) -> int:
+    """Under the gc lease: the index layout's rewrite for lookups (gc's deletes rewrite its
+    files: sort them again), then the metadata tables' small files merged and everything
+    replaced vacuumed (LibraryStore.compact). Returns data files replaced."""
+    with writing(lib.store, "gc", wait=wait):
+        return lib.index.compact(target_bytes) + lib.store.compact()
 
 
 def gc_line(r: dict[str, int]) -> str:
@@ -394,7 +396,7 @@ def stats(lib: "FragmentLibrary") -> LibraryStats:
             families.setdefault(s.family, []).append(s)
     per_family = {f: 1 - sum(s.disk_bytes for s in ms) / max(sum(s.raw_bytes for s in ms), 1) for f, ms in sorted(families.items())}
     parts = store.disk_bytes()
-    by_part = {"fragments": parts["fragments"], "signatures": parts["signatures"], "index": parts["bands"] + parts["ids"],
+    by_part = {"fragments": parts["fragments"], "signatures": parts["signatures"], "index": sum(parts[t] for t in lib.index.tables),
                "manifests": parts["manifests"], "models": parts["models"], "logs": parts["logs"], "other": parts["other"]}
     lossy_refs = sum(v[1] for v in per.values())
     return LibraryStats(

@@ -152,16 +152,3 @@ class ModelManifest:
         if m.lossy != model["lossy"]:  # a restore checks exact models only: a damaged ref must not turn that off
             raise FragmentError(f"model {m.model_id!r}: its manifest's references {'are' if m.lossy else 'are not'} lossy, its model record says otherwise")
         return m
-
-
-@dataclass(frozen=True)
-class LayerMapping:
-    """Tensor name -> fragment type and position, the seed's per-layer view of a manifest."""
-
-    tensor_name: str
-    fragment_type: FragmentType
-    fragment_ids: tuple[str, ...]
-
-    @classmethod
-    def of(cls, manifest: ModelManifest) -> list["LayerMapping"]:
-        return [cls(t.name, t.fragment_type, tuple(r.fragment_id for r in t.fragments)) for t in manifest.tensors]

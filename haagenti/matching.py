@@ -38,9 +38,8 @@ import pyarrow.compute as pc
 
 from haagenti.config import MAX_CHAIN_DEPTH, LibraryConfig
 from haagenti.groups import group_starts, rank_in_runs, sort_rows
-from haagenti.index import fixed_width
-from haagenti.signature import SignatureConfig
-from haagenti.similarity import band_rows
+from haagenti.binary import fixed_width
+from haagenti.signature import SignatureConfig, band_hashes
 
 MAX_SCAN = 1024  # earlier fragments looked at per new fragment and band bucket
 MAX_PARTNERS = 32  # of those, the nearest kept as candidates
@@ -68,10 +67,23 @@ def hamming_limit(config: SignatureConfig, cosine: float) -> int:
     return int(config.bits * math.acos(max(min(cosine, 1.0), -1.0)) / math.pi)
 
 
-def band_table(sigs: pa.Table, config: SignatureConfig, pos: np.ndarray, depth: np.ndarray | None = None) -> pa.Table:
+def signature_bands(ids: list[str], bits: list[bytes], config: SignatureConfig) -> pa.Table:
+    """Signatures exploded into one row per band (band, band_hash, fragment_id), keyed as the
+    library's index keys them (haagenti.signature.band_hashes: a band's bits are its own hash)."""
+    hashes = band_hashes(bits, config)
+    return pa.table(
+        {
+            "band": pa.array(np.tile(np.arange(config.bands, dtype=np.int16), len(ids))),
+            "band_hash": pa.array(hashes.reshape(-1).astype(np.uint64)),
+            "fragment_id": pa.array(np.repeat(np.array(ids, dtype=object), config.bands), pa.string()),
+        }
+    )
+
+
+def match_rows(sigs: pa.Table, config: SignatureConfig, pos: np.ndarray, depth: np.ndarray | None = None) -> pa.Table:
     """Band rows of signatures (`fragment_id`, `bits`, `n_elements`), carrying what pairing needs:
     new rows to decide (`depth` None), or decided rows of this run with their depths."""
-    b = band_rows(sigs["fragment_id"].to_pylist(), sigs["bits"].to_pylist(), config)
+    b = signature_bands(sigs["fragment_id"].to_pylist(), sigs["bits"].to_pylist(), config)
     reps = config.bands
     n = sigs.num_rows
     cols = {
@@ -148,7 +160,7 @@ def bucket_pairs(part: pa.Table, max_hamming: int, max_partners: int = MAX_PARTN
 
 
 def library_rows(rows: pa.Table) -> pa.Table:
-    """Band rows read from the library's index (haagenti.index.BandIndex.rows) as reference
+    """Band rows read from the library's index (IndexLayout.propose, haagenti.index) as reference
     candidates: before every new fragment (pos -1), with their stored depths."""
     n = rows.num_rows
     return pa.table({
@@ -242,10 +254,10 @@ class RunMatcher:
             return {}, {}
         pos = np.arange(self.next_pos, self.next_pos + sigs.num_rows)
         self.next_pos += sigs.num_rows
-        batch = band_table(sigs, self.config.signature, pos)
+        batch = match_rows(sigs, self.config.signature, pos)
         pairs = partner_pairs(batch, self.lookup, self.earlier, self.limit)
         ids = sigs["fragment_id"].to_pylist()
         refs, depths = choose_references(pairs, ids, self.config.candidates, new_deltas=self.new_deltas)
         held = np.array([depths[i] if self.new_deltas or i not in refs else MAX_CHAIN_DEPTH for i in ids])
-        self.earlier = pa.concat_tables([self.earlier, band_table(sigs, self.config.signature, pos, held)])
+        self.earlier = pa.concat_tables([self.earlier, match_rows(sigs, self.config.signature, pos, held)])
         return refs, depths

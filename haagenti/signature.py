@@ -77,6 +77,25 @@ def hamming(a: bytes, b: bytes) -> int:
     return int(np.unpackbits(np.frombuffer(a, np.uint8) ^ np.frombuffer(b, np.uint8)).sum())
 
 
+def band_hashes(bits: list[bytes] | np.ndarray, config: SignatureConfig) -> np.ndarray:
+    """(fragments, bands) int64 band values: a band's `rows` bits are its own hash (rows <= 63).
+    `bits`: signatures as bytes, or as an (n, bits / 8) uint8 array."""
+    if config.rows > 63:
+        raise ValueError("band keys need rows <= 63")
+    if not len(bits):
+        return np.zeros((0, config.bands), np.int64)
+    packed = bits if isinstance(bits, np.ndarray) else np.frombuffer(b"".join(bits), np.uint8).reshape(len(bits), -1)
+    if config.rows % 8 == 0:  # whole bytes: fold them big-endian, no bit unpacking
+        per = packed.reshape(len(packed), config.bands, config.rows // 8)
+        out = np.zeros((len(packed), config.bands), np.int64)
+        for j in range(config.rows // 8):
+            out = (out << 8) | per[:, :, j]
+        return out
+    arr = np.unpackbits(packed, axis=1)
+    weights = np.int64(1) << np.arange(config.rows, dtype=np.int64)[::-1]
+    return (arr.reshape(len(bits), config.bands, config.rows).astype(np.int64) * weights).sum(axis=2)
+
+
 @lru_cache(maxsize=4)
 def _projection(config: SignatureConfig) -> np.ndarray:
     """The fold x bits ±1 projection, from a fixed seed (numpy's PCG64 stream is the same on

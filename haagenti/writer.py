@@ -2,7 +2,7 @@
 
 Commit order (docs/format.md states it for readers and writers):
   1. new fragments in chunks of about `chunk_bytes`: each chunk's `signatures` rows, then its
-     `fragments` rows, then their index rows (haagenti.index: `ids`, then `bands`), one commit
+     `fragments` rows, then their index rows (haagenti.index: the layout's tables), one commit
      each;
   2. the `manifests` rows of every model of the ingest, in one commit;
   3. their `models` rows, in one commit: the publication (haagenti.store.publication: on top
@@ -27,18 +27,17 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from haagenti.index import append_index
+from haagenti.index import IndexLayout
 from haagenti.manifest import ModelManifest
 from haagenti.records import record_digest
-from haagenti.signature import SignatureConfig
 from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS, LibraryStore
 from haagenti.store.publication import publish
 
 
 class Committer:
-    def __init__(self, store: LibraryStore, signature: SignatureConfig, ingest_id: str, note: str, chunk_bytes: int,
+    def __init__(self, store: LibraryStore, index: IndexLayout, ingest_id: str, note: str, chunk_bytes: int,
                  on_commit: Callable[[], None] | None = None):
-        self.store, self.signature, self.ingest_id, self.note, self.chunk_bytes, self.on_commit = store, signature, ingest_id, note, chunk_bytes, on_commit
+        self.store, self.index, self.ingest_id, self.note, self.chunk_bytes, self.on_commit = store, index, ingest_id, note, chunk_bytes, on_commit
         self.fragments: list[pa.Table] = []
         self.signatures: list[pa.Table] = []
         self.owners: list[np.ndarray] = []  # the model (index in the ingest) of each fragment row
@@ -66,7 +65,7 @@ class Committer:
             bounds = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1], True])
             frags = pa.concat_tables(self.fragments)
             data_file = self.store.append("fragments", frags, self.note, np.diff(bounds).tolist())
-            append_index(self.store, frags.drop_columns(["blob"]), sigs if sigs is not None else SCHEMAS["signatures"].empty_table(), self.signature, self.note, data_file)
+            self.index.append(frags.drop_columns(["blob"]), sigs if sigs is not None else SCHEMAS["signatures"].empty_table(), data_file, self.note)
         self.fragments, self.signatures, self.owners, self.held = [], [], [], 0
         if self.on_commit:
             self.on_commit()

@@ -1,4 +1,4 @@
-"""Compact the library's index tables (bands, ids).
+"""Compact the library's index tables (its index layout's: bands and ids).
 
     ray job submit --working-dir . -- python -m jobs.compact --library s3://b/lib
 Each ingest appends one sorted file per index partition; this rewrites every partition sorted
@@ -14,14 +14,13 @@ import argparse
 import sys
 import time
 
-from haagenti.index import compact
 from haagenti.library import FragmentLibrary
 from jobs import exclusive_job
 
 
 def rewrite(lib: FragmentLibrary, args: argparse.Namespace) -> str:
     t = time.perf_counter()
-    files = compact(lib.store, args.target_mb * 1024 * 1024)
+    files = lib.index.compact(args.target_mb * 1024 * 1024)
     if not files:
         return "compact: nothing to do (nothing was added or removed since the index was last sorted)"
     return f"compact: {files} index files rewritten in {time.perf_counter() - t:.1f}s"

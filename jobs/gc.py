@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from haagenti.index import compact
 from haagenti.library import FragmentLibrary
 from haagenti.maintenance import gc_line
 from jobs import exclusive_job
@@ -16,7 +15,7 @@ from jobs import exclusive_job
 
 def collect(lib: FragmentLibrary, args: argparse.Namespace) -> str:
     r = lib.gc()
-    compacted = compact(lib.store) + lib.store.compact()  # gc's deletes rewrite index files: sort them again
+    compacted = lib.compact()
     return gc_line(r) + (f"; {compacted} files compacted" if compacted else "")
 
 

@@ -23,10 +23,9 @@ from haagenti.errors import LibraryError
 from haagenti.formats.source import expand_urls
 from haagenti.groups import sort_rows
 from haagenti.ingest import signature_table
-from haagenti.index import KnownIds
 from haagenti.library import FragmentLibrary
 from haagenti.maintenance import closest_models
-from haagenti.matching import BUCKET, band_table, choose_references, hamming_limit
+from haagenti.matching import BUCKET, choose_references, hamming_limit, match_rows
 from haagenti.store import LibraryStore
 from haagenti.store.leases import LeaseConflict, writing
 from haagenti.writer import Committer
@@ -171,7 +170,7 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
 
     # New fragments: ids not in the library (looked up by key in its index, never the whole id
     # set), first occurrence of each (run order).
-    known = KnownIds(lib.store).lookup(pc.unique(occ["fragment_id"]).to_pylist())
+    known = lib.index.known(pc.unique(occ["fragment_id"]).to_pylist())
     first: dict[str, int] = {}
     for i, fid in enumerate(occ["fragment_id"].to_pylist()):
         if fid not in known and fid not in first:
@@ -187,10 +186,10 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
 
     # Encode: each new fragment plain or as a delta against its best reference; commit as the
     # results arrive, in chunks the executor can afford to have pinned.
-    known.update(KnownIds(lib.store).lookup(list({c for cs in refs.values() for c in cs} - set(first))))  # the library references' dtypes
+    known.update(lib.index.known(list({c for cs in refs.values() for c in cs} - set(first))))  # the library references' dtypes
     assignments = _assignments(new, refs, depths, set(first), known)
     encoded = executor.map_batches(EncodeFragments, (lib.store.url, config), assignments, ENCODE_BATCH)
-    committer = Committer(lib.store, config.signature, ingest_id, "dedup", min(config.batch_bytes, executor.held_bytes or config.batch_bytes))
+    committer = Committer(lib.store, lib.index, ingest_id, "dedup", min(config.batch_bytes, executor.held_bytes or config.batch_bytes))
     for tb in encoded:
         report.new_fragments += tb.num_rows
         report.delta_fragments += int(pc.sum(pc.not_equal(tb["encoding"], "plain")).as_py() or 0)
@@ -228,9 +227,9 @@ def _match(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, sigs
     Returns each new fragment's reference candidates and the chain depths of them and their
     candidates (the band and pair tables are freed on return, not held through encoding)."""
     pos = pc.index_in(sigs["fragment_id"], value_set=new_ids).to_numpy(zero_copy_only=False)
-    bands = band_table(sigs, config.signature, pos)
+    bands = match_rows(sigs, config.signature, pos)
     limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
-    pairs = executor.group_by(bands, BUCKET, MatchBands(lib.store.url, config.signature, limit), MATCH_PART_ROWS)
+    pairs = executor.group_by(bands, BUCKET, MatchBands(lib.store.url, config, limit), MATCH_PART_ROWS)
     in_run_order = sigs["fragment_id"].take(pa.array(np.argsort(pos, kind="stable"))).to_pylist()
     return choose_references(pairs, in_run_order, config.candidates)
 

@@ -13,7 +13,7 @@ from haagenti.formats import open_model
 from haagenti.formats.source import RangeReader
 from haagenti.fragment import FragmentType
 from haagenti.hashing import model_hash
-from haagenti.index import BandIndex
+from haagenti.index import IndexLayout, open_index
 from haagenti.ingest import ModelCut, ModelInput, fragment_table, signature_table, signs
 from haagenti.library import FragmentLibrary
 from haagenti.manifest import ModelManifest
@@ -94,18 +94,18 @@ class MatchBands:
     stage's join): the library's rows of those buckets are read here, from storage (only the
     index files and row groups that hold them), never sent from the driver."""
 
-    def __init__(self, library_url: str, config: SignatureConfig, max_hamming: int):
+    def __init__(self, library_url: str, config: LibraryConfig, max_hamming: int):
         self.library_url, self.config, self.max_hamming = library_url, config, max_hamming
 
     def __call__(self, part: pa.Table) -> pa.Table:
         index = _INDEXES.get(self.library_url)
         if index is None:  # one per worker process, row-group ranges cached; footers are not kept:
             # a task reads few files, and kept footers grow with the library
-            index = _INDEXES[self.library_url] = BandIndex(LibraryStore(self.library_url), self.config, keep_footers=False)
-        return partner_pairs(part, index.rows, None, self.max_hamming)
+            index = _INDEXES[self.library_url] = open_index(LibraryStore(self.library_url), self.config, keep_footers=False)
+        return partner_pairs(part, index.propose, None, self.max_hamming)
 
 
-_INDEXES: dict[str, BandIndex] = {}
+_INDEXES: dict[str, IndexLayout] = {}
 
 
 ASSIGNMENT_SCHEMA = pa.schema(

@@ -21,8 +21,8 @@ def spy_fetched(lib, monkeypatch) -> set[str]:
     seen: set[str] = set()
     real = lib.store.read_fragments
 
-    def spy(ids, columns=None, version=None):
-        t = real(ids, columns, version)
+    def spy(ids, *a, **k):
+        t = real(ids, *a, **k)
         seen.update(t["fragment_id"].to_pylist())
         return t
 

@@ -10,13 +10,14 @@ import pytest
 from haagenti.config import MAX_CHAIN_DEPTH, LibraryConfig
 from haagenti.formats import open_model
 from haagenti.fragment import FragmentId
-from haagenti.index import BAND_ROW_BYTES, BANDS, IDS, BandIndex, KnownIds, append_keyed, band_table, compact, id_table
+from haagenti.index import open_index
+from haagenti.index.bands import BAND_ROW_BYTES, BANDS, IDS, bands_rows, ids_rows
 from haagenti.library import FragmentLibrary, ModelInput
-from haagenti.matching import RunMatcher, bucket_pairs, choose_references, hamming_limit, library_rows, shared_buckets
-from haagenti.matching import band_table as match_rows
+from haagenti.matching import RunMatcher, bucket_pairs, choose_references, hamming_limit, library_rows, match_rows, shared_buckets
 from haagenti.signature import compute_signatures
 from haagenti.store import LibraryStore
 from haagenti.store.files import DataFiles, data_file_uuid
+from haagenti.store.keyed import append_keyed
 from pipelines import dedup
 from pipelines.dedup import _match
 from pipelines.steps import MatchBands
@@ -67,15 +68,15 @@ def test_lookups_give_the_references_of_the_in_memory_index(family, family_libra
     lib = family_library
     whole = all_reference_rows(lib)
     assert whole.num_rows > 30 * CONFIG.signature.bands
-    index = BandIndex(lib.store, CONFIG.signature)
+    index = open_index(lib.store, CONFIG)
     # A bucket lookup returns exactly the library's rows in those buckets.
     some = whole.slice(0, 40 * CONFIG.signature.bands).select(["band", "band_hash"])
-    got = library_rows(index.rows(some)).sort_by([("band", "ascending"), ("band_hash", "ascending"), ("fragment_id", "ascending")])
+    got = library_rows(index.propose(some)).sort_by([("band", "ascending"), ("band_hash", "ascending"), ("fragment_id", "ascending")])
     expected = whole.join(some.group_by(["band", "band_hash"]).aggregate([]), ["band", "band_hash"], join_type="left semi")
     assert got.to_pylist() == expected.sort_by([("band", "ascending"), ("band_hash", "ascending"), ("fragment_id", "ascending")]).to_pylist()
     # The rest of the family, batch by batch: the same references as with the whole index in memory.
     sigs = signatures_of([m.file for m in family[3:]])
-    from_table, in_memory = RunMatcher(CONFIG, index.rows), RunMatcher(CONFIG, lambda buckets: whole)
+    from_table, in_memory = RunMatcher(CONFIG, index.propose), RunMatcher(CONFIG, lambda buckets: whole)
     found = 0
     for start in range(0, sigs.num_rows, 97):
         batch = sigs.slice(start, 97)
@@ -85,7 +86,7 @@ def test_lookups_give_the_references_of_the_in_memory_index(family, family_libra
     assert found > 0  # library fragments were chosen as references
     # Every stored id is known, with its dtype; a new one is not.
     frags = lib.store.read("fragments", columns=["fragment_id", "dtype"])
-    known = KnownIds(lib.store).lookup(frags["fragment_id"].to_pylist() + ["ab" * 32])
+    known = open_index(lib.store, CONFIG).known(frags["fragment_id"].to_pylist() + ["ab" * 32])
     assert known == dict(zip(frags["fragment_id"].to_pylist(), frags["dtype"].to_pylist()))
 
 
@@ -111,24 +112,24 @@ def test_compaction_sorts_files_and_keeps_answers(family, tmp_path):
     lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
     for m in family[:3]:  # one ingest per model: three files per partition
         lib.ingest([m.file], m.model_id, m.family)
-    index = BandIndex(lib.store, CONFIG.signature)
-    assert len(index.reader.files()) == 3
+    index = open_index(lib.store, CONFIG)
+    assert len(index.bands.files()) == 3
     buckets = all_reference_rows(lib).select(["band", "band_hash"])
-    before = index.rows(buckets).sort_by([("band", "ascending"), ("band_hash", "ascending"), ("fragment_id", "ascending")])
-    assert compact(lib.store) > 0
-    index = BandIndex(lib.store, CONFIG.signature)
-    after = index.rows(buckets).sort_by([("band", "ascending"), ("band_hash", "ascending"), ("fragment_id", "ascending")])
+    before = index.propose(buckets).sort_by([("band", "ascending"), ("band_hash", "ascending"), ("fragment_id", "ascending")])
+    assert lib.index.compact() > 0
+    index = open_index(lib.store, CONFIG)
+    after = index.propose(buckets).sort_by([("band", "ascending"), ("band_hash", "ascending"), ("fragment_id", "ascending")])
     assert after.to_pylist() == before.to_pylist()
-    [(path, lo, hi)] = index.reader.files()
+    [(path, lo, hi)] = index.bands.files()
     keys = pq.read_table(path, columns=["bucket"])["bucket"].to_numpy()
     assert (np.diff(keys) >= 0).all() and keys[0] == lo and keys[-1] == hi
     ids = lib.store.read("fragments", columns=["fragment_id"])["fragment_id"].to_pylist()
-    assert KnownIds(lib.store).lookup(ids).keys() == set(ids)
+    assert open_index(lib.store, CONFIG).known(ids).keys() == set(ids)
     # gc drops deleted fragments' index rows.
     lib.rm(family[2].model_id)
     lib.gc()
     left = set(lib.store.read("fragments", columns=["fragment_id"])["fragment_id"].to_pylist())
-    assert left < set(ids) and KnownIds(lib.store).lookup(ids).keys() == left
+    assert left < set(ids) and open_index(lib.store, CONFIG).known(ids).keys() == left
 
 
 def test_compact_job_holds_the_gc_lease_and_refuses_relative_paths_in_a_job(family, tmp_path, monkeypatch, capsys):
@@ -164,8 +165,8 @@ def test_compact_job_holds_the_gc_lease_and_refuses_relative_paths_in_a_job(fami
 def synthetic_index(store: LibraryStore, n: int, seed: int = 7) -> None:
     rng = np.random.default_rng(seed)
     ids = [rng.bytes(32).hex() for _ in range(n)]
-    append_keyed(store, BANDS, band_table(ids, [rng.bytes(32) for _ in ids], [1] * n, [0] * n, CONFIG.signature))
-    append_keyed(store, IDS, id_table(ids, ["BF16"] * n))
+    append_keyed(store, BANDS, bands_rows(ids, [rng.bytes(32) for _ in ids], [1] * n, [0] * n, CONFIG.signature))
+    append_keyed(store, IDS, ids_rows(ids, ["BF16"] * n))
 
 
 def test_an_ingest_reads_only_the_row_groups_its_keys_fall_in(tmp_path, monkeypatch):
@@ -201,15 +202,15 @@ def test_an_ingest_reads_only_the_row_groups_its_keys_fall_in(tmp_path, monkeypa
     assert "fragments" not in whole and "signatures" not in whole
     read_bands = sum(n for path, n in groups if "/bands/" in path)
     read_ids = sum(n for path, n in groups if "/ids/" in path)
-    total = sum(pq.ParquetFile(p).num_row_groups for p, *_ in BandIndex(lib.store, CONFIG.signature).reader.files())
+    total = sum(pq.ParquetFile(p).num_row_groups for p, *_ in open_index(lib.store, CONFIG).bands.files())
     # A reader that keeps no footers (the pipeline's, one task per band) answers the same.
-    kept, dropped = BandIndex(lib.store, CONFIG.signature), BandIndex(lib.store, CONFIG.signature, keep_footers=False)
-    keys = pq.read_table(kept.reader.files()[0][0], columns=["bucket"])["bucket"].to_numpy()[::5000]
+    kept, dropped = open_index(lib.store, CONFIG), open_index(lib.store, CONFIG, keep_footers=False)
+    keys = pq.read_table(kept.bands.files()[0][0], columns=["bucket"])["bucket"].to_numpy()[::5000]
     rows = CONFIG.signature.rows
     buckets = pa.table({"band": pa.array(keys >> rows, pa.int16()), "band_hash": pa.array(keys & ((1 << rows) - 1), pa.uint64())})
-    got = kept.rows(buckets)
-    assert got.num_rows >= len(keys) and got.to_pylist() == dropped.rows(buckets).to_pylist()
-    assert kept.reader.footers and not dropped.reader.footers and dropped.reader.ranges
+    got = kept.propose(buckets)
+    assert got.num_rows >= len(keys) and got.to_pylist() == dropped.propose(buckets).to_pylist()
+    assert kept.bands.footers and not dropped.bands.footers and dropped.bands.ranges
     # Each new fragment's 16 buckets hit one or two row groups each; far from all of them.
     assert report.fragments == 6 and 0 < read_bands <= 2 * CONFIG.signature.bands * report.fragments and read_bands < total / 4
     assert 0 < read_ids <= 2 * report.fragments
@@ -219,7 +220,7 @@ def test_an_ingest_reads_only_the_row_groups_its_keys_fall_in(tmp_path, monkeypa
 def test_raw_ids_and_bits_convert_without_python_objects_per_row():
     """The index's raw ids become the hex ids of every other table, and equal-width binary
     columns become (n, width) arrays, sliced or chunked; unequal widths are refused."""
-    from haagenti.index import fixed_width, hex_ids
+    from haagenti.binary import fixed_width, hex_ids
 
     rng = np.random.default_rng(3)
     raw = [rng.bytes(32) for _ in range(50)]
@@ -239,7 +240,7 @@ def fragments_files_read(lib: FragmentLibrary, monkeypatch, ids: list[str]) -> t
     touched: set[str] = set()
     real = DataFiles._groups_holding
     monkeypatch.setattr(DataFiles, "_groups_holding", lambda self, path, wanted: touched.add(path) or real(self, path, wanted))
-    t = store.read_fragments(ids, ["fragment_id", "blob"])
+    t = store.read_fragments(ids, ["fragment_id", "blob"], locate=open_index(store, lib.config).locate)
     monkeypatch.undo()
     return t, touched
 
@@ -303,11 +304,11 @@ def test_read_fragments_without_hints_or_with_stale_ones_reads_every_file(family
     t, touched = fragments_files_read(lib, monkeypatch, asked)
     assert touched == set(lib.store._paths("fragments", None)) and len(touched) == 3
     assert dict(zip(t["fragment_id"].to_pylist(), t["blob"].to_pylist())) == rows_of(lib, asked)
-    assert KnownIds(LibraryStore(lib.store.url)).lookup(ids).keys() == set(ids)
+    assert open_index(LibraryStore(lib.store.url), CONFIG).known(ids).keys() == set(ids)
     # An ingest into it: its ids rows carry their data file, and compaction keeps them.
     lib = FragmentLibrary.open(lib.store.url)
     lib.ingest([family[4].file], family[4].model_id, family[4].family)
-    assert compact(lib.store) > 0
+    assert lib.index.compact() > 0
     hinted = lib.store.read("ids").filter(pc.is_valid(lib.store.read("ids")["data_file"]))
     new = [p for p in lib.store._paths("fragments", None) if data_file_uuid(p) in set(hinted["data_file"].to_pylist())]
     assert len(new) == 1 and hinted.num_rows == pq.read_metadata(new[0]).num_rows
@@ -333,7 +334,7 @@ def test_footers_kept_for_fragment_reads_are_bounded(family, tmp_path, monkeypat
     monkeypatch.setattr(files, "FOOTER_CACHE_BYTES", 2 * one)
     store = LibraryStore(lib.store.url)
     ids = [pq.read_table(p, columns=["fragment_id"])["fragment_id"][0].as_py() for p in paths]
-    t = store.read_fragments(ids, ["fragment_id", "blob"])
+    t = store.read_fragments(ids, ["fragment_id", "blob"], locate=open_index(store, lib.config).locate)
     assert dict(zip(t["fragment_id"].to_pylist(), t["blob"].to_pylist())) == rows_of(lib, ids) and t.num_rows == len(paths) == 4
     assert store.files._footers.size <= 2 * one and 0 < len([p for p in paths if p in store.files._footers]) < len(paths)
 
@@ -346,10 +347,10 @@ def test_fetching_fragments_by_id_imports_no_pandas(family_library):
 
     ids = family_library.store.read("fragments", columns=["fragment_id"])["fragment_id"].to_pylist()[:8]
     code = (
-        "import sys; from haagenti.library import FragmentLibrary; from haagenti.index import KnownIds\n"
+        "import sys; from haagenti.library import FragmentLibrary\n"
         f"lib = FragmentLibrary.open({family_library.store.url!r}); ids = {ids!r}\n"
-        "assert lib.store.read_fragments(ids).num_rows == 8 and lib.store.read_fragments([]).num_rows == 0\n"
-        "assert KnownIds(lib.store).lookup(ids + ['ab' * 32]).keys() == set(ids)\n"
+        "assert len(lib.read_rows(set(ids))) == 8 and lib.store.read_fragments([], locate=lib.index.locate).num_rows == 0\n"
+        "assert lib.index.known(ids + ['ab' * 32]).keys() == set(ids)\n"
         "print('pandas' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -366,15 +367,16 @@ def test_uncompacted_id_files_are_read_once_per_process(family, tmp_path, monkey
     ids_files = set(lib.store._paths("ids", None))
     assert len(ids_files) == 3
     store = LibraryStore(lib.store.url)
+    index = open_index(store, CONFIG)
     opened: list[str] = []
     real = DataFiles.open
     monkeypatch.setattr(DataFiles, "open", lambda self, path: opened.append(path) or real(self, path))
     ids = lib.store.read("fragments", columns=["fragment_id"])["fragment_id"].to_pylist()
-    assert KnownIds(store).lookup(ids[:5]).keys() == set(ids[:5])
+    assert index.known(ids[:5]).keys() == set(ids[:5])
     assert set(opened) & ids_files == ids_files
     opened.clear()
-    assert KnownIds(store).lookup(ids[5:]).keys() == set(ids[5:])
-    assert store.read_fragments(ids[::9]).num_rows == len(ids[::9])
+    assert index.known(ids[5:]).keys() == set(ids[5:])
+    assert store.read_fragments(ids[::9], locate=index.locate).num_rows == len(ids[::9])
     assert not set(opened) & ids_files
 
 
@@ -395,5 +397,5 @@ def test_a_damaged_ids_file_costs_the_hints_not_the_fragments(family, tmp_path):
     [out] = lib.restore(family[2].model_id, str(tmp_path / "out"))
     assert sha256(out) == sha256(family[2].file)
     with pytest.raises(DamagedError, match="is damaged") as e:
-        KnownIds(lib.store).lookup(lib.manifest(family[1].model_id).fragment_ids)
+        open_index(lib.store, CONFIG).known(lib.manifest(family[1].model_id).fragment_ids)
     assert "\n" not in str(e.value)

@@ -8,10 +8,10 @@ from haagenti.signature import SignatureConfig
 from haagenti.matching import (
     BAND_SCHEMA,
     RunMatcher,
-    band_table,
     bucket_pairs,
     choose_references,
     hamming_limit,
+    match_rows,
     shared_buckets,
 )
 
@@ -128,9 +128,9 @@ def test_batch_by_batch_equals_the_whole_run_at_once():
     config = LibraryConfig()
     library, run = _signatures(rng, 120, config.signature.bits), _signatures(rng, 300, config.signature.bits)
     limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
-    stored = band_table(library, config.signature, np.full(library.num_rows, -1), rng.integers(0, MAX_CHAIN_DEPTH, library.num_rows))
+    stored = match_rows(library, config.signature, np.full(library.num_rows, -1), rng.integers(0, MAX_CHAIN_DEPTH, library.num_rows))
     whole = choose_references(
-        bucket_pairs(shared_buckets(pa.concat_tables([band_table(run, config.signature, np.arange(run.num_rows)), stored])), limit),
+        bucket_pairs(shared_buckets(pa.concat_tables([match_rows(run, config.signature, np.arange(run.num_rows)), stored])), limit),
         run["fragment_id"].to_pylist(), config.candidates,
     )
     rows = stored.select(["band", "band_hash", "fragment_id", "bits", "n_elements", "depth"])

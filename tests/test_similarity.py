@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from haagenti.signature import SignatureConfig, compute_signatures, hamming
-from haagenti.similarity import MatchType, SimilarityIndex, SimilarityThreshold, band_rows, measure
+from haagenti.matching import signature_bands
+from haagenti.similarity import MatchType, SimilarityThreshold, measure
 
 
 def frag(t: torch.Tensor) -> tuple[bytes, str]:
@@ -162,7 +163,16 @@ def _sig(t):
     return compute_signatures([frag(t)])[0].bits
 
 
-def test_index_insert_query_remove_merge_and_persist():
+def test_index_insert_query_remove_merge_and_persist(monkeypatch):
+    """bench/lsh_baseline.py's in-memory LSH, the baseline bench/similarity.py measures against."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("lsh_baseline", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "lsh_baseline.py"))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "lsh_baseline", module)
+    spec.loader.exec_module(module)
+    SimilarityIndex = module.SimilarityIndex
     g = torch.Generator().manual_seed(1)
     bases = [torch.randn(16384, generator=g) for _ in range(20)]
     a, b = SimilarityIndex(), SimilarityIndex()
@@ -177,7 +187,7 @@ def test_index_insert_query_remove_merge_and_persist():
     assert all(fid != "f07" for fid, _ in a.query(probe, k=5))
     back = SimilarityIndex.from_table(a.to_table())
     assert back.bits == a.bits
-    bands = a.band_table()
+    bands = a.band_rows()
     assert bands.num_rows == 19 * SignatureConfig().bands
     assert set(bands.column_names) == {"band", "band_hash", "fragment_id"}
 
@@ -187,7 +197,7 @@ def test_band_rows_group_candidates_like_the_index():
     g = torch.Generator().manual_seed(2)
     t = torch.randn(16384, generator=g)
     ids, bits = ["x", "y"], [_sig(t), _sig(t + 0.01 * torch.randn(16384, generator=g))]
-    rows = band_rows(ids, bits, cfg).to_pylist()
+    rows = signature_bands(ids, bits, cfg).to_pylist()
     shared = {(r["band"], r["band_hash"]) for r in rows if r["fragment_id"] == "x"} & {(r["band"], r["band_hash"]) for r in rows if r["fragment_id"] == "y"}
     assert shared  # the near pair meets in at least one band
 

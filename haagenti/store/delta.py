@@ -5,9 +5,11 @@ reader sees a whole table version or the previous one, two writers race on the s
 entry and the loser gets an error instead of overwriting, and the tables stay plain
 Parquet that pyarrow, DuckDB, polars and Ray Data read without haagenti.
 
-Tables: fragments, signatures, manifests, models. The order an ingest commits them in is the
-committer's (haagenti/writer.py, docs/format.md): a model is visible only once everything it
-references is committed.
+Tables: fragments, signatures, manifests, models, and the index layout's (haagenti.index). The
+order an ingest commits them in is the committer's (haagenti/writer.py, docs/format.md): a model
+is visible only once everything it references is committed. The store knows what a table is,
+not what it means: keyed tables (sorted by an int64 key, read by key range) are
+haagenti.store.keyed's, on the primitives here (`snapshot`, `commit_add`, `sort_by_key`).
 """
 from __future__ import annotations
 
@@ -20,12 +22,12 @@ import shutil
 import tempfile
 import threading
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, DeltaTable
+from deltalake import CommitProperties, DeltaTable, Field, WriterProperties
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
@@ -34,7 +36,6 @@ from haagenti.errors import DamagedError, LibraryError
 from haagenti.fsio import filesystem_for, s3_endpoint
 from haagenti.store.damage import damaged, log_problems
 from haagenti.store.files import DataFiles, data_file_uuid, new_data_file, strings
-from haagenti.store.keyed import IDS, KeyedReader, id_rows, learn_columns
 from haagenti.store.schema import LIBRARY_FORMAT_VERSION, SCHEMAS, UPGRADABLE_FROM, empty, project
 from haagenti.store.leases import HeldLease, Leases, writing
 from haagenti.store.sql import owned_by, quote
@@ -47,6 +48,10 @@ from haagenti.store.sql import owned_by, quote
 # straddling two models made each restore read its neighbour's rows too (on the example
 # family, 50 MB read to restore 29 MB of stored fragments).
 _FRAGMENT_ROW_GROUP_BYTES = 2 * 1024 * 1024
+_DELTA_TYPES = {pa.string(): "string", pa.int64(): "long"}
+# Where fragments were appended, as an index layout knows it: fragment id -> the uuid of its
+# fragments data file, for the ids it holds (read_fragments' hints).
+Locate = Callable[[set[str]], dict[str, str]]
 
 
 def storage_options_for(url: str) -> dict[str, str]:
@@ -97,9 +102,7 @@ class LibraryStore:
         # Listing a snapshot's files and their statistics cost ~2 ms per read, more than an
         # incremental log update; a version never changes, so they are computed once per version.
         self._snapshots: dict[str, tuple[int, list[str], dict]] = {}
-        # The ids table read by key (KnownIds and read_fragments share its cached footers), and
-        # the fragments data files of one version by the uuid their names start with.
-        self.ids = KeyedReader(self, IDS)
+        # The fragments data files of one version by the uuid their names start with.
         self._by_uuid: tuple[int, dict[str, list[str]]] | None = None
         # Concurrent writers (docs/format.md): every writer holds a lease while it writes, and
         # each commit first checks that the lease is still alive.
@@ -255,7 +258,7 @@ class LibraryStore:
     def _paths(self, name: str, version: int | None, equals: tuple[str, str] | None = None) -> list[str]:
         """Data files of a table version; with `equals` (column, value), only the files whose
         min/max statistics in the Delta log can hold that value."""
-        paths, actions = self._snapshot(name, version)
+        paths, actions = self.snapshot(name, version)
         if equals is None:
             return paths
         col, value = equals
@@ -264,8 +267,9 @@ class LibraryStore:
             return paths
         return [p for p, lo, hi in zip(paths, lows, highs) if lo is None or hi is None or lo <= value <= hi]
 
-    def _snapshot(self, name: str, version: int | None) -> tuple[list[str], dict]:
-        """(data file paths, add actions as columns) of a table version, in the same order."""
+    def snapshot(self, name: str, version: int | None = None) -> tuple[list[str], dict]:
+        """(data file paths, add actions as columns) of a table version (the latest by default),
+        in the same order; computed once per version."""
         return self._versioned_snapshot(name, version)[1:]
 
     def _versioned_snapshot(self, name: str, version: int | None) -> tuple[int, list[str], dict]:
@@ -306,11 +310,13 @@ class LibraryStore:
                 for start in range(0, t.num_rows, batch_rows):
                     yield t.slice(start, batch_rows)
 
-    def read_fragments(self, ids: Iterable[str], columns: list[str] | None = None, version: int | None = None) -> pa.Table:
-        """Rows of the given fragment ids, reading only the row groups that hold them. Each id
-        is looked for first in the data file its `ids` row names (the ids table read by key: a
-        cost in what is asked, not in the library), then, if not found there, in every data file:
-        a hint is never trusted for an answer (docs/format.md, "The index tables")."""
+    def read_fragments(self, ids: Iterable[str], columns: list[str] | None = None, version: int | None = None,
+                       locate: Locate | None = None) -> pa.Table:
+        """Rows of the given fragment ids, reading only the row groups that hold them. With
+        `locate` (the index layout's: id -> the uuid of the data file it was appended in, for the
+        ids it knows), each id is looked for first in the data file it names (a cost in what is
+        asked, not in the library), then, if not found there, in every data file: a hint is never
+        trusted for an answer (docs/format.md, "The index tables")."""
         wanted = set(ids)
         at, paths, _ = self._versioned_snapshot("fragments", version)
         if self._by_uuid is None or self._by_uuid[0] != at:
@@ -320,13 +326,13 @@ class LibraryStore:
             self._by_uuid = (at, by_uuid)
         files = self._by_uuid[1]
         hints: dict[str, set[str]] = {}
-        if wanted:
+        if wanted and locate is not None:
             try:
-                t = id_rows(self.ids, wanted, ["fragment_id", "data_file"])
-            except DamagedError:  # an unreadable ids file costs the hints, not the fragments: the scan finds them
-                t = empty(project(SCHEMAS["ids"], ["fragment_id", "data_file"]))
-            for fid, u in zip(t["fragment_id"].to_pylist(), t["data_file"].to_pylist()):
-                for p in files.get(u, ()) if u else ():
+                found = locate(wanted)
+            except DamagedError:  # an unreadable index file costs the hints, not the fragments: the scan finds them
+                found = {}
+            for fid, u in found.items():
+                for p in files.get(u, ()):
                     hints.setdefault(p, set()).add(fid)
         return self.files.fragments(paths, wanted, columns or SCHEMAS["fragments"].names, hints)
 
@@ -412,6 +418,32 @@ class LibraryStore:
         with contextlib.suppress(OSError):
             self.fs.rm_file(path)
 
+    def commit_add(self, name: str, actions: list[AddAction], note: str = "") -> None:
+        """Commit data files already written under table `name` (a keyed table's append:
+        haagenti.store.keyed), the table's schema first learning the columns it lacks."""
+        schema = SCHEMAS[name]
+        with self._lock:
+            table = self.table(name)
+            learn_columns(table, schema)
+            table.create_write_transaction(
+                actions, mode="append", schema=schema, commit_properties=CommitProperties(custom_metadata={"haagenti": note}) if note else None,
+            )
+
+    def sort_by_key(self, name: str, key: str, group_rows: int, target_bytes: int) -> int:
+        """Rewrite table `name` sorted by its one `key` column (a z-order on one column) into
+        files of about `target_bytes` with disjoint key ranges and row groups of `group_rows`,
+        nothing compressed. Skipped when the last commit (vacuums aside) was such a rewrite:
+        nothing appended or deleted since, so it would change nothing. Deletes nothing (vacuum
+        does). Returns data files replaced."""
+        props = WriterProperties(max_row_group_size=group_rows, compression="UNCOMPRESSED")
+        with self._lock:
+            table = self.table(name)
+            last = next((h.get("operation") for h in table.history(16) if not str(h.get("operation")).startswith("VACUUM")), None)
+            if last == "OPTIMIZE":
+                return 0
+            metrics = table.optimize.z_order([key], target_size=target_bytes, writer_properties=props)
+        return int(metrics.get("numFilesRemoved", 0))
+
     def delete(self, name: str, predicate: str) -> int:
         """Delete rows matching a SQL predicate in one commit; returns rows deleted."""
         self._check_lease()
@@ -474,16 +506,6 @@ class LibraryStore:
         with self._lock:
             metrics = self.table("models").update(updates={"family": quote(family)}, predicate=f"model_id = {quote(model_id)}")
         return int(metrics.get("num_updated_rows", 0))
-
-    def delete_index_rows(self, fragment_ids: pa.Array) -> int:
-        """Drop deleted fragments' rows from the index tables (haagenti/index.py), where bands
-        hold ids as their 32 raw bytes."""
-        raw = bytes.fromhex("".join(fragment_ids.to_pylist()))  # fromhex: only hex ids pass
-        as_bytes = pa.Array.from_buffers(pa.binary(32), len(fragment_ids), [None, pa.py_buffer(raw)]).cast(pa.binary())
-        # bands first: a gc stopped in between leaves ids rows without band rows (an exact match
-        # still found, a reference not proposed), never a band row whose fragment the ids table
-        # no longer knows (proposed as a reference, or as its own, to the next ingest)
-        return self.delete_where("bands", "fragment_id", as_bytes, "gc") + self.delete_where("ids", "fragment_id", fragment_ids, "gc")
 
     def compact(self, wait: float = 0.0) -> int:
         """Merge small files of the metadata tables (fragments keep their small row groups)."""
@@ -548,6 +570,22 @@ class LibraryStore:
                 # were the same every run. Only what was there counts (`gc` says when it did nothing).
                 n += len(set(gone) & present)
         return n
+
+
+def learn_columns(table: DeltaTable, schema: pa.Schema) -> None:
+    """Add to the Delta table's schema the columns of `schema` it lacks (a column added to
+    format 4 later: ids.data_file; format 5's models.record_digest), before a file holding them is committed: Delta readers and
+    rewriters (compaction's z-order) drop the columns a table's schema does not name."""
+    def missing() -> list[pa.Field]:
+        return [f for f in schema if f.name not in table.schema().to_arrow().names]
+
+    if missing():
+        try:
+            table.alter.add_columns([Field(f.name, _DELTA_TYPES[f.type], nullable=True) for f in missing()])
+        except CommitFailedError:  # another writer changed the table first, perhaps adding them
+            table.update_incremental()
+            if missing():
+                raise
 
 
 def _scalar_columns(schema: pa.Schema) -> list[str]:

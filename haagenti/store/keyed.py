@@ -1,29 +1,25 @@
 """Tables keyed by an int64, read by key: every data file is sorted by its key and carries the
 key's min/max in its Delta add action and in its row groups' statistics, so a lookup opens only
 the files whose range holds a wanted key and reads only those row groups (docs/decisions/0045-located-by-id.md:
-why sorted row groups rather than Delta partitions or bloom filters). haagenti/index.py keeps
-its LSH bands this way; the `ids` table (one row per stored fragment, keyed by the id's first
-8 bytes) answers which ids the library holds and in which fragments data file each was
-appended, so neither needs every id in memory."""
+why sorted row groups rather than Delta partitions or bloom filters). Generic: an index layout
+(haagenti.index) declares its tables as KeyedTables and appends, reads and sorts them here; the
+store's own primitives (`snapshot`, `commit_add`, `sort_by_key`) do the Delta work."""
 from __future__ import annotations
 
 import json
 import posixpath
-import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, DeltaTable, Field
-from deltalake.exceptions import CommitFailedError
 from deltalake.transaction import AddAction
 
 from haagenti.store.damage import damaged
-from haagenti.store.files import new_data_file, strings
+from haagenti.store.files import new_data_file
 from haagenti.store.schema import SCHEMAS, conform, empty, project
 
 if TYPE_CHECKING:
@@ -37,11 +33,6 @@ class KeyedTable:
     group_rows: int  # rows per row group: the unit a lookup reads (docs/decisions/0045-located-by-id.md)
 
 
-IDS = KeyedTable("ids", "id_key", 256)
-_HEX_ID = re.compile(r"[0-9a-f]{64}")
-_DELTA_TYPES = {pa.string(): "string", pa.int64(): "long"}
-
-
 @dataclass
 class ReadCounts:
     """What lookups read: data files opened, row groups and their bytes (compressed)."""
@@ -49,12 +40,6 @@ class ReadCounts:
     files: int = 0
     row_groups: int = 0
     bytes: int = 0
-
-
-def id_keys(ids: Iterable[str]) -> np.ndarray:
-    """The first 8 bytes of each hex id as a signed big-endian int64 (sorts like the ids)."""
-    raw = bytes.fromhex("".join(i[:16] for i in ids))
-    return np.frombuffer(raw, ">u8").astype(np.uint64).view(np.int64) ^ np.int64(-(2**63))
 
 
 def append_keyed(store: LibraryStore, spec: KeyedTable, rows: pa.Table, note: str = "") -> None:
@@ -73,28 +58,14 @@ def append_keyed(store: LibraryStore, spec: KeyedTable, rows: pa.Table, note: st
     key = rows[spec.key]
     stats = {"numRecords": rows.num_rows, "minValues": {spec.key: key[0].as_py()}, "maxValues": {spec.key: key[-1].as_py()}, "nullCount": {spec.key: 0}}
     action = AddAction(fname, store.fs.size(path), {}, int(time.time() * 1000), True, json.dumps(stats))
-    with store._lock:
-        table = store.table(spec.name)
-        learn_columns(table, schema)
-        table.create_write_transaction(
-            [action], mode="append", schema=schema, commit_properties=CommitProperties(custom_metadata={"haagenti": note}) if note else None,
-        )
+    store.commit_add(spec.name, [action], note)
 
 
-def learn_columns(table: DeltaTable, schema: pa.Schema) -> None:
-    """Add to the Delta table's schema the columns of `schema` it lacks (a column added to
-    format 4 later: ids.data_file; format 5's models.record_digest), before a file holding them is committed: Delta readers and
-    rewriters (compaction's z-order) drop the columns a table's schema does not name."""
-    def missing() -> list[pa.Field]:
-        return [f for f in schema if f.name not in table.schema().to_arrow().names]
-
-    if missing():
-        try:
-            table.alter.add_columns([Field(f.name, _DELTA_TYPES[f.type], nullable=True) for f in missing()])
-        except CommitFailedError:  # another writer changed the table first, perhaps adding them
-            table.update_incremental()
-            if missing():
-                raise
+def sort_keyed(store: LibraryStore, spec: KeyedTable, target_bytes: int) -> int:
+    """Rewrite the table sorted by its key into files of about `target_bytes` with disjoint key
+    ranges (LibraryStore.sort_by_key): a lookup then opens one file per key range. Returns data
+    files replaced (0: nothing changed since the last sort)."""
+    return store.sort_by_key(spec.name, spec.key, spec.group_rows, target_bytes)
 
 
 class KeyedReader:
@@ -115,7 +86,7 @@ class KeyedReader:
 
     def _files(self) -> list[tuple[str, int, int, int | None]]:
         """(path, min key, max key, rows) of the latest snapshot's data files."""
-        paths, actions = self.store._snapshot(self.spec.name, None)
+        paths, actions = self.store.snapshot(self.spec.name)
         return list(zip(paths, actions[f"min.{self.spec.key}"], actions[f"max.{self.spec.key}"], actions.get("num_records", [None] * len(paths))))
 
     def read(self, keys: np.ndarray, columns: list[str]) -> pa.Table:
@@ -176,14 +147,3 @@ def _int64s(values: np.ndarray) -> pa.Array:
     cold process's first lookup)."""
     values = np.ascontiguousarray(values, np.int64)
     return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
-
-
-def id_rows(reader: KeyedReader, ids: Iterable[str], columns: list[str]) -> pa.Table:
-    """The `ids` rows (with `columns`, which hold `fragment_id`) of those of `ids` the library
-    holds: only the row groups their keys fall in are read. Ids that are not 64 hex digits (a
-    damaged record naming one) have no row."""
-    ids = sorted({i for i in ids if isinstance(i, str) and _HEX_ID.fullmatch(i)})
-    if not ids:
-        return empty(project(SCHEMAS["ids"], columns))
-    t = reader.read(np.unique(id_keys(ids)), columns)
-    return t.filter(pc.is_in(t["fragment_id"], value_set=strings(ids)))

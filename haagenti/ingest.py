@@ -41,7 +41,7 @@ from haagenti.writer import Committer
 if TYPE_CHECKING:
     from haagenti.library import FragmentLibrary
 
-Progress = Callable[[int], None]
+IngestProgress = Callable[[int], None]  # called with the raw bytes each commit took in
 
 
 @dataclass
@@ -296,7 +296,7 @@ def _blob_in_arrow(row: dict | None, ref: FragmentRef | None) -> tuple[dict | No
 
 
 # ---- the library's ingest -----------------------------------------------------------------
-def ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: Progress | None = None,
+def ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: IngestProgress | None = None,
                   device: str = "cpu", quality: str = "exact", threads: int = 0, wait: float = 60.0,
                   replace: bool = False) -> list[IngestReport]:
     """Add several models in one set of commits (haagenti.writer.Committer states the order);
@@ -349,7 +349,7 @@ def _against_stored(lib: "FragmentLibrary", models: list[ModelInput], sources: l
     return unchanged, replaced
 
 
-def _ingest_models(lib: "FragmentLibrary", todo: list[tuple[ModelInput, ModelSource]], progress: Progress | None, device: str,
+def _ingest_models(lib: "FragmentLibrary", todo: list[tuple[ModelInput, ModelSource]], progress: IngestProgress | None, device: str,
                    quality: str, workers: Workers, ingest_id: str, replaced: list[str]) -> list[IngestReport]:
     ids = [m.model_id for m, _ in todo]
     config = lib.config

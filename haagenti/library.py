@@ -11,7 +11,7 @@ from haagenti.encode import RawCache, decode_rows, fragment_rows
 from haagenti.errors import FragmentError, LibraryError, UnknownModelError
 from haagenti.fragment import Encoding
 from haagenti.index import layout_class, open_index
-from haagenti.ingest import IngestReport, ModelInput, Progress, ingest_models
+from haagenti.ingest import IngestProgress, IngestReport, ModelInput, ingest_models
 from haagenti.maintenance import VerifyProgress, VerifyReport
 from haagenti.manifest import ModelManifest, validate_model_id
 from haagenti.parallel import Workers
@@ -96,7 +96,7 @@ class FragmentLibrary:
         urls: list[str],
         model_id: str,
         family: str | None = None,
-        progress: Progress | None = None,
+        progress: IngestProgress | None = None,
         device: str = "cpu",
         quality: str = "exact",
         threads: int = 0,
@@ -108,7 +108,7 @@ class FragmentLibrary:
     def ingest_many(
         self,
         models: list[ModelInput],
-        progress: Progress | None = None,
+        progress: IngestProgress | None = None,
         device: str = "cpu",
         quality: str = "exact",
         threads: int = 0,

@@ -76,7 +76,7 @@ class RunReport:
 
 
 STAGES = ("scan", "fragment", "sign", "match", "encode+write", "commit")
-Progress = Callable[[str], None]  # called with each stage's name as it ends
+StageProgress = Callable[[str], None]  # called with each stage's name as it ends
 
 
 def preflight(catalog_url: str, library_url: str, distributed: bool) -> Catalog:
@@ -96,7 +96,7 @@ def preflight(catalog_url: str, library_url: str, distributed: bool) -> Catalog:
 
 
 def run_dedup(
-    catalog_url: str, library_url: str, executor: Executor, config: LibraryConfig | None = None, prune: bool = False, progress: Progress | None = None
+    catalog_url: str, library_url: str, executor: Executor, config: LibraryConfig | None = None, prune: bool = False, progress: StageProgress | None = None
 ) -> RunReport:
     config = config or LibraryConfig()
     if config.lossy_threshold is not None:
@@ -121,7 +121,7 @@ def run_dedup(
 
 
 def _run(lib: FragmentLibrary, catalog: Catalog, executor: Executor, config: LibraryConfig, report: RunReport, prune: bool,
-         progress: Progress | None, claimed: set[str], ingest_id: str) -> list[str]:
+         progress: StageProgress | None, claimed: set[str], ingest_id: str) -> list[str]:
     """Scan, ingest what changed and remove (with prune) what left the catalog; returns the removed ids."""
 
     def stage(name: str, t0: float) -> float:

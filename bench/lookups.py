@@ -78,7 +78,7 @@ def build(url: str, n: int, sets: int, appended: bool = False, seed: int = 1) ->
         "raw_size": pa.array([262144] * FILE_ROWS, pa.int64()), "stored_size": pa.array([16] * FILE_ROWS, pa.int64()),
         "encoding": pa.array(["plain"] * FILE_ROWS), "codec": pa.array(["rotl:2:1+bytegroup:2+zstd:3"] * FILE_ROWS),
         "ref_id": pa.nulls(FILE_ROWS, pa.string()), "ref_dtype": pa.nulls(FILE_ROWS, pa.string()),
-        "fragment_type": pa.array(["float"] * FILE_ROWS), "quality": pa.array(["exact"] * FILE_ROWS),
+        "fragment_type": pa.array(["float"] * FILE_ROWS), "quality": pa.array(["exact"] * FILE_ROWS), "depth": pa.array([0] * FILE_ROWS, pa.int64()),
         "blob": pa.array([b"\0" * 16] * FILE_ROWS, pa.large_binary()),
     }
     scalar = _scalar_columns(schema)

@@ -399,3 +399,51 @@ def test_a_damaged_ids_file_costs_the_hints_not_the_fragments(family, tmp_path):
     with pytest.raises(DamagedError, match="is damaged") as e:
         open_index(lib.store, CONFIG).known(lib.manifest(family[1].model_id).fragment_ids)
     assert "\n" not in str(e.value)
+
+
+def test_the_index_layout_is_an_invariant_and_absent_means_bands(family, tmp_path, monkeypatch):
+    """A library records its index layout's name; one written before names were recorded reads
+    as "bands"; an unknown name is refused in one line before anything is created, and a layout
+    registered by name is the one every path then goes through."""
+    import json
+
+    from haagenti.errors import LibraryError
+    from haagenti.index import BandsLayout, layout, register_layout
+
+    url = tmp_path / "lib"
+    lib = FragmentLibrary.open(str(url), CONFIG)
+    marker = json.loads((url / "haagenti.json").read_text())
+    assert marker["index"] == "bands" and type(lib.index) is BandsLayout
+    del marker["index"]
+    (url / "haagenti.json").write_text(json.dumps(marker))
+    assert FragmentLibrary.open(str(url)).config.index == "bands"
+    with pytest.raises(LibraryError, match="index is bands, not two-level"):
+        FragmentLibrary.open(str(url), LibraryConfig(index="two-level"))
+    with pytest.raises(LibraryError, match="index layout is 'two-level', which this haagenti does not know") as e:
+        FragmentLibrary.open(str(tmp_path / "new"), LibraryConfig(index="two-level"))
+    assert "\n" not in str(e.value) and not (tmp_path / "new" / "haagenti.json").exists()
+
+    calls: list[str] = []
+    monkeypatch.setattr(layout, "LAYOUTS", dict(layout.LAYOUTS))  # the registry as it was, after the test
+
+    @register_layout
+    class Counted(BandsLayout):
+        name = "counted"
+
+        def append(self, *a, **k):
+            calls.append("append")
+            return super().append(*a, **k)
+
+        def propose(self, wanted):
+            calls.append("propose")
+            return super().propose(wanted)
+
+        def known(self, ids):
+            calls.append("known")
+            return super().known(ids)
+
+    other = FragmentLibrary.open(str(tmp_path / "counted"), LibraryConfig(fragment_size=CONFIG.fragment_size, index="counted"))
+    for m in family[:2]:
+        other.ingest([m.file], m.model_id, m.family)
+    assert {"append", "propose", "known"} <= set(calls)
+    assert FragmentLibrary.open(str(tmp_path / "counted")).config.index == "counted"

@@ -1,4 +1,4 @@
-"""Compact the library's index tables (its index layout's: bands and ids).
+"""Compact the library's index tables (IndexLayout.compact; the "bands" layout's: bands, ids).
 
     ray job submit --working-dir . -- python -m jobs.compact --library s3://b/lib
 Each ingest appends one sorted file per index partition; this rewrites every partition sorted

@@ -59,10 +59,11 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("ingest_id", pa.string()),  # the writer that wrote the row; owned by the models row with the same id
         ]
     ),
-    # The global indexes (haagenti/index.py): sorted by their int64 key, read by key range.
+    # The "bands" index layout's tables (haagenti.index.bands): keyed tables (haagenti.store.keyed),
+    # sorted by their int64 key, read by key range.
     "bands": pa.schema(
         [
-            ("bucket", pa.int64()),  # band << rows | the band's bits (haagenti.index.buckets)
+            ("bucket", pa.int64()),  # band << rows | the band's bits (haagenti.index.bands.buckets)
             ("fragment_id", pa.binary()),  # the id's 32 raw bytes (hex in every other table)
             ("bits", pa.binary()),
             ("n_elements", pa.int64()),

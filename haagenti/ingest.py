@@ -13,12 +13,14 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
+from haagenti import maintenance
 from haagenti.config import MAX_CHAIN_DEPTH, LibraryConfig
+from haagenti.core import LibraryCore
 from haagenti.encode import PendingFragment, RawCache, encode_fragment, rows_table, signature_row
 from haagenti.errors import FormatError, LibraryError
 from haagenti.formats import open_model
@@ -38,8 +40,6 @@ from haagenti.store import SCHEMAS
 from haagenti.store.leases import writing
 from haagenti.writer import Committer
 
-if TYPE_CHECKING:
-    from haagenti.library import FragmentLibrary
 
 IngestProgress = Callable[[int], None]  # called with the raw bytes each commit took in
 
@@ -296,7 +296,7 @@ def _blob_in_arrow(row: dict | None, ref: FragmentRef | None) -> tuple[dict | No
 
 
 # ---- the library's ingest -----------------------------------------------------------------
-def ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: IngestProgress | None = None,
+def ingest_models(lib: LibraryCore, models: list[ModelInput], progress: IngestProgress | None = None,
                   device: str = "cpu", quality: str = "exact", threads: int = 0, wait: float = 60.0,
                   replace: bool = False) -> list[IngestReport]:
     """Add several models in one set of commits (haagenti.writer.Committer states the order);
@@ -322,7 +322,7 @@ def ingest_models(lib: "FragmentLibrary", models: list[ModelInput], progress: In
     return [by_id[m] for m in ids]
 
 
-def _against_stored(lib: "FragmentLibrary", models: list[ModelInput], sources: list[ModelSource],
+def _against_stored(lib: LibraryCore, models: list[ModelInput], sources: list[ModelSource],
                     replace: bool) -> tuple[dict[str, IngestReport], list[str]]:
     """(reports of the models stored already with the same bytes, ids of those to replace).
     Same bytes: the same files' BLAKE3 in order, and not stored lossy unless lossy sharing is
@@ -349,7 +349,7 @@ def _against_stored(lib: "FragmentLibrary", models: list[ModelInput], sources: l
     return unchanged, replaced
 
 
-def _ingest_models(lib: "FragmentLibrary", todo: list[tuple[ModelInput, ModelSource]], progress: IngestProgress | None, device: str,
+def _ingest_models(lib: LibraryCore, todo: list[tuple[ModelInput, ModelSource]], progress: IngestProgress | None, device: str,
                    quality: str, workers: Workers, ingest_id: str, replaced: list[str]) -> list[IngestReport]:
     ids = [m.model_id for m, _ in todo]
     config = lib.config
@@ -415,7 +415,7 @@ def _ingest_models(lib: "FragmentLibrary", todo: list[tuple[ModelInput, ModelSou
         pending.result().result()  # every batch committed, in order
     committer.flush()
     for mid in replaced:  # unpublished just before the new one is published; gc frees what only it held
-        lib.rm(mid)
+        maintenance.rm(lib, mid)
     committer.commit_manifests(manifests)
     committer.publish(manifests)
     return reports

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
+from haagenti.core import LibraryCore
 from haagenti.encode import RawCache
 from haagenti.errors import FragmentError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
@@ -75,16 +76,14 @@ class LibraryFileSystem(AbstractFileSystem):
     root_marker = ""
 
     def __init__(self, library=None, fo: str | None = None, target_protocol: str | None = None, target_options: dict | None = None, cache_bytes: int = 256 << 20, **kwargs):
-        from haagenti.library import FragmentLibrary
-
         super().__init__(**kwargs)
-        if isinstance(library, FragmentLibrary):
+        if isinstance(library, LibraryCore):
             self.library = library
         else:
             url = library or (f"{target_protocol}://{fo}" if fo and target_protocol not in (None, "file") else fo)
             if not url:
                 raise LibraryError("haagenti:// needs a library: fsspec.open('haagenti://MODEL/FILE', library=URL) or 'haagenti://MODEL/FILE::URL'")
-            self.library = FragmentLibrary.open(url, create=False)
+            self.library = LibraryCore.open(url, create=False)
         self.cache = RawCache(cache_bytes)
 
     @classmethod

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from haagenti.core import LibraryCore
 from haagenti.encode import RawCache
 from haagenti.errors import LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
-from haagenti.library import FragmentLibrary
 from haagenti.manifest import ModelManifest
 from haagenti.parallel import Workers
 from haagenti.restore import iter_parts
@@ -34,7 +34,7 @@ class ModelLoader:
     storage is verified again), the manifests of the models loaded (until the models table
     changes) and a pool of `threads` decode workers (0: every core)."""
 
-    def __init__(self, library: FragmentLibrary, cache_bytes: int = 1 << 30, threads: int = 0):
+    def __init__(self, library: LibraryCore, cache_bytes: int = 1 << 30, threads: int = 0):
         self.library = library
         self.cache = RawCache(cache_bytes)
         self.workers = Workers(threads)

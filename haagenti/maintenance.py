@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +19,7 @@ from haagenti import restore
 from haagenti.config import LibraryStats, ModelStats
 from haagenti.encode import RawCache, decode_row, decode_rows, fragment_rows
 from haagenti.checkpoints import reached
+from haagenti.core import LibraryCore
 from haagenti.errors import DamagedError, FragmentError, HaagentiError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding
@@ -30,8 +31,6 @@ from haagenti.store.leases import writing
 from haagenti.store.schema import UPGRADABLE_FROM
 from haagenti.store.publication import log_errors, orphan_manifest_keys, scan_manifests, unpublish
 
-if TYPE_CHECKING:
-    from haagenti.library import FragmentLibrary
 
 VerifyProgress = Callable[[str, int, int], None]  # (phase, bytes done, bytes in the phase)
 
@@ -56,7 +55,7 @@ class VerifyReport:
 
 
 # ---- verify ------------------------------------------------------------------------------
-def verify(lib: "FragmentLibrary", model_id: str | None = None, progress: VerifyProgress | None = None) -> VerifyReport:
+def verify(lib: LibraryCore, model_id: str | None = None, progress: VerifyProgress | None = None) -> VerifyReport:
     """Re-hash fragments and restored files. With a model: every fragment it needs and every
     file it restores. Without: the tables' Delta logs, every stored fragment (streamed, batch
     by batch), then every model, one at a time."""
@@ -75,7 +74,7 @@ def verify(lib: "FragmentLibrary", model_id: str | None = None, progress: Verify
     else:
         targets, total = [model_id], lib.model(model_id)["raw_bytes"]
     sink = _CountingSink("models", total, progress)
-    walker = type(lib)(lib.store, replace(lib.config, batch_bytes=MODEL_BATCH_BYTES))  # a restore's walk, in smaller steps
+    walker = LibraryCore(lib.store, replace(lib.config, batch_bytes=MODEL_BATCH_BYTES))  # a restore's walk, in smaller steps
     for mid in targets:
         try:
             manifest = lib.manifest(mid)
@@ -93,7 +92,7 @@ def verify(lib: "FragmentLibrary", model_id: str | None = None, progress: Verify
     return report
 
 
-def _verify_fragments(lib: "FragmentLibrary", report: VerifyReport, progress: VerifyProgress | None) -> None:
+def _verify_fragments(lib: LibraryCore, report: VerifyReport, progress: VerifyProgress | None) -> None:
     """Decode every stored fragment and check it against its id, a few rows at a time. A delta
     needs its reference's bytes: references (plain or deltas themselves) are kept in a bounded
     cache as they pass, and the ones it no longer holds are read back together, per batch,
@@ -145,7 +144,7 @@ def _verify_fragments(lib: "FragmentLibrary", report: VerifyReport, progress: Ve
     report.errors.extend(_name_users(store, bad))
 
 
-def _references(lib: "FragmentLibrary", ids: set[str], cache: RawCache) -> dict[str, bytes]:
+def _references(lib: LibraryCore, ids: set[str], cache: RawCache) -> dict[str, bytes]:
     """Decoded bytes of the references `ids`, through their chains; a reference that fails to
     decode is left out (it is reported in its own turn)."""
     read = lambda wanted: lib.read_rows(wanted, complete=False)  # noqa: E731
@@ -208,7 +207,7 @@ class _CountingSink(io.RawIOBase):
 
 
 # ---- gc and rm ---------------------------------------------------------------------------
-def rm(lib: "FragmentLibrary", model_id: str) -> None:
+def rm(lib: LibraryCore, model_id: str) -> None:
     """Unpublish the model (one commit), then drop its manifest rows; `gc` frees fragments.
     Holds an rm lease on the id: an ingest of the same id meanwhile is refused."""
     with writing(lib.store, "rm", [model_id]):
@@ -235,7 +234,7 @@ def referenced(store: "LibraryStore") -> pa.Array:
     return live.array()
 
 
-def gc(lib: "FragmentLibrary", wait: float = 0.0) -> dict[str, int]:
+def gc(lib: LibraryCore, wait: float = 0.0) -> dict[str, int]:
     """Delete what no published model owns (manifest rows of interrupted ingests, fragments no
     model references directly or as a delta reference, signatures of fragments no longer
     stored) and vacuum. Holds the gc lease, which excludes every other writer: refused (after
@@ -244,7 +243,7 @@ def gc(lib: "FragmentLibrary", wait: float = 0.0) -> dict[str, int]:
         return _gc(lib)
 
 
-def _gc(lib: "FragmentLibrary") -> dict[str, int]:
+def _gc(lib: LibraryCore) -> dict[str, int]:
     store = lib.store
     _refuse_damage(store)
     keep = referenced(store)
@@ -275,7 +274,7 @@ def _gc(lib: "FragmentLibrary") -> dict[str, int]:
     return {"fragments_removed": removed, "bytes_freed": freed, "files_vacuumed": files, "manifest_rows_removed": orphans}
 
 
-def compact(lib: "FragmentLibrary", target_bytes: int = 256 * 1024 * 1024, wait: float = 0.0) -> int:
+def compact(lib: LibraryCore, target_bytes: int = 256 * 1024 * 1024, wait: float = 0.0) -> int:
     """Under the gc lease: the index layout's rewrite for lookups (gc's deletes rewrite its
     files: sort them again), then the metadata tables' small files merged and everything
     replaced vacuumed (LibraryStore.compact). Returns data files replaced."""
@@ -340,7 +339,7 @@ def _refuse_damage(store: "LibraryStore") -> None:
 
 
 # ---- stats and relations -----------------------------------------------------------------
-def stats(lib: "FragmentLibrary") -> LibraryStats:
+def stats(lib: LibraryCore) -> LibraryStats:
     """Reduction per model and family, and every byte on disk. A model's new stored bytes are
     those of the fragments it was the first (in ingest order) to reference; its disk bytes add
     what its record keeps verbatim (safetensors headers, gaps of spliced files, side files)."""
@@ -419,7 +418,7 @@ def stats(lib: "FragmentLibrary") -> LibraryStats:
     )
 
 
-def model_relations(lib: "FragmentLibrary", model_ids: list[str] | None = None) -> dict[tuple[str, str], float]:
+def model_relations(lib: LibraryCore, model_ids: list[str] | None = None) -> dict[tuple[str, str], float]:
     """Share of model a's fragments that are b's fragments, or deltas against b's fragments,
     for every ordered pair of models (of `model_ids`, when given) that reference fragments.
     The basis of family inference and of the model-by-model similarity map."""
@@ -432,7 +431,7 @@ def model_relations(lib: "FragmentLibrary", model_ids: list[str] | None = None) 
     return out
 
 
-def closest_models(lib: "FragmentLibrary", model_ids: list[str], pending: str | None = None) -> dict[str, tuple[str, float] | None]:
+def closest_models(lib: LibraryCore, model_ids: list[str], pending: str | None = None) -> dict[str, tuple[str, float] | None]:
     """For each of `model_ids`, the other model it is most related to (either direction of
     `model_relations`; ties to the smallest id) and that share. Only relations touching these
     models are computed: a pipeline run infers families for the models it adds, not for the

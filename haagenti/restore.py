@@ -10,6 +10,7 @@ import warnings
 from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
 
 from haagenti.checkpoints import reached
+from haagenti.core import LibraryCore
 from haagenti.encode import RawCache
 from haagenti.errors import FragmentError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
@@ -24,10 +25,8 @@ from haagenti.tensors import checkpoint_bytes, tensor_of
 if TYPE_CHECKING:
     import torch
 
-    from haagenti.library import FragmentLibrary
 
-
-def _groups(lib: "FragmentLibrary", manifest: ModelManifest) -> list[list[TensorRef]]:
+def _groups(lib: LibraryCore, manifest: ModelManifest) -> list[list[TensorRef]]:
     """The model's tensors in groups of about `batch_bytes`: what one read fetches."""
     groups: list[list[TensorRef]] = [[]]
     size = 0
@@ -50,7 +49,7 @@ def _naming(manifest: ModelManifest, group: list[TensorRef]) -> Iterator[None]:
         raise FragmentError(f"model {manifest.model_id!r}, tensor {names[0]!r}: {e}") from None
 
 
-def iter_parts(lib: "FragmentLibrary", manifest: ModelManifest, cache: RawCache | None = None,
+def iter_parts(lib: LibraryCore, manifest: ModelManifest, cache: RawCache | None = None,
                workers: Workers | None = None, tally: list[int] | None = None) -> Iterable[tuple[TensorRef, list[bytes]]]:
     """(tensor, its fragments' verified bytes in order): what a stream or a loader takes, uncopied.
     With `workers` a group is decoded over them while the one before it is taken (two groups
@@ -76,7 +75,7 @@ def iter_parts(lib: "FragmentLibrary", manifest: ModelManifest, cache: RawCache 
             yield g, parts
 
 
-def restore_model(lib: "FragmentLibrary", model_id: str, out_dir: str, rehash: bool = False, force: bool = False,
+def restore_model(lib: LibraryCore, model_id: str, out_dir: str, rehash: bool = False, force: bool = False,
                   threads: int = 0) -> list[str]:
     """Write the model's files into `out_dir` (a folder's as its tree); files come back byte-identical
     (every fragment checked against its id, each file against its recorded layout, and with
@@ -189,7 +188,7 @@ def _open_file_room(manifest: ModelManifest) -> None:
             raise LibraryError(f"model {manifest.model_id!r} has {len(manifest.files)} files; a restore holds them all open and this process may open {soft} (ulimit -n)")
 
 
-def place_model(lib: "FragmentLibrary", manifest: ModelManifest, fds: list[int], workers: Workers) -> None:
+def place_model(lib: LibraryCore, manifest: ModelManifest, fds: list[int], workers: Workers) -> None:
     """Write the model into one file per record (open for writing): every fragment at its
     offset (os.pwrite), by the worker that decoded and verified it, the moment it is decoded;
     then check each file's layout. The rows of the next group are read meanwhile. One writer
@@ -271,7 +270,7 @@ class _Placement:
         return fragment_id in self.at and fragment_id not in self.kept
 
 
-def write_model(lib: "FragmentLibrary", manifest: ModelManifest, sinks: list[BinaryIO], rehash: bool, workers: Workers | None = None) -> None:
+def write_model(lib: LibraryCore, manifest: ModelManifest, sinks: list[BinaryIO], rehash: bool, workers: Workers | None = None) -> None:
     """Stream the model into one sink per file, in order, then check each file's layout: the
     ids of the fragments written, each verified against its bytes on read, in the order
     written. A second BLAKE3 pass over every byte (`rehash`) was ~10% of a restore (docs/decisions/0005-file-layout-digest.md)."""

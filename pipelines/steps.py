@@ -7,6 +7,7 @@ import pyarrow as pa
 
 from haagenti.checkpoints import reached
 from haagenti.config import LibraryConfig
+from haagenti.core import LibraryCore
 from haagenti.encode import PendingFragment, encode_fragment
 from haagenti.errors import FormatError
 from haagenti.formats import open_model
@@ -15,7 +16,6 @@ from haagenti.fragment import FragmentType
 from haagenti.hashing import model_hash
 from haagenti.index import IndexLayout, open_index
 from haagenti.ingest import ModelCut, ModelInput, fragment_table, signature_table, signs
-from haagenti.library import FragmentLibrary
 from haagenti.manifest import ModelManifest
 from haagenti.matching import partner_pairs
 from haagenti.signature import SignatureConfig
@@ -131,7 +131,7 @@ class EncodeFragments:
     fragments-table rows, in run order."""
 
     def __init__(self, library_url: str, config: LibraryConfig):
-        self.library = FragmentLibrary.open(library_url, config, create=False)
+        self.library = LibraryCore.open(library_url, config, create=False)
         self.level = config.zstd_level
         self.reader = RangeReader()
 

@@ -12,7 +12,8 @@ from safetensors.torch import save
 
 from haagenti.adaptive.precision import AdaptiveError, Precision
 from haagenti.adaptive.quantize import QuantizedTensor, quantize
-from haagenti.library import FragmentLibrary, IngestReport
+from haagenti.core import LibraryCore
+from haagenti.ingest import IngestReport, ModelInput, ingest_models
 from haagenti.loader import ModelLoader
 
 TIERS = (Precision.INT8, Precision.INT4)
@@ -27,7 +28,7 @@ def _quantizable(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.dim() >= 2
 
 
-def add_tier(library: FragmentLibrary, model_id: str, precision: Precision | str) -> IngestReport:
+def add_tier(library: LibraryCore, model_id: str, precision: Precision | str) -> IngestReport:
     p = precision if isinstance(precision, Precision) else Precision.parse(precision)
     if p not in TIERS:
         raise AdaptiveError(f"tiers are {', '.join(t.value for t in TIERS)}; {p.value} is served by the exact model")
@@ -46,19 +47,20 @@ def add_tier(library: FragmentLibrary, model_id: str, precision: Precision | str
     path = f"/haagenti-tier-{uuid.uuid4().hex}/tier.safetensors"
     fs.pipe_file(path, save(out, metadata={"haagenti_tier": p.value, "source": model_id}))
     try:
-        return library.ingest([f"memory://{path}"], tier_id(model_id, p), library.model(model_id)["family"], quality=p.value)
+        tier = ModelInput([f"memory://{path}"], tier_id(model_id, p), library.model(model_id)["family"])
+        return ingest_models(library, [tier], quality=p.value)[0]
     finally:
         fs.rm(posixpath.dirname(path), recursive=True)
 
 
-def tiers_of(library: FragmentLibrary, model_id: str) -> list[Precision]:
+def tiers_of(library: LibraryCore, model_id: str) -> list[Precision]:
     """The precision tiers stored for a model (an unknown model raises LibraryError)."""
     library.model(model_id)
     ids = {m["model_id"] for m in library.models()}
     return [p for p in TIERS if tier_id(model_id, p) in ids]
 
 
-def load_model(library: FragmentLibrary, model_id: str, precision: Precision | str = Precision.FP32) -> dict[str, torch.Tensor]:
+def load_model(library: LibraryCore, model_id: str, precision: Precision | str = Precision.FP32) -> dict[str, torch.Tensor]:
     """The model's tensors; at INT8/INT4 only the tier's fragments are read and the weights come
     back dequantised (FP32) with the tier's error; FP16/BF16 are casts of the exact model."""
     p = precision if isinstance(precision, Precision) else Precision.parse(precision)

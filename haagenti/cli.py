@@ -398,12 +398,12 @@ def schedule(
     try:
         chosen = ProfilePreset.parse(preset)  # refused here, before torch and diffusers are imported (seconds)
         check_sampler(sampler)
-        from haagenti.adaptive import PrecisionCapabilities
+        from haagenti.adaptive import PrecisionCapabilities, preset_profile
         from haagenti.adaptive.sampling import make_scheduler
         from haagenti.adaptive.switch import plan_for
 
         scheduler = make_scheduler(sampler)
-        profile = chosen.profile(sampler)
+        profile = preset_profile(chosen, sampler)
         plan = plan_for(scheduler, steps, profile, _transition(transition), PrecisionCapabilities.detect())
         out.print(plan.timeline(), highlight=False, markup=False, soft_wrap=True)
     except (AdaptiveError, MissingExtraError, ValueError) as e:
@@ -422,6 +422,7 @@ def schedule_search(
     """The schedule with the least predicted quality loss within BUDGET (a DP over windows of
     steps on the measured per-step sensitivity; loss = summed MSE vs FP32 samples)."""
     from haagenti.adaptive import AdaptiveError
+    from haagenti.adaptive.schedule import searched_schedule
     from haagenti.adaptive.search import measured, search
 
     try:
@@ -431,7 +432,7 @@ def schedule_search(
         if (model, sampler) not in table:
             raise AdaptiveError(f"no measured sensitivity for {model}/{sampler}; have {', '.join(f'{m}/{s}' for m, s in sorted(table))}")
         found = search(table[model, sampler], budget)
-        plan = found.schedule(f"search@{budget:g} {model}/{sampler}", steps, _transition(transition))
+        plan = searched_schedule(found, f"search@{budget:g} {model}/{sampler}", steps, _transition(transition))
         out.print(plan.timeline(), highlight=False, markup=False, soft_wrap=True)
         out.print(f"  predicted MSE vs FP32 samples {found.predicted_mse:.3g} (windows: {' '.join(p.value for p in found.choice)}); "
                   f"measured weight bytes {found.weight_bytes_vs_fp16:.1%} of all-FP16 (scales included)", highlight=False, markup=False, soft_wrap=True)

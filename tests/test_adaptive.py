@@ -10,7 +10,9 @@ from haagenti.adaptive import (
     ScheduleConfig,
     TransitionPlanner,
     TransitionStrategy,
+    preset_profile,
     quick_schedule,
+    searched_schedule,
 )
 from haagenti.adaptive.evaluate import Evaluator, uniform, window_schedule
 from haagenti.adaptive.models import digits, train, unet
@@ -42,7 +44,7 @@ def test_profiles_reject_gaps_overlaps_and_partial_cover():
     with pytest.raises(AdaptiveError, match="covers"):
         PrecisionProfile.by_fraction("p", (0, 0.5, "int8"))
     with pytest.raises(AdaptiveError, match="sigmas"):
-        ScheduleConfig(10, ProfilePreset.NOISE_ADAPTIVE.profile())
+        ScheduleConfig(10, preset_profile(ProfilePreset.NOISE_ADAPTIVE))
     with pytest.raises(AdaptiveError, match="at least one step"):
         ScheduleConfig(0)
 
@@ -65,10 +67,10 @@ def test_presets_are_searched_budget_points():
         for sampler in ("ddim", "dpmpp2m", "euler_a"):
             found = search(table["unet", sampler], preset.budget)
             assert found.weight_bytes_vs_fp16 <= preset.budget
-            planned = TransitionPlanner().plan(ScheduleConfig(20, preset.profile(sampler)))
-            assert [s.precision for s in planned.steps] == [s.precision for s in found.schedule("x", 20).steps]
+            planned = TransitionPlanner().plan(ScheduleConfig(20, preset_profile(preset, sampler)))
+            assert [s.precision for s in planned.steps] == [s.precision for s in searched_schedule(found, "x", 20).steps]
     with pytest.raises(AdaptiveError, match="no measured sensitivity"):
-        ProfilePreset.BALANCED.profile("heun")
+        preset_profile(ProfilePreset.BALANCED, "heun")
 
 
 def test_schedule_queries_transitions_and_timeline():
@@ -87,7 +89,7 @@ def test_schedule_queries_transitions_and_timeline():
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_noise_axis_takes_each_schedulers_own_noise_levels(sampler):
-    prof = ProfilePreset.NOISE_ADAPTIVE.profile()
+    prof = preset_profile(ProfilePreset.NOISE_ADAPTIVE)
     for steps in (10, 25):
         sched = make_scheduler(sampler)
         ts, sig = noise_levels(sched, steps)
@@ -220,7 +222,7 @@ def test_search_is_the_exact_optimum_within_the_budget():
     with pytest.raises(AdaptiveError, match="all-INT4 already touches 30.0%"):
         search(sens, 0.2)
     found = search(sens, 0.42)
-    assert [s.precision for s in found.schedule("p", 24).steps][::2] == [p for p in found.choice for _ in range(2)]
+    assert [s.precision for s in searched_schedule(found, "p", 24).steps][::2] == [p for p in found.choice for _ in range(2)]
     with pytest.raises(AdaptiveError, match="tile"):
         Sensitivity("m", "s", 12, ((0, 4), (5, 12)), sens.bytes_vs_fp16, sens.loss)
 

@@ -10,6 +10,7 @@ _WHERE = {
     "PrecisionProfile": "profile", "PrecisionZone": "profile", "ZoneAxis": "profile",
     "PrecisionSchedule": "schedule", "PrecisionTransition": "schedule", "ScheduleConfig": "schedule", "StepPrecision": "schedule",
     "TransitionKind": "schedule", "TransitionPlanner": "schedule", "TransitionStrategy": "schedule", "quick_schedule": "schedule",
+    "searched_schedule": "schedule", "preset_profile": "search",
 }
 __all__ = list(_WHERE)
 

@@ -3,10 +3,6 @@ presets, the samplers, and the error both raise. Nothing here imports torch."""
 from __future__ import annotations
 
 from enum import Enum
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from haagenti.adaptive.profile import PrecisionProfile
 
 SAMPLER_NAMES = ("ddim", "dpmpp2m", "euler_a", "heun")  # haagenti.adaptive.sampling.SAMPLERS, in this order
 
@@ -22,8 +18,8 @@ def check_sampler(name: str) -> str:
 
 
 class ProfilePreset(str, Enum):
-    """Named budget points: each preset is the searched schedule (search.py) at its share of
-    all-FP16 weight bytes, on the measured sensitivity of a sampler (default DDIM on the digits
+    """Named budget points: each preset is the searched schedule (search.preset_profile) at its
+    share of all-FP16 weight bytes, on the measured sensitivity of a sampler (default DDIM on the digits
     UNet; docs/adaptive.md). `haagenti schedule evaluate` re-measures them. NOISE_ADAPTIVE stays a
     profile on the noise axis (precision by sigma), for any scheduler."""
 
@@ -38,20 +34,6 @@ class ProfilePreset(str, Enum):
     def budget(self) -> float | None:
         """Weight bytes touched over a generation / all-FP16."""
         return {"performance": 0.35, "balanced": 0.4, "quality": 0.6, "low_vram": 0.32, "conservative": 1.0}.get(self.value)
-
-    def profile(self, sampler: str = "ddim", model: str = "unet", sensitivity=None) -> "PrecisionProfile":
-        from haagenti.adaptive.precision import Precision
-        from haagenti.adaptive.profile import INF, PrecisionProfile
-        from haagenti.adaptive.search import measured, search
-
-        if self is ProfilePreset.NOISE_ADAPTIVE:
-            # sigma = sqrt((1 - a_bar) / a_bar): above 20 the latent is almost pure noise.
-            P = Precision
-            return PrecisionProfile.by_sigma("noise_adaptive", (-INF, 1.0, P.INT4), (1.0, 20.0, P.INT8), (20.0, INF, P.FP16))
-        table = measured(sensitivity)
-        if (model, sampler) not in table:
-            raise AdaptiveError(f"no measured sensitivity for {model}/{sampler}; have {', '.join(f'{m}/{s}' for m, s in sorted(table))}")
-        return search(table[model, sampler], self.budget).profile(self.value)
 
     @classmethod
     def parse(cls, text: str) -> "ProfilePreset":

@@ -15,6 +15,7 @@ from haagenti.adaptive.evaluate import Evaluator, ScheduleResult, uniform, windo
 from haagenti.adaptive.models import KINDS, load_or_train
 from haagenti.adaptive.precision import Precision
 from haagenti.adaptive.profile import ProfilePreset
+from haagenti.adaptive.schedule import searched_schedule
 from haagenti.adaptive.search import CHOICES, SearchResult, Sensitivity, search
 
 BUDGETS = tuple(sorted({0.35, 0.4, 0.5, 0.6} | {p.budget for p in ProfilePreset if p.budget is not None}))  # presets are budget points
@@ -51,7 +52,7 @@ def search_pair(ev: Evaluator, sens: Sensitivity, tick) -> dict:
             found = search(sens, budget)
         except ValueError:
             continue
-        r = ev.evaluate(found.schedule(f"search@{budget:.2f}"))
+        r = ev.evaluate(searched_schedule(found, f"search@{budget:.2f}"))
         tick()
         searched.append({"budget": budget, "choice": [p.value for p in found.choice], "predicted_mse": found.predicted_mse, **r.row()})
     by_budget = {s["budget"]: s for s in searched}
@@ -60,7 +61,7 @@ def search_pair(ev: Evaluator, sens: Sensitivity, tick) -> dict:
     additivity = [{"name": s["name"], "predicted_mse": s["predicted_mse"], "measured_mse": s["mse"]} for s in searched]
     for k in range(3):
         choice = tuple(rng.choice(CHOICES) for _ in sens.windows)
-        r = ev.evaluate(SearchResult(choice, sens.bytes_of(choice), sens.predicted(choice), sens).schedule(f"random{k}"))
+        r = ev.evaluate(searched_schedule(SearchResult(choice, sens.bytes_of(choice), sens.predicted(choice), sens), f"random{k}"))
         tick()
         additivity.append({"name": r.name, "predicted_mse": sens.predicted(choice), "measured_mse": r.mse})
     noise_floor = ev.frechet_other_seed()

@@ -9,6 +9,7 @@ from enum import Enum
 
 from haagenti.adaptive.precision import AdaptiveError, Precision, PrecisionCapabilities
 from haagenti.adaptive.profile import PrecisionProfile, ProfilePreset, ZoneAxis
+from haagenti.adaptive.search import SearchResult, preset_profile
 
 
 class TransitionKind(str, Enum):
@@ -74,7 +75,7 @@ class StepPrecision:
 @dataclass(frozen=True)
 class ScheduleConfig:
     steps: int
-    profile: PrecisionProfile = field(default_factory=lambda: ProfilePreset.BALANCED.profile())
+    profile: PrecisionProfile = field(default_factory=lambda: preset_profile(ProfilePreset.BALANCED))
     capabilities: PrecisionCapabilities = field(default_factory=PrecisionCapabilities.cpu)
     transition: TransitionStrategy = field(default_factory=TransitionStrategy.immediate)
     min_gap: int = 1  # minimum steps between two switches
@@ -207,5 +208,11 @@ class TransitionPlanner:
 def quick_schedule(preset: str | ProfilePreset, steps: int, transition: TransitionStrategy | None = None, sigmas: list[float] | None = None,
                    sampler: str = "ddim") -> PrecisionSchedule:
     p = preset if isinstance(preset, ProfilePreset) else ProfilePreset.parse(preset)
-    config = ScheduleConfig(steps, p.profile(sampler), PrecisionCapabilities.detect(), transition or TransitionStrategy.immediate(), sigmas=tuple(sigmas) if sigmas else None)
+    config = ScheduleConfig(steps, preset_profile(p, sampler), PrecisionCapabilities.detect(), transition or TransitionStrategy.immediate(), sigmas=tuple(sigmas) if sigmas else None)
     return TransitionPlanner().plan(config)
+
+
+def searched_schedule(found: SearchResult, name: str, steps: int | None = None, transition: TransitionStrategy | None = None) -> PrecisionSchedule:
+    """A searched choice planned as a schedule of `steps` (the measured step count by default)."""
+    cfg = ScheduleConfig(steps or found.sensitivity.steps, found.profile(name), transition=transition or TransitionStrategy.immediate())
+    return TransitionPlanner().plan(cfg)

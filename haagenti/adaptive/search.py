@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 
 from haagenti.adaptive.precision import AdaptiveError, Precision
-from haagenti.adaptive.profile import PrecisionProfile, PrecisionZone
-from haagenti.adaptive.schedule import PrecisionSchedule, ScheduleConfig, TransitionPlanner, TransitionStrategy
+from haagenti.adaptive.presets import ProfilePreset
+from haagenti.adaptive.profile import INF, PrecisionProfile, PrecisionZone
 
 CHOICES = (Precision.INT4, Precision.INT8, Precision.FP16)
 
@@ -74,10 +74,6 @@ class SearchResult:
                 zones.append(PrecisionZone(lo, hi, p))
         return PrecisionProfile(name, tuple(zones))
 
-    def schedule(self, name: str, steps: int | None = None, transition: TransitionStrategy | None = None) -> PrecisionSchedule:
-        cfg = ScheduleConfig(steps or self.sensitivity.steps, self.profile(name), transition=transition or TransitionStrategy.immediate())
-        return TransitionPlanner().plan(cfg)
-
 
 def frontier(sens: Sensitivity) -> list[SearchResult]:
     """Every Pareto-optimal choice (no other is both cheaper and better), cheapest first."""
@@ -122,3 +118,17 @@ def measured(path: str | None = None) -> dict[tuple[str, str], Sensitivity]:
         return out
     except (ValueError, KeyError, TypeError) as e:
         raise AdaptiveError(f"{path or 'the shipped sensitivity'} is not a sensitivity file ({type(e).__name__}: {e})") from None
+
+
+def preset_profile(preset: ProfilePreset, sampler: str = "ddim", model: str = "unet", sensitivity: str | None = None) -> PrecisionProfile:
+    """The preset's profile: the searched choice at its budget on the measured sensitivity of
+    `model`/`sampler` (from `sensitivity`, a file, or the shipped copy); NOISE_ADAPTIVE's zones
+    are on noise level instead."""
+    if preset is ProfilePreset.NOISE_ADAPTIVE:
+        # sigma = sqrt((1 - a_bar) / a_bar): above 20 the latent is almost pure noise.
+        P = Precision
+        return PrecisionProfile.by_sigma("noise_adaptive", (-INF, 1.0, P.INT4), (1.0, 20.0, P.INT8), (20.0, INF, P.FP16))
+    table = measured(sensitivity)
+    if (model, sampler) not in table:
+        raise AdaptiveError(f"no measured sensitivity for {model}/{sampler}; have {', '.join(f'{m}/{s}' for m, s in sorted(table))}")
+    return search(table[model, sampler], preset.budget).profile(preset.value)

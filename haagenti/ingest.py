@@ -27,7 +27,8 @@ from haagenti.formats import open_model
 from haagenti.formats.dtypes import can_dequantize, has_nonfinite, signable
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.source import ModelSource
-from haagenti.formats.splice import FileHasher
+from haagenti.formats.container import FileHasher, layout_segments
+from haagenti.formats.registry import container
 from haagenti.fragment import Encoding, FragmentId, FragmentType
 from haagenti.hashing import model_hash
 from haagenti.index import open_index
@@ -94,9 +95,19 @@ class ModelCut:
 
     def __init__(self, model: ModelInput, source: ModelSource, fragment_elements: int):
         self.model, self.source, self.step = model, source, fragment_elements
-        self.hashers = {i: FileHasher(f.format, f.header, f.name) for i, f in enumerate(source.files) if f.format not in ("torch", "verbatim")}
+        self.hashers = {i: self._hasher(i) for i, f in enumerate(source.files) if not f.blake3}  # the others' are known from their reading
         self.layouts: list[list[str]] = [[] for _ in source.files]  # each file's fragment ids in order
         self.tensors: list[TensorRef] = []
+
+    def _hasher(self, i: int) -> FileHasher:
+        """The hasher of file `i`, fed each fragment as it is cut (the gaps come from its record)."""
+        f = self.source.files[i]
+        sizes = []
+        for t in self.source.tensors:
+            if t.file_index == i:
+                chunk_bytes = t.dtype.fragment_items(self.step) * t.dtype.itemsize
+                sizes.append([min(chunk_bytes, t.nbytes - b) for b in range(0, t.nbytes, chunk_bytes)])
+        return FileHasher(layout_segments(container(f.format).splice(f.header, f.name), sizes))
 
     def __iter__(self) -> Iterator[Occurrence]:
         for t in self.source.tensors:
@@ -107,8 +118,6 @@ class ModelCut:
             step = t.dtype.fragment_items(self.step)  # quantized tensors: whole blocks
             chunk_bytes = step * t.dtype.itemsize
             fh = self.hashers.get(t.file_index)
-            if fh:
-                fh.begin_tensor()
             for seq, chunk in enumerate(self.source.iter_chunks(t, chunk_bytes)):
                 fid = FragmentId.of(chunk)
                 if fh:
@@ -118,8 +127,6 @@ class ModelCut:
                 ref.fragments.append(FragmentRef(fid, seq * step, n, fid))
                 piece = PendingFragment(fid, t.dtype.name, chunk, ref.fragment_type, seq * step)
                 yield Occurrence(piece, ref, seq, url, t.data_begin + seq * chunk_bytes)
-            if fh:
-                fh.end_tensor()
 
     def manifest(self, expected_blake3: list[str] | None = None) -> ModelManifest:
         """The model's manifest once every occurrence was taken. `expected_blake3`: the files'

@@ -15,57 +15,30 @@ not bytes, and cannot be served by range.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from haagenti.core import LibraryCore
 from haagenti.encode import RawCache
 from haagenti.errors import FragmentError, LibraryError
-from haagenti.formats.dtypes import dtype as lookup_dtype
+from haagenti.formats.container import Segment, file_end
+from haagenti.formats.registry import container
 from haagenti.formats.splice import transpose
 from haagenti.manifest import ModelManifest
 
 
-@dataclass(frozen=True)
-class _Segment:
-    offset: int  # in the file
-    size: int
-    gap: bytes | None = None  # verbatim bytes, or
-    fragment_ids: tuple[str, ...] = ()  # one fragment, or every fragment of a transposed tensor
-    turn: tuple[int, int, int] | None = None  # (rows, cols, itemsize) of the file's matrix when transposed
-
-
-def file_segments(manifest: ModelManifest, file_index: int) -> list[_Segment]:
-    """The pieces of one stored file in order, each at its offset in the original file."""
+def file_segments(manifest: ModelManifest, file_index: int) -> list[tuple[Segment, tuple[str, ...]]]:
+    """The pieces of one stored file in order (its layout segments, haagenti.formats.container),
+    each with the ids of the fragments it holds."""
     f = manifest.files[file_index]
-    if f.format == "torch":
-        raise LibraryError(f"model {manifest.model_id!r}: {f.name} is a PyTorch checkpoint, restored from its tensors and not servable by range; use `haagenti restore`")
-    splice = f.splice
-    out: list[_Segment] = []
-    pos = 0
-
-    def add(seg: _Segment) -> None:
-        nonlocal pos
-        if seg.size:
-            out.append(seg)
-        pos += seg.size
-
-    tensors = [t for t in manifest.tensors if t.file_index == file_index]
-    for k, t in enumerate(tensors):
-        if k < len(splice.gaps):
-            add(_Segment(pos, len(splice.gaps[k]), gap=splice.gaps[k]))
-        itemsize = lookup_dtype(t.dtype).itemsize
-        if k in splice.transposed:
-            add(_Segment(pos, sum(r.elem_count for r in t.fragments) * itemsize, fragment_ids=tuple(r.fragment_id for r in t.fragments), turn=splice.transposed[k]))
-        else:
-            for r in t.fragments:
-                add(_Segment(pos, r.elem_count * itemsize, fragment_ids=(r.fragment_id,)))
-    for gap in splice.gaps[len(tensors) :]:
-        add(_Segment(pos, len(gap), gap=gap))
-    if pos != f.size:
-        raise LibraryError(f"model {manifest.model_id!r}: {f.name}'s record describes {pos} bytes, the file had {f.size}")
-    return out
+    fmt = container(f.format)
+    if not fmt.byte_exact:
+        raise LibraryError(f"model {manifest.model_id!r}: {f.name} is {fmt.description}, restored from its tensors and not servable by range; use `haagenti restore`")
+    tensors = manifest.file_tensors()[file_index]
+    segments = fmt.segments(f, tensors)
+    if file_end(segments) != f.size:
+        raise LibraryError(f"model {manifest.model_id!r}: {f.name}'s record describes {file_end(segments)} bytes, the file had {f.size}")
+    return [(s, tuple(tensors[s.tensor].fragments[j].fragment_id for j in s.fragments)) for s in segments if s.size]
 
 
 class LibraryFileSystem(AbstractFileSystem):
@@ -172,7 +145,7 @@ class LibraryFileSystem(AbstractFileSystem):
 class LibraryFile(AbstractBufferedFile):
     def __init__(self, fs: LibraryFileSystem, path: str, manifest: ModelManifest, file_index: int, **kwargs):
         self.segments = file_segments(manifest, file_index)
-        self.starts = [s.offset for s in self.segments]
+        self.starts = [s.offset for s, _ in self.segments]
         self.model_id = manifest.model_id
         super().__init__(fs, path, mode="rb", size=manifest.files[file_index].size, **kwargs)
 
@@ -181,22 +154,22 @@ class LibraryFile(AbstractBufferedFile):
             return b""
         first = max(bisect.bisect_right(self.starts, start) - 1, 0)
         covered = []
-        for s in self.segments[first:]:
+        for s, ids in self.segments[first:]:
             if s.offset >= end:
                 break
-            covered.append(s)
-        ids = {fid for s in covered for fid in s.fragment_ids}
-        raw = self.fs.library.fetch_raw(ids, self.fs.cache) if ids else {}
+            covered.append((s, ids))
+        wanted = {fid for _, ids in covered for fid in ids}
+        raw = self.fs.library.fetch_raw(wanted, self.fs.cache) if wanted else {}
         out = []
-        for s in covered:
+        for s, ids in covered:
             if s.gap is not None:
                 data = s.gap
             elif s.turn is not None:
                 rows, cols, itemsize = s.turn
-                data = transpose(b"".join(raw[f] for f in s.fragment_ids), cols, rows, itemsize)
+                data = transpose(b"".join(raw[f] for f in ids), cols, rows, itemsize)
             else:
-                data = raw[s.fragment_ids[0]]
+                data = raw[ids[0]]
             if len(data) != s.size:  # a verified fragment of another length than its record places: never a file cut short
-                raise FragmentError(f"model {self.model_id!r}: fragment {s.fragment_ids[0]}: {len(data)} bytes where the manifest places {s.size}")
+                raise FragmentError(f"model {self.model_id!r}: fragment {ids[0]}: {len(data)} bytes where the manifest places {s.size}")
             out.append(memoryview(data)[max(start - s.offset, 0) : min(end - s.offset, s.size)])
         return b"".join(out)

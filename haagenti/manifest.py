@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 
 from haagenti.errors import FragmentError, ModelIdError
-from haagenti.formats.splice import Splice, inline_of, splice_of
+from haagenti.formats.registry import container
 from haagenti.fragment import FragmentType
 from haagenti.hashing import file_layout
 from haagenti.store.schema import SCHEMAS
@@ -53,7 +53,7 @@ class TensorRef:
 @dataclass(frozen=True)
 class FileRecord:
     name: str
-    format: str  # safetensors | gguf | onnx | onnx_data | torch | verbatim
+    format: str  # a ContainerFormat's name (haagenti.formats.registry)
     size: int
     blake3: str
     header: bytes  # safetensors header JSON verbatim, a spliced file's packed gaps, or a side file's bytes
@@ -64,18 +64,13 @@ class FileRecord:
         """The record of a file cut into `fragment_ids` (in file order). Checkpoints restore as
         equal state dicts, not bytes, so they have no layout."""
         rec = cls(name, format, size, blake3, header)
-        return replace(rec, layout=file_layout(rec.inline, fragment_ids)) if format != "torch" else rec
+        return replace(rec, layout=file_layout(rec.inline, fragment_ids)) if container(format).byte_exact else rec
 
     @property
     def inline(self) -> bytes:
         """The bytes that with the fragment ids determine the file: the length-prefixed
         safetensors header, a spliced file's packed gaps, or a side file whole."""
-        return inline_of(self.format, self.header)
-
-    @property
-    def splice(self) -> Splice:
-        """The verbatim bytes a restore writes around the tensors (haagenti.formats.splice)."""
-        return splice_of(self.format, self.header, self.name)
+        return container(self.format).inline(self.header)
 
 
 @dataclass
@@ -94,6 +89,13 @@ class ModelManifest:
 
     def tensors_by_name(self) -> dict[str, "TensorRef"]:
         return {t.name: t for t in self.tensors}
+
+    def file_tensors(self) -> list[list[TensorRef]]:
+        """Each file's tensors, in file order (the order of a file's layout)."""
+        out: list[list[TensorRef]] = [[] for _ in self.files]
+        for t in self.tensors:
+            out[t.file_index].append(t)
+        return out
 
     @property
     def lossy(self) -> bool:

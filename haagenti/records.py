@@ -3,20 +3,17 @@ can write them. A manifest is checked whole before a restore writes a byte: file
 inside the output folder, every count, offset and length agrees with the file's own header."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
 
 from haagenti.errors import DamagedError, FormatError, FragmentError
 from haagenti.formats.dtypes import dtype as lookup_dtype
-from haagenti.formats.safetensors import file_prefix, parse_header
-from haagenti.formats.source import GGUF_EXT, ONNX_EXT, SAFETENSORS_EXT, TORCH_EXT, validate_file_name
-from haagenti.formats.splice import SPLICED_FORMATS, Splice
+from haagenti.formats.registry import CONTAINERS, container, formats_named
+from haagenti.formats.source import validate_file_name
 from haagenti.hashing import content_hash, file_layout, model_hash, record_hasher
 from haagenti.manifest import ModelManifest
 
-FORMATS = ("safetensors", "torch", "verbatim", *SPLICED_FORMATS)
 _ID = re.compile(r"[0-9a-f]{64}")
 
 
@@ -93,18 +90,17 @@ def check_manifest(m: ModelManifest) -> ModelManifest:
         if f.name.casefold() in seen:
             raise DamagedError(f"{where}: file name {f.name!r} is recorded twice")
         seen.add(f.name.casefold())
-        if f.format not in FORMATS or not isinstance(f.size, int) or f.size < 0 or not isinstance(f.header, bytes):
+        if not isinstance(f.format, str) or f.format not in CONTAINERS or not isinstance(f.size, int) or f.size < 0 or not isinstance(f.header, bytes):
             raise DamagedError(f"{where}: file {f.name!r} has an invalid record (format {f.format!r}, size {f.size!r})")
-        if f.format not in _formats_named(f.name):  # ingest chose it by the name: a restore must not write another kind of file
+        if f.format not in formats_named(f.name):  # ingest chose it by the name: a restore must not write another kind of file
             raise DamagedError(f"{where}: file {f.name!r} is recorded as {f.format}, which ingest never makes of a file of that name")
-        if f.format == "verbatim" and len(f.header) != f.size:
-            raise DamagedError(f"{where}: side file {f.name!r} holds {len(f.header)} bytes, its record says {f.size}")
+        container(f.format).check_file(f, where)
     if m.content_hash != model_hash([f.blake3 for f in m.files]):
         raise DamagedError(f"{where}: its recorded content hash is not the hash of its files' hashes")
-    per_file: list[dict[str, tuple[str, tuple[int, ...]]]] = [{} for _ in m.files]
+    named: list[set[str]] = [set() for _ in m.files]
     for t in m.tensors:
         tw = f"{where}, tensor {t.name!r}"
-        if not isinstance(t.file_index, int) or not 0 <= t.file_index < len(m.files) or m.files[t.file_index].format == "verbatim":
+        if not isinstance(t.file_index, int) or not 0 <= t.file_index < len(m.files) or not container(m.files[t.file_index].format).holds_tensors:
             raise DamagedError(f"{tw}: recorded file index {t.file_index!r} names no model file")
         try:
             d = lookup_dtype(t.dtype)
@@ -112,9 +108,9 @@ def check_manifest(m: ModelManifest) -> ModelManifest:
             raise DamagedError(f"{tw}: {e}") from None
         if not all(isinstance(s, int) and s >= 0 for s in t.shape):
             raise DamagedError(f"{tw}: invalid recorded shape {t.shape!r}")
-        if t.name in per_file[t.file_index]:
+        if t.name in named[t.file_index]:
             raise DamagedError(f"{tw}: recorded twice")
-        per_file[t.file_index][t.name] = (d.name, tuple(t.shape))
+        named[t.file_index].add(t.name)
         if math.prod(t.shape) % d.block:
             raise DamagedError(f"{tw}: shape {list(t.shape)} is not whole blocks of {d.name}")
         offset = 0
@@ -126,49 +122,10 @@ def check_manifest(m: ModelManifest) -> ModelManifest:
             offset += r.elem_count
         if offset != math.prod(t.shape) // d.block:  # a quantized type's element is a block
             raise DamagedError(f"{tw}: fragments cover {offset} elements, shape {list(t.shape)} has {math.prod(t.shape) // d.block}")
-    layouts: list[list[str]] = [[] for _ in m.files]
-    for t in m.tensors:
-        layouts[t.file_index].extend(r.source_fragment_id for r in t.fragments)  # the original's fragments (lossy refs too)
-    for i, f in enumerate(m.files):
-        if f.format != "torch" and file_layout(f.inline, layouts[i]) != f.layout:  # every reader, not only a restore, places by these records
+    for f, tensors in zip(m.files, m.file_tensors()):
+        fmt = container(f.format)
+        layout = [r.source_fragment_id for t in tensors for r in t.fragments]  # the original's fragments (lossy refs too)
+        if fmt.byte_exact and file_layout(f.inline, layout) != f.layout:  # every reader, not only a restore, places by these records
             raise FragmentError(f"{where}: {f.name} does not match its recorded layout (fragments missing or out of order)")
-        if f.format in SPLICED_FORMATS:
-            _check_splice(m, i, where)
-        if f.format != "safetensors":
-            continue
-        try:  # the header decides where each tensor's bytes go: it must describe the recorded tensors
-            h = parse_header(io.BytesIO(file_prefix(f.header)), f.size, f"{where}, file {f.name!r}")
-        except FormatError as e:
-            raise DamagedError(f"recorded header: {e}") from None
-        described = {e.name: (e.dtype.name, e.shape) for e in h.tensors}
-        if described != per_file[i]:
-            raise DamagedError(f"{where}, file {f.name!r}: its recorded header and tensor records disagree")
+        fmt.check_record(f, tensors, where)
     return m
-
-
-def _formats_named(name: str) -> tuple[str, ...]:
-    """The formats ingest (formats.source.open_model) can record for a file of this name."""
-    low = name.lower()
-    for ext, fmt in ((SAFETENSORS_EXT, "safetensors"), (GGUF_EXT, "gguf"), (ONNX_EXT, "onnx")):
-        if low.endswith(ext):
-            return (fmt,)
-    return ("onnx_data", "verbatim", *(("torch",) if low.endswith(TORCH_EXT) else ()))
-
-
-def _check_splice(m: ModelManifest, i: int, where: str) -> None:
-    """A spliced file's gaps and its tensors add up to its size, and each transposed tensor is
-    the matrix its record says (the gaps decide where each tensor's bytes go)."""
-    f = m.files[i]
-    fw = f"{where}, file {f.name!r}"
-    try:
-        splice = Splice.unpack(f.header, fw)
-    except FormatError as e:
-        raise DamagedError(str(e)) from None
-    tensors = [t for t in m.tensors if t.file_index == i]
-    sizes = [math.prod(t.shape) // lookup_dtype(t.dtype).block * lookup_dtype(t.dtype).itemsize for t in tensors]
-    if len(splice.gaps) > len(tensors) + 1 or sum(map(len, splice.gaps)) + sum(sizes) != f.size:
-        raise DamagedError(f"{fw}: its recorded gaps and tensors do not add up to its {f.size} bytes")
-    for k, (rows, cols, itemsize) in splice.transposed.items():
-        t = tensors[k] if 0 <= k < len(tensors) else None
-        if t is None or len(t.shape) != 2 or (cols, rows) != tuple(t.shape) or itemsize != lookup_dtype(t.dtype).itemsize:
-            raise DamagedError(f"{fw}: a recorded transposed tensor does not match its tensor record")

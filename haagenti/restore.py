@@ -14,8 +14,10 @@ from haagenti.core import LibraryCore
 from haagenti.encode import RawCache
 from haagenti.errors import FragmentError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
+from haagenti.formats.container import LayoutWriter, file_end
+from haagenti.formats.registry import container
 from haagenti.formats.source import RESTORE_JOURNAL, RESTORE_STAGING
-from haagenti.formats.splice import SpliceWriter, transpose
+from haagenti.formats.splice import transpose
 from haagenti.hashing import file_layout, hasher
 from haagenti.manifest import FileRecord, ModelManifest, TensorRef
 from haagenti.parallel import Workers
@@ -197,7 +199,7 @@ def place_model(lib: LibraryCore, manifest: ModelManifest, fds: list[int], worke
     plan = _Placement(manifest, fds)
     for fd, offset, gap in plan.gaps:
         _pwrite(fd, gap, offset)
-    states: dict[int, dict[str, torch.Tensor]] = {i: {} for i, f in enumerate(manifest.files) if f.format == "torch"}
+    states: dict[int, dict[str, torch.Tensor]] = {i: {} for i, f in enumerate(manifest.files) if not container(f.format).byte_exact}
     groups = _groups(lib, manifest)
     ids = [{r.fragment_id for g in group for r in g.fragments} for group in groups]
     ahead = workers.submit(lib.read_rows, ids[0])
@@ -223,10 +225,10 @@ def place_model(lib: LibraryCore, manifest: ModelManifest, fds: list[int], worke
 
 
 class _Placement:
-    """Where a model's bytes lie in its restored files, in SpliceWriter's order (gap k, then
-    tensor k, then the gaps after the last tensor): `at` each fragment's (fd, offset, length)
-    for every place it fills, `gaps` the verbatim bytes, `whole` the transposed tensors (written
-    whole, turned back), `kept` the ids a caller assembles (those and checkpoint tensors)."""
+    """Where a model's bytes lie in its restored files (each file's layout segments):
+    `at` each fragment's (fd, offset, length) for every place it fills, `gaps` the verbatim
+    bytes, `whole` the transposed tensors (written whole, turned back), `kept` the ids a caller
+    assembles (those and checkpoint tensors)."""
 
     def __init__(self, manifest: ModelManifest, fds: list[int]):
         self.at: dict[str, list[tuple[int, int, int]]] = {}
@@ -235,31 +237,23 @@ class _Placement:
         self.kept: set[str] = set()
         self.ends = [0] * len(fds)
         self.layouts: list[list[str]] = [[] for _ in fds]  # each file's fragment ids in file order (of the original)
-        tensors: list[list[TensorRef]] = [[] for _ in fds]
-        for t in manifest.tensors:
-            tensors[t.file_index].append(t)
-        for i, (f, fd) in enumerate(zip(manifest.files, fds)):
-            if f.format == "torch":
-                self.kept.update(r.fragment_id for t in tensors[i] for r in t.fragments)
+        for i, (f, fd, tensors) in enumerate(zip(manifest.files, fds, manifest.file_tensors())):
+            fmt = container(f.format)
+            if not fmt.byte_exact:
+                self.kept.update(r.fragment_id for t in tensors for r in t.fragments)
                 continue
-            splice, pos = f.splice, 0
-            for k, t in enumerate(tensors[i]):
-                if k < len(splice.gaps):
-                    self.gaps.append((fd, pos, splice.gaps[k]))
-                    pos += len(splice.gaps[k])
-                itemsize = lookup_dtype(t.dtype).itemsize
-                if k in splice.transposed:
-                    self.whole[id(t)] = (fd, pos, splice.transposed[k])
+            segments = fmt.segments(f, tensors)
+            for s in segments:
+                if s.gap is not None:
+                    self.gaps.append((fd, s.offset, s.gap))
+                elif s.turn is not None:
+                    t = tensors[s.tensor]
+                    self.whole[id(t)] = (fd, s.offset, s.turn)
                     self.kept.update(r.fragment_id for r in t.fragments)
-                for r in t.fragments:
-                    if k not in splice.transposed:
-                        self.at.setdefault(r.fragment_id, []).append((fd, pos, r.elem_count * itemsize))
-                    self.layouts[i].append(r.source_fragment_id)  # the layout is of the original's fragments (lossy refs too)
-                    pos += r.elem_count * itemsize
-            for gap in splice.gaps[len(tensors[i]) :]:
-                self.gaps.append((fd, pos, gap))
-                pos += len(gap)
-            self.ends[i] = pos
+                else:
+                    self.at.setdefault(tensors[s.tensor].fragments[s.fragments.start].fragment_id, []).append((fd, s.offset, s.size))
+            self.layouts[i] = [r.source_fragment_id for t in tensors for r in t.fragments]  # of the original's fragments (lossy refs too)
+            self.ends[i] = file_end(segments)
 
     def put(self, fragment_id: str, raw: bytes) -> bool:
         """Write a decoded fragment wherever it goes (any thread); False when a caller still needs it."""
@@ -276,22 +270,23 @@ def write_model(lib: LibraryCore, manifest: ModelManifest, sinks: list[BinaryIO]
     written. A second BLAKE3 pass over every byte (`rehash`) was ~10% of a restore (docs/decisions/0005-file-layout-digest.md)."""
     hashers = [hasher() if rehash else None for _ in manifest.files]
     written: list[list[str]] = [[] for _ in manifest.files]
-    states: dict[int, dict[str, torch.Tensor]] = {i: {} for i, f in enumerate(manifest.files) if f.format == "torch"}
-    splicers = [  # each file's verbatim gaps around its tensors (haagenti.formats.splice)
-        SpliceWriter(f.splice, lambda data, sink=sink, h=h: _put(sink, h, data)) for f, sink, h in zip(manifest.files, sinks, hashers)
+    writers = [  # each file's verbatim gaps around its tensors; None: a checkpoint, restored from its tensors
+        LayoutWriter(container(f.format).segments(f, tensors), lambda data, sink=sink, h=h: _put(sink, h, data)) if container(f.format).byte_exact else None
+        for f, sink, h, tensors in zip(manifest.files, sinks, hashers, manifest.file_tensors())
     ]
+    states: dict[int, dict[str, torch.Tensor]] = {i: {} for i, w in enumerate(writers) if w is None}
     for t, parts in iter_parts(lib, manifest, None, workers):
         i = t.file_index
-        if i in states:
+        writer = writers[i]
+        if writer is None:
             states[i][t.name] = tensor_of(t, parts)
             continue
-        splicers[i].begin_tensor()
         for ref, part in zip(t.fragments, parts):
-            splicers[i].write(part)
+            writer.write(part)
             written[i].append(ref.source_fragment_id)  # the layout is of the original's fragments (lossy refs too)
-        splicers[i].end_tensor()
-    for s in splicers:
-        s.finish()
+    for w in writers:
+        if w is not None:
+            w.finish()
     for i, state in states.items():
         _put(sinks[i], hashers[i], checkpoint_bytes(state))
     _check_files(manifest, written, [h.hexdigest() if h is not None else None for h in hashers])
@@ -301,7 +296,7 @@ def _check_files(manifest: ModelManifest, layouts: list[list[str]] | None, diges
     """Each restored file's fragment ids (in file order) against its recorded layout, and its
     BLAKE3 (where given) against its recorded hash; checkpoints restore as state dicts, unchecked."""
     for i, f in enumerate(manifest.files):
-        if f.format == "torch":
+        if not container(f.format).byte_exact:
             continue
         if layouts is not None and file_layout(f.inline, layouts[i]) != f.layout:
             raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} does not match its recorded layout (fragments missing or out of order)")
@@ -330,7 +325,7 @@ def _preallocate(fd: int, f: FileRecord) -> None:
     """Reserve a restored file's blocks up front where its size is known. Measured here (ext4):
     once ~100 MB of a restore are dirty, writes into a growing file fall from ~4 GB/s to
     ~0.7 GB/s (delayed block allocation racing writeback); into reserved blocks they stay fast."""
-    if f.format != "torch" and f.size > 0 and hasattr(os, "posix_fallocate"):
+    if container(f.format).byte_exact and f.size > 0 and hasattr(os, "posix_fallocate"):
         try:
             os.posix_fallocate(fd, 0, f.size)
         except OSError:

@@ -10,7 +10,7 @@ from haagenti.config import LibraryConfig
 from haagenti.core import LibraryCore
 from haagenti.encode import PendingFragment, encode_fragment
 from haagenti.errors import FormatError
-from haagenti.formats import open_model
+from haagenti.formats import container, open_model
 from haagenti.formats.source import RangeReader
 from haagenti.fragment import FragmentType
 from haagenti.hashing import model_hash
@@ -41,8 +41,9 @@ def scan_model(row: dict) -> dict:
     src = open_model(list(row["files"]))
     records = [{"name": f.name, "format": f.format, "size": f.size, "blake3": digest, "header": f.header, "url": f.url}
                for f, digest in zip(src.files, src.file_digests())]
-    if any(r["format"] == "torch" for r in records):
-        raise FormatError(f"model {row['model_id']!r}: the pipeline reads safetensors by byte range; ingest .pt checkpoints with `haagenti ingest`")
+    whole = next((r for r in records if not container(r["format"]).byte_exact), None)
+    if whole is not None:  # its tensors are read whole, not as byte ranges of the file
+        raise FormatError(f"model {row['model_id']!r}: the pipeline reads model files by byte range and {whole['name']} is {container(whole['format']).description}; ingest it with `haagenti ingest`")
     content_hash = model_hash([r["blake3"] for r in records])
     return dict(row, content_hash=content_hash, raw_bytes=src.raw_bytes, file_records=records)
 

@@ -1,4 +1,4 @@
-"""Strict, streaming GGUF reader: where each tensor's data lies, nothing loaded but the header.
+"""The GGUF container. A strict, streaming reader: where each tensor's data lies, nothing loaded but the header.
 
 The `gguf` package supplies the tables (value types, quantized block sizes); its GGUFReader is
 not used to parse because it memory-maps a whole local file, and a model may be on S3: we read
@@ -13,6 +13,7 @@ from typing import BinaryIO
 
 from haagenti.errors import FormatError
 from haagenti.formats.dtypes import BY_NAME, DType, quantized
+from haagenti.formats.container import FileEntry, ModelFiles, SourceFile, SourceTensor, SplicedFormat
 from haagenti.formats.splice import Splice, TensorSpan, splice_spans
 
 MAX_HEADER_BYTES = 256 * 1024 * 1024  # metadata and tensor infos (an LLM vocabulary takes a few MB)
@@ -153,3 +154,16 @@ def parse_gguf(fh: BinaryIO, file_size: int, where: str) -> tuple[list[TensorSpa
         return data
 
     return spans, splice_spans(spans, file_size, read, where)
+
+
+class Gguf(SplicedFormat):
+    """llama.cpp's container: header, metadata and tensor infos, then aligned tensor data."""
+
+    name = "gguf"
+    description = "a GGUF file"
+    extensions = (".gguf",)
+    exclusive = True
+
+    def read(self, entry: FileEntry, model: ModelFiles) -> tuple[SourceFile, list[SourceTensor]]:
+        with entry.open() as fh:
+            return self.record(entry, *parse_gguf(fh, entry.size, entry.url))

@@ -1,4 +1,4 @@
-"""Strict, streaming safetensors reader and a verbatim writer.
+"""The safetensors container: a strict, streaming reader and its record (the header verbatim).
 
 We parse the header ourselves instead of calling `safetensors.safe_open` because we must
 (a) keep the header bytes verbatim so a restored file has the same sha256,
@@ -8,14 +8,20 @@ The `safetensors` package is still used by the examples and tests to write files
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Sequence
 
-from haagenti.errors import FormatError
+from haagenti.errors import DamagedError, FormatError
+from haagenti.formats.container import ContainerFormat, FileEntry, ModelFiles, SourceFile, SourceTensor
 from haagenti.formats.dtypes import DType, dtype
+from haagenti.formats.splice import Splice
+
+if TYPE_CHECKING:
+    from haagenti.manifest import FileRecord, TensorRef
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
 
@@ -120,3 +126,35 @@ def _entry(name: str, info: object, data_size: int, where: str) -> TensorEntry:
 def file_prefix(header_bytes: bytes) -> bytes:
     """What precedes the tensor data in a file: the 8-byte length and the header verbatim."""
     return struct.pack("<Q", len(header_bytes)) + header_bytes
+
+
+class Safetensors(ContainerFormat):
+    """Its record keeps the header JSON; the file is the length, the header, then the tensors
+    back to back (one gap, before the first)."""
+
+    name = "safetensors"
+    description = "a safetensors file"
+    extensions = (".safetensors",)
+    exclusive = True
+
+    def read(self, entry: FileEntry, model: ModelFiles) -> tuple[SourceFile, list[SourceTensor]]:
+        with entry.open() as fh:
+            h = parse_header(fh, entry.size, entry.url)
+        tensors = [SourceTensor(t.name, t.dtype, t.shape, entry.index, t.nbytes, data_begin=h.data_start + t.begin) for t in h.tensors]
+        return SourceFile(entry.name, entry.url, self.name, entry.size, h.header_bytes), tensors
+
+    def splice(self, header: bytes, where: str) -> Splice:
+        return Splice([file_prefix(header)])
+
+    def inline(self, header: bytes) -> bytes:
+        return file_prefix(header)
+
+    def check_record(self, record: "FileRecord", tensors: Sequence["TensorRef"], where: str) -> None:
+        """The header decides where each tensor's bytes go: it must describe the recorded tensors."""
+        try:
+            h = parse_header(io.BytesIO(file_prefix(record.header)), record.size, f"{where}, file {record.name!r}")
+        except FormatError as e:
+            raise DamagedError(f"recorded header: {e}") from None
+        described = {e.name: (e.dtype.name, e.shape) for e in h.tensors}
+        if described != {t.name: (dtype(t.dtype).name, tuple(t.shape)) for t in tensors}:
+            raise DamagedError(f"{where}, file {record.name!r}: its recorded header and tensor records disagree")

@@ -1,10 +1,10 @@
 """A model file as verbatim gaps around its tensors' data: gap0 t0 gap1 t1 ... t(n-1) gap(n).
 
-Every format haagenti cuts is one of these. A safetensors file is its length and header then
-tensors back to back (one gap, before the first tensor); a GGUF file has its header, metadata
-and tensor infos before the first tensor and alignment padding after each; an ONNX file is a
-protobuf whose initializers' `raw_data` fields sit between the rest of the message. The tensors
-become fragments; the gaps are stored verbatim in the file's record (files.header), so a restore
+Every format haagenti cuts is one of these (haagenti.formats.container walks the layout). A
+safetensors file is its length and header then tensors back to back (one gap, before the first
+tensor); a GGUF file has its header, metadata and tensor infos before the first tensor and
+alignment padding after each; an ONNX file is a protobuf whose initializers' `raw_data` fields
+sit between the rest of the message. The tensors become fragments; the gaps are stored verbatim in the file's record (files.header), so a restore
 writes the original bytes and the layout digest (hashing.file_layout) covers them.
 
 A tensor can be stored transposed: ONNX exporters fold a Linear weight's transpose into the
@@ -22,10 +22,7 @@ import numpy as np
 
 from haagenti.errors import FormatError
 from haagenti.formats.dtypes import DType
-from haagenti.formats.safetensors import file_prefix
-from haagenti.hashing import hasher
 
-SPLICED_FORMATS = ("gguf", "onnx", "onnx_data")
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -57,61 +54,9 @@ class Splice:
         return cls(gaps, transposed)
 
 
-def splice_of(format: str, header: bytes, where: str) -> Splice:
-    """The gaps of a file of this format: its record's header, read as the format keeps it."""
-    if format == "safetensors":
-        return Splice([file_prefix(header)])
-    if format == "verbatim":
-        return Splice([header])
-    if format in SPLICED_FORMATS:
-        return Splice.unpack(header, where)
-    return Splice([])  # a torch checkpoint: restored from its tensors, not spliced
-
-
-def inline_of(format: str, header: bytes) -> bytes:
-    """The bytes that, with the fragment ids, determine a file (what its layout digest covers)."""
-    if format == "safetensors":
-        return file_prefix(header)
-    return header if format == "verbatim" or format in SPLICED_FORMATS else b""
-
-
 def transpose(data: bytes, rows: int, cols: int, itemsize: int) -> bytes:
     """The (cols, rows) transpose of a row-major (rows, cols) matrix of `itemsize`-byte items."""
     return np.frombuffer(data, _UINT[itemsize]).reshape(rows, cols).T.tobytes()
-
-
-class SpliceWriter:
-    """Writes a file in order from its tensors' stored bytes: the gaps between them, and each
-    transposed tensor turned back into the file's orientation. Restore writes files with it;
-    ingest hashes them with it (write = hasher.update)."""
-
-    def __init__(self, splice: Splice, write: Callable[[bytes], object]):
-        self.splice, self.put = splice, write
-        self.k = 0
-        self.held: list[bytes] | None = None
-
-    def begin_tensor(self) -> None:
-        if self.k < len(self.splice.gaps):
-            self.put(self.splice.gaps[self.k])
-        self.held = [] if self.k in self.splice.transposed else None
-
-    def write(self, data: bytes) -> None:
-        if self.held is not None:
-            self.held.append(data)
-        else:
-            self.put(data)
-
-    def end_tensor(self) -> None:
-        if self.held is not None:
-            rows, cols, itemsize = self.splice.transposed[self.k]
-            self.put(transpose(b"".join(self.held), cols, rows, itemsize))
-            self.held = None
-        self.k += 1
-
-    def finish(self) -> None:
-        for gap in self.splice.gaps[self.k :]:
-            self.put(gap)
-        self.k = max(self.k, len(self.splice.gaps))
 
 
 @dataclass(frozen=True)
@@ -141,16 +86,3 @@ def splice_spans(spans: list[TensorSpan], file_size: int, read: Callable[[int, i
         cursor = s.begin + s.nbytes
     gaps.append(read(cursor, file_size))
     return Splice(gaps, transposed)
-
-
-class FileHasher(SpliceWriter):
-    """The BLAKE3 of a file rebuilt from its gaps and its tensors' stored bytes, fed as they are
-    cut (ingest and the pipeline hash files this way, reading each byte once)."""
-
-    def __init__(self, format: str, header: bytes, name: str):
-        self.hasher = hasher()
-        super().__init__(splice_of(format, header, name), self.hasher.update)
-
-    def hexdigest(self) -> str:
-        self.finish()
-        return self.hasher.hexdigest()

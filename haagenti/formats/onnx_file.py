@@ -1,4 +1,5 @@
-"""Strict ONNX reader: where each initializer's data lies, in the .onnx file or an external one.
+"""The ONNX containers: an .onnx file, and the external data files its initializers point into.
+A strict reader: where each initializer's data lies, in the .onnx file or an external one.
 
 The `onnx` package parses and validates the message (a protobuf: parsing runs nothing from the
 file). It does not say where a field's bytes are, so we walk the protobuf wire format for the
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from haagenti.errors import FormatError
 from haagenti.formats.dtypes import BY_NAME, DType
+from haagenti.formats.container import FileEntry, ModelFiles, SourceFile, SourceTensor, SplicedFormat
 from haagenti.formats.splice import Splice, TensorSpan, splice_spans
 
 MAX_ONNX_BYTES = 2**31 - 1  # protobuf's limit on one message; bigger models use external data
@@ -175,3 +177,66 @@ def _dtype(init, where: str) -> DType | None:
     if type_name == "UNDEFINED" and (init.raw_data or init.data_location == onnx.TensorProto.EXTERNAL):
         raise FormatError(f"{where}: initializer {init.name!r} has unknown tensor type {init.data_type}")
     return BY_NAME[_DTYPES[type_name]] if type_name in _DTYPES else None
+
+
+@dataclass(frozen=True)
+class OnnxScan:
+    """A model's .onnx files parsed, and the spans each external data file holds."""
+
+    parsed: dict[str, tuple[list[TensorSpan], Splice]]
+    external: dict[str, list[TensorSpan]]
+
+
+class Onnx(SplicedFormat):
+    """An .onnx file: its inline initializers are the tensors, the rest of the protobuf the gaps."""
+
+    name = "onnx"
+    description = "an ONNX file"
+    extensions = (".onnx",)
+    exclusive = True
+
+    def scan(self, model: ModelFiles) -> OnnxScan:
+        """Every .onnx file parsed before any other file is read: they say which files are
+        external data, and where in them each initializer lies."""
+        parsed, external = {}, {}
+        names = set(model.names)
+        for e in model.entries:
+            if not e.name.lower().endswith(self.extensions):
+                continue
+            spans, splice, refs = parse_onnx(e.read_all(), e.name, e.url)
+            parsed[e.name] = (spans, splice)
+            for ref in refs:
+                if ref.location not in names:
+                    raise FormatError(f"{e.name}: external data file {ref.location!r} is not among the model's files (ingest the folder)")
+                external.setdefault(ref.location, []).append(ref.span)
+        return OnnxScan(parsed, external)
+
+    def read(self, entry: FileEntry, model: ModelFiles) -> tuple[SourceFile, list[SourceTensor]]:
+        return self.record(entry, *model.scans[self.name].parsed[entry.name])  # type: ignore[attr-defined]
+
+
+class OnnxData(SplicedFormat):
+    """A file an .onnx file's initializers point into (any name): the tensors at their spans,
+    the bytes between them the gaps."""
+
+    name = "onnx_data"
+    description = "an ONNX external data file"
+
+    def named(self, name: str) -> bool | None:
+        return None  # whatever the .onnx file calls it
+
+    def claims(self, entry: FileEntry, model: ModelFiles) -> bool:
+        return entry.name in model.scans[Onnx.name].external  # type: ignore[attr-defined]
+
+    def read(self, entry: FileEntry, model: ModelFiles) -> tuple[SourceFile, list[SourceTensor]]:
+        spans = sorted(model.scans[Onnx.name].external[entry.name], key=lambda s: s.begin)  # type: ignore[attr-defined]
+        with entry.open() as fh:
+
+            def read(begin: int, end: int) -> bytes:
+                fh.seek(begin)
+                data = fh.read(end - begin)
+                if len(data) != end - begin:
+                    raise FormatError(f"{entry.url}: file shrank while reading it")
+                return data
+
+            return self.record(entry, spans, splice_spans(spans, entry.size, read, entry.url))

@@ -6,11 +6,12 @@ from __future__ import annotations
 from haagenti.errors import DamagedError
 from haagenti.formats.container import ContainerFormat, FileEntry, ModelFiles
 from haagenti.formats.gguf_file import Gguf
+from haagenti.formats.onnx_file import Onnx, OnnxData
 from haagenti.formats.safetensors import Safetensors
 from haagenti.formats.torch_file import TorchCheckpoint
 from haagenti.formats.verbatim import Verbatim
 
-CONTAINERS: dict[str, ContainerFormat] = {f.name: f for f in (Safetensors(), Gguf(), TorchCheckpoint(), Verbatim())}
+CONTAINERS: dict[str, ContainerFormat] = {f.name: f for f in (Safetensors(), Gguf(), Onnx(), OnnxData(), TorchCheckpoint(), Verbatim())}
 
 MODEL_EXT = tuple(e for f in CONTAINERS.values() if f.holds_tensors for e in f.extensions)  # weight files
 SIDE_EXT = tuple(e for f in CONTAINERS.values() if not f.holds_tensors for e in f.extensions)  # configs, tokenizers

@@ -24,11 +24,11 @@ from haagenti.core import LibraryCore
 from haagenti.encode import PendingFragment, RawCache, encode_fragment, rows_table, signature_row
 from haagenti.errors import FormatError, LibraryError
 from haagenti.formats import open_model
+from haagenti.formats.container import FileHasher, layout_segments
 from haagenti.formats.dtypes import can_dequantize, has_nonfinite, signable
 from haagenti.formats.dtypes import dtype as lookup_dtype
-from haagenti.formats.source import ModelSource
-from haagenti.formats.container import FileHasher, layout_segments
 from haagenti.formats.registry import container
+from haagenti.formats.source import ModelSource
 from haagenti.fragment import Encoding, FragmentId, FragmentType
 from haagenti.hashing import model_hash
 from haagenti.index import open_index

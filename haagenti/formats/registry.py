@@ -15,6 +15,7 @@ CONTAINERS: dict[str, ContainerFormat] = {f.name: f for f in (Safetensors(), Ggu
 
 MODEL_EXT = tuple(e for f in CONTAINERS.values() if f.holds_tensors for e in f.extensions)  # weight files
 SIDE_EXT = tuple(e for f in CONTAINERS.values() if not f.holds_tensors for e in f.extensions)  # configs, tokenizers
+WEIGHT_NAMES = ", ".join("/".join(f.extensions) for f in CONTAINERS.values() if f.holds_tensors and f.extensions)  # for messages
 
 
 def container(name: str) -> ContainerFormat:

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from haagenti.errors import FormatError
 from haagenti.formats.container import FileEntry, ModelFiles, SourceFile, SourceTensor
-from haagenti.formats.registry import CONTAINERS, MODEL_EXT, SIDE_EXT, container, detect
+from haagenti.formats.registry import CONTAINERS, MODEL_EXT, SIDE_EXT, WEIGHT_NAMES, container, detect
 from haagenti.formats.splice import transpose
 from haagenti.fsio import filesystem_for
 from haagenti.hashing import hasher
@@ -213,10 +213,10 @@ def open_model(urls: list[str]) -> ModelSource:
     for entry in model.entries:
         fmt = detect(entry, model)
         if fmt is None:
-            raise FormatError(f"{entry.url}: unknown model file type (expected .safetensors, .gguf, .onnx, .pt/.pth/.bin/.ckpt or side .json)")
+            raise FormatError(f"{entry.url}: unknown model file type (expected {WEIGHT_NAMES} or side .json)")
         f, tensors = fmt.read(entry, model)
         src.files.append(f)
         src.tensors += tensors
     if not any(container(f.format).holds_tensors for f in src.files):  # a model file with no tensors (header {}) is valid
-        raise FormatError(f"{', '.join(url for url, _, _ in entries)}: no model file (.safetensors, .gguf, .onnx or a checkpoint), only side files")
+        raise FormatError(f"{', '.join(url for url, _, _ in entries)}: no model file ({WEIGHT_NAMES}), only side files")
     return src

@@ -24,7 +24,7 @@ from haagenti.core import LibraryCore
 from haagenti.encode import PendingFragment, RawCache, encode_fragment, rows_table, signature_row
 from haagenti.errors import FormatError, LibraryError
 from haagenti.formats import open_model
-from haagenti.formats.container import FileHasher, layout_segments
+from haagenti.formats.container import FileHasher
 from haagenti.formats.dtypes import can_dequantize, has_nonfinite, signable
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.registry import container
@@ -107,7 +107,7 @@ class ModelCut:
             if t.file_index == i:
                 chunk_bytes = t.dtype.fragment_items(self.step) * t.dtype.itemsize
                 sizes.append([min(chunk_bytes, t.nbytes - b) for b in range(0, t.nbytes, chunk_bytes)])
-        return FileHasher(layout_segments(container(f.format).splice(f.header, f.name), sizes))
+        return FileHasher(container(f.format).segments(f.header, f.name, sizes))
 
     def __iter__(self) -> Iterator[Occurrence]:
         for t in self.source.tensors:

@@ -35,7 +35,7 @@ def file_segments(manifest: ModelManifest, file_index: int) -> list[tuple[Segmen
     if not fmt.byte_exact:
         raise LibraryError(f"model {manifest.model_id!r}: {f.name} is {fmt.description}, restored from its tensors and not servable by range; use `haagenti restore`")
     tensors = manifest.file_tensors()[file_index]
-    segments = fmt.segments(f, tensors)
+    segments = f.segments(tensors)
     if file_end(segments) != f.size:
         raise LibraryError(f"model {manifest.model_id!r}: {f.name}'s record describes {file_end(segments)} bytes, the file had {f.size}")
     return [(s, tuple(tensors[s.tensor].fragments[j].fragment_id for j in s.fragments)) for s in segments if s.size]

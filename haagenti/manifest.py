@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 
 from haagenti.errors import FragmentError, ModelIdError
+from haagenti.formats.container import Segment
+from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.registry import container
 from haagenti.fragment import FragmentType
 from haagenti.hashing import file_layout
@@ -65,6 +67,15 @@ class FileRecord:
         equal state dicts, not bytes, so they have no layout."""
         rec = cls(name, format, size, blake3, header)
         return replace(rec, layout=file_layout(rec.inline, fragment_ids)) if container(format).byte_exact else rec
+
+    def segments(self, tensors: list[TensorRef]) -> list[Segment]:
+        """The file as its format lays it out (haagenti.formats.container): gap and fragment
+        slices at their offsets; `tensors` are the file's, in file order."""
+        sizes = []
+        for t in tensors:
+            itemsize = lookup_dtype(t.dtype).itemsize
+            sizes.append([r.elem_count * itemsize for r in t.fragments])
+        return container(self.format).segments(self.header, self.name, sizes)
 
     @property
     def inline(self) -> bytes:

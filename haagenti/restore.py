@@ -242,7 +242,7 @@ class _Placement:
             if not fmt.byte_exact:
                 self.kept.update(r.fragment_id for t in tensors for r in t.fragments)
                 continue
-            segments = fmt.segments(f, tensors)
+            segments = f.segments(tensors)
             for s in segments:
                 if s.gap is not None:
                     self.gaps.append((fd, s.offset, s.gap))
@@ -271,7 +271,7 @@ def write_model(lib: LibraryCore, manifest: ModelManifest, sinks: list[BinaryIO]
     hashers = [hasher() if rehash else None for _ in manifest.files]
     written: list[list[str]] = [[] for _ in manifest.files]
     writers = [  # each file's verbatim gaps around its tensors; None: a checkpoint, restored from its tensors
-        LayoutWriter(container(f.format).segments(f, tensors), lambda data, sink=sink, h=h: _put(sink, h, data)) if container(f.format).byte_exact else None
+        LayoutWriter(f.segments(tensors), lambda data, sink=sink, h=h: _put(sink, h, data)) if container(f.format).byte_exact else None
         for f, sink, h, tensors in zip(manifest.files, sinks, hashers, manifest.file_tensors())
     ]
     states: dict[int, dict[str, torch.Tensor]] = {i: {} for i, w in enumerate(writers) if w is None}

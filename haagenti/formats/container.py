@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from haagenti.errors import DamagedError, FormatError
 from haagenti.formats.dtypes import DType
@@ -18,9 +18,6 @@ from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.splice import Splice, TensorSpan, transpose
 from haagenti.fsio import filesystem_for
 from haagenti.hashing import hasher
-
-if TYPE_CHECKING:
-    from haagenti.manifest import FileRecord, TensorRef
 
 
 @dataclass
@@ -43,6 +40,22 @@ class SourceFile:
     size: int
     header: bytes = b""  # safetensors header JSON verbatim, a spliced file's packed gaps, or a whole side file
     blake3: str = ""  # known up front for checkpoints and side files; safetensors hash as they stream
+
+
+class StoredFile(Protocol):
+    """What a format reads of a stored file's record (haagenti.manifest.FileRecord)."""
+
+    name: str
+    size: int
+    header: bytes
+
+
+class StoredTensor(Protocol):
+    """What a format reads of a stored tensor's record (haagenti.manifest.TensorRef)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -215,19 +228,15 @@ class ContainerFormat(ABC):
         """The bytes that, with the fragment ids, determine the file (what its layout digest covers)."""
         return header
 
-    def segments(self, record: "FileRecord", tensors: Sequence["TensorRef"]) -> list[Segment]:
-        """The stored file as ordered slices, gaps and fragments, each at its offset in the
-        original; `tensors` are the file's tensor records in file order."""
-        sizes = []
-        for t in tensors:
-            itemsize = lookup_dtype(t.dtype).itemsize
-            sizes.append([r.elem_count * itemsize for r in t.fragments])
-        return layout_segments(self.splice(record.header, record.name), sizes)
+    def segments(self, header: bytes, where: str, sizes: Sequence[Sequence[int]]) -> list[Segment]:
+        """The file as ordered slices, gaps and fragments, each at its offset in the original;
+        `sizes` holds each tensor's fragment sizes in bytes, in file order."""
+        return layout_segments(self.splice(header, where), sizes)
 
-    def check_file(self, record: "FileRecord", where: str) -> None:
+    def check_file(self, record: StoredFile, where: str) -> None:
         """Raise DamagedError if the record alone cannot be what this format made of a file."""
 
-    def check_record(self, record: "FileRecord", tensors: Sequence["TensorRef"], where: str) -> None:
+    def check_record(self, record: StoredFile, tensors: Sequence[StoredTensor], where: str) -> None:
         """Raise DamagedError if the record, with the file's tensor records (in file order,
         each checked already), cannot be what this format made of a file."""
 
@@ -243,7 +252,7 @@ class SplicedFormat(ContainerFormat):
         tensors = [SourceTensor(s.name, s.dtype, s.shape, entry.index, s.nbytes, data_begin=s.begin, transposed=s.transposed) for s in spans]
         return SourceFile(entry.name, entry.url, self.name, entry.size, splice.pack()), tensors
 
-    def check_record(self, record: "FileRecord", tensors: Sequence["TensorRef"], where: str) -> None:
+    def check_record(self, record: StoredFile, tensors: Sequence[StoredTensor], where: str) -> None:
         """The gaps and the tensors add up to the file's size, and each transposed tensor is
         the matrix its record says (the gaps decide where each tensor's bytes go)."""
         fw = f"{where}, file {record.name!r}"

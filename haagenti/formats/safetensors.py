@@ -13,15 +13,12 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Sequence
+from typing import BinaryIO, Sequence
 
 from haagenti.errors import DamagedError, FormatError
-from haagenti.formats.container import ContainerFormat, FileEntry, ModelFiles, SourceFile, SourceTensor
+from haagenti.formats.container import ContainerFormat, FileEntry, ModelFiles, SourceFile, SourceTensor, StoredFile, StoredTensor
 from haagenti.formats.dtypes import DType, dtype
 from haagenti.formats.splice import Splice
-
-if TYPE_CHECKING:
-    from haagenti.manifest import FileRecord, TensorRef
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
 
@@ -149,7 +146,7 @@ class Safetensors(ContainerFormat):
     def inline(self, header: bytes) -> bytes:
         return file_prefix(header)
 
-    def check_record(self, record: "FileRecord", tensors: Sequence["TensorRef"], where: str) -> None:
+    def check_record(self, record: StoredFile, tensors: Sequence[StoredTensor], where: str) -> None:
         """The header decides where each tensor's bytes go: it must describe the recorded tensors."""
         try:
             h = parse_header(io.BytesIO(file_prefix(record.header)), record.size, f"{where}, file {record.name!r}")

@@ -2,15 +2,10 @@
 restored folder is complete. They hold no tensors."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from haagenti.errors import DamagedError, FormatError
-from haagenti.formats.container import ContainerFormat, FileEntry, ModelFiles, SourceFile, SourceTensor
+from haagenti.formats.container import ContainerFormat, FileEntry, ModelFiles, SourceFile, SourceTensor, StoredFile
 from haagenti.formats.splice import Splice
 from haagenti.hashing import content_hash
-
-if TYPE_CHECKING:
-    from haagenti.manifest import FileRecord
 
 VERBATIM_EXT = (".json", ".yaml", ".yml", ".txt", ".md", ".model", ".jinja")
 MAX_VERBATIM_BYTES = 16 * 1024 * 1024
@@ -37,6 +32,6 @@ class Verbatim(ContainerFormat):
     def splice(self, header: bytes, where: str) -> Splice:
         return Splice([header])
 
-    def check_file(self, record: "FileRecord", where: str) -> None:
+    def check_file(self, record: StoredFile, where: str) -> None:
         if len(record.header) != record.size:
             raise DamagedError(f"{where}: side file {record.name!r} holds {len(record.header)} bytes, its record says {record.size}")

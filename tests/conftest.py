@@ -108,3 +108,16 @@ def exports(family, tmp_path_factory):
     ex.save_hf_folder(bf16, paths["hf-4"], shards=4)
     ex.save_diffusers_folder(bf16, paths["diffusers"])
     return paths
+
+
+# Test modules whose every test starts Ray or a Ray job (in-process or as a subprocess).
+RAY_MODULES = {"test_pipeline", "test_job_submit", "test_agreement", "test_report"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`): every test that
+    uses Ray goes to one of them, so one session cluster serves them all and no two local
+    clusters compete for the machine's cores."""
+    for item in items:
+        if "ray_cluster" in item.fixturenames or item.get_closest_marker("ray") or item.module.__name__.rpartition(".")[2] in RAY_MODULES:
+            item.add_marker(pytest.mark.xdist_group("ray"))

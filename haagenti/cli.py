@@ -423,15 +423,12 @@ def schedule_search(
     steps on the measured per-step sensitivity; loss = summed MSE vs FP32 samples)."""
     from haagenti.adaptive import AdaptiveError
     from haagenti.adaptive.schedule import searched_schedule
-    from haagenti.adaptive.search import measured, search
+    from haagenti.adaptive.search import search, sensitivity_of
 
     try:
         if not 0 < budget <= 2:
             raise AdaptiveError(f"--budget is a share of all-FP16 weight bytes in (0, 2], not {budget}")
-        table = measured(sensitivity)
-        if (model, sampler) not in table:
-            raise AdaptiveError(f"no measured sensitivity for {model}/{sampler}; have {', '.join(f'{m}/{s}' for m, s in sorted(table))}")
-        found = search(table[model, sampler], budget)
+        found = search(sensitivity_of(model, sampler, sensitivity), budget)
         plan = searched_schedule(found, f"search@{budget:g} {model}/{sampler}", steps, _transition(transition))
         out.print(plan.timeline(), highlight=False, markup=False, soft_wrap=True)
         out.print(f"  predicted MSE vs FP32 samples {found.predicted_mse:.3g} (windows: {' '.join(p.value for p in found.choice)}); "

@@ -128,7 +128,13 @@ def preset_profile(preset: ProfilePreset, sampler: str = "ddim", model: str = "u
         # sigma = sqrt((1 - a_bar) / a_bar): above 20 the latent is almost pure noise.
         P = Precision
         return PrecisionProfile.by_sigma("noise_adaptive", (-INF, 1.0, P.INT4), (1.0, 20.0, P.INT8), (20.0, INF, P.FP16))
+    return search(sensitivity_of(model, sampler, sensitivity), preset.budget).profile(preset.value)
+
+
+def sensitivity_of(model: str, sampler: str, sensitivity: str | None = None) -> Sensitivity:
+    """The measured sensitivity of `model`/`sampler` (from `sensitivity`, a file, or the shipped
+    copy); refused in one line when it was not measured."""
     table = measured(sensitivity)
     if (model, sampler) not in table:
         raise AdaptiveError(f"no measured sensitivity for {model}/{sampler}; have {', '.join(f'{m}/{s}' for m, s in sorted(table))}")
-    return search(table[model, sampler], preset.budget).profile(preset.value)
+    return table[model, sampler]

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from haagenti.config import LibraryConfig
 from haagenti.errors import HaagentiError, MissingExtraError, UnknownModelError
+from haagenti.formats.registry import CONTAINERS
 from haagenti.library import FragmentLibrary, ModelInput
 from haagenti.manifest import validate_model_id
 from haagenti.records import LossyRestoreWarning
@@ -46,7 +47,8 @@ def _config(fragment_size: Optional[int], lossy_threshold: Optional[float], simi
     return LibraryConfig(fragment_size=fragment_size, lossy_threshold=lossy_threshold, similarity=similarity)
 
 
-FORMATS = "safetensors, GGUF, ONNX (with its external data), PyTorch checkpoints (.pt .pth .bin .ckpt, weights only) and Hugging Face or diffusers folders"
+FORMATS = ", ".join(f"{f.description.split(' ', 1)[1]}s ({' '.join(f.extensions)})" for f in CONTAINERS.values() if f.holds_tensors and f.extensions) + \
+    ", their external data, and Hugging Face or diffusers folders of them"  # the registered container formats
 
 
 @app.command(help=f"""Add one model (all its files) to LIBRARY, or with --each one model per file.

@@ -1,2 +1,2 @@
 """The distributed dedup pipeline: small steps (pipelines.steps) composed by an executor
-(pipelines.executors: local or Ray) into the job (pipelines.dedup)."""
+(haagenti.executors.LocalExecutor or pipelines.executors.RayExecutor) into the job (pipelines.dedup)."""

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from haagenti.checkpoints import reached
 from haagenti.config import LibraryConfig
 from haagenti.errors import LibraryError
+from haagenti.executors import Executor, LocalExecutor
 from haagenti.formats.source import expand_urls
 from haagenti.groups import sort_rows
 from haagenti.ingest import signature_table
@@ -30,7 +31,6 @@ from haagenti.store import LibraryStore
 from haagenti.store.leases import LeaseConflict, writing
 from haagenti.writer import Committer
 from pipelines.catalog import Catalog, read_catalog
-from pipelines.executors import Executor, LocalExecutor
 from pipelines.steps import ASSIGNMENT_SCHEMA, EncodeFragments, FragmentModel, MatchBands, SignFragments, scan_model
 
 # Fragments per encode call: measured on 2 CPUs, 32 per call spent ~4 s of a 7-model run in

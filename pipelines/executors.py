@@ -1,56 +1,21 @@
-"""Executors run steps; steps do not know which one runs them (as in datatrove).
-
-LocalExecutor: in this process, in order (tests, debugging, the baseline the Ray run is
-measured against). RayExecutor: a pool of warm step actors for CPU steps and LSH bucket
-groups, and one GPU actor per GPU for signatures when the cluster has GPUs.
+"""The Ray executor: a pool of warm step actors for CPU steps and LSH bucket groups, and one
+GPU actor per GPU for signatures when the cluster has GPUs. The `Executor` protocol and the
+in-process `LocalExecutor` are haagenti.executors'; `make_executor` picks one by name.
 """
 from __future__ import annotations
 
 import os
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from haagenti.groups import group_starts, sort_rows
+from haagenti.executors import Executor, LocalExecutor, cut_at_groups
+from haagenti.groups import sort_rows
 
 
 FORWARDED_ENV = ("AWS_", "HAAGENTI_", "GOOGLE_", "AZURE_")
-
-
-class Executor(Protocol):
-    # Bytes of step results the driver may hold before it must commit them (None: no limit
-    # beyond the library's batch_bytes). On Ray a result is a view into the object store and
-    # pins it: a driver holding 64 MiB of a 75 MiB store made the encoders wait (3.5 s against
-    # 1.2-1.9 s for 28 models).
-    held_bytes: int | None
-
-    def map(self, fn: Callable[[dict], Any], rows: list[dict]) -> list[Any]: ...
-
-    def map_batches(self, cls: type, args: tuple, table: pa.Table, batch_size: int, actors: bool = False) -> Iterator[pa.Table]: ...
-
-    def group_by(self, table: pa.Table, keys: list[str], fn: Callable[[pa.Table], pa.Table], max_rows: int | None = None) -> pa.Table:
-        """`fn` over parts of `table` sorted by `keys`, each holding whole groups (one part or
-        many) and, with `max_rows`, about that many rows at most (a group is never split)."""
-        ...
-
-
-class LocalExecutor:
-    held_bytes = None
-
-    def map(self, fn, rows):
-        return [fn(r) for r in rows]
-
-    def map_batches(self, cls, args, table, batch_size, actors=False):
-        step = cls(*args)
-        for start in range(0, table.num_rows, batch_size):
-            yield step(table.slice(start, batch_size))
-
-    def group_by(self, table, keys, fn, max_rows=None):
-        t = sort_rows(table, keys)
-        parts = _cut_at_groups(t, keys, -(-t.num_rows // max_rows)) if max_rows and t.num_rows else [t]
-        return pa.concat_tables([fn(p) for p in parts])
 
 
 class RayExecutor:
@@ -117,7 +82,7 @@ class RayExecutor:
             return fn(table)
         t = sort_rows(table, keys)
         n = max(1, min(2 * len(self.pool), t.num_rows // 2000 + 1), -(-t.num_rows // max_rows) if max_rows else 1)
-        parts = _cut_at_groups(t, keys, n)
+        parts = cut_at_groups(t, keys, n)
         tables = [_owned(x) for x in self._run((_apply, fn, p) for p in parts) if x.num_rows]
         return pa.concat_tables(tables) if tables else fn(table.slice(0, 0))
 
@@ -130,17 +95,6 @@ def _owned(t: pa.Table) -> pa.Table:
     stage took 85 s instead of 7.5 s with the match stage's pairs pinning ~70 MB of 75 MiB).
     Streamed results (map_batches) stay views; the driver bounds them with `held_bytes`."""
     return t.take(pa.array(np.arange(t.num_rows)))
-
-
-def _cut_at_groups(t: pa.Table, keys: list[str], n: int) -> list[pa.Table]:
-    """`t` (sorted by `keys`) in about `n` contiguous parts, never splitting a group."""
-    starts = group_starts(t, keys)
-    step = max(1, t.num_rows // n)
-    cuts = [0]
-    for s in starts[1:].tolist():
-        if s - cuts[-1] >= step or s == t.num_rows:
-            cuts.append(s)
-    return [t.slice(a, b - a) for a, b in zip(cuts, cuts[1:])]
 
 
 def _apply(fn, row):

@@ -89,3 +89,33 @@ def test_threads_change_nothing_stored_or_restored(tmp_path, family):
     (f1, s1), (f4, s4) = tables
     assert f1.num_rows > 50 and f1.equals(f4) and s1.equals(s4)
     assert set(f1["encoding"].to_pylist()) >= {"plain", "delta_xor"}
+
+
+def test_local_executor_streams_batches_in_order_with_a_step_per_thread():
+    import pyarrow as pa
+
+    from haagenti.executors import LocalExecutor
+
+    made: list[int] = []
+    calls: list[int] = []
+
+    class Double:
+        def __init__(self, factor: int):
+            self.factor = factor
+            made.append(threading.get_ident())
+
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            time.sleep(0.01)
+            calls.append(batch.num_rows)
+            return pa.table({"x": pa.compute.multiply(batch["x"], self.factor)})
+
+    table = pa.table({"x": list(range(100))})
+    with LocalExecutor(threads=2) as executor:
+        results = executor.map_batches(Double, (2,), table, 7)
+        first = next(results)
+        assert first["x"].to_pylist() == [2 * i for i in range(7)]
+        assert len(calls) <= 4  # two slices per thread ahead, not the whole table
+        rest = [x for t in results for x in t["x"].to_pylist()]
+        assert rest == [2 * i for i in range(7, 100)]
+        assert len(made) == len(set(made)) <= 2  # one step object per thread
+        assert executor.map(lambda r: r["x"] + 1, [{"x": 1}, {"x": 2}]) == [2, 3]

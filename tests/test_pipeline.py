@@ -70,6 +70,17 @@ def test_local_pipeline_incremental_reruns(tmp_path, family, monkeypatch):
     assert os.path.getsize(paths["report.html"]) > 10_000 and "replaced 1" in open(paths["report.txt"]).read()
 
 
+def test_local_executor_on_threads_builds_the_same_tables(tmp_path, family):
+    cat = catalog(tmp_path / "catalog.yaml", family)
+    run_dedup(cat, str(tmp_path / "one"), LocalExecutor(), CONFIG)
+    with LocalExecutor(threads=2) as executor:
+        run_dedup(cat, str(tmp_path / "two"), executor, CONFIG)
+    a, b = FragmentLibrary.open(str(tmp_path / "one")), FragmentLibrary.open(str(tmp_path / "two"))
+    for table, key in (("fragments", "fragment_id"), ("signatures", "fragment_id"), ("models", "model_id")):
+        rows = [[{k: v for k, v in r.items() if k not in ("ingest_id", "record_digest")} for r in content(lib, table, key)] for lib in (a, b)]
+        assert rows[0] == rows[1], table
+
+
 @pytest.mark.timeout(600)
 def test_ray_pipeline_on_s3_is_identical_to_local(tmp_path, family, bucket, ray_cluster):
     from haagenti.fsio import filesystem_for

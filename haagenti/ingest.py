@@ -4,8 +4,8 @@
     (encode_fragment) -> commit (haagenti.writer.Committer)
 
 The library runs these stages in one process, batch after batch (`ingest_models`); the
-pipeline (`pipelines/`) runs the same functions as steps its executors distribute, with model
-bytes read by byte range where they are needed. Both build the same tables from the same
+pipeline (`pipelines/`) runs them as the steps of haagenti.ingest_steps, which its executors
+distribute, with model bytes read by byte range where they are needed. Both build the same tables from the same
 catalog (tests/test_agreement.py).
 """
 from __future__ import annotations
@@ -21,23 +21,22 @@ import pyarrow as pa
 from haagenti import maintenance
 from haagenti.config import MAX_CHAIN_DEPTH, LibraryConfig
 from haagenti.core import LibraryCore
-from haagenti.encode import PendingFragment, RawCache, encode_fragment, rows_table, signature_row
+from haagenti.encode import PendingFragment, RawCache, encode_fragment
 from haagenti.errors import FormatError, LibraryError
 from haagenti.formats import open_model
 from haagenti.formats.container import FileHasher
-from haagenti.formats.dtypes import can_dequantize, has_nonfinite, signable
+from haagenti.formats.dtypes import has_nonfinite
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.registry import container
 from haagenti.formats.source import ModelSource
 from haagenti.fragment import Encoding, FragmentId, FragmentType
 from haagenti.hashing import model_hash
 from haagenti.index import open_index
+from haagenti.ingest_steps import fragment_table, signature_table, signs
 from haagenti.manifest import FileRecord, FragmentRef, ModelManifest, TensorRef, validate_model_id
 from haagenti.matching import RunMatcher
 from haagenti.parallel import Workers
-from haagenti.signature import SignatureConfig, compute_signatures
 from haagenti.similarity import measure
-from haagenti.store import SCHEMAS
 from haagenti.store.leases import writing
 from haagenti.writer import Committer
 
@@ -141,26 +140,7 @@ class ModelCut:
         return ModelManifest(m.model_id, m.family, files, self.tensors, model_hash([f.blake3 for f in files]), self.source.raw_bytes, list(m.urls))
 
 
-# ---- sign and encode ----------------------------------------------------------------------
-def signs(p: PendingFragment) -> bool:
-    """Whether a new fragment gets a signature (and so takes part in reference choice): floats,
-    and quantized blocks gguf can dequantize."""
-    d = lookup_dtype(p.dtype)
-    return bool(p.data) and (d.is_float or (d.block > 1 and can_dequantize(d)))
-
-
-def signature_table(pieces: list[PendingFragment], config: SignatureConfig, device: str = "cpu", workers: Workers | None = None) -> pa.Table:
-    """Signatures-table rows of fragments (bit-identical on any device), signed over `workers`;
-    quantized blocks are signed on their dequantized values."""
-    sign = lambda part: compute_signatures([signable(p.data, lookup_dtype(p.dtype)) for p in part], config, device)  # noqa: E731
-    sigs = (workers.map(sign, pieces) if workers is not None else sign(pieces)) if pieces else []
-    return rows_table([signature_row(p, s) for p, s in zip(pieces, sigs)], SCHEMAS["signatures"])
-
-
-def fragment_table(rows: list[dict]) -> pa.Table:
-    return rows_table(rows, SCHEMAS["fragments"])
-
-
+# ---- sign and encode (the steps: haagenti.ingest_steps) ---------------------------------
 class FragmentEncoder:
     """The library's stages after the cut, batch by batch: which occurrences are new, their
     signatures, their references (one RunMatcher for the whole ingest), and their rows."""

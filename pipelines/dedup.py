@@ -23,7 +23,7 @@ from haagenti.errors import LibraryError
 from haagenti.executors import Executor, LocalExecutor
 from haagenti.formats.source import expand_urls
 from haagenti.groups import sort_rows
-from haagenti.ingest import signature_table
+from haagenti.ingest_steps import ASSIGNMENT_SCHEMA, EncodeFragments, MatchBands, SignFragments, signature_table
 from haagenti.library import FragmentLibrary
 from haagenti.maintenance import closest_models
 from haagenti.matching import BUCKET, choose_references, hamming_limit, match_rows
@@ -31,7 +31,7 @@ from haagenti.store import LibraryStore
 from haagenti.store.leases import LeaseConflict, writing
 from haagenti.writer import Committer
 from pipelines.catalog import Catalog, read_catalog
-from pipelines.steps import ASSIGNMENT_SCHEMA, EncodeFragments, FragmentModel, MatchBands, SignFragments, scan_model
+from pipelines.steps import FragmentModel, scan_model
 
 # Fragments per encode call: measured on 2 CPUs, 32 per call spent ~4 s of a 7-model run in
 # per-call overhead, 128 per call 0.4 s; 64 keeps an output batch (~10 MB) well inside a small
@@ -223,7 +223,7 @@ def _match(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, sigs
     run's band rows only; each task takes whole buckets of them, at most MATCH_PART_ROWS rows
     (what one ingest batch looks up: the library rows a task reads grow with its buckets times
     the library's bucket fill), and reads the library's rows of those buckets straight from
-    storage (pipelines.steps.MatchBands).
+    storage (haagenti.ingest_steps.MatchBands).
     Returns each new fragment's reference candidates and the chain depths of them and their
     candidates (the band and pair tables are freed on return, not held through encoding)."""
     pos = pc.index_in(sigs["fragment_id"], value_set=new_ids).to_numpy(zero_copy_only=False)
@@ -240,7 +240,7 @@ def _assignments(new: pa.Table, refs: dict[str, list[str]], depths: dict[str, in
     each one's chain depth."""
     loc = {fid: (u, o, ln, dt) for fid, u, o, ln, dt in zip(*(new[c].to_pylist() for c in ("fragment_id", "url", "byte_offset", "byte_len", "dtype")))}
     rows = []
-    for r in new.select(["fragment_id", "dtype", "fragment_type", "url", "byte_offset", "byte_len"]).to_pylist():
+    for r in new.select(["fragment_id", "dtype", "fragment_type", "url", "byte_offset", "byte_len", "data"]).to_pylist():
         ids = refs.get(r["fragment_id"], [])
         run = [loc[i] if i in in_run else None for i in ids]
         rows.append(dict(

@@ -332,8 +332,8 @@ def chain_library(tmp_path):
 
     from haagenti.config import LibraryConfig
     from haagenti.encode import PendingFragment, encode_fragment
-    from haagenti.ingest import fragment_table
     from haagenti.fragment import FragmentId, FragmentType
+    from haagenti.ingest_steps import fragment_table
     from haagenti.library import FragmentLibrary
 
     config = LibraryConfig(fragment_size=64 * 1024)

@@ -12,6 +12,7 @@ from haagenti.formats import open_model
 from haagenti.fragment import FragmentId
 from haagenti.index import open_index
 from haagenti.index.bands import BAND_ROW_BYTES, BANDS, IDS, bands_rows, ids_rows
+from haagenti.ingest_steps import MatchBands
 from haagenti.library import FragmentLibrary, ModelInput
 from haagenti.matching import RunMatcher, bucket_pairs, choose_references, hamming_limit, library_rows, match_rows, shared_buckets
 from haagenti.signature import compute_signatures
@@ -20,7 +21,6 @@ from haagenti.store.files import DataFiles, data_file_uuid
 from haagenti.store.keyed import append_keyed
 from pipelines import dedup
 from pipelines.dedup import _match
-from pipelines.steps import MatchBands
 from pipelines.executors import LocalExecutor
 
 CONFIG = LibraryConfig(fragment_size=64 * 1024)

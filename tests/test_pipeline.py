@@ -164,6 +164,28 @@ def test_a_file_changed_between_scan_and_fragmenting_is_refused(tmp_path, family
         FragmentModel(CONFIG)(scanned)
 
 
+def test_sign_and_encode_steps_take_carried_bytes_as_the_ranges_they_read(tmp_path, family):
+    """An executor in the driver's process carries fragments' bytes in the `data` column; the
+    steps then read nothing, and give what they give from byte ranges."""
+    from haagenti.formats.source import RangeReader
+    from haagenti.ingest_steps import ASSIGNMENT_SCHEMA, EncodeFragments, SignFragments
+    from pipelines.steps import FragmentModel, scan_model
+
+    scanned = scan_model({"model_id": "m", "files": [family[0].file], "family": None, "revision": None, "rank": 0})
+    _, occ = FragmentModel(CONFIG)(scanned)
+    occ = occ.filter(occ["signs"]).slice(0, 6)
+    reader = RangeReader()
+    data = pa.array([reader.read(r["url"], r["byte_offset"], r["byte_len"]) for r in occ.to_pylist()], pa.binary())
+    carried = occ.set_column(occ.schema.get_field_index("data"), "data", data)
+    carried = carried.set_column(carried.schema.get_field_index("url"), "url", pa.array(["/nowhere"] * occ.num_rows))
+    assert SignFragments(CONFIG.signature)(carried) == SignFragments(CONFIG.signature)(occ)
+    lib_url = str(tmp_path / "lib")
+    FragmentLibrary.open(lib_url, CONFIG)
+    no_refs = {c: [[]] * occ.num_rows for c in ASSIGNMENT_SCHEMA.names if c.startswith("ref_")}
+    ranged, held = (pa.table({**{c: t[c] for c in ASSIGNMENT_SCHEMA.names if c in t.column_names}, **no_refs}, schema=ASSIGNMENT_SCHEMA) for t in (occ, carried))
+    assert EncodeFragments(lib_url, CONFIG)(held) == EncodeFragments(lib_url, CONFIG)(ranged)
+
+
 def test_bad_catalog_is_a_clear_error(tmp_path):
     from pipelines.catalog import CatalogError, read_catalog
 

@@ -101,7 +101,8 @@ def test_cpu_kernel_equals_torch_kernel_on_the_example_family(family):
     """The numpy kernel (CPU) and the torch kernel (GPU) give the same signatures, bit for bit,
     on every fragment of the trained family and on the recorded inputs (NaN/Inf, fp8, f64)."""
     from haagenti.formats import open_model
-    from haagenti.ingest import ModelCut, ModelInput, signs
+    from haagenti.ingest import ModelCut, ModelInput
+    from haagenti.ingest_steps import signs
 
     frags = list(golden_fragments())
     for m in family:

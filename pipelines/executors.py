@@ -27,9 +27,9 @@ class RayExecutor:
     6-90 MB catalogs, the LSH group-by alone ~13 s) and stalled on a 1-CPU cluster; plain
     tasks with fractional CPUs made Ray start and kill worker processes between stages, each
     start re-importing torch (seconds each). Step actors import once and stay warm for the
-    executor's life. Faults: a dead actor is restarted and its call re-run (`max_restarts`,
-    `max_task_retries`), and the driver commits only final outputs, so a lost worker costs
-    time, never rows. At most two calls per actor are in flight and results come back in order,
+    executor's life. Faults: a call whose actor died (its process killed, its node lost) runs
+    again on a live actor, and the driver commits only final outputs, so a lost worker or node
+    costs time, never rows. At most two calls per actor are in flight and results come back in order,
     so memory is bounded by batches, not by the catalog."""
 
     def __init__(self, address: str | None = None, workers: int | None = None):
@@ -48,25 +48,56 @@ class RayExecutor:
         # Workers may have started before the driver's environment was set (e.g. S3 endpoint and
         # credentials): forward the variables the steps read.
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
-        self.options: dict = {"max_restarts": 3, "max_task_retries": 3}
+        # No restarts by Ray: an actor restarted in place waits for a CPU that a lost node took
+        # with it, forever; `_run` re-runs the call on a live actor instead.
+        self.options: dict = {"max_restarts": 0, "max_task_retries": 0}
         if env:
             self.options["runtime_env"] = {"env_vars": env}
-        # One CPU per step actor; GPU actors ask no CPU, so they fit beside a full CPU pool.
-        self.pool = [_remote(_StepActor).options(num_cpus=1, **self.options).remote() for _ in range(self.workers)]
-        self.gpu_pool = [_remote(_StepActor).options(num_cpus=0, num_gpus=1, **self.options).remote() for _ in range(self.gpus)]
+        self.pool = [self._actor(gpu=False) for _ in range(self.workers)]
+        self.gpu_pool = [self._actor(gpu=True) for _ in range(self.gpus)]
+
+    def _actor(self, gpu: bool):
+        """A step actor: one CPU each; GPU actors ask no CPU, so they fit beside a full CPU pool."""
+        resources = {"num_cpus": 0, "num_gpus": 1} if gpu else {"num_cpus": 1}
+        return _remote(_StepActor).options(**resources, **self.options).remote()
 
     def _run(self, calls: Iterable[tuple], gpu: bool = False) -> Iterator:
-        """Results of (function, *args) calls spread over a pool, in order, two per actor in flight."""
+        """Results of (function, *args) calls spread over a pool, in order, two per actor in
+        flight. A call whose actor died runs again on a live one (`_replace`)."""
         import ray
+        from ray.exceptions import RayActorError
 
         pool = self.gpu_pool if gpu and self.gpu_pool else self.pool
         pending: deque = deque()
+
+        def result():
+            ref, actor, call = pending.popleft()
+            while True:
+                try:
+                    return ray.get(ref)
+                except RayActorError:
+                    self._replace(pool, actor, gpu)
+                    actor = pool[len(pending) % len(pool)]
+                    ref = actor.run.remote(*call)
+
         for i, call in enumerate(calls):
-            pending.append(pool[i % len(pool)].run.remote(*call))
+            actor = pool[i % len(pool)]
+            pending.append((actor.run.remote(*call), actor, call))
             if len(pending) >= 2 * len(pool):
-                yield ray.get(pending.popleft())
+                yield result()
         while pending:
-            yield ray.get(pending.popleft())
+            yield result()
+
+    def _replace(self, pool: list, dead, gpu: bool) -> None:
+        """Drop a dead actor from its pool; start another where the cluster has room for it (a
+        killed process frees its CPU, a lost node does not), or when none is left (it starts
+        once a node joins)."""
+        import ray
+
+        if dead in pool:
+            pool.remove(dead)
+            if not pool or ray.available_resources().get("GPU" if gpu else "CPU", 0) >= 1:
+                pool.append(self._actor(gpu))
 
     def map(self, fn, rows):
         return list(self._run((_apply, fn, r) for r in rows))

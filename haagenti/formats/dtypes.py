@@ -141,7 +141,9 @@ def signable(data: bytes, d: DType) -> tuple[bytes, str]:
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    values = dequantize(np.frombuffer(data, np.uint8).reshape(-1, d.itemsize), GGMLQuantizationType[d.name])
+    # One row of all the blocks: gguf dequantizes a row's blocks in one numpy pass but calls
+    # Python per 16 rows, so a block per row cost a call per 16 blocks (docs/decisions/0280-quantized-blocks.md).
+    values = dequantize(np.frombuffer(data, np.uint8).reshape(1, -1), GGMLQuantizationType[d.name])
     return np.ascontiguousarray(values, np.float32).tobytes(), "F32"
 
 

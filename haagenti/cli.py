@@ -43,8 +43,11 @@ def _fail(e: Exception, library: str | None = None) -> None:
     raise typer.Exit(1)
 
 
-def _config(fragment_size: Optional[int], lossy_threshold: Optional[float], similarity: bool = True) -> LibraryConfig:
-    return LibraryConfig(fragment_size=fragment_size, lossy_threshold=lossy_threshold, similarity=similarity)
+def _config(fragment_size: Optional[int], lossy_threshold: Optional[float], similarity: bool = True, index: Optional[str] = None) -> LibraryConfig:
+    return LibraryConfig(fragment_size=fragment_size, lossy_threshold=lossy_threshold, similarity=similarity, index=index)
+
+
+INDEX_HELP = "index layout of a new library: bands (default) or two-level; an existing library keeps its own"
 
 
 FORMATS = ", ".join(f"{f.description.split(' ', 1)[1]}s ({' '.join(f.extensions)})" for f in CONTAINERS.values() if f.holds_tensors and f.extensions) + \
@@ -67,6 +70,7 @@ def ingest(
     lossy_threshold: Optional[float] = typer.Option(None, "--lossy-threshold", help="opt in to lossy sharing up to this relative L2 error"),
     no_similarity: bool = typer.Option(False, "--no-similarity", help="exact dedup only (no deltas)"),
     threads: int = typer.Option(0, "--threads", min=0, help="threads reading, hashing, signing and encoding (0: every core)"),
+    index: Optional[str] = typer.Option(None, "--index", help=INDEX_HELP),
 ) -> None:
     from haagenti.formats import open_model
     from haagenti.formats.source import grouping_doubt
@@ -83,7 +87,7 @@ def ingest(
                 raise ValueError(f"{doubt} would become one model {m.model_id!r}; give --model-id {m.model_id} to store them as one model"
                                  + ("" if each else ", or --each for one model per file"))
         total = sum(open_model(m.urls).raw_bytes for m in models)  # every file is checked before a library is made
-        lib = FragmentLibrary.open(library, _config(fragment_size, lossy_threshold, not no_similarity))
+        lib = FragmentLibrary.open(library, _config(fragment_size, lossy_threshold, not no_similarity, index))
         before = {m["ingest_id"] for m in lib.models()}
         disk_before = sum(lib.store.disk_bytes().values())
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console, transient=True) as bar:
@@ -299,12 +303,13 @@ def dedup(
     executor: str = typer.Option("ray", help="ray or local"),
     workers: Optional[int] = typer.Option(None, help="CPU step actors (default: one per cluster CPU)"),
     prune: bool = typer.Option(False, help="remove models no longer in the catalog"),
+    index: Optional[str] = typer.Option(None, "--index", help=INDEX_HELP),
 ) -> None:
     """Deduplicate a whole CATALOG into the library with the Ray pipeline (jobs.dedup)."""
     from jobs.dedup import main as dedup_main  # the pipeline layer, imported only for this command
 
     argv = ["--catalog", catalog, "--library", library, "--executor", executor] + (["--address", address] if address else [])
-    argv += (["--workers", str(workers)] if workers else []) + (["--prune"] if prune else [])
+    argv += (["--workers", str(workers)] if workers else []) + (["--prune"] if prune else []) + (["--index", index] if index else [])
     from pipelines.dedup import STAGES
 
     with _stages("dedup:", STAGES) as ended:

@@ -345,7 +345,7 @@ def _ingest_models(lib: LibraryCore, todo: list[tuple[ModelInput, ModelSource]],
     # its signatures fall in (haagenti.index), never the whole index.
     index = open_index(lib.store, config)
     lookup = index.propose if quality == "exact" else None
-    matcher = RunMatcher(config, lookup, new_deltas=config.lossy_threshold is None) if config.similarity else None
+    matcher = RunMatcher(config, lookup, config.lossy_threshold is None, index.scoper() if lookup else None) if config.similarity else None
     encoder = FragmentEncoder(config, index.known, matcher, lib.fetch_raw, device, quality, workers)
     committer = Committer(lib.store, index, ingest_id, f"ingest {', '.join(ids)}"[:200], config.batch_bytes, encoder.committed)
 

@@ -57,6 +57,7 @@ BAND_SCHEMA = pa.schema(
         ("pos", pa.int64()),
         ("is_new", pa.bool_()),
         ("depth", pa.int16()),
+        ("scope", pa.string()),  # what the index layout is told with the row's bucket (IndexLayout.scoper); null: nothing
     ]
 )
 PAIR_SCHEMA = pa.schema([("fragment_id", pa.string()), ("candidate_id", pa.string()), ("hamming", pa.int32()), ("depth", pa.int16())])
@@ -93,6 +94,7 @@ def match_rows(sigs: pa.Table, config: SignatureConfig, pos: np.ndarray, depth: 
         "pos": pa.array(np.repeat(np.asarray(pos, np.int64), reps), pa.int64()),
         "is_new": pa.array(np.full(n * reps, depth is None)),
         "depth": pa.nulls(n * reps, pa.int16()) if depth is None else pa.array(np.repeat(np.asarray(depth, np.int16), reps)),
+        "scope": pa.nulls(n * reps, pa.string()),
     }
     return pa.table(cols, schema=BAND_SCHEMA)
 
@@ -167,6 +169,7 @@ def library_rows(rows: pa.Table) -> pa.Table:
         "band": rows["band"], "band_hash": rows["band_hash"].cast(pa.uint64()), "fragment_id": rows["fragment_id"],
         "bits": rows["bits"], "n_elements": rows["n_elements"], "pos": pa.array(np.full(n, -1, np.int64)),
         "is_new": pa.array(np.zeros(n, bool)), "depth": rows["depth"].cast(pa.int16()).fill_null(0),  # null: a row written before depths (plain)
+        "scope": pa.nulls(n, pa.string()),
     }, schema=BAND_SCHEMA)
 
 
@@ -175,13 +178,33 @@ Lookup = Callable[[pa.Table], pa.Table]  # (band, band_hash) buckets -> the libr
 
 def partner_pairs(new: pa.Table, lookup: Lookup | None, earlier: pa.Table | None, max_hamming: int) -> pa.Table:
     """Pairs of `new` band rows with the fragments before them in their buckets: the library's,
-    read by `lookup` for these buckets only, and `earlier` rows of this run."""
+    read by `lookup` for these buckets (and the rows' scope) only, and `earlier` rows of this
+    run. Rows of different scopes are paired a scope at a time, each with the library rows of
+    its own scope and every run row (of any scope) in its buckets: what a row is paired with
+    depends on its scope, never on which other rows share the call."""
+    scopes = pc.unique(new["scope"])
+    if len(scopes) <= 1:
+        return _scope_pairs(new, None, scopes[0] if len(scopes) else pa.scalar(None, pa.string()), lookup, earlier, max_hamming)
+    parts = []
+    for scope in scopes:
+        mine = pc.fill_null(pc.equal(new["scope"], scope), False) if scope.is_valid else pc.is_null(new["scope"])
+        others = new.filter(pc.invert(mine))
+        others = others.set_column(others.schema.get_field_index("is_new"), "is_new", pa.array(np.zeros(others.num_rows, bool)))
+        parts.append(_scope_pairs(new.filter(mine), others, scope, lookup, earlier, max_hamming))
+    return pa.concat_tables(parts)
+
+
+def _scope_pairs(new: pa.Table, others: pa.Table | None, scope: pa.Scalar, lookup: Lookup | None, earlier: pa.Table | None,
+                 max_hamming: int) -> pa.Table:
+    """partner_pairs for rows of one scope; `others`: the call's new rows of other scopes, seen
+    as run rows (their depths are decided with these)."""
     buckets = new.select(BUCKET).group_by(BUCKET).aggregate([])
     parts = [new]
     if lookup is not None:
-        parts.append(library_rows(lookup(buckets)))
-    if earlier is not None:
-        parts.append(earlier.join(buckets, BUCKET, join_type="left semi"))
+        parts.append(library_rows(lookup(buckets.append_column("scope", pa.array([scope.as_py()] * buckets.num_rows, pa.string())))))
+    for run in (others, earlier):
+        if run is not None:
+            parts.append(run.join(buckets, BUCKET, join_type="left semi"))
     return bucket_pairs(shared_buckets(pa.concat_tables(parts)), max_hamming)
 
 
@@ -235,14 +258,15 @@ def choose_references(pairs: pa.Table, new_ids: list[str], k: int, max_depth: in
 class RunMatcher:
     """The rule applied batch by batch (the library's ingest): reads the library's band rows
     of each batch's buckets through `lookup` (None: no library references, as for precision
-    tiers) and holds the band rows of this run's earlier new fragments, with their depths:
-    memory grows with what is new, not with the library. Without `new_deltas` (lossy sharing)
-    only the run's anchors serve as references among its fragments."""
+    tiers), each batch's rows scoped by `scope` (the index layout's scoper), and holds the
+    band rows of this run's earlier new fragments, with their depths: memory grows with what
+    is new, not with the library. Without `new_deltas` (lossy sharing) only the run's anchors
+    serve as references among its fragments."""
 
-    def __init__(self, config: LibraryConfig, lookup: Lookup | None, new_deltas: bool = True):
+    def __init__(self, config: LibraryConfig, lookup: Lookup | None, new_deltas: bool = True, scope: Callable[[pa.Table], pa.Table] | None = None):
         self.config, self.new_deltas = config, new_deltas
         self.limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
-        self.lookup = lookup
+        self.lookup, self.scope = lookup, scope
         self.earlier = BAND_SCHEMA.empty_table()
         self.next_pos = 0
 
@@ -255,6 +279,8 @@ class RunMatcher:
         pos = np.arange(self.next_pos, self.next_pos + sigs.num_rows)
         self.next_pos += sigs.num_rows
         batch = match_rows(sigs, self.config.signature, pos)
+        if self.scope is not None:
+            batch = self.scope(batch)
         pairs = partner_pairs(batch, self.lookup, self.earlier, self.limit)
         ids = sigs["fragment_id"].to_pylist()
         refs, depths = choose_references(pairs, ids, self.config.candidates, new_deltas=self.new_deltas)

@@ -227,7 +227,7 @@ def _match(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, sigs
     Returns each new fragment's reference candidates and the chain depths of them and their
     candidates (the band and pair tables are freed on return, not held through encoding)."""
     pos = pc.index_in(sigs["fragment_id"], value_set=new_ids).to_numpy(zero_copy_only=False)
-    bands = match_rows(sigs, config.signature, pos)
+    bands = lib.index.scoper()(match_rows(sigs, config.signature, pos))
     limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
     pairs = executor.group_by(bands, BUCKET, MatchBands(lib.store.url, config, limit), MATCH_PART_ROWS)
     in_run_order = sigs["fragment_id"].take(pa.array(np.argsort(pos, kind="stable"))).to_pylist()

@@ -86,14 +86,26 @@ def ids_rows(ids: list[str], dtypes: list[str], data_file: str | None = None) ->
 
 
 def read_ids(reader: KeyedReader, ids: Iterable[str], columns: list[str]) -> pa.Table:
-    """The `ids` rows (with `columns`, which hold `fragment_id`) of those of `ids` the library
-    holds: only the row groups their keys fall in are read. Ids that are not 64 hex digits (a
-    damaged record naming one) have no row."""
+    """The rows of an id table keyed by `id_key` (with `columns`, which hold `fragment_id`, hex
+    or raw as the table stores it) of those of `ids` the library holds: only the row groups
+    their keys fall in are read. Ids that are not 64 hex digits (a damaged record naming one)
+    have no row."""
     ids = sorted({i for i in ids if isinstance(i, str) and _HEX_ID.fullmatch(i)})
     if not ids:
-        return empty(project(SCHEMAS["ids"], columns))
+        return empty(project(SCHEMAS[reader.spec.name], columns))
     t = reader.read(np.unique(id_keys(ids)), columns)
-    return t.filter(pc.is_in(t["fragment_id"], value_set=strings(ids)))
+    wanted = strings(ids)
+    return t.filter(pc.is_in(t["fragment_id"], value_set=raw_ids(wanted) if pa.types.is_binary(t.schema.field("fragment_id").type) else wanted))
+
+
+def reference_signatures(fragments: pa.Table, signatures: pa.Table, config: SignatureConfig) -> pa.Table:
+    """(fragment_id, bits, n_elements, depth) of the committed fragments later ingests may use as
+    references (BandsLayout.append says which), sorted by id."""
+    plain = pc.equal(fragments["encoding"], "plain")
+    lineage = pc.and_(pc.not_equal(fragments["ref_dtype"], fragments["dtype"]), pc.greater(fragments["stored_size"], BAND_ROW_BYTES * config.bands))
+    usable = fragments.filter(pc.and_(pc.and_(pc.equal(fragments["quality"], "exact"), pc.less(fragments["depth"], MAX_CHAIN_DEPTH)),
+                                      pc.or_(plain, pc.fill_null(lineage, False))))
+    return signatures.select(["fragment_id", "bits", "n_elements"]).join(usable.select(["fragment_id", "depth"]), "fragment_id", join_type="inner").sort_by("fragment_id")
 
 
 # ---- the layout --------------------------------------------------------------------------
@@ -123,11 +135,7 @@ class BandsLayout(IndexLayout):
         if fragments.num_rows == 0:
             return
         append_keyed(self.store, IDS, ids_rows(fragments["fragment_id"].to_pylist(), fragments["dtype"].to_pylist(), data_file), note)
-        plain = pc.equal(fragments["encoding"], "plain")
-        lineage = pc.and_(pc.not_equal(fragments["ref_dtype"], fragments["dtype"]), pc.greater(fragments["stored_size"], BAND_ROW_BYTES * self.config.bands))
-        usable = fragments.filter(pc.and_(pc.and_(pc.equal(fragments["quality"], "exact"), pc.less(fragments["depth"], MAX_CHAIN_DEPTH)),
-                                          pc.or_(plain, pc.fill_null(lineage, False))))
-        sigs = signatures.select(["fragment_id", "bits", "n_elements"]).join(usable.select(["fragment_id", "depth"]), "fragment_id", join_type="inner").sort_by("fragment_id")
+        sigs = reference_signatures(fragments, signatures, self.config)
         if sigs.num_rows:
             append_keyed(self.store, BANDS, bands_rows(sigs["fragment_id"].to_pylist(), sigs["bits"].to_pylist(), sigs["n_elements"].to_pylist(),
                                                        sigs["depth"].to_pylist(), self.config), note)

@@ -9,7 +9,7 @@ without the ingest paths, maintenance or jobs knowing which it is."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, Iterable
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable
 
 import pyarrow as pa
 
@@ -41,7 +41,15 @@ class IndexLayout(ABC):
     def propose(self, wanted: pa.Table) -> pa.Table:
         """Reference candidates for a batch: the library's band rows (band, band_hash,
         fragment_id, bits, n_elements, depth) in the (band, band_hash) buckets of `wanted`
-        (haagenti.matching ranks them)."""
+        (haagenti.matching ranks them). `wanted` also carries the `scope` its rows were given
+        (one value per call: haagenti.matching.partner_pairs asks per scope)."""
+
+    def scoper(self) -> Callable[[pa.Table], pa.Table]:
+        """A run's scoper: called on the run's new band rows (haagenti.matching.match_rows) in
+        run order, batch after batch or all at once, it fills their `scope`, what `propose` is
+        told with their buckets; the same rows get the same scopes however the run is cut. A
+        layout that proposes by bucket alone leaves it null."""
+        return _unscoped
 
     @abstractmethod
     def known(self, ids: Iterable[str]) -> dict[str, str]:
@@ -61,6 +69,10 @@ class IndexLayout(ABC):
     def compact(self, target_bytes: int = 256 * 1024 * 1024) -> int:
         """Rewrite the layout's tables for lookups (files of about `target_bytes`). Deletes
         nothing (vacuum does). Returns data files replaced (0: nothing to do)."""
+
+
+def _unscoped(rows: pa.Table) -> pa.Table:
+    return rows
 
 
 LAYOUTS: dict[str, type[IndexLayout]] = {}

@@ -31,6 +31,7 @@ class KeyedTable:
     name: str
     key: str
     group_rows: int  # rows per row group: the unit a lookup reads (docs/decisions/0045-located-by-id.md)
+    dictionary: tuple[str, ...] = ()  # string columns of few values a commit (dtype, data file) stored as a dictionary
 
 
 @dataclass
@@ -54,7 +55,7 @@ def append_keyed(store: LibraryStore, spec: KeyedTable, rows: pa.Table, note: st
     path = posixpath.join(store.root, spec.name, fname)
     ints = [f.name for f in schema if pa.types.is_integer(f.type)]
     with store.fs.open(path, "wb") as f:
-        pq.write_table(rows, f, row_group_size=spec.group_rows, compression="none", use_dictionary=ints, write_statistics=[spec.key])
+        pq.write_table(rows, f, row_group_size=spec.group_rows, compression="none", use_dictionary=ints + list(spec.dictionary), write_statistics=[spec.key])
     key = rows[spec.key]
     stats = {"numRecords": rows.num_rows, "minValues": {spec.key: key[0].as_py()}, "maxValues": {spec.key: key[-1].as_py()}, "nullCount": {spec.key: 0}}
     action = AddAction(fname, store.fs.size(path), {}, int(time.time() * 1000), True, json.dumps(stats))

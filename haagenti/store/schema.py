@@ -78,6 +78,30 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("data_file", pa.string()),  # where its fragments row was appended: a hint (docs/format.md); null in older rows
         ]
     ),
+    # The "two-level" index layout's tables (haagenti.index.two_level), keyed tables too.
+    "shard_keys": pa.schema(  # level 1: the sampled band-pair keys of each shard's references
+        [
+            ("pair_key", pa.int64()),  # two bands' values (haagenti.index.two_level.pair_keys), one key in 32
+            ("shard", pa.int64()),  # the shard (one fragments commit) holding a reference with the key
+        ]
+    ),
+    "shard_signatures": pa.schema(  # level 2: every reference's signature, by shard
+        [
+            ("shard", pa.int64()),
+            ("fragment_id", pa.binary()),  # the id's 32 raw bytes
+            ("bits", pa.binary()),
+            ("n_elements", pa.int64()),
+            ("depth", pa.int64()),  # the fragment's chain depth (0: plain)
+        ]
+    ),
+    "fragment_keys": pa.schema(  # every stored fragment's id, as the bands layout's ids table
+        [
+            ("id_key", pa.int64()),
+            ("fragment_id", pa.binary()),  # the id's 32 raw bytes
+            ("dtype", pa.string()),
+            ("data_file", pa.string()),  # where its fragments row was appended: a hint
+        ]
+    ),
     "models": pa.schema(
         [
             ("model_id", pa.string()),

@@ -4,14 +4,15 @@ and with --orders, the family ingested in several orders, each through one call 
 model per call, with the reduction on disk (every file of the library) per order.
 
     python bench/paths.py [--runs 5] [--family family]
-    python bench/paths.py --orders [--family family]
+    python bench/paths.py --orders [--family family] [--index two-level] [--batch-mb 64]
 
 Both paths run the same ingest core, so their stored bytes must be equal; the time is from an
 opened, empty library to the published models (imports the ingest needs included), one core.
 The orders: the catalog's; reversed; the cast (the fp16 re-export) first; the unrelated model
 first. Their spread is what the reference rule loses to the order models arrive in. Then the
 same with the export made from the fp32 master (as the issue-25 family was), where the order
-decides whether the fine-tunes can reference their base.
+decides whether the fine-tunes can reference their base. `--index` and `--batch-mb` set the
+libraries' index layout and commit size (the "two-level" layout's shard size).
 """
 from __future__ import annotations
 
@@ -30,18 +31,20 @@ from haagenti.library import FragmentLibrary, ModelInput
 from pipelines.dedup import run_dedup
 from pipelines.executors import LocalExecutor
 
+CONFIG = LibraryConfig()  # of every library built (main sets --index and --batch-mb)
+
 
 def library(root: str, members, catalog: str) -> None:
-    FragmentLibrary.open(root, LibraryConfig()).ingest_many([ModelInput([m.file], m.model_id, m.family) for m in members])
+    FragmentLibrary.open(root, CONFIG).ingest_many([ModelInput([m.file], m.model_id, m.family) for m in members])
 
 
 def pipeline(root: str, members, catalog: str) -> None:
-    run_dedup(catalog, root, LocalExecutor(), LibraryConfig())
+    run_dedup(catalog, root, LocalExecutor(), CONFIG)
 
 
 def one_by_one(root: str, members) -> None:
     for m in members:
-        FragmentLibrary.open(root, LibraryConfig()).ingest_many([ModelInput([m.file], m.model_id, m.family)])
+        FragmentLibrary.open(root, CONFIG).ingest_many([ModelInput([m.file], m.model_id, m.family)])
 
 
 def disk_bytes(root: str) -> int:
@@ -84,7 +87,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--family", default="family")
     ap.add_argument("--orders", action="store_true", help="reduction on disk per ingest order instead of the two paths' times")
+    ap.add_argument("--index", default="bands", help="index layout of the libraries")
+    ap.add_argument("--batch-mb", type=float, default=64, help="MiB per encode batch and fragments commit")
     args = ap.parse_args()
+    global CONFIG
+    CONFIG = LibraryConfig(index=args.index, batch_bytes=int(args.batch_mb * 1024 * 1024))
     members = example_family(args.family)
     if args.orders:
         bench_orders(members, args.family)

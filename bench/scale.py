@@ -2,11 +2,13 @@
 
     flock /tmp/haagenti-heavy.lock python bench/scale.py [--sizes 10000 100000 1000000 10000000]
         [--model-mb 1024] [--runs 2] [--s3-max 1000000] [--no-pipeline] [--plot docs/figures/scale.png]
+        [--index bands|two-level]
 
 Each library's index (bands and ids tables) is synthesised: N random 256-bit signatures and
 random 32-byte ids (about 2.6 TB of 256 KiB fragments at 10M), written through the index's
 own append code (`append_keyed`), sorted by key in files of at most CHUNK rows (the layout
-`compact()` leaves). The model added is real: a safetensors file of bf16 normal(0, 0.02)
+`compact()` leaves); with `--index two-level`, the two-level layout's tables, the fragments in
+shards of SHARD_ROWS (a 64 MiB commit of 256 KiB fragments). The model added is real: a safetensors file of bf16 normal(0, 0.02)
 tensors, like an initialised LLM. For each size and store (local disk; moto's S3 server on
 loopback) it is added `--runs` times through `haagenti ingest` and through the Ray pipeline
 (2 CPUs, 75 MiB object store, actors started before the clock), the library's tables rolled
@@ -36,6 +38,7 @@ from common import start_moto  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache", "scale")
 CHUNK = 2_000_000  # rows per appended (sorted) file of the synthetic index
+SHARD_ROWS = 256  # fragments per shard of a synthetic two-level index
 BUCKET = "scale"
 
 
@@ -61,8 +64,10 @@ def model_file(mb: int, seed: int = 0) -> str:
 
 
 # ---- the synthetic index ---------------------------------------------------------------
-def build(url: str, n: int, seed: int = 1) -> dict:
+def build(url: str, n: int, index: str = "bands", seed: int = 1) -> dict:
     """An empty library whose index holds n synthetic plain fragments."""
+    if index == "two-level":
+        return build_two_level(url, n, seed)
     import numpy as np
     import pyarrow as pa
 
@@ -75,9 +80,7 @@ def build(url: str, n: int, seed: int = 1) -> dict:
     t0 = time.perf_counter()
     cfg = SignatureConfig()
     lib = FragmentLibrary.open(url)
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
-    bits = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
+    ids, bits = synthetic(n, seed)
     raw_ids = _binary(ids)
     raw_bits = _binary(bits)
     hexes = pa.array(_hex(ids)).cast(pa.string())
@@ -96,6 +99,56 @@ def build(url: str, n: int, seed: int = 1) -> dict:
                 "bucket": pa.array(band).take(take), "fragment_id": raw_ids.take(take), "bits": raw_bits.take(take),
                 "n_elements": pa.array(np.full(len(take), 131072, np.int64)),
             }), "scale")
+    return {"build_s": time.perf_counter() - t0}
+
+
+def synthetic(n: int, seed: int):
+    """(ids, bits) of n random fragments: (n, 32) uint8 each, the same for every layout."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, 32), dtype=np.uint8), rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
+
+
+def build_two_level(url: str, n: int, seed: int = 1) -> dict:
+    """The two-level layout's tables for n synthetic plain fragments, SHARD_ROWS a shard in
+    fragment order: level 1 the shards' sampled pair keys, level 2 their signatures, and every
+    id with its shard's data file."""
+    import numpy as np
+    import pyarrow as pa
+
+    from haagenti.config import LibraryConfig
+    from haagenti.index.two_level import FRAGMENT_KEYS, SHARD_KEYS, SHARD_SIGNATURES, pair_keys, sampled
+    from haagenti.library import FragmentLibrary
+    from haagenti.store.keyed import append_keyed
+
+    t0 = time.perf_counter()
+    lib = FragmentLibrary.open(url, LibraryConfig(index="two-level"))
+    cfg = lib.config.signature
+    ids, bits = synthetic(n, seed)
+    shard = (np.int64(12345) << 16) + np.arange(n, dtype=np.int64) // SHARD_ROWS
+    raw_ids, raw_bits = _binary(ids), _binary(bits)
+    for a in range(0, n, CHUNK):  # level 2: already in shard order
+        take = pa.array(np.arange(a, min(a + CHUNK, n)))
+        append_keyed(lib.store, SHARD_SIGNATURES, pa.table({
+            "shard": pa.array(shard).take(take), "fragment_id": raw_ids.take(take), "bits": raw_bits.take(take),
+            "n_elements": pa.array(np.full(len(take), 131072, np.int64)), "depth": pa.array(np.zeros(len(take), np.int64))}), "scale")
+    keys = pair_keys(bits, cfg)
+    owner = np.repeat(shard, keys.shape[1])
+    keys = keys.reshape(-1)
+    keep = sampled(keys)
+    keys, owner = keys[keep], owner[keep]
+    order = np.argsort(keys, kind="stable")
+    for a in range(0, len(keys), CHUNK):
+        take = order[a : a + CHUNK]
+        append_keyed(lib.store, SHARD_KEYS, pa.table({"pair_key": pa.array(keys[take]), "shard": pa.array(owner[take])}), "scale")
+    id_key = ids[:, :8].copy().view(">u8").reshape(-1).astype(np.uint64).view(np.int64) ^ np.int64(-(2**63))
+    files = pa.array([f"{s:036d}" for s in range(n // SHARD_ROWS + 1)]).take(pa.array((np.arange(n) // SHARD_ROWS)))
+    order = np.argsort(id_key, kind="stable")
+    for a in range(0, n, CHUNK):
+        take = pa.array(order[a : a + CHUNK])
+        append_keyed(lib.store, FRAGMENT_KEYS, pa.table({"id_key": pa.array(id_key).take(take), "fragment_id": raw_ids.take(take),
+                                                          "dtype": pa.array(["BF16"] * len(take)), "data_file": files.take(take)}), "scale")
     return {"build_s": time.perf_counter() - t0}
 
 
@@ -123,7 +176,7 @@ def install_spies() -> None:
     script's own globals are shipped anew with each function a call sends)."""
     import pyarrow.parquet as pq
 
-    from haagenti.store import LibraryStore
+    from haagenti.store import SCHEMAS, LibraryStore
     from haagenti.store.files import DataFiles
 
     SPY = pq._haagenti_scale_spy = dict(files={}, row_groups={}, bytes={}, whole={}, s3={})
@@ -131,7 +184,7 @@ def install_spies() -> None:
     real_open, real_groups, real_read = DataFiles.open, pq.ParquetFile.read_row_groups, LibraryStore.read
 
     def table_of(path: str) -> str:
-        return next((p for p in path.split("/") if p in ("fragments", "signatures", "manifests", "models", "bands", "ids")), "?")
+        return next((p for p in path.split("/") if p in SCHEMAS), "?")
 
     def spy_open(self, path):
         last[0] = table_of(path)
@@ -185,7 +238,11 @@ def run_recall(url: str, n: str, queries: int = 256) -> dict:
     """How often the reference rule proposes a library fragment for a near-duplicate of it (its
     signature with `flips` bits flipped, as a fine-tune moves it), matched against this index:
     rows regenerated from `build`'s seed. `lsh`: the pair shares a band bucket; `proposed`: the
-    rule (the nearest MAX_PARTNERS within the Hamming limit among the first MAX_SCAN of a bucket) pairs them."""
+    rule (the nearest MAX_PARTNERS within the Hamming limit among the first MAX_SCAN of a bucket) pairs them.
+    Two sets of queries, scoped as an ingest scopes its run (IndexLayout.scoper): `scattered`,
+    near-duplicates of `queries` fragments drawn from the whole library (one from each of
+    unrelated models); `model`, of 4 * `queries` consecutive fragments, in order (a fine-tune
+    of one stored model)."""
     import numpy as np
     import pyarrow as pa
 
@@ -196,25 +253,24 @@ def run_recall(url: str, n: str, queries: int = 256) -> dict:
     n = int(n)
     lib = FragmentLibrary.open(url)
     cfg = lib.config.signature
-    rng = np.random.default_rng(1)
-    ids = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
-    bits = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
-    pick = np.random.default_rng(2).choice(n, queries, replace=False)
+    ids, bits = synthetic(n, 1)
     index = lib.index
     limit = hamming_limit(cfg, lib.config.thresholds.similar_cosine)
     out = {"limit": limit}
-    for flips in (4, 8, 16):
-        g = np.random.default_rng(flips)
-        q = np.unpackbits(bits[pick], axis=1)
-        for row in q:
-            row[g.choice(cfg.bits, flips, replace=False)] ^= 1
-        q = np.packbits(q, axis=1)
-        qids = [g.bytes(32).hex() for _ in range(queries)]
-        t = pa.table({"fragment_id": qids, "bits": pa.array([r.tobytes() for r in q], pa.binary()), "n_elements": pa.array(np.full(queries, 131072), pa.int64())})
-        pairs = partner_pairs(match_rows(t, cfg, np.arange(queries)), index.propose, None, limit)
-        got = set(zip(pairs["fragment_id"].to_pylist(), pairs["candidate_id"].to_pylist()))
-        lsh = (band_hashes(q, cfg) == band_hashes(bits[pick], cfg)).any(axis=1)
-        out[flips] = {"lsh": float(lsh.mean()), "proposed": float(np.mean([(a, ids[i].tobytes().hex()) in got for a, i in zip(qids, pick)]))}
+    start = int(np.random.default_rng(3).integers(0, max(n - 4 * queries, 1)))
+    for kind, pick in (("scattered", np.random.default_rng(2).choice(n, queries, replace=False)), ("model", np.arange(start, min(start + 4 * queries, n)))):
+        for flips in (4, 8, 16):
+            g = np.random.default_rng(flips)
+            q = np.unpackbits(bits[pick], axis=1)
+            for row in q:
+                row[g.choice(cfg.bits, flips, replace=False)] ^= 1
+            q = np.packbits(q, axis=1)
+            qids = [g.bytes(32).hex() for _ in range(len(pick))]
+            t = pa.table({"fragment_id": qids, "bits": pa.array([r.tobytes() for r in q], pa.binary()), "n_elements": pa.array(np.full(len(pick), 131072), pa.int64())})
+            pairs = partner_pairs(index.scoper()(match_rows(t, cfg, np.arange(len(pick)))), index.propose, None, limit)
+            got = set(zip(pairs["fragment_id"].to_pylist(), pairs["candidate_id"].to_pylist()))
+            lsh = (band_hashes(q, cfg) == band_hashes(bits[pick], cfg)).any(axis=1)
+            out[f"{kind} {flips}"] = {"lsh": float(lsh.mean()), "proposed": float(np.mean([(a, ids[i].tobytes().hex()) in got for a, i in zip(qids, pick)]))}
     return out
 
 
@@ -229,7 +285,7 @@ def run_pipeline(url: str, model: str) -> dict:
         cat = os.path.join(d, "catalog.yaml")
         with open(cat, "w") as f:
             yaml.safe_dump({"models": [{"id": "added", "files": [model]}]}, f)
-        ray.init(num_cpus=2, object_store_memory=75 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, object_store_memory=75 * 1024 * 1024, include_dashboard=False, log_to_driver=False)  # its own cluster, never another session's
         t = time.perf_counter()
         ex = RayExecutor()
         ray.get([a.run.remote(install_spies) for a in ex.pool])
@@ -245,11 +301,17 @@ def run_pipeline(url: str, model: str) -> dict:
 
 
 # ---- the S3 server and the stores ------------------------------------------------------
+def index_tables(url: str) -> tuple[str, ...]:
+    from haagenti.library import FragmentLibrary
+
+    return FragmentLibrary.open(url, create=False).index.tables
+
+
 def index_bytes(url: str) -> int:
     from haagenti.fsio import filesystem_for
 
     fs, root = filesystem_for(url)
-    return sum(fs.du(f"{root}/{t}") for t in ("bands", "ids"))
+    return sum(fs.du(f"{root}/{t}") for t in index_tables(url))
 
 
 def rollback(url: str, versions: dict[str, int]) -> None:
@@ -275,15 +337,16 @@ def worker(mode: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def library(store: str, n: int, work: str, keep: bool) -> tuple[str, dict, dict, int]:
+def library(store: str, n: int, work: str, keep: bool, index: str) -> tuple[str, dict, dict, int]:
     """(url, table versions, build figures, index bytes) of a library whose index holds n
     fragments. With `keep`, local ones are kept in bench/.cache/scale/lib-N and reused."""
     from haagenti.store import LibraryStore
 
+    layout = "" if index == "bands" else f"{index}-"
     if store == "s3":
-        url = f"s3://{BUCKET}/lib{n}"
+        url = f"s3://{BUCKET}/lib{layout}{n}"
     else:
-        url = os.path.join(CACHE if keep else work, f"lib-{n}")
+        url = os.path.join(CACHE if keep else work, f"lib-{layout}{n}")
     done = url + ".json"
     if store == "local" and keep and os.path.exists(done):
         with open(done) as f:
@@ -291,7 +354,7 @@ def library(store: str, n: int, work: str, keep: bool) -> tuple[str, dict, dict,
     else:
         if store == "local":
             shutil.rmtree(url, ignore_errors=True)
-        built = worker("build", url, str(n))
+        built = worker("build", url, str(n), index)
         size = index_bytes(url)
         if store == "local" and keep:
             with open(done, "w") as f:
@@ -317,10 +380,11 @@ def main() -> None:
     ap.add_argument("--json", default=os.path.join(HERE, ".cache", "scale.json"))
     ap.add_argument("--keep", action="store_true", help="keep the local libraries in bench/.cache/scale for re-runs")
     ap.add_argument("--clean", action="store_true")
+    ap.add_argument("--index", default="bands", help="the index layout of the synthetic libraries (bands or two-level)")
     a = ap.parse_args()
     if a.worker:
         mode, *rest = a.worker
-        fn = {"build": lambda u, n: build(u, int(n)), "ingest": run_ingest, "pipeline": run_pipeline, "recall": run_recall}[mode]
+        fn = {"build": lambda u, n, index: build(u, int(n), index), "ingest": run_ingest, "pipeline": run_pipeline, "recall": run_recall}[mode]
         print(json.dumps(fn(*rest)))
         return
     if a.clean:
@@ -342,7 +406,7 @@ def main() -> None:
                 if store == "s3" and n > a.s3_max:
                     print(f"s3 {n:>10,}: skipped (moto_server keeps every object in memory; the index alone would take {n * 1.1e-6:.0f} GB of it)", flush=True)
                     continue
-                libs[n] = library(store, n, work, a.keep)
+                libs[n] = library(store, n, work, a.keep, a.index)
             for n, (url, *_) in libs.items():
                 rec = worker("recall", url, str(n))
                 print(f"{store:5s} {n:>10,} near-duplicate recall of the rule (Hamming limit {rec.pop('limit')}): "
@@ -358,18 +422,19 @@ def main() -> None:
             for (n, mode), runs in results.items():
                 url, versions, built, size = libs[n]
                 secs = [r["seconds"] for r in runs]
-                rows.append({"store": store, "fragments": n, "mode": mode, "seconds": secs, "build_s": built["build_s"], "index_bytes": size, "runs": runs})
+                rows.append({"store": store, "index": a.index, "fragments": n, "mode": mode, "seconds": secs, "build_s": built["build_s"], "index_bytes": size, "runs": runs})
                 d = runs[-1]["driver"]
                 wk = runs[-1].get("workers", [])
                 dpeak = max(r["driver"]["peak_mib"] for r in runs)
                 wpeak = max((w["peak_mib"] for r in runs for w in r.get("workers", [])), default=0)
-                wb = {k: sum(w[k].get("bands", 0) for w in wk) for k in ("files", "row_groups", "bytes")}
+                tables = index_tables(url)
+                wb = {k: sum(w[k].get(t, 0) for w in wk for t in tables) for k in ("files", "row_groups", "bytes")}
                 s3 = sum(d["s3"].values()) + sum(sum(w["s3"].values()) for w in wk)
                 print(
                     f"{store:5s} {n:>10,} {mode:8s} {min(secs):7.1f} / {statistics.median(secs):7.1f} / {max(secs):7.1f} s  "
                     f"{raw / 1e6 / statistics.median(secs):6.1f} MB/s  driver {dpeak:5d} MiB  workers {wpeak:5d} MiB  "
-                    f"index {size / n:6.0f} B/frag  bands {fmt_reads(d, 'bands')} (workers {wb['files']}f/{wb['row_groups']}rg/{wb['bytes'] / 1e6:.1f}MB) "
-                    f"ids {fmt_reads(d, 'ids')}  "
+                    f"index {size / n:6.0f} B/frag  " + "  ".join(f"{t} {fmt_reads(d, t)}" for t in tables)
+                    + f" (workers {wb['files']}f/{wb['row_groups']}rg/{wb['bytes'] / 1e6:.1f}MB)  "
                     f"whole-table reads {d['whole']}  s3 requests {s3}  (build {built['build_s']:.0f} s)",
                     flush=True,
                 )

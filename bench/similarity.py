@@ -1,6 +1,6 @@
 """LSH quality and signature throughput on the example family.
 
-    python bench/similarity.py
+    python bench/similarity.py [--index two-level]
 Labelled pairs: fragment k of a tensor in the base and the same fragment in each fine-tune,
 LoRA merge and fp16 export (related), and against the unrelated model (unrelated). Recall is
 measured two ways, per band of measured cosine: datasketch's in-memory LSH (bench/lsh_baseline.py's `SimilarityIndex`,
@@ -11,6 +11,7 @@ and the MAX_PARTNERS nearest within the Hamming limit, *chosen* when it is among
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import tempfile
 import time
@@ -71,7 +72,8 @@ class RuleMatch:
                 bits.append(s.bits)
                 lengths.append(len(chunk) // dtype(dt).itemsize)
         t = pa.table({"fragment_id": ids, "bits": pa.array(bits, pa.binary()), "n_elements": pa.array(lengths, pa.int64())})
-        pairs = partner_pairs(match_rows(t, self.cfg.signature, np.arange(len(ids))), self.index.propose, None, self.limit)
+        rows = self.index.scoper()(match_rows(t, self.cfg.signature, np.arange(len(ids))))  # scoped as an ingest's run
+        pairs = partner_pairs(rows, self.index.propose, None, self.limit)
         proposed = set(zip(pairs["fragment_id"].to_pylist(), pairs["candidate_id"].to_pylist()))
         return proposed, choose_references(pairs, ids, self.cfg.candidates)[0]
 
@@ -101,8 +103,10 @@ def on_gpu(cfg: LibraryConfig, full: list[tuple[bytes, str]], models: list[list[
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--index", default="bands", help="index layout of the library the rule reads")
     torch.set_num_threads(1)
-    cfg = LibraryConfig()
+    cfg = LibraryConfig(index=ap.parse_args().index)
     members = {m.model_id: m for m in example_family()}
     base = fragments(members["digits-base"].file, cfg.fragment_elements)
     index = SimilarityIndex(cfg.signature)

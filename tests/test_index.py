@@ -419,8 +419,8 @@ def test_the_index_layout_is_an_invariant_and_absent_means_bands(family, tmp_pat
     assert FragmentLibrary.open(str(url)).config.index == "bands"
     with pytest.raises(LibraryError, match="index is bands, not two-level"):
         FragmentLibrary.open(str(url), LibraryConfig(index="two-level"))
-    with pytest.raises(LibraryError, match="index layout is 'two-level', which this haagenti does not know") as e:
-        FragmentLibrary.open(str(tmp_path / "new"), LibraryConfig(index="two-level"))
+    with pytest.raises(LibraryError, match="index layout is 'three-level', which this haagenti does not know") as e:
+        FragmentLibrary.open(str(tmp_path / "new"), LibraryConfig(index="three-level"))
     assert "\n" not in str(e.value) and not (tmp_path / "new" / "haagenti.json").exists()
 
     calls: list[str] = []

@@ -225,6 +225,11 @@ class LibraryStore:
     def _is_table(self, name: str) -> bool:
         return DeltaTable.is_deltatable(self.table_uri(name), storage_options=self.options)
 
+    def present(self) -> list[str]:
+        """The tables of the format this library has: one created before an index layout's
+        tables joined the format lacks them, and its own layout never uses them."""
+        return [name for name in SCHEMAS if name in self._tables or self._is_table(name)]
+
     # ---- reads --------------------------------------------------------------------------
     def table(self, name: str, version: int | None = None) -> DeltaTable:
         """The table at `version`, or its latest version (an open table, updated)."""
@@ -253,7 +258,7 @@ class LibraryStore:
         return [p for name in SCHEMAS for p in log_problems(self.fs, posixpath.join(self.root, name), f"{self.url}: table {name!r}")]
 
     def versions(self) -> dict[str, int]:
-        return {name: self.table(name).version() for name in SCHEMAS}
+        return {name: self.table(name).version() for name in self.present()}
 
     def _paths(self, name: str, version: int | None, equals: tuple[str, str] | None = None) -> list[str]:
         """Data files of a table version; with `equals` (column, value), only the files whose
@@ -561,7 +566,7 @@ class LibraryStore:
             links = self.links()
             if links:  # delta-rs' full vacuum deletes whatever it lists, through links too
                 raise LibraryError(f"{links[0]} is a symbolic link; vacuum never follows links out of the library (nothing was vacuumed)")
-            for name in SCHEMAS:
+            for name in self.present():
                 self._check_lease()
                 present = {posixpath.relpath(p, posixpath.join(self.root, name)) for p in self.listing(posixpath.join(self.root, name))}
                 with self._lock:

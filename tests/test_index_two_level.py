@@ -13,6 +13,7 @@ from haagenti.index import two_level as two_level_module
 from haagenti.index.two_level import sampled
 from haagenti.library import FragmentLibrary, ModelInput
 from haagenti.matching import match_rows
+from haagenti.store.files import data_file_uuid
 from pipelines.dedup import run_dedup
 from pipelines.executors import LocalExecutor
 from tests.helpers import sha256
@@ -46,6 +47,10 @@ def test_the_layout_is_recorded_and_its_tables_filled(two_level):
         assert two_level.store.read(name).num_rows > 0, name
     for name in ("bands", "ids"):
         assert two_level.store.read(name).num_rows == 0, name
+    ids = set(two_level.store.read("fragments", columns=["fragment_id"])["fragment_id"].to_pylist())
+    files = {data_file_uuid(p) for p in two_level.store.snapshot("fragments")[0]}
+    located = two_level.index.locate(ids)
+    assert located.keys() == ids and set(located.values()) <= files  # where each was appended
 
 
 def test_restores_bit_exact_and_verifies(two_level, family, tmp_path):

@@ -94,8 +94,8 @@ def read_ids(reader: KeyedReader, ids: Iterable[str], columns: list[str]) -> pa.
     if not ids:
         return empty(project(SCHEMAS[reader.spec.name], columns))
     t = reader.read(np.unique(id_keys(ids)), columns)
-    wanted = strings(ids)
-    return t.filter(pc.is_in(t["fragment_id"], value_set=raw_ids(wanted) if pa.types.is_binary(t.schema.field("fragment_id").type) else wanted))
+    wanted, kind = strings(ids), t.schema.field("fragment_id").type
+    return t.filter(pc.is_in(t["fragment_id"], value_set=wanted if pa.types.is_string(kind) else raw_ids(wanted).cast(kind)))
 
 
 def reference_signatures(fragments: pa.Table, signatures: pa.Table, config: SignatureConfig) -> pa.Table:

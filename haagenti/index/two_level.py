@@ -11,7 +11,7 @@ LibraryConfig.batch_bytes of fragments of consecutive models) and the tables are
                     reference (the fragments BandsLayout would band), its signature whole; the
                     band keys are computed from it where it is read.
   fragment_keys:    (id_key, fragment_id, dtype, data_file), every stored id (the bands
-                    layout's ids table, ids as raw bytes, dtype and data file as dictionaries).
+                    layout's ids table; ids and data-file uuids as raw bytes).
 A run's scoper (`ShardScope`) reads level 1 for the sampled keys of its fragments and gives
 each fragment, in run order, the top SHARDS shards by hits among the last WINDOW fragments (its
 own included) and the shard committed after each (a model's corresponding tensors continue
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import uuid
 from collections import Counter, OrderedDict, deque
 from typing import Callable, Iterable
 
@@ -47,6 +48,7 @@ SHARDS = 8  # shards a fragment's scope names by hits (each with its successor)
 WINDOW = 1024  # fragments of the run whose hits choose the scope (about 256 MiB of bf16)
 CACHED_SHARDS = 64  # shards whose band rows a layout object keeps
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+ID = pa.binary(32)  # how the layout's tables store fragment ids
 
 
 def pair_keys(bits: list[bytes], config: SignatureConfig) -> np.ndarray:
@@ -81,7 +83,7 @@ def band_rows(shards: pa.Table, config: SignatureConfig) -> pa.Table:
     keys = buckets(band_hashes(shards["bits"].to_pylist(), config), config).reshape(-1)
     pick = pa.array(np.repeat(np.arange(n), config.bands))
     return pa.table({
-        "bucket": pa.array(keys, pa.int64()), "fragment_id": hex_ids(shards["fragment_id"]).take(pick),
+        "bucket": pa.array(keys, pa.int64()), "fragment_id": hex_ids(shards["fragment_id"].cast(pa.binary())).take(pick),
         "bits": shards["bits"].combine_chunks().take(pick), "n_elements": shards["n_elements"].combine_chunks().take(pick),
         "depth": shards["depth"].combine_chunks().take(pick),
     })
@@ -166,7 +168,7 @@ class TwoLevelLayout(IndexLayout):
         ids = fragments["fragment_id"].to_pylist()
         append_keyed(self.store, FRAGMENT_KEYS, pa.table({
             "id_key": pa.array(id_keys(ids)), "fragment_id": raw_ids(pa.array(ids, pa.string())), "dtype": fragments["dtype"],
-            "data_file": pa.array([data_file] * len(ids), pa.string()),
+            "data_file": pa.array([uuid.UUID(data_file).bytes if data_file else None] * len(ids), pa.binary(16)),
         }), note)
         sigs = reference_signatures(fragments, signatures, self.config)
         if sigs.num_rows == 0:
@@ -221,22 +223,22 @@ class TwoLevelLayout(IndexLayout):
         return {i: d for i, d in found.items() if i in stored}
 
     def locate(self, ids: set[str]) -> dict[str, str]:
-        return {f: u for f, u in self._ids(ids, ["fragment_id", "data_file"]).items() if u}
+        return {f: str(uuid.UUID(bytes=u)) for f, u in self._ids(ids, ["fragment_id", "data_file"]).items() if u}
 
     def _ids(self, ids: Iterable[str], columns: list[str]) -> dict[str, str]:
         """{hex id: the other column} of the fragment_keys rows of those of `ids` stored."""
         t = read_ids(self.ids, ids, columns)
-        return dict(zip(hex_ids(t["fragment_id"]).to_pylist(), t[columns[1]].to_pylist()))
+        return dict(zip(hex_ids(t["fragment_id"].cast(pa.binary())).to_pylist(), t[columns[1]].to_pylist()))
 
     def delete_except(self, present: pa.Array) -> int:
         """Level 2 first, then the level-1 rows of shards left with no reference, then ids: a gc
         stopped in between leaves ids without signatures (found, not proposed) or level-1 rows
         naming an empty shard (a read that finds nothing), never a proposed reference the ids
         table no longer knows."""
-        raw = raw_ids(present)
+        raw = raw_ids(present).cast(ID)
         gone = [t["fragment_id"].filter(pc.invert(pc.is_in(t["fragment_id"], value_set=raw))).combine_chunks()
                 for t in self.store.scan("shard_signatures", ["fragment_id"])]
-        deleted = self.store.delete_where("shard_signatures", "fragment_id", pc.unique(pa.chunked_array(gone, pa.binary())), "gc")
+        deleted = self.store.delete_where("shard_signatures", "fragment_id", pc.unique(pa.chunked_array(gone, ID)), "gc")
         kept = pc.unique(pa.chunked_array([t["shard"] for t in self.store.scan("shard_signatures", ["shard"])], pa.int64()))
         empty = pc.unique(pa.chunked_array([t["shard"].filter(pc.invert(pc.is_in(t["shard"], value_set=kept)))
                                             for t in self.store.scan("shard_keys", ["shard"])], pa.int64()))
@@ -244,7 +246,7 @@ class TwoLevelLayout(IndexLayout):
         stale = [t["fragment_id"].filter(pc.invert(pc.is_in(t["fragment_id"], value_set=raw))).combine_chunks()
                  for t in self.store.scan("fragment_keys", ["fragment_id"])]
         self.shards.clear()
-        return deleted + self.store.delete_where("fragment_keys", "fragment_id", pc.unique(pa.chunked_array(stale, pa.binary())), "gc")
+        return deleted + self.store.delete_where("fragment_keys", "fragment_id", pc.unique(pa.chunked_array(stale, ID)), "gc")
 
     def compact(self, target_bytes: int = 256 * 1024 * 1024) -> int:
         """Each table sorted by its key, level 2 first."""

@@ -88,7 +88,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "shard_signatures": pa.schema(  # level 2: every reference's signature, by shard
         [
             ("shard", pa.int64()),
-            ("fragment_id", pa.binary()),  # the id's 32 raw bytes
+            ("fragment_id", pa.binary(32)),  # the id's 32 raw bytes
             ("bits", pa.binary()),
             ("n_elements", pa.int64()),
             ("depth", pa.int64()),  # the fragment's chain depth (0: plain)
@@ -97,9 +97,9 @@ SCHEMAS: dict[str, pa.Schema] = {
     "fragment_keys": pa.schema(  # every stored fragment's id, as the bands layout's ids table
         [
             ("id_key", pa.int64()),
-            ("fragment_id", pa.binary()),  # the id's 32 raw bytes
+            ("fragment_id", pa.binary(32)),  # the id's 32 raw bytes
             ("dtype", pa.string()),
-            ("data_file", pa.string()),  # where its fragments row was appended: a hint
+            ("data_file", pa.binary(16)),  # the uuid (16 raw bytes) of the fragments data file its row was appended in: a hint
         ]
     ),
     "models": pa.schema(

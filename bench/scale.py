@@ -144,7 +144,7 @@ def build_two_level(url: str, n: int, seed: int = 1) -> dict:
         append_keyed(lib.store, SHARD_KEYS, pa.table({"pair_key": pa.array(keys[take]), "shard": pa.array(owner[take])}), "scale")
     id_key = ids[:, :8].copy().view(">u8").reshape(-1).astype(np.uint64).view(np.int64) ^ np.int64(-(2**63))
     uuids = np.random.default_rng(seed).integers(0, 256, size=(n // SHARD_ROWS + 1, 16), dtype=np.uint8)  # a data file per shard
-    files = pa.array(list(uuids.view("S16").reshape(-1)), pa.binary(16)).take(pa.array(np.arange(n) // SHARD_ROWS))
+    files = pa.Array.from_buffers(pa.binary(16), len(uuids), [None, pa.py_buffer(uuids.tobytes())]).take(pa.array(np.arange(n) // SHARD_ROWS))
     order = np.argsort(id_key, kind="stable")
     for a in range(0, n, CHUNK):
         take = pa.array(order[a : a + CHUNK])

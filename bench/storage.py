@@ -2,6 +2,7 @@
 
     python bench/storage.py [--fragment-size 262144]
     flock /tmp/haagenti-heavy.lock python bench/storage.py --large [--runs 5] [--dtypes bf16,fp32] [--sizes 200,2000]
+    flock /tmp/haagenti-heavy.lock python bench/storage.py --gguf [--runs 5] [--qtypes Q8_0,Q4_1]
 
 --large: generated models with trained-like statistics (bench/large_models.py) of each dtype
 and size (MB), each through zstandard level 3 (one thread), ZipNN in its dtype's mode (one
@@ -9,6 +10,13 @@ thread), glyd (one thread), haagenti exact and with similarity at --threads 1 an
 ingest (file -> store) and restore (store -> file), RUNS rounds interleaved over the methods,
 MB/s min / median / max; haagenti's reduction counts every file of its library (on disk).
 Generated files go under bench/.cache/large-PID and are deleted at the end.
+
+--gguf: lone GGUF files of each quantized type gguf's quantizers write (--qtypes), made from
+the example family's base and from the "large1" family's base (bench/common.py), through
+zstd-3, zstd-19, ZipNN (float16 mode: GGUF scales are fp16; it has no quantized mode), glyd,
+and haagenti exact and with similarity at --threads 1, the same rounds and columns as --large
+(--families picks the bases).
+Files go under bench/.cache/gguf-PID, deleted at the end.
 
 Methods: plain zstd-3 per file; tensor-hash dedup + zstd-3; ZipNN-style byte grouping + zstd
 per tensor; the name-paired XOR oracle (every fine-tune XORed against its known base tensor by
@@ -29,6 +37,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from typing import Callable
 
 import torch
 import zstandard
@@ -152,9 +161,14 @@ def main() -> None:
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--sizes", default="200,2000", help="model sizes in MB")
     ap.add_argument("--methods", default="", help="comma-separated substrings: only the methods whose label has one")
+    ap.add_argument("--gguf", action="store_true", help="lone quantized GGUF files of the example and large1 bases instead")
+    ap.add_argument("--qtypes", default="Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,TQ1_0,TQ2_0,MXFP4", help="GGUF types for --gguf")
+    ap.add_argument("--families", default="family,large1", help="whose base models --gguf quantizes (bench/common.py)")
     args = ap.parse_args()
     if args.large:
         return large(args)
+    if args.gguf:
+        return gguf(args)
     torch.set_num_threads(1)
     members = example_family()
     files = [m.file for m in members]
@@ -200,12 +214,12 @@ def main() -> None:
 
 
 # ---- --large -------------------------------------------------------------------------------
-def zstd_file(path: str, work: str) -> tuple[int, float, float]:
-    """zstandard level 3 on one thread, streaming file to file and back."""
+def zstd_file(path: str, work: str, level: int = 3) -> tuple[int, float, float]:
+    """zstandard at `level` on one thread, streaming file to file and back."""
     packed, back = os.path.join(work, "z.zst"), os.path.join(work, "z.out")
     t0 = time.perf_counter()
     with open(path, "rb") as src, open(packed, "wb") as dst:
-        zstandard.ZstdCompressor(level=3).copy_stream(src, dst)
+        zstandard.ZstdCompressor(level=level).copy_stream(src, dst)
     t1 = time.perf_counter()
     with open(packed, "rb") as src, open(back, "wb") as dst:
         zstandard.ZstdDecompressor().copy_stream(src, dst)
@@ -264,6 +278,35 @@ def haagenti_file(path: str, work: str, similarity: bool, threads: int) -> tuple
     return lib.stats().disk_bytes, t1 - t0, t2 - t1
 
 
+def compare_file(path: str, name: str, methods: list[tuple[str, Callable[[str], tuple[int, float, float]]]], runs: int, folder: str) -> None:
+    """`runs` rounds of every method over one file, interleaved; each round printed as it ends
+    (a stopped run keeps what it measured), then reduction and MB/s min / median / max."""
+    size = os.path.getsize(path)
+    measured: dict[str, list[tuple[int, float, float]]] = {label: [] for label, _ in methods}
+    for k in range(runs):
+        for label, fn in methods:
+            work = tempfile.mkdtemp(prefix="haagenti-bench-", dir=folder)
+            cpu = resource.getrusage(resource.RUSAGE_SELF)
+            try:
+                measured[label].append(fn(work))
+            finally:
+                shutil.rmtree(work)
+            stored, tin, tout = measured[label][-1]
+            used = resource.getrusage(resource.RUSAGE_SELF)
+            cpu_per_wall = (used.ru_utime - cpu.ru_utime + used.ru_stime - cpu.ru_stime) / (tin + tout)  # did a second thread get a second core?
+            print(f"  {name} {size / 1e6:.1f} MB round {k + 1} {time.strftime('%H:%M:%S')}: {label}: "
+                  f"{1 - stored / size:.2%}, in {size / tin / 1e6:.1f} MB/s, out {size / tout / 1e6:.1f} MB/s, "
+                  f"CPU/wall {cpu_per_wall:.2f}, load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"\n{name}, {size / 1e6:.1f} MB ({path})")
+    print(f"{'method':36s} {'reduction':>9s}   {'ingest MB/s min / med / max':>28s}   {'restore MB/s min / med / max':>28s}")
+    for label, rs in measured.items():
+        red = 1 - rs[0][0] / size
+        fin = sorted(size / r[1] / 1e6 for r in rs)
+        fout = sorted(size / r[2] / 1e6 for r in rs)
+        cell = lambda v: f"{v[0]:8.1f} / {statistics.median(v):8.1f} / {v[-1]:8.1f}"
+        print(f"{label:36s} {red:9.2%}   {cell(fin)}   {cell(fout)}", flush=True)
+
+
 def large(args) -> None:
     from large_models import write_model
 
@@ -276,7 +319,6 @@ def large(args) -> None:
         for dt in args.dtypes.split(","):
             for mb in map(int, args.sizes.split(",")):
                 path = write_model(os.path.join(folder, f"{dt}-{mb}MB.safetensors"), mb * 1_000_000, dt)
-                size = os.path.getsize(path)
                 methods = [
                     ("zstd-3, 1 thread", lambda w: zstd_file(path, w)),
                     (f"ZipNN {modes[dt]}, 1 thread", lambda w: zipnn_file(path, w, modes[dt])),
@@ -288,29 +330,37 @@ def large(args) -> None:
                 ]
                 if args.methods:
                     methods = [m for m in methods if any(k in m[0] for k in args.methods.split(","))]
-                runs: dict[str, list[tuple[int, float, float]]] = {label: [] for label, _ in methods}
-                for k in range(args.runs):
-                    for label, fn in methods:
-                        work = tempfile.mkdtemp(prefix="haagenti-large-", dir=folder)
-                        cpu = resource.getrusage(resource.RUSAGE_SELF)
-                        try:
-                            runs[label].append(fn(work))
-                        finally:
-                            shutil.rmtree(work)
-                        stored, tin, tout = runs[label][-1]  # each round as it ends: a stopped run keeps what it measured
-                        used = resource.getrusage(resource.RUSAGE_SELF)
-                        cpu_per_wall = (used.ru_utime - cpu.ru_utime + used.ru_stime - cpu.ru_stime) / (tin + tout)  # did a second thread get a second core?
-                        print(f"  {dt} {size / 1e6:.0f} MB round {k + 1} {time.strftime('%H:%M:%S')}: {label}: "
-                              f"{1 - stored / size:.2%}, in {size / tin / 1e6:.1f} MB/s, out {size / tout / 1e6:.1f} MB/s, "
-                              f"CPU/wall {cpu_per_wall:.2f}, load {os.getloadavg()[0]:.1f}", flush=True)
-                print(f"\n{dt}, {size / 1e6:.0f} MB ({path})")
-                print(f"{'method':36s} {'reduction':>9s}   {'ingest MB/s min / med / max':>28s}   {'restore MB/s min / med / max':>28s}")
-                for label, rs in runs.items():
-                    red = 1 - rs[0][0] / size
-                    fin = sorted(size / r[1] / 1e6 for r in rs)
-                    fout = sorted(size / r[2] / 1e6 for r in rs)
-                    cell = lambda v: f"{v[0]:8.1f} / {statistics.median(v):8.1f} / {v[-1]:8.1f}"
-                    print(f"{label:36s} {red:9.2%}   {cell(fin)}   {cell(fout)}", flush=True)
+                compare_file(path, f"{dt} {mb} MB", methods, args.runs, folder)
+                os.remove(path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def gguf(args) -> None:
+    from safetensors.torch import load_file
+
+    from haagenti.exports import export_gguf
+
+    folder = os.path.join(CACHE, f"gguf-{os.getpid()}")
+    os.makedirs(folder, exist_ok=True)
+    print(f"machine: {os.cpu_count()} cores, shared with other work while this ran; {args.runs} rounds interleaved; MB/s of file bytes")
+    try:
+        for family in args.families.split(","):
+            state = load_file(example_family(family)[0].file)
+            for qtype in args.qtypes.split(","):
+                path = os.path.join(folder, f"{family}-base-{qtype}.gguf")
+                export_gguf(state, path, qtype)
+                methods = [
+                    ("zstd-3, 1 thread", lambda w: zstd_file(path, w)),
+                    ("zstd-19, 1 thread", lambda w: zstd_file(path, w, 19)),
+                    ("ZipNN float16, 1 thread", lambda w: zipnn_file(path, w, "float16")),
+                    ("glyd max, 1 thread", lambda w: glyd_file(path, w)),
+                    ("haagenti exact, --threads 1", lambda w: haagenti_file(path, w, False, 1)),
+                    ("haagenti + similarity, --threads 1", lambda w: haagenti_file(path, w, True, 1)),
+                ]
+                if args.methods:
+                    methods = [m for m in methods if any(k in m[0] for k in args.methods.split(","))]
+                compare_file(path, f"{family} base {qtype}", methods, args.runs, folder)
                 os.remove(path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

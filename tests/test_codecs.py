@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from haagenti.codecs import PLANES, ByteGroup, RotateLeft, Zstd, apply_delta, cast_reference, chain_for, codec_chain, smallest_encoding
+from haagenti.codecs.core import BLOCK_FIELDS, block_planes
 from haagenti.codecs.delta import residual
 from haagenti.fragment import Encoding, FragmentType
 
@@ -217,3 +218,83 @@ def test_long_fragments_are_ranked_on_a_probe_and_stay_exact():
     assert apply_delta(enc, codec_chain(spec).decode(blob, len(tuned)), refs[1], 2) == tuned
     enc, i, spec, blob = smallest_encoding(tuned, refs[:1], "BF16")
     assert (enc, i) == (Encoding.PLAIN, None) and bytes(codec_chain(spec).decode(blob, len(tuned))) == tuned
+
+
+# ---- quantized blocks ------------------------------------------------------------------------
+def _quantized(qtype: str, blocks: int, seed: int = 0) -> bytes:
+    """`blocks` blocks of gguf's own quantizer over a weight-like matrix (rows of 256 values)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import quantize
+
+    qt = GGMLQuantizationType[qtype]
+    values = np.random.default_rng(seed).normal(0, 0.02, (-(-blocks * GGML_QUANT_SIZES[qt][0] // 256), 256)).astype(np.float32)
+    values *= np.random.default_rng(seed + 1).uniform(0.2, 2, (len(values), 1)).astype(np.float32)  # rows of other scales
+    return quantize(values, qt).tobytes()[: blocks * GGML_QUANT_SIZES[qt][1]]
+
+
+WRITABLE = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0", "MXFP4"]  # what gguf's quantizers write
+
+
+@pytest.mark.parametrize("qtype", WRITABLE)
+def test_quantized_fragments_round_trip_through_their_block_planes(qtype):
+    """Every type gguf writes, whole fragments, a short last fragment and lengths that end
+    inside a block (bytes after the last whole block follow the planes unchanged)."""
+    from haagenti.formats.dtypes import dtype
+
+    chain, width = chain_for(qtype), dtype(qtype).itemsize
+    assert chain.spec.startswith("blocks:")
+    data = _quantized(qtype, 4096)
+    for n in (len(data), 37 * width, width, 37 * width + 5, width - 1, 0):
+        part = data[:n]
+        assert bytes(chain.decode(chain.encode(part), n)) == part, n
+
+
+@pytest.mark.parametrize("qtype", sorted(BLOCK_FIELDS))
+def test_block_fields_cover_each_block_and_round_trip_any_bytes(qtype):
+    """The table's fields add up to gguf's block size, and the split is a permutation of any
+    bytes, K-quants (which gguf cannot write) included."""
+    from haagenti.formats.dtypes import dtype
+
+    width = dtype(qtype).itemsize
+    assert sum(block_planes(qtype)) == width
+    data = os.urandom(300 * width + 7)
+    assert bytes(chain_for(qtype).decode(chain_for(qtype).encode(data), len(data))) == data
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_block_planes_beat_plain_zstd_on_quantized_weights(qtype):
+    """Scales stop interleaving with codes: the planes code smaller than the zstd of the blocks
+    (quantized fragments before) on weights quantized by gguf."""
+    data = _quantized(qtype, 4096)
+    assert len(chain_for(qtype).encode(data)) < 0.99 * len(codec_chain("zstd:1").encode(data))
+
+
+def test_quantized_rows_written_before_block_planes_still_decode():
+    data = _quantized("Q8_0", 512)
+    assert bytes(codec_chain("zstd:1").decode(Zstd(1).encode(data), len(data))) == data
+
+
+@pytest.mark.parametrize("spec", ["blocks:0.16", "blocks:2000", "blocks:", "blocks:1.x", "blocks:" + ".".join(["1"] * 65), "zstd:planes:1.0", "zstd:planes:1..2"])
+def test_block_plane_specs_out_of_bounds_are_refused(spec):
+    with pytest.raises(Exception, match="unknown codec"):
+        codec_chain(spec)
+
+
+def test_damaged_block_plane_blobs_are_refused():
+    """A stored blob is untrusted: cut, bit-flipped or claiming more than its record, a
+    quantized fragment is refused as damaged (never decoded to other bytes unnoticed)."""
+    from haagenti.encode import decode_row
+    from haagenti.errors import FragmentError
+    from haagenti.hashing import content_hash
+
+    data = _quantized("Q4_1", 1024)
+    spec = chain_for("Q4_1").spec
+    blob = codec_chain(spec).encode(data)
+    row = {"fragment_id": content_hash(data), "encoding": Encoding.PLAIN.value, "raw_size": len(data), "codec": spec, "dtype": "Q4_1", "ref_id": None}
+    assert decode_row({**row, "blob": blob}, None, None) == data
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 0x10
+    bomb = Zstd(19, weights=(1, 1)).encode(bytes(1 << 24))
+    for bad in (blob[: len(blob) // 2], bytes(flipped), blob[:3], bomb):
+        with pytest.raises(FragmentError, match="damaged|failed verification|recorded"):
+            decode_row({**row, "blob": bad}, None, None)

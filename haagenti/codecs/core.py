@@ -108,6 +108,57 @@ class RotateLeft:
         return memoryview(self._rotate(data, 8 * self.width - self.bits, np.empty(n, _WORD[self.width]), self._tmp)).cast("B")
 
 
+class BlockFields:
+    """Split quantized blocks into planes: each plane a run of `widths[i]` bytes at the same
+    offset of every block (a scale's byte, a block's codes), so scales stop interleaving with
+    codes and each plane gets an entropy coder of its own (Zstd with the same widths as
+    weights). Bytes after the last whole block follow the planes unchanged. Measured in
+    docs/decisions/0280-quantized-blocks.md."""
+
+    def __init__(self, widths: tuple[int, ...]):
+        self.widths = widths
+        self.width = sum(widths)
+        self.spec = "blocks:" + ".".join(map(str, widths))
+
+    def _planes(self, n: int) -> list[tuple[int, int, int]]:
+        """(offset in a block, width, offset in the planes) of each plane of n bytes."""
+        blocks, at, out = n // self.width, 0, []
+        for w in self.widths:
+            out.append((at, w, at * blocks))
+            at += w
+        return out
+
+    def encode(self, data: bytes | memoryview) -> memoryview:
+        src = np.frombuffer(data, np.uint8)
+        blocks = len(src) // self.width
+        whole = src[: blocks * self.width].reshape(blocks, self.width)
+        out = np.empty(len(src), np.uint8)
+        for at, w, pos in self._planes(len(src)):
+            out[pos : pos + blocks * w].reshape(blocks, w)[...] = whole[:, at : at + w]
+        out[blocks * self.width :] = src[blocks * self.width :]
+        return memoryview(out)
+
+    def decode(self, data: bytes | memoryview, limit: int) -> memoryview:
+        _within(len(data), limit)
+        src = np.frombuffer(data, np.uint8)
+        blocks = len(src) // self.width
+        out = np.empty(len(src), np.uint8)
+        whole = out[: blocks * self.width].reshape(blocks, self.width)
+        for at, w, pos in self._planes(len(src)):
+            whole[:, at : at + w] = src[pos : pos + blocks * w].reshape(blocks, w)
+        out[blocks * self.width :] = src[blocks * self.width :]
+        return memoryview(out)
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    """"1.1.16" -> (1, 1, 16): plane widths of a spec, each 1 to 1024 bytes, at most 64 planes
+    (bounds on what a stored spec may ask of the decoder)."""
+    widths = tuple(int(w) for w in text.split("."))
+    if not 0 < len(widths) <= 64 or not all(0 < w <= 1024 for w in widths):
+        raise ValueError(text)
+    return widths
+
+
 _WORD = {2: np.dtype("<u2").type, 4: np.dtype("<u4").type, 8: np.dtype("<u8").type}  # safetensors data is little-endian
 
 
@@ -124,23 +175,29 @@ class Zstd:
     shrink is stored raw. Every part is tried whole: with the planes preset zstd passes over an
     incompressible plane at ~4 GB/s, so a 16 KiB probe to skip it (tried, then dropped) cost
     more on the planes that do compress than it saved (docs/decisions/0006-plain-coding.md). `level` is a zstd
-    level or PLANES; decoding never depends on it."""
+    level or PLANES; decoding never depends on it. With `weights` (the planes of BlockFields),
+    the parts are in those proportions instead, the last taking what does not divide; decoding
+    needs only their count, since each part records its own length."""
 
-    def __init__(self, level: int | str = 3, streams: int = 1):
+    def __init__(self, level: int | str = 3, streams: int = 1, weights: tuple[int, ...] = ()):
         self.level = level
-        self.streams = streams
-        self.spec = f"zstd:{level}" if streams == 1 else f"zstd:{level}:{streams}"
+        self.streams = len(weights) or streams
+        self.weights = weights
+        tail = ".".join(map(str, weights)) if weights else str(streams)
+        self.spec = f"zstd:{level}" if tail == "1" else f"zstd:{level}:{tail}"
         self._c = zstandard.ZstdCompressor(compression_params=_PLANE_PARAMS) if level == PLANES else zstandard.ZstdCompressor(level=int(level))
         self._d = zstandard.ZstdDecompressor()
 
     def encode(self, data: bytes) -> bytes:
         n = len(data)
-        if n % self.streams:
+        if not self.weights and n % self.streams:
             raise ValueError(f"{n} bytes do not split into {self.streams} streams")
-        step = n // self.streams
+        unit = n // sum(self.weights or (self.streams,))
+        ends = np.cumsum([w * unit for w in self.weights or (1,) * self.streams]).tolist()
+        ends[-1] = n
         head, body = [], []
-        for i in range(self.streams):
-            part = data[i * step : (i + 1) * step]
+        for begin, end in zip([0] + ends[:-1], ends):
+            part = data[begin:end]
             packed = self._pack(part)
             head.append(struct.pack("<BI", packed is not None, len(packed if packed is not None else part)))
             body.append(packed if packed is not None else part)
@@ -203,11 +260,15 @@ def codec_chain(spec: str) -> CodecChain:
 def _zstd(args: list[str]) -> Zstd:
     if len(args) not in (1, 2) or not (args[0] == PLANES or args[0].lstrip("-").isdigit()):
         raise ValueError(args)
-    return Zstd(args[0] if args[0] == PLANES else int(args[0]), int(args[1]) if len(args) == 2 else 1)
+    level = args[0] if args[0] == PLANES else int(args[0])
+    if len(args) == 2 and "." in args[1]:
+        return Zstd(level, weights=_widths(args[1]))
+    return Zstd(level, int(args[1]) if len(args) == 2 else 1)
 
 
 # Codecs by spec name: a codec is registered here once and then composes with any other.
 CODECS: dict[str, Callable[[list[str]], Codec]] = {
+    "blocks": lambda args: BlockFields(*map(_widths, args)),
     "bytegroup": lambda args: ByteGroup(*map(int, args)),
     "rotl": lambda args: RotateLeft(*map(int, args)),
     # format 4's first spelling of rotl:W:1 (rows written before the rotation became per dtype)
@@ -235,14 +296,49 @@ def _parse_chain(spec: str) -> CodecChain:
 ROTATION = {"BF16": 3, "F32": 3}
 
 
+# The fields of GGUF's quantized blocks, in block order (ggml-common.h): "s2" a 2-byte scale or
+# min, split into byte planes; "c16" 16 bytes of codes (or packed sub-scales, high bits), kept
+# as one plane. Planes, nibble splits and what each gains: docs/decisions/0280-quantized-blocks.md.
+BLOCK_FIELDS = {
+    "Q4_0": "s2 c16",
+    "Q4_1": "s2 s2 c16",
+    "Q5_0": "s2 c4 c16",
+    "Q5_1": "s2 s2 c4 c16",
+    "Q8_0": "s2 c32",
+    "Q8_1": "s4 s4 c32",
+    "Q2_K": "c16 c64 s2 s2",
+    "Q3_K": "c32 c64 c12 s2",
+    "Q4_K": "s2 s2 c12 c128",
+    "Q5_K": "s2 s2 c12 c32 c128",
+    "Q6_K": "c128 c64 c16 s2",
+    "Q8_K": "s4 c256 c32",
+    "TQ1_0": "c48 c4 s2",
+    "TQ2_0": "c64 s2",
+    "MXFP4": "s1 c16",
+}
+
+
+def block_planes(dtype_name: str) -> tuple[int, ...]:
+    """Plane widths of a quantized type's blocks: a byte each for a scale, one for each run of codes."""
+    widths: list[int] = []
+    for field in BLOCK_FIELDS[dtype_name].split():
+        n = int(field[1:])
+        widths += [1] * n if field[0] == "s" else [n]
+    return tuple(widths)
+
+
 def chain_for(dtype_name: str, level: int | str = PLANES) -> CodecChain:
     """The chain used for a fragment of this dtype: rotated byte planes for multi-byte floats
-    (and the residuals of deltas, which share their structure), plain zstd otherwise (level 1
-    for the planes preset: integer data has real repeats worth matching)."""
+    (and the residuals of deltas, which share their structure), the planes of its blocks for a
+    quantized type, plain zstd otherwise (level 1 for the planes preset: integer data has real
+    repeats worth matching)."""
     d = dtype(dtype_name)
     if d.is_float and d.itemsize in (2, 4, 8):
         w = d.itemsize
         return codec_chain(f"rotl:{w}:{ROTATION.get(d.name, 1)}+bytegroup:{w}+zstd:{level}:{w}")
+    if d.name in BLOCK_FIELDS:
+        widths = ".".join(map(str, block_planes(d.name)))
+        return codec_chain(f"blocks:{widths}+zstd:{level}:{widths}")
     return codec_chain(f"zstd:{1 if level == PLANES else level}")
 
 

@@ -174,6 +174,8 @@ def library_rows(rows: pa.Table) -> pa.Table:
 
 
 Lookup = Callable[[pa.Table], pa.Table]  # (band, band_hash) buckets -> the library's band rows in them
+# (a batch's new band rows, the run's earlier band rows) -> their pairs (partner_pairs)
+Pairing = Callable[[pa.Table, pa.Table], pa.Table]
 
 
 def partner_pairs(new: pa.Table, lookup: Lookup | None, earlier: pa.Table | None, max_hamming: int) -> pa.Table:
@@ -261,12 +263,15 @@ class RunMatcher:
     tiers), each batch's rows scoped by `scope` (the index layout's scoper), and holds the
     band rows of this run's earlier new fragments, with their depths: memory grows with what
     is new, not with the library. Without `new_deltas` (lossy sharing) only the run's anchors
-    serve as references among its fragments."""
+    serve as references among its fragments. `pairs` pairs the rows elsewhere (an executor's
+    bucket groups, haagenti.ingest_steps.grouped_pairs); `lookup` is then unused."""
 
-    def __init__(self, config: LibraryConfig, lookup: Lookup | None, new_deltas: bool = True, scope: Callable[[pa.Table], pa.Table] | None = None):
+    def __init__(self, config: LibraryConfig, lookup: Lookup | None, new_deltas: bool = True, scope: Callable[[pa.Table], pa.Table] | None = None,
+                 pairs: Pairing | None = None):
         self.config, self.new_deltas = config, new_deltas
         self.limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
         self.lookup, self.scope = lookup, scope
+        self.pairs = pairs or (lambda new, earlier: partner_pairs(new, self.lookup, earlier, self.limit))
         self.earlier = BAND_SCHEMA.empty_table()
         self.next_pos = 0
 
@@ -281,7 +286,7 @@ class RunMatcher:
         batch = match_rows(sigs, self.config.signature, pos)
         if self.scope is not None:
             batch = self.scope(batch)
-        pairs = partner_pairs(batch, self.lookup, self.earlier, self.limit)
+        pairs = self.pairs(batch, self.earlier)
         ids = sigs["fragment_id"].to_pylist()
         refs, depths = choose_references(pairs, ids, self.config.candidates, new_deltas=self.new_deltas)
         held = np.array([depths[i] if self.new_deltas or i not in refs else MAX_CHAIN_DEPTH for i in ids])

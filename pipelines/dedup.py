@@ -1,5 +1,6 @@
-"""The dedup job: catalog -> scan -> fragment -> sign -> match -> encode -> commit, each stage
-the ingest core's (haagenti.ingest, haagenti.matching, haagenti.writer) run by an executor.
+"""The dedup job: catalog -> scan -> fragment, then the ingest's steps (sign -> match ->
+encode -> commit, haagenti.ingest_steps.ingest_batches) batch after batch, all run by an
+executor; RunReport.stages holds each stage's time summed over the batches.
 
 Re-runs are incremental: models whose files hash the same as in the library are skipped,
 changed ones are replaced, new ones added, and (with prune) models gone from the catalog are
@@ -13,31 +14,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from haagenti.checkpoints import reached
 from haagenti.config import LibraryConfig
 from haagenti.errors import LibraryError
 from haagenti.executors import Executor, LocalExecutor
 from haagenti.formats.source import expand_urls
-from haagenti.groups import sort_rows
-from haagenti.ingest_steps import ASSIGNMENT_SCHEMA, EncodeFragments, MatchBands, SignFragments, signature_table
+from haagenti.ingest_steps import ingest_batches
 from haagenti.library import FragmentLibrary
 from haagenti.maintenance import closest_models
-from haagenti.matching import BUCKET, choose_references, hamming_limit, match_rows
 from haagenti.store import LibraryStore
 from haagenti.store.leases import LeaseConflict, writing
 from haagenti.writer import Committer
 from pipelines.catalog import Catalog, read_catalog
 from pipelines.steps import FragmentModel, scan_model
 
-# Fragments per encode call: measured on 2 CPUs, 32 per call spent ~4 s of a 7-model run in
-# per-call overhead, 128 per call 0.4 s; 64 keeps an output batch (~10 MB) well inside a small
-# object store with a few calls in flight.
-ENCODE_BATCH = 64
-MATCH_PART_ROWS = 4096  # run band rows per match task: 256 fragments x 16 bands, an ingest batch's lookup
 FAMILY_SHARE = 0.3  # a model joins the family of the model it shares most with, above this share
 
 
@@ -160,45 +150,22 @@ def _run(lib: FragmentLibrary, catalog: Catalog, executor: Executor, config: Lib
 
 def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, todo: list[dict], report: RunReport, existing: dict, t: float, stage,
             ingest_id: str) -> None:
-    """The ingest core's stages (haagenti.ingest), each distributed by the executor; the
-    driver decides which fragments are new, chooses references and commits."""
+    """Cut the models on the executor, then the ingest's steps over their occurrences
+    (haagenti.ingest_steps.ingest_batches, the same executor), then publish."""
     report.raw_bytes_in = sum(s["raw_bytes"] for s in todo)
     cuts = executor.map(FragmentModel(config), todo)
     manifests = [m for m, _ in cuts]
-    occ = pa.concat_tables([o for _, o in cuts])
     t = stage("fragment", t)
 
-    # New fragments: ids not in the library (looked up by key in its index, never the whole id
-    # set), first occurrence of each (run order).
-    known = lib.index.known(pc.unique(occ["fragment_id"]).to_pylist())
-    first: dict[str, int] = {}
-    for i, fid in enumerate(occ["fragment_id"].to_pylist()):
-        if fid not in known and fid not in first:
-            first[fid] = i
-    new = occ.take(pa.array(list(first.values()), pa.int64()))  # a copy: the cut results are let go
-    del cuts, occ
-
-    # Signatures on the actor pool (GPU when there is one), then reference choice.
-    sigs = _sign(executor, config, new.filter(new["signs"]))
-    t = stage("sign", t)
-    refs, depths = _match(lib, executor, config, sigs, new["fragment_id"]) if sigs.num_rows else ({}, {})
-    t = stage("match", t)
-
-    # Encode: each new fragment plain or as a delta against its best reference; commit as the
-    # results arrive, in chunks the executor can afford to have pinned.
-    known.update(lib.index.known(list({c for cs in refs.values() for c in cs} - set(first))))  # the library references' dtypes
-    assignments = _assignments(new, refs, depths, set(first), known)
-    encoded = executor.map_batches(EncodeFragments, (lib.store.url, config), assignments, ENCODE_BATCH)
+    # Committed in chunks the executor can afford to have pinned.
     committer = Committer(lib.store, lib.index, ingest_id, "dedup", min(config.batch_bytes, executor.held_bytes or config.batch_bytes))
-    for tb in encoded:
-        report.new_fragments += tb.num_rows
-        report.delta_fragments += int(pc.sum(pc.not_equal(tb["encoding"], "plain")).as_py() or 0)
-        report.stored_bytes_added += int(pc.sum(tb["stored_size"]).as_py() or 0)
-        at = pc.index_in(tb["fragment_id"], value_set=new["fragment_id"])
-        committer.add(tb, sigs.filter(pc.is_in(sigs["fragment_id"], value_set=tb["fragment_id"])), new["rank"].take(at).to_numpy())
-    committer.flush()
+    seconds: dict[str, float] = {}
+    stored = ingest_batches(lib, lib.index, [o for _, o in cuts], executor, committer, seconds)
+    report.new_fragments, report.delta_fragments, report.stored_bytes_added = stored.new_fragments, stored.delta_fragments, stored.stored_bytes
     reached("after-fragments")
-    t = stage("encode+write", t)
+    for name in ("sign", "match", "encode+write"):
+        stage(name, time.perf_counter() - seconds.get(name, 0.0))
+    t = time.perf_counter()
 
     # Publish: manifests, then models (the commit that makes them visible).
     for mid in report.replaced:
@@ -210,45 +177,6 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
         m.family = families[m.model_id]
     committer.publish(manifests)
     stage("commit", t)
-
-
-def _sign(executor: Executor, config: LibraryConfig, floats: pa.Table) -> pa.Table:
-    parts = list(executor.map_batches(SignFragments, (config.signature,), floats, 64, actors=True)) if config.similarity else []
-    return sort_rows(pa.concat_tables(parts), ["fragment_id"]) if parts else signature_table([], config.signature)
-
-
-def _match(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, sigs: pa.Table,
-           new_ids: pa.ChunkedArray) -> tuple[dict[str, list[str]], dict[str, int]]:
-    """haagenti.matching's rule over the whole run, as a join by bucket: the driver holds this
-    run's band rows only; each task takes whole buckets of them, at most MATCH_PART_ROWS rows
-    (what one ingest batch looks up: the library rows a task reads grow with its buckets times
-    the library's bucket fill), and reads the library's rows of those buckets straight from
-    storage (haagenti.ingest_steps.MatchBands).
-    Returns each new fragment's reference candidates and the chain depths of them and their
-    candidates (the band and pair tables are freed on return, not held through encoding)."""
-    pos = pc.index_in(sigs["fragment_id"], value_set=new_ids).to_numpy(zero_copy_only=False)
-    bands = lib.index.scoper()(match_rows(sigs, config.signature, pos))
-    limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
-    pairs = executor.group_by(bands, BUCKET, MatchBands(lib.store.url, config, limit), MATCH_PART_ROWS)
-    in_run_order = sigs["fragment_id"].take(pa.array(np.argsort(pos, kind="stable"))).to_pylist()
-    return choose_references(pairs, in_run_order, config.candidates)
-
-
-def _assignments(new: pa.Table, refs: dict[str, list[str]], depths: dict[str, int], in_run: set[str], known: dict[str, str]) -> pa.Table:
-    """One row per new fragment with where to read it and its candidate references: a byte
-    range in this run's files or a library fragment (url None, dtype from the library), and
-    each one's chain depth."""
-    loc = {fid: (u, o, ln, dt) for fid, u, o, ln, dt in zip(*(new[c].to_pylist() for c in ("fragment_id", "url", "byte_offset", "byte_len", "dtype")))}
-    rows = []
-    for r in new.select(["fragment_id", "dtype", "fragment_type", "url", "byte_offset", "byte_len", "data"]).to_pylist():
-        ids = refs.get(r["fragment_id"], [])
-        run = [loc[i] if i in in_run else None for i in ids]
-        rows.append(dict(
-            r, ref_ids=ids, ref_urls=[x[0] if x else None for x in run], ref_offsets=[x[1] if x else 0 for x in run],
-            ref_lens=[x[2] if x else 0 for x in run], ref_dtypes=[x[3] if x else known[i] for x, i in zip(run, ids)],
-            ref_depths=[depths[i] for i in ids],
-        ))
-    return pa.Table.from_pylist(rows, schema=ASSIGNMENT_SCHEMA)
 
 
 def _infer_families(lib: FragmentLibrary, todo: list[dict], existing: dict, ingest_id: str) -> dict[str, str | None]:

@@ -7,21 +7,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from haagenti import ingest_steps
 from haagenti.config import MAX_CHAIN_DEPTH, LibraryConfig
 from haagenti.formats import open_model
 from haagenti.fragment import FragmentId
 from haagenti.index import open_index
 from haagenti.index.bands import BAND_ROW_BYTES, BANDS, IDS, bands_rows, ids_rows
-from haagenti.ingest_steps import MatchBands
+from haagenti.ingest_steps import MatchBands, grouped_pairs
 from haagenti.library import FragmentLibrary, ModelInput
 from haagenti.matching import RunMatcher, bucket_pairs, choose_references, hamming_limit, library_rows, match_rows, shared_buckets
 from haagenti.signature import compute_signatures
 from haagenti.store import LibraryStore
 from haagenti.store.files import DataFiles, data_file_uuid
 from haagenti.store.keyed import append_keyed
-from pipelines import dedup
-from pipelines.dedup import _match
-from pipelines.executors import LocalExecutor
+from haagenti.executors import LocalExecutor
 
 CONFIG = LibraryConfig(fragment_size=64 * 1024)
 
@@ -93,19 +92,19 @@ def test_lookups_give_the_references_of_the_in_memory_index(family, family_libra
 def test_pipeline_match_gives_the_same_references(family, family_library, monkeypatch):
     lib = family_library
     sigs = signatures_of([m.file for m in family[3:]]).sort_by("fragment_id")
-    new_ids = pa.chunked_array([sigs["fragment_id"]])
     pos = np.arange(sigs.num_rows)
     bands = pa.concat_tables([match_rows(sigs, CONFIG.signature, pos), all_reference_rows(lib)])
     limit = hamming_limit(CONFIG.signature, CONFIG.thresholds.similar_cosine)
     expected = choose_references(bucket_pairs(shared_buckets(bands), limit), sigs["fragment_id"].to_pylist(), CONFIG.candidates)
-    assert _match(lib, LocalExecutor(), CONFIG, sigs, new_ids) == expected
+    matched = lambda: RunMatcher(CONFIG, None, pairs=grouped_pairs(LocalExecutor(), lib.store.url, CONFIG)).match(sigs)  # noqa: E731
+    assert matched() == expected
     # Cut into many tasks of whole buckets (the pipeline's parts at scale): the same answer.
     parts = []
-    monkeypatch.setattr(dedup, "MATCH_PART_ROWS", 37)
-    monkeypatch.setattr(dedup, "MatchBands", lambda *a: (lambda part, step=MatchBands(*a): parts.append(part.num_rows) or step(part)))
-    assert _match(lib, LocalExecutor(), CONFIG, sigs, new_ids) == expected
+    monkeypatch.setattr(ingest_steps, "MATCH_PART_ROWS", 37)
+    monkeypatch.setattr(ingest_steps, "MatchBands", lambda *a: (lambda part, step=MatchBands(*a): parts.append(part.num_rows) or step(part)))
+    assert matched() == expected
     assert len(parts) > 10 and max(parts) < 37 + 16 and sum(parts) == sigs.num_rows * CONFIG.signature.bands
-    assert any(c not in set(new_ids.to_pylist()) for cs in expected[0].values() for c in cs)
+    assert any(c not in set(sigs["fragment_id"].to_pylist()) for cs in expected[0].values() for c in cs)
 
 
 def test_compaction_sorts_files_and_keeps_answers(family, tmp_path):

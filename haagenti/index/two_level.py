@@ -5,7 +5,7 @@ Xet's dedup queries its global index with a sample of chunks and fetches, for a 
 chunk list of the shard it names. Here a shard is one fragments commit (about
 LibraryConfig.batch_bytes of fragments of consecutive models) and the tables are:
   shard_keys:       (pair_key, shard), level 1: for each reference fragment's band-pair keys
-                    (`pair_keys`) that fall in the sampled 1/32 of key space (`sampled`), the
+                    (`pair_keys`) that fall in the sampled 1/8 of key space (`sampled`), the
                     shard holding it.
   shard_signatures: (shard, fragment_id, bits, n_elements, depth), level 2: one row per
                     reference (the fragments BandsLayout would band), its signature whole; the
@@ -43,7 +43,7 @@ from haagenti.store.keyed import KeyedReader, KeyedTable, append_keyed, sort_key
 SHARD_KEYS = KeyedTable("shard_keys", "pair_key", 1024)
 SHARD_SIGNATURES = KeyedTable("shard_signatures", "shard", 1024)
 FRAGMENT_KEYS = KeyedTable("fragment_keys", "id_key", 256, ("dtype", "data_file"))
-SAMPLE_BITS = 5  # level 1 keeps the pair keys whose mixed value has its top 5 bits clear: 1 in 32
+SAMPLE_BITS = 3  # level 1 keeps the pair keys whose mixed value has its top 3 bits clear: 1 in 8
 SHARDS = 8  # shards a fragment's scope names by hits (each with its successor)
 WINDOW = 1024  # fragments of the run whose hits choose the scope (about 256 MiB of bf16)
 CACHED_SHARDS = 64  # shards whose band rows a layout object keeps
@@ -64,7 +64,7 @@ def pair_keys(bits: list[bytes], config: SignatureConfig) -> np.ndarray:
 
 
 def sampled(keys: np.ndarray) -> np.ndarray:
-    """Which pair keys level 1 keeps: a fixed 1/32 of key space (Fibonacci hashing of the key:
+    """Which pair keys level 1 keeps: a fixed 1/8 of key space (Fibonacci hashing of the key:
     band values themselves are not uniform). The sample is of keys, not fragments: a
     near-duplicate shares its reference's keys, so it samples the same ones."""
     return ((keys.astype(np.uint64) * _MIX) >> np.uint64(64 - SAMPLE_BITS)) == 0

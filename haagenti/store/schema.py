@@ -81,7 +81,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     # The "two-level" index layout's tables (haagenti.index.two_level), keyed tables too.
     "shard_keys": pa.schema(  # level 1: the sampled band-pair keys of each shard's references
         [
-            ("pair_key", pa.int64()),  # two bands' values (haagenti.index.two_level.pair_keys), one key in 32
+            ("pair_key", pa.int64()),  # two bands' values (haagenti.index.two_level.pair_keys), one key in 8
             ("shard", pa.int64()),  # the shard (one fragments commit) holding a reference with the key
         ]
     ),

@@ -184,12 +184,13 @@ def partner_pairs(new: pa.Table, lookup: Lookup | None, earlier: pa.Table | None
     run. Rows of different scopes are paired a scope at a time, each with the library rows of
     its own scope and every run row (of any scope) in its buckets: what a row is paired with
     depends on its scope, never on which other rows share the call."""
-    scopes = pc.unique(new["scope"])
+    scopes = pc.unique(new.filter(new["is_new"])["scope"])  # rows not new (earlier ones the caller added) are seen, not scoped
     if len(scopes) <= 1:
         return _scope_pairs(new, None, scopes[0] if len(scopes) else pa.scalar(None, pa.string()), lookup, earlier, max_hamming)
     parts = []
     for scope in scopes:
-        mine = pc.fill_null(pc.equal(new["scope"], scope), False) if scope.is_valid else pc.is_null(new["scope"])
+        same = pc.fill_null(pc.equal(new["scope"], scope), False) if scope.is_valid else pc.is_null(new["scope"])
+        mine = pc.and_(same, new["is_new"])
         others = new.filter(pc.invert(mine))
         others = others.set_column(others.schema.get_field_index("is_new"), "is_new", pa.array(np.zeros(others.num_rows, bool)))
         parts.append(_scope_pairs(new.filter(mine), others, scope, lookup, earlier, max_hamming))

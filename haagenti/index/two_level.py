@@ -16,8 +16,8 @@ A run's scoper (`ShardScope`) reads level 1 for the sampled keys of its fragment
 each fragment, in run order, the top SHARDS shards by hits among the last WINDOW fragments (its
 own included) and the shard committed after each (a model's corresponding tensors continue
 there); `propose` reads those shards' signatures (cached) and returns their band rows in the
-buckets asked. The scope of a fragment depends on the fragments before it only, so the library
-(batch after batch) and the pipeline (the whole run at once) scope every fragment alike.
+buckets asked. The scope of a fragment depends on the fragments before it only, so a run scopes
+every fragment alike however it is cut into batches, in one process or on an executor.
 Exact ids are found by key in `fragment_keys` (the bands layout's probe).
 docs/decisions/0270-two-level-index.md has the figures.
 """

@@ -167,15 +167,15 @@ class StoredTotals:
     stored_bytes: int = 0
 
 
-def occurrence_batches(tables: Iterable[pa.Table], batch_bytes: int) -> Iterator[pa.Table]:
+def occurrence_batches(tables: Iterable[pa.Table], batch_bytes: int | None) -> Iterator[pa.Table]:
     """The occurrences of `tables` (OCCURRENCE_SCHEMA, in run order) in batches of about
-    `batch_bytes` of fragment bytes."""
+    `batch_bytes` of fragment bytes (None: one batch)."""
     held: list[pa.Table] = []
     size = 0
     for t in tables:
         held.append(t)
         size += int(pc.sum(t["byte_len"]).as_py() or 0)
-        while size >= batch_bytes:
+        while batch_bytes is not None and size >= batch_bytes:
             rows = pa.concat_tables(held)
             cut = int(np.searchsorted(np.cumsum(rows["byte_len"].to_numpy()), batch_bytes)) + 1
             yield rows.slice(0, cut)
@@ -186,20 +186,22 @@ def occurrence_batches(tables: Iterable[pa.Table], batch_bytes: int) -> Iterator
 
 
 def ingest_batches(core: LibraryCore, index: IndexLayout, occurrences: Iterable[pa.Table], executor: Executor, committer: Committer,
-                   seconds: dict[str, float]) -> StoredTotals:
+                   seconds: dict[str, float], batch_bytes: int | None) -> StoredTotals:
     """Store the new fragments of a run's occurrences (OCCURRENCE_SCHEMA, in run order, `rank`
     the model each belongs to) batch after batch, each stage's steps run by `executor`: which
     are new (the library's `known` per batch), their signatures, their references
     (haagenti.matching's rule, paired by `grouped_pairs`),
     their rows, committed by `committer` as they come. Adds each stage's time to `seconds`
-    ("sign", "match", "encode+write")."""
+    ("sign", "match", "encode+write"). Batches of `batch_bytes` of fragment bytes bound what the
+    driver holds; None makes the run one batch, each stage's calls streaming over the whole run
+    (no pool drains between batches: what a cluster wants, decisions/0242)."""
     config = core.config
     matcher = RunMatcher(config, None, scope=index.scoper(), pairs=grouped_pairs(executor, core.store.url, config)) if config.similarity else None
     known: dict[str, str] = {}  # id -> dtype of the library's fragments met and the run's new ones
     located: dict[str, tuple[str, int, int]] = {}  # (url, offset, length) of the run's new fragments
     totals = StoredTotals()
     clock = _Clock(seconds)
-    for batch in occurrence_batches(occurrences, config.batch_bytes):
+    for batch in occurrence_batches(occurrences, batch_bytes):
         ids = batch["fragment_id"].to_pylist()
         known.update(index.known(list(set(ids) - known.keys())))
         first: dict[str, int] = {}

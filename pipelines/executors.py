@@ -145,7 +145,9 @@ def init_local_ray(**options) -> None:
     import ray
 
     _private_token()
-    ray.init(ignore_reinit_error=True, **options)
+    # address="local": a cluster of its own. A bare ray.init() joins whatever head this machine
+    # already runs (another `ray start`, a test's multi-node cluster), with its CPUs and options.
+    ray.init(address="local", ignore_reinit_error=True, **options)
 
 
 def _private_token() -> None:

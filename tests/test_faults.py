@@ -305,6 +305,7 @@ def test_tier_add_writes_no_temporary_file(tmp_path, monkeypatch):
     lies in the temporary folder (it used to write tier.safetensors there)."""
     import tempfile
 
+    from haagenti.adaptive import tiers
     from haagenti.adaptive.tiers import add_tier
 
     lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
@@ -313,8 +314,8 @@ def test_tier_add_writes_no_temporary_file(tmp_path, monkeypatch):
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     seen = []
-    real = FragmentLibrary.ingest
-    monkeypatch.setattr(FragmentLibrary, "ingest", lambda self, *a, **k: seen.append(sorted(os.listdir(scratch))) or real(self, *a, **k))
+    real = tiers.ingest_models  # what add_tier ingests the tier with
+    monkeypatch.setattr(tiers, "ingest_models", lambda *a, **k: seen.append(sorted(os.listdir(scratch))) or real(*a, **k))
     add_tier(lib, "m", "int8")
     assert seen == [[]] and "m.int8" in {m["model_id"] for m in lib.models()}
 

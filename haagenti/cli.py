@@ -301,7 +301,7 @@ def dedup(
     library: str = typer.Option(..., "--library", help="library URL (local path, s3://, gs://)"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)"),
     executor: str = typer.Option("ray", help="ray or local"),
-    workers: Optional[int] = typer.Option(None, help="CPU step actors (default: one per cluster CPU)"),
+    workers: Optional[int] = typer.Option(None, help="CPU step actors on Ray (default: one per cluster CPU), threads with --executor local (default 1)"),
     prune: bool = typer.Option(False, help="remove models no longer in the catalog"),
     index: Optional[str] = typer.Option(None, "--index", help=INDEX_HELP),
 ) -> None:

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None, progress: Callable[[str], None] | None =
     ap.add_argument("--library", required=True)
     ap.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: a local one, or the job's cluster)")
     ap.add_argument("--executor", choices=["ray", "local"], default="ray")
-    ap.add_argument("--workers", type=int, default=None, help="CPU step actors (default: one per cluster CPU; signatures also get one actor per GPU)")
+    ap.add_argument("--workers", type=int, default=None, help="CPU step actors on Ray (default: one per cluster CPU; signatures also get one actor per GPU), threads with --executor local (default 1)")
     ap.add_argument("--fragment-size", type=int, default=None, help="bytes per fragment of a 16-bit tensor, for a new library (default 256 KiB); an existing library keeps its own")
     ap.add_argument("--index", default=None, help="index layout of a new library: bands (default) or two-level; an existing library keeps its own")
     ap.add_argument("--prune", action="store_true", help="remove models no longer in the catalog and collect their fragments")

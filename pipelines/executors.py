@@ -185,7 +185,7 @@ def _call(cls, args, batch: pa.Table) -> pa.Table:
 
 def make_executor(kind: str, address: str | None = None, workers: int | None = None) -> Executor:
     if kind == "local":
-        return LocalExecutor()
+        return LocalExecutor(threads=workers or 1)
     if kind == "ray":
         return RayExecutor(address, workers)
     raise ValueError(f"unknown executor {kind!r} (local or ray)")

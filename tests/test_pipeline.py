@@ -71,9 +71,12 @@ def test_local_pipeline_incremental_reruns(tmp_path, family, monkeypatch):
 
 
 def test_local_executor_on_threads_builds_the_same_tables(tmp_path, family):
+    from pipelines.executors import make_executor
+
     cat = catalog(tmp_path / "catalog.yaml", family)
     run_dedup(cat, str(tmp_path / "one"), LocalExecutor(), CONFIG)
-    with LocalExecutor(threads=2) as executor:
+    with make_executor("local", workers=2) as executor:  # `dedup --executor local --workers 2`
+        assert executor.workers.threads == 2
         run_dedup(cat, str(tmp_path / "two"), executor, CONFIG)
     a, b = FragmentLibrary.open(str(tmp_path / "one")), FragmentLibrary.open(str(tmp_path / "two"))
     for table, key in (("fragments", "fragment_id"), ("signatures", "fragment_id"), ("models", "model_id")):

@@ -38,11 +38,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__))).encode()
 def table_digests(root: str) -> dict[str, str]:
     store = LibraryStore(root)
     out = {}
-    for name, schema in SCHEMAS.items():
-        cols = [c for c in schema.names if c not in PER_RUN]
+    for name in store.present():
+        cols = [c for c in SCHEMAS[name].names if c not in PER_RUN]
         t = store.read(name, columns=cols)
-        if t.num_rows == 0:  # the tables of index layouts other than the library's
-            continue
         sortable = [c for c in cols if not pa.types.is_nested(t.schema.field(c).type)]
         t = t.sort_by([(c, "ascending") for c in sortable])
         h = hashlib.blake2b(digest_size=16)

@@ -21,6 +21,9 @@ from haagenti.records import trusted_manifest
 from haagenti.store import LibraryStore
 from haagenti.store.files import strings
 
+# The tables every library has; its index layout adds its own (IndexLayout.tables).
+LIBRARY_TABLES = ("fragments", "signatures", "manifests", "models")
+
 Core = TypeVar("Core", bound="LibraryCore")
 
 
@@ -41,8 +44,8 @@ class LibraryCore:
                 raise LibraryError(f"{url}: is a file, not a library folder")
             if not create:
                 raise LibraryError(f"{url}: no haagenti library here")
-            layout_class(config.index)  # a layout this haagenti knows, before it is recorded
-            store.create(config.invariants())
+            layout = layout_class(config.index)  # a layout this haagenti knows, before it is recorded
+            store.create(config.invariants(), LIBRARY_TABLES + layout.tables)
         return cls(store, config.settled(store.marker(), url))
 
     # ---- catalogue ----------------------------------------------------------------------

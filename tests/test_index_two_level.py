@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 from haagenti.config import LibraryConfig
-from haagenti.index import open_index
+from haagenti.core import LIBRARY_TABLES
+from haagenti.index import BandsLayout, TwoLevelLayout, open_index
 from haagenti.index import two_level as two_level_module
 from haagenti.index.two_level import sampled
 from haagenti.library import FragmentLibrary, ModelInput
@@ -45,12 +46,17 @@ def test_the_layout_is_recorded_and_its_tables_filled(two_level):
     assert reopened.config.index == "two-level" and reopened.index.name == "two-level"
     for name in ("shard_keys", "shard_signatures", "fragment_keys"):
         assert two_level.store.read(name).num_rows > 0, name
-    for name in ("bands", "ids"):
-        assert two_level.store.read(name).num_rows == 0, name
+    assert sorted(two_level.store.present()) == sorted(LIBRARY_TABLES + TwoLevelLayout.tables)  # no empty "bands" tables
     ids = set(two_level.store.read("fragments", columns=["fragment_id"])["fragment_id"].to_pylist())
     files = {data_file_uuid(p) for p in two_level.store.snapshot("fragments")[0]}
     located = two_level.index.locate(ids)
     assert located.keys() == ids and set(located.values()) <= files  # where each was appended
+
+
+def test_a_library_holds_the_tables_of_its_own_layout_only(tmp_path):
+    lib = FragmentLibrary.open(str(tmp_path / "bands"))
+    assert sorted(lib.store.present()) == sorted(LIBRARY_TABLES + BandsLayout.tables)
+    assert not any(os.path.exists(tmp_path / "bands" / t) for t in TwoLevelLayout.tables)  # nothing on disk for another layout
 
 
 def test_restores_bit_exact_and_verifies(two_level, family, tmp_path):

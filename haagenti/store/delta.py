@@ -116,12 +116,14 @@ class LibraryStore:
     def exists(self) -> bool:
         return self.fs.exists(posixpath.join(self.root, "haagenti.json"))
 
-    def create(self, invariants: dict) -> None:
-        """Create the empty tables and the marker file, which records the library's invariants
-        (haagenti.config). Safe against a concurrent creator: the first marker written wins and
-        is never rewritten (the loser then reads the winner's invariants, which its own config
-        must agree with), and a table another writer created meanwhile is kept."""
-        for name, schema in SCHEMAS.items():
+    def create(self, invariants: dict, tables: tuple[str, ...]) -> None:
+        """Create the empty `tables` (the library's and its index layout's) and the marker file,
+        which records the library's invariants (haagenti.config). Safe against a concurrent
+        creator: the first marker written wins and is never rewritten (the loser then reads the
+        winner's invariants, which its own config must agree with), and a table another writer
+        created meanwhile is kept."""
+        for name in tables:
+            schema = SCHEMAS[name]
             if self._is_table(name):
                 continue
             try:
@@ -226,8 +228,8 @@ class LibraryStore:
         return DeltaTable.is_deltatable(self.table_uri(name), storage_options=self.options)
 
     def present(self) -> list[str]:
-        """The tables of the format this library has: one created before an index layout's
-        tables joined the format lacks them, and its own layout never uses them."""
+        """The tables of the format this library has: the library's own and its index layout's
+        (haagenti.core.LIBRARY_TABLES and the layout's `tables`)."""
         return [name for name in SCHEMAS if name in self._tables or self._is_table(name)]
 
     # ---- reads --------------------------------------------------------------------------

@@ -4,6 +4,16 @@ sweep, uniform precisions, searched schedules over budgets, the presets, the add
 and which ecosystem quantiser runs here (torchao / optimum-quanto: conv support, bit-stability).
 
     python bench/adaptive.py [--steps 20] [--samples 256] [--window 4] [--ship]
+    python bench/adaptive.py --residency [--runs 3] [--samplers ddim,dpmpp2m,euler_a]
+
+--residency measures what the balanced schedule keeps in memory on the UNet, per sampler, in
+four configurations, each in a fresh process (so its peak RSS is its own): the FP16 pipeline
+(the model in FP16), every tier resident (the switcher's quanto layers built from the model,
+beside its FP32 weights), every tier read from the library and kept (StreamingSwitcher
+keep_all), and tiers streamed from the library as the schedule goes (StreamingSwitcher): peak
+resident weight bytes (counted exactly), peak RSS, seconds per image over --runs calls, and
+quality against FP32 samples from the same noise. The library (the UNet and its INT8/INT4
+tiers) is built in bench/.cache/adaptive/library on first use.
 
 Models are trained on first use under /tmp/haagenti-heavy.lock (minutes of CPU) and cached in
 bench/.cache/adaptive as diffusers folders (the digits classifiers, seconds each, beside them); results go to bench/.cache/adaptive/out/adaptive.{md,json} and adaptive-SAMPLER.png.
@@ -13,10 +23,16 @@ bench/.cache/adaptive as diffusers folders (the digits classifiers, seconds each
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import fcntl
 import json
 import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
 
 import torch
 from rich.console import Console
@@ -73,6 +89,144 @@ def ecosystem(model) -> list[dict]:
     return rows
 
 
+RESIDENCY_MODES = ("fp16", "resident", "library", "streamed")
+
+
+def half(model):
+    """The FP16 pipeline's denoiser: FP16 weights and activations; the sampler's state stays
+    FP32, as diffusers' schedulers keep it (hooks cast the call's input and output)."""
+    model.half()
+    model.register_forward_pre_hook(lambda m, args: (args[0].half(), *args[1:]))
+
+    def to_fp32(m, args, out):
+        out.sample = out.sample.float()
+        return out
+
+    model.register_forward_hook(to_fp32)
+    return model
+
+
+def rss(field: str) -> int:
+    """This process's VmRSS (now) or VmHWM (peak since the last reset_peak_rss), in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM again from the current RSS (Linux: writing 5 to clear_refs), so the peak seen
+    is the configuration's, not the imports' (which alone peak above this small model's run)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def residency_library(base: str):
+    """The UNet and its INT8/INT4 tiers in a library (built once)."""
+    from haagenti.adaptive.tiers import add_tier, tiers_of
+    from haagenti.library import FragmentLibrary
+
+    lib = FragmentLibrary.open(os.path.join(base, "library"))
+    if "unet" not in {m["model_id"] for m in lib.models()}:
+        lib.ingest([os.path.join(base, "unet", "diffusion_pytorch_model.safetensors")], "unet", "digits")
+    for p in ("int8", "int4"):
+        if p not in {t.value for t in tiers_of(lib, "unet")}:
+            add_tier(lib, "unet", p)
+    return lib
+
+
+def residency_run(base: str, sampler: str, mode: str, steps: int, samples: int, runs: int, images_out: str) -> dict:
+    """One configuration, in this process: its peak weight bytes, peak RSS, seconds per image."""
+    from haagenti.adaptive import ProfilePreset, preset_profile
+    from haagenti.adaptive.quantize import held_bytes
+    from haagenti.adaptive.residency import StreamingSwitcher
+    from haagenti.adaptive.sampling import DigitsPipeline, make_scheduler
+    from haagenti.adaptive.switch import PrecisionSwitcher, plan_for
+    from haagenti.adaptive.tiers import LayerTiers
+
+    torch.set_num_threads(1)
+    lib = residency_library(base) if mode in ("library", "streamed") else None
+    reset_peak_rss()
+    rss_before = rss("VmRSS")
+    model = load_or_train("unet", os.path.join(base, "unet"), 0)
+    scheduler = make_scheduler(sampler)
+    schedule = plan_for(scheduler, steps, preset_profile(ProfilePreset.BALANCED, sampler))
+    if mode == "fp16":
+        denoiser = half(model)
+        switcher = None
+    else:
+        denoiser = model
+        switcher = (PrecisionSwitcher(model, scheduler, schedule) if mode == "resident" else
+                    StreamingSwitcher(model, scheduler, schedule, LayerTiers(lib, "unet"), keep_all=mode == "library"))
+    pipe = DigitsPipeline(denoiser, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    seconds = []
+    runs = 1 if mode == "fp16" else runs  # no fast FP16 kernels on CPU (~30x FP32 here): one call gives its bytes and RSS
+    with switcher if switcher is not None else contextlib.nullcontext():
+        for _ in range(runs):
+            start = time.perf_counter()
+            images = pipe(samples, steps, torch.Generator().manual_seed(0)).images
+            seconds.append((time.perf_counter() - start) / samples)
+        if mode == "resident":
+            peak = switcher.resident_bytes()  # all built on entering, held throughout
+    if mode == "fp16":
+        peak = held_bytes(denoiser)
+    elif mode != "resident":
+        peak = switcher.peak_bytes
+    torch.save(images, images_out)
+    return {"sampler": sampler, "mode": mode, "schedule": schedule.timeline().splitlines()[0], "peak_weight_bytes": peak, "peak_rss": rss("VmHWM"),
+            "rss_before_model": rss_before, "seconds_per_image": seconds, "waits": getattr(switcher, "waits", 0),
+            "loads": len(getattr(switcher, "loads", []))}
+
+
+def residency(base: str, samplers: list[str], steps: int, samples: int, runs: int) -> list[dict]:
+    """Every sampler x configuration in its own process, then quality against FP32 samples."""
+    from haagenti.adaptive.metrics import frechet, load_or_train_classifier, psnr
+    from haagenti.adaptive.models import digits
+    from haagenti.adaptive.sampling import DigitsPipeline, make_scheduler
+
+    residency_library(base)
+    model = load_or_train("unet", os.path.join(base, "unet"), 0)
+    clf, _ = load_or_train_classifier(os.path.join(base, f"classifier{model.config.sample_size}.safetensors"), model.config.sample_size)
+    with torch.no_grad():
+        data = clf.features(digits(model.config.sample_size)).numpy()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="haagenti-residency-") as tmp:
+        for sampler in samplers:
+            pipe = DigitsPipeline(model, make_scheduler(sampler))
+            pipe.set_progress_bar_config(disable=True)
+            ref = pipe(samples, steps, torch.Generator().manual_seed(0)).images
+            with torch.no_grad():
+                ref_labels, ref_fd = clf(ref).argmax(1), frechet(clf.features(ref).numpy(), data)
+            images = {}
+            for mode in RESIDENCY_MODES:
+                out = os.path.join(tmp, f"{sampler}-{mode}.pt")
+                cmd = [sys.executable, os.path.abspath(__file__), "--residency-run", f"{sampler}:{mode}:{out}", "--steps", str(steps),
+                       "--samples", str(samples), "--runs", str(runs)]
+                row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+                images[mode] = x = torch.load(out)
+                with torch.no_grad():
+                    row.update(psnr_vs_fp32_db=psnr(x, ref), class_agreement=float((clf(x).argmax(1) == ref_labels).float().mean()),
+                               frechet=frechet(clf.features(x).numpy(), data), frechet_fp32=ref_fd)
+                rows.append(row)
+            rows[-1]["bit_identical_to_library"] = torch.equal(images["streamed"], images["library"])
+    return rows
+
+
+def residency_table(rows: list[dict], load: str) -> str:
+    lines = [f"load average at start: {load}", "",
+             "| sampler | configuration | peak weight bytes | vs FP16 pipeline | peak RSS (MiB) | peak RSS above the process before the model (MiB) | s/image min/median/max | vs all resident (median) | PSNR vs FP32 | FD (FP32) | class agreement |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fp16 = next(x for x in rows if x["sampler"] == r["sampler"] and x["mode"] == "fp16")
+        resident = next(x for x in rows if x["sampler"] == r["sampler"] and x["mode"] == "resident")
+        s = r["seconds_per_image"]
+        lines.append(f"| {r['sampler']} | {r['mode']} | {r['peak_weight_bytes']:,} | {r['peak_weight_bytes'] / fp16['peak_weight_bytes']:.1%} |"
+                     f" {r['peak_rss'] / 2**20:.1f} | {(r['peak_rss'] - r['rss_before_model']) / 2**20:.1f} |"
+                     f" {min(s) * 1e3:.2f}/{statistics.median(s) * 1e3:.2f}/{max(s) * 1e3:.2f} ms |"
+                     f" {statistics.median(s) / statistics.median(resident['seconds_per_image']):.3f}x | {r['psnr_vs_fp32_db']:.1f} dB |"
+                     f" {r['frechet']:.1f} ({r['frechet_fp32']:.1f}) | {r['class_agreement']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
@@ -81,10 +235,26 @@ def main() -> None:
     ap.add_argument("--models", default="unet,mlp")
     ap.add_argument("--samplers", default="ddim,dpmpp2m,euler_a")
     ap.add_argument("--ship", action="store_true")
+    ap.add_argument("--residency", action="store_true", help="measure residency (see the module's docstring)")
+    ap.add_argument("--runs", type=int, default=3, help="--residency: timed pipeline calls per configuration")
+    ap.add_argument("--residency-run", help=argparse.SUPPRESS)  # SAMPLER:MODE:IMAGES_OUT, one configuration in this process
     args = ap.parse_args()
     torch.set_num_threads(1)
     base = os.path.join(CACHE, "adaptive")
     os.makedirs(base, exist_ok=True)
+    if args.residency_run:
+        sampler, mode, out = args.residency_run.split(":", 2)
+        print(json.dumps(residency_run(base, sampler, mode, args.steps, args.samples, args.runs, out)))
+        return
+    if args.residency:
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        rows = residency(base, args.samplers.split(","), args.steps, args.samples, args.runs)
+        os.makedirs(os.path.join(base, "out"), exist_ok=True)
+        with open(os.path.join(base, "out", "residency.json"), "w") as f:
+            json.dump({"load_average": load, "steps": args.steps, "samples": args.samples, "runs": rows}, f, indent=1)
+        print(residency_table(rows, load))
+        print("streamed bit-identical to library-resident:", {r["sampler"]: r["bit_identical_to_library"] for r in rows if "bit_identical_to_library" in r})
+        return
     models, samplers = args.models.split(","), args.samplers.split(",")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)) as bar:
         for kind in models:  # training (minutes of CPU) under the shared heavy lock; sampling is one thread, ~0.5 GB

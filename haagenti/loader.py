@@ -2,7 +2,9 @@
 fragments, so moving between models of one family reads only the fragments that differ."""
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -41,14 +43,18 @@ class ModelLoader:
         self._manifests: dict[str, tuple[int, ModelManifest]] = {}  # model id -> (models table version, manifest)
         self.last: LoadReport | None = None
 
-    def load(self, model_id: str, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def load(self, model_id: str, into: dict[str, torch.Tensor] | None = None, names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
         """The model's tensors by name (CPU, each owning its memory). Fragments already cached
         are not read again. With `into` (a live model's state dict, say: the same names, dtypes
         and shapes, contiguous on the CPU; checked before anything is read) the weights are
         copied into those tensors and `into` is returned, so a switch allocates nothing once
-        its fragments are held; a load that fails midway leaves `into` partly overwritten."""
+        its fragments are held; a load that fails midway leaves `into` partly overwritten.
+        With `names` only those tensors are loaded (and `into` holds just those): their own
+        fragments are the only ones read, so a model can be brought in layer by layer."""
         start = time.perf_counter()
         manifest = self.manifest(model_id)
+        if names is not None:
+            manifest = _only(manifest, names)
         dtypes = _torch_dtypes(manifest)  # quantized blocks are refused before anything is read
         if into is not None:
             _check_into(manifest, into, dtypes)
@@ -80,6 +86,16 @@ class ModelLoader:
 
     def close(self) -> None:
         self.workers.close()
+
+
+def _only(manifest: ModelManifest, names: Collection[str]) -> ModelManifest:
+    """The manifest cut down to the tensors named (LibraryError naming one it lacks)."""
+    by_name = manifest.tensors_by_name()
+    absent = sorted(set(names) - set(by_name))
+    if absent:
+        raise LibraryError(f"model {manifest.model_id!r} has no tensor {absent[0]!r}{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}")
+    wanted = set(names)
+    return dataclasses.replace(manifest, tensors=[t for t in manifest.tensors if t.name in wanted])
 
 
 def _torch_dtypes(manifest: ModelManifest) -> dict[str, torch.dtype]:

@@ -83,6 +83,28 @@ def test_loader_reports_the_bytes_it_reads_and_threads_agree(tmp_path, family):
         loader.close()
 
 
+def test_load_names_reads_only_those_tensors_fragments(tmp_path, family):
+    """A model brought in a few tensors at a time (a switcher streaming a tier layer by layer)
+    reads those tensors' fragments and no other; a name the model lacks is one LibraryError."""
+    (base,) = members(family, "digits-base")
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    lib.ingest([base.file], base.model_id, base.family)
+    by_name = lib.manifest(base.model_id).tensors_by_name()
+    names = sorted(by_name)[:2]
+    seen: set[str] = set()
+    real = lib.store.read_fragments
+    lib.store.read_fragments = lambda ids, *a, **k: (seen.update(ids), real(ids, *a, **k))[1]
+    loader = ModelLoader(lib, cache_bytes=0, threads=1)
+    want = load_file(base.file)
+    into = {n: torch.empty_like(want[n]) for n in names}
+    assert loader.load(base.model_id, into=into, names=names) is into
+    assert all(torch.equal(into[n], want[n]) for n in names)
+    assert seen == {r.fragment_id for n in names for r in by_name[n].fragments}
+    assert loader.last.fragments == len(seen)
+    with pytest.raises(LibraryError, match=r"model 'digits-base' has no tensor 'nope'"):
+        loader.load(base.model_id, names=[names[0], "nope"])
+
+
 def test_loader_rereads_a_manifest_once_the_model_changes(tmp_path, family):
     base, ft = members(family, "digits-base", "digits-ft-lr1e-4")
     lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)

@@ -93,3 +93,33 @@ def test_a_pipeline_without_a_policy_runs_as_it_is(denoiser):
     assert pipe.policy is None
     a = pipe(2, num_inference_steps=4, generator=torch.Generator().manual_seed(1)).images
     assert pipe.switcher is None and torch.equal(a, pipe.pipe(2, 4, torch.Generator().manual_seed(1)).images)
+
+
+def test_a_policy_pipeline_streams_its_tiers_from_the_library(tmp_path, denoiser):
+    """With the denoiser's model in a library, the policy runs with its layers streamed: only
+    the a16 weights on the first steps, only the INT8 tier in the middle, the same samples as
+    those tiers held all at once, and the FP32 model back afterwards."""
+    from safetensors.torch import save_file
+
+    from haagenti.adaptive.residency import StreamingSwitcher
+    from haagenti.adaptive.tiers import LayerTiers, add_tier
+    from haagenti.config import LibraryConfig
+    from haagenti.library import FragmentLibrary
+
+    path = str(tmp_path / "unet.safetensors")
+    save_file({k: v.contiguous() for k, v in denoiser.state_dict().items()}, path)
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), LibraryConfig(fragment_size=64 * 1024))
+    lib.ingest([path], "unet", "digits")
+    add_tier(lib, "unet", "int8")
+    policy = {**PUBLISHED, "first_steps": {"count": 2, "mode": "a16"}, "last_steps": {"count": 1, "mode": "a16"}}
+    publish(denoiser, from_policy(policy, 6))
+    before = {k: v.clone() for k, v in denoiser.state_dict().items()}
+    pipe = PolicyPipeline(_pipe(denoiser), tiers=LayerTiers(lib, "unet"))
+    held = []
+    images = pipe(2, num_inference_steps=6, generator=torch.Generator().manual_seed(1),
+                  callback_on_step_end=lambda p, i, t, kw: held.append(set(pipe.switcher.resident()))).images
+    assert isinstance(pipe.switcher, StreamingSwitcher) and [c.precision for c in pipe.switcher.calls] == [H, H, Q, Q, Q, H]
+    assert held == [{H}, {Q}, {Q}, {Q}, {H}, {H}]  # what the next step needs, nothing else
+    with StreamingSwitcher(denoiser, pipe.pipe.scheduler, from_policy(policy, 6), LayerTiers(lib, "unet"), keep_all=True):
+        assert torch.equal(images, pipe.pipe(2, 6, torch.Generator().manual_seed(1)).images)
+    assert all(torch.equal(v, before[k]) for k, v in denoiser.state_dict().items())

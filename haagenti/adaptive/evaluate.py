@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
@@ -43,17 +44,19 @@ def window_schedule(steps: int, start: int, end: int, low: Precision, base: Prec
 class Evaluator:
     """One model, one sampler, `samples` images per schedule in one batch (seeded)."""
 
-    def __init__(self, model, sampler: str, steps: int = 20, samples: int = 512, seed: int = 0, classifier_path: str | None = None):
+    def __init__(self, model, sampler: str, steps: int = 20, samples: int = 512, seed: int = 0, classifier_path: str | None = None,
+                 switcher: Callable[..., PrecisionSwitcher] = PrecisionSwitcher):
+        """`switcher(model, scheduler, schedule)` makes the switcher every schedule runs under."""
         self.sampler, self.steps, self.samples, self.seed = sampler, steps, samples, seed
         self.pipe = DigitsPipeline(model, make_scheduler(sampler))
         self.pipe.set_progress_bar_config(disable=True)
-        self.switcher = PrecisionSwitcher(model, self.pipe.scheduler, uniform(Precision.FP32, steps))
+        self.switcher = switcher(model, self.pipe.scheduler, uniform(Precision.FP32, steps))
         size = model.config.sample_size
         self.data = digits(size)
         self.classifier, self.classifier_accuracy = load_or_train_classifier(classifier_path, size)
         with torch.no_grad():
             self.data_features = self.classifier.features(self.data).numpy()
-        self.fp16_bytes = self.switcher.layers(Precision.FP16).weight_bytes
+        self.fp16_bytes = self.switcher.weight_bytes_at(Precision.FP16)
         self.reference = self._sample(uniform(Precision.FP32, steps))[0]
         with torch.no_grad():
             self.ref_labels = self.classifier(self.reference).argmax(1)

@@ -19,7 +19,9 @@ from typing import Any, Mapping
 
 from haagenti.adaptive.precision import AdaptiveError, Precision
 from haagenti.adaptive.schedule import PrecisionSchedule, PrecisionTransition, StepPrecision
+from haagenti.adaptive.residency import StreamingSwitcher
 from haagenti.adaptive.switch import PrecisionSwitcher, noise_levels
+from haagenti.adaptive.tiers import LayerTiers
 
 KEYS = ("quantization_config", "runtime", "diffusion_step_policy")
 SCHEMA = {"schema_version": 1, "type": "first_last_n", "index_space": "denoising_loop_iteration"}
@@ -102,11 +104,13 @@ def _quantization_config(denoiser) -> Mapping[str, Any]:
 
 class PolicyPipeline:
     """A diffusers pipeline run under the step policy its denoiser's config carries: each call
-    plans the policy on that call's step count and runs it under a PrecisionSwitcher. A pipeline
-    whose denoiser carries no policy runs as it is. `switcher` is the last call's (its calls)."""
+    plans the policy on that call's step count and runs it under a PrecisionSwitcher. With
+    `tiers` (the denoiser's model in a library, with its `native` tier) the layers are streamed
+    from the library, only what the running and next step need resident (StreamingSwitcher).
+    A pipeline whose denoiser carries no policy runs as it is. `switcher` is the last call's."""
 
-    def __init__(self, pipe, native: Precision = Precision.INT8, high: Precision = Precision.FP16):
-        self.pipe, self.native, self.high = pipe, native, high
+    def __init__(self, pipe, native: Precision = Precision.INT8, high: Precision = Precision.FP16, tiers: LayerTiers | None = None):
+        self.pipe, self.native, self.high, self.tiers = pipe, native, high, tiers
         self.denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         if self.denoiser is None:
             raise AdaptiveError(f"{type(pipe).__name__} has no unet or transformer to run a step policy on")
@@ -121,5 +125,9 @@ class PolicyPipeline:
         steps = kwargs.get("num_inference_steps", inspect.signature(self.pipe.__call__).parameters["num_inference_steps"].default)
         levels, _ = noise_levels(self.pipe.scheduler, steps)
         schedule = from_policy(self.policy, len(levels), self.native, self.high)
-        with PrecisionSwitcher(self.denoiser, self.pipe.scheduler, schedule) as self.switcher:
+        if self.tiers is None:
+            self.switcher = PrecisionSwitcher(self.denoiser, self.pipe.scheduler, schedule)
+        else:
+            self.switcher = StreamingSwitcher(self.denoiser, self.pipe.scheduler, schedule, self.tiers)
+        with self.switcher:
             return self.pipe(*args, **kwargs)

@@ -69,6 +69,34 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def held_bytes(*modules: nn.Module) -> int:
+    """Bytes of the distinct tensor storages the modules' parameters and buffers hold (a tensor
+    shared between them, or a tied weight, counted once; quanto's inner tensors included)."""
+    storages: dict[int, int] = {}
+
+    def add(t: torch.Tensor) -> None:
+        t = t.data if isinstance(t, nn.Parameter) else t
+        if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+            for n in t.__tensor_flatten__()[0]:
+                add(getattr(t, n))
+            return
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+
+    for m in modules:
+        for t in (*m.parameters(), *m.buffers()):
+            add(t)
+    storages.pop(0, None)  # empty tensors
+    return sum(storages.values())
+
+
+def install(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Put `layers` (path -> module) in `model`: a dict assignment per layer, no copy."""
+    for path, layer in layers.items():
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name, layer)
+
+
 def layer_paths(model: nn.Module) -> list[str]:
     """The layers whose weights a precision changes: every Linear and Conv2d."""
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -104,6 +132,4 @@ class PrecisionLayers:
 
     def install(self, model: nn.Module) -> None:
         """Put these layers in `model` (a dict assignment per layer: no copy, no allocation)."""
-        for path, layer in self.layers.items():
-            parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, name, layer)
+        install(model, self.layers)

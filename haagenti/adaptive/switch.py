@@ -4,7 +4,8 @@ A forward pre-hook on the denoiser reads the timestep each call receives, finds 
 scheduler's noise levels it is, and installs that step's precision's layers before the call runs;
 a forward hook mixes in the previous precision's output on blending (gradual) steps. Keying on
 the timestep rather than counting calls keeps samplers that call the model twice per step
-(Heun) on the right entry. Each precision's layers are built once and cached."""
+(Heun) on the right entry. Each precision's layers are built once and cached, all resident;
+residency.StreamingSwitcher keeps only what the next step needs, read from the library."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from torch import nn
 
 from haagenti.adaptive.precision import AdaptiveError, Precision, PrecisionCapabilities
 from haagenti.adaptive.profile import PrecisionProfile
-from haagenti.adaptive.quantize import PrecisionLayers
+from haagenti.adaptive.quantize import PrecisionLayers, held_bytes
 from haagenti.adaptive.schedule import PrecisionSchedule, ScheduleConfig, StepPrecision, TransitionPlanner, TransitionStrategy
 
 
@@ -72,11 +73,33 @@ class PrecisionSwitcher:
             self.cache[p] = PrecisionLayers(self.denoiser, p)
         return self.cache[p]
 
-    def __enter__(self) -> "PrecisionSwitcher":
-        for s in self.schedule.steps:  # build every precision before sampling starts
+    def weight_bytes_at(self, p: Precision) -> int:
+        """Bytes `p`'s weights occupy (scales included)."""
+        return self.layers(p).weight_bytes
+
+    def resident_bytes(self) -> int:
+        """Bytes the denoiser and every precision's cached layers hold now."""
+        return held_bytes(self.denoiser, *(m for layers in self.cache.values() for m in layers.layers.values()))
+
+    def _open(self) -> None:
+        """Make every precision the schedule needs available (here: build them all)."""
+        for s in self.schedule.steps:
             self.layers(s.precision)
             if s.previous is not None:
                 self.layers(s.previous)
+
+    def _close(self) -> None:
+        self.cache[Precision.FP32].install(self.denoiser)
+
+    def _begin(self, step: int, module: nn.Module) -> None:
+        """A call of `step` is about to run at its precision (`_after` runs a blend's other half)."""
+        self._run_at(self.schedule.steps[step].precision, module)
+
+    def _run_at(self, p: Precision, module: nn.Module) -> None:
+        self.layers(p).install(module)
+
+    def __enter__(self) -> "PrecisionSwitcher":
+        self._open()
         self.calls = []
         self._handles = [
             self.denoiser.register_forward_pre_hook(self._before, with_kwargs=True),
@@ -88,7 +111,7 @@ class PrecisionSwitcher:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self.cache[Precision.FP32].install(self.denoiser)
+        self._close()
 
     def step_of(self, timestep) -> int:
         levels = _distinct(self.scheduler.timesteps)
@@ -101,9 +124,9 @@ class PrecisionSwitcher:
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         i = self.step_of(t)
         sp = self.schedule.steps[i]
-        self.layers(sp.precision).install(module)
+        self._begin(i, module)
         blending = sp.previous is not None and sp.blend < 1
-        nbytes = self.layers(sp.precision).weight_bytes + (self.layers(sp.previous).weight_bytes if blending else 0)
+        nbytes = self.weight_bytes_at(sp.precision) + (self.weight_bytes_at(sp.previous) if blending else 0)
         self.calls.append(DenoiserCall(i, float(torch.as_tensor(t).reshape(-1)[0]), sp.precision, sp.previous if blending else None, sp.blend, nbytes))
         self._step = sp
         return None
@@ -112,9 +135,9 @@ class PrecisionSwitcher:
         sp = self._step
         if sp is None or sp.previous is None or sp.blend >= 1:
             return None
-        self.layers(sp.previous).install(module)
+        self._run_at(sp.previous, module)
         other = module.forward(*args, **kwargs)  # forward, not __call__: no re-entry into the hooks
-        self.layers(sp.precision).install(module)
+        self._run_at(sp.precision, module)
         mix = lambda a, b: sp.blend * a + (1 - sp.blend) * b  # noqa: E731
         if isinstance(output, tuple):
             return (mix(output[0], other[0]),) + tuple(output[1:])

@@ -13,6 +13,13 @@ Material: the example family's base (bench/.cache, trained once) exported by the
    with deltas (haagenti's default) and without (similarity off: exact dedup and zstd-1 only);
    and the oracle: zstd-1 of changed tensors plain against their XOR with the base's tensor.
 Ingest times are min/median/max over --runs runs, interleaved; sizes are deterministic.
+
+    python bench/formats.py --ladder [--families family,large1]
+4. A quantization ladder (haagenti.exports.export_ladder: GGUF F16, then Q8_0, Q4_0, Q4_1, Q5_0,
+   Q5_1 of its values by gguf's quantizers) of each family's base, ingested step after step into
+   one library: what each step adds on disk (du of the library before and after), next to the
+   ideal of storing its blocks' scale fields only, and to zstd -19, ZipNN (float16 mode) and glyd
+   on the file alone; then the whole ladder's saving on disk. Only section 4 runs.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import zstandard
 from safetensors.torch import save_file
 
 from common import CACHE, example_family
+from storage import glyd_file, zipnn_file, zstd_file
 
 from haagenti import exports as ex
 from haagenti.config import LibraryConfig
@@ -91,11 +99,65 @@ def quantized_xor(paths: dict[str, str], qtype: str) -> tuple[int, int, int, int
     return n, raw, plain, xor
 
 
+def scale_bytes(path: str) -> int:
+    """Bytes of the scale and min fields of a GGUF file's quantized blocks (the legacy types':
+    what a prediction from the float source cannot know without looking at the source)."""
+    from haagenti.codecs.predict import LEGACY
+
+    total = 0
+    for kind, data in ex.quantized_blocks(path).values():
+        if kind in LEGACY:
+            total += data.size // LEGACY[kind].size * 2 * LEGACY[kind].fields
+    return total
+
+
+def alone(fn, path: str, root: str) -> int:
+    work = tempfile.mkdtemp(dir=root)
+    try:
+        return fn(path, work)[0]
+    finally:
+        shutil.rmtree(work)
+
+
+def ladder(families: list[str], root: str) -> None:
+    print("4. quantization ladder: the GGUF F16 stored first, then each step; % of the step's size "
+          "(added on disk by haagenti / scale fields alone / the file alone through zstd -19, ZipNN, glyd)")
+    print(f"{'base':8s} {'step':6s} {'size MB':>8s} {'added KB':>9s} {'added %':>8s} {'scales %':>9s} {'zstd-19 %':>10s} {'ZipNN %':>8s} {'glyd %':>7s} {'ingest s':>9s}")
+    for fam in families:
+        files = ex.export_ladder(example_family(fam)[0].file, os.path.join(root, f"ladder-{fam}"))
+        lib = FragmentLibrary.open(os.path.join(root, f"ladder-lib-{fam}"))
+        before, raw = 0, 0
+        for path in files:
+            step = os.path.basename(path).removesuffix(".gguf").rpartition("-")[2]
+            n = size(path)
+            t = time.perf_counter()
+            lib.ingest([path], step)
+            took = time.perf_counter() - t
+            disk = lib.stats().disk_bytes
+            raw += n
+            others = [alone(fn, path, root) / n for fn in (lambda p, w: zstd_file(p, w, 19), lambda p, w: zipnn_file(p, w, "float16"), glyd_file)]
+            print(f"{fam:8s} {step:6s} {n / 1e6:8.2f} {(disk - before) / 1e3:9.1f} {(disk - before) / n:8.2%} {scale_bytes(path) / n:9.2%} "
+                  + " ".join(f"{o:{w}.2%}" for o, w in zip(others, (10, 8, 7))) + f" {took:9.2f}", flush=True)
+            before = disk
+        s = lib.stats()
+        print(f"{fam:8s} ladder {raw / 1e6:8.2f} MB -> {s.disk_bytes / 1e6:.2f} MB on disk: {1 - s.disk_bytes / raw:.1%} saved "
+              f"({s.predicted_fragments} of {s.fragments} fragments predicted)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--ladder", action="store_true", help="section 4 only: quantization ladders")
+    ap.add_argument("--families", default="family,large1", help="--ladder: the bases (bench/common.py)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.ladder:
+        root = tempfile.mkdtemp(prefix="haagenti-ladder-", dir=CACHE)
+        try:
+            ladder(args.families.split(","), root)
+        finally:
+            shutil.rmtree(root)
+        return
     members = {m.model_id: m.file for m in example_family()}
     root = tempfile.mkdtemp(prefix="haagenti-formats-", dir=CACHE)
     try:

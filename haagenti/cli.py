@@ -211,7 +211,8 @@ def stats(library: str, as_json: bool = typer.Option(False, "--json")) -> None:
         out.print_json(json.dumps(d))
         return
     out.print(
-        f"{s.models} models, {s.fragments} fragments ({s.plain_fragments} plain, {s.delta_fragments} delta), "
+        f"{s.models} models, {s.fragments} fragments ({s.plain_fragments} plain, {s.delta_fragments} delta"
+        + (f", of which {s.predicted_fragments} quantized blocks predicted from a float source" if s.predicted_fragments else "") + "), "
         f"{s.raw_bytes:,} B raw -> {s.disk_bytes:,} B on disk: {s.reduction:.1%} saved (lossless"
         + (f"; {s.lossy_refs} lossy refs saved a further {s.lossy_saved_bytes:,} B" if s.lossy_refs else "")
         + f"); {s.shared_fragments} shared fragments, {s.refs_per_shared_fragment:.2f} models each"
@@ -373,6 +374,20 @@ def export_cmd(model_file: str, out_dir: str) -> None:
         from haagenti.exports import export_all
 
         for path in export_all(model_file, out_dir):
+            out.print(path)
+    except (HaagentiError, OSError) as e:
+        _fail(e)
+
+
+@examples_app.command("ladder")
+def ladder_cmd(model_file: str, out_dir: str) -> None:
+    """Write an example model's safetensors file as a GGUF quantization ladder into OUT_DIR: F16,
+    then Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 quantized from its F16 values by gguf's quantizers (as
+    llama-quantize quantizes an F16 GGUF)."""
+    try:
+        from haagenti.exports import export_ladder
+
+        for path in export_ladder(model_file, out_dir):
             out.print(path)
     except (HaagentiError, OSError) as e:
         _fail(e)

@@ -111,7 +111,7 @@ class LibraryStats:
     raw_bytes: int  # sum of the models' file sizes
     stored_bytes: int  # sum of the stored blobs the published models reference
     plain_fragments: int
-    delta_fragments: int
+    delta_fragments: int  # stored against a reference: deltas and predicted quantized blocks
     shared_fragments: int  # referenced by two or more models
     refs_per_shared_fragment: float
     lossy_refs: int
@@ -124,6 +124,7 @@ class LibraryStats:
     # signatures, index (bands and ids), manifests, models, logs (every Delta log), other.
     disk_bytes: int = 0
     disk_by_part: dict[str, int] = field(default_factory=dict)
+    predicted_fragments: int = 0  # of `delta_fragments`, quantized blocks predicted from a float source
 
     @property
     def saved_bytes(self) -> int:

@@ -11,7 +11,8 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from haagenti.codecs import apply_delta, cast_reference, codec_chain, smallest_encoding
+from haagenti.codecs import apply_delta, cast_reference, chain_for, codec_chain, encode_smallest, smallest_encoding
+from haagenti.codecs.predict import apply_prediction, predictable, prediction_residual
 from haagenti.config import MAX_CHAIN_DEPTH, MAX_RAW_FRAGMENT
 from haagenti.errors import FragmentError
 from haagenti.formats.dtypes import castable
@@ -65,7 +66,11 @@ def decode_row(row: dict, ref_raw: bytes | None, ref_dtype: str | None) -> bytes
     try:
         raw = codec_chain(row["codec"]).decode(row["blob"], row["raw_size"])
         enc = Encoding(row["encoding"])
-        if enc is not Encoding.PLAIN:
+        if enc is Encoding.PREDICTED:
+            if not predictable(row["dtype"], len(raw), ref_dtype, len(ref_raw)):
+                raise FragmentError(f"fragment {row['fragment_id']} is damaged: {len(raw)} bytes of {row['dtype']} cannot be predicted from a {ref_dtype} reference of {len(ref_raw)} bytes")
+            raw = apply_prediction(raw, row["dtype"], ref_raw, ref_dtype)
+        elif enc is not Encoding.PLAIN:
             ref = cast_reference(ref_raw, ref_dtype, row["dtype"])
             raw = apply_delta(enc, raw, ref, lookup_dtype(row["dtype"]).itemsize)
     except FragmentError:
@@ -143,13 +148,20 @@ def decode_rows(rows: list[dict], fetch_refs: Callable[[set[str]], list[dict]], 
 
 
 def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str, int]], level: int | str, quality: str = "exact") -> dict:
-    """The fragments-table row for `p`: plain, or a delta against the reference (id, raw bytes,
-    dtype, chain depth) whose encoded residual is smallest; the smallest of all wins. References
-    that cannot stand for `p`'s dtype (a float for quantized blocks) are left out."""
-    refs = [r for r in refs if castable(r[2], p.dtype)]
-    casts = [cast_reference(ref_raw, cand_dtype, p.dtype) for _, ref_raw, cand_dtype, _ in refs]
+    """The fragments-table row for `p`: plain, a delta against the reference (id, raw bytes,
+    dtype, chain depth) whose encoded residual is smallest, or quantized blocks predicted from
+    a float reference of as many values (haagenti.codecs.predict); the smallest of all wins,
+    plain on ties. Other references (a float for blocks it does not predict) are left out."""
+    deltas = [r for r in refs if castable(r[2], p.dtype)]
+    casts = [cast_reference(ref_raw, cand_dtype, p.dtype) for _, ref_raw, cand_dtype, _ in deltas]
     enc, i, spec, blob = smallest_encoding(p.data, casts, p.dtype, level)
-    ref_id, ref_dtype = (refs[i][0], refs[i][2]) if i is not None else (None, None)
+    chosen = deltas[i] if i is not None else None
+    for ref in refs:
+        if predictable(p.dtype, len(p.data), ref[2], len(ref[1])):
+            pspec, pblob = encode_smallest(prediction_residual(p.data, p.dtype, ref[1], ref[2]), chain_for(p.dtype, level))
+            if len(pblob) < len(blob):
+                enc, spec, blob, chosen = Encoding.PREDICTED, pspec, pblob, ref
+    ref_id, ref_dtype = (chosen[0], chosen[2]) if chosen is not None else (None, None)
     return {
         "fragment_id": p.fragment_id,
         "dtype": p.dtype,
@@ -163,7 +175,7 @@ def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str, int]],
         "fragment_type": p.fragment_type.value,
         "quality": quality,
         "blob": blob,
-        "depth": refs[i][3] + 1 if i is not None else 0,
+        "depth": chosen[3] + 1 if chosen is not None else 0,
     }
 
 

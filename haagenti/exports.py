@@ -51,6 +51,22 @@ def export_all(path: str, out_dir: str) -> list[str]:
     return out
 
 
+# A quantization ladder as llama.cpp makes one: the F16 GGUF, then each type quantized from
+# those F16 values (llama-quantize's input), here with gguf's ports of the reference quantizers.
+LADDER = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+def export_ladder(path: str, out_dir: str) -> list[str]:
+    """A safetensors file of the example model as the GGUF files of LADDER, in `out_dir`
+    (`<name>-<type>.gguf`); returns them in LADDER's order."""
+    name = os.path.basename(path).removesuffix(".safetensors")
+    state = state_of(load_example(path), torch.float16)
+    out = [os.path.join(out_dir, f"{name}-{q}.gguf") for q in LADDER]
+    for q, p in zip(LADDER, out):
+        export_gguf(state, p, q)
+    return out
+
+
 def state_of(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
 

@@ -63,3 +63,4 @@ class Encoding(str, Enum):
     PLAIN = "plain"  # codec chain over the raw bytes
     DELTA_XOR = "delta_xor"  # codec chain over raw XOR reference (reference cast to this dtype)
     DELTA_SUB = "delta_sub"  # codec chain over raw - reference, as wrapping unsigned words
+    PREDICTED = "predicted"  # codec chain over quantized blocks less what their float reference quantizes to (haagenti.codecs.predict)

@@ -291,38 +291,48 @@ def gc_line(r: dict[str, int]) -> str:
 
 # ---- upgrade -----------------------------------------------------------------------------
 def upgrade(url: str) -> list[str]:
-    """Move a format-4 library to format 5 in place, under the gc lease: each published model's
-    record is checked whole as a restore checks it (records.check_manifest), its record digest
-    written into its models row (every row in one commit), then haagenti.json says format 5. A
-    model whose record fails the check gets no digest, so every reader refuses it by name;
-    returns those failures, one line each. Killed before the marker is rewritten, the library
-    is still format 4 and a rerun does it all again."""
+    """Move a format-4 or format-5 library to this format in place, under the gc lease. Format
+    4 first gets record digests: each published model's record is checked whole as a restore
+    checks it (records.check_manifest), its record digest written into its models row (every
+    row in one commit); a model whose record fails the check gets no digest, so every reader
+    refuses it by name. Format 6 only adds an encoding (predicted quantized fragments), which a
+    format-5 library's rows never use. Then haagenti.json says this format. Returns the
+    failures, one line each. Killed before the marker is rewritten, the library keeps its
+    format and a rerun does it all again."""
     store = LibraryStore(url)
     found = store.marker_version()
     if found == LIBRARY_FORMAT_VERSION:
         return []
-    if found != UPGRADABLE_FROM:
-        raise LibraryError(f"{store.url}: library format {found!r}; `haagenti upgrade` moves format {UPGRADABLE_FROM} to {LIBRARY_FORMAT_VERSION} only")
+    if found not in UPGRADABLE_FROM:
+        raise LibraryError(f"{store.url}: library format {found!r}; `haagenti upgrade` moves formats {' and '.join(map(str, UPGRADABLE_FROM))} to {LIBRARY_FORMAT_VERSION} only")
     failed: list[str] = []
     with writing(store, "gc"):
-        models = store.read("models")
-        digests = []
-        for model in models.to_pylist():
-            rows = store.read("manifests", equals=("model_id", model["model_id"]))
-            rows = rows.filter(pc.equal(rows["ingest_id"], strings([model["ingest_id"]])[0]))
-            try:
-                m = check_manifest(ModelManifest.from_rows(model, rows))
-                digests.append(record_digest(m, model["ingest_id"], model["n_tensors"], model["lossy"]))
-            except (HaagentiError, ValueError, TypeError, KeyError, AttributeError) as e:
-                failed.append(f"model {model['model_id']!r}: left without a record digest, its record fails its check ({e})")
-                digests.append(None)
-        versions = pa.array([LIBRARY_FORMAT_VERSION] * models.num_rows, pa.int32())
-        models = models.set_column(models.column_names.index("format_version"), "format_version", versions)
-        models = models.set_column(models.column_names.index("record_digest"), "record_digest", pa.array(digests, pa.string()))
-        store.replace_models(models, f"upgrade to format {LIBRARY_FORMAT_VERSION}")
-        store.learn_columns("fragments")  # chain depths (format 5): older rows read as nulls (docs/format.md)
+        if found == 4:
+            failed = _add_record_digests(store)
         reached("upgraded-models")
         store.rewrite_marker(LIBRARY_FORMAT_VERSION)
+    return failed
+
+
+def _add_record_digests(store: LibraryStore) -> list[str]:
+    """Format 4 to 5: every published model's record digest, in one commit of the models table."""
+    failed: list[str] = []
+    models = store.read("models")
+    digests = []
+    for model in models.to_pylist():
+        rows = store.read("manifests", equals=("model_id", model["model_id"]))
+        rows = rows.filter(pc.equal(rows["ingest_id"], strings([model["ingest_id"]])[0]))
+        try:
+            m = check_manifest(ModelManifest.from_rows(model, rows))
+            digests.append(record_digest(m, model["ingest_id"], model["n_tensors"], model["lossy"]))
+        except (HaagentiError, ValueError, TypeError, KeyError, AttributeError) as e:
+            failed.append(f"model {model['model_id']!r}: left without a record digest, its record fails its check ({e})")
+            digests.append(None)
+    versions = pa.array([LIBRARY_FORMAT_VERSION] * models.num_rows, pa.int32())
+    models = models.set_column(models.column_names.index("format_version"), "format_version", versions)
+    models = models.set_column(models.column_names.index("record_digest"), "record_digest", pa.array(digests, pa.string()))
+    store.replace_models(models, f"upgrade to format {LIBRARY_FORMAT_VERSION}")
+    store.learn_columns("fragments")  # chain depths (format 5): older rows read as nulls (docs/format.md)
     return failed
 
 
@@ -363,10 +373,11 @@ def stats(lib: LibraryCore) -> LibraryStats:
     per = _sum_by(counts, "model_id", ["refs_count", "lossy_sum", "lossy_bytes_sum"])
     frags = []
     for t in store.scan("fragments", ["fragment_id", "stored_size", "encoding"]):
-        frags.append(t.select(["fragment_id", "stored_size"]).append_column("plain", pc.equal(t["encoding"], Encoding.PLAIN.value)))
+        frags.append(t.select(["fragment_id", "stored_size"]).append_column("plain", pc.equal(t["encoding"], Encoding.PLAIN.value))
+                     .append_column("predicted", pc.equal(t["encoding"], Encoding.PREDICTED.value)))
     # One size per id (a fragment written twice by racing ingests is the same content).
-    sizes = _concat(frags, ["fragment_id", "stored_size", "plain"], [pa.string(), pa.int64(), pa.bool_()]).group_by(
-        "fragment_id", use_threads=False).aggregate([("stored_size", "last"), ("plain", "last")])
+    sizes = _concat(frags, ["fragment_id", "stored_size", "plain", "predicted"], [pa.string(), pa.int64(), pa.bool_(), pa.bool_()]).group_by(
+        "fragment_id", use_threads=False).aggregate([("stored_size", "last"), ("plain", "last"), ("predicted", "last")])
     # Fragments no published model references (an interrupted ingest's) are not the models'
     # storage: counted apart, as what gc would free; plain and delta count the models' only.
     live = pc.is_in(sizes["fragment_id"], value_set=referenced(store))
@@ -405,6 +416,7 @@ def stats(lib: LibraryCore) -> LibraryStats:
         stored_bytes=pc.sum(sizes["stored_size_last"]).as_py() or 0,
         plain_fragments=plain,
         delta_fragments=sizes.num_rows - plain,
+        predicted_fragments=pc.sum(pc.cast(sizes["predicted_last"], pa.int64())).as_py() or 0,
         shared_fragments=len(shared),
         refs_per_shared_fragment=(pc.sum(shared).as_py() / len(shared)) if len(shared) else 0.0,
         lossy_refs=lossy_refs,

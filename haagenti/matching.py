@@ -22,6 +22,10 @@ Ray pipeline (once over the whole run, its bucket groups spread over workers):
 3. Top k. The usable candidates are ranked by (Hamming distance, id); the first `k` are tried
    as references and the smallest encoding wins (haagenti.encode); the fragment's stored depth
    is 0 if that is plain, else 1 + the chosen reference's depth (never above its bound).
+4. Float sources. A fragment of quantized blocks that haagenti.codecs.predict can predict is
+   also paired, by the same rule, with the float fragments of as many values (its own band
+   rows, counted in values: a block type's band rows count blocks, so they never meet a float's
+   otherwise); those candidates rank before its others (docs/decisions/0281-quantized-prediction.md).
 
 Every step looks only at fragments before the one it decides, so computing the rule batch by
 batch (the library, carrying the earlier batches' band rows) gives exactly what computing it
@@ -36,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from haagenti.codecs.predict import BLOCK, LEGACY
 from haagenti.config import MAX_CHAIN_DEPTH, LibraryConfig
 from haagenti.groups import group_starts, rank_in_runs, sort_rows
 from haagenti.binary import fixed_width
@@ -212,7 +217,7 @@ def _scope_pairs(new: pa.Table, others: pa.Table | None, scope: pa.Scalar, looku
 
 
 def choose_references(pairs: pa.Table, new_ids: list[str], k: int, max_depth: int = MAX_CHAIN_DEPTH,
-                      new_deltas: bool = True) -> tuple[dict[str, list[str]], dict[str, int]]:
+                      new_deltas: bool = True, first: pa.Table | None = None) -> tuple[dict[str, list[str]], dict[str, int]]:
     """Rules 2 and 3 of the module doc over the pairs of fragments decided together (`new_ids`,
     in run order): ({fragment: its k nearest usable candidates} for every fragment that has
     one (the others are anchors), {id: depth} of every new fragment (its bound) and of every
@@ -221,16 +226,22 @@ def choose_references(pairs: pa.Table, new_ids: list[str], k: int, max_depth: in
     tens of pairs per new fragment); the depths are decided in run order, each fragment after
     the candidates before it, with at most a few usable candidates looked at per fragment.
     Without `new_deltas` only this call's anchors may serve (lossy sharing: a fragment shared
-    lossily is never stored, so no fragment of its run may reference it)."""
+    lossily is never stored, so no fragment of its run may reference it). Pairs in `first`
+    (rule 4's float sources) rank before every pair in `pairs` of their fragment."""
     depth = np.zeros(len(new_ids), np.int64)
     out: dict[str, list[str]] = {}
+    if first is not None and first.num_rows:
+        tier = pa.array(np.r_[np.zeros(first.num_rows, np.int8), np.ones(pairs.num_rows, np.int8)])
+        pairs = pa.concat_tables([first, pairs])
+    else:
+        tier = pa.array(np.ones(pairs.num_rows, np.int8))
     if pairs.num_rows == 0:
         return out, dict(zip(new_ids, depth.tolist()))
     keys = pa.array(new_ids, pa.string())
     ranked = pa.table({
-        "f": pc.index_in(pairs["fragment_id"], value_set=keys), "h": pairs["hamming"], "c": pairs["candidate_id"],
+        "f": pc.index_in(pairs["fragment_id"], value_set=keys), "t": tier, "h": pairs["hamming"], "c": pairs["candidate_id"],
         "ci": pc.index_in(pairs["candidate_id"], value_set=keys).fill_null(-1), "cd": pairs["depth"].cast(pa.int64()).fill_null(-1),
-    }).sort_by([("f", "ascending"), ("h", "ascending"), ("c", "ascending")])
+    }).sort_by([("f", "ascending"), ("t", "ascending"), ("h", "ascending"), ("c", "ascending")])
     f = ranked["f"].to_numpy()
     c = ranked["c"].combine_chunks().dictionary_encode()
     cidx = c.indices.to_numpy()
@@ -246,7 +257,7 @@ def choose_references(pairs: pa.Table, new_ids: list[str], k: int, max_depth: in
         deepest = -1
         for j in range(s, e):
             d = int(depth[ci[j]]) if ci[j] >= 0 else int(cd[j])
-            if d < max_depth and (new_deltas or ci[j] < 0 or d == 0):
+            if d < max_depth and (new_deltas or ci[j] < 0 or d == 0) and cands[cidx[j]] not in taken:
                 taken.append(cands[cidx[j]])
                 chosen[taken[-1]] = d
                 deepest = max(deepest, d)
@@ -278,8 +289,9 @@ class RunMatcher:
 
     def match(self, sigs: pa.Table) -> tuple[dict[str, list[str]], dict[str, int]]:
         """Reference candidates of the next new fragments (`fragment_id`, `bits`, `n_elements`,
-        in run order), and the depths of them and their candidates (choose_references);
-        fragments absent from the candidates are anchors."""
+        in run order; `dtype`, where quantized blocks may be among them: rule 4), and the
+        depths of them and their candidates (choose_references); fragments absent from the
+        candidates are anchors."""
         if sigs.num_rows == 0:
             return {}, {}
         pos = np.arange(self.next_pos, self.next_pos + sigs.num_rows)
@@ -288,8 +300,27 @@ class RunMatcher:
         if self.scope is not None:
             batch = self.scope(batch)
         pairs = self.pairs(batch, self.earlier)
+        sources = self._source_pairs(sigs, batch)
         ids = sigs["fragment_id"].to_pylist()
-        refs, depths = choose_references(pairs, ids, self.config.candidates, new_deltas=self.new_deltas)
+        refs, depths = choose_references(pairs, ids, self.config.candidates, new_deltas=self.new_deltas, first=sources)
         held = np.array([depths[i] if self.new_deltas or i not in refs else MAX_CHAIN_DEPTH for i in ids])
         self.earlier = pa.concat_tables([self.earlier, match_rows(sigs, self.config.signature, pos, held)])
         return refs, depths
+
+    def _source_pairs(self, sigs: pa.Table, batch: pa.Table) -> pa.Table | None:
+        """Rule 4: the pairs of the batch's predictable quantized fragments with the float
+        fragments of as many values before them (the library's, the run's, the batch's), from
+        their band rows (`batch`, scoped) counted in values. None without such fragments."""
+        if "dtype" not in sigs.column_names:
+            return None
+        blocks = pa.array([BLOCK if d in LEGACY else 0 for d in sigs["dtype"].to_pylist()], pa.int64())
+        if not pc.any(pc.greater(blocks, 0)).as_py():
+            return None
+        scale = pc.take(blocks, pc.index_in(batch["fragment_id"], value_set=sigs["fragment_id"]))
+        quantized = pc.greater(scale, 0)
+        rows = batch.filter(quantized)
+        rows = rows.set_column(rows.schema.get_field_index("n_elements"), "n_elements", pc.multiply(rows["n_elements"], scale.filter(quantized)))
+        floats = batch.filter(pc.invert(quantized))  # the batch's own floats, seen as candidates
+        floats = floats.set_column(floats.schema.get_field_index("is_new"), "is_new", pa.array(np.zeros(floats.num_rows, bool)))
+        pairs = self.pairs(pa.concat_tables([rows, floats]), self.earlier)
+        return pairs.filter(pc.invert(pc.is_in(pairs["candidate_id"], value_set=rows["fragment_id"])))  # blocks are no float source

@@ -74,7 +74,8 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def exports(family, tmp_path_factory):
     """The family's base (and its partial fine-tune) in every container haagenti reads, written
-    by the field's writers (haagenti.exports): GGUF F16/F32/Q8_0 (and split in 4), ONNX inline and
+    by the field's writers (haagenti.exports): GGUF F16/F32/Q8_0 (and split in 4, and a
+    quantization ladder: F16 then Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 of its values), ONNX inline and
     with external data, HF folders of 1 and 4+ shards, a diffusers folder."""
     import torch
     from safetensors.torch import save_file
@@ -96,6 +97,7 @@ def exports(family, tmp_path_factory):
     paths["gguf-Q8_0-ft"] = str(out / "ft-Q8_0.gguf")
     ft = ex.load_example(files["digits-ft-lr1e-4"])
     ex.export_gguf(ex.state_of(ft, torch.float32), paths["gguf-Q8_0-ft"], "Q8_0")
+    paths["ladder"] = ex.export_ladder(files["digits-base"], str(out / "ladder"))
     paths["gguf-split"] = str(out / "split")
     ex.export_gguf(f32, str(out / "split" / "base.gguf"), "F16", split_max_tensors=len(f32) // 4 + 1)
     paths["onnx"] = str(out / "base.onnx")

@@ -298,3 +298,101 @@ def test_damaged_block_plane_blobs_are_refused():
     for bad in (blob[: len(blob) // 2], bytes(flipped), blob[:3], bomb):
         with pytest.raises(FragmentError, match="damaged|failed verification|recorded"):
             decode_row({**row, "blob": bad}, None, None)
+
+
+# ---- quantized blocks predicted from their float source ----------------------------------------
+LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+
+
+def _ladder_step(qtype: str, source: np.ndarray) -> bytes:
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    return quantize(source.astype(np.float32), GGMLQuantizationType[qtype]).tobytes()
+
+
+def _encoded(qtype: str, data: bytes, ref: bytes, ref_dtype: str) -> dict:
+    from haagenti.encode import PendingFragment, encode_fragment
+    from haagenti.fragment import FragmentType
+    from haagenti.hashing import content_hash
+
+    return encode_fragment(PendingFragment(content_hash(data), qtype, data, FragmentType.GENERIC, 0), [("r" * 64, ref, ref_dtype, 0)], PLANES)
+
+
+@pytest.mark.parametrize("qtype", LEGACY)
+def test_quantized_blocks_of_a_stored_float_source_are_stored_as_their_prediction(qtype):
+    """gguf's quantizer over an F16 tensor (llama-quantize's input): every code and field is
+    predicted, so the fragment costs a few bytes per plane, and decodes bit-exact against the
+    F16 reference, and against the same values as BF16/F32 (other dtypes, same values)."""
+    from haagenti.codecs.predict import LEGACY as TYPES
+    from haagenti.codecs.predict import prediction_residual
+    from haagenti.encode import decode_row
+
+    source = (np.random.default_rng(3).normal(0, 0.02, (64, 256)) * np.linspace(0.2, 2, 64)[:, None]).astype(np.float16)
+    data = _ladder_step(qtype, source)
+    assert not any(prediction_residual(data, qtype, source.tobytes(), "F16"))  # 100% of codes and fields exact
+    for ref, ref_dtype in ((source.tobytes(), "F16"), (source.astype(np.float32).tobytes(), "F32")):
+        row = _encoded(qtype, data, ref, ref_dtype)
+        assert row["encoding"] == Encoding.PREDICTED.value and row["ref_dtype"] == ref_dtype and row["depth"] == 1
+        assert row["stored_size"] < 0.02 * len(data)  # planes of zeros: their headers
+        assert decode_row(row, ref, ref_dtype) == data
+    assert len(data) == len(source.reshape(-1)) // 32 * TYPES[qtype].size
+
+
+@pytest.mark.parametrize("qtype", LEGACY)
+def test_prediction_from_another_source_is_exact_and_smaller(qtype):
+    """Quantized from F32 master weights, the F16 export as the reference: most codes are still
+    predicted (the residual absorbs the rest), and the blocks decode bit-exact."""
+    from haagenti.encode import decode_row
+
+    master = np.random.default_rng(4).normal(0, 0.02, (64, 256)).astype(np.float32)
+    data, ref = _ladder_step(qtype, master), master.astype(np.float16).tobytes()
+    row = _encoded(qtype, data, ref, "F16")
+    assert row["encoding"] == Encoding.PREDICTED.value and row["stored_size"] < 0.5 * len(chain_for(qtype).encode(data))
+    assert decode_row(row, ref, "F16") == data
+
+
+def test_a_prediction_that_does_not_pay_is_not_stored():
+    """Blocks of other values than the reference's: the residual costs more than the plain
+    blocks, so the fragment is stored plain (no reference)."""
+    rng = np.random.default_rng(5)
+    data = _ladder_step("Q4_1", rng.normal(0, 0.02, (64, 256)))
+    row = _encoded("Q4_1", data, rng.normal(0, 1, (64, 256)).astype(np.float16).tobytes(), "F16")
+    assert (row["encoding"], row["ref_id"], row["depth"]) == (Encoding.PLAIN.value, None, 0)
+
+
+def test_predictions_only_from_a_float_reference_of_as_many_values():
+    from haagenti.codecs.predict import predictable
+
+    assert predictable("Q8_0", 34 * 4, "F16", 2 * 128) and predictable("Q5_1", 24 * 4, "BF16", 2 * 128)
+    for args in (("Q8_0", 34 * 4, "F16", 2 * 127), ("Q8_0", 34 * 4 + 1, "F16", 2 * 128), ("Q4_K", 144, "F16", 512),
+                 ("Q8_0", 34, "I16", 64), ("F16", 64, "F32", 128), ("Q8_0", 34, "NOPE", 64)):
+        assert not predictable(*args), args
+
+
+@pytest.mark.parametrize("case", ["short-reference", "integer-reference", "unknown-reference", "float-fragment", "flipped-residual", "cut-residual"])
+def test_crafted_predicted_rows_are_refused_in_one_line(case):
+    """A predicted row is untrusted like any: a reference of the wrong size or kind, a
+    fragment dtype that is no block type, residual bytes flipped or cut: one line, never
+    other bytes."""
+    from haagenti.encode import decode_row
+    from haagenti.errors import FragmentError
+
+    source = np.random.default_rng(6).normal(0, 0.02, (16, 256)).astype(np.float16)
+    data = _ladder_step("Q5_1", source)
+    ref = source.tobytes()
+    row = _encoded("Q5_1", data, ref, "F16")
+    assert decode_row(row, ref, "F16") == data
+    blob = bytearray(row["blob"])
+    blob[len(blob) // 2] ^= 0x04
+    bad = {
+        "short-reference": (row, ref[:-2], "F16"),
+        "integer-reference": (row, ref, "I16"),
+        "unknown-reference": (row, ref, "F17"),
+        "float-fragment": ({**row, "dtype": "F16"}, ref, "F16"),
+        "flipped-residual": ({**row, "blob": bytes(blob)}, ref, "F16"),
+        "cut-residual": ({**row, "blob": row["blob"][: len(row["blob"]) // 2]}, ref, "F16"),
+    }[case]
+    with pytest.raises(FragmentError, match="damaged|failed verification") as e:
+        decode_row(*bad)
+    assert "\n" not in str(e.value)

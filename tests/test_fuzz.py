@@ -384,3 +384,57 @@ def test_crafted_reference_chains_are_refused_in_bounded_work(tmp_path, case):
     with pytest.raises(FragmentError, match="reference chain"):
         lib.fetch_raw({rows[5]["fragment_id"]})
     assert set(referenced(lib.store).to_pylist()) == {r["fragment_id"] for r in rows}
+
+
+# ---- crafted predicted quantized fragments ------------------------------------------------------
+def ladder_library(tmp_path):
+    """A library holding a GGUF F16 tensor and its Q4_1 (gguf's quantizer over the F16 values),
+    the Q4_1's fragments stored as predictions from the F16's, and its fragment rows."""
+    import numpy as np
+
+    from haagenti.config import LibraryConfig
+    from haagenti.exports import export_gguf
+    from haagenti.library import FragmentLibrary
+
+    w = torch.from_numpy(np.random.default_rng(7).normal(0, 0.02, (256, 256)).astype(np.float16))
+    for q in ("F16", "Q4_1"):
+        export_gguf({"w": w, "norm": torch.ones(256)}, str(tmp_path / f"m-{q}.gguf"), q)
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), LibraryConfig(fragment_size=64 * 1024))
+    lib.ingest([str(tmp_path / "m-F16.gguf")], "f16")
+    lib.ingest([str(tmp_path / "m-Q4_1.gguf")], "q4_1")
+    rows = lib.store.read("fragments").to_pylist()
+    assert sum(r["encoding"] == "predicted" for r in rows) == 2
+    return lib, rows
+
+
+@pytest.mark.parametrize("case", ["scale-plane-flipped", "residual-plane-flipped", "reference-of-other-size", "integer-reference", "reference-missing"])
+def test_crafted_predicted_fragments_are_refused_in_one_line(tmp_path, case):
+    """A predicted Q4_1 fragment whose stored scale or code residual is flipped, or whose
+    reference is another fragment of the wrong size, claims an integer dtype or is gone: restore
+    ends with one clear line, never other bytes; the F16 model still restores."""
+    from haagenti.ingest_steps import fragment_table
+
+    lib, rows = ladder_library(tmp_path)
+    k = next(i for i, r in enumerate(rows) if r["encoding"] == "predicted")
+    r = rows[k]
+    blob = bytearray(r["blob"])
+    if case == "scale-plane-flipped":  # the first plane: the low bytes of the scale fields
+        blob[5 * 20 + 1] ^= 0x01
+    elif case == "residual-plane-flipped":
+        blob[-2] ^= 0x01
+    rows[k] = {**r, "blob": bytes(blob)}
+    other = next(x for x in rows if x["dtype"] == "F16" and x["n_elements"] == 256)  # the norm
+    if case == "reference-of-other-size":
+        rows[k]["ref_id"] = other["fragment_id"]
+        rows[k]["ref_dtype"] = other["dtype"]
+    elif case == "integer-reference":
+        rows[k]["ref_dtype"] = "I16"
+    elif case == "reference-missing":
+        rows = [x for x in rows if x["fragment_id"] != r["ref_id"]]
+    lib.store.delete("fragments", "true")
+    lib.store.append("fragments", fragment_table(rows))
+    code, _, err = cli("restore", lib.store.url, "q4_1", tmp_path / "out")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert any(w in err for w in ("damaged", "failed verification", "missing")), err
+    if case != "reference-missing":
+        assert cli("restore", lib.store.url, "f16", tmp_path / "f16")[0] == 0

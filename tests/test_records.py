@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pyarrow as pa
 import pytest
-from deltalake import write_deltalake
+from deltalake import DeltaTable, write_deltalake
 from safetensors.numpy import save_file
 
 from haagenti.config import LibraryConfig
@@ -143,6 +143,22 @@ def as_format_4(url: str) -> None:
     open(f"{url}/haagenti.json", "w").write(json.dumps({**marker, "format_version": 4}))
 
 
+def test_a_format_5_library_is_refused_until_upgraded_which_rewrites_its_marker_only(tmp_path):
+    """Format 6 adds an encoding a format-5 library never holds: the upgrade rewrites the marker
+    and leaves every table as it is."""
+    url = str(tmp_path / "lib")
+    FragmentLibrary.open(url, CONFIG).ingest([folder_model(tmp_path / "m")], "m")
+    marker = json.loads(open(f"{url}/haagenti.json").read())
+    open(f"{url}/haagenti.json", "w").write(json.dumps({**marker, "format_version": 5}))
+    with pytest.raises(LibraryError, match=f"library format 5, this haagenti reads format {LIBRARY_FORMAT_VERSION}: run `haagenti upgrade"):
+        FragmentLibrary.open(url)
+    versions = {t: DeltaTable(f"{url}/{t}").version() for t in ("models", "fragments", "manifests")}
+    assert upgrade(url) == []
+    assert {t: DeltaTable(f"{url}/{t}").version() for t in versions} == versions
+    lib = FragmentLibrary.open(url, create=False)
+    assert lib.verify().ok and json.loads(open(f"{url}/haagenti.json").read())["format_version"] == LIBRARY_FORMAT_VERSION
+
+
 def test_a_format_4_library_is_refused_until_upgraded_then_restores(tmp_path):
     url = str(tmp_path / "lib")
     FragmentLibrary.open(url, CONFIG).ingest([folder_model(tmp_path / "m")], "m")
@@ -150,7 +166,7 @@ def test_a_format_4_library_is_refused_until_upgraded_then_restores(tmp_path):
     with pytest.raises(LibraryError, match=f"library format 4, this haagenti reads format {LIBRARY_FORMAT_VERSION}: run `haagenti upgrade"):
         FragmentLibrary.open(url)
     rc, out, err = cli("upgrade", url)
-    assert rc == 0 and "library format 5" in out, (out, err)
+    assert rc == 0 and f"library format {LIBRARY_FORMAT_VERSION}" in out, (out, err)
     lib = FragmentLibrary.open(url, create=False)
     assert lib.verify().ok
     [row] = lib.models()

@@ -161,7 +161,7 @@ class LibraryStore:
             found = doc.get("format_version")
         except (ValueError, AttributeError):  # not JSON, not UTF-8, or not an object
             raise DamagedError(f"{self.url}: haagenti.json is damaged (not the JSON object haagenti writes)") from None
-        if found == UPGRADABLE_FROM:
+        if found in UPGRADABLE_FROM:
             raise LibraryError(f"{self.url}: library format {found}, this haagenti reads format {LIBRARY_FORMAT_VERSION}: run `haagenti upgrade {self.url}` first")
         if found != LIBRARY_FORMAT_VERSION:
             raise LibraryError(f"{self.url}: library format {found}, this haagenti reads format {LIBRARY_FORMAT_VERSION} (docs/format.md says how to move a library)")

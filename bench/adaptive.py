@@ -136,6 +136,7 @@ def residency_library(base: str):
 def residency_run(base: str, sampler: str, mode: str, steps: int, samples: int, runs: int, images_out: str) -> dict:
     """One configuration, in this process: its peak weight bytes, peak RSS, seconds per image."""
     from haagenti.adaptive import ProfilePreset, preset_profile
+    from haagenti.adaptive.precision import Precision
     from haagenti.adaptive.quantize import held_bytes
     from haagenti.adaptive.residency import StreamingSwitcher
     from haagenti.adaptive.sampling import DigitsPipeline, make_scheduler
@@ -172,7 +173,8 @@ def residency_run(base: str, sampler: str, mode: str, steps: int, samples: int, 
     elif mode != "resident":
         peak = switcher.peak_bytes
     torch.save(images, images_out)
-    return {"sampler": sampler, "mode": mode, "schedule": schedule.timeline().splitlines()[0], "peak_weight_bytes": peak, "peak_rss": rss("VmHWM"),
+    touched = switcher.weight_bytes() / (len(switcher.calls) * switcher.weight_bytes_at(Precision.FP16)) if switcher is not None else 1.0
+    return {"touched_vs_fp16": touched, "sampler": sampler, "mode": mode, "schedule": schedule.timeline().splitlines()[0], "peak_weight_bytes": peak, "peak_rss": rss("VmHWM"),
             "rss_before_model": rss_before, "seconds_per_image": seconds, "waits": getattr(switcher, "waits", 0),
             "loads": len(getattr(switcher, "loads", []))}
 
@@ -213,13 +215,13 @@ def residency(base: str, samplers: list[str], steps: int, samples: int, runs: in
 
 def residency_table(rows: list[dict], load: str) -> str:
     lines = [f"load average at start: {load}", "",
-             "| sampler | configuration | peak weight bytes | vs FP16 pipeline | peak RSS (MiB) | peak RSS above the process before the model (MiB) | s/image min/median/max | vs all resident (median) | PSNR vs FP32 | FD (FP32) | class agreement |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| sampler | configuration | bytes touched vs FP16 | peak weight bytes | vs FP16 pipeline | peak RSS (MiB) | peak RSS above the process before the model (MiB) | s/image min/median/max | vs all resident (median) | PSNR vs FP32 | FD (FP32) | class agreement |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fp16 = next(x for x in rows if x["sampler"] == r["sampler"] and x["mode"] == "fp16")
         resident = next(x for x in rows if x["sampler"] == r["sampler"] and x["mode"] == "resident")
         s = r["seconds_per_image"]
-        lines.append(f"| {r['sampler']} | {r['mode']} | {r['peak_weight_bytes']:,} | {r['peak_weight_bytes'] / fp16['peak_weight_bytes']:.1%} |"
+        lines.append(f"| {r['sampler']} | {r['mode']} | {r['touched_vs_fp16']:.1%} | {r['peak_weight_bytes']:,} | {r['peak_weight_bytes'] / fp16['peak_weight_bytes']:.1%} |"
                      f" {r['peak_rss'] / 2**20:.1f} | {(r['peak_rss'] - r['rss_before_model']) / 2**20:.1f} |"
                      f" {min(s) * 1e3:.2f}/{statistics.median(s) * 1e3:.2f}/{max(s) * 1e3:.2f} ms |"
                      f" {statistics.median(s) / statistics.median(resident['seconds_per_image']):.3f}x | {r['psnr_vs_fp32_db']:.1f} dB |"

@@ -16,7 +16,7 @@ from haagenti.adaptive import (
 )
 from haagenti.adaptive.evaluate import Evaluator, uniform, window_schedule
 from haagenti.adaptive.models import digits, train, unet
-from haagenti.adaptive.quantize import PrecisionLayers, quantize
+from haagenti.adaptive.quantize import PrecisionLayers, QuantizedTensor, quantize
 from haagenti.adaptive.sampling import DigitsPipeline, make_scheduler
 from haagenti.adaptive.search import CHOICES, Sensitivity, frontier, measured, search
 from haagenti.adaptive.switch import PrecisionSwitcher, noise_levels, plan_for
@@ -122,6 +122,19 @@ def test_quantisation_error_and_bytes():
         assert err < bound, p
         assert q.nbytes <= ratio * w.numel() * 4, p
     assert quantize(torch.randn(3, 5), Precision.INT4).dequantize().shape == (3, 5)  # padding to the group
+
+
+def test_int4_tiers_are_affine_and_symmetric_tiers_still_read():
+    """One-sided weights keep all 16 levels (the symmetric grid spent half of them on the sign,
+    4x the error here); a tier stored with the symmetric grid (no shift) reads as written."""
+    w = torch.rand(64, 96) + 1
+    q = quantize(w, Precision.INT4)
+    assert q.shift is not None and (q.dequantize() - w).norm() / w.norm() < 0.02
+    levels = torch.randint(-8, 8, (64, 2))
+    packed = ((levels[:, 0] + 8) | ((levels[:, 1] + 8) << 4)).to(torch.uint8)
+    scale = torch.rand(4, 1)
+    old = QuantizedTensor(Precision.INT4, torch.Size([8, 16]), packed, scale)
+    assert torch.equal(old.dequantize(), (levels.reshape(4, 32).float() * scale).reshape(8, 16))
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,13 @@ layers comes from optimum-quanto (INT8 per output channel, INT4 per group, both 
 chosen over torchao, whose weight-only configs quantise Linear layers only and fail on Conv2d,
 see docs/adaptive.md); FP16/BF16 are the FP32 weights rounded through that type.
 
-The hand-written symmetric absmax quantiser below is kept for one use only: precision tiers in
-the fragment library (tiers.py) store plain int8/uint8 tensors plus scales in safetensors,
-a storage format, while quanto's tensors are runtime objects.
+The hand-written quantiser below is kept for one use only: precision tiers in the fragment
+library (tiers.py) store plain int8/uint8 tensors plus scales in safetensors, a storage format,
+while quanto's tensors are runtime objects. INT8 is symmetric absmax per output channel (quanto's
+INT8 to the bit); INT4 is affine per group of 32 (levels 0..15 between the group's min and max,
+scale and shift in bfloat16): the symmetric INT4 grid it replaced wasted half its levels on
+one-sided groups and cost 9-12 dB on late DDIM steps (docs/decisions/0311-affine-int4-tiers.md).
+Tiers stored with the symmetric grid have no shift and are still read as they were written.
 """
 from __future__ import annotations
 
@@ -27,19 +31,22 @@ class QuantizedTensor:
     shape: torch.Size
     data: torch.Tensor  # int8 (INT8), packed uint8 (INT4), or the cast tensor
     scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None  # INT4: each group's minimum (None: a symmetric tier, levels -8..7)
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size() + (self.scale.numel() * self.scale.element_size() if self.scale is not None else 0)
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.shift) if t is not None)
 
     def dequantize(self) -> torch.Tensor:
         if self.precision is Precision.INT8:
             return (self.data.float() * self.scale).reshape(self.shape)
         if self.precision is Precision.INT4:
-            lo, hi = (self.data & 0x0F).to(torch.int8) - 8, (self.data >> 4).to(torch.int8) - 8
-            q = torch.stack([lo, hi], dim=-1).reshape(self.scale.shape[0], -1).float()
-            flat = (q * self.scale).reshape(-1)[: self.shape.numel()]
-            return flat.reshape(self.shape)
+            q = torch.stack([self.data & 0x0F, self.data >> 4], dim=-1).reshape(self.scale.shape[0], -1).float()
+            if self.shift is None:
+                flat = (q - 8) * self.scale
+            else:
+                flat = q * self.scale.float() + self.shift.float()
+            return flat.reshape(-1)[: self.shape.numel()].reshape(self.shape)
         return self.data.float()
 
 
@@ -52,10 +59,11 @@ def quantize(w: torch.Tensor, p: Precision) -> QuantizedTensor:
     if p is Precision.INT4:
         flat = w.reshape(-1)
         pad = (-flat.numel()) % GROUP
-        groups = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, GROUP)
-        scale = (groups.abs().amax(1, keepdim=True) / 7).clamp_min(1e-12)
-        q = (torch.round(groups / scale).clamp(-8, 7) + 8).to(torch.uint8).reshape(-1, 2)
-        return QuantizedTensor(p, w.shape, q[:, 0] | (q[:, 1] << 4), scale)
+        groups = torch.nn.functional.pad(flat, (0, pad), value=float(flat[-1])).reshape(-1, GROUP)  # padding inside the last group's range
+        shift = groups.amin(1, keepdim=True).to(torch.bfloat16)
+        scale = ((groups.amax(1, keepdim=True) - shift.float()) / 15).clamp_min(1e-30).to(torch.bfloat16)
+        q = torch.round((groups - shift.float()) / scale.float()).clamp(0, 15).to(torch.uint8).reshape(-1, 2)  # levels from the stored scale and shift
+        return QuantizedTensor(p, w.shape, q[:, 0] | (q[:, 1] << 4), scale, shift)
     dtype = {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16, Precision.FP32: torch.float32}[p]
     return QuantizedTensor(p, w.shape, w.to(dtype))
 

@@ -22,6 +22,7 @@ from haagenti.loader import ModelLoader
 
 TIERS = (Precision.INT8, Precision.INT4)
 _SCALE = ".__scale"
+_SHIFT = ".__shift"  # INT4's group minimum; tiers stored before the affine grid have none
 
 
 def tier_id(model_id: str, precision: Precision) -> str:
@@ -43,6 +44,8 @@ def add_tier(library: LibraryCore, model_id: str, precision: Precision | str) ->
             q = quantize(t, p)
             out[name] = q.data.contiguous()
             out[name + _SCALE] = q.scale.contiguous()
+            if q.shift is not None:
+                out[name + _SHIFT] = q.shift.contiguous()
         else:
             out[name] = t.contiguous()
     # Held in this process's memory (fsspec's memory://), not a temporary file: a tier add
@@ -79,10 +82,10 @@ def load_model(library: LibraryCore, model_id: str, precision: Precision | str =
         shapes = {k: v.shape for k, v in library.manifest(model_id).tensors_by_name().items()}
         state = {}
         for name, t in raw.items():
-            if name.endswith(_SCALE):
+            if name.endswith((_SCALE, _SHIFT)):
                 continue
             if name + _SCALE in raw:
-                state[name] = QuantizedTensor(p, torch.Size(shapes[name]), t, raw[name + _SCALE]).dequantize()
+                state[name] = QuantizedTensor(p, torch.Size(shapes[name]), t, raw[name + _SCALE], raw.get(name + _SHIFT)).dequantize()
             else:
                 state[name] = t
         return state
@@ -133,7 +136,7 @@ class LayerTiers:
         if p in TIERS:
             model = tier_id(self.model_id, p)
             refs = self.loader.manifest(model).tensors_by_name()
-            names = [n for name in names for n in (name, name + _SCALE)]
+            names = [*names, *(n + _SCALE for n in names), *(n + _SHIFT for n in names if n + _SHIFT in refs)]
         else:
             model, refs = self.model_id, self.tensors
         return model, {n: (torch.Size(refs[n].shape), lookup_dtype(refs[n].dtype).torch_dtype) for n in names}
@@ -158,7 +161,7 @@ class LayerTiers:
             raise
         shapes = {n: torch.Size(self.tensors[n].shape) for n in names}
         if p in TIERS:
-            return {n: QuantizedTensor(p, shapes[n], into[n], into[n + _SCALE]) for n in names}
+            return {n: QuantizedTensor(p, shapes[n], into[n], into[n + _SCALE], into.get(n + _SHIFT)) for n in names}
         if p is Precision.FP32:
             return {n: QuantizedTensor(p, shapes[n], into[n]) for n in names}
         half = {n: QuantizedTensor(p, shapes[n], into[n].to(torch.float16 if p is Precision.FP16 else torch.bfloat16)) for n in names}

@@ -388,7 +388,7 @@ def ladder_cmd(model_file: str, out_dir: str) -> None:
         from haagenti.exports import export_ladder
 
         for path in export_ladder(model_file, out_dir):
-            out.print(path)
+            out.print(path, soft_wrap=True, highlight=False)
     except (HaagentiError, OSError) as e:
         _fail(e)
 

@@ -180,3 +180,18 @@ def test_onnx_export_says_nothing_about_torchs_insides(tmp_path, capfd):
         export_onnx(torch.nn.Sequential(torch.nn.Linear(64, 8)), str(tmp_path / "m.onnx"))
     assert [str(w.message) for w in said] == [] and "torchvision" not in capfd.readouterr().err
     assert (tmp_path / "m.onnx").stat().st_size > 0
+
+
+def test_examples_ladder_writes_the_quantization_ladder_and_stats_counts_its_predictions(tmp_path, family, exports):
+    """`examples ladder` writes the same files as the exports fixture's ladder (F16, then five
+    quantizations of its values); ingested in order, `stats` says how many were predicted."""
+    code, out, err = cli("examples", "ladder", family[0].file, tmp_path / "ladder")
+    written = out.split()
+    assert code == 0 and [os.path.basename(p) for p in written] == [os.path.basename(p) for p in exports["ladder"]], out + err
+    assert all(sha256(a) == sha256(b) for a, b in zip(written, exports["ladder"]))
+    lib = str(tmp_path / "lib")
+    for p in written:
+        assert cli("ingest", lib, p)[0] == 0
+    code, out, err = cli("stats", lib)
+    assert code == 0 and "quantized blocks predicted from a float source" in out, out + err
+    assert cli("examples", "ladder", tmp_path / "nothing.safetensors", tmp_path / "x")[0] == 1

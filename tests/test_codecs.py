@@ -396,3 +396,30 @@ def test_crafted_predicted_rows_are_refused_in_one_line(case):
     with pytest.raises(FragmentError, match="damaged|failed verification") as e:
         decode_row(*bad)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("qtype", LEGACY)
+def test_any_blocks_round_trip_against_any_float_values(qtype):
+    """The residual absorbs whatever the prediction misses: random block bytes (NaN and Inf
+    scales among them) against values holding NaN, Inf, zeros, huge and tiny numbers come back
+    exactly, and a NaN field of the source leaves no payload in the residual."""
+    from haagenti.codecs.predict import LEGACY as TYPES
+    from haagenti.codecs.predict import apply_prediction, prediction_residual
+
+    rng = np.random.default_rng(8)
+    n = 256
+    data = rng.integers(0, 256, n * TYPES[qtype].size, dtype=np.uint8).tobytes()
+    x = (rng.normal(0, 1, n * 32) * 10.0 ** rng.integers(-8, 8, n * 32)).astype(np.float32)
+    x[rng.integers(0, len(x), 40)] = np.nan
+    x[rng.integers(0, len(x), 40)] = np.inf
+    x[rng.integers(0, len(x), 40)] = -np.inf
+    x[: 32 * 4] = 0
+    with np.errstate(over="ignore"):
+        f16 = x.astype(np.float16)
+    for ref, ref_dtype in ((x.tobytes(), "F32"), (f16.tobytes(), "F16")):
+        res = prediction_residual(data, qtype, ref, ref_dtype)
+        assert apply_prediction(res, qtype, ref, ref_dtype) == data
+    nan_block = np.full(32, np.nan, np.float32).tobytes()
+    stored = np.frombuffer(data[: TYPES[qtype].size], np.uint8)
+    field = np.frombuffer(prediction_residual(stored.tobytes(), qtype, nan_block, "F32")[:2], np.uint16)[0]
+    assert field == stored[:2].view(np.uint16)[0] ^ 0x7E00

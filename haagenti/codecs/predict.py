@@ -13,7 +13,8 @@ nearest integer; whatever differs is in the residual, so any blocks round-trip e
 any values. Measured in docs/decisions/0281-quantized-prediction.md.
 
 Determinism is the format: every step is an IEEE float32 operation numpy performs the same on
-any machine (no fused multiply-add), NaN becomes code 0 before any integer conversion.
+any machine (no fused multiply-add); a NaN field's fp16 bits are 0x7E00 and a NaN code is 0,
+so no NaN payload reaches the residual.
 """
 from __future__ import annotations
 
@@ -86,8 +87,9 @@ def _put_codes(blocks: np.ndarray, codes: np.ndarray, t: Legacy) -> None:
 
 
 def _f16_bits(x: np.ndarray) -> np.ndarray:
+    """fp16 bits of float32 fields, every NaN as 0x7E00 (a NaN's payload is the machine's)."""
     with np.errstate(over="ignore", invalid="ignore"):
-        return x.astype(np.float16).view(np.uint16)
+        return np.where(np.isnan(x), np.uint16(0x7E00), x.astype(np.float16).view(np.uint16))
 
 
 def _inverse(d: np.ndarray) -> np.ndarray:
@@ -97,13 +99,14 @@ def _inverse(d: np.ndarray) -> np.ndarray:
 
 def _source_fields(x: np.ndarray, t: Legacy) -> list[np.ndarray]:
     """The quantizer's unrounded (float32) fields of each block: [d] or [d, min]."""
-    if t.fields == 2:
-        lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
-        return [(hi - lo) / np.float32(t.divisor), lo]
-    if t.signed:
-        return [np.abs(x).max(axis=1, keepdims=True) / np.float32(t.divisor)]
-    at = np.abs(x).argmax(axis=1)[:, None]
-    return [np.take_along_axis(x, at, axis=1) / np.float32(t.divisor)]
+    with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf: NaN, as in the quantizer
+        if t.fields == 2:
+            lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+            return [(hi - lo) / np.float32(t.divisor), lo]
+        if t.signed:
+            return [np.abs(x).max(axis=1, keepdims=True) / np.float32(t.divisor)]
+        at = np.abs(x).argmax(axis=1)[:, None]
+        return [np.take_along_axis(x, at, axis=1) / np.float32(t.divisor)]
 
 
 def _predicted_codes(x: np.ndarray, fields: list[np.ndarray], t: Legacy) -> np.ndarray:

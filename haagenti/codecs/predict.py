@@ -101,26 +101,44 @@ def _source_fields(x: np.ndarray, t: Legacy) -> list[np.ndarray]:
     """The quantizer's unrounded (float32) fields of each block: [d] or [d, min]."""
     with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf: NaN, as in the quantizer
         if t.fields == 2:
-            lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+            lo, hi = _extreme(x, np.minimum), _extreme(x, np.maximum)
             return [(hi - lo) / np.float32(t.divisor), lo]
         if t.signed:
-            return [np.abs(x).max(axis=1, keepdims=True) / np.float32(t.divisor)]
+            return [_extreme(np.abs(x), np.maximum) / np.float32(t.divisor)]
         at = np.abs(x).argmax(axis=1)[:, None]
         return [np.take_along_axis(x, at, axis=1) / np.float32(t.divisor)]
 
 
 def _predicted_codes(x: np.ndarray, fields: list[np.ndarray], t: Legacy) -> np.ndarray:
-    """The codes of values `x` under the fields (float32), as the reference quantizer sets them."""
+    """The codes of values `x` under the fields (float32), as the reference quantizer sets them
+    (computed in place: each pass over a fragment's values costs as much as the arithmetic)."""
     with np.errstate(invalid="ignore", over="ignore"):
-        scaled = (x - fields[1] if t.fields == 2 else x) * _inverse(fields[0])
-        if t.signed:  # roundf: half away from zero
-            a = np.abs(scaled)
-            whole = np.floor(a)
-            q = np.sign(scaled) * (whole + np.floor(np.float32(2) * (a - whole)))
+        q = np.subtract(x, fields[1]) if t.fields == 2 else x.copy()
+        q *= _inverse(fields[0])
+        if t.signed:  # roundf, half away from zero: floor(a) + floor(2 (a - floor(a))) with a = |q|
+            whole = np.abs(q)
+            half = whole.copy()
+            np.floor(whole, out=whole)
+            half -= whole
+            half *= np.float32(2)
+            np.floor(half, out=half)
+            whole += half
+            np.copysign(whole, q, out=q)
         else:
-            q = np.trunc(scaled + np.float32(t.offset))
-    q = np.clip(np.where(np.isnan(q), 0, q), -128 if t.signed else 0, 127 if t.signed else (1 << t.bits) - 1)
-    return q.astype(np.int16).astype(np.uint8) & np.uint8((1 << t.bits) - 1)
+            q += np.float32(t.offset)
+            np.trunc(q, out=q)
+    q[np.isnan(q)] = 0
+    np.clip(q, -128 if t.signed else 0, 127 if t.signed else (1 << t.bits) - 1, out=q)
+    return q.astype(np.int8).view(np.uint8) if t.signed else q.astype(np.uint8)
+
+
+def _extreme(x: np.ndarray, pick: np.ufunc) -> np.ndarray:
+    """Each row's min or max (`pick`: np.minimum, np.maximum), halving the rows' width: a
+    reduction along rows of 32 values pays numpy's per-row overhead."""
+    while x.shape[1] > 1:
+        half = x.shape[1] // 2
+        x = pick(x[:, :half], x[:, half:])
+    return x
 
 
 def _fields_used(source: list[np.ndarray], bits: np.ndarray, stored: np.ndarray) -> list[np.ndarray]:
@@ -130,34 +148,41 @@ def _fields_used(source: list[np.ndarray], bits: np.ndarray, stored: np.ndarray)
             for i, f in enumerate(source)]
 
 
-def _split(raw: bytes | memoryview, ref: bytes | memoryview, ref_dtype: str, t: Legacy) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]:
-    """(a copy of the blocks, the reference's values by block, their unrounded fields, and
-    those fields' fp16 bits)."""
-    blocks = np.frombuffer(raw, np.uint8).reshape(-1, t.size).copy()
-    x = np.frombuffer(cast(ref, ref_dtype, "F32"), np.float32).reshape(-1, BLOCK)
+def _values(ref: bytes | memoryview, ref_dtype: str) -> np.ndarray:
+    """The reference's values as float32 rows of 32. A NaN's payload may differ from
+    haagenti.codecs.cast's (F16 without the quiet bit set): no payload reaches a prediction."""
+    if ref_dtype == "F16":
+        x = np.frombuffer(ref, np.float16).astype(np.float32)
+    elif ref_dtype == "BF16":
+        x = (np.frombuffer(ref, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        x = np.frombuffer(ref if ref_dtype == "F32" else cast(ref, ref_dtype, "F32"), np.float32)
+    return x.reshape(-1, BLOCK)
+
+
+def _predict(data: bytes | memoryview, dtype_name: str, ref: bytes | memoryview, ref_dtype: str, decode: bool) -> bytes:
+    """Blocks to residual (decode False) or residual to blocks (decode True), against `ref`."""
+    t = LEGACY[dtype_name]
+    blocks = np.frombuffer(data, np.uint8).reshape(-1, t.size).copy()
+    x = _values(ref, ref_dtype)
     source = _source_fields(x, t)
-    return blocks, x, source, np.concatenate([_f16_bits(f) for f in source], axis=1)
+    bits = np.concatenate([_f16_bits(f) for f in source], axis=1)
+    head = 2 * t.fields
+    fields = blocks[:, :head].copy().view(np.uint16)
+    stored = fields ^ bits if decode else fields
+    predicted = _predicted_codes(x, _fields_used(source, bits, stored), t)
+    codes = _codes(blocks, t)
+    mask = np.uint8((1 << t.bits) - 1)
+    _put_codes(blocks, (codes + predicted if decode else codes - predicted) & mask, t)
+    blocks[:, :head] = (stored if decode else fields ^ bits).view(np.uint8)
+    return blocks.tobytes()
 
 
 def prediction_residual(raw: bytes | memoryview, dtype_name: str, ref: bytes | memoryview, ref_dtype: str) -> bytes:
     """The blocks `raw` as a residual against the float values `ref` (predictable() holds)."""
-    t = LEGACY[dtype_name]
-    blocks, x, source, bits = _split(raw, ref, ref_dtype, t)
-    stored = blocks[:, : 2 * t.fields].copy().view(np.uint16)
-    mask = np.uint8((1 << t.bits) - 1)
-    residual = (_codes(blocks, t) - _predicted_codes(x, _fields_used(source, bits, stored), t)) & mask
-    _put_codes(blocks, residual, t)
-    blocks[:, : 2 * t.fields] = (stored ^ bits).view(np.uint8)
-    return blocks.tobytes()
+    return _predict(raw, dtype_name, ref, ref_dtype, decode=False)
 
 
 def apply_prediction(residual: bytes | memoryview, dtype_name: str, ref: bytes | memoryview, ref_dtype: str) -> bytes:
     """The blocks a residual of prediction_residual stands for."""
-    t = LEGACY[dtype_name]
-    blocks, x, source, bits = _split(residual, ref, ref_dtype, t)
-    stored = blocks[:, : 2 * t.fields].copy().view(np.uint16) ^ bits
-    mask = np.uint8((1 << t.bits) - 1)
-    codes = (_codes(blocks, t) + _predicted_codes(x, _fields_used(source, bits, stored), t)) & mask
-    _put_codes(blocks, codes, t)
-    blocks[:, : 2 * t.fields] = stored.view(np.uint8)
-    return blocks.tobytes()
+    return _predict(residual, dtype_name, ref, ref_dtype, decode=True)

@@ -5,6 +5,7 @@ and which ecosystem quantiser runs here (torchao / optimum-quanto: conv support,
 
     python bench/adaptive.py [--steps 20] [--samples 256] [--window 4] [--ship]
     python bench/adaptive.py --residency [--runs 3] [--samplers ddim,dpmpp2m,euler_a]
+    python bench/adaptive.py --tier-frontier [--samplers dpmpp2m] [--window 4]
 
 --residency measures what the balanced schedule keeps in memory on the UNet, per sampler, in
 four configurations, each in a fresh process (so its peak RSS is its own): the FP16 pipeline
@@ -14,6 +15,10 @@ keep_all), and tiers streamed from the library as the schedule goes (StreamingSw
 resident weight bytes (counted exactly), peak RSS, seconds per image over --runs calls, and
 quality against FP32 samples from the same noise. The library (the UNet and its INT8/INT4
 tiers) is built in bench/.cache/adaptive/library on first use.
+
+--tier-frontier samples every INT8/INT4 choice per window (--window steps) with the tiers
+streamed from that library, from the same noise as FP32: the cheapest that keeps the Frechet
+distance within 1.1x FP32's, and the additive-error check on those tiers (tier-frontier.json).
 
 Models are trained on first use under /tmp/haagenti-heavy.lock (minutes of CPU) and cached in
 bench/.cache/adaptive as diffusers folders (the digits classifiers, seconds each, beside them); results go to bench/.cache/adaptive/out/adaptive.{md,json} and adaptive-SAMPLER.png.
@@ -34,6 +39,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -229,6 +235,39 @@ def residency_table(rows: list[dict], load: str) -> str:
     return "\n".join(lines)
 
 
+def tier_frontier(base: str, sampler: str, steps: int, samples: int, window: int) -> dict:
+    """Every INT8/INT4 choice per window of `window` steps, streamed from the library's tiers,
+    each from the same noise as FP32: which budget meets FD <= 1.1 x FP32, and the additive-error
+    check on these tiers (measured MSE vs the sum of each window's MSE alone, the rest FP32)."""
+    import itertools
+
+    from haagenti.adaptive.evaluate import Evaluator, uniform, window_schedule
+    from haagenti.adaptive.precision import Precision
+    from haagenti.adaptive.residency import StreamingSwitcher
+    from haagenti.adaptive.schedule import PrecisionSchedule, StepPrecision
+    from haagenti.adaptive.tiers import LayerTiers
+
+    tiers = LayerTiers(residency_library(base), "unet")
+    model = load_or_train("unet", os.path.join(base, "unet"), 0)
+    ev = Evaluator(model, sampler, steps, samples, classifier_path=os.path.join(base, f"classifier{model.config.sample_size}.safetensors"),
+                   switcher=lambda m, sch, plan: StreamingSwitcher(m, sch, plan, tiers))
+    fp32 = ev.evaluate(uniform(Precision.FP32, steps))
+    windows = [(a, min(a + window, steps)) for a in range(0, steps, window)]
+    alone = {(k, p): ev.evaluate(window_schedule(steps, a, b, p)).mse for k, (a, b) in enumerate(windows) for p in (Precision.INT8, Precision.INT4)}
+    rows = []
+    for choice in itertools.product((Precision.INT8, Precision.INT4), repeat=len(windows)):
+        steps_at = [StepPrecision(i, p) for p, (a, b) in zip(choice, windows) for i in range(a, b)]
+        r = ev.evaluate(PrecisionSchedule(steps_at, [], "".join(p.value[-1] for p in choice)))
+        rows.append({**r.row(), "frechet_ratio": r.frechet / fp32.frechet, "predicted_mse": sum(alone[k, p] for k, p in enumerate(choice))})
+    ratio = np.array([r["mse"] / r["predicted_mse"] for r in rows])
+    met = [r for r in rows if r["frechet_ratio"] <= 1.1]
+    return {"sampler": sampler, "samples": samples, "window": window, "fp32_frechet": fp32.frechet, "fp32_frechet_other_seed": ev.frechet_other_seed(),
+            "schedules": sorted(rows, key=lambda r: r["weight_bytes_vs_fp16"]),
+            "cheapest_meeting_fd": min(met, key=lambda r: r["weight_bytes_vs_fp16"]) if met else None,
+            "additivity": {"ratio_min": float(ratio.min()), "ratio_median": float(np.median(ratio)), "ratio_max": float(ratio.max()),
+                           "pearson_r": float(np.corrcoef([r["predicted_mse"] for r in rows], [r["mse"] for r in rows])[0, 1])}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
@@ -239,6 +278,7 @@ def main() -> None:
     ap.add_argument("--ship", action="store_true")
     ap.add_argument("--residency", action="store_true", help="measure residency (see the module's docstring)")
     ap.add_argument("--runs", type=int, default=3, help="--residency: timed pipeline calls per configuration")
+    ap.add_argument("--tier-frontier", action="store_true", help="every INT8/INT4 window choice streamed from the library's tiers, per sampler")
     ap.add_argument("--residency-run", help=argparse.SUPPRESS)  # SAMPLER:MODE:IMAGES_OUT, one configuration in this process
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -247,6 +287,22 @@ def main() -> None:
     if args.residency_run:
         sampler, mode, out = args.residency_run.split(":", 2)
         print(json.dumps(residency_run(base, sampler, mode, args.steps, args.samples, args.runs, out)))
+        return
+    if args.tier_frontier:
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        docs = [tier_frontier(base, sampler, args.steps, args.samples, args.window) for sampler in args.samplers.split(",")]
+        os.makedirs(os.path.join(base, "out"), exist_ok=True)
+        with open(os.path.join(base, "out", "tier-frontier.json"), "w") as f:
+            json.dump({"load_average": load, "runs": docs}, f, indent=1)
+        for d in docs:
+            a = d["additivity"]
+            print(f"{d['sampler']}: FP32 FD {d['fp32_frechet']:.1f} (other noise {d['fp32_frechet_other_seed']:.1f}); measured/predicted MSE"
+                  f" {a['ratio_min']:.2f}/{a['ratio_median']:.2f}/{a['ratio_max']:.2f}, r={a['pearson_r']:.3f}")
+            for r in d["schedules"]:
+                print(f"  {r['name']}  bytes {r['weight_bytes_vs_fp16']:.1%}  FD ratio {r['frechet_ratio']:.3f}  PSNR {r['psnr_db']:.1f} dB"
+                      f"  agreement {r['class_agreement']:.3f}  MSE {r['mse']:.5f} (predicted {r['predicted_mse']:.5f})")
+            best = d["cheapest_meeting_fd"]
+            print(f"  cheapest with FD <= 1.1 x FP32: {best['name'] + ' at ' + format(best['weight_bytes_vs_fp16'], '.1%') if best else 'none'}")
         return
     if args.residency:
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from haagenti.codecs.predict import BLOCK, LEGACY
+from haagenti.codecs.predict import VALUES_PER_BLOCK
 from haagenti.config import MAX_CHAIN_DEPTH, LibraryConfig
 from haagenti.groups import group_starts, rank_in_runs, sort_rows
 from haagenti.binary import fixed_width
@@ -313,7 +313,7 @@ class RunMatcher:
         their band rows (`batch`, scoped) counted in values. None without such fragments."""
         if "dtype" not in sigs.column_names:
             return None
-        blocks = pa.array([BLOCK if d in LEGACY else 0 for d in sigs["dtype"].to_pylist()], pa.int64())
+        blocks = pa.array([VALUES_PER_BLOCK.get(d, 0) for d in sigs["dtype"].to_pylist()], pa.int64())
         if not pc.any(pc.greater(blocks, 0)).as_py():
             return None
         scale = pc.take(blocks, pc.index_in(batch["fragment_id"], value_set=sigs["fragment_id"]))

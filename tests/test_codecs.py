@@ -364,8 +364,8 @@ def test_a_prediction_that_does_not_pay_is_not_stored():
 def test_predictions_only_from_a_float_reference_of_as_many_values():
     from haagenti.codecs.predict import predictable
 
-    assert predictable("Q8_0", 34 * 4, "F16", 2 * 128) and predictable("Q5_1", 24 * 4, "BF16", 2 * 128)
-    for args in (("Q8_0", 34 * 4, "F16", 2 * 127), ("Q8_0", 34 * 4 + 1, "F16", 2 * 128), ("Q4_K", 144, "F16", 512),
+    assert predictable("Q8_0", 34 * 4, "F16", 2 * 128) and predictable("Q5_1", 24 * 4, "BF16", 2 * 128) and predictable("Q4_K", 144, "F16", 512)
+    for args in (("Q8_0", 34 * 4, "F16", 2 * 127), ("Q8_0", 34 * 4 + 1, "F16", 2 * 128), ("Q2_K", 84, "F16", 512), ("Q4_K", 144, "F16", 256),
                  ("Q8_0", 34, "I16", 64), ("F16", 64, "F32", 128), ("Q8_0", 34, "NOPE", 64)):
         assert not predictable(*args), args
 
@@ -398,18 +398,18 @@ def test_crafted_predicted_rows_are_refused_in_one_line(case):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("qtype", LEGACY)
+@pytest.mark.parametrize("qtype", LEGACY + ["Q4_K", "Q5_K", "Q6_K"])
 def test_any_blocks_round_trip_against_any_float_values(qtype):
     """The residual absorbs whatever the prediction misses: random block bytes (NaN and Inf
     scales among them) against values holding NaN, Inf, zeros, huge and tiny numbers come back
     exactly, and a NaN field of the source leaves no payload in the residual."""
-    from haagenti.codecs.predict import LEGACY as TYPES
+    from haagenti.codecs.predict import BLOCK_BYTES, LEGACY as TYPES, VALUES_PER_BLOCK
     from haagenti.codecs.predict import apply_prediction, prediction_residual
 
     rng = np.random.default_rng(8)
-    n = 256
-    data = rng.integers(0, 256, n * TYPES[qtype].size, dtype=np.uint8).tobytes()
-    x = (rng.normal(0, 1, n * 32) * 10.0 ** rng.integers(-8, 8, n * 32)).astype(np.float32)
+    n = 256 * 32 // VALUES_PER_BLOCK[qtype]
+    data = rng.integers(0, 256, n * BLOCK_BYTES[qtype], dtype=np.uint8).tobytes()
+    x = (rng.normal(0, 1, 256 * 32) * 10.0 ** rng.integers(-8, 8, 256 * 32)).astype(np.float32)
     x[rng.integers(0, len(x), 40)] = np.nan
     x[rng.integers(0, len(x), 40)] = np.inf
     x[rng.integers(0, len(x), 40)] = -np.inf
@@ -419,7 +419,27 @@ def test_any_blocks_round_trip_against_any_float_values(qtype):
     for ref, ref_dtype in ((x.tobytes(), "F32"), (f16.tobytes(), "F16")):
         res = prediction_residual(data, qtype, ref, ref_dtype)
         assert apply_prediction(res, qtype, ref, ref_dtype) == data
+    if qtype not in TYPES:
+        return
     nan_block = np.full(32, np.nan, np.float32).tobytes()
     stored = np.frombuffer(data[: TYPES[qtype].size], np.uint8)
     field = np.frombuffer(prediction_residual(stored.tobytes(), qtype, nan_block, "F32")[:2], np.uint16)[0]
     assert field == stored[:2].view(np.uint16)[0] ^ 0x7E00
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quants_of_a_stored_float_source_are_predicted_from_their_stored_scales(qtype):
+    """Real K-quant blocks (tests/data/kquants.npz: ggml's own quantizer, ggml_quantize_chunk
+    through ggml-python, over 16 rows of 256 F16 values of the example model; how they were
+    made is in docs/decisions/0281-quantized-prediction.md): every code is the one the stored
+    scales give the F16 values, so only the scales are stored; the blocks decode bit-exact."""
+    from haagenti.codecs.predict import _k_codes, prediction_residual
+    from haagenti.encode import decode_row
+
+    z = np.load(os.path.join(os.path.dirname(__file__), "data", "kquants.npz"))
+    source, data = z["source"].tobytes(), z[qtype].tobytes()
+    residual = np.frombuffer(prediction_residual(data, qtype, source, "F16"), np.uint8).reshape(len(z[qtype]), -1)
+    assert not _k_codes(residual, qtype).any()
+    row = _encoded(qtype, data, source, "F16")
+    assert row["encoding"] == Encoding.PREDICTED.value and row["stored_size"] < 0.25 * len(chain_for(qtype).encode(data))
+    assert decode_row(row, source, "F16") == data

@@ -10,7 +10,8 @@ gives (modulo the code's bits), in the blocks' own layout, so the same block pla
 a source that is the quantizer's input leaves planes of zeros. A block whose stored scale is not
 the source's (another source, another quantizer) predicts its codes with the stored scale,
 nearest integer; whatever differs is in the residual, so any blocks round-trip exactly against
-any values. Measured in docs/decisions/0281-quantized-prediction.md.
+any values. K-quants (Q4_K, Q5_K, Q6_K) keep their sub-block scales as stored and predict their
+codes from them (KQuant below). Measured in docs/decisions/0281-quantized-prediction.md.
 
 Determinism is the format: every step is an IEEE float32 operation numpy performs the same on
 any machine (no fused multiply-add); a NaN field's fp16 bits are 0x7E00 and a NaN code is 0,
@@ -54,11 +55,12 @@ LEGACY = {
 
 def predictable(dtype_name: str, raw_bytes: int, ref_dtype: str, ref_bytes: int) -> bool:
     """Whether `raw_bytes` of blocks of `dtype_name` can be predicted from `ref_bytes` of
-    `ref_dtype`: whole blocks of a legacy type, a float reference of as many values."""
+    `ref_dtype`: whole blocks of a legacy type or a K-quant, a float reference of as many values."""
     from haagenti.formats.dtypes import BY_NAME
 
-    t, r = LEGACY.get(dtype_name), BY_NAME.get(ref_dtype)
-    return t is not None and r is not None and r.is_float and raw_bytes % t.size == 0 and ref_bytes == raw_bytes // t.size * BLOCK * r.itemsize
+    size, r = BLOCK_BYTES.get(dtype_name), BY_NAME.get(ref_dtype)
+    return (size is not None and r is not None and r.is_float and raw_bytes % size == 0
+            and ref_bytes == raw_bytes // size * VALUES_PER_BLOCK[dtype_name] * r.itemsize)
 
 
 def _codes(blocks: np.ndarray, t: Legacy) -> np.ndarray:
@@ -148,8 +150,8 @@ def _fields_used(source: list[np.ndarray], bits: np.ndarray, stored: np.ndarray)
             for i, f in enumerate(source)]
 
 
-def _values(ref: bytes | memoryview, ref_dtype: str) -> np.ndarray:
-    """The reference's values as float32 rows of 32. A NaN's payload may differ from
+def _values(ref: bytes | memoryview, ref_dtype: str, width: int) -> np.ndarray:
+    """The reference's values as float32 rows of `width`. A NaN's payload may differ from
     haagenti.codecs.cast's (F16 without the quiet bit set): no payload reaches a prediction."""
     if ref_dtype == "F16":
         x = np.frombuffer(ref, np.float16).astype(np.float32)
@@ -157,14 +159,16 @@ def _values(ref: bytes | memoryview, ref_dtype: str) -> np.ndarray:
         x = (np.frombuffer(ref, np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
         x = np.frombuffer(ref if ref_dtype == "F32" else cast(ref, ref_dtype, "F32"), np.float32)
-    return x.reshape(-1, BLOCK)
+    return x.reshape(-1, width)
 
 
 def _predict(data: bytes | memoryview, dtype_name: str, ref: bytes | memoryview, ref_dtype: str, decode: bool) -> bytes:
     """Blocks to residual (decode False) or residual to blocks (decode True), against `ref`."""
+    if dtype_name in KQUANTS:
+        return _predict_k(data, dtype_name, ref, ref_dtype, decode)
     t = LEGACY[dtype_name]
     blocks = np.frombuffer(data, np.uint8).reshape(-1, t.size).copy()
-    x = _values(ref, ref_dtype)
+    x = _values(ref, ref_dtype, BLOCK)
     source = _source_fields(x, t)
     bits = np.concatenate([_f16_bits(f) for f in source], axis=1)
     head = 2 * t.fields
@@ -186,3 +190,94 @@ def prediction_residual(raw: bytes | memoryview, dtype_name: str, ref: bytes | m
 def apply_prediction(residual: bytes | memoryview, dtype_name: str, ref: bytes | memoryview, ref_dtype: str) -> bytes:
     """The blocks a residual of prediction_residual stands for."""
     return _predict(residual, dtype_name, ref, ref_dtype, decode=True)
+
+
+# ---- K-quants: sub-block scales as stored, codes predicted ----------------------------------
+@dataclass(frozen=True)
+class KQuant:
+    """A K-quant type, blocks of 256 values. Its sub-block scales come from a search the source
+    does not fix (make_qkx2_quants), so the residual keeps them as stored; its codes are what
+    the quantizer's last pass sets from them (ggml-quants.c, quantize_row_q*_K_ref): ggml's
+    nearest_int (half to even) of (x + dmin m) / (d sc) for Q4_K and Q5_K, of x / (d sc) plus
+    32 for Q6_K, clamped to the code's range; a NaN gives 0."""
+
+    size: int  # bytes per block
+    bits: int  # code bits
+    sub: int  # values per sub-block scale
+
+
+KQUANTS = {"Q4_K": KQuant(144, 4, 32), "Q5_K": KQuant(176, 5, 32), "Q6_K": KQuant(210, 6, 16)}
+VALUES_PER_BLOCK = {**{n: BLOCK for n in LEGACY}, **{n: 256 for n in KQUANTS}}
+BLOCK_BYTES = {**{n: t.size for n, t in LEGACY.items()}, **{n: k.size for n, k in KQUANTS.items()}}
+
+
+def _k_scales(blocks: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(d x sc, dmin x m) of each sub-block as float32 columns; Q6_K has no min (None)."""
+    if name == "Q6_K":
+        d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
+        with np.errstate(invalid="ignore"):  # Inf x 0
+            return (d * blocks[:, 192:208].copy().view(np.int8).astype(np.float32))[:, :, None], None
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    s = blocks[:, 4:16]  # 6-bit scales and mins of 8 sub-blocks (ggml's get_scale_min_k4)
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 2) & 48)], axis=1).astype(np.float32)
+    m = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 2) & 48)], axis=1).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        return (d * sc)[:, :, None], (dmin * m)[:, :, None]
+
+
+def _k_predicted(x: np.ndarray, blocks: np.ndarray, name: str, k: KQuant) -> np.ndarray:
+    scale, low = _k_scales(blocks, name)
+    q = x.reshape(len(blocks), -1, k.sub)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        q = q + low if low is not None else q.copy()
+        q /= scale
+        np.rint(q, out=q)
+    q[np.isnan(q)] = 0
+    if name == "Q6_K":
+        np.clip(q, -32, 31, out=q)
+        q += 32
+    else:
+        np.clip(q, 0, (1 << k.bits) - 1, out=q)
+    return q.reshape(len(blocks), 256).astype(np.uint8)
+
+
+def _k_codes(blocks: np.ndarray, name: str) -> np.ndarray:
+    """(blocks, 256) codes in value order, as gguf's dequantize unpacks them."""
+    n = len(blocks)
+    if name == "Q6_K":
+        ql, qh = blocks[:, :128].reshape(n, 2, 64), blocks[:, 128:192].reshape(n, 2, 1, 32)
+        low = np.concatenate([ql & 15, ql >> 4], axis=2)
+        high = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3
+        return (low | (high.reshape(n, 2, 128) << 4)).reshape(n, 256)
+    qs = blocks[:, -128:].reshape(n, 4, 1, 32)
+    codes = ((qs >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 15).reshape(n, 256)
+    if name == "Q5_K":
+        qh = blocks[:, 16:48].reshape(n, 1, 32)
+        codes |= (((qh >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1) << 4).reshape(n, 256)
+    return codes
+
+
+def _k_put_codes(blocks: np.ndarray, codes: np.ndarray, name: str) -> None:
+    """Write (blocks, 256) codes into `blocks` (inverse of _k_codes)."""
+    n = len(blocks)
+    if name == "Q6_K":
+        low, high = (codes & 15).reshape(n, 2, 128), (codes >> 4).reshape(n, 2, 4, 32)
+        blocks[:, :128] = (low[:, :, :64] | (low[:, :, 64:] << 4)).reshape(n, 128)
+        blocks[:, 128:192] = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(n, 64)
+        return
+    sub = (codes & 15).reshape(n, 4, 2, 32)
+    blocks[:, -128:] = (sub[:, :, 0] | (sub[:, :, 1] << 4)).reshape(n, 128)
+    if name == "Q5_K":
+        high = ((codes >> 4) & 1).reshape(n, 8, 32)
+        blocks[:, 16:48] = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
+
+
+def _predict_k(data: bytes | memoryview, name: str, ref: bytes | memoryview, ref_dtype: str, decode: bool) -> bytes:
+    k = KQUANTS[name]
+    blocks = np.frombuffer(data, np.uint8).reshape(-1, k.size).copy()
+    predicted = _k_predicted(_values(ref, ref_dtype, 256), blocks, name, k)  # the scales are the same bytes either way
+    codes = _k_codes(blocks, name)
+    mask = np.uint8((1 << k.bits) - 1)
+    _k_put_codes(blocks, (codes + predicted if decode else codes - predicted) & mask, name)
+    return blocks.tobytes()

@@ -18,7 +18,7 @@ import ggml
 import numpy as np
 from safetensors.torch import load_file
 
-BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 
 
 def quantize(rows: np.ndarray, name: str) -> np.ndarray:

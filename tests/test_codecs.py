@@ -365,7 +365,7 @@ def test_predictions_only_from_a_float_reference_of_as_many_values():
     from haagenti.codecs.predict import predictable
 
     assert predictable("Q8_0", 34 * 4, "F16", 2 * 128) and predictable("Q5_1", 24 * 4, "BF16", 2 * 128) and predictable("Q4_K", 144, "F16", 512)
-    for args in (("Q8_0", 34 * 4, "F16", 2 * 127), ("Q8_0", 34 * 4 + 1, "F16", 2 * 128), ("Q2_K", 84, "F16", 512), ("Q4_K", 144, "F16", 256),
+    for args in (("Q8_0", 34 * 4, "F16", 2 * 127), ("Q8_0", 34 * 4 + 1, "F16", 2 * 128), ("IQ4_XS", 136, "F16", 512), ("Q4_K", 144, "F16", 256),
                  ("Q8_0", 34, "I16", 64), ("F16", 64, "F32", 128), ("Q8_0", 34, "NOPE", 64)):
         assert not predictable(*args), args
 
@@ -398,7 +398,7 @@ def test_crafted_predicted_rows_are_refused_in_one_line(case):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("qtype", LEGACY + ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", LEGACY + ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_any_blocks_round_trip_against_any_float_values(qtype):
     """The residual absorbs whatever the prediction misses: random block bytes (NaN and Inf
     scales among them) against values holding NaN, Inf, zeros, huge and tiny numbers come back
@@ -427,7 +427,7 @@ def test_any_blocks_round_trip_against_any_float_values(qtype):
     assert field == stored[:2].view(np.uint16)[0] ^ 0x7E00
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_k_quants_of_a_stored_float_source_are_predicted_from_their_stored_scales(qtype):
     """Real K-quant blocks (tests/data/kquants.npz: ggml's own quantizer, ggml_quantize_chunk
     through ggml-python, over 16 rows of 256 F16 values of the example model; how they were
@@ -441,5 +441,5 @@ def test_k_quants_of_a_stored_float_source_are_predicted_from_their_stored_scale
     residual = np.frombuffer(prediction_residual(data, qtype, source, "F16"), np.uint8).reshape(len(z[qtype]), -1)
     assert not _k_codes(residual, qtype).any()
     row = _encoded(qtype, data, source, "F16")
-    assert row["encoding"] == Encoding.PREDICTED.value and row["stored_size"] < 0.25 * len(chain_for(qtype).encode(data))
+    assert row["encoding"] == Encoding.PREDICTED.value and row["stored_size"] < 0.3 * len(chain_for(qtype).encode(data))
     assert decode_row(row, source, "F16") == data

@@ -251,7 +251,7 @@ def pa_strings(xs):
 
 
 def test_k_quant_tensors_are_predicted_from_a_stored_f16_gguf(tmp_path):
-    """Real Q4_K/Q5_K/Q6_K blocks (tests/data/kquants.npz, ggml's quantizer) of an F16 tensor in
+    """Real Q2_K to Q6_K blocks (tests/data/kquants.npz, ggml's quantizer) of an F16 tensor in
     GGUF files beside the F16 file: ingested after it, each is stored as its prediction (its
     scales) and restores bit-exact."""
     import gguf
@@ -259,7 +259,8 @@ def test_k_quant_tensors_are_predicted_from_a_stored_f16_gguf(tmp_path):
 
     z = np.load(os.path.join(os.path.dirname(__file__), "data", "kquants.npz"))
     files = {}
-    for q in ("F16", "Q4_K", "Q5_K", "Q6_K"):
+    kinds = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+    for q in ["F16"] + kinds:
         files[q] = str(tmp_path / f"m-{q}.gguf")
         w = gguf.GGUFWriter(files[q], arch="digits")
         if q == "F16":
@@ -274,9 +275,9 @@ def test_k_quant_tensors_are_predicted_from_a_stored_f16_gguf(tmp_path):
     for q, path in files.items():
         report = lib.ingest([path], q)
         if q != "F16":
-            assert report.delta == 1 and report.stored_bytes < 0.2 * len(z[q].tobytes()), (q, report)
+            assert report.delta == 1 and report.stored_bytes < 0.3 * len(z[q].tobytes()), (q, report)
     frags = lib.store.read("fragments", columns=["dtype", "encoding"])
-    assert sorted(frags.filter(pc.equal(frags["encoding"], "predicted"))["dtype"].to_pylist()) == ["Q4_K", "Q5_K", "Q6_K"]
+    assert sorted(frags.filter(pc.equal(frags["encoding"], "predicted"))["dtype"].to_pylist()) == kinds
     for q, path in files.items():
         lib.restore(q, str(tmp_path / "out" / q))
         assert sha256(str(tmp_path / "out" / q / os.path.basename(path))) == sha256(path), q

@@ -10,7 +10,7 @@ gives (modulo the code's bits), in the blocks' own layout, so the same block pla
 a source that is the quantizer's input leaves planes of zeros. A block whose stored scale is not
 the source's (another source, another quantizer) predicts its codes with the stored scale,
 nearest integer; whatever differs is in the residual, so any blocks round-trip exactly against
-any values. K-quants (Q4_K, Q5_K, Q6_K) keep their sub-block scales as stored and predict their
+any values. K-quants (Q2_K to Q6_K) keep their sub-block scales as stored and predict their
 codes from them (KQuant below). Measured in docs/decisions/0281-quantized-prediction.md.
 
 Determinism is the format: every step is an IEEE float32 operation numpy performs the same on
@@ -198,25 +198,38 @@ class KQuant:
     """A K-quant type, blocks of 256 values. Its sub-block scales come from a search the source
     does not fix (make_qkx2_quants), so the residual keeps them as stored; its codes are what
     the quantizer's last pass sets from them (ggml-quants.c, quantize_row_q*_K_ref): ggml's
-    nearest_int (half to even) of (x + dmin m) / (d sc) for Q4_K and Q5_K, of x / (d sc) plus
-    32 for Q6_K, clamped to the code's range; a NaN gives 0."""
+    nearest_int (half to even) of (x + dmin m) / (d sc) for Q2_K, Q4_K and Q5_K, of x / (d sc)
+    for Q3_K and Q6_K, clamped to the code's range (from `least`) and stored less `least`; a
+    NaN gives 0."""
 
     size: int  # bytes per block
     bits: int  # code bits
     sub: int  # values per sub-block scale
+    least: int = 0  # the smallest code: -4 (Q3_K), -32 (Q6_K)
 
 
-KQUANTS = {"Q4_K": KQuant(144, 4, 32), "Q5_K": KQuant(176, 5, 32), "Q6_K": KQuant(210, 6, 16)}
+KQUANTS = {"Q2_K": KQuant(84, 2, 16), "Q3_K": KQuant(110, 3, 16, -4), "Q4_K": KQuant(144, 4, 32), "Q5_K": KQuant(176, 5, 32),
+           "Q6_K": KQuant(210, 6, 16, -32)}
 VALUES_PER_BLOCK = {**{n: BLOCK for n in LEGACY}, **{n: 256 for n in KQUANTS}}
 BLOCK_BYTES = {**{n: t.size for n, t in LEGACY.items()}, **{n: k.size for n, k in KQUANTS.items()}}
 
 
 def _k_scales(blocks: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(d x sc, dmin x m) of each sub-block as float32 columns; Q6_K has no min (None)."""
-    if name == "Q6_K":
-        d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
-        with np.errstate(invalid="ignore"):  # Inf x 0
+    """(d x sc, dmin x m) of each sub-block as float32 columns; Q3_K and Q6_K have no min (None)."""
+    with np.errstate(invalid="ignore"):  # Inf x 0
+        if name == "Q6_K":
+            d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
             return (d * blocks[:, 192:208].copy().view(np.int8).astype(np.float32))[:, :, None], None
+        if name == "Q3_K":  # 16 6-bit scales, less 32: low nibbles in bytes 0-7, top 2 bits in 8-11
+            d = blocks[:, 108:110].copy().view(np.float16).astype(np.float32)
+            s = blocks[:, 96:108]
+            low = np.concatenate([s[:, :8] & 15, s[:, :8] >> 4], axis=1)
+            high = ((s[:, 8:12].reshape(-1, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)) & 3).reshape(-1, 16)
+            return (d * ((low | (high << 4)).astype(np.float32) - np.float32(32)))[:, :, None], None
+        if name == "Q2_K":  # 16 scales and mins, 4 bits each
+            d, dmin = (blocks[:, at : at + 2].copy().view(np.float16).astype(np.float32) for at in (80, 82))
+            s = blocks[:, :16]
+            return (d * (s & 15).astype(np.float32))[:, :, None], (dmin * (s >> 4).astype(np.float32))[:, :, None]
     d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
     dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
     s = blocks[:, 4:16]  # 6-bit scales and mins of 8 sub-blocks (ggml's get_scale_min_k4)
@@ -234,17 +247,20 @@ def _k_predicted(x: np.ndarray, blocks: np.ndarray, name: str, k: KQuant) -> np.
         q /= scale
         np.rint(q, out=q)
     q[np.isnan(q)] = 0
-    if name == "Q6_K":
-        np.clip(q, -32, 31, out=q)
-        q += 32
-    else:
-        np.clip(q, 0, (1 << k.bits) - 1, out=q)
+    np.clip(q, k.least, k.least + (1 << k.bits) - 1, out=q)
+    q -= np.float32(k.least)
     return q.reshape(len(blocks), 256).astype(np.uint8)
 
 
 def _k_codes(blocks: np.ndarray, name: str) -> np.ndarray:
     """(blocks, 256) codes in value order, as gguf's dequantize unpacks them."""
     n = len(blocks)
+    if name in ("Q2_K", "Q3_K"):  # 2 low bits: four to a byte, bytes of 32 values; Q3_K's third in hmask
+        qs = blocks[:, 16:80] if name == "Q2_K" else blocks[:, 32:96]
+        codes = ((qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3).reshape(n, 256)
+        if name == "Q3_K":
+            codes |= (((blocks[:, :32].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1) << 2).reshape(n, 256)
+        return codes
     if name == "Q6_K":
         ql, qh = blocks[:, :128].reshape(n, 2, 64), blocks[:, 128:192].reshape(n, 2, 1, 32)
         low = np.concatenate([ql & 15, ql >> 4], axis=2)
@@ -261,6 +277,16 @@ def _k_codes(blocks: np.ndarray, name: str) -> np.ndarray:
 def _k_put_codes(blocks: np.ndarray, codes: np.ndarray, name: str) -> None:
     """Write (blocks, 256) codes into `blocks` (inverse of _k_codes)."""
     n = len(blocks)
+    if name in ("Q2_K", "Q3_K"):
+        low = (codes & 3).reshape(n, 2, 4, 32)
+        packed = (low[:, :, 0] | (low[:, :, 1] << 2) | (low[:, :, 2] << 4) | (low[:, :, 3] << 6)).reshape(n, 64)
+        if name == "Q2_K":
+            blocks[:, 16:80] = packed
+            return
+        blocks[:, 32:96] = packed
+        high = ((codes >> 2) & 1).reshape(n, 8, 32)
+        blocks[:, :32] = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
+        return
     if name == "Q6_K":
         low, high = (codes & 15).reshape(n, 2, 128), (codes >> 4).reshape(n, 2, 4, 32)
         blocks[:, :128] = (low[:, :, :64] | (low[:, :, 64:] << 4)).reshape(n, 128)

@@ -14,12 +14,14 @@ Material: the example family's base (bench/.cache, trained once) exported by the
    and the oracle: zstd-1 of changed tensors plain against their XOR with the base's tensor.
 Ingest times are min/median/max over --runs runs, interleaved; sizes are deterministic.
 
-    python bench/formats.py --ladder [--families family,large1]
+    python bench/formats.py --ladder [--families family,large1] [--kquants family=F.npz,large1=L.npz]
 4. A quantization ladder (haagenti.exports.export_ladder: GGUF F16, then Q8_0, Q4_0, Q4_1, Q5_0,
    Q5_1 of its values by gguf's quantizers) of each family's base, ingested step after step into
    one library: what each step adds on disk (du of the library before and after), next to the
    ideal of storing its blocks' scale fields only, and to zstd -19, ZipNN (float16 mode) and glyd
-   on the file alone; then the whole ladder's saving on disk. Only section 4 runs.
+   on the file alone; then the whole ladder's saving on disk. With --kquants (blocks of ggml's own
+   quantizer, bench/kquant_material.py --tensors), K-quant files follow: a Q4_K_M-like mix, Q2_K,
+   Q4_K, Q6_K. Only section 4 runs.
 """
 from __future__ import annotations
 
@@ -99,16 +101,44 @@ def quantized_xor(paths: dict[str, str], qtype: str) -> tuple[int, int, int, int
     return n, raw, plain, xor
 
 
-def scale_bytes(path: str) -> int:
-    """Bytes of the scale and min fields of a GGUF file's quantized blocks (the legacy types':
-    what a prediction from the float source cannot know without looking at the source)."""
-    from haagenti.codecs.predict import LEGACY
+# Bytes of scales, mins and super-block scales per K-quant block (ggml-common.h).
+K_SCALE_BYTES = {"Q2_K": 20, "Q3_K": 14, "Q4_K": 16, "Q5_K": 16, "Q6_K": 18}
 
-    total = 0
-    for kind, data in ex.quantized_blocks(path).values():
-        if kind in LEGACY:
-            total += data.size // LEGACY[kind].size * 2 * LEGACY[kind].fields
-    return total
+
+def scale_bytes(path: str) -> int:
+    """Bytes of the scale and min fields of a GGUF file's quantized blocks: the ideal the issue
+    names, a file costing its scales only."""
+    from haagenti.codecs.predict import BLOCK_BYTES, LEGACY
+
+    per_block = {n: 2 * t.fields for n, t in LEGACY.items()} | K_SCALE_BYTES
+    return sum(data.size // BLOCK_BYTES[kind] * per_block[kind] for kind, data in ex.quantized_blocks(path).values() if kind in per_block)
+
+
+# A Q4_K_M-like mix: Q6_K for the value projections and the feed-forward's down projection,
+# Q4_K for the other matrices (llama.cpp's Q4_K_M gives Q6_K to attn_v and half of ffn_down).
+K_STEPS = {"Q4_K_Mlike": lambda name: "Q6_K" if "v_proj" in name or "mlp.2" in name else "Q4_K",
+           "Q2_K": lambda name: "Q2_K", "Q4_K": lambda name: "Q4_K", "Q6_K": lambda name: "Q6_K"}
+
+
+def kquant_gguf(model: str, material: str, path: str, pick) -> str:
+    """The example model as a GGUF whose matrices hold the K-quant blocks of `material`
+    (bench/kquant_material.py --tensors: ggml's quantizer over its F16 values), type by `pick`
+    of the tensor name; the other tensors F32, as llama.cpp keeps them."""
+    import gguf
+
+    blocks = np.load(material)
+    w = gguf.GGUFWriter(path, arch="digits")
+    for name, t in ex.state_of(ex.load_example(model), torch.float16).items():
+        key = f"{pick(name)}/{name}"
+        if key in blocks.files:
+            w.add_tensor(name, blocks[key], raw_dtype=gguf.GGMLQuantizationType[pick(name)])
+        else:
+            w.add_tensor(name, t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 def alone(fn, path: str, root: str) -> int:
@@ -119,12 +149,15 @@ def alone(fn, path: str, root: str) -> int:
         shutil.rmtree(work)
 
 
-def ladder(families: list[str], root: str) -> None:
+def ladder(families: list[str], root: str, kquants: dict[str, str]) -> None:
     print("4. quantization ladder: the GGUF F16 stored first, then each step; % of the step's size "
           "(added on disk by haagenti / scale fields alone / the file alone through zstd -19, ZipNN, glyd)")
-    print(f"{'base':8s} {'step':6s} {'size MB':>8s} {'added KB':>9s} {'added %':>8s} {'scales %':>9s} {'zstd-19 %':>10s} {'ZipNN %':>8s} {'glyd %':>7s} {'ingest s':>9s}")
+    print(f"{'base':8s} {'step':10s} {'size MB':>8s} {'added KB':>9s} {'added %':>8s} {'scales %':>9s} {'zstd-19 %':>10s} {'ZipNN %':>8s} {'glyd %':>7s} {'ingest s':>9s}")
     for fam in families:
-        files = ex.export_ladder(example_family(fam)[0].file, os.path.join(root, f"ladder-{fam}"))
+        model = example_family(fam)[0].file
+        files = ex.export_ladder(model, os.path.join(root, f"ladder-{fam}"))
+        if fam in kquants:
+            files += [kquant_gguf(model, kquants[fam], os.path.join(root, f"ladder-{fam}", f"k-{step}.gguf"), pick) for step, pick in K_STEPS.items()]
         lib = FragmentLibrary.open(os.path.join(root, f"ladder-lib-{fam}"))
         before, raw = 0, 0
         for path in files:
@@ -136,11 +169,11 @@ def ladder(families: list[str], root: str) -> None:
             disk = lib.stats().disk_bytes
             raw += n
             others = [alone(fn, path, root) / n for fn in (lambda p, w: zstd_file(p, w, 19), lambda p, w: zipnn_file(p, w, "float16"), glyd_file)]
-            print(f"{fam:8s} {step:6s} {n / 1e6:8.2f} {(disk - before) / 1e3:9.1f} {(disk - before) / n:8.2%} {scale_bytes(path) / n:9.2%} "
+            print(f"{fam:8s} {step:10s} {n / 1e6:8.2f} {(disk - before) / 1e3:9.1f} {(disk - before) / n:8.2%} {scale_bytes(path) / n:9.2%} "
                   + " ".join(f"{o:{w}.2%}" for o, w in zip(others, (10, 8, 7))) + f" {took:9.2f}", flush=True)
             before = disk
         s = lib.stats()
-        print(f"{fam:8s} ladder {raw / 1e6:8.2f} MB -> {s.disk_bytes / 1e6:.2f} MB on disk: {1 - s.disk_bytes / raw:.1%} saved "
+        print(f"{fam:8s} ladder     {raw / 1e6:8.2f} MB -> {s.disk_bytes / 1e6:.2f} MB on disk: {1 - s.disk_bytes / raw:.1%} saved "
               f"({s.predicted_fragments} of {s.fragments} fragments predicted)", flush=True)
 
 
@@ -149,12 +182,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--ladder", action="store_true", help="section 4 only: quantization ladders")
     ap.add_argument("--families", default="family,large1", help="--ladder: the bases (bench/common.py)")
+    ap.add_argument("--kquants", default="", help="--ladder: FAMILY=MATERIAL.npz,... (bench/kquant_material.py --tensors) "
+                    "adds K-quant steps (Q4_K_M-like mix, Q2_K, Q4_K, Q6_K) after the legacy ones")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.ladder:
         root = tempfile.mkdtemp(prefix="haagenti-ladder-", dir=CACHE)
         try:
-            ladder(args.families.split(","), root)
+            ladder(args.families.split(","), root, dict(kv.split("=", 1) for kv in args.kquants.split(",") if kv))
         finally:
             shutil.rmtree(root)
         return

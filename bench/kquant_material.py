@@ -1,7 +1,9 @@
 """Real K-quant blocks of an example model, from ggml's own quantizer (gguf's python quantizers
 write none): every matrix whose rows are multiples of 256, as F16 values, through
 `ggml_quantize_chunk` (what llama-quantize runs per tensor; without an imatrix, ggml's
-quantize_row_q*_K_ref). Writes an .npz of the F16 rows ("source") and each type's blocks.
+quantize_row_q*_K_ref). Writes an .npz of the F16 rows ("source") and each type's blocks; with
+--tensors, each matrix's blocks apart ("<type>/<tensor name>", rows of blocks), what
+`bench/formats.py --ladder --kquants` writes GGUF files of.
 
 Runs in an environment of its own (ggml-python builds ggml from source, about a minute):
     python -m venv /tmp/kq && /tmp/kq/bin/pip install ggml-python==0.0.45 numpy safetensors torch==2.13.0
@@ -37,8 +39,15 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("out")
     ap.add_argument("--rows", type=int, default=0, help="keep this many rows of 256 values, spread over the model (0: all)")
+    ap.add_argument("--tensors", action="store_true", help="each matrix's blocks apart, rows as in the tensor")
     args = ap.parse_args()
-    mats = [v.half().float().numpy() for v in load_file(args.model).values() if v.ndim == 2 and v.shape[-1] % 256 == 0]
+    state = {k: v.half().float().numpy() for k, v in load_file(args.model).items() if v.ndim == 2 and v.shape[-1] % 256 == 0}
+    if args.tensors:
+        found = {f"{name}/{k}": quantize(v, name) for k, v in state.items() for name in BLOCK_BYTES}
+        np.savez_compressed(args.out, **found)
+        print(f"{len(state)} tensors, {len(found)} arrays")
+        return
+    mats = list(state.values())
     source = np.concatenate([m.reshape(-1, 256) for m in mats]).astype(np.float16)
     if args.rows:
         source = source[np.arange(0, len(source), len(source) // args.rows)[: args.rows]]

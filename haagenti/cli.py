@@ -305,12 +305,13 @@ def dedup(
     workers: Optional[int] = typer.Option(None, help="CPU step actors on Ray (default: one per cluster CPU), threads with --executor local (default 1)"),
     prune: bool = typer.Option(False, help="remove models no longer in the catalog"),
     index: Optional[str] = typer.Option(None, "--index", help=INDEX_HELP),
+    rehash: bool = typer.Option(False, "--rehash", help="hash every catalog file, trusting no stamp (size and mtime, or ETag) kept by the last run"),
 ) -> None:
     """Deduplicate a whole CATALOG into the library with the Ray pipeline (jobs.dedup)."""
     from jobs.dedup import main as dedup_main  # the pipeline layer, imported only for this command
 
     argv = ["--catalog", catalog, "--library", library, "--executor", executor] + (["--address", address] if address else [])
-    argv += (["--workers", str(workers)] if workers else []) + (["--prune"] if prune else []) + (["--index", index] if index else [])
+    argv += (["--workers", str(workers)] if workers else []) + (["--prune"] if prune else []) + (["--index", index] if index else []) + (["--rehash"] if rehash else [])
     from pipelines.dedup import STAGES
 
     with _stages("dedup:", STAGES) as ended:

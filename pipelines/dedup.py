@@ -26,6 +26,7 @@ from haagenti.store import LibraryStore
 from haagenti.store.leases import LeaseConflict, writing
 from haagenti.writer import Committer
 from pipelines.catalog import Catalog, read_catalog
+from pipelines.stamps import read_stamps, write_stamps
 from pipelines.steps import FragmentModel, scan_model
 
 FAMILY_SHARE = 0.3  # a model joins the family of the model it shares most with, above this share
@@ -86,8 +87,10 @@ def preflight(catalog_url: str, library_url: str, distributed: bool) -> Catalog:
 
 
 def run_dedup(
-    catalog_url: str, library_url: str, executor: Executor, config: LibraryConfig | None = None, prune: bool = False, progress: StageProgress | None = None
+    catalog_url: str, library_url: str, executor: Executor, config: LibraryConfig | None = None, prune: bool = False, progress: StageProgress | None = None,
+    rehash: bool = False,
 ) -> RunReport:
+    """`rehash`: hash every catalog file, trusting no scan stamp (pipelines.stamps)."""
     config = config or LibraryConfig()
     if config.lossy_threshold is not None:
         raise LibraryError("the pipeline stores models losslessly; lossy sharing is `haagenti ingest --lossy-threshold`")
@@ -100,7 +103,7 @@ def run_dedup(
     # the library's (models published after this read are left to the next run).
     claimed = {e.model_id for e in catalog.entries} | ({m["model_id"] for m in lib.models()} if prune else set())
     with writing(lib.store, "ingest", sorted(claimed), wait=60.0) as lease:
-        gone = _run(lib, catalog, executor, config, report, prune, progress, claimed, lease.writer)
+        gone = _run(lib, catalog, executor, config, report, prune, progress, claimed, lease.writer, rehash)
     if gone or report.replaced:
         try:
             lib.gc()
@@ -111,7 +114,7 @@ def run_dedup(
 
 
 def _run(lib: FragmentLibrary, catalog: Catalog, executor: Executor, config: LibraryConfig, report: RunReport, prune: bool,
-         progress: StageProgress | None, claimed: set[str], ingest_id: str) -> list[str]:
+         progress: StageProgress | None, claimed: set[str], ingest_id: str, rehash: bool) -> list[str]:
     """Scan, ingest what changed and remove (with prune) what left the catalog; returns the removed ids."""
 
     def stage(name: str, t0: float) -> float:
@@ -122,8 +125,8 @@ def _run(lib: FragmentLibrary, catalog: Catalog, executor: Executor, config: Lib
         return now
 
     t = time.perf_counter()
-    scanned = sorted(executor.map(scan_model, [e.as_row() for e in catalog.entries]), key=lambda r: r["rank"])
     existing = {m["model_id"]: m for m in lib.models()}
+    scanned = _scan(lib.store.url, catalog, executor, existing, rehash)
     todo = []
     for s in scanned:
         old = existing.get(s["model_id"])
@@ -146,6 +149,25 @@ def _run(lib: FragmentLibrary, catalog: Catalog, executor: Executor, config: Lib
         lib.rm(mid)
         report.removed.append(mid)
     return gone
+
+
+def _scan(library_url: str, catalog: Catalog, executor: Executor, existing: dict, rehash: bool) -> list[dict]:
+    """The catalog's models scanned (pipelines.steps.scan_model), in catalog order: with the
+    stamps kept by the last run, unless `rehash`, so that unchanged models are not read; the
+    stamps are then kept for the next run (those of models still in the library and not in the
+    catalog stay, the others go)."""
+    old = read_stamps(library_url)
+    rows = []
+    for e in catalog.entries:
+        stored = existing.get(e.model_id)
+        trusted = not rehash and stored is not None and not stored["lossy"]
+        rows.append(dict(e.as_row(), known=old.get(e.model_id, {}) if trusted else {}, stored_hash=stored["content_hash"] if trusted else None))
+    scanned = sorted(executor.map(scan_model, rows), key=lambda r: r["rank"])
+    kept = {mid: s for mid, s in old.items() if mid in existing}
+    kept.update({s["model_id"]: s["stamps"] for s in scanned})
+    if kept != old:
+        write_stamps(library_url, kept)
+    return scanned
 
 
 def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, todo: list[dict], report: RunReport, existing: dict, t: float, stage,

@@ -12,10 +12,21 @@ from haagenti.hashing import model_hash
 from haagenti.ingest import ModelCut, ModelInput
 from haagenti.ingest_steps import OCCURRENCE_SCHEMA, signs
 from haagenti.manifest import ModelManifest
+from pipelines.stamps import file_stamps
 
 
 def scan_model(row: dict) -> dict:
-    """Content hash and file records of one catalog entry (reads its files once, streaming)."""
+    """Content hash and file records of one catalog entry (reads its files once, streaming),
+    and the files' stamps (pipelines.stamps). A row may carry `known`, the stamps of the model's
+    files when last hashed, and `stored_hash`, its content hash in the library: when every file's
+    stamp is as known and the known digests give that hash, the model is unchanged and none of
+    its bytes are read (`file_records` None). Any other model is hashed whole, as the cut that
+    follows reads every byte of it anyway."""
+    stamps = file_stamps(list(row["files"]))
+    known = row.get("known") or {}
+    digests = [known[url][1] if stamp is not None and known.get(url, ("",))[0] == stamp else "" for url, stamp in stamps.items()]
+    if row.get("stored_hash") and all(digests) and model_hash(digests) == row["stored_hash"]:
+        return dict(row, content_hash=row["stored_hash"], file_records=None, stamps=_kept(stamps, digests))
     src = open_model(list(row["files"]))
     records = [{"name": f.name, "format": f.format, "size": f.size, "blake3": digest, "header": f.header, "url": f.url}
                for f, digest in zip(src.files, src.file_digests())]
@@ -23,7 +34,14 @@ def scan_model(row: dict) -> dict:
     if whole is not None:  # its tensors are read whole, not as byte ranges of the file
         raise FormatError(f"model {row['model_id']!r}: the pipeline reads model files by byte range and {whole['name']} is {container(whole['format']).description}; ingest it with `haagenti ingest`")
     content_hash = model_hash([r["blake3"] for r in records])
-    return dict(row, content_hash=content_hash, raw_bytes=src.raw_bytes, file_records=records)
+    hashed = {r["url"]: r["blake3"] for r in records}
+    return dict(row, content_hash=content_hash, raw_bytes=src.raw_bytes, file_records=records,
+                stamps=_kept(stamps, [hashed.get(url, "") for url in stamps]))
+
+
+def _kept(stamps: dict[str, str | None], digests: list[str]) -> dict[str, tuple[str, str]]:
+    """The stamps worth keeping: url -> (stamp, digest) of each stamped, hashed file."""
+    return {url: (stamp, d) for (url, stamp), d in zip(stamps.items(), digests) if stamp is not None and d}
 
 
 class FragmentModel:

@@ -140,7 +140,13 @@ def expand_urls(urls: list[str]) -> list[tuple[str, str, bool]]:
     """(url, name in the model, from a folder) of each file. A folder gives every file under
     it, sorted, named by its path relative to the folder (hidden folders such as .git or
     .cache are skipped)."""
-    out: list[tuple[str, str, bool]] = []
+    return [(url, name, in_folder) for url, name, in_folder, _ in expand_files(urls)]
+
+
+def expand_files(urls: list[str]) -> list[tuple[str, str, bool, dict]]:
+    """expand_urls' files with the info the filesystem gave of each (one request per file or
+    folder on an object store)."""
+    out: list[tuple[str, str, bool, dict]] = []
     for url in urls:
         fs, path = filesystem_for(url)
         if fs.isdir(path):
@@ -149,12 +155,13 @@ def expand_urls(urls: list[str]) -> list[tuple[str, str, bool]]:
             for p, info in sorted(fs.find(root, detail=True).items()):
                 rel = p[len(root) :].lstrip("/")
                 if not any(part.startswith(".") for part in rel.split("/")[:-1]):
-                    found.append((_regular(info, fs.unstrip_protocol(p)), rel, True))
+                    found.append((_regular(info, fs.unstrip_protocol(p)), rel, True, info))
             if not found:
                 raise FormatError(f"{url}: folder holds no model files")
             out += found
         elif fs.exists(path):
-            out.append((_regular(fs.info(path), url), posixpath.basename(url.rstrip("/")), False))
+            info = fs.info(path)
+            out.append((_regular(info, url), posixpath.basename(url.rstrip("/")), False, info))
         else:
             raise FormatError(f"{url}: no such file")
     return out

@@ -7,6 +7,7 @@ executor (`pipelines.executors.RayExecutor`) runs the same steps on a cluster.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from typing import Any, Callable, Iterator, Protocol
 
 import pyarrow as pa
@@ -21,6 +22,9 @@ class Executor(Protocol):
     # pins it: a driver holding 64 MiB of a 75 MiB store made the encoders wait (3.5 s against
     # 1.2-1.9 s for 28 models).
     held_bytes: int | None
+    # Whether steps run in the driver's process: they may then be handed objects of its memory
+    # (haagenti.ingest_steps.RunBytes) and read the library through the driver's index.
+    shares_memory: bool
 
     def map(self, fn: Callable[[dict], Any], rows: list[dict]) -> list[Any]: ...
 
@@ -34,6 +38,11 @@ class Executor(Protocol):
         many) and, with `max_rows`, about that many rows at most (a group is never split)."""
         ...
 
+    def in_order(self, fn: Callable[..., Any], *args) -> Future:
+        """`fn(*args)` in the driver after every call given before it: a lane of its own where
+        that overlaps the next work (the commits), else now."""
+        ...
+
 
 class LocalExecutor:
     """Steps in this process over `threads` worker threads (1: in order, in the caller).
@@ -43,6 +52,7 @@ class LocalExecutor:
     consumer, so results stream as they do on Ray."""
 
     held_bytes = None
+    shares_memory = True
 
     def __init__(self, threads: int = 1):
         self.workers = Workers(threads)
@@ -62,6 +72,9 @@ class LocalExecutor:
         slices = [table.slice(start, batch_size) for start in range(0, table.num_rows, batch_size)]
         for start in range(0, len(slices), window):
             yield from self.workers.each(run, slices[start : start + window])
+
+    def in_order(self, fn, *args):
+        return self.workers.in_order(fn, *args)
 
     def group_by(self, table, keys, fn, max_rows=None):
         t = sort_rows(table, keys)

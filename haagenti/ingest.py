@@ -1,28 +1,27 @@
-"""The ingest core, shared by `FragmentLibrary.ingest_many` and the Ray pipeline.
+"""The cut, and the library's ingest around the one driver of the steps.
 
-    cut (ModelCut) -> sign (signature_table) -> match (haagenti.matching) -> encode
-    (encode_fragment) -> commit (haagenti.writer.Committer)
+    cut (ModelCut) -> new -> sign -> match -> encode -> commit (haagenti.ingest_steps.ingest_batches)
 
-The library runs these stages in one process, batch after batch (`ingest_models`); the
-pipeline (`pipelines/`) runs them as the steps of haagenti.ingest_steps, which its executors
-distribute, with model bytes read by byte range where they are needed. Both build the same tables from the same
-catalog (tests/test_agreement.py).
+`ingest_models` (`FragmentLibrary.ingest_many`, `haagenti ingest`, precision tiers) cuts the
+models in this process with their bytes carried (`cut_models`) and runs the driver on a
+`LocalExecutor`; the pipeline (`pipelines/`) cuts them on its executor as byte ranges and runs
+the same driver there. Both build the same tables from the same catalog (tests/test_agreement.py).
 """
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from haagenti import maintenance
-from haagenti.config import MAX_CHAIN_DEPTH, LibraryConfig
 from haagenti.core import LibraryCore
-from haagenti.encode import PendingFragment, RawCache, encode_fragment
+from haagenti.encode import PendingFragment
 from haagenti.errors import FormatError, LibraryError
+from haagenti.executors import LocalExecutor
 from haagenti.formats import open_model
 from haagenti.formats.container import FileHasher
 from haagenti.formats.dtypes import has_nonfinite
@@ -32,11 +31,8 @@ from haagenti.formats.source import ModelSource
 from haagenti.fragment import Encoding, FragmentId, FragmentType
 from haagenti.hashing import model_hash
 from haagenti.index import open_index
-from haagenti.ingest_steps import fragment_table, signature_table, signs
+from haagenti.ingest_steps import OCCURRENCE_SCHEMA, BatchResult, RunBytes, binary_column, binary_views, ingest_batches, occurrence_batches, signs
 from haagenti.manifest import FileRecord, FragmentRef, ModelManifest, TensorRef, validate_model_id
-from haagenti.matching import RunMatcher
-from haagenti.parallel import Workers
-from haagenti.similarity import measure
 from haagenti.store.leases import writing
 from haagenti.writer import Committer
 
@@ -140,146 +136,19 @@ class ModelCut:
         return ModelManifest(m.model_id, m.family, files, self.tensors, model_hash([f.blake3 for f in files]), self.source.raw_bytes, list(m.urls))
 
 
-# ---- sign and encode (the steps: haagenti.ingest_steps) ---------------------------------
-class FragmentEncoder:
-    """The library's stages after the cut, batch by batch: which occurrences are new, their
-    signatures, their references (one RunMatcher for the whole ingest), and their rows."""
-
-    def __init__(self, config: LibraryConfig, stored: Callable[[list[str]], dict[str, str]], matcher: RunMatcher | None,
-                 fetch_raw: Callable[[set[str]], dict[str, bytes]], device: str = "cpu", quality: str = "exact",
-                 workers: Workers | None = None):
-        self.config, self.stored, self.matcher, self.fetch_raw = config, stored, matcher, fetch_raw
-        # id -> dtype of the fragments this ingest met: its new ones, and the library's it
-        # found among its ids (asked of `stored` batch by batch) or its candidates.
-        self.known: dict[str, str] = {}
-        self.depths: dict[str, int] = {}  # chain depth of this ingest's new fragments and candidates (haagenti.matching)
-        self.device, self.quality = device, quality
-        self.workers = workers or Workers(1)  # signs and encodes a batch's fragments
-        self.refs = RawCache(512 * 1024 * 1024)
-        # New fragments of this ingest not yet committed: later fragments may reference them
-        # before the store can serve them. Moved to the bounded cache on commit.
-        self.uncommitted: dict[str, bytes] = {}
-        self.batch: list[tuple[Occurrence, IngestReport]] = []
-        self.batch_bytes = 0
-
-    def add(self, occ: Occurrence, report: IngestReport) -> bool:
-        """Queue an occurrence; True when the batch is full (call `encode`)."""
-        self.batch.append((occ, report))
-        self.batch_bytes += len(occ.piece.data)
-        return self.batch_bytes >= self.config.batch_bytes
-
-    def committed(self) -> None:
-        for fid, raw in self.uncommitted.items():
-            self.refs.put(fid, raw)
-        self.uncommitted.clear()
-
-    def take(self) -> tuple[list[tuple[Occurrence, IngestReport]], int]:
-        """The queued occurrences and their bytes, for `encode` (which may run in another thread
-        while the next batch is cut)."""
-        taken = self.batch, self.batch_bytes
-        self.batch, self.batch_bytes = [], 0
-        return taken
-
-    def encode(self, taken: tuple[list[tuple[Occurrence, IngestReport]], int] | None = None,
-               before_match: Callable[[], object] | None = None) -> tuple[pa.Table, pa.Table, int]:
-        """(fragments rows, signatures rows, raw bytes consumed) of the queued (or `taken`)
-        occurrences. `before_match` is called before the library's index is read for references
-        (an ingest waits there for its previous batch's commit: references are chosen from the
-        same rows whatever the timing)."""
-        batch, consumed = taken if taken is not None else self.take()
-        new: list[Occurrence] = []
-        self.known.update(self.stored(list({o.piece.fragment_id for o, _ in batch} - self.known.keys())))
-        for occ, _ in batch:
-            fid = occ.piece.fragment_id
-            if fid not in self.known:
-                self.known[fid] = occ.piece.dtype
-                new.append(occ)
-        signed = [o.piece for o in new if signs(o.piece)] if self.matcher is not None else []
-        sigs = signature_table(signed, self.config.signature, self.device, self.workers)
-        if before_match is not None and self.matcher is not None:
-            before_match()
-        candidates, depths = self.matcher.match(sigs) if self.matcher is not None else ({}, {})
-        self.depths.update(depths)
-        self.known.update(self.stored(list({c for cs in candidates.values() for c in cs} - self.known.keys())))
-        batch_ids = {o.piece.fragment_id for o in new}  # this batch's: referenced by their bytes as cut
-        wanted = {c for cs in candidates.values() for c in cs if c not in self.refs and c not in self.uncommitted and c not in batch_ids}
-        if wanted:
-            for fid, raw in self.fetch_raw(wanted).items():
-                self.refs.put(fid, raw)
-        stored: list[dict] = []
-        lossy: dict[str, FragmentRef] = {}
-        for occ in new:  # registered first, so the batch encodes in any order
-            p = occ.piece
-            if self.matcher is not None and signs(p) and (p.fragment_id not in candidates or self.matcher.new_deltas) and self.depths[p.fragment_id] < MAX_CHAIN_DEPTH:
-                self.uncommitted[p.fragment_id] = p.data  # later fragments may reference it
-        encoded = self.workers.each(lambda o: _blob_in_arrow(*self._encode_one(o.piece, candidates.get(o.piece.fragment_id))), new)
-        for occ, (row, ref) in zip(new, encoded):
-            p = occ.piece
-            if ref is not None:  # shared lossily: nothing stored, and the id stays unknown
-                lossy[p.fragment_id] = ref
-                del self.known[p.fragment_id]
-                continue
-            stored.append(row)
-        by_id = {r["fragment_id"]: r for r in stored}
-        for occ, report in batch:
-            report.fragments += 1
-            shared = lossy.get(occ.piece.fragment_id)
-            if shared is not None:
-                occ.tensor.fragments[occ.index] = FragmentRef(shared.fragment_id, occ.piece.elem_offset, occ.piece.n_elements,
-                                                              shared.source_fragment_id, shared.max_abs_error, shared.rel_l2_error)
-                report.lossy += 1
-                continue
-            row = by_id.pop(occ.piece.fragment_id, None)
-            if row is None:
-                report.exact += 1
-            else:
-                report.plain += row["encoding"] == Encoding.PLAIN.value
-                report.delta += row["encoding"] != Encoding.PLAIN.value
-                report.stored_bytes += row["stored_size"]
-        if lossy and sigs.num_rows:
-            sigs = sigs.filter(pa.array([f not in lossy for f in sigs["fragment_id"].to_pylist()], pa.bool_()))
-        return fragment_table(stored), sigs, consumed
-
-    def _encode_one(self, p: PendingFragment, candidates: list[str] | None) -> tuple[dict | None, FragmentRef | None]:
-        """(row, None), or (None, a lossy reference) when a candidate may stand in for `p`."""
-        refs = []
-        for cand in candidates or []:
-            ref_raw = self.uncommitted.get(cand) or self.refs.get(cand)
-            if ref_raw is None:
-                ref_raw = self.fetch_raw({cand})[cand]  # evicted from the cache since it was fetched
-            if self.config.lossy_threshold is not None and self.known.get(cand) == p.dtype and lookup_dtype(p.dtype).torch_name:
-                shared = self._lossy(p, cand, ref_raw)
-                if shared is not None:
-                    return None, shared
-            refs.append((cand, ref_raw, self.known[cand], self.depths[cand]))
-        return encode_fragment(p, refs, self.config.zstd_level, self.quality), None
-
-    def _lossy(self, p: PendingFragment, cand: str, ref: bytes) -> FragmentRef | None:
-        """Share `cand` in place of `p` when the measured relative L2 error is within the bound."""
-        import torch
-
-        t = lookup_dtype(p.dtype).torch_dtype
-        a = torch.frombuffer(bytearray(p.data), dtype=t).to(torch.float64).numpy()
-        b = torch.frombuffer(bytearray(ref), dtype=t).to(torch.float64).numpy()
-        if not (np.isfinite(a).all() and np.isfinite(b).all()):
-            return None
-        _, rel, mx = measure(a, b)
-        if rel <= (self.config.lossy_threshold or 0.0):
-            return FragmentRef(cand, p.elem_offset, p.n_elements, p.fragment_id, mx, rel)
-        return None
-
-
-def _blob_in_arrow(row: dict | None, ref: FragmentRef | None) -> tuple[dict | None, FragmentRef | None]:
-    """The row with its blob copied into Arrow's memory, the encoder's bytes freed at once.
-    A batch's blobs (40 MB of 64) are held until its commit: held in malloc's memory, they went
-    back to the kernel when freed and came back as fresh pages for the next batch (8.7k page
-    faults per batch, half the encode rate on a 2-core machine; Arrow's allocator keeps its pages), see
-    docs/decisions/0037-every-core.md."""
-    if row is not None and row["blob"]:
-        buf = pa.allocate_buffer(len(row["blob"]))
-        np.frombuffer(buf, np.uint8)[:] = np.frombuffer(row["blob"], np.uint8)
-        row["blob"] = buf
-    return row, ref
+def occurrence_table(rank: int, occurrences: Iterable[Occurrence], carry: bool) -> pa.Table:
+    """The occurrences of model `rank` as rows of OCCURRENCE_SCHEMA, their bytes in `data` when
+    `carry` (steps in this process read nothing again), else null (read by byte range; the
+    bytes are let go as each occurrence is taken)."""
+    cols: dict[str, list] = {name: [] for name in OCCURRENCE_SCHEMA.names}
+    for o in occurrences:
+        p = o.piece
+        for name, value in (("fragment_id", p.fragment_id), ("dtype", p.dtype), ("fragment_type", p.fragment_type.value), ("signs", signs(p)),
+                            ("url", o.url), ("byte_offset", o.byte_offset), ("byte_len", len(p.data)), ("data", p.data if carry else None)):
+            cols[name].append(value)
+    cols["rank"] = [rank] * len(cols["fragment_id"])
+    data = binary_column(cols["data"]) if carry else pa.nulls(len(cols["data"]), pa.binary())
+    return pa.table({f.name: data if f.name == "data" else pa.array(cols[f.name], f.type) for f in OCCURRENCE_SCHEMA}, schema=OCCURRENCE_SCHEMA)
 
 
 # ---- the library's ingest -----------------------------------------------------------------
@@ -289,8 +158,8 @@ def ingest_models(lib: LibraryCore, models: list[ModelInput], progress: IngestPr
     """Add several models in one set of commits (haagenti.writer.Committer states the order);
     later models deduplicate against earlier ones. A Delta commit costs milliseconds whatever
     its size, so a family of small models ingests much faster this way than one by one.
-    With `threads` > 1 (0: every core) a batch is signed, encoded and committed in the
-    background, its fragments spread over the threads, while the next batch is read and hashed.
+    With `threads` > 1 (0: every core) the next batch is read and hashed in the background
+    while this one is signed and encoded over the threads, and commits run on a lane of their own.
     A model already stored with the same file bytes is left as it is (`unchanged`, its family
     set when one is given), as the Ray job does; one stored with other bytes is refused unless
     `replace`, and then unpublished just before the new one is published.
@@ -300,11 +169,11 @@ def ingest_models(lib: LibraryCore, models: list[ModelInput], progress: IngestPr
         validate_model_id(mid)
     if len(set(ids)) != len(ids):
         raise LibraryError(f"model ids repeat within one ingest: {sorted({i for i in ids if ids.count(i) > 1})}")
-    with writing(lib.store, "ingest", ids, wait) as lease, Workers(threads) as workers:
+    with writing(lib.store, "ingest", ids, wait) as lease, LocalExecutor(threads) as executor:
         sources = [open_model(m.urls) for m in models]  # every file is checked before anything is written
         unchanged, replaced = _against_stored(lib, models, sources, replace)
         todo = [(m, s) for m, s in zip(models, sources) if m.model_id not in unchanged]
-        done = _ingest_models(lib, todo, progress, device, quality, workers, lease.writer, replaced) if todo else []
+        done = _ingest_models(lib, todo, progress, device, quality, executor, lease.writer, replaced) if todo else []
     by_id = {r.model_id: r for r in done + list(unchanged.values())}
     return [by_id[m] for m in ids]
 
@@ -337,72 +206,97 @@ def _against_stored(lib: LibraryCore, models: list[ModelInput], sources: list[Mo
 
 
 def _ingest_models(lib: LibraryCore, todo: list[tuple[ModelInput, ModelSource]], progress: IngestProgress | None, device: str,
-                   quality: str, workers: Workers, ingest_id: str, replaced: list[str]) -> list[IngestReport]:
-    ids = [m.model_id for m, _ in todo]
+                   quality: str, executor: LocalExecutor, ingest_id: str, replaced: list[str]) -> list[IngestReport]:
+    """The models cut here (`cut_models`) through the ingest's steps (ingest_steps.ingest_batches
+    on `executor`), each byte read once; then their manifests, published."""
     config = lib.config
-    # Tier models (quality != exact) never reference exact data, only each other.
     # The library's index is read per batch, by key: the ids a batch could repeat and the buckets
     # its signatures fall in (haagenti.index), never the whole index.
     index = open_index(lib.store, config)
-    lookup = index.propose if quality == "exact" else None
-    matcher = RunMatcher(config, lookup, config.lossy_threshold is None, index.scoper() if lookup else None) if config.similarity else None
-    encoder = FragmentEncoder(config, index.known, matcher, lib.fetch_raw, device, quality, workers)
-    committer = Committer(lib.store, index, ingest_id, f"ingest {', '.join(ids)}"[:200], config.batch_bytes, encoder.committed)
-
-    def commit(encoded: tuple[pa.Table, pa.Table, int], owner: int, before: Future | None) -> None:
-        if before is not None:
-            before.result()  # a failed commit fails every later one
-        frags, sigs, consumed = encoded
-        committer.add(frags, sigs, owner)
-        if progress and consumed:
-            progress(consumed)
-
-    def encode(taken, owner: int, before: Future | None) -> Future:
-        """A batch's NaN/Inf check and rows (over the threads: on the main thread, beside the
-        read and the hashes, the check made the cut the slowest stage at two threads), then
-        their commit queued behind the previous batch's (`before`)."""
-        occurrences = [occ for occ, _ in taken[0]]
-        flagged = workers.each(lambda occ: has_nonfinite(occ.piece.data, lookup_dtype(occ.piece.dtype)), occurrences)
-        for (occ, report), bad in zip(taken[0], flagged):
-            if bad and occ.tensor.name not in report.nonfinite_tensors:
-                report.nonfinite_tensors.append(occ.tensor.name)
-        encoded = encoder.encode(taken, before.result if before is not None else None)
-        return workers.in_order(commit, encoded, owner, before)
-
-    # One batch encodes in the background (its fragments spread over the threads) while the
-    # main thread reads and hashes the next and the batch before it commits on a lane of its
-    # own: commits in order, one encode at a time, three batches in memory at most.
-    pending: Future | None = None  # the batch being encoded; its result: that batch's commit
-    committed: Future | None = None  # the commit of the batch before it
-
-    def encode_next(owner: int) -> None:
-        nonlocal pending, committed
-        taken = encoder.take()
-        if pending is not None:
-            if committed is not None:
-                committed.result()
-            committed = pending.result()
-        pending = workers.submit(encode, taken, owner, committed)
-
-    manifests, reports = [], []
-    for owner, (m, source) in enumerate(todo):
-        started = time.perf_counter()
-        report = IngestReport(m.model_id, source.raw_bytes)
-        cut = ModelCut(m, source, config.fragment_elements)
-        with source:
-            for occ in cut:
-                if encoder.add(occ, report):
-                    encode_next(owner)
-            encode_next(owner)
-            pending.result()  # this model's references are complete before its manifest is built
-        manifests.append(cut.manifest())
-        report.seconds = time.perf_counter() - started
-        reports.append(report)
-    if pending is not None:
-        pending.result().result()  # every batch committed, in order
-    committer.flush()
+    run_bytes = RunBytes(lib.fetch_raw)
+    committer = Committer(lib.store, index, ingest_id, f"ingest {', '.join(m.model_id for m, _ in todo)}"[:200], config.batch_bytes, run_bytes.committed)
+    cuts = [ModelCut(m, s, config.fragment_elements) for m, s in todo]
+    tally = _Tally([IngestReport(m.model_id, s.raw_bytes) for m, s in todo], executor)
+    # The next batch is cut while this one is signed, matched and encoded; commits run on a lane of their own.
+    batches = executor.workers.ahead(occurrence_batches(cut_models(cuts, config.batch_bytes, tally), config.batch_bytes))
+    for done in ingest_batches(lib, index, batches, executor, committer, {}, quality, device, run_bytes):
+        tally.add(done)
+        if progress:
+            progress(int(pc.sum(done.occurrences["byte_len"]).as_py() or 0))
     for mid in replaced:  # unpublished just before the new one is published; gc frees what only it held
         maintenance.rm(lib, mid)
+    manifests = [c.manifest() for c in cuts]
     committer.commit_manifests(manifests)
     committer.publish(manifests)
-    return reports
+    return tally.reports
+
+
+def cut_models(cuts: list[ModelCut], batch_bytes: int, tally: "_Tally") -> Iterator[pa.Table]:
+    """The cut step of an ingest in this process: each model's occurrences in order, in tables
+    of about `batch_bytes` with their bytes (`data`): read once, and checkpoint tensors and
+    transposed weights have no byte range to read again. `tally` learns where each lies."""
+    for rank, cut in enumerate(cuts):
+        tally.started(rank)
+        held: list[Occurrence] = []
+        size = 0
+        with cut.source:
+            for occ in cut:
+                held.append(occ)
+                size += len(occ.piece.data)
+                if size >= batch_bytes:
+                    tally.cut(held)
+                    yield occurrence_table(rank, held, carry=True)
+                    held, size = [], 0
+        tally.cut(held)
+        yield occurrence_table(rank, held, carry=True)
+        tally.finished(rank)
+
+
+class _Tally:
+    """Each model's IngestReport from the driver's results, occurrence by occurrence in run
+    order: new fragments stored (plain or delta, their bytes), exact repeats, fragments shared
+    lossily (their references in the manifest replaced), and tensors holding NaN or Inf."""
+
+    def __init__(self, reports: list[IngestReport], executor: LocalExecutor):
+        self.reports, self.executor = reports, executor
+        self.places: deque[tuple[TensorRef, int]] = deque()  # (tensor, index) of each occurrence cut, not yet tallied
+        self.begun: dict[int, float] = {}
+
+    def started(self, rank: int) -> None:
+        self.begun[rank] = time.perf_counter()
+
+    def cut(self, occurrences: list[Occurrence]) -> None:
+        self.places.extend((o.tensor, o.index) for o in occurrences)
+
+    def finished(self, rank: int) -> None:
+        """The model's cut is done: its time so far (its last batch may still be encoding)."""
+        self.reports[rank].seconds = time.perf_counter() - self.begun[rank]
+
+    def add(self, done: BatchResult) -> None:
+        stored = {f: (e, n) for f, e, n in zip(*(done.stored[c].to_pylist() for c in ("fragment_id", "encoding", "stored_size")))}
+        shared = done.shared_refs()
+        occ = done.occurrences
+        flagged = self.executor.map(_nonfinite, list(zip(binary_views(occ["data"]), occ["dtype"].to_pylist())))
+        for rank, fid, bad in zip(occ["rank"].to_pylist(), occ["fragment_id"].to_pylist(), flagged):
+            tensor, index = self.places.popleft()
+            report = self.reports[rank]
+            report.fragments += 1
+            if bad and tensor.name not in report.nonfinite_tensors:
+                report.nonfinite_tensors.append(tensor.name)
+            if fid in shared:
+                ref = tensor.fragments[index]
+                by, mx, rel = shared[fid]
+                tensor.fragments[index] = FragmentRef(by, ref.elem_offset, ref.elem_count, fid, mx, rel)
+                report.lossy += 1
+            elif fid in stored:
+                encoding, size = stored.pop(fid)
+                report.plain += encoding == Encoding.PLAIN.value
+                report.delta += encoding != Encoding.PLAIN.value
+                report.stored_bytes += size
+            else:
+                report.exact += 1
+            report.seconds = max(report.seconds, time.perf_counter() - self.begun[rank])
+
+
+def _nonfinite(item: tuple[bytes, str]) -> bool:
+    return has_nonfinite(item[0], lookup_dtype(item[1]))

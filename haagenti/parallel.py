@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -21,6 +21,16 @@ def thread_count(threads: int | None) -> int:
     if threads:
         return threads
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def inline(fn: Callable[..., R], *args) -> "Future[R]":
+    """fn run now, in the caller, as a finished Future."""
+    f: Future[R] = Future()
+    try:
+        f.set_result(fn(*args))
+    except BaseException as e:  # re-raised by result(), as a pool's future would
+        f.set_exception(e)
+    return f
 
 
 class Workers:
@@ -73,16 +83,22 @@ class Workers:
         """Run fn in the background (inline with one thread): overlap a stage with the next."""
         return self._run(self._pool, fn, *args)
 
+    def ahead(self, items: Iterable[T]) -> Iterator[T]:
+        """`items`, the next one made in the background (inline with one thread) while the caller
+        works on this one: a producer (the cut) overlaps its consumer."""
+        it = iter(items)
+        end = object()
+        coming = self.submit(next, it, end)
+        while True:
+            item = coming.result()
+            if item is end:
+                return
+            coming = self.submit(next, it, end)
+            yield item  # type: ignore[misc]
+
     @staticmethod
     def _run(pool: ThreadPoolExecutor | None, fn: Callable[..., R], *args) -> "Future[R]":
-        if pool is None:
-            f: Future[R] = Future()
-            try:
-                f.set_result(fn(*args))
-            except BaseException as e:  # re-raised by result(), as a pool's future would
-                f.set_exception(e)
-            return f
-        return pool.submit(fn, *args)
+        return pool.submit(fn, *args) if pool is not None else inline(fn, *args)
 
     def in_order(self, fn: Callable[..., R], *args) -> "Future[R]":
         """Run fn in the background after everything given to `in_order` before it (inline with

@@ -36,7 +36,7 @@ from haagenti.store.publication import publish
 
 class Committer:
     def __init__(self, store: LibraryStore, index: IndexLayout, ingest_id: str, note: str, chunk_bytes: int,
-                 on_commit: Callable[[], None] | None = None):
+                 on_commit: Callable[[list[str]], None] | None = None):
         self.store, self.index, self.ingest_id, self.note, self.chunk_bytes, self.on_commit = store, index, ingest_id, note, chunk_bytes, on_commit
         self.fragments: list[pa.Table] = []
         self.signatures: list[pa.Table] = []
@@ -60,15 +60,17 @@ class Committer:
         sigs = pa.concat_tables(self.signatures) if self.signatures else None
         if sigs is not None:
             self.store.append("signatures", sigs, self.note)
+        committed: list[str] = []
         if self.fragments:
             owners = np.concatenate(self.owners)
             bounds = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1], True])
             frags = pa.concat_tables(self.fragments)
             data_file = self.store.append("fragments", frags, self.note, np.diff(bounds).tolist())
             self.index.append(frags.drop_columns(["blob"]), sigs if sigs is not None else SCHEMAS["signatures"].empty_table(), data_file, self.note)
+            committed = frags["fragment_id"].to_pylist()
         self.fragments, self.signatures, self.owners, self.held = [], [], [], 0
         if self.on_commit:
-            self.on_commit()
+            self.on_commit(committed)
 
     def commit_manifests(self, manifests: list[ModelManifest]) -> None:
         """Everything held, then every model's manifest rows in one commit."""

@@ -14,12 +14,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import pyarrow.compute as pc
+
 from haagenti.checkpoints import reached
 from haagenti.config import LibraryConfig
 from haagenti.errors import LibraryError
 from haagenti.executors import Executor, LocalExecutor
 from haagenti.formats.source import expand_urls
-from haagenti.ingest_steps import ingest_batches
+from haagenti.ingest_steps import ingest_batches, occurrence_batches
 from haagenti.library import FragmentLibrary
 from haagenti.maintenance import closest_models
 from haagenti.store import LibraryStore
@@ -185,8 +187,11 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
     # On a cluster the run is one batch: a batch boundary drains the actor pools (a 2-batch
     # catalog on Ray ran 20-30% slower warm, decisions/0242); in one process batches bound memory.
     whole_run = not isinstance(executor, LocalExecutor)
-    stored = ingest_batches(lib, lib.index, [o for _, o in cuts], executor, committer, seconds, None if whole_run else config.batch_bytes)
-    report.new_fragments, report.delta_fragments, report.stored_bytes_added = stored.new_fragments, stored.delta_fragments, stored.stored_bytes
+    batches = occurrence_batches([o for _, o in cuts], None if whole_run else config.batch_bytes)
+    for done in ingest_batches(lib, lib.index, batches, executor, committer, seconds):
+        report.new_fragments += done.stored.num_rows
+        report.delta_fragments += int(pc.sum(pc.not_equal(done.stored["encoding"], "plain")).as_py() or 0)
+        report.stored_bytes_added += int(pc.sum(done.stored["stored_size"]).as_py() or 0)
     reached("after-fragments")
     for name in ("sign", "match", "encode+write"):
         stage(name, time.perf_counter() - seconds.get(name, 0.0))

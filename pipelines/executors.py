@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from haagenti.executors import Executor, LocalExecutor, cut_at_groups
 from haagenti.groups import sort_rows
+from haagenti.parallel import inline
 
 
 FORWARDED_ENV = ("AWS_", "HAAGENTI_", "GOOGLE_", "AZURE_")
@@ -31,6 +32,8 @@ class RayExecutor:
     again on a live actor, and the driver commits only final outputs, so a lost worker or node
     costs time, never rows. At most two calls per actor are in flight and results come back in order,
     so memory is bounded by batches, not by the catalog."""
+
+    shares_memory = False
 
     def __init__(self, address: str | None = None, workers: int | None = None):
         import ray
@@ -105,6 +108,10 @@ class RayExecutor:
     def map_batches(self, cls, args, table, batch_size, actors=False):
         slices = (table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size))
         return self._run(((_call, cls, args, b) for b in slices), gpu=actors)
+
+    def in_order(self, fn, *args):
+        """Now: the driver commits results as they come, holding at most `held_bytes` of them."""
+        return inline(fn, *args)
 
     def group_by(self, table, keys, fn, max_rows=None):
         """Sort by key on the driver (Arrow, C++), cut at group boundaries into about two parts

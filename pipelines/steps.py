@@ -9,8 +9,7 @@ from haagenti.config import LibraryConfig
 from haagenti.errors import FormatError
 from haagenti.formats import container, open_model
 from haagenti.hashing import model_hash
-from haagenti.ingest import ModelCut, ModelInput
-from haagenti.ingest_steps import OCCURRENCE_SCHEMA, signs
+from haagenti.ingest import ModelCut, ModelInput, occurrence_table
 from haagenti.manifest import ModelManifest
 from pipelines.stamps import file_stamps
 
@@ -57,9 +56,6 @@ class FragmentModel:
             if turned is not None:  # later steps read fragments as byte ranges of files; a transposed tensor is none
                 raise FormatError(f"{src.files[turned.file_index].url}: tensor {turned.name!r} is stored transposed (an ONNX MatMul weight), which the pipeline cannot read by byte range; ingest this model with `haagenti ingest`")
             cut = ModelCut(ModelInput(list(row["files"]), row["model_id"], row["family"]), src, self.config.fragment_elements)
-            occ = [(o.piece.fragment_id, o.piece.dtype, o.piece.fragment_type.value, signs(o.piece), o.url, o.byte_offset, len(o.piece.data)) for o in cut]
+            table = occurrence_table(row["rank"], cut, carry=False)
             manifest = cut.manifest([r["blake3"] for r in row["file_records"]])
-        cols = list(zip(*occ)) if occ else [[]] * 7
-        names = OCCURRENCE_SCHEMA.names[1:-1]
-        table = pa.table({"rank": [row["rank"]] * len(occ), **dict(zip(names, cols)), "data": [None] * len(occ)}, schema=OCCURRENCE_SCHEMA)
         return manifest, table

@@ -27,7 +27,6 @@ from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.source import RangeReader
 from haagenti.fragment import FragmentType
 from haagenti.index import IndexLayout, open_index
-from haagenti.manifest import FragmentRef
 from haagenti.matching import BUCKET, Pairing, RunMatcher, hamming_limit, partner_pairs
 from haagenti.parallel import Workers
 from haagenti.signature import SignatureConfig, compute_signatures

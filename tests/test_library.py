@@ -122,6 +122,26 @@ def test_ingest_many_commits_once_and_deduplicates_within_the_batch(tmp_path, fa
         assert sha256(p) == sha256(m.file), m.model_id
 
 
+def test_ingest_reads_each_byte_once_across_batches_and_commits(tmp_path, family, monkeypatch):
+    """The library's ingest carries each fragment's bytes from the cut through the steps, and
+    takes references to the run's earlier fragments from memory (held until committed, then
+    cached): nothing is read again by byte range, however small its batches and commits."""
+    from haagenti import ingest_steps
+
+    class NoRangeReads:  # the steps' reader; the cut reads each file once through its own
+        def read(self, *args):
+            raise AssertionError("a step of the library's ingest read bytes by range")
+
+    monkeypatch.setattr(ingest_steps, "RangeReader", NoRangeReads)
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), LibraryConfig(fragment_size=64 * 1024, batch_bytes=512 * 1024))
+    reports = {r.model_id: r for r in lib.ingest_many([ModelInput([m.file], m.model_id, m.family) for m in family[:3]])}
+    assert reports[family[1].model_id].delta > 0 and reports[family[2].model_id].delta > 0
+    monkeypatch.undo()
+    for m in family[:3]:
+        [p] = lib.restore(m.model_id, str(tmp_path / "out" / m.model_id))
+        assert sha256(p) == sha256(m.file), m.model_id
+
+
 def test_ingest_many_checks_everything_before_writing(tmp_path, family):
     lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
     before = lib.store.versions()

@@ -5,6 +5,7 @@ model per call, with the reduction on disk (every file of the library) per order
 
     python bench/paths.py [--runs 5] [--family family] [--threads 1 2] [--s3]
     python bench/paths.py --orders [--family family] [--index two-level] [--batch-mb 64]
+    python bench/paths.py --orders --ladder [--family family] [--index two-level]
 
 Both paths run the same ingest core, so their stored bytes must be equal; the time is from an
 opened, empty library to the published models (imports the ingest needs included), one core.
@@ -14,7 +15,8 @@ The orders: the catalog's; reversed; the cast (the fp16 re-export) first; the un
 first. Their spread is what the reference rule loses to the order models arrive in. Then the
 same with the export made from the fp32 master (as the issue-25 family was), where the order
 decides whether the fine-tunes can reference their base. `--index` and `--batch-mb` set the
-libraries' index layout and commit size (the "two-level" layout's shard size).
+libraries' index layout and commit size (the "two-level" layout's shard size). `--ladder`: the
+orders of the family base's GGUF quantization ladder (haagenti.exports.export_ladder) instead.
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ def disk_bytes(root: str) -> int:
 
 
 def orders(members) -> dict[str, list]:
+    if members[0].family == "ladder":  # F16 first, then each quantized step; quantized before F16
+        return {"F16 first": list(members), "reversed": list(reversed(members)), "F16 last": members[1:] + members[:1]}
     cast = [m for m in members if "fp16" in m.model_id]
     unrelated = [m for m in members if m.family is None]
     return {
@@ -92,6 +96,19 @@ def bench_orders(members, title: str) -> None:
         print(f"spread ({way}): {100 * (max(vals) - min(vals)):.2f} points (best {max(vals):.2%}, worst {min(vals):.2%})")
 
 
+def ladder(base) -> list:
+    """The GGUF quantization ladder of `base`, written once next to its family."""
+    from haagenti.examples import FamilyMember
+    from haagenti.exports import LADDER, export_ladder
+
+    folder = os.path.join(os.path.dirname(base.file), "ladder")
+    name = os.path.basename(base.file).removesuffix(".safetensors")
+    files = [os.path.join(folder, f"{name}-{q}.gguf") for q in LADDER]
+    if not all(os.path.exists(f) for f in files):
+        files = export_ladder(base.file, folder)
+    return [FamilyMember(f"{base.model_id}-{q}", f, "ladder", "") for q, f in zip(LADDER, files)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
@@ -101,10 +118,14 @@ def main() -> None:
     ap.add_argument("--batch-mb", type=float, default=64, help="MiB per encode batch and fragments commit")
     ap.add_argument("--threads", type=int, nargs="+", default=[0], help="thread counts of the library path (0: every core)")
     ap.add_argument("--s3", action="store_true", help="read the model files from an S3 API server (moto) on loopback")
+    ap.add_argument("--ladder", action="store_true", help="with --orders: the family base's GGUF quantization ladder")
     args = ap.parse_args()
     global CONFIG
     CONFIG = LibraryConfig(index=args.index, batch_bytes=int(args.batch_mb * 1024 * 1024))
     members = example_family(args.family)
+    if args.orders and args.ladder:
+        bench_orders(ladder(members[0]), f"{args.family} base's GGUF ladder")
+        return
     if args.orders:
         bench_orders(members, args.family)
         bench_orders(master_export(members), f"{args.family}, its fp16 export made from the fp32 master (common.master_export)")

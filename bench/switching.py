@@ -8,12 +8,14 @@ switch to each other member in turn (a first visit: the manifest is read and the
 loader does not hold are read, verified and decoded; a fine-tune reads its deltas, not the base
 fragments they reference, and nothing for layers a partial fine-tune froze). Then both switch
 to every member once more (a revisit: every fragment is held). Beside each load, interleaved,
-the member's file is loaded with safetensors twice: `load_file` as is (it maps the file and
-returns tensors over the mapping, so no byte is read until used) and with `backend="pread"`
-(the bytes read into memory of the tensors' own, as the loader returns them). The page cache
-is warm for both. A third loader (one thread) switches a live state dict in place, on first
-visits and revisits (`load(id, into=live)`, the base's tensors, for the members of the same
-names, dtypes and shapes), beside safetensors' `load_file` + `copy_` into the same tensors.
+the member's file is loaded with safetensors three ways: `load_file` as is (it maps the file
+and returns tensors over the mapping, so no byte is read until used), `load_file` with every
+tensor then summed ("touch": each byte read once, the fair baseline of a first visit, which
+reads every byte it returns) and with `backend="pread"` (the bytes read into memory of the
+tensors' own, as the loader returns them). The page cache is warm for all. A third loader
+(one thread) switches a live state dict in place, on first visits and revisits
+(`load(id, into=live)`, the base's tensors, for the members of the same names, dtypes and
+shapes), beside safetensors' `load_file` + `copy_` into the same tensors.
 Times are min / median / max over the rounds; a second table splits the one-thread loader's
 first visits into manifest, fetch (read, verify, decode) and assembly.
 """
@@ -60,7 +62,7 @@ def main() -> None:
     try:
         lib = FragmentLibrary.open(os.path.join(root, "lib"), LibraryConfig(similarity=True))
         lib.ingest_many([ModelInput([m.file], m.model_id, m.family) for m in members])
-        cols = ["hg 1", f"hg {cores}", "into 1", "st mmap", "st pread", "st into", "again 1", f"again {cores}", "again into"]
+        cols = ["hg 1", f"hg {cores}", "into 1", "st mmap", "st touch", "st pread", "st into", "again 1", f"again {cores}", "again into"]
         t: dict[str, dict[str, list[float]]] = {m.model_id: {c: [] for c in cols} for m in members}
         reads: dict[str, tuple[int, int, int]] = {}
         phases: dict[str, list[tuple[float, float, float]]] = {m.model_id: [] for m in members}  # the 1-thread first visits
@@ -81,6 +83,7 @@ def main() -> None:
                     if k == "1":
                         phases[m.model_id].append((r.manifest_seconds, r.fetch_seconds, r.assemble_seconds))
                 t[m.model_id]["st mmap"].append(timed(lambda: load_file(m.file)))
+                t[m.model_id]["st touch"].append(timed(lambda: [v.sum() for v in load_file(m.file).values()]))
                 t[m.model_id]["st pread"].append(timed(lambda: load_file(m.file, backend="pread")))
                 if same:
                     t[m.model_id]["st into"].append(timed(lambda: [live[k].copy_(v) for k, v in load_file(m.file).items()]))

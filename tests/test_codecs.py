@@ -1,14 +1,17 @@
 import os
+import struct
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import zstandard
 
 from haagenti.codecs import PLANES, ByteGroup, RotateLeft, Zstd, apply_delta, cast_reference, chain_for, codec_chain, smallest_encoding
 from haagenti.codecs.core import BLOCK_FIELDS, block_planes
 from haagenti.codecs.delta import residual
+from haagenti.errors import FragmentError
 from haagenti.fragment import Encoding, FragmentType
 
 
@@ -54,6 +57,29 @@ def test_chains_reuse_their_buffers_and_never_hand_them_out():
     ea = chain.encode(a)
     eb = chain.encode(b)
     assert chain.decode(ea, len(a)) == a and chain.decode(eb, len(b)) == b
+
+
+@pytest.mark.parametrize("width", [2, 4, 8])
+def test_a_float_chain_decodes_its_planes_into_words_as_each_codec_does_alone(width):
+    """A float chain joins zstd's streams into words and rotates them back in place; the same
+    bytes come out as from each codec's own decode, and the stored blob is left as it was."""
+    data = (torch.randn(1 << 12) * 0.02).to({2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[width]).view(torch.uint8).numpy().tobytes()
+    rotl, group, zstd = RotateLeft(width, 3), ByteGroup(width), Zstd(PLANES, width)
+    blob = bytearray(codec_chain(f"rotl:{width}:3+bytegroup:{width}+zstd:planes:{width}").encode(data))
+    kept = bytes(blob)
+    one_by_one = rotl.decode(group.decode(zstd.decode(blob, len(data)), len(data)), len(data))
+    assert bytes(codec_chain(f"rotl:{width}:3+bytegroup:{width}+zstd:planes:{width}").decode(blob, len(data))) == bytes(one_by_one) == data
+    assert bytes(blob) == kept
+
+
+def test_byte_planes_of_unequal_lengths_are_refused_as_damage():
+    """Streams a stored row claims as byte planes but of different lengths (one compressed,
+    one raw here) are damage, not joined into words."""
+    a = zstandard.ZstdCompressor().compress(bytes(1000))
+    raw = os.urandom(998)
+    blob = struct.pack("<BI", 1, len(a)) + struct.pack("<BI", 0, len(raw)) + a + raw
+    with pytest.raises(FragmentError, match="byte planes"):
+        codec_chain("bytegroup:2+zstd:planes:2").decode(blob, 4000)
 
 
 def test_format_3_chains_still_decode():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Sequence
 from typing import Callable, Protocol
 
 import numpy as np
@@ -58,13 +59,19 @@ class ByteGroup:
         return memoryview(planes).cast("B")
 
     def decode(self, data: bytes | memoryview, limit: int) -> memoryview:
-        _within(len(data), limit)
-        planes = np.frombuffer(data, dtype=np.uint8).reshape(self.width, -1)
+        return memoryview(self.join(np.frombuffer(data, dtype=np.uint8).reshape(self.width, -1), limit)).cast("B")
+
+    def join(self, planes: Sequence[np.ndarray], limit: int) -> np.ndarray:
+        """Words (a fresh array) from their `width` byte planes, lowest first; the planes may
+        be separate buffers (Zstd.streams: zstd's output as it comes, never concatenated)."""
+        if len(planes) != self.width or any(len(p) != len(planes[0]) for p in planes):
+            raise FragmentError(f"{len(planes)} byte planes of {[len(p) for p in planes][:8]} bytes do not make {self.width}-byte words")
+        _within(self.width * len(planes[0]), limit)
         out = planes[-1].astype(_WORD[self.width])
         for i in range(self.width - 2, -1, -1):
             out <<= 8
             out |= planes[i]
-        return memoryview(out).cast("B")
+        return out
 
 
 class RotateLeft:
@@ -102,10 +109,19 @@ class RotateLeft:
 
     def decode(self, data: bytes | memoryview, limit: int) -> memoryview:
         _within(len(data), limit)
-        n = len(data) // self.width
+        return memoryview(self.undo(np.frombuffer(data, dtype=_WORD[self.width]).copy())).cast("B")
+
+    def undo(self, words: np.ndarray) -> np.ndarray:
+        """`words` rotated back in place (a writable array of this width's words): a chain
+        whose previous codec made the words gives them here without a fresh buffer."""
+        n = len(words)
         if len(self._tmp) < n:
             self._tmp = np.empty(n, _WORD[self.width])
-        return memoryview(self._rotate(data, 8 * self.width - self.bits, np.empty(n, _WORD[self.width]), self._tmp)).cast("B")
+        tmp = self._tmp[:n]
+        np.right_shift(words, self.bits, out=tmp)
+        words <<= 8 * self.width - self.bits
+        words |= tmp
+        return words
 
 
 class BlockFields:
@@ -211,6 +227,11 @@ class Zstd:
         """The streams copied into one buffer of their own by numpy (which releases the GIL),
         not joined by bytes.join (which holds it for the copy of every byte and so kept restore
         threads from running side by side)."""
+        parts = self.streams_of(data, limit)
+        return memoryview(np.concatenate(parts) if len(parts) > 1 else parts[0].copy())
+
+    def streams_of(self, data: bytes | memoryview, limit: int) -> list[np.ndarray]:
+        """Each stream's bytes, uncopied: zstd's output, or a view of `data` for a stream stored raw."""
         view = memoryview(data)  # slices without copies
         pos = 5 * self.streams
         parts = []
@@ -221,7 +242,7 @@ class Zstd:
             if compressed:  # a frame without a content size is refused by decompress itself
                 _within(zstandard.frame_content_size(part), limit)
             parts.append(np.frombuffer(self._d.decompress(part) if compressed else part, np.uint8))
-        return memoryview(np.concatenate(parts) if len(parts) > 1 else parts[0].copy())
+        return parts
 
 
 class CodecChain:
@@ -237,7 +258,20 @@ class CodecChain:
         return data if isinstance(data, bytes) else bytes(data)  # never a codec's reused buffer
 
     def decode(self, data: bytes | memoryview, limit: int) -> bytes | memoryview:
-        for c in reversed(self.codecs):
+        """Byte planes coded as one zstd stream each (a float chain's tail) are joined into
+        words straight from zstd's output and rotated back in place: the copy that
+        concatenated the streams and the buffer the rotation wrote were a third of a
+        fragment's decode (docs/decisions/0320-decode-in-place.md)."""
+        codecs = self.codecs
+        if len(codecs) >= 2 and isinstance(codecs[-1], Zstd) and isinstance(codecs[-2], ByteGroup) \
+                and not codecs[-1].weights and codecs[-1].streams == codecs[-2].width:
+            words = codecs[-2].join(codecs[-1].streams_of(data, limit), limit)
+            codecs = codecs[:-2]
+            if codecs and isinstance(codecs[-1], RotateLeft) and codecs[-1].width == words.itemsize:
+                words = codecs[-1].undo(words)
+                codecs = codecs[:-1]
+            data = memoryview(words).cast("B")
+        for c in reversed(codecs):
             data = c.decode(data, limit)
         # "raw": a copy, never a view of the caller's buffer (a cached view would pin it).
         return data if self.codecs else bytes(data)

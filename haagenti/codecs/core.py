@@ -260,8 +260,8 @@ class CodecChain:
     def decode(self, data: bytes | memoryview, limit: int) -> bytes | memoryview:
         """Byte planes coded as one zstd stream each (a float chain's tail) are joined into
         words straight from zstd's output and rotated back in place: the copy that
-        concatenated the streams and the buffer the rotation wrote were a third of a
-        fragment's decode (docs/decisions/0320-decode-in-place.md)."""
+        concatenated the streams and the fresh buffer the rotation wrote only moved bytes
+        (docs/decisions/0320-decode-in-place.md)."""
         codecs = self.codecs
         if len(codecs) >= 2 and isinstance(codecs[-1], Zstd) and isinstance(codecs[-2], ByteGroup) \
                 and not codecs[-1].weights and codecs[-1].streams == codecs[-2].width:

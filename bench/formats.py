@@ -21,7 +21,9 @@ Ingest times are min/median/max over --runs runs, interleaved; sizes are determi
    ideal of storing its blocks' scale fields only, and to zstd -19, ZipNN (float16 mode) and glyd
    on the file alone; then the whole ladder's saving on disk. With --kquants (blocks of ggml's own
    quantizer, bench/kquant_material.py --tensors), K-quant files follow: a Q4_K_M-like mix, Q2_K,
-   Q4_K, Q6_K. Only section 4 runs.
+   Q4_K, Q6_K. Then the ONNX int8 and uint8 files of the base (haagenti.exports.export_onnx_ladder:
+   onnxruntime's quantize_dynamic of its fp32 ONNX export), each pair in a library of its own
+   after the F16 GGUF (an fp16 source) and after the fp32 ONNX file. Only section 4 runs.
 """
 from __future__ import annotations
 
@@ -106,9 +108,16 @@ K_SCALE_BYTES = {"Q2_K": 20, "Q3_K": 14, "Q4_K": 16, "Q5_K": 16, "Q6_K": 18}
 
 
 def scale_bytes(path: str) -> int:
-    """Bytes of the scale and min fields of a GGUF file's quantized blocks: the ideal the issue
+    """Bytes of the scale and min fields of a GGUF file's quantized blocks, or of an ONNX file's
+    scales and zero points (a float32 and a byte per int8/uint8 weight): the ideal the issue
     names, a file costing its scales only."""
     from haagenti.codecs.predict import BLOCK_BYTES, LEGACY
+
+    if path.endswith(".onnx"):
+        import onnx
+
+        graph = onnx.load(path, load_external_data=False).graph
+        return 5 * sum(1 for i in graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(i.dims))
 
     per_block = {n: 2 * t.fields for n, t in LEGACY.items()} | K_SCALE_BYTES
     return sum(data.size // BLOCK_BYTES[kind] * per_block[kind] for kind, data in ex.quantized_blocks(path).values() if kind in per_block)
@@ -158,23 +167,34 @@ def ladder(families: list[str], root: str, kquants: dict[str, str]) -> None:
         files = ex.export_ladder(model, os.path.join(root, f"ladder-{fam}"))
         if fam in kquants:
             files += [kquant_gguf(model, kquants[fam], os.path.join(root, f"ladder-{fam}", f"k-{step}.gguf"), pick) for step, pick in K_STEPS.items()]
+        onnx = ex.export_onnx_ladder(model, os.path.join(root, f"ladder-{fam}"))
         lib = FragmentLibrary.open(os.path.join(root, f"ladder-lib-{fam}"))
-        before, raw = 0, 0
-        for path in files:
-            step = os.path.basename(path).removesuffix(".gguf").rpartition("-")[2]
-            n = size(path)
-            t = time.perf_counter()
-            lib.ingest([path], step)
-            took = time.perf_counter() - t
-            disk = lib.stats().disk_bytes
-            raw += n
-            others = [alone(fn, path, root) / n for fn in (lambda p, w: zstd_file(p, w, 19), lambda p, w: zipnn_file(p, w, "float16"), glyd_file)]
-            print(f"{fam:8s} {step:10s} {n / 1e6:8.2f} {(disk - before) / 1e3:9.1f} {(disk - before) / n:8.2%} {scale_bytes(path) / n:9.2%} "
-                  + " ".join(f"{o:{w}.2%}" for o, w in zip(others, (10, 8, 7))) + f" {took:9.2f}", flush=True)
-            before = disk
+        raw = ingest_steps(lib, fam, files, root)
         s = lib.stats()
         print(f"{fam:8s} ladder     {raw / 1e6:8.2f} MB -> {s.disk_bytes / 1e6:.2f} MB on disk: {1 - s.disk_bytes / raw:.1%} saved "
               f"({s.predicted_fragments} of {s.fragments} fragments predicted)", flush=True)
+        # ONNX int8/uint8 (quantize_dynamic of the fp32 ONNX export): after the F16 GGUF alone
+        # (an fp16 source), and after the fp32 ONNX file they were made from
+        ingest_steps(FragmentLibrary.open(os.path.join(root, f"onnx-f16-lib-{fam}")), fam, files[:1] + onnx[1:], root)
+        ingest_steps(FragmentLibrary.open(os.path.join(root, f"onnx-f32-lib-{fam}")), fam, onnx, root)
+
+
+def ingest_steps(lib: FragmentLibrary, fam: str, files: list[str], root: str) -> int:
+    """Ingest `files` one model each, in order, printing what each adds on disk; their bytes."""
+    before, raw = 0, 0
+    for path in files:
+        step = os.path.basename(path).rpartition(".")[0].rpartition("-")[2] + (".onnx" if path.endswith(".onnx") else "")
+        n = size(path)
+        t = time.perf_counter()
+        lib.ingest([path], step)
+        took = time.perf_counter() - t
+        disk = lib.stats().disk_bytes
+        raw += n
+        others = [alone(fn, path, root) / n for fn in (lambda p, w: zstd_file(p, w, 19), lambda p, w: zipnn_file(p, w, "float16"), glyd_file)]
+        print(f"{fam:8s} {step:10s} {n / 1e6:8.2f} {(disk - before) / 1e3:9.1f} {(disk - before) / n:8.2%} {scale_bytes(path) / n:9.2%} "
+              + " ".join(f"{o:{w}.2%}" for o, w in zip(others, (10, 8, 7))) + f" {took:9.2f}", flush=True)
+        before = disk
+    return raw
 
 
 def main() -> None:

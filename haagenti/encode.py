@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from haagenti.codecs import apply_delta, cast_reference, chain_for, codec_chain, encode_smallest, smallest_encoding
-from haagenti.codecs.predict import apply_prediction, predictable, prediction_residual
+from haagenti.codecs.predict import apply_prediction, predictable, prediction_residual, residual_bytes
 from haagenti.config import MAX_CHAIN_DEPTH, MAX_RAW_FRAGMENT
 from haagenti.errors import FragmentError
 from haagenti.formats.dtypes import castable
@@ -64,10 +64,11 @@ def decode_row(row: dict, ref_raw: bytes | None, ref_dtype: str | None) -> bytes
     if not isinstance(row["raw_size"], int) or not 0 <= row["raw_size"] <= MAX_RAW_FRAGMENT:
         raise FragmentError(f"fragment {row['fragment_id']} is damaged: its record claims {row['raw_size']} bytes")
     try:
-        raw = codec_chain(row["codec"]).decode(row["blob"], row["raw_size"])
         enc = Encoding(row["encoding"])
-        if enc is Encoding.PREDICTED:
-            if not predictable(row["dtype"], len(raw), ref_dtype, len(ref_raw)):
+        predicted = enc is Encoding.PREDICTED
+        raw = codec_chain(row["codec"]).decode(row["blob"], residual_bytes(row["dtype"], row["raw_size"]) if predicted else row["raw_size"])
+        if predicted:
+            if not predictable(row["dtype"], row["raw_size"], ref_dtype, len(ref_raw)) or len(raw) != residual_bytes(row["dtype"], row["raw_size"]):
                 raise FragmentError(f"fragment {row['fragment_id']} is damaged: {len(raw)} bytes of {row['dtype']} cannot be predicted from a {ref_dtype} reference of {len(ref_raw)} bytes")
             raw = apply_prediction(raw, row["dtype"], ref_raw, ref_dtype)
         elif enc is not Encoding.PLAIN:
@@ -150,7 +151,8 @@ def decode_rows(rows: list[dict], fetch_refs: Callable[[set[str]], list[dict]], 
 def encode_fragment(p: PendingFragment, refs: list[tuple[str, bytes, str, int]], level: int | str, quality: str = "exact") -> dict:
     """The fragments-table row for `p`: plain, a delta against the reference (id, raw bytes,
     dtype, chain depth) whose encoded residual is smallest, or quantized blocks predicted from
-    a float reference of as many values (haagenti.codecs.predict); the smallest of all wins,
+    a float reference of as many values, or int8/uint8 codes predicted likewise
+    (haagenti.codecs.predict); the smallest of all wins,
     plain on ties. Other references (a float for blocks it does not predict) are left out."""
     deltas = [r for r in refs if castable(r[2], p.dtype)]
     casts = [cast_reference(ref_raw, cand_dtype, p.dtype) for _, ref_raw, cand_dtype, _ in deltas]

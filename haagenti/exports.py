@@ -67,6 +67,35 @@ def export_ladder(path: str, out_dir: str) -> list[str]:
     return out
 
 
+# ONNX int8 and uint8 weights as onnxruntime's dynamic quantization writes them (per tensor,
+# the graph's other initializers kept in fp32), each of the fp32 ONNX export.
+ONNX_LADDER = {"int8": "QInt8", "uint8": "QUInt8"}
+
+
+def export_onnx_ladder(path: str, out_dir: str) -> list[str]:
+    """A safetensors file of the example model as its fp32 ONNX export (`<name>.onnx`) and that
+    file through onnxruntime's `quantize_dynamic` (`<name>-int8.onnx`, `<name>-uint8.onnx`), in
+    `out_dir`; returns them in that order. Needs onnxruntime (haagenti's dev extra)."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        raise FormatError("ONNX quantization needs onnxruntime: pip install onnxruntime") from None
+    name = os.path.basename(path).removesuffix(".safetensors")
+    os.makedirs(out_dir, exist_ok=True)
+    out = [os.path.join(out_dir, f"{name}.onnx")]
+    export_onnx(load_example(path), out[0])
+    quant_log = logging.getLogger()  # quantize_dynamic logs a hint about pre-processing on the root logger
+    level = quant_log.level
+    quant_log.setLevel(logging.ERROR)
+    try:
+        for suffix, weight_type in ONNX_LADDER.items():
+            out.append(os.path.join(out_dir, f"{name}-{suffix}.onnx"))
+            quantize_dynamic(out[0], out[-1], weight_type=QuantType[weight_type])
+    finally:
+        quant_log.setLevel(level)
+    return out
+
+
 def state_of(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
 

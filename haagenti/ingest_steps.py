@@ -84,9 +84,9 @@ ENCODED_SCHEMA = pa.schema(list(SCHEMAS["fragments"]) + [("shared_id", pa.string
 
 def signs(p: PendingFragment) -> bool:
     """Whether a new fragment gets a signature (and so takes part in reference choice): floats,
-    and quantized blocks gguf can dequantize."""
+    quantized blocks gguf can dequantize, and int8/uint8 codes (ONNX linear quantization)."""
     d = lookup_dtype(p.dtype)
-    return bool(p.data) and (d.is_float or (d.block > 1 and can_dequantize(d)))
+    return bool(p.data) and (d.is_float or d.name in ("I8", "U8") or (d.block > 1 and can_dequantize(d)))
 
 
 def signature_table(pieces: list[PendingFragment], config: SignatureConfig, device: str = "cpu", workers: Workers | None = None) -> pa.Table:

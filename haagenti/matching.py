@@ -26,6 +26,8 @@ Ray pipeline (once over the whole run, its bucket groups spread over workers):
    also paired, by the same rule, with the float fragments of as many values (its own band
    rows, counted in values: a block type's band rows count blocks, so they never meet a float's
    otherwise); those candidates rank before its others (docs/decisions/0281-quantized-prediction.md).
+   ONNX int8/uint8 codes need no such pass: they count values and are signed on their codes less
+   their median, so rule 1 pairs them with their float source (docs/decisions/0290-onnx-int8-prediction.md).
 
 Every step looks only at fragments before the one it decides, so computing the rule batch by
 batch (the library, carrying the earlier batches' band rows) gives exactly what computing it

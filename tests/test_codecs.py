@@ -469,3 +469,101 @@ def test_k_quants_of_a_stored_float_source_are_predicted_from_their_stored_scale
     row = _encoded(qtype, data, source, "F16")
     assert row["encoding"] == Encoding.PREDICTED.value and row["stored_size"] < 0.3 * len(chain_for(qtype).encode(data))
     assert decode_row(row, source, "F16") == data
+
+
+# ---- ONNX int8/uint8 weights predicted from their float source ---------------------------------
+def _quantize_dynamic(weights: np.ndarray, tmp_path, weight_type: str) -> tuple[np.ndarray, float, int]:
+    """onnxruntime's quantize_dynamic over a one-MatMul model holding `weights`: (codes,
+    scale, zero point) as the quantized file stores them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rows, cols = weights.shape
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])], [numpy_helper.from_array(weights, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    quantize_dynamic(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType[weight_type])
+    init = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    return init["W_quantized"], float(init["W_scale"]), int(init["W_zero_point"])
+
+
+@pytest.mark.parametrize("weight_type", ["QInt8", "QUInt8"])
+def test_onnx_quantized_weights_of_a_stored_float_source_are_stored_as_their_prediction(tmp_path, weight_type):
+    """quantize_dynamic's codes against the F32 weights they came from: the encoder finds the
+    graph's zero point and a scale as near as its float32 neighbours, every code is predicted, and the fragment costs its header
+    and a residual of zeros; against the weights' F16 cast most codes still are. Bit-exact."""
+    from haagenti.codecs.predict import prediction_residual
+    from haagenti.encode import decode_row
+
+    weights = (np.random.default_rng(9).normal(0, 0.02, (128, 256)) * np.linspace(0.5, 1.5, 256)).astype(np.float32)
+    codes, scale, zero = _quantize_dynamic(weights, tmp_path, weight_type)
+    dtype_name = "I8" if codes.dtype == np.int8 else "U8"
+    data = codes.tobytes()
+    residual = prediction_residual(data, dtype_name, weights.tobytes(), "F32")
+    assert abs(np.frombuffer(residual[:4], np.float32)[0] / scale - 1) < 1e-5 and residual[4] == zero % 256  # any scale that gives the codes
+    assert not any(residual[5:])
+    for ref, ref_dtype, most in ((weights.tobytes(), "F32", 0.01), (weights.astype(np.float16).tobytes(), "F16", 0.1)):
+        row = _encoded(dtype_name, data, ref, ref_dtype)
+        assert row["encoding"] == Encoding.PREDICTED.value and row["ref_dtype"] == ref_dtype and row["depth"] == 1
+        assert row["stored_size"] < most * len(data), row["stored_size"]
+        assert decode_row(row, ref, ref_dtype) == data
+
+
+@pytest.mark.parametrize("dtype_name", ["I8", "U8"])
+def test_any_int8_codes_round_trip_against_any_float_values(dtype_name):
+    """Random codes against values holding NaN, Inf, zeros, huge and tiny numbers, and codes
+    against constant values: the residual absorbs what the prediction misses."""
+    from haagenti.codecs.predict import apply_prediction, prediction_residual
+
+    rng = np.random.default_rng(10)
+    data = rng.integers(0, 256, 8192, dtype=np.uint8).tobytes()
+    x = (rng.normal(0, 1, 8192) * 10.0 ** rng.integers(-8, 8, 8192)).astype(np.float32)
+    x[rng.integers(0, len(x), 40)] = np.nan
+    x[rng.integers(0, len(x), 40)] = np.inf
+    for values in (x, np.zeros(8192, np.float32), np.full(8192, np.nan, np.float32)):
+        with np.errstate(over="ignore"):
+            for ref, ref_dtype in ((values.tobytes(), "F32"), (values.astype(np.float16).tobytes(), "F16")):
+                assert apply_prediction(prediction_residual(data, dtype_name, ref, ref_dtype), dtype_name, ref, ref_dtype) == data
+
+
+def test_int8_prediction_that_does_not_pay_is_not_stored(tmp_path):
+    rng = np.random.default_rng(11)
+    codes, _, _ = _quantize_dynamic(rng.normal(0, 0.02, (64, 128)).astype(np.float32), tmp_path, "QInt8")
+    row = _encoded("I8", codes.tobytes(), rng.normal(0, 1, (64, 128)).astype(np.float32).tobytes(), "F32")
+    assert (row["encoding"], row["ref_id"], row["depth"]) == (Encoding.PLAIN.value, None, 0)
+
+
+def test_int8_predictions_only_from_a_float_reference_of_as_many_values():
+    from haagenti.codecs.predict import predictable
+
+    assert predictable("I8", 128, "F32", 512) and predictable("U8", 128, "F16", 256) and predictable("U8", 128, "BF16", 256)
+    for args in (("I8", 128, "F32", 508), ("U8", 128, "I16", 256), ("I16", 128, "F32", 256), ("U8", 128, "U8", 128)):
+        assert not predictable(*args), args
+
+
+@pytest.mark.parametrize("case", ["flipped-scale", "flipped-residual", "cut-residual", "long-residual", "short-reference", "integer-reference"])
+def test_crafted_int8_predicted_rows_are_refused_in_one_line(tmp_path, case):
+    from haagenti.encode import decode_row
+    from haagenti.errors import FragmentError
+
+    weights = np.random.default_rng(12).normal(0, 0.02, (64, 128)).astype(np.float32)
+    codes, _, _ = _quantize_dynamic(weights, tmp_path, "QUInt8")
+    data, ref = codes.tobytes(), weights.tobytes()
+    row = _encoded("U8", data, ref, "F32")
+    assert row["encoding"] == Encoding.PREDICTED.value and decode_row(row, ref, "F32") == data
+    residual = codec_chain(row["codec"]).decode(row["blob"], len(data) + 5)
+    flipped = bytearray(residual)
+    flipped[1 if case == "flipped-scale" else 100] ^= 0x10
+    recoded = lambda b: {**row, "codec": "raw", "blob": bytes(b)}  # noqa: E731
+    bad = {
+        "flipped-scale": (recoded(flipped), ref, "F32"),
+        "flipped-residual": (recoded(flipped), ref, "F32"),
+        "cut-residual": (recoded(residual[:-1]), ref, "F32"),
+        "long-residual": (recoded(bytes(residual) + b"\0"), ref, "F32"),
+        "short-reference": (row, ref[:-4], "F32"),
+        "integer-reference": (row, ref, "I32"),
+    }[case]
+    with pytest.raises(FragmentError, match="damaged|failed verification") as e:
+        decode_row(*bad)
+    assert "\n" not in str(e.value)

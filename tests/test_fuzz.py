@@ -438,3 +438,60 @@ def test_crafted_predicted_fragments_are_refused_in_one_line(tmp_path, case):
     assert any(w in err for w in ("damaged", "failed verification", "missing")), err
     if case != "reference-missing":
         assert cli("restore", lib.store.url, "f16", tmp_path / "f16")[0] == 0
+
+
+# ---- crafted predicted ONNX int8/uint8 fragments ----------------------------------------------
+def onnx_int8_library(tmp_path):
+    """A library holding a MatMul-and-bias fp32 ONNX file and its uint8 quantization (onnxruntime's
+    quantize_dynamic), the weight's uint8 fragment stored as a prediction from the fp32 one."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from haagenti.library import FragmentLibrary
+
+    w = np.random.default_rng(13).normal(0, 0.02, (256, 128)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128])],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.ones(128, np.float32), "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    quantize_dynamic(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QUInt8)
+    lib = FragmentLibrary.open(str(tmp_path / "lib"))
+    lib.ingest([str(tmp_path / "m.onnx")], "fp32")
+    lib.ingest([str(tmp_path / "q.onnx")], "uint8")
+    rows = lib.store.read("fragments").to_pylist()
+    assert [r["dtype"] for r in rows if r["encoding"] == "predicted"] == ["U8"]
+    return lib, rows
+
+
+@pytest.mark.parametrize("case", ["scale-flipped", "zero-point-flipped", "residual-flipped", "residual-cut", "reference-of-other-size", "reference-missing"])
+def test_crafted_predicted_onnx_int8_fragments_are_refused_in_one_line(tmp_path, case):
+    """A predicted uint8 fragment whose stored scale, zero point or code residual is flipped,
+    whose residual is cut, or whose reference is another fragment or gone: restore ends with one
+    clear line, never other bytes; the fp32 model still restores."""
+    from haagenti.codecs import codec_chain
+    from haagenti.ingest_steps import fragment_table
+
+    lib, rows = onnx_int8_library(tmp_path)
+    k = next(i for i, r in enumerate(rows) if r["encoding"] == "predicted")
+    r = rows[k]
+    residual = bytearray(codec_chain(r["codec"]).decode(r["blob"], r["raw_size"] + 5))
+    at = {"scale-flipped": (3, 0x20), "zero-point-flipped": (4, 0x01), "residual-flipped": (1000, 0x01)}.get(case)  # the scale's exponent
+    if at is not None:
+        residual[at[0]] ^= at[1]
+    if case == "residual-cut":
+        residual = residual[:-1]
+    rows[k] = {**r, "codec": "raw", "blob": bytes(residual)}
+    other = next(x for x in rows if x["dtype"] == "F32" and x["fragment_id"] != r["ref_id"])
+    if case == "reference-of-other-size":
+        rows[k]["ref_id"], rows[k]["ref_dtype"] = other["fragment_id"], other["dtype"]
+    elif case == "reference-missing":
+        rows = [x for x in rows if x["fragment_id"] != r["ref_id"]]
+    lib.store.delete("fragments", "true")
+    lib.store.append("fragments", fragment_table(rows))
+    code, _, err = cli("restore", lib.store.url, "uint8", tmp_path / "out")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert any(w in err for w in ("damaged", "failed verification", "missing")), err
+    if case != "reference-missing":
+        assert cli("restore", lib.store.url, "fp32", tmp_path / "fp32")[0] == 0

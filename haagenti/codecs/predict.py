@@ -54,13 +54,20 @@ LEGACY = {
 
 
 def predictable(dtype_name: str, raw_bytes: int, ref_dtype: str, ref_bytes: int) -> bool:
-    """Whether `raw_bytes` of blocks of `dtype_name` can be predicted from `ref_bytes` of
-    `ref_dtype`: whole blocks of a legacy type or a K-quant, a float reference of as many values."""
+    """Whether `raw_bytes` of `dtype_name` can be predicted from `ref_bytes` of `ref_dtype`: whole
+    blocks of a legacy type or a K-quant, or int8/uint8 codes (LINEAR), against a float
+    reference of as many values."""
     from haagenti.formats.dtypes import BY_NAME
 
-    size, r = BLOCK_BYTES.get(dtype_name), BY_NAME.get(ref_dtype)
+    size, r = BLOCK_BYTES.get(dtype_name, 1 if dtype_name in LINEAR else None), BY_NAME.get(ref_dtype)
     return (size is not None and r is not None and r.is_float and raw_bytes % size == 0
-            and ref_bytes == raw_bytes // size * VALUES_PER_BLOCK[dtype_name] * r.itemsize)
+            and ref_bytes == raw_bytes // size * VALUES_PER_BLOCK.get(dtype_name, 1) * r.itemsize)
+
+
+def residual_bytes(dtype_name: str, raw_bytes: int) -> int:
+    """Bytes of the residual that stands for `raw_bytes` of `dtype_name`: the blocks' own size,
+    or the codes' plus the LINEAR header (scale and zero point)."""
+    return raw_bytes + LINEAR_HEADER if dtype_name in LINEAR else raw_bytes
 
 
 def _codes(blocks: np.ndarray, t: Legacy) -> np.ndarray:
@@ -164,6 +171,8 @@ def _values(ref: bytes | memoryview, ref_dtype: str, width: int) -> np.ndarray:
 
 def _predict(data: bytes | memoryview, dtype_name: str, ref: bytes | memoryview, ref_dtype: str, decode: bool) -> bytes:
     """Blocks to residual (decode False) or residual to blocks (decode True), against `ref`."""
+    if dtype_name in LINEAR:
+        return _predict_linear(data, dtype_name, ref, ref_dtype, decode)
     if dtype_name in KQUANTS:
         return _predict_k(data, dtype_name, ref, ref_dtype, decode)
     t = LEGACY[dtype_name]
@@ -307,3 +316,72 @@ def _predict_k(data: bytes | memoryview, name: str, ref: bytes | memoryview, ref
     mask = np.uint8((1 << k.bits) - 1)
     _k_put_codes(blocks, (codes + predicted if decode else codes - predicted) & mask, name)
     return blocks.tobytes()
+
+
+# ---- ONNX linear quantization: int8/uint8 codes, one scale and zero point -------------------
+# QuantizeLinear and onnxruntime's quantize_dynamic (quant_utils.quantize_nparray) set each code
+# to saturate(round_half_even(x / scale) + zero_point) in float32. A fragment does not see the
+# graph's scale initializer, so the encoder estimates the scale and zero point from the values
+# and the codes and stores them ahead of the residual: LINEAR_HEADER bytes, float32 scale then
+# the zero point's byte. Per-tensor quantization (quantize_dynamic's default) gives every
+# fragment of a tensor the same pair; per-channel codes are predicted with one pair per fragment
+# and what differs is in the residual.
+LINEAR = {"I8": (-128, 127), "U8": (0, 255)}  # code range of each dtype
+LINEAR_HEADER = 5
+_CODES = {"I8": np.int8, "U8": np.uint8}
+_TRIES = 8  # float32 neighbours of the estimated scale tried on each side
+
+
+def _linear_codes(x: np.ndarray, scale: np.float32, zero: int, dtype_name: str) -> np.ndarray:
+    """saturate(rint(x / scale) + zero) as the dtype's bytes; a NaN gives 0."""
+    lo, hi = LINEAR[dtype_name]
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        q = x / scale
+        np.rint(q, out=q)
+        q += np.float32(zero)
+    q[np.isnan(q)] = 0
+    np.clip(q, lo, hi, out=q)
+    return q.astype(_CODES[dtype_name]).view(np.uint8)
+
+
+def _linear_fit(x: np.ndarray, codes: np.ndarray, dtype_name: str) -> tuple[np.float32, int]:
+    """The (scale, zero point) that predicts most of `codes` from `x`: a least-squares line
+    codes ~ x / scale + zero, its zero point rounded, the scale narrowed to the interval every
+    unclipped code allows, then the float32 scales nearest it tried on the whole fragment. Any answer is exact (the residual holds the rest); this only keeps it small."""
+    lo, hi = LINEAR[dtype_name]
+    q = codes.view(_CODES[dtype_name]).astype(np.float64)
+    v = x.astype(np.float64)
+    ok = np.isfinite(v) & (q > lo) & (q < hi)
+    v, q = v[ok], q[ok]
+    if len(v) < 2 or not np.ptp(v):
+        return np.float32(1), int(np.clip(np.rint(q.mean()) if len(q) else 0, lo, hi))
+    slope, intercept = np.polyfit(v, q, 1)
+    zero = int(np.clip(np.rint(intercept), lo, hi))
+    if not np.isfinite(slope) or slope == 0:
+        return np.float32(1), zero
+    scale = 1 / slope
+    k = q - zero
+    use = np.abs(k) >= 1
+    if use.any():  # every x / scale lies in [k - 1/2, k + 1/2]: the scales all codes allow
+        ku, vu = k[use], v[use]
+        a, b = vu / (ku + np.sign(ku) * 0.5), vu / (ku - np.sign(ku) * 0.5)
+        low, high = np.minimum(a, b).max(), np.maximum(a, b).min()
+        if 0 < low <= high:
+            scale = (low + high) / 2
+    with np.errstate(over="ignore"):
+        bits = int(np.float32(abs(scale)).view(np.uint32))  # quantizers' scales are positive
+    tries = [np.uint32(bits + i).view(np.float32) for i in range(-_TRIES, _TRIES + 1) if 0 <= bits + i < 1 << 31]
+    misses = [int(np.count_nonzero(_linear_codes(x, s, zero, dtype_name) != codes)) for s in tries]
+    return tries[int(np.argmin(misses))], zero
+
+
+def _predict_linear(data: bytes | memoryview, dtype_name: str, ref: bytes | memoryview, ref_dtype: str, decode: bool) -> bytes:
+    x = _values(ref, ref_dtype, 1).reshape(-1)
+    raw = np.frombuffer(data, np.uint8)
+    if decode:
+        head, residual = raw[:LINEAR_HEADER], raw[LINEAR_HEADER:]
+        scale, zero = head[:4].copy().view(np.float32)[0], int(head[4:5].view(_CODES[dtype_name])[0])
+        return (residual + _linear_codes(x, scale, zero, dtype_name)).tobytes()
+    scale, zero = _linear_fit(x, raw, dtype_name)
+    head = np.float32(scale).tobytes() + np.array([zero], _CODES[dtype_name]).tobytes()
+    return head + (raw - _linear_codes(x, scale, zero, dtype_name)).tobytes()

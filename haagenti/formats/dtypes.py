@@ -135,7 +135,12 @@ def can_dequantize(d: DType) -> bool:
 def signable(data: bytes, d: DType) -> tuple[bytes, str]:
     """The values a signature is computed on: a float fragment's own bytes, or a quantized
     fragment's blocks dequantized to F32 by gguf (so a fine-tune's Q8_0 blocks find the base's
-    as delta references)."""
+    as delta references), or int8/uint8 codes less their median as F32: linear quantization's
+    codes less its zero point are the values over a scale, which a signature does not see, so
+    an ONNX int8/uint8 weight finds its float source (haagenti.codecs.predict)."""
+    if d.name in ("I8", "U8"):
+        codes = np.frombuffer(data, np.int8 if d.name == "I8" else np.uint8).astype(np.float32)
+        return (codes - np.median(codes)).tobytes(), "F32"
     if d.block == 1:
         return data, d.name
     from gguf.constants import GGMLQuantizationType

@@ -90,10 +90,23 @@ def _raw_data_ranges(data: bytes, where: str) -> list[tuple[int, int] | None]:
     return out
 
 
+# The right (weight) operand of each matrix product, by (domain, op): the float MatMul and the
+# quantized ones onnxruntime's quantizers write in its place (quantize_dynamic: MatMulInteger).
+_MATMUL_WEIGHT = {("", "MatMul"): 1, ("", "MatMulInteger"): 1, ("", "QLinearMatMul"): 3,
+                  ("com.microsoft", "DynamicQuantizeMatMul"): 1, ("com.microsoft", "MatMulIntegerToFloat"): 1}
+
+
 def _matmul_weights(graph) -> set[str]:
-    """Initializers read as the right operand of a MatMul: exporters fold a Linear weight's
-    transpose into them, so the file holds W^T; they are stored as W (haagenti.formats.splice)."""
-    return {n.input[1] for n in graph.node if n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and len(n.input) == 2}
+    """Initializers read as the right operand of a matrix product: exporters fold a Linear
+    weight's transpose into them, so the file holds W^T; they are stored as W
+    (haagenti.formats.splice), the float weights and their int8/uint8 quantizations alike, so
+    fragment k of either covers the same values."""
+    out = set()
+    for n in graph.node:
+        at = _MATMUL_WEIGHT.get(("" if n.domain == "ai.onnx" else n.domain, n.op_type))
+        if at is not None and len(n.input) > at and (n.op_type != "MatMul" or len(n.input) == 2):
+            out.add(n.input[at])
+    return out
 
 
 def _location(onnx_name: str, location: str, where: str) -> str:
@@ -135,7 +148,7 @@ def parse_onnx(data: bytes, name: str, where: str) -> tuple[list[TensorSpan], Sp
         dims = tuple(init.dims)
         if any(x < 0 for x in dims):
             raise FormatError(f"{where}: initializer {init.name!r} has a negative dimension {dims}")
-        flip = init.name in transposed and len(dims) == 2 and d is not None and d.is_float
+        flip = init.name in transposed and len(dims) == 2 and d is not None and (d.is_float or d.name in ("I8", "U8"))
         shape = (dims[1], dims[0]) if flip else dims
         if init.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in init.external_data}

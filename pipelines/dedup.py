@@ -11,6 +11,7 @@ sees the missing models as new and finishes the work.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,6 +32,7 @@ from pipelines.catalog import Catalog, read_catalog
 from pipelines.stamps import read_stamps, write_stamps
 from pipelines.steps import FragmentModel, scan_model
 
+CHECK_THREADS = 16  # catalog entries whose files preflight checks at once: a few requests each on an object store
 FAMILY_SHARE = 0.3  # a model joins the family of the model it shares most with, above this share
 
 
@@ -83,8 +85,9 @@ def preflight(catalog_url: str, library_url: str, distributed: bool) -> Catalog:
         raise LibraryError(f"{library_url}: is a file, not a library folder")
     if store.exists():
         store.marker()
-    for e in catalog.entries:  # every file there and a regular file (or a folder of model files)
-        expand_urls(list(e.files))
+    with ThreadPoolExecutor(CHECK_THREADS) as pool:  # every file there and a regular file (or a folder of model files)
+        for _ in pool.map(lambda e: expand_urls(list(e.files)), catalog.entries):  # the first error in catalog order is raised
+            pass
     return catalog
 
 

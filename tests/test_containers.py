@@ -244,19 +244,18 @@ def test_a_quantization_ladder_costs_its_float_base_and_restores_bit_exact(tmp_p
     assert piped.equals(one_run) and set(piped.filter(pc.is_in(piped["dtype"], value_set=pa_strings(names[1:])))["encoding"].to_pylist()) == {"predicted"}
 
 
-def test_onnx_int8_and_uint8_exports_cost_little_beside_their_fp32_file(tmp_path, exports):
+def test_onnx_int8_and_uint8_exports_cost_little_beside_their_fp32_file(tmp_path, family):
     """The fp32 ONNX export, then that file through onnxruntime's quantize_dynamic as int8 and as
-    uint8 (MatMulInteger weights, the transpose of the fp32 MatMul's): each quantized weight's
-    fragments are predicted from the fp32 weights' (both stored as W, so fragment k of either
-    holds the same values), each file adds under 5% of its size, and every file restores
-    bit-exact. (The pipeline refuses transposed ONNX weights: haagenti ingest only.)"""
+    uint8 (haagenti.exports.export_onnx_ladder): each quantized weight's fragments are predicted
+    from the fp32 weights' (MatMulInteger's and MatMul's operands both stored as W, so fragment k
+    of either holds the same values), each file adds under 5% of its size, and every file
+    restores bit-exact. (The pipeline refuses transposed ONNX weights: haagenti ingest only.)"""
     import pyarrow.compute as pc
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    files = {"fp32": exports["onnx"]}
-    for name in ("QInt8", "QUInt8"):
-        files[name] = str(tmp_path / f"base-{name}.onnx")
-        quantize_dynamic(exports["onnx"], files[name], weight_type=QuantType[name])
+    from haagenti.exports import export_onnx_ladder
+
+    files = dict(zip(("fp32", "int8", "uint8"), export_onnx_ladder(family[0].file, str(tmp_path / "onnx"))))
+    assert [os.path.basename(p) for p in files.values()] == ["digits-base.onnx", "digits-base-int8.onnx", "digits-base-uint8.onnx"]
     lib = FragmentLibrary.open(str(tmp_path / "lib"))
     for name, path in files.items():
         report = lib.ingest([path], name)

@@ -4,6 +4,7 @@ in-process `LocalExecutor` are haagenti.executors'; `make_executor` picks one by
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from typing import Iterable, Iterator
@@ -162,7 +163,9 @@ def _private_token() -> None:
     environment (its processes inherit it): left to itself, `ray.init` writes ~/.ray/auth_token,
     which turns token auth on for every later `ray start` on the machine, and a plain
     `ray job submit` then fails with "Missing authentication token". A mode or token the user
-    set, or a token file already there, is left alone; a second call finds its own token set."""
+    set, or a token file already there, is left alone; a second call finds its own token set.
+    Ray's warning that it turned token auth on by default is silenced then: it is our choice,
+    said here, and it was the one line a user saw on every `make demo`."""
     import secrets
 
     if any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
@@ -170,6 +173,7 @@ def _private_token() -> None:
     if os.path.exists(os.path.expanduser("~/.ray/auth_token")):
         return
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 def _remote(obj):

@@ -243,6 +243,7 @@ def test_ray_pipeline_runs_on_a_one_cpu_cluster(tmp_path, family):
     p = subprocess.run([sys.executable, "-c", script, cat, str(tmp_path / "lib")], cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "added 2" in p.stdout and not (home / ".ray" / "auth_token").exists()
+    assert "Token authentication" not in p.stderr, p.stderr  # Ray's warning that it chose token auth by default
     lib = FragmentLibrary.open(str(tmp_path / "lib"), create=False)
     for m in family[:2]:
         [out] = lib.restore(m.model_id, str(tmp_path / "out" / m.model_id))

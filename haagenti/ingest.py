@@ -28,6 +28,7 @@ from haagenti.formats.dtypes import has_nonfinite
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.registry import container
 from haagenti.formats.source import ModelSource
+from haagenti.formats.splice import Turn
 from haagenti.fragment import Encoding, FragmentId, FragmentType
 from haagenti.hashing import model_hash
 from haagenti.index import open_index
@@ -72,13 +73,15 @@ class IngestReport:
 @dataclass
 class Occurrence:
     """One fragment position of a model: the cut bytes, the tensor they belong to (whose
-    `fragments[index]` is their reference), and where they lie ("" for checkpoint tensors)."""
+    `fragments[index]` is their reference), and where they lie ("" for checkpoint tensors;
+    with `turn`, at `byte_offset` of the tensor the file holds transposed there)."""
 
     piece: PendingFragment
     tensor: TensorRef
     index: int
     url: str
     byte_offset: int
+    turn: Turn | None = None
 
 
 class ModelCut:
@@ -108,8 +111,9 @@ class ModelCut:
         for t in self.source.tensors:
             ref = TensorRef(t.name, t.dtype.name, t.shape, t.file_index, FragmentType.infer(t.name))
             self.tensors.append(ref)
-            # "" where the bytes are no range of a file: checkpoint tensors, transposed ONNX weights
-            url = self.source.files[t.file_index].url if t.payload is None and not t.transposed else ""
+            url = self.source.files[t.file_index].url if t.payload is None else ""  # "": checkpoint tensors, no range of a file
+            turn = t.turn()
+            begin = 0 if turn else t.data_begin  # a transposed tensor's fragments lie in it turned back
             step = t.dtype.fragment_items(self.step)  # quantized tensors: whole blocks
             chunk_bytes = step * t.dtype.itemsize
             fh = self.hashers.get(t.file_index)
@@ -121,7 +125,7 @@ class ModelCut:
                 n = len(chunk) // t.dtype.itemsize
                 ref.fragments.append(FragmentRef(fid, seq * step, n, fid))
                 piece = PendingFragment(fid, t.dtype.name, chunk, ref.fragment_type, seq * step)
-                yield Occurrence(piece, ref, seq, url, t.data_begin + seq * chunk_bytes)
+                yield Occurrence(piece, ref, seq, url, begin + seq * chunk_bytes, turn)
 
     def manifest(self, expected_blake3: list[str] | None = None) -> ModelManifest:
         """The model's manifest once every occurrence was taken. `expected_blake3`: the files'
@@ -144,7 +148,8 @@ def occurrence_table(rank: int, occurrences: Iterable[Occurrence], carry: bool) 
     for o in occurrences:
         p = o.piece
         for name, value in (("fragment_id", p.fragment_id), ("dtype", p.dtype), ("fragment_type", p.fragment_type.value), ("signs", signs(p)),
-                            ("url", o.url), ("byte_offset", o.byte_offset), ("byte_len", len(p.data)), ("data", p.data if carry else None)):
+                            ("url", o.url), ("byte_offset", o.byte_offset), ("byte_len", len(p.data)), ("turn", o.turn),
+                            ("data", p.data if carry else None)):
             cols[name].append(value)
     cols["rank"] = [rank] * len(cols["fragment_id"])
     data = binary_column(cols["data"]) if carry else pa.nulls(len(cols["data"]), pa.binary())
@@ -233,8 +238,8 @@ def _ingest_models(lib: LibraryCore, todo: list[tuple[ModelInput, ModelSource]],
 
 def cut_models(cuts: list[ModelCut], batch_bytes: int, tally: "_Tally") -> Iterator[pa.Table]:
     """The cut step of an ingest in this process: each model's occurrences in order, in tables
-    of about `batch_bytes` with their bytes (`data`): read once, and checkpoint tensors and
-    transposed weights have no byte range to read again. `tally` learns where each lies."""
+    of about `batch_bytes` with their bytes (`data`): read once (checkpoint tensors have no
+    byte range to read again). `tally` learns where each lies."""
     for rank, cut in enumerate(cuts):
         tally.started(rank)
         held: list[Occurrence] = []

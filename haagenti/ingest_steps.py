@@ -40,8 +40,11 @@ from haagenti.writer import Committer
 STEP_BATCH = 64
 MATCH_PART_ROWS = 4096  # band rows per match task: 256 fragments x 16 bands, an ingest batch's lookup
 
+# Where a file holds a tensor transposed (haagenti.formats.splice.Turn), null where it does not.
+TURN = pa.list_(pa.int64(), 4)
+
 # One row per fragment occurrence of the run's models, in model order. `data`: the bytes, or
-# null where they are read from `url` at `byte_offset`.
+# null where they are read from `url` at `byte_offset` (with `turn`: of the tensor turned back).
 OCCURRENCE_SCHEMA = pa.schema(
     [
         ("rank", pa.int64()),
@@ -52,6 +55,7 @@ OCCURRENCE_SCHEMA = pa.schema(
         ("url", pa.string()),
         ("byte_offset", pa.int64()),
         ("byte_len", pa.int64()),
+        ("turn", TURN),
         ("data", pa.binary()),
     ]
 )
@@ -66,11 +70,13 @@ ASSIGNMENT_SCHEMA = pa.schema(
         ("url", pa.string()),
         ("byte_offset", pa.int64()),
         ("byte_len", pa.int64()),
+        ("turn", TURN),
         ("data", pa.binary()),
         ("ref_ids", pa.list_(pa.string())),
         ("ref_urls", pa.list_(pa.string())),  # null entry: the reference is in the library (read by EncodeFragments unless RunBytes holds it)
         ("ref_offsets", pa.list_(pa.int64())),
         ("ref_lens", pa.list_(pa.int64())),
+        ("ref_turns", pa.list_(TURN)),
         ("ref_dtypes", pa.list_(pa.string())),
         ("ref_depths", pa.list_(pa.int64())),
     ]
@@ -130,7 +136,7 @@ def binary_views(column: pa.ChunkedArray) -> list[memoryview | None]:
 def _pieces(batch: pa.Table, rows: list[dict], reader: RangeReader) -> list[PendingFragment]:
     """The fragments of `batch` (its `rows` without `data`), their bytes carried in `data` or
     read by range."""
-    return [PendingFragment(r["fragment_id"], r["dtype"], data if data is not None else reader.read(r["url"], r["byte_offset"], r["byte_len"]),
+    return [PendingFragment(r["fragment_id"], r["dtype"], data if data is not None else reader.read(r["url"], r["byte_offset"], r["byte_len"], r["turn"]),
                             FragmentType(r["fragment_type"]), 0) for r, data in zip(rows, binary_views(batch["data"]))]
 
 
@@ -232,8 +238,8 @@ class EncodeFragments:
         for r, p in zip(rows, _pieces(batch, rows, self.reader)):
             refs = []
             shared = None
-            for rid, url, off, ln, rdt, depth in zip(r["ref_ids"], r["ref_urls"], r["ref_offsets"], r["ref_lens"], r["ref_dtypes"], r["ref_depths"]):
-                ref_raw = raw[rid] if rid in raw else self.reader.read(url, off, ln)
+            for rid, url, off, ln, turn, rdt, depth in zip(r["ref_ids"], r["ref_urls"], r["ref_offsets"], r["ref_lens"], r["ref_turns"], r["ref_dtypes"], r["ref_depths"]):
+                ref_raw = raw[rid] if rid in raw else self.reader.read(url, off, ln, turn)
                 if self.config.lossy_threshold is not None and rdt == p.dtype and lookup_dtype(p.dtype).torch_name:
                     shared = _shared(p, rid, ref_raw, self.config.lossy_threshold)
                     if shared is not None:
@@ -333,7 +339,7 @@ def ingest_batches(core: LibraryCore, index: IndexLayout, batches: Iterable[pa.T
     pairs = grouped_pairs(executor, core.store.url, config) if lookup is not None and not executor.shares_memory else None
     matcher = RunMatcher(config, lookup, config.lossy_threshold is None, index.scoper() if lookup else None, pairs) if config.similarity else None
     known: dict[str, str] = {}  # id -> dtype of the library's fragments met and the run's new ones
-    located: dict[str, tuple[str, int, int]] = {}  # (url, offset, length) of the run's new fragments
+    located: dict[str, tuple[str, int, int, list[int] | None]] = {}  # (url, offset, length, turn) of the run's new fragments
     clock = _Clock(seconds)
     commits: list[Future] = []  # the previous batch's, on the executor's commit lane
     for batch in batches:
@@ -344,9 +350,9 @@ def ingest_batches(core: LibraryCore, index: IndexLayout, batches: Iterable[pa.T
             if fid not in known and fid not in first:
                 first[fid] = i
         new = take_rows(batch, np.fromiter(first.values(), np.int64, len(first)))
-        for fid, dtype, url, offset, length in zip(*(new[c].to_pylist() for c in ("fragment_id", "dtype", "url", "byte_offset", "byte_len"))):
+        for fid, dtype, url, offset, length, turn in zip(*(new[c].to_pylist() for c in ("fragment_id", "dtype", "url", "byte_offset", "byte_len", "turn"))):
             known[fid] = dtype
-            located[fid] = (url, offset, length)
+            located[fid] = (url, offset, length, turn)
         floats = take_rows(new, np.flatnonzero(new["signs"].to_numpy(zero_copy_only=False)))
         parts = list(executor.map_batches(SignFragments, (config.signature, device), floats, STEP_BATCH, actors=True)) if matcher and floats.num_rows else []
         sigs = pa.concat_tables(parts) if parts else signature_table([], config.signature)
@@ -430,7 +436,7 @@ class _Clock:
         self.last = now
 
 
-def _assignments(new: pa.Table, refs: dict[str, list[str]], depths: dict[str, int], located: dict[str, tuple[str, int, int]],
+def _assignments(new: pa.Table, refs: dict[str, list[str]], depths: dict[str, int], located: dict[str, tuple[str, int, int, list[int] | None]],
                  known: dict[str, str]) -> pa.Table:
     """One row per new fragment with its candidate references: a byte range of this run's
     files, or a library fragment (url null), each with its dtype and chain depth. The
@@ -443,6 +449,7 @@ def _assignments(new: pa.Table, refs: dict[str, list[str]], depths: dict[str, in
         lists["ref_urls"].append([x[0] if x else None for x in run])
         lists["ref_offsets"].append([x[1] if x else 0 for x in run])
         lists["ref_lens"].append([x[2] if x else 0 for x in run])
+        lists["ref_turns"].append([x[3] if x else None for x in run])
         lists["ref_dtypes"].append([known[i] for i in ids])
         lists["ref_depths"].append([depths[i] for i in ids])
     return pa.table({f.name: new[f.name] if f.name in new.column_names else pa.array(lists[f.name], f.type) for f in ASSIGNMENT_SCHEMA}, schema=ASSIGNMENT_SCHEMA)

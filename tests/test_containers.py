@@ -177,18 +177,6 @@ def test_the_pipeline_takes_gguf_and_folders_as_ingest_does(tmp_path, exports):
         assert tree(str(tmp_path / "out" / mid)) == tree(path)
 
 
-def test_the_pipeline_refuses_transposed_onnx_weights_clearly(tmp_path, exports):
-    import yaml
-
-    from pipelines.dedup import run_dedup
-    from pipelines.executors import LocalExecutor
-
-    catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(yaml.safe_dump({"models": [{"id": "onnx", "files": [exports["onnx"]]}]}))
-    with pytest.raises(FormatError, match="stored transposed .* ingest this model with `haagenti ingest`"):
-        run_dedup(str(catalog), str(tmp_path / "lib"), LocalExecutor())
-
-
 def test_loader_reads_gguf_tensors_in_torch_layout_and_refuses_quantized_ones(tmp_path, exports):
     """GGUF lists dims the other way round: a stored tensor has the shape torch gives it."""
     import torch
@@ -249,10 +237,14 @@ def test_onnx_int8_and_uint8_exports_cost_little_beside_their_fp32_file(tmp_path
     uint8 (haagenti.exports.export_onnx_ladder): each quantized weight's fragments are predicted
     from the fp32 weights' (MatMulInteger's and MatMul's operands both stored as W, so fragment k
     of either holds the same values), each file adds under 5% of its size, and every file
-    restores bit-exact. (The pipeline refuses transposed ONNX weights: haagenti ingest only.)"""
+    restores bit-exact. The pipeline reads the transposed weights (the file holds W^T) by turning
+    each tensor's byte range round where it runs, and stores the rows one ingest stores."""
     import pyarrow.compute as pc
+    import yaml
 
     from haagenti.exports import export_onnx_ladder
+    from pipelines.dedup import run_dedup
+    from pipelines.executors import LocalExecutor
 
     files = dict(zip(("fp32", "int8", "uint8"), export_onnx_ladder(family[0].file, str(tmp_path / "onnx"))))
     assert [os.path.basename(p) for p in files.values()] == ["digits-base.onnx", "digits-base-int8.onnx", "digits-base-uint8.onnx"]
@@ -267,6 +259,13 @@ def test_onnx_int8_and_uint8_exports_cost_little_beside_their_fp32_file(tmp_path
     for name, path in files.items():
         lib.restore(name, str(tmp_path / "out" / name), rehash=True)
         assert sha256(str(tmp_path / "out" / name / os.path.basename(path))) == sha256(path), name
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"models": [{"id": n, "files": [p]} for n, p in files.items()]}))
+    run_dedup(str(catalog), str(tmp_path / "piped"), LocalExecutor(), LibraryConfig())
+    piped = FragmentLibrary.open(str(tmp_path / "piped"), create=False)
+    assert piped.store.read("fragments", columns=frags.column_names).sort_by("fragment_id").equals(frags.sort_by("fragment_id"))
+    piped.restore("int8", str(tmp_path / "piped-out"), rehash=True)
+    assert sha256(str(tmp_path / "piped-out" / os.path.basename(files["int8"]))) == sha256(files["int8"])
 
 
 def pa_strings(xs):

@@ -15,7 +15,7 @@ from typing import Callable, Protocol, Sequence
 from haagenti.errors import DamagedError, FormatError
 from haagenti.formats.dtypes import DType
 from haagenti.formats.dtypes import dtype as lookup_dtype
-from haagenti.formats.splice import Splice, TensorSpan, transpose
+from haagenti.formats.splice import Splice, TensorSpan, Turn, transpose
 from haagenti.fsio import filesystem_for
 from haagenti.hashing import hasher
 
@@ -30,6 +30,10 @@ class SourceTensor:
     data_begin: int = 0  # absolute offset in its file
     payload: bytes | None = None  # checkpoint tensors are held in memory
     transposed: bool = False  # the file holds this tensor's transpose (haagenti.formats.splice)
+
+    def turn(self) -> Turn | None:
+        """Where the file holds this tensor transposed; None if it holds it as it is."""
+        return (self.data_begin, self.shape[1], self.shape[0], self.dtype.itemsize) if self.transposed else None
 
 
 @dataclass

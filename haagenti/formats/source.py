@@ -17,7 +17,7 @@ from typing import Iterator
 from haagenti.errors import FormatError
 from haagenti.formats.container import FileEntry, ModelFiles, SourceFile, SourceTensor
 from haagenti.formats.registry import CONTAINERS, MODEL_EXT, SIDE_EXT, WEIGHT_NAMES, container, detect
-from haagenti.formats.splice import transpose
+from haagenti.formats.splice import Turn, transpose
 from haagenti.fsio import filesystem_for
 from haagenti.hashing import hasher
 
@@ -29,13 +29,31 @@ READ_BLOCK = 4 * 1024 * 1024  # read-ahead of remote (s3://, gs://) model files
 
 class RangeReader:
     """Reads byte ranges of files by URL, keeping the last `max_open` handles open (opening a
-    file per read cost ~7% of an ingest; on object stores a handle also keeps its read-ahead)."""
+    file per read cost ~7% of an ingest; on object stores a handle also keeps its read-ahead).
+    A range of a tensor the file holds transposed (`turn`) is a range of the tensor turned
+    back: the file's matrix is read and turned once, and kept until another is asked for (a
+    tensor's fragments are read in order)."""
 
     def __init__(self, max_open: int = 8):
         self.handles: OrderedDict[str, object] = OrderedDict()
         self.max_open = max_open
+        self._turned: tuple[tuple[str, tuple[int, ...]] | None, bytes] = (None, b"")
 
-    def read(self, url: str, offset: int, length: int) -> bytes:
+    def read(self, url: str, offset: int, length: int, turn: Turn | list[int] | None = None) -> bytes:
+        """Bytes [offset, offset + length) of the file at `url`, or with `turn` of the tensor it
+        holds transposed there."""
+        if turn is None:
+            return self._read(url, offset, length)
+        key = (url, tuple(turn))  # a list where an Arrow row gave it
+        if self._turned[0] != key:
+            begin, rows, cols, itemsize = turn
+            self._turned = (key, transpose(self._read(url, begin, rows * cols * itemsize), rows, cols, itemsize))
+        data = self._turned[1][offset : offset + length]
+        if len(data) != length:
+            raise FormatError(f"{url}: range {offset}+{length} lies outside its transposed tensor")
+        return data
+
+    def _read(self, url: str, offset: int, length: int) -> bytes:
         fh = self.handles.get(url)
         if fh is None:
             fs, path = filesystem_for(url)
@@ -53,6 +71,7 @@ class RangeReader:
         for fh in self.handles.values():
             fh.close()  # type: ignore[attr-defined]
         self.handles.clear()
+        self._turned = (None, b"")
 
 
 @dataclass
@@ -63,7 +82,6 @@ class ModelSource:
     files: list[SourceFile]
     tensors: list[SourceTensor] = field(default_factory=list)
     reader: RangeReader = field(default_factory=lambda: RangeReader(max_open=1 << 30), repr=False)
-    _turned: tuple[SourceTensor | None, bytes] = field(default=(None, b""), repr=False)
 
     def file_digests(self) -> list[str]:
         """Each file's BLAKE3: recorded when known (checkpoints, side files), else read once,
@@ -95,14 +113,9 @@ class ModelSource:
         round whole, once)."""
         if t.payload is not None:
             return t.payload[begin:end]
-        if t.transposed:
-            if self._turned[0] is not t:
-                self._turned = (t, transpose(self._read(t, 0, t.nbytes), t.shape[1], t.shape[0], t.dtype.itemsize))
-            return self._turned[1][begin:end]
-        return self._read(t, begin, end)
-
-    def _read(self, t: SourceTensor, begin: int, end: int) -> bytes:
-        return self.reader.read(self.files[t.file_index].url, t.data_begin + begin, end - begin)
+        url = self.files[t.file_index].url
+        turn = t.turn()
+        return self.reader.read(url, begin, end - begin, turn) if turn else self.reader.read(url, t.data_begin + begin, end - begin)
 
     def iter_chunks(self, t: SourceTensor, chunk_bytes: int) -> Iterator[bytes]:
         """Stream a tensor's data in chunks of `chunk_bytes`."""

@@ -54,6 +54,11 @@ class Splice:
         return cls(gaps, transposed)
 
 
+# Where a file holds a tensor transposed: (the tensor's offset in the file, rows, cols, itemsize)
+# of the (rows, cols) matrix the file holds, the tensor's transpose.
+Turn = tuple[int, int, int, int]
+
+
 def transpose(data: bytes, rows: int, cols: int, itemsize: int) -> bytes:
     """The (cols, rows) transpose of a row-major (rows, cols) matrix of `itemsize`-byte items."""
     return np.frombuffer(data, _UINT[itemsize]).reshape(rows, cols).T.tobytes()

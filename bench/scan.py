@@ -14,7 +14,9 @@ import shutil
 import statistics
 import tempfile
 import time
+from functools import partial
 
+from haagenti.config import LibraryConfig
 from pipelines.executors import LocalExecutor
 from pipelines.steps import scan_model
 
@@ -58,11 +60,12 @@ def bench(rows: list[dict], size: int, where: str, lib_url: str, repeat: int) ->
     from pipelines.stamps import read_stamps, write_stamps
 
     ex = LocalExecutor()
-    first = ex.map(scan_model, rows)
+    scan = partial(scan_model, fragment_elements=LibraryConfig().fragment_elements)
+    first = ex.map(scan, rows)
     stamped = [dict(r, known=s["stamps"], stored_hash=s["content_hash"]) for r, s in zip(rows, first)]
-    full = timed(lambda: ex.map(scan_model, rows), repeat)
-    changed_only = timed(lambda: ex.map(scan_model, stamped), repeat)
-    assert all(s["file_records"] is None for s in ex.map(scan_model, stamped)), "a stamped model was read"
+    full = timed(lambda: ex.map(scan, rows), repeat)
+    changed_only = timed(lambda: ex.map(scan, stamped), repeat)
+    assert all(s["file_records"] is None for s in ex.map(scan, stamped)), "a stamped model was read"
     stamps = {s["model_id"]: s["stamps"] for s in first}
     keep = timed(lambda: (write_stamps(lib_url, stamps), read_stamps(lib_url)), repeat)
     n = len(rows)

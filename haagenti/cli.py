@@ -43,10 +43,13 @@ def _fail(e: Exception, library: str | None = None) -> None:
     raise typer.Exit(1)
 
 
-def _config(fragment_size: Optional[int], lossy_threshold: Optional[float], similarity: bool = True, index: Optional[str] = None) -> LibraryConfig:
-    return LibraryConfig(fragment_size=fragment_size, lossy_threshold=lossy_threshold, similarity=similarity, index=index)
+def _config(fragment_size: Optional[int], lossy_threshold: Optional[float], similarity: bool = True, index: Optional[str] = None,
+            file_blake3: bool = False) -> LibraryConfig:
+    return LibraryConfig(fragment_size=fragment_size, lossy_threshold=lossy_threshold, similarity=similarity, index=index, file_blake3=file_blake3)
 
 
+FILE_BLAKE3_HELP = ("also record each file's plain BLAKE3 (`b3sum`'s), computed as the file is cut, to compare with published "
+                    "checksums; verify and restore --rehash then check it too. A file is identified by a tree over its fragment ids either way")
 INDEX_HELP = "index layout of a new library: bands (default) or two-level; an existing library keeps its own"
 
 
@@ -71,6 +74,7 @@ def ingest(
     no_similarity: bool = typer.Option(False, "--no-similarity", help="exact dedup only (no deltas)"),
     threads: int = typer.Option(0, "--threads", min=0, help="threads reading, hashing, signing and encoding (0: every core)"),
     index: Optional[str] = typer.Option(None, "--index", help=INDEX_HELP),
+    file_blake3: bool = typer.Option(False, "--file-blake3", help=FILE_BLAKE3_HELP),
 ) -> None:
     from haagenti.formats import open_model
     from haagenti.formats.source import grouping_doubt
@@ -87,7 +91,7 @@ def ingest(
                 raise ValueError(f"{doubt} would become one model {m.model_id!r}; give --model-id {m.model_id} to store them as one model"
                                  + ("" if each else ", or --each for one model per file"))
         total = sum(open_model(m.urls).raw_bytes for m in models)  # every file is checked before a library is made
-        lib = FragmentLibrary.open(library, _config(fragment_size, lossy_threshold, not no_similarity, index))
+        lib = FragmentLibrary.open(library, _config(fragment_size, lossy_threshold, not no_similarity, index, file_blake3))
         before = {m["ingest_id"] for m in lib.models()}
         disk_before = sum(lib.store.disk_bytes().values())
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console, transient=True) as bar:

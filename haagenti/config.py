@@ -46,6 +46,7 @@ class LibraryConfig:
     signature: SignatureConfig | None = None
     thresholds: SimilarityThreshold | None = None
     index: str | None = None  # the index layout's registered name (haagenti.index)
+    file_blake3: bool = False  # also record each file's plain BLAKE3 (files.blake3), for comparing with published checksums
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "given", frozenset(k for k in INVARIANTS if getattr(self, k) is not None))

@@ -23,7 +23,7 @@ from haagenti.encode import PendingFragment
 from haagenti.errors import FormatError, LibraryError
 from haagenti.executors import LocalExecutor
 from haagenti.formats import open_model
-from haagenti.formats.container import FileHasher
+from haagenti.formats.container import FileHasher, SourceTensor
 from haagenti.formats.dtypes import has_nonfinite
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.registry import container
@@ -86,24 +86,29 @@ class Occurrence:
 
 class ModelCut:
     """One model cut into fragments of `fragment_elements` elements (the same elements in any
-    dtype), each id the BLAKE3 of its bytes. Iterating yields the occurrences in model order
-    and re-hashes each safetensors file as it is cut: a file's layout (its fragment ids) stands
-    in for its bytes on restore, so they must be the bytes whose BLAKE3 is recorded.
-    `manifest()` then holds the files (with layouts) and tensors (with exact references)."""
+    dtype), each id the BLAKE3 of its bytes: the one hash of each byte. A file's identity is
+    its tree over those ids and its gaps (hashing.file_tree), so nothing hashes the file again;
+    with `whole_blake3` each byte-exact file's plain BLAKE3 is computed too, from the pieces as
+    they are cut (files.blake3, for users who compare with published checksums).
+    `manifest()` then holds the files (with their trees) and tensors (with exact references)."""
 
-    def __init__(self, model: ModelInput, source: ModelSource, fragment_elements: int):
+    def __init__(self, model: ModelInput, source: ModelSource, fragment_elements: int, whole_blake3: bool = False):
         self.model, self.source, self.step = model, source, fragment_elements
-        self.hashers = {i: self._hasher(i) for i, f in enumerate(source.files) if not f.blake3}  # the others' are known from their reading
+        self.hashers = {i: self._hasher(i) for i, f in enumerate(source.files) if whole_blake3 and container(f.format).byte_exact}
         self.layouts: list[list[str]] = [[] for _ in source.files]  # each file's fragment ids in order
+        self.counts: list[list[int]] = [[] for _ in source.files]  # each file's fragments per tensor, in order
         self.tensors: list[TensorRef] = []
 
+    def _chunk_bytes(self, t: SourceTensor) -> int:
+        return t.dtype.fragment_items(self.step) * t.dtype.itemsize  # quantized tensors: whole blocks
+
     def _hasher(self, i: int) -> FileHasher:
-        """The hasher of file `i`, fed each fragment as it is cut (the gaps come from its record)."""
+        """The whole-file hasher of file `i`, fed each fragment as it is cut (the gaps come from its record)."""
         f = self.source.files[i]
         sizes = []
         for t in self.source.tensors:
             if t.file_index == i:
-                chunk_bytes = t.dtype.fragment_items(self.step) * t.dtype.itemsize
+                chunk_bytes = self._chunk_bytes(t)
                 sizes.append([min(chunk_bytes, t.nbytes - b) for b in range(0, t.nbytes, chunk_bytes)])
         return FileHasher(container(f.format).segments(f.header, f.name, sizes))
 
@@ -114,8 +119,8 @@ class ModelCut:
             url = self.source.files[t.file_index].url if t.payload is None else ""  # "": checkpoint tensors, no range of a file
             turn = t.turn()
             begin = 0 if turn else t.data_begin  # a transposed tensor's fragments lie in it turned back
-            step = t.dtype.fragment_items(self.step)  # quantized tensors: whole blocks
-            chunk_bytes = step * t.dtype.itemsize
+            step = t.dtype.fragment_items(self.step)
+            chunk_bytes = self._chunk_bytes(t)
             fh = self.hashers.get(t.file_index)
             for seq, chunk in enumerate(self.source.iter_chunks(t, chunk_bytes)):
                 fid = FragmentId.of(chunk)
@@ -126,18 +131,29 @@ class ModelCut:
                 ref.fragments.append(FragmentRef(fid, seq * step, n, fid))
                 piece = PendingFragment(fid, t.dtype.name, chunk, ref.fragment_type, seq * step)
                 yield Occurrence(piece, ref, seq, url, begin + seq * chunk_bytes, turn)
+            self.counts[t.file_index].append(len(ref.fragments))
 
-    def manifest(self, expected_blake3: list[str] | None = None) -> ModelManifest:
-        """The model's manifest once every occurrence was taken. `expected_blake3`: the files'
-        hashes from an earlier scan, which the bytes cut must match."""
+    def manifest(self, expected: list[str] | None = None) -> ModelManifest:
+        """The model's manifest once every occurrence was taken. `expected`: the files'
+        identities (FileRecord.identity) from an earlier scan, which the bytes cut must match."""
         files = []
         for i, f in enumerate(self.source.files):
-            digest = self.hashers[i].hexdigest() if i in self.hashers else f.blake3
-            if expected_blake3 is not None and digest != expected_blake3[i]:
-                raise FormatError(f"{f.url}: changed between the scan and fragmenting (its BLAKE3 differs); run again")
-            files.append(FileRecord.with_layout(f.name, f.format, f.size, digest, f.header, self.layouts[i]))
+            digest = self.hashers[i].hexdigest() if i in self.hashers else f.blake3 or None
+            files.append(FileRecord.with_layout(f.name, f.format, f.size, digest, f.header, self.counts[i], self.layouts[i]))
+            if expected is not None and files[-1].identity != expected[i]:
+                raise FormatError(f"{f.url}: changed between the scan and fragmenting (its hash differs); run again")
         m = self.model
-        return ModelManifest(m.model_id, m.family, files, self.tensors, model_hash([f.blake3 for f in files]), self.source.raw_bytes, list(m.urls))
+        return ModelManifest(m.model_id, m.family, files, self.tensors, model_hash([f.identity for f in files]), self.source.raw_bytes, list(m.urls))
+
+
+def file_hashes(source: ModelSource, fragment_elements: int) -> list[str]:
+    """Each file's identity as an ingest would record it (its tree; a checkpoint's BLAKE3): the
+    files cut and every fragment hashed, nothing kept. What an incremental ingest and the
+    pipeline's scan compare with the library before storing anything; one pass over each byte."""
+    cut = ModelCut(ModelInput([], ""), source, fragment_elements)
+    for _ in cut:
+        pass
+    return [f.identity for f in cut.manifest().files]
 
 
 def occurrence_table(rank: int, occurrences: Iterable[Occurrence], carry: bool) -> pa.Table:
@@ -186,7 +202,7 @@ def ingest_models(lib: LibraryCore, models: list[ModelInput], progress: IngestPr
 def _against_stored(lib: LibraryCore, models: list[ModelInput], sources: list[ModelSource],
                     replace: bool) -> tuple[dict[str, IngestReport], list[str]]:
     """(reports of the models stored already with the same bytes, ids of those to replace).
-    Same bytes: the same files' BLAKE3 in order, and not stored lossy unless lossy sharing is
+    Same bytes: the same files' hashes (trees) in order, and not stored lossy unless lossy sharing is
     on (a lossy model given again without it is stored exact)."""
     wanted = {m.model_id for m in models}
     stored = {r["model_id"]: r for r in lib.store.read("models", columns=["model_id", "family", "content_hash", "lossy"]).to_pylist()
@@ -197,7 +213,7 @@ def _against_stored(lib: LibraryCore, models: list[ModelInput], sources: list[Mo
         old = stored.get(m.model_id)
         if old is None:
             continue
-        same_bytes = old["content_hash"] == model_hash(source.file_digests())
+        same_bytes = old["content_hash"] == model_hash(file_hashes(source, lib.config.fragment_elements))
         if same_bytes and (not old["lossy"] or lib.config.lossy_threshold is not None):
             if m.family and m.family != old["family"]:
                 lib.store.set_family(m.model_id, m.family)
@@ -220,7 +236,7 @@ def _ingest_models(lib: LibraryCore, todo: list[tuple[ModelInput, ModelSource]],
     index = open_index(lib.store, config)
     run_bytes = RunBytes(lib.fetch_raw)
     committer = Committer(lib.store, index, ingest_id, f"ingest {', '.join(m.model_id for m, _ in todo)}"[:200], config.batch_bytes, run_bytes.committed)
-    cuts = [ModelCut(m, s, config.fragment_elements) for m, s in todo]
+    cuts = [ModelCut(m, s, config.fragment_elements, config.file_blake3) for m, s in todo]
     tally = _Tally([IngestReport(m.model_id, s.raw_bytes) for m, s in todo], executor)
     # The next batch is cut while this one is signed, matched and encoded; commits run on a lane of their own.
     batches = executor.workers.ahead(occurrence_batches(cut_models(cuts, config.batch_bytes, tally), config.batch_bytes))

@@ -8,12 +8,14 @@ library, as compact Arrow columns: the ids some model references (gc), the disti
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field, replace
+import struct
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from blake3 import blake3
 
 from haagenti import restore
 from haagenti.config import LibraryStats, ModelStats
@@ -23,12 +25,15 @@ from haagenti.core import LibraryCore
 from haagenti.errors import DamagedError, FragmentError, HaagentiError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.fragment import Encoding
-from haagenti.manifest import ModelManifest
+from haagenti.formats.container import SplicedFormat
+from haagenti.formats.registry import container
+from haagenti.hashing import model_hash
+from haagenti.manifest import FileRecord, ModelManifest
 from haagenti.records import check_manifest, record_digest
 from haagenti.store import LIBRARY_FORMAT_VERSION, LibraryStore
 from haagenti.store.files import strings
 from haagenti.store.leases import writing
-from haagenti.store.schema import UPGRADABLE_FROM
+from haagenti.store.schema import SCHEMAS, UPGRADABLE_FROM
 from haagenti.store.publication import log_errors, orphan_manifest_keys, scan_manifests, unpublish
 
 
@@ -289,51 +294,86 @@ def gc_line(r: dict[str, int]) -> str:
     return f"gc: {r['fragments_removed']} fragments removed, {r['bytes_freed']:,} B freed, {r['files_vacuumed']} files vacuumed"
 
 
-# ---- upgrade -----------------------------------------------------------------------------
+# ---- upgrade ----------------------------------------------------------------------------
 def upgrade(url: str) -> list[str]:
-    """Move a format-4 or format-5 library to this format in place, under the gc lease. Format
-    4 first gets record digests: each published model's record is checked whole as a restore
-    checks it (records.check_manifest), its record digest written into its models row (every
-    row in one commit); a model whose record fails the check gets no digest, so every reader
-    refuses it by name. Format 6 only adds an encoding (predicted quantized fragments), which a
-    format-5 library's rows never use. Then haagenti.json says this format. Returns the
-    failures, one line each. Killed before the marker is rewritten, the library keeps its
-    format and a rerun does it all again."""
+    """Move a format-4, 5 or 6 library to this format in place, under the gc lease: each
+    published model's record is checked as its format defined it (its files' layout digests
+    over their inline bytes and fragment ids, its content hash over their whole-file BLAKE3,
+    and from format 5 its record digest), then rewritten as format 7 defines it: each file's
+    tree (files.layout), the content hash over the trees, a fresh record digest; every row in
+    one commit of the models table. The whole-file BLAKE3 stays in files.blake3. A model whose
+    record fails the check gets no digest, so every reader refuses it by name. Format 6 only
+    added an encoding, which older rows never use. Then haagenti.json says this format.
+    Returns the failures, one line each. Killed before the marker is rewritten, the library
+    keeps its format and a rerun does it all again (a row it rewrote already, at this format,
+    is checked as this format's)."""
     store = LibraryStore(url)
     found = store.marker_version()
     if found == LIBRARY_FORMAT_VERSION:
         return []
     if found not in UPGRADABLE_FROM:
-        raise LibraryError(f"{store.url}: library format {found!r}; `haagenti upgrade` moves formats {' and '.join(map(str, UPGRADABLE_FROM))} to {LIBRARY_FORMAT_VERSION} only")
-    failed: list[str] = []
+        raise LibraryError(f"{store.url}: library format {found!r}; `haagenti upgrade` moves formats {', '.join(map(str, UPGRADABLE_FROM))} to {LIBRARY_FORMAT_VERSION} only")
     with writing(store, "gc"):
-        if found == 4:
-            failed = _add_record_digests(store)
+        failed = _rewrite_records(store, found)
         reached("upgraded-models")
         store.rewrite_marker(LIBRARY_FORMAT_VERSION)
     return failed
 
 
-def _add_record_digests(store: LibraryStore) -> list[str]:
-    """Format 4 to 5: every published model's record digest, in one commit of the models table."""
+def _rewrite_records(store: LibraryStore, found: int) -> list[str]:
+    """Every published model's record checked as format `found` wrote it (or as this format,
+    on a rerun) and rewritten as this format's, in one commit of the models table."""
     failed: list[str] = []
     models = store.read("models")
-    digests = []
+    rewritten = []
     for model in models.to_pylist():
         rows = store.read("manifests", equals=("model_id", model["model_id"]))
         rows = rows.filter(pc.equal(rows["ingest_id"], strings([model["ingest_id"]])[0]))
         try:
-            m = check_manifest(ModelManifest.from_rows(model, rows))
-            digests.append(record_digest(m, model["ingest_id"], model["n_tensors"], model["lossy"]))
+            m = ModelManifest.from_rows(model, rows)
+            if model["format_version"] == LIBRARY_FORMAT_VERSION:  # rewritten by a run killed before its marker
+                check_manifest(m)
+                if record_digest(m, model["ingest_id"], model["n_tensors"], model["lossy"]) != model.get("record_digest"):
+                    raise DamagedError(f"model {m.model_id!r}: its record does not match its digest")
+            else:
+                _check_old_record(m, model, found)
+            files = [FileRecord.with_layout(f.name, f.format, f.size, f.blake3, f.header, [len(t.fragments) for t in tensors],
+                                            [r.source_fragment_id for t in tensors for r in t.fragments])
+                     for f, tensors in zip(m.files, m.file_tensors())]
+            m = check_manifest(replace(m, files=files, content_hash=model_hash([f.identity for f in files])))
+            digest = record_digest(m, model["ingest_id"], model["n_tensors"], model["lossy"])
+            model = dict(model, files=[asdict(f) for f in files], content_hash=m.content_hash, record_digest=digest)
         except (HaagentiError, ValueError, TypeError, KeyError, AttributeError) as e:
             failed.append(f"model {model['model_id']!r}: left without a record digest, its record fails its check ({e})")
-            digests.append(None)
-    versions = pa.array([LIBRARY_FORMAT_VERSION] * models.num_rows, pa.int32())
-    models = models.set_column(models.column_names.index("format_version"), "format_version", versions)
-    models = models.set_column(models.column_names.index("record_digest"), "record_digest", pa.array(digests, pa.string()))
-    store.replace_models(models, f"upgrade to format {LIBRARY_FORMAT_VERSION}")
+            model = dict(model, record_digest=None)
+        rewritten.append(dict(model, format_version=LIBRARY_FORMAT_VERSION))
+    store.replace_models(pa.Table.from_pylist(rewritten, schema=SCHEMAS["models"]), f"upgrade to format {LIBRARY_FORMAT_VERSION}")
     store.learn_columns("fragments")  # chain depths (format 5): older rows read as nulls (docs/format.md)
     return failed
+
+
+_LAYOUT_V1 = "haagenti 2026-11-23 file layout v1"  # formats 3 to 6: a file's layout digest (docs/format.md, "Versions")
+
+
+def _check_old_record(m: ModelManifest, model: dict, found: int) -> None:
+    """Raise DamagedError unless `m` is a record as format `found` (4 to 6) wrote it: each
+    byte-exact file's layout digest over its inline bytes (a spliced file's packed gaps, else
+    its gaps) and fragment ids, the content hash over the files' BLAKE3, and (5, 6) the record digest."""
+    where = f"model {m.model_id!r}"
+    if found >= 5 and record_digest(m, model["ingest_id"], model["n_tensors"], model["lossy"]) != model.get("record_digest"):
+        raise DamagedError(f"{where}: its record does not match its digest")
+    if m.content_hash != model_hash([str(f.blake3) for f in m.files]):
+        raise DamagedError(f"{where}: its recorded content hash is not the hash of its files' hashes")
+    for f, tensors in zip(m.files, m.file_tensors()):
+        fmt = container(f.format)
+        if not fmt.byte_exact:
+            continue
+        inline = f.header if isinstance(fmt, SplicedFormat) else b"".join(fmt.splice(f.header, f.name).gaps)
+        ids = [r.source_fragment_id for t in tensors for r in t.fragments]
+        h = blake3(derive_key_context=_LAYOUT_V1)
+        h.update(struct.pack("<QQ", len(inline), len(ids)) + inline + bytes.fromhex("".join(ids)))
+        if h.hexdigest() != f.layout:
+            raise DamagedError(f"{where}: {f.name} does not match its recorded layout (fragments missing or out of order)")
 
 
 def _refuse_damage(store: "LibraryStore") -> None:

@@ -7,11 +7,10 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 
 from haagenti.errors import FragmentError, ModelIdError
-from haagenti.formats.container import Segment
+from haagenti.formats.container import Segment, TreeHasher
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.registry import container
 from haagenti.fragment import FragmentType
-from haagenti.hashing import file_layout
 from haagenti.store.schema import SCHEMAS
 
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -57,31 +56,39 @@ class FileRecord:
     name: str
     format: str  # a ContainerFormat's name (haagenti.formats.registry)
     size: int
-    blake3: str
+    blake3: str | None  # the whole file's plain BLAKE3: a checkpoint's identity; of other files only where ingest was asked for it
     header: bytes  # safetensors header JSON verbatim, a spliced file's packed gaps, or a side file's bytes
-    layout: str = ""  # hashing.file_layout of its inline bytes and fragment ids ("" for checkpoints)
+    layout: str = ""  # the file's tree hash (hashing.file_tree), its identity ("" for checkpoints)
 
     @classmethod
-    def with_layout(cls, name: str, format: str, size: int, blake3: str, header: bytes, fragment_ids: list[str]) -> "FileRecord":
-        """The record of a file cut into `fragment_ids` (in file order). Checkpoints restore as
-        equal state dicts, not bytes, so they have no layout."""
+    def with_layout(cls, name: str, format: str, size: int, blake3: str | None, header: bytes,
+                    counts: list[int], fragment_ids: list[str]) -> "FileRecord":
+        """The record of a file cut into `fragment_ids` (in file order), `counts[k]` of them in
+        its k-th tensor. Checkpoints restore as equal state dicts, not bytes, so they have no tree."""
         rec = cls(name, format, size, blake3, header)
-        return replace(rec, layout=file_layout(rec.inline, fragment_ids)) if container(format).byte_exact else rec
+        return replace(rec, layout=rec.tree(counts, fragment_ids)) if container(format).byte_exact else rec
+
+    @property
+    def identity(self) -> str:
+        """What a model's content hash is made of: the tree of a byte-exact file, a checkpoint's BLAKE3."""
+        return self.layout if container(self.format).byte_exact else str(self.blake3)
+
+    def tree(self, counts: list[int], fragment_ids: list[str]) -> str:
+        """The tree hash of this record's gaps with these fragment ids, `counts[k]` in its k-th tensor."""
+        return container(self.format).tree(self.header, self.name, counts, fragment_ids)
+
+    def fragment_sizes(self, tensors: list[TensorRef]) -> list[list[int]]:
+        """Each of `tensors`' (the file's, in file order) fragment sizes in bytes."""
+        return [[r.elem_count * lookup_dtype(t.dtype).itemsize for r in t.fragments] for t in tensors]
 
     def segments(self, tensors: list[TensorRef]) -> list[Segment]:
         """The file as its format lays it out (haagenti.formats.container): gap and fragment
         slices at their offsets; `tensors` are the file's, in file order."""
-        sizes = []
-        for t in tensors:
-            itemsize = lookup_dtype(t.dtype).itemsize
-            sizes.append([r.elem_count * itemsize for r in t.fragments])
-        return container(self.format).segments(self.header, self.name, sizes)
+        return container(self.format).segments(self.header, self.name, self.fragment_sizes(tensors))
 
-    @property
-    def inline(self) -> bytes:
-        """The bytes that with the fragment ids determine the file: the length-prefixed
-        safetensors header, a spliced file's packed gaps, or a side file whole."""
-        return container(self.format).inline(self.header)
+    def tree_hasher(self, tensors: list[TensorRef]) -> TreeHasher:
+        """A hasher that recomputes this file's tree (and its BLAKE3, where recorded) from its bytes."""
+        return TreeHasher(container(self.format).splice(self.header, self.name), self.fragment_sizes(tensors), whole=bool(self.blake3))
 
 
 @dataclass

@@ -11,8 +11,8 @@ from haagenti.errors import DamagedError, FormatError, FragmentError
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.registry import CONTAINERS, container, formats_named
 from haagenti.formats.source import validate_file_name
-from haagenti.hashing import content_hash, file_layout, model_hash, record_hasher
-from haagenti.manifest import ModelManifest
+from haagenti.hashing import content_hash, model_hash, record_hasher
+from haagenti.manifest import FileRecord, ModelManifest, TensorRef
 
 _ID = re.compile(r"[0-9a-f]{64}")
 
@@ -95,7 +95,7 @@ def check_manifest(m: ModelManifest) -> ModelManifest:
         if f.format not in formats_named(f.name):  # ingest chose it by the name: a restore must not write another kind of file
             raise DamagedError(f"{where}: file {f.name!r} is recorded as {f.format}, which ingest never makes of a file of that name")
         container(f.format).check_file(f, where)
-    if m.content_hash != model_hash([f.blake3 for f in m.files]):
+    if m.content_hash != model_hash([f.identity for f in m.files]):
         raise DamagedError(f"{where}: its recorded content hash is not the hash of its files' hashes")
     named: list[set[str]] = [set() for _ in m.files]
     for t in m.tensors:
@@ -125,7 +125,16 @@ def check_manifest(m: ModelManifest) -> ModelManifest:
     for f, tensors in zip(m.files, m.file_tensors()):
         fmt = container(f.format)
         layout = [r.source_fragment_id for t in tensors for r in t.fragments]  # the original's fragments (lossy refs too)
-        if fmt.byte_exact and file_layout(f.inline, layout) != f.layout:  # every reader, not only a restore, places by these records
+        if fmt.byte_exact and _tree(f, tensors, layout) != f.layout:  # every reader, not only a restore, places by these records
             raise FragmentError(f"{where}: {f.name} does not match its recorded layout (fragments missing or out of order)")
         fmt.check_record(f, tensors, where)
     return m
+
+
+def _tree(f: FileRecord, tensors: list[TensorRef], layout: list[str]) -> str | None:
+    """The tree of a file's record with these fragment ids; None where its gaps cannot be read
+    (check_record then says what is damaged)."""
+    try:
+        return f.tree([len(t.fragments) for t in tensors], layout)
+    except FormatError:
+        return None

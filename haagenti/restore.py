@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import uuid
 import warnings
@@ -14,11 +15,10 @@ from haagenti.core import LibraryCore
 from haagenti.encode import RawCache
 from haagenti.errors import FragmentError, LibraryError
 from haagenti.formats.dtypes import dtype as lookup_dtype
-from haagenti.formats.container import LayoutWriter, file_end
+from haagenti.formats.container import LayoutWriter, TreeHasher, file_end
 from haagenti.formats.registry import container
 from haagenti.formats.source import RESTORE_JOURNAL, RESTORE_STAGING
 from haagenti.formats.splice import transpose
-from haagenti.hashing import file_layout, hasher
 from haagenti.manifest import FileRecord, ModelManifest, TensorRef
 from haagenti.parallel import Workers
 from haagenti.records import LossyRestoreWarning, lossy_summary
@@ -81,7 +81,7 @@ def restore_model(lib: LibraryCore, model_id: str, out_dir: str, rehash: bool = 
                   threads: int = 0) -> list[str]:
     """Write the model's files into `out_dir` (a folder's as its tree); files come back byte-identical
     (every fragment checked against its id, each file against its recorded layout, and with
-    `rehash` each file's bytes against its recorded BLAKE3 too), checkpoints as equal state
+    `rehash` each file's tree recomputed from its bytes too), checkpoints as equal state
     dicts. Existing files are refused unless `force`; all files are written aside and moved
     in only once every one is complete. A model stored lossy warns (LossyRestoreWarning) on
     every restore, and with `rehash` fails naming the first file that differs."""
@@ -114,7 +114,8 @@ def restore_model(lib: LibraryCore, model_id: str, out_dir: str, rehash: bool = 
             with Workers(threads) as workers:  # 0: every core
                 place_model(lib, manifest, fds, workers)
         if rehash:
-            _check_files(manifest, None, [_file_hash(p) for p in tmp])
+            _check_files(manifest, None, [_rehash_file(p, f, tensors) if container(f.format).byte_exact else None
+                                          for p, f, tensors in zip(tmp, manifest.files, manifest.file_tensors())])
     except BaseException:
         for p in tmp:  # a failed restore leaves nothing half-written behind
             with contextlib.suppress(FileNotFoundError):
@@ -267,12 +268,15 @@ class _Placement:
 def write_model(lib: LibraryCore, manifest: ModelManifest, sinks: list[BinaryIO], rehash: bool, workers: Workers | None = None) -> None:
     """Stream the model into one sink per file, in order, then check each file's layout: the
     ids of the fragments written, each verified against its bytes on read, in the order
-    written. A second BLAKE3 pass over every byte (`rehash`) was ~10% of a restore (docs/decisions/0005-file-layout-digest.md)."""
-    hashers = [hasher() if rehash else None for _ in manifest.files]
+    written. With `rehash` each file's tree is also recomputed from the bytes written (and its
+    BLAKE3, where recorded): a second BLAKE3 pass over every byte, ~10% of a restore
+    (docs/decisions/0005-file-layout-digest.md)."""
+    file_tensors = manifest.file_tensors()
+    hashers = [f.tree_hasher(tensors) if rehash and container(f.format).byte_exact else None for f, tensors in zip(manifest.files, file_tensors)]
     written: list[list[str]] = [[] for _ in manifest.files]
     writers = [  # each file's verbatim gaps around its tensors; None: a checkpoint, restored from its tensors
         LayoutWriter(f.segments(tensors), lambda data, sink=sink, h=h: _put(sink, h, data)) if container(f.format).byte_exact else None
-        for f, sink, h, tensors in zip(manifest.files, sinks, hashers, manifest.file_tensors())
+        for f, sink, h, tensors in zip(manifest.files, sinks, hashers, file_tensors)
     ]
     states: dict[int, dict[str, torch.Tensor]] = {i: {} for i, w in enumerate(writers) if w is None}
     for t, parts in iter_parts(lib, manifest, None, workers):
@@ -288,30 +292,40 @@ def write_model(lib: LibraryCore, manifest: ModelManifest, sinks: list[BinaryIO]
         if w is not None:
             w.finish()
     for i, state in states.items():
-        _put(sinks[i], hashers[i], checkpoint_bytes(state))
-    _check_files(manifest, written, [h.hexdigest() if h is not None else None for h in hashers])
+        _put(sinks[i], None, checkpoint_bytes(state))
+    _check_files(manifest, written, hashers)
 
 
-def _check_files(manifest: ModelManifest, layouts: list[list[str]] | None, digests: list[str | None] | None) -> None:
-    """Each restored file's fragment ids (in file order) against its recorded layout, and its
-    BLAKE3 (where given) against its recorded hash; checkpoints restore as state dicts, unchecked."""
-    for i, f in enumerate(manifest.files):
+def _check_files(manifest: ModelManifest, layouts: list[list[str]] | None, rehashed: list[TreeHasher | None] | None) -> None:
+    """Each restored file's fragment ids (in file order) against its recorded layout, and where
+    `rehashed`, the tree (and BLAKE3, where recorded) recomputed from its bytes against the
+    recorded ones; checkpoints restore as state dicts, unchecked."""
+    for i, (f, tensors) in enumerate(zip(manifest.files, manifest.file_tensors())):
         if not container(f.format).byte_exact:
             continue
-        if layouts is not None and file_layout(f.inline, layouts[i]) != f.layout:
+        if layouts is not None and f.tree([len(t.fragments) for t in tensors], layouts[i]) != f.layout:
             raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} does not match its recorded layout (fragments missing or out of order)")
-        digest = digests[i] if digests is not None else None
-        if digest is not None and digest != f.blake3:
+        h = rehashed[i] if rehashed is not None else None
+        if h is None:
+            continue
+        tree, whole = h.hexdigest(), h.whole_hexdigest()
+        if tree != f.layout or whole != (f.blake3 or None):
             if manifest.lossy:
                 raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} differs from the original, as the model is stored lossy ({lossy_summary(manifest)})")
-            raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} has blake3 {digest}, expected {f.blake3}")
+            what = f"tree {tree or '(bytes do not fit its layout)'}, expected {f.layout}" if tree != f.layout else f"blake3 {whole}, expected {f.blake3}"
+            raise FragmentError(f"model {manifest.model_id!r}: restored {f.name} has {what}")
 
 
-def _file_hash(path: str) -> str:
-    """BLAKE3 of a file as it is on disk (the bytes a rehash vouches for)."""
-    h = hasher()
-    h.update_mmap(path)
-    return h.hexdigest()
+def _rehash_file(path: str, f: FileRecord, tensors: list[TensorRef]) -> TreeHasher:
+    """A restored file's tree (and BLAKE3, where recorded) recomputed from its bytes as they are
+    on disk (the bytes a rehash vouches for), cut by its recorded layout."""
+    h = f.tree_hasher(tensors)
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size:
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                with memoryview(mm) as view:
+                    h.update(view)
+    return h
 
 
 def _pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -332,7 +346,7 @@ def _preallocate(fd: int, f: FileRecord) -> None:
             pass  # a filesystem without fallocate: the writes still work, just slower
 
 
-def _put(sink: BinaryIO, hasher, data: bytes) -> None:
+def _put(sink: BinaryIO, hasher: TreeHasher | None, data: bytes) -> None:
     sink.write(data)
     if hasher is not None:
         hasher.update(data)

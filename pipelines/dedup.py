@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import pyarrow.compute as pc
@@ -131,7 +132,7 @@ def _run(lib: FragmentLibrary, catalog: Catalog, executor: Executor, config: Lib
 
     t = time.perf_counter()
     existing = {m["model_id"]: m for m in lib.models()}
-    scanned = _scan(lib.store.url, catalog, executor, existing, rehash)
+    scanned = _scan(lib.store.url, catalog, executor, existing, rehash, config.fragment_elements)
     todo = []
     for s in scanned:
         old = existing.get(s["model_id"])
@@ -156,7 +157,7 @@ def _run(lib: FragmentLibrary, catalog: Catalog, executor: Executor, config: Lib
     return gone
 
 
-def _scan(library_url: str, catalog: Catalog, executor: Executor, existing: dict, rehash: bool) -> list[dict]:
+def _scan(library_url: str, catalog: Catalog, executor: Executor, existing: dict, rehash: bool, fragment_elements: int) -> list[dict]:
     """The catalog's models scanned (pipelines.steps.scan_model), in catalog order: with the
     stamps kept by the last run, unless `rehash`, so that unchanged models are not read; the
     stamps are then kept for the next run (those of models still in the library and not in the
@@ -167,7 +168,7 @@ def _scan(library_url: str, catalog: Catalog, executor: Executor, existing: dict
         stored = existing.get(e.model_id)
         trusted = not rehash and stored is not None and not stored["lossy"]
         rows.append(dict(e.as_row(), known=old.get(e.model_id, {}) if trusted else {}, stored_hash=stored["content_hash"] if trusted else None))
-    scanned = sorted(executor.map(scan_model, rows), key=lambda r: r["rank"])
+    scanned = sorted(executor.map(partial(scan_model, fragment_elements=fragment_elements), rows), key=lambda r: r["rank"])
     kept = {mid: s for mid, s in old.items() if mid in existing}
     kept.update({s["model_id"]: s["stamps"] for s in scanned})
     if kept != old:

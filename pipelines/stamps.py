@@ -3,8 +3,10 @@ on an object store) when the pipeline last hashed it, so that a re-run proves a 
 without reading its bytes (decisions/0271).
 
 The stamps are a cache of the pipeline's own, `scan-stamps.parquet` in the library's folder and
-no table of the library: a stamp says "this URL, while it looked like this, had this BLAKE3",
-which is true whatever the library holds. A lost, stale or unreadable file costs a re-hash,
+no table of the library: a stamp says "this URL, while it looked like this, had this file hash"
+(its tree, hashing.file_tree, over the library's fragment size), which is true whatever the
+library holds. A stamps file written before file hashes were trees (a `blake3` column of
+whole-file hashes) reads with no hashes, so its models are hashed once more. A lost, stale or unreadable file costs a re-hash,
 never a wrong library, unless a file's bytes change while its stamp does not (an in-place
 rewrite that keeps size and mtime); `--rehash` ignores the stamps for users who distrust them.
 """
@@ -21,12 +23,12 @@ from haagenti.formats.source import expand_files
 from haagenti.fsio import filesystem_for
 
 STAMPS_FILE = "scan-stamps.parquet"
-SCHEMA = pa.schema([("model_id", pa.string()), ("url", pa.string()), ("stamp", pa.string()), ("blake3", pa.string())])
+SCHEMA = pa.schema([("model_id", pa.string()), ("url", pa.string()), ("stamp", pa.string()), ("file_hash", pa.string())])
 # A local file modified this recently when stamped may still be written within one tick of the
 # filesystem's clock, leaving its mtime as stamped: it is hashed, and its stamp not kept.
 SETTLE_NS = 2_000_000_000
 
-Stamps = dict[str, tuple[str, str]]  # url -> (stamp, BLAKE3 of the bytes it had under that stamp)
+Stamps = dict[str, tuple[str, str]]  # url -> (stamp, the file hash of the bytes it had under that stamp)
 
 
 def file_stamps(urls: list[str]) -> dict[str, str | None]:
@@ -61,7 +63,7 @@ def read_stamps(library_url: str) -> dict[str, Stamps]:
         return {}
     out: dict[str, Stamps] = {}
     for r in rows:
-        out.setdefault(r["model_id"], {})[r["url"]] = (r["stamp"], r["blake3"])
+        out.setdefault(r["model_id"], {})[r["url"]] = (r["stamp"], r["file_hash"])
     return out
 
 

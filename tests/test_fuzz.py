@@ -324,6 +324,38 @@ def test_a_blob_that_would_decode_past_its_record_is_refused_unread(library, tmp
     assert any(f"more than the {t['raw_size'][i].as_py()} recorded" in e for e in errors), errors
 
 
+@pytest.mark.parametrize("case", ["tree-lies", "gap-changed"])
+def test_a_lying_file_tree_or_gap_is_refused_in_one_line(library, tmp_path, case):
+    """A file's hash is its tree over its gaps and fragment ids (files.layout): a record whose
+    tree lies, or whose gap bytes no longer give its tree, with the record digest made again
+    (a tamperer who knows the scheme), is refused by restore, restore --rehash and verify in one line."""
+    from haagenti.hashing import model_hash
+    from haagenti.library import FragmentLibrary
+    from tests.helpers import reseal
+
+    lib, files = library
+    copy = tmp_path / "copy"
+    shutil.copytree(lib, copy)
+    store = FragmentLibrary.open(str(copy), create=False).store
+    [row] = store.read("models", equals=("model_id", "m0")).to_pylist()
+    header = row["files"][0]["header"]
+    if case == "tree-lies":  # and the content hash made of it
+        row["files"][0]["layout"] = "0" * 64
+        row["content_hash"] = model_hash([f["layout"] for f in row["files"]])
+    else:  # the header's trailing padding: the JSON still parses and says the same
+        assert header.endswith(b" "), header[-20:]
+        row["files"][0]["header"] = header[:-1] + b"\t"
+    store.delete("models", "model_id = 'm0'")
+    store.append("models", pa.Table.from_pylist([row], schema=store.read("models").schema))
+    reseal(FragmentLibrary.open(str(copy), create=False), "m0")
+    for args in (("restore", copy, "m0", tmp_path / "o"), ("restore", copy, "m0", tmp_path / "r", "--rehash"), ("verify", copy, "m0")):
+        code, _, err = cli(*args)
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)
+        assert "m0" in err and "does not match its recorded layout" in err, (args, err)
+    code, _, _ = cli("restore", copy, "m1", tmp_path / "m1")
+    assert code == 0 and sha256(tmp_path / "m1" / files[1].name) == sha256(files[1])
+
+
 # ---- crafted reference chains -------------------------------------------------------------------
 def chain_library(tmp_path):
     """A library of one model whose tensor's six fragments are each a genuine delta of the one

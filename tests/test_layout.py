@@ -33,15 +33,19 @@ def test_tables_read_with_polars_duckdb_and_pyarrow(tmp_path, family):
     assert [r[0] for r in per_model] == sorted(m.model_id for m in family[:2]) and all(r[1] > 0 for r in per_model)
     frags = DeltaTable(f"{url}/fragments").to_pyarrow_table(columns=["fragment_id", "encoding", "stored_size"])
     assert set(frags["encoding"].to_pylist()) <= {"plain", "delta_xor", "delta_sub"}
-    # files.layout, computed from the tables alone as docs/format.md says
+    # files.layout (the file's tree), computed from the tables alone as docs/format.md says
     order = manifests.sort_by([("tensor_index", "ascending"), ("fragment_seq", "ascending")])
     for model in models.to_dicts():
         [f] = model["files"]
-        ids = [i for m, i in zip(order["model_id"].to_pylist(), order["fragment_id"].to_pylist()) if m == model["model_id"] and i is not None]
-        inline = struct.pack("<Q", len(f["header"])) + f["header"]
-        h = blake3(derive_key_context="haagenti 2026-11-23 file layout v1")
-        h.update(struct.pack("<QQ", len(inline), len(ids)))
-        h.update(inline)
+        rows = [(t, i) for m, t, i in zip(*(order[c].to_pylist() for c in ("model_id", "tensor_index", "fragment_id"))) if m == model["model_id"]]
+        ids = [i for _, i in rows if i is not None]
+        counts = [sum(1 for t, i in rows if t == k and i is not None) for k in sorted({t for t, _ in rows})]
+        gap = struct.pack("<Q", len(f["header"])) + f["header"]  # a safetensors file's one gap
+        h = blake3(derive_key_context="haagenti 2026-12-07 file tree v1")
+        h.update(struct.pack("<QQ", 1, len(gap)))
+        h.update(struct.pack(f"<Q{4 * len(counts)}Q", len(counts), *(v for n in counts for v in (n, 0, 0, 0))))
+        h.update(blake3(gap).digest())
+        h.update(struct.pack("<Q", len(ids)))
         h.update(bytes.fromhex("".join(ids)))
         assert h.hexdigest() == f["layout"]
 

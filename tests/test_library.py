@@ -1,5 +1,6 @@
 import os
 
+import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -426,3 +427,53 @@ def test_stats_counts_every_byte_on_disk(tmp_path, family):
     doc = json.loads(out)
     assert doc["disk_bytes"] == files and doc["stored_bytes"] == s.stored_bytes
     assert [m["disk_bytes"] for m in doc["per_model"]] == [m.disk_bytes for m in s.per_model]
+
+
+def test_rehash_recomputes_each_file_tree_from_the_bytes_written(tmp_path, family, monkeypatch):
+    """A restore checks the ids it wrote; --rehash cuts the written file by its recorded layout
+    and hashes each piece again, so bytes changed after their fragment was verified (one flipped
+    on its way to the disk) fail it, naming the file."""
+    from haagenti import restore
+
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    m = family[0]
+    lib.ingest([m.file], m.model_id)
+    write = restore._pwrite
+
+    def flipped(fd, data, offset):
+        data = bytearray(data)
+        data[-1] ^= 1
+        write(fd, bytes(data), offset)
+
+    monkeypatch.setattr(restore, "_pwrite", flipped)
+    lib.restore(m.model_id, str(tmp_path / "unchecked"))  # the ids it wrote are right: unseen
+    with pytest.raises(FragmentError, match=f"{m.model_id}'.*restored {os.path.basename(m.file)} has tree"):
+        lib.restore(m.model_id, str(tmp_path / "out"), rehash=True)
+    monkeypatch.setattr(restore, "_pwrite", write)
+    lib.restore(m.model_id, str(tmp_path / "out"), rehash=True)
+
+
+def test_whole_file_blake3_is_opt_in_and_then_checked(tmp_path, family):
+    """files.blake3 (b3sum's hash, for published checksums) is recorded only when asked for,
+    computed from the pieces as they are cut; verify and restore --rehash then check it too."""
+    from blake3 import blake3
+
+    from tests.helpers import cli, reseal
+
+    m = family[0]
+    plain, whole = tmp_path / "plain", tmp_path / "whole"
+    assert cli("ingest", plain, m.file, "--model-id", "m")[0] == 0
+    assert cli("ingest", whole, m.file, "--model-id", "m", "--file-blake3")[0] == 0
+    [p], [w] = (FragmentLibrary.open(str(d), create=False).models() for d in (plain, whole))
+    assert p["files"][0]["blake3"] is None and w["files"][0]["blake3"] == blake3(open(m.file, "rb").read()).hexdigest()
+    assert p["files"][0]["layout"] == w["files"][0]["layout"] and p["content_hash"] == w["content_hash"]  # the file's identity either way
+    lib = FragmentLibrary.open(str(whole), create=False)
+    [row] = lib.store.read("models").to_pylist()
+    row["files"][0]["blake3"] = "0" * 64
+    lib.store.delete("models", "model_id = 'm'")
+    lib.store.append("models", pa.Table.from_pylist([row], schema=lib.store.read("models").schema))
+    reseal(lib, "m")
+    lib.restore("m", str(tmp_path / "out"))  # without --rehash nothing hashes the whole file
+    code, _, err = cli("restore", whole, "m", tmp_path / "out2", "--rehash")
+    assert code == 1 and f"has blake3 {w['files'][0]['blake3']}, expected {'0' * 64}" in err
+    assert not lib.verify("m").ok

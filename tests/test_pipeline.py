@@ -153,12 +153,12 @@ def test_job_killed_mid_write_keeps_last_snapshot_and_next_run_finishes(tmp_path
 
 def test_a_file_changed_between_scan_and_fragmenting_is_refused(tmp_path, family):
     """Restores check a file's layout (its fragment ids), not its bytes, so the bytes cut must
-    be the bytes whose BLAKE3 the scan recorded."""
+    be the bytes whose tree the scan recorded."""
     from pipelines.steps import FragmentModel, scan_model
 
     path = tmp_path / "m.safetensors"
     shutil.copy(family[0].file, path)
-    scanned = scan_model({"model_id": "m", "files": [str(path)], "family": None, "revision": None, "rank": 0})
+    scanned = scan_model({"model_id": "m", "files": [str(path)], "family": None, "revision": None, "rank": 0}, CONFIG.fragment_elements)
     assert FragmentModel(CONFIG)(scanned)  # unchanged: fragments as scanned
     data = bytearray(path.read_bytes())
     data[-1] ^= 1  # same size, one bit of the last tensor
@@ -174,7 +174,7 @@ def test_sign_and_encode_steps_take_carried_bytes_as_the_ranges_they_read(tmp_pa
     from haagenti.ingest_steps import ASSIGNMENT_SCHEMA, EncodeFragments, SignFragments
     from pipelines.steps import FragmentModel, scan_model
 
-    scanned = scan_model({"model_id": "m", "files": [family[0].file], "family": None, "revision": None, "rank": 0})
+    scanned = scan_model({"model_id": "m", "files": [family[0].file], "family": None, "revision": None, "rank": 0}, CONFIG.fragment_elements)
     _, occ = FragmentModel(CONFIG)(scanned)
     occ = occ.filter(occ["signs"]).slice(0, 6)
     reader = RangeReader()

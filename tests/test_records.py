@@ -1,16 +1,20 @@
 """A model's record (its files' names, formats, sizes, hashes, layouts and its manifest rows) is
 verified like its fragments: a digest written in its models row at publication, checked by
 every reader (restore, verify, ModelLoader, haagenti://) before it trusts a name. And the
-upgrade of a format-4 library, which has no digests, to format 5."""
+upgrade of format-4 to 6 libraries (format 4 has no digests; formats before 7 identify a file by
+its whole BLAKE3) to format 7."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import struct
+from dataclasses import asdict, replace
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from blake3 import blake3
 from deltalake import DeltaTable, write_deltalake
 from safetensors.numpy import save_file
 
@@ -18,11 +22,15 @@ from haagenti.config import LibraryConfig
 from haagenti.errors import DamagedError, FragmentError, LibraryError
 from haagenti.library import FragmentLibrary
 from haagenti.loader import ModelLoader
+from haagenti.hashing import model_hash
 from haagenti.maintenance import upgrade
-from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS
+from haagenti.manifest import ModelManifest
+from haagenti.records import record_digest
+from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS, LibraryStore
 from tests.helpers import cli, reseal
 
 CONFIG = LibraryConfig(fragment_size=65536, similarity=False)
+WHOLE = LibraryConfig(fragment_size=65536, similarity=False, file_blake3=True)  # files.blake3 recorded, as formats 2 to 6 always did
 DIGEST = "its record does not match its digest"
 
 
@@ -128,40 +136,87 @@ def test_the_family_is_not_part_of_the_record(tmp_path):
     assert len(lib.restore("m", str(tmp_path / "out"))) == 3
 
 
+def as_format_6(url: str, version: int = 6) -> None:
+    """Turn a library ingested with whole-file hashes into what format 6 wrote (or 5: the same
+    records): each file's layout digest over its inline bytes and fragment ids, the content hash
+    over the files' BLAKE3, the record digests of those, `version` in its rows and marker."""
+    store = LibraryStore(url)
+    models = store.read("models").to_pylist()
+    for model in models:
+        m = ModelManifest.from_rows(model, store.read("manifests", equals=("model_id", model["model_id"])))  # unchecked: as stored
+        files = []
+        for f, tensors in zip(m.files, m.file_tensors()):
+            inline = struct.pack("<Q", len(f.header)) + f.header if f.format == "safetensors" else f.header
+            ids = [r.fragment_id for t in tensors for r in t.fragments]
+            h = blake3(derive_key_context="haagenti 2026-11-23 file layout v1")
+            h.update(struct.pack("<QQ", len(inline), len(ids)) + inline + bytes.fromhex("".join(ids)))
+            files.append(replace(f, layout=h.hexdigest()))
+        m = replace(m, files=files, content_hash=model_hash([f.blake3 for f in files]))
+        model.update(files=[asdict(f) for f in files], content_hash=m.content_hash, format_version=version,
+                     record_digest=record_digest(m, model["ingest_id"], model["n_tensors"], model["lossy"]))
+    write_deltalake(f"{url}/models", pa.Table.from_pylist(models, schema=SCHEMAS["models"]), mode="overwrite")
+    marker = json.loads(open(f"{url}/haagenti.json").read())
+    open(f"{url}/haagenti.json", "w").write(json.dumps({**marker, "format_version": version}))
+
+
 def as_format_4(url: str) -> None:
-    """Turn a library into what format 4 wrote: no record_digest column in its models table nor
-    depth in its fragments table (nor in the tables' schemas), format_version 4 in its rows and
-    its marker."""
-    lib = FragmentLibrary.open(url, create=False)
-    t = lib.store.read("models")
-    t = t.drop_columns(["record_digest"])
-    t = t.set_column(t.column_names.index("format_version"), "format_version", pa.array([4] * t.num_rows, pa.int32()))
-    write_deltalake(f"{url}/models", t, mode="overwrite", schema_mode="overwrite")
-    frags = lib.store.read("fragments").drop_columns(["depth"])  # format 4 had no chain depths
+    """Turn a library into what format 4 wrote: format 6's records without a record_digest
+    column in its models table nor depth in its fragments table (nor in the tables' schemas),
+    format_version 4 in its rows and its marker."""
+    as_format_6(url, 4)
+    store = LibraryStore(url)
+    write_deltalake(f"{url}/models", store.read("models").drop_columns(["record_digest"]), mode="overwrite", schema_mode="overwrite")
+    frags = store.read("fragments").drop_columns(["depth"])  # format 4 had no chain depths
     write_deltalake(f"{url}/fragments", frags, mode="overwrite", schema_mode="overwrite")
-    marker = json.loads(open(f"{url}/haagenti.json").read())
-    open(f"{url}/haagenti.json", "w").write(json.dumps({**marker, "format_version": 4}))
 
 
-def test_a_format_5_library_is_refused_until_upgraded_which_rewrites_its_marker_only(tmp_path):
-    """Format 6 adds an encoding a format-5 library never holds: the upgrade rewrites the marker
-    and leaves every table as it is."""
+def test_a_format_6_library_is_refused_until_upgraded_which_rewrites_its_records_as_trees(tmp_path):
+    """Format 7 identifies a file by its tree over its fragment ids: the upgrade checks each
+    record as format 6 defined it, rewrites its layouts, content hash and digest in one models
+    commit (as an ingest now records them), keeps the whole-file BLAKE3, and leaves the
+    fragments and manifests as they are."""
     url = str(tmp_path / "lib")
-    FragmentLibrary.open(url, CONFIG).ingest([folder_model(tmp_path / "m")], "m")
-    marker = json.loads(open(f"{url}/haagenti.json").read())
-    open(f"{url}/haagenti.json", "w").write(json.dumps({**marker, "format_version": 5}))
-    with pytest.raises(LibraryError, match=f"library format 5, this haagenti reads format {LIBRARY_FORMAT_VERSION}: run `haagenti upgrade"):
+    lib = FragmentLibrary.open(url, WHOLE)
+    lib.ingest([folder_model(tmp_path / "m")], "m")
+    [now] = lib.models()
+    as_format_6(url)
+    with pytest.raises(LibraryError, match=f"library format 6, this haagenti reads format {LIBRARY_FORMAT_VERSION}: run `haagenti upgrade"):
         FragmentLibrary.open(url)
-    versions = {t: DeltaTable(f"{url}/{t}").version() for t in ("models", "fragments", "manifests")}
+    versions = {t: DeltaTable(f"{url}/{t}").version() for t in ("fragments", "manifests")}
     assert upgrade(url) == []
     assert {t: DeltaTable(f"{url}/{t}").version() for t in versions} == versions
     lib = FragmentLibrary.open(url, create=False)
+    [row] = lib.models()
+    keys = ("files", "content_hash", "record_digest", "format_version")
+    assert {k: row[k] for k in keys} == {k: now[k] for k in keys}
     assert lib.verify().ok and json.loads(open(f"{url}/haagenti.json").read())["format_version"] == LIBRARY_FORMAT_VERSION
+
+
+def test_an_upgrade_leaves_a_format_6_record_whose_layout_lies_unverifiable(tmp_path):
+    """Two fragment rows swapped, the record digest made again: only the old layout digest
+    shows it, and the upgrade must not bless the record with a fresh tree."""
+    url = str(tmp_path / "lib")
+    FragmentLibrary.open(url, WHOLE).ingest([folder_model(tmp_path / "m")], "m")
+    as_format_6(url)
+    store = LibraryStore(url)
+    rows = store.read("manifests").sort_by([("file_index", "ascending"), ("tensor_index", "ascending"), ("fragment_seq", "ascending")]).to_pylist()
+    a, b = rows[0], rows[1]  # the first tensor's two fragments
+    for k in ("fragment_id", "source_fragment_id"):
+        a[k], b[k] = b[k], a[k]
+    write_deltalake(f"{url}/manifests", pa.Table.from_pylist(rows, schema=SCHEMAS["manifests"]), mode="overwrite")
+    [model] = store.read("models").to_pylist()
+    m = ModelManifest.from_rows(model, store.read("manifests"))
+    model["record_digest"] = record_digest(m, model["ingest_id"], model["n_tensors"], model["lossy"])
+    write_deltalake(f"{url}/models", pa.Table.from_pylist([model], schema=SCHEMAS["models"]), mode="overwrite")
+    [line] = upgrade(url)
+    assert line.startswith("model 'm': left without a record digest") and "layout" in line, line
+    with pytest.raises(DamagedError, match="model 'm'"):
+        FragmentLibrary.open(url, create=False).restore("m", str(tmp_path / "out"))
 
 
 def test_a_format_4_library_is_refused_until_upgraded_then_restores(tmp_path):
     url = str(tmp_path / "lib")
-    FragmentLibrary.open(url, CONFIG).ingest([folder_model(tmp_path / "m")], "m")
+    FragmentLibrary.open(url, WHOLE).ingest([folder_model(tmp_path / "m")], "m")
     as_format_4(url)
     with pytest.raises(LibraryError, match=f"library format 4, this haagenti reads format {LIBRARY_FORMAT_VERSION}: run `haagenti upgrade"):
         FragmentLibrary.open(url)
@@ -183,7 +238,7 @@ def test_a_format_4_library_is_refused_until_upgraded_then_restores(tmp_path):
 
 def test_an_upgrade_leaves_a_model_whose_record_fails_unverifiable_and_says_so(tmp_path):
     url = str(tmp_path / "lib")
-    lib = FragmentLibrary.open(url, CONFIG)
+    lib = FragmentLibrary.open(url, WHOLE)
     lib.ingest([folder_model(tmp_path / "m")], "m")
     lib.ingest([folder_model(tmp_path / "n")], "n")
     rewrite(lib, "models", "n", rename(("config.json", "../config.json")))
@@ -200,7 +255,7 @@ def test_an_upgrade_leaves_a_model_whose_record_fails_unverifiable_and_says_so(t
 
 def test_an_upgrade_stopped_before_its_marker_is_done_again(tmp_path, monkeypatch):
     url = str(tmp_path / "lib")
-    FragmentLibrary.open(url, CONFIG).ingest([folder_model(tmp_path / "m")], "m")
+    FragmentLibrary.open(url, WHOLE).ingest([folder_model(tmp_path / "m")], "m")
     as_format_4(url)
     monkeypatch.setenv("HAAGENTI_CHAOS", f"upgraded-models=enospc:{tmp_path / 'marker'}")  # its models commit made, not its marker
     with pytest.raises(OSError):

@@ -17,7 +17,7 @@ from haagenti.formats.dtypes import DType
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.splice import Splice, TensorSpan, Turn, transpose
 from haagenti.fsio import filesystem_for
-from haagenti.hashing import hasher
+from haagenti.hashing import content_hash, file_tree, hasher
 
 
 @dataclass
@@ -43,7 +43,7 @@ class SourceFile:
     format: str  # a ContainerFormat's name (haagenti.formats.registry)
     size: int
     header: bytes = b""  # safetensors header JSON verbatim, a spliced file's packed gaps, or a whole side file
-    blake3: str = ""  # known up front for checkpoints and side files; safetensors hash as they stream
+    blake3: str = ""  # the whole file's BLAKE3, known up front for checkpoints (read whole); others hash as they stream, if asked
 
 
 class StoredFile(Protocol):
@@ -177,8 +177,8 @@ class LayoutWriter:
 
 
 class FileHasher(LayoutWriter):
-    """The BLAKE3 of a file rebuilt from its gaps and its fragments' stored bytes, fed as they
-    are cut (ingest and the pipeline hash files this way, reading each byte once)."""
+    """The plain BLAKE3 of a whole file rebuilt from its gaps and its fragments' stored bytes,
+    fed as they are cut (ingest computes it this way when asked to, in the pass that cuts)."""
 
     def __init__(self, segments: list[Segment]):
         self.hasher = hasher()
@@ -187,6 +187,83 @@ class FileHasher(LayoutWriter):
     def hexdigest(self) -> str:
         self.finish()
         return self.hasher.hexdigest()
+
+
+def splice_tree(splice: Splice, counts: Sequence[int], fragment_ids: Sequence[str], gaps_digest: bytes | None = None) -> str:
+    """The tree hash (hashing.file_tree) of a file laid out as `splice` with `counts[k]`
+    fragments in its k-th tensor; `gaps_digest`: the BLAKE3 of its gap bytes as found in a
+    restored file (default: of the recorded gaps)."""
+    if gaps_digest is None:
+        h = hasher()
+        for g in splice.gaps:
+            h.update(g)
+        gaps_digest = h.digest()
+    tensors = [(n, *splice.transposed.get(k, (0, 0, 0))) for k, n in enumerate(counts)]
+    return file_tree([len(g) for g in splice.gaps], gaps_digest, tensors, fragment_ids)
+
+
+class TreeHasher:
+    """A file's tree hash recomputed from its bytes, fed in file order in pieces of any size:
+    the bytes are cut where the stored layout puts each gap and fragment (a transposed tensor
+    turned back first) and each piece hashed as ingest hashed it. With `whole`, the plain
+    BLAKE3 of the bytes too (files.blake3, where a user asked for it)."""
+
+    def __init__(self, splice: Splice, sizes: Sequence[Sequence[int]], whole: bool = False):
+        self.splice, self.counts = splice, [len(s) for s in sizes]
+        self.pieces = [(s.size, s.gap is not None, s.turn, sizes[s.tensor][s.fragments.start:s.fragments.stop] if s.turn else ())
+                       for s in layout_segments(splice, sizes)]
+        self.gaps, self.whole = hasher(), hasher() if whole else None
+        self.ids: list[str] = []
+        self.next, self.held, self.over = 0, bytearray(), False
+
+    def update(self, data: bytes | memoryview) -> None:
+        if self.whole is not None:
+            self.whole.update(data)
+        view = memoryview(data).cast("B")
+        while view:
+            self._skip_empty()
+            if self.next >= len(self.pieces):
+                self.over = True  # more bytes than the layout holds
+                return
+            need = self.pieces[self.next][0] - len(self.held)
+            if not self.held and len(view) >= need:
+                self._take(view[:need])
+            else:
+                self.held += view[:need]
+                if len(self.held) == self.pieces[self.next][0]:
+                    self._take(memoryview(self.held))
+                    self.held = bytearray()
+            view = view[need:]
+
+    def _skip_empty(self) -> None:
+        while self.next < len(self.pieces) and self.pieces[self.next][0] == 0:
+            self._take(memoryview(b""))
+
+    def _take(self, data: memoryview) -> None:
+        size, gap, turn, frag_sizes = self.pieces[self.next]
+        self.next += 1
+        if gap:
+            self.gaps.update(data)
+            return
+        if turn is None:
+            self.ids.append(content_hash(data))
+            return
+        rows, cols, itemsize = turn
+        stored = transpose(bytes(data), rows, cols, itemsize)  # the fragments' orientation
+        pos = 0
+        for n in frag_sizes:
+            self.ids.append(content_hash(stored[pos:pos + n]))
+            pos += n
+
+    def hexdigest(self) -> str:
+        """The tree of the bytes fed ("" when they are more or fewer than the layout holds)."""
+        self._skip_empty()
+        if self.over or self.held or self.next != len(self.pieces):
+            return ""
+        return splice_tree(self.splice, self.counts, self.ids, self.gaps.digest())
+
+    def whole_hexdigest(self) -> str | None:
+        return self.whole.hexdigest() if self.whole is not None else None
 
 
 class ContainerFormat(ABC):
@@ -228,14 +305,14 @@ class ContainerFormat(ABC):
     def splice(self, header: bytes, where: str) -> Splice:
         """The verbatim gaps around the tensors, from the record's header."""
 
-    def inline(self, header: bytes) -> bytes:
-        """The bytes that, with the fragment ids, determine the file (what its layout digest covers)."""
-        return header
-
     def segments(self, header: bytes, where: str, sizes: Sequence[Sequence[int]]) -> list[Segment]:
         """The file as ordered slices, gaps and fragments, each at its offset in the original;
         `sizes` holds each tensor's fragment sizes in bytes, in file order."""
         return layout_segments(self.splice(header, where), sizes)
+
+    def tree(self, header: bytes, where: str, counts: Sequence[int], fragment_ids: Sequence[str]) -> str:
+        """The file's tree hash (splice_tree) from its record: the file's identity, files.layout."""
+        return splice_tree(self.splice(header, where), counts, fragment_ids)
 
     def check_file(self, record: StoredFile, where: str) -> None:
         """Raise DamagedError if the record alone cannot be what this format made of a file."""

@@ -143,9 +143,6 @@ class Safetensors(ContainerFormat):
     def splice(self, header: bytes, where: str) -> Splice:
         return Splice([file_prefix(header)])
 
-    def inline(self, header: bytes) -> bytes:
-        return file_prefix(header)
-
     def check_record(self, record: StoredFile, tensors: Sequence[StoredTensor], where: str) -> None:
         """The header decides where each tensor's bytes go: it must describe the recorded tensors."""
         try:

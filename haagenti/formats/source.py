@@ -83,22 +83,6 @@ class ModelSource:
     tensors: list[SourceTensor] = field(default_factory=list)
     reader: RangeReader = field(default_factory=lambda: RangeReader(max_open=1 << 30), repr=False)
 
-    def file_digests(self) -> list[str]:
-        """Each file's BLAKE3: recorded when known (checkpoints, side files), else read once,
-        streaming (what an incremental ingest compares before cutting anything)."""
-        out = []
-        for f in self.files:
-            digest = f.blake3
-            if not digest:
-                h = hasher()
-                fs, path = filesystem_for(f.url)
-                with fs.open(path, "rb", block_size=8 << 20) as fh:
-                    while chunk := fh.read(8 << 20):
-                        h.update(chunk)
-                digest = h.hexdigest()
-            out.append(digest)
-        return out
-
     def close(self) -> None:
         self.reader.close()
 

@@ -5,7 +5,7 @@ safetensors file is its length and header then tensors back to back (one gap, be
 tensor); a GGUF file has its header, metadata and tensor infos before the first tensor and
 alignment padding after each; an ONNX file is a protobuf whose initializers' `raw_data` fields
 sit between the rest of the message. The tensors become fragments; the gaps are stored verbatim in the file's record (files.header), so a restore
-writes the original bytes and the layout digest (hashing.file_layout) covers them.
+writes the original bytes and the file's tree (hashing.file_tree) covers them.
 
 A tensor can be stored transposed: ONNX exporters fold a Linear weight's transpose into the
 initializer (the file holds W^T, (in, out)); storing it as W makes its fragments those of the

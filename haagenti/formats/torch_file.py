@@ -45,9 +45,6 @@ class TorchCheckpoint(ContainerFormat):
     def splice(self, header: bytes, where: str) -> Splice:
         return Splice([])  # restored from its tensors, not spliced
 
-    def inline(self, header: bytes) -> bytes:
-        return b""
-
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     import torch

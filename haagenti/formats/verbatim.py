@@ -5,7 +5,6 @@ from __future__ import annotations
 from haagenti.errors import DamagedError, FormatError
 from haagenti.formats.container import ContainerFormat, FileEntry, ModelFiles, SourceFile, SourceTensor, StoredFile
 from haagenti.formats.splice import Splice
-from haagenti.hashing import content_hash
 
 VERBATIM_EXT = (".json", ".yaml", ".yml", ".txt", ".md", ".model", ".jinja")
 MAX_VERBATIM_BYTES = 16 * 1024 * 1024
@@ -27,7 +26,7 @@ class Verbatim(ContainerFormat):
         if entry.size > MAX_VERBATIM_BYTES:
             raise FormatError(f"{entry.url}: side file larger than {MAX_VERBATIM_BYTES} bytes (not a tensor format haagenti reads)")
         data = entry.read_all()
-        return SourceFile(entry.name, entry.url, self.name, entry.size, data, content_hash(data)), []
+        return SourceFile(entry.name, entry.url, self.name, entry.size, data), []
 
     def splice(self, header: bytes, where: str) -> Splice:
         return Splice([header])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-LIBRARY_FORMAT_VERSION = 6  # 2: BLAKE3 ids and file hashes; 3: file layout digests; 4: invariants in haagenti.json, ingest ids; 5: record digests; 6: predicted quantized fragments
-UPGRADABLE_FROM = (4, 5)  # `haagenti upgrade` moves a library of these formats to this one (haagenti.maintenance.upgrade)
+LIBRARY_FORMAT_VERSION = 7  # 2: BLAKE3 ids and file hashes; 3: file layout digests; 4: invariants in haagenti.json, ingest ids; 5: record digests; 6: predicted quantized fragments; 7: file hashes are trees over fragment ids (files.layout), files.blake3 optional
+UPGRADABLE_FROM = (4, 5, 6)  # `haagenti upgrade` moves a library of these formats to this one (haagenti.maintenance.upgrade)
 
 SCHEMAS: dict[str, pa.Schema] = {
     "fragments": pa.schema(

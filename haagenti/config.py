@@ -42,7 +42,7 @@ class LibraryConfig:
     similarity: bool = True
     candidates: int | None = None  # signature neighbours tried as delta references
     lossy_threshold: float | None = None  # max relative L2 error for lossy sharing; None = lossless only
-    batch_bytes: int = 64 * 1024 * 1024  # raw bytes per encode batch and per fragment commit
+    batch_bytes: int = 64 * 1024 * 1024  # bytes per fragments commit (a two-level shard); raw bytes per encode batch up to ingest_steps.ENCODE_BATCH_BYTES
     signature: SignatureConfig | None = None
     thresholds: SimilarityThreshold | None = None
     index: str | None = None  # the index layout's registered name (haagenti.index)

@@ -32,7 +32,7 @@ from haagenti.formats.splice import Turn
 from haagenti.fragment import Encoding, FragmentId, FragmentType
 from haagenti.hashing import model_hash
 from haagenti.index import open_index
-from haagenti.ingest_steps import OCCURRENCE_SCHEMA, BatchResult, RunBytes, binary_column, binary_views, ingest_batches, occurrence_batches, signs
+from haagenti.ingest_steps import OCCURRENCE_SCHEMA, BatchResult, RunBytes, binary_column, binary_views, encode_batch_bytes, ingest_batches, occurrence_batches, signs
 from haagenti.manifest import FileRecord, FragmentRef, ModelManifest, TensorRef, validate_model_id
 from haagenti.store.leases import writing
 from haagenti.writer import Committer
@@ -239,7 +239,7 @@ def _ingest_models(lib: LibraryCore, todo: list[tuple[ModelInput, ModelSource]],
     cuts = [ModelCut(m, s, config.fragment_elements, config.file_blake3) for m, s in todo]
     tally = _Tally([IngestReport(m.model_id, s.raw_bytes) for m, s in todo], executor)
     # The next batch is cut while this one is signed, matched and encoded; commits run on a lane of their own.
-    batches = executor.workers.ahead(occurrence_batches(cut_models(cuts, config.batch_bytes, tally), config.batch_bytes))
+    batches = executor.workers.ahead(occurrence_batches(cut_models(cuts, encode_batch_bytes(config), tally), encode_batch_bytes(config)))
     for done in ingest_batches(lib, index, batches, executor, committer, {}, quality, device, run_bytes):
         tally.add(done)
         if progress:

@@ -39,6 +39,16 @@ from haagenti.writer import Committer
 # inside a small object store with a few calls in flight.
 STEP_BATCH = 64
 MATCH_PART_ROWS = 4096  # band rows per match task: 256 fragments x 16 bands, an ingest batch's lookup
+# Raw bytes of occurrences per encode batch, at most: apart from the commit size
+# (LibraryConfig.batch_bytes, also the two-level layout's shard), which stays what the index
+# names. The driver holds a batch being encoded, one cut ahead and their references: with
+# 64 MiB batches that was ~500 MiB of a 1.6 GB driver (docs/decisions/0274-driver-peak-bounded.md).
+ENCODE_BATCH_BYTES = 16 * 1024 * 1024
+# The run's reference cache (RunBytes): committed new fragments and fetched library references.
+# It serves a batch's references (at most `candidates` per fragment: 32 MiB of a 16 MiB batch)
+# and a model's references to one earlier in the run that fits it; a larger one is read back
+# from the library, as a separate ingest reads it (0274).
+REF_CACHE_BYTES = 64 * 1024 * 1024
 
 # Where a file holds a tensor transposed (haagenti.formats.splice.Turn), null where it does not.
 TURN = pa.list_(pa.int64(), 4)
@@ -182,9 +192,9 @@ class RunBytes:
     may serve as references, held until their commit (the store cannot serve them before) and
     then kept in a bounded cache, and the library's references, fetched once and cached."""
 
-    def __init__(self, fetch_raw: Callable[[set[str]], dict[str, bytes]], cache_bytes: int = 512 * 1024 * 1024):
+    def __init__(self, fetch_raw: Callable[[set[str]], dict[str, bytes]]):
         self.fetch_raw = fetch_raw
-        self.cache = RawCache(cache_bytes)
+        self.cache = RawCache(REF_CACHE_BYTES)
         self.uncommitted: dict[str, bytes] = {}
         self.lock = threading.Lock()  # held by the driver, the encode threads and the commit lane
 
@@ -303,6 +313,12 @@ class BatchResult:
         return {f: (s, mx, rel) for f, s, mx, rel in zip(*cols)}
 
 
+def encode_batch_bytes(config: LibraryConfig) -> int:
+    """Raw bytes per encode batch of an ingest in one process (both drivers alike: a batch's
+    commits decide what the next batch's scope may read)."""
+    return min(config.batch_bytes, ENCODE_BATCH_BYTES)
+
+
 def occurrence_batches(tables: Iterable[pa.Table], batch_bytes: int | None) -> Iterator[pa.Table]:
     """The occurrences of `tables` (OCCURRENCE_SCHEMA, in run order) in batches of about
     `batch_bytes` of fragment bytes (None: one batch)."""
@@ -370,10 +386,10 @@ def ingest_batches(core: LibraryCore, index: IndexLayout, batches: Iterable[pa.T
         for tb in executor.map_batches(EncodeFragments, (core.store.url, config, quality, run_bytes), assignments, STEP_BATCH):
             lossy = pc.is_valid(tb["shared_id"])
             if pc.any(lossy).as_py():  # filtering copies the blobs: only when there is something to take out
-                shared.append(tb.filter(lossy).select(["fragment_id", "shared_id", "max_abs_error", "rel_l2_error"]))
+                shared.append(copied(tb.filter(lossy).select(["fragment_id", "shared_id", "max_abs_error", "rel_l2_error"])))
                 tb = tb.filter(pc.invert(lossy))
             tb = tb.select(SCHEMAS["fragments"].names)
-            stored.append(tb.select(["fragment_id", "encoding", "stored_size"]))
+            stored.append(copied(tb.select(["fragment_id", "encoding", "stored_size"])))
             at = pc.index_in(tb["fragment_id"], value_set=new["fragment_id"])
             commits.append(executor.in_order(committer.add, tb, sigs.filter(pc.is_in(sigs["fragment_id"], value_set=tb["fragment_id"])), new["rank"].take(at).to_numpy()))
         result = BatchResult(batch, _concat(stored, ["fragment_id", "encoding", "stored_size"]), _concat(shared, ["fragment_id", "shared_id", "max_abs_error", "rel_l2_error"]))
@@ -405,6 +421,14 @@ def _hold_references(run_bytes: RunBytes, floats: pa.Table, refs: dict[str, list
     run_bytes.hold({fid: bytes(data) for fid, data in zip(floats["fragment_id"].to_pylist(), binary_views(floats["data"]))
                     if (fid not in refs or matcher.new_deltas) and depths[fid] < MAX_CHAIN_DEPTH})
     run_bytes.get({c for cs in refs.values() for c in cs})
+
+
+def copied(table: pa.Table) -> pa.Table:
+    """A copy of a few columns of a step's result, kept for the batch's result: on Ray the
+    result is a view into one object of the object store, and a column of it pins the whole
+    object, blobs included (the driver held every encoded byte of a run: 1 GB for a 1 GB
+    model, docs/decisions/0274-driver-peak-bounded.md)."""
+    return table.take(np.arange(table.num_rows))
 
 
 def _concat(tables: list[pa.Table], columns: list[str]) -> pa.Table:

@@ -26,12 +26,19 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from haagenti.index import IndexLayout
 from haagenti.manifest import ModelManifest
 from haagenti.records import record_digest
 from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS, LibraryStore
 from haagenti.store.publication import publish
+
+# A chunk is also committed once its fragments' raw bytes reach this many times `chunk_bytes`:
+# the library's ingest holds a fragment's raw bytes until its commit (ingest_steps.RunBytes), and
+# a well-deduplicated model's chunk otherwise covers many times its stored size (a merged LoRA
+# stores 1.3 MB in 2.5 KB), so the driver held a model's worth (docs/decisions/0274-driver-peak-bounded.md).
+RAW_CHUNK_FACTOR = 2
 
 
 class Committer:
@@ -42,17 +49,20 @@ class Committer:
         self.signatures: list[pa.Table] = []
         self.owners: list[np.ndarray] = []  # the model (index in the ingest) of each fragment row
         self.held = 0
+        self.raw = 0  # raw bytes of the fragments held
 
     def add(self, fragments: pa.Table, signatures: pa.Table, owner: int | np.ndarray) -> None:
         """New rows (signatures of some of `fragments`, none of others); `owner` is the model
-        each fragment row belongs to (one index, or one per row). Commits a chunk when full."""
+        each fragment row belongs to (one index, or one per row). Commits a chunk when full: of
+        `chunk_bytes` stored, or RAW_CHUNK_FACTOR times that raw."""
         if fragments.num_rows:
             self.fragments.append(fragments)
             self.owners.append(np.broadcast_to(np.asarray(owner, np.int64), (fragments.num_rows,)))
             self.held += fragments.nbytes
+            self.raw += int(pc.sum(fragments["raw_size"]).as_py() or 0)
         if signatures.num_rows:
             self.signatures.append(signatures)
-        if self.held >= self.chunk_bytes:
+        if self.held >= self.chunk_bytes or self.raw >= RAW_CHUNK_FACTOR * self.chunk_bytes:
             self.flush()
 
     def flush(self) -> None:
@@ -68,7 +78,7 @@ class Committer:
             data_file = self.store.append("fragments", frags, self.note, np.diff(bounds).tolist())
             self.index.append(frags.drop_columns(["blob"]), sigs if sigs is not None else SCHEMAS["signatures"].empty_table(), data_file, self.note)
             committed = frags["fragment_id"].to_pylist()
-        self.fragments, self.signatures, self.owners, self.held = [], [], [], 0
+        self.fragments, self.signatures, self.owners, self.held, self.raw = [], [], [], 0, 0
         if self.on_commit:
             self.on_commit(committed)
 

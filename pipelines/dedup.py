@@ -23,7 +23,7 @@ from haagenti.config import LibraryConfig
 from haagenti.errors import LibraryError
 from haagenti.executors import Executor, LocalExecutor
 from haagenti.formats.source import expand_urls
-from haagenti.ingest_steps import ingest_batches, occurrence_batches
+from haagenti.ingest_steps import encode_batch_bytes, ingest_batches, occurrence_batches
 from haagenti.library import FragmentLibrary
 from haagenti.maintenance import closest_models
 from haagenti.store import LibraryStore
@@ -191,7 +191,7 @@ def _ingest(lib: FragmentLibrary, executor: Executor, config: LibraryConfig, tod
     # On a cluster the run is one batch: a batch boundary drains the actor pools (a 2-batch
     # catalog on Ray ran 20-30% slower warm, decisions/0242); in one process batches bound memory.
     whole_run = not isinstance(executor, LocalExecutor)
-    batches = occurrence_batches([o for _, o in cuts], None if whole_run else config.batch_bytes)
+    batches = occurrence_batches([o for _, o in cuts], None if whole_run else encode_batch_bytes(config))
     for done in ingest_batches(lib, lib.index, batches, executor, committer, seconds):
         report.new_fragments += done.stored.num_rows
         report.delta_fragments += int(pc.sum(pc.not_equal(done.stored["encoding"], "plain")).as_py() or 0)

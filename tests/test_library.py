@@ -1,6 +1,7 @@
 import os
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -141,6 +142,65 @@ def test_ingest_reads_each_byte_once_across_batches_and_commits(tmp_path, family
     for m in family[:3]:
         [p] = lib.restore(m.model_id, str(tmp_path / "out" / m.model_id))
         assert sha256(p) == sha256(m.file), m.model_id
+
+
+def test_ingest_holds_a_bounded_share_of_the_run(tmp_path, family, monkeypatch):
+    """The library ingest's driver holds a run's bytes in its batches and RunBytes (the
+    references: new fragments until their commit, then a bounded cache): both stay within its
+    knobs however large the run, also when the run deduplicates so well that a commit's stored
+    bytes cover many times their raw size (a cast and a merged LoRA of the base)."""
+    from haagenti import ingest, ingest_steps
+    from haagenti.writer import RAW_CHUNK_FACTOR
+
+    encode, cache, commit = 128 * 1024, 256 * 1024, 256 * 1024
+    monkeypatch.setattr(ingest_steps, "ENCODE_BATCH_BYTES", encode)
+    monkeypatch.setattr(ingest_steps, "REF_CACHE_BYTES", cache)
+    held: list[int] = []
+    batches: list[int] = []
+
+    class Recording(ingest_steps.RunBytes):
+        def held(self) -> int:
+            return sum(map(len, self.uncommitted.values())) + self.cache.size
+
+        def hold(self, pieces):
+            super().hold(pieces)
+            held.append(self.held())
+
+        def committed(self, ids):
+            held.append(self.held())
+            super().committed(ids)
+
+    def recorded(tables, batch_bytes):
+        for b in ingest_steps.occurrence_batches(tables, batch_bytes):
+            batches.append(pc.sum(b["byte_len"]).as_py())
+            yield b
+
+    monkeypatch.setattr(ingest, "RunBytes", Recording)
+    monkeypatch.setattr(ingest, "occurrence_batches", recorded)
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), LibraryConfig(fragment_size=64 * 1024, batch_bytes=commit))
+    run = [family[i] for i in (0, 3, 4, 5)]  # base, partial fine-tune, merged LoRA, fp16 cast: 5.3 MB
+    reports = lib.ingest_many([ModelInput([m.file], m.model_id, m.family) for m in run])
+    raw = sum(r.raw_bytes for r in reports)
+    largest_fragment = 4 * 64 * 1024  # an fp32 fragment
+    assert max(batches) <= encode + largest_fragment
+    assert max(held) <= cache + RAW_CHUNK_FACTOR * commit + encode + largest_fragment < raw / 4
+
+
+def test_batch_results_keep_copies_not_views_of_a_steps_output():
+    """On Ray a step's result arrives as views into one object-store buffer, blobs included;
+    the few columns the driver keeps of each (for the whole run there) must not pin it."""
+    from haagenti.ingest_steps import copied
+
+    t = pa.table({"fragment_id": ["a", "b"], "encoding": ["plain", "zstd"], "stored_size": [1000, 1000], "blob": [b"x" * 1000, b"y" * 1000]})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, t.schema) as w:
+        w.write_table(t)
+    whole = sink.getvalue()
+    view = pa.ipc.open_stream(whole).read_all()  # its columns are slices of `whole`, as a Ray result's are of its object
+    kept = copied(view.select(["fragment_id", "encoding", "stored_size"]))
+    assert kept.equals(t.select(["fragment_id", "encoding", "stored_size"]))
+    buffers = [b for col in kept.columns for chunk in col.chunks for b in chunk.buffers() if b is not None]
+    assert buffers and not any(whole.address <= b.address < whole.address + whole.size for b in buffers)
 
 
 def test_ingest_many_checks_everything_before_writing(tmp_path, family):

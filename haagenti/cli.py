@@ -310,12 +310,14 @@ def dedup(
     prune: bool = typer.Option(False, help="remove models no longer in the catalog"),
     index: Optional[str] = typer.Option(None, "--index", help=INDEX_HELP),
     rehash: bool = typer.Option(False, "--rehash", help="hash every catalog file, trusting no stamp (size and mtime, or ETag) kept by the last run"),
+    file_blake3: bool = typer.Option(False, "--file-blake3", help=FILE_BLAKE3_HELP),
 ) -> None:
     """Deduplicate a whole CATALOG into the library with the Ray pipeline (jobs.dedup)."""
     from jobs.dedup import main as dedup_main  # the pipeline layer, imported only for this command
 
     argv = ["--catalog", catalog, "--library", library, "--executor", executor] + (["--address", address] if address else [])
     argv += (["--workers", str(workers)] if workers else []) + (["--prune"] if prune else []) + (["--index", index] if index else []) + (["--rehash"] if rehash else [])
+    argv += ["--file-blake3"] if file_blake3 else []
     from pipelines.dedup import STAGES
 
     with _stages("dedup:", STAGES) as ended:

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None, progress: Callable[[str], None] | None =
     ap.add_argument("--index", default=None, help="index layout of a new library: bands (default) or two-level; an existing library keeps its own")
     ap.add_argument("--prune", action="store_true", help="remove models no longer in the catalog and collect their fragments")
     ap.add_argument("--rehash", action="store_true", help="hash every catalog file, trusting no stamp (size and mtime, or ETag) kept by the last run")
+    ap.add_argument("--file-blake3", action="store_true", help="also record each file's plain BLAKE3 (b3sum's), to compare with published checksums")
     ap.add_argument("--no-report", action="store_true")
     args = ap.parse_args(argv)
     from pipelines.dedup import preflight, run_dedup
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None, progress: Callable[[str], None] | None =
         for e in catalog.entries:
             for f in e.files:
                 refuse_relative_in_job(f"model {e.model_id!r}: file", f)
-        config = LibraryConfig(fragment_size=args.fragment_size, index=args.index)
+        config = LibraryConfig(fragment_size=args.fragment_size, index=args.index, file_blake3=args.file_blake3)
         executor = make_executor(args.executor, args.address, args.workers)  # Ray starts only now
         run = run_dedup(args.catalog, args.library, executor, config, prune=args.prune, progress=progress, rehash=args.rehash)
         if not args.no_report and not run.nothing_to_do:

@@ -248,3 +248,19 @@ def test_ray_pipeline_runs_on_a_one_cpu_cluster(tmp_path, family):
     for m in family[:2]:
         [out] = lib.restore(m.model_id, str(tmp_path / "out" / m.model_id))
         assert sha256(out) == sha256(m.file)
+
+
+def test_the_pipeline_records_the_opt_in_whole_file_blake3_as_the_library_path_does(tmp_path, family):
+    """files.blake3 is opt-in on both paths (LibraryConfig.file_blake3; `--file-blake3`): the
+    pipeline's cut computes it from the pieces it cuts, and its models rows equal the library's."""
+    from blake3 import blake3
+
+    whole = LibraryConfig(fragment_size=64 * 1024, file_blake3=True)
+    m = family[0]
+    run_dedup(catalog(tmp_path / "catalog.yaml", [m]), str(tmp_path / "piped"), LocalExecutor(), whole)
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), whole)
+    lib.ingest([m.file], m.model_id, m.family)
+    rows = [FragmentLibrary.open(str(tmp_path / d), create=False).model(m.model_id) for d in ("piped", "lib")]
+    keys = ("files", "content_hash", "raw_bytes", "n_tensors", "lossy")
+    assert [{k: r[k] for k in keys} for r in rows][0] == {k: rows[1][k] for k in keys}
+    assert rows[0]["files"][0]["blake3"] == blake3(open(m.file, "rb").read()).hexdigest()

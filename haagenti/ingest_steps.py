@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future
+from itertools import chain
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -349,7 +350,9 @@ def ingest_batches(core: LibraryCore, index: IndexLayout, batches: Iterable[pa.T
     stage's time to `seconds` ("sign", "match", "encode+write").
     `quality` other than "exact" (a precision tier) labels the rows and takes no reference
     from the library. `run_bytes`: where references are read when the occurrences carry their
-    bytes (the library's ingest; the committer's `on_commit` must be its `committed`)."""
+    bytes (the library's ingest; the committer's `on_commit` must be its `committed`).
+    While the index's scoper needs a run's next fragments to scope its first ones, their
+    batches wait, signed, and are matched and yielded as one with the batch that settles it."""
     config = core.config
     lookup = index.propose if quality == "exact" else None  # a tier references only itself
     pairs = grouped_pairs(executor, core.store.url, config) if lookup is not None and not executor.shares_memory else None
@@ -358,25 +361,35 @@ def ingest_batches(core: LibraryCore, index: IndexLayout, batches: Iterable[pa.T
     located: dict[str, tuple[str, int, int, list[int] | None]] = {}  # (url, offset, length, turn) of the run's new fragments
     clock = _Clock(seconds)
     commits: list[Future] = []  # the previous batch's, on the executor's commit lane
-    for batch in batches:
-        ids = batch["fragment_id"].to_pylist()
-        known.update(index.known(list(set(ids) - known.keys())))
-        first: dict[str, int] = {}
-        for i, fid in enumerate(ids):
-            if fid not in known and fid not in first:
-                first[fid] = i
-        new = take_rows(batch, np.fromiter(first.values(), np.int64, len(first)))
-        for fid, dtype, url, offset, length, turn in zip(*(new[c].to_pylist() for c in ("fragment_id", "dtype", "url", "byte_offset", "byte_len", "turn"))):
-            known[fid] = dtype
-            located[fid] = (url, offset, length, turn)
-        floats = take_rows(new, np.flatnonzero(new["signs"].to_numpy(zero_copy_only=False)))
-        parts = list(executor.map_batches(SignFragments, (config.signature, device), floats, STEP_BATCH, actors=True)) if matcher and floats.num_rows else []
-        sigs = pa.concat_tables(parts) if parts else signature_table([], config.signature)
-        clock("sign")
+    held: list[tuple[pa.Table, pa.Table, pa.Table, pa.Table]] = []  # (batch, new, floats, sigs) signed, whose scope waits on the next
+    for batch in chain(batches, [None]):  # None: the run's end
+        more = batch is not None
+        if more:
+            ids = batch["fragment_id"].to_pylist()
+            known.update(index.known(list(set(ids) - known.keys())))
+            first: dict[str, int] = {}
+            for i, fid in enumerate(ids):
+                if fid not in known and fid not in first:
+                    first[fid] = i
+            new = take_rows(batch, np.fromiter(first.values(), np.int64, len(first)))
+            for fid, dtype, url, offset, length, turn in zip(*(new[c].to_pylist() for c in ("fragment_id", "dtype", "url", "byte_offset", "byte_len", "turn"))):
+                known[fid] = dtype
+                located[fid] = (url, offset, length, turn)
+            floats = take_rows(new, np.flatnonzero(new["signs"].to_numpy(zero_copy_only=False)))
+            parts = list(executor.map_batches(SignFragments, (config.signature, device), floats, STEP_BATCH, actors=True)) if matcher and floats.num_rows else []
+            held.append((batch, new, floats, pa.concat_tables(parts) if parts else signature_table([], config.signature)))
+            clock("sign")
+        if not held:
+            continue
+        batch, new, floats, sigs = held[0] if len(held) == 1 else tuple(pa.concat_tables(t) for t in zip(*held))
         for c in commits:  # references are chosen from the same rows whatever the timing
             c.result()
         commits = []
-        refs, depths = matcher.match(sigs) if matcher is not None else ({}, {})
+        matched = matcher.match(sigs, more) if matcher is not None else ({}, {})
+        if matched is None:  # the run's leading fragments wait for the scope of a later one (IndexLayout.scoper)
+            continue
+        held = []
+        refs, depths = matched
         known.update(index.known(list({c for cs in refs.values() for c in cs} - known.keys())))  # the library references' dtypes
         if run_bytes is not None:
             _hold_references(run_bytes, floats, refs, depths, matcher)

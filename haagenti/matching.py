@@ -280,7 +280,7 @@ class RunMatcher:
     serve as references among its fragments. `pairs` pairs the rows elsewhere (an executor's
     bucket groups, haagenti.ingest_steps.grouped_pairs); `lookup` is then unused."""
 
-    def __init__(self, config: LibraryConfig, lookup: Lookup | None, new_deltas: bool = True, scope: Callable[[pa.Table], pa.Table] | None = None,
+    def __init__(self, config: LibraryConfig, lookup: Lookup | None, new_deltas: bool = True, scope: Callable[[pa.Table, bool], pa.Table | None] | None = None,
                  pairs: Pairing | None = None):
         self.config, self.new_deltas = config, new_deltas
         self.limit = hamming_limit(config.signature, config.thresholds.similar_cosine)
@@ -289,18 +289,22 @@ class RunMatcher:
         self.earlier = BAND_SCHEMA.empty_table()
         self.next_pos = 0
 
-    def match(self, sigs: pa.Table) -> tuple[dict[str, list[str]], dict[str, int]]:
+    def match(self, sigs: pa.Table, more: bool = False) -> tuple[dict[str, list[str]], dict[str, int]] | None:
         """Reference candidates of the next new fragments (`fragment_id`, `bits`, `n_elements`,
         in run order; `dtype`, where quantized blocks may be among them: rule 4), and the
         depths of them and their candidates (choose_references); fragments absent from the
-        candidates are anchors."""
+        candidates are anchors. None when the scoper needs the run's next fragments (`more`
+        follow) to scope these: nothing is decided, and the caller asks again with these and
+        the next."""
         if sigs.num_rows == 0:
             return {}, {}
         pos = np.arange(self.next_pos, self.next_pos + sigs.num_rows)
-        self.next_pos += sigs.num_rows
         batch = match_rows(sigs, self.config.signature, pos)
         if self.scope is not None:
-            batch = self.scope(batch)
+            batch = self.scope(batch, more)
+            if batch is None:
+                return None
+        self.next_pos += sigs.num_rows
         pairs = self.pairs(batch, self.earlier)
         sources = self._source_pairs(sigs, batch)
         ids = sigs["fragment_id"].to_pylist()

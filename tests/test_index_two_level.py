@@ -121,6 +121,24 @@ def test_gc_and_compact_keep_the_rest_restorable(family, tmp_path):
         assert lib.store.read(name).num_rows == 0, name
 
 
+def scopes(rows: pa.Table) -> dict[str, str]:
+    return dict(zip(rows["fragment_id"].to_pylist(), rows["scope"].to_pylist()))
+
+
+def scoped_in_pieces(scope, rows: pa.Table, size: int) -> pa.Table:
+    """`rows` scoped `size` fragments at a time, as the ingest driver calls a scoper: rows it
+    cannot scope yet are given again with the next."""
+    pos = rows["pos"].to_numpy()
+    out, held = [], []
+    for lo in range(0, int(pos.max()) + 1, size):
+        held.append(rows.filter(pa.array((pos >= lo) & (pos < lo + size))))
+        got = scope(pa.concat_tables(held), lo + size <= pos.max())
+        if got is not None:
+            out.append(got)
+            held = []
+    return pa.concat_tables(out)
+
+
 def test_scope_depends_on_the_fragments_before_only(two_level, monkeypatch):
     """Scoping a run in one call or batch by batch gives every fragment the same scope, with a
     window short enough to move over the family."""
@@ -128,13 +146,47 @@ def test_scope_depends_on_the_fragments_before_only(two_level, monkeypatch):
     monkeypatch.setattr(two_level_module, "SHARDS", 2)
     sigs = two_level.store.read("signatures", columns=["fragment_id", "bits", "n_elements"])
     rows = match_rows(sigs, two_level.config.signature, np.arange(sigs.num_rows))
-    whole = two_level.index.scoper()(rows)
-    scope = two_level.index.scoper()
-    pos = rows["pos"].to_numpy()
-    cut = pa.concat_tables([scope(rows.filter(pa.array((pos >= lo) & (pos < lo + 7)))) for lo in range(0, sigs.num_rows, 7)])
-    assert dict(zip(cut["fragment_id"].to_pylist(), cut["scope"].to_pylist())) == dict(zip(whole["fragment_id"].to_pylist(), whole["scope"].to_pylist()))
-    scopes = set(whole["scope"].to_pylist())
-    assert len(scopes) > 2 and all(len(v.split(",")) <= 4 for v in scopes if v)
+    whole = scopes(two_level.index.scoper()(rows))
+    assert scopes(scoped_in_pieces(two_level.index.scoper(), rows, 7)) == whole
+    assert len(set(whole.values())) > 2 and all(len(v.split(",")) <= 4 for v in whole.values() if v)
+
+
+def test_a_runs_first_fragments_take_the_scope_of_its_first_hit(two_level, monkeypatch):
+    """A run that opens with fragments hitting nothing in level 1 (the cold start: a fine-tune's
+    first fragments whose sampled keys miss) scopes them with the shards of its first hit, in
+    one call or piece by piece; with no hit within LEAD fragments they stay unscoped."""
+    cfg = two_level.config.signature
+    sigs = two_level.store.read("signatures", columns=["fragment_id", "bits", "n_elements"]).slice(0, 40)
+    g = np.random.default_rng(5)
+    cold = pa.table({"fragment_id": [g.bytes(32).hex() for _ in range(5)], "bits": [g.bytes(cfg.bits // 8) for _ in range(5)],
+                     "n_elements": sigs["n_elements"][:5]})
+    rows = match_rows(pa.concat_tables([cold, sigs]), cfg, np.arange(45))
+    whole = scopes(two_level.index.scoper()(rows))
+    first = whole[sigs["fragment_id"][0].as_py()]
+    assert first and {whole[f] for f in cold["fragment_id"].to_pylist()} == {first}
+    assert scopes(scoped_in_pieces(two_level.index.scoper(), rows, 2)) == whole
+    monkeypatch.setattr(two_level_module, "LEAD", 3)
+    assert {scopes(two_level.index.scoper()(rows))[f] for f in cold["fragment_id"].to_pylist()} == {""}
+
+
+def test_a_runs_lead_held_over_batches_stores_what_one_batch_stores(family, tmp_path, monkeypatch):
+    """The driver holds a run's first batches, signed, while their scope waits on a later
+    fragment's hit (an unrelated model first, then a fine-tune of the stored base): one
+    fragment a batch stores what one batch for the run stores."""
+    from haagenti import ingest_steps
+    from haagenti.matching import RunMatcher
+
+    waited = []
+    match = RunMatcher.match
+    monkeypatch.setattr(RunMatcher, "match", lambda self, sigs, more=False: waited.append(r := match(self, sigs, more)) or r)
+    got = []
+    for encode in (64 * 1024 * 1024, SMALL):
+        monkeypatch.setattr(ingest_steps, "ENCODE_BATCH_BYTES", encode)
+        lib = FragmentLibrary.open(str(tmp_path / str(encode)), config("two-level"))
+        lib.ingest([family[0].file], family[0].model_id)
+        reports = lib.ingest_many([ModelInput([m.file], m.model_id) for m in (family[6], family[1])])
+        got.append((fragment_rows(lib.store.url), [(r.plain, r.delta, r.exact, r.stored_bytes) for r in reports]))
+    assert got[0] == got[1] and None in waited
 
 
 def test_sampled_is_a_an_eighth():

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from haagenti.store import LibraryStore
 
 
+Scoper = Callable[[pa.Table, bool], "pa.Table | None"]  # (a run's next band rows, whether more follow) -> them scoped, or None: call again with the next too
+
+
 class IndexLayout(ABC):
     """One library's index, as a layout keeps it. Built cheaply (no reads); a layout object
     caches what it reads (footers, key ranges) for its life: one per ingest, or per worker."""
@@ -44,11 +47,13 @@ class IndexLayout(ABC):
         (haagenti.matching ranks them). `wanted` also carries the `scope` its rows were given
         (one value per call: haagenti.matching.partner_pairs asks per scope)."""
 
-    def scoper(self) -> Callable[[pa.Table], pa.Table]:
+    def scoper(self) -> Scoper:
         """A run's scoper: called on the run's new band rows (haagenti.matching.match_rows) in
         run order, batch after batch or all at once, it fills their `scope`, what `propose` is
-        told with their buckets; the same rows get the same scopes however the run is cut. A
-        layout that proposes by bucket alone leaves it null."""
+        told with their buckets; the same rows get the same scopes however the run is cut. Told
+        that `more` rows follow, it may answer None: it needs them to scope these, and is
+        called again with these and the next (a scope taken from later rows). A layout that
+        proposes by bucket alone leaves it null."""
         return _unscoped
 
     @abstractmethod
@@ -71,7 +76,7 @@ class IndexLayout(ABC):
         nothing (vacuum does). Returns data files replaced (0: nothing to do)."""
 
 
-def _unscoped(rows: pa.Table) -> pa.Table:
+def _unscoped(rows: pa.Table, more: bool = False) -> pa.Table:
     return rows
 
 

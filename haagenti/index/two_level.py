@@ -15,9 +15,11 @@ LibraryConfig.batch_bytes of fragments of consecutive models) and the tables are
 A run's scoper (`ShardScope`) reads level 1 for the sampled keys of its fragments and gives
 each fragment, in run order, the top SHARDS shards by hits among the last WINDOW fragments (its
 own included) and the shard committed after each (a model's corresponding tensors continue
-there); `propose` reads those shards' signatures (cached) and returns their band rows in the
-buckets asked. The scope of a fragment depends on the fragments before it only, so a run scopes
-every fragment alike however it is cut into batches, in one process or on an executor.
+there); the run's fragments before its first hit, up to LEAD of them, take that hit's scope.
+`propose` reads those shards' signatures (cached) and returns their band rows in the buckets
+asked. The scope of a fragment depends on the fragments before it, and for a leading one on
+those up to the first hit, so a run scopes every fragment alike however it is cut into batches,
+in one process or on an executor.
 Exact ids are found by key in `fragment_keys` (the bands layout's probe).
 docs/decisions/0270-two-level-index.md has the figures.
 """
@@ -27,7 +29,7 @@ import hashlib
 import heapq
 import uuid
 from collections import Counter, OrderedDict, deque
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +37,7 @@ import pyarrow.compute as pc
 
 from haagenti.binary import hex_ids, raw_ids
 from haagenti.index.bands import buckets, id_keys, read_ids, reference_signatures
-from haagenti.index.layout import IndexLayout, register_layout
+from haagenti.index.layout import IndexLayout, Scoper, register_layout
 from haagenti.signature import SignatureConfig, band_hashes
 from haagenti.store import SCHEMAS, LibraryStore
 from haagenti.store.keyed import KeyedReader, KeyedTable, append_keyed, sort_keyed
@@ -46,6 +48,11 @@ FRAGMENT_KEYS = KeyedTable("fragment_keys", "id_key", 256, ("dtype", "data_file"
 SAMPLE_BITS = 3  # level 1 keeps the pair keys whose mixed value has its top 3 bits clear: 1 in 8
 SHARDS = 8  # shards a fragment's scope names by hits (each with its successor)
 WINDOW = 1024  # fragments of the run whose hits choose the scope (about 256 MiB of bf16)
+# A run's leading fragments, before its first hit, take that hit's scope when it comes within
+# this many: the cold start of 0270 and 0272 (a fine-tune's first fragments were stored plain).
+# The driver holds them, bytes and all, until then: 64 fragments of 256 KiB bf16 are one encode
+# batch (docs/decisions/0275-cold-start.md).
+LEAD = 64
 CACHED_SHARDS = 64  # shards whose band rows a layout object keeps
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 ID = pa.binary(32)  # how the layout's tables store fragment ids
@@ -91,15 +98,17 @@ def band_rows(shards: pa.Table, config: SignatureConfig) -> pa.Table:
 
 class ShardScope:
     """A run's scoper (IndexLayout.scoper): each new fragment's scope is the shards its last
-    WINDOW fragments hit in level 1, carried from call to call in run order."""
+    WINDOW fragments hit in level 1, carried from call to call in run order; the run's leading
+    fragments without a hit take the scope of its first hit within LEAD fragments."""
 
     def __init__(self, layout: TwoLevelLayout):
         self.layout = layout
         self.window: deque[tuple[int, list[int]]] = deque()  # (rank, shards hit) of the last WINDOW fragments with hits
         self.counts: Counter[int] = Counter()
         self.seen = 0  # fragments scoped so far
+        self.leading = True  # no hit yet, and fewer than LEAD fragments scoped
 
-    def __call__(self, rows: pa.Table) -> pa.Table:
+    def __call__(self, rows: pa.Table, more: bool = False) -> pa.Table | None:
         if rows.num_rows == 0:
             return rows
         first = rows.filter(pc.equal(rows["band"], 0))  # one row per fragment
@@ -117,8 +126,11 @@ class ShardScope:
                 for p, s in zip(joined["pos"].to_numpy(), joined["shard"].to_numpy()):
                     hits.setdefault(int(p), []).append(int(s))
         order = np.unique(pos)  # the call's fragments in run order
+        if self.leading and more and len(order) < LEAD and not hits:
+            return None  # the lead's scope is not known yet: nothing is counted
         scope_of: dict[int, str] = {}
         scope = self._scope()
+        lead: list[int] = []  # the run's leading fragments, waiting for its first hit
         for p in order.tolist():
             rank = self.seen
             self.seen += 1
@@ -133,7 +145,15 @@ class ShardScope:
                 changed = True
             if changed:
                 scope = self._scope()
+            if self.leading:
+                lead.append(p)
+                if not got and rank + 1 < LEAD:
+                    continue
+                self.leading = False
+                scope_of.update(dict.fromkeys(lead, scope))  # the first hit's scope, or none within LEAD
             scope_of[p] = scope
+        if self.leading:  # the run ended within its lead, without a hit
+            scope_of.update(dict.fromkeys(lead, scope))
         scopes = pa.array([scope_of[p] for p in rows["pos"].to_pylist()], pa.string())
         return rows.set_column(rows.schema.get_field_index("scope"), "scope", scopes)
 
@@ -184,7 +204,7 @@ class TwoLevelLayout(IndexLayout):
         keys = np.unique(keys[sampled(keys)])
         append_keyed(self.store, SHARD_KEYS, pa.table({"pair_key": pa.array(keys), "shard": pa.array(np.full(len(keys), shard, np.int64))}), note)
 
-    def scoper(self) -> Callable[[pa.Table], pa.Table]:
+    def scoper(self) -> Scoper:
         return ShardScope(self)
 
     def propose(self, wanted: pa.Table) -> pa.Table:

@@ -15,7 +15,7 @@ from haagenti.config import LibraryConfig
 from haagenti.encode import RawCache, decode_rows, fragment_rows
 from haagenti.errors import FragmentError, LibraryError, UnknownModelError
 from haagenti.index import layout_class, open_index
-from haagenti.manifest import ModelManifest, validate_model_id
+from haagenti.manifest import PIECES_FROM, ModelManifest, read_header_field, validate_model_id
 from haagenti.parallel import Workers
 from haagenti.records import trusted_manifest
 from haagenti.store import LibraryStore
@@ -63,7 +63,19 @@ class LibraryCore:
         model = self.model(model_id)
         rows = self.store.read("manifests", equals=("model_id", model_id))
         rows = rows.filter(pc.equal(rows["ingest_id"], strings([model["ingest_id"]])[0]))  # not an interrupted ingest's rows
-        return trusted_manifest(model, rows)  # names, counts and offsets are untrusted input
+        return trusted_manifest(self.with_verbatim(model), rows)  # names, counts and offsets are untrusted input
+
+    def with_verbatim(self, model: dict) -> dict:
+        """The models row with each file's verbatim bytes in `header`: held inline, or read from
+        the fragments its pieces' ids name (rows of PIECES_FROM on; each piece verified against
+        its id, and the bytes then by the record digest, which covers them)."""
+        version = model.get("format_version")
+        if not isinstance(version, int) or version < PIECES_FROM:
+            return model
+        where = f"model {model.get('model_id')!r}"
+        held = [read_header_field(f["header"], f"{where}, file {f['name']!r}") for f in model["files"]]
+        raw = self.fetch_raw({i for _, ids in held for i in ids})
+        return model | {"files": [f | {"header": inline + b"".join(raw[i] for i in ids)} for f, (inline, ids) in zip(model["files"], held)]}
 
     def known_fragments(self) -> dict[str, str]:
         t = self.store.read("fragments", columns=["fragment_id", "dtype"])

@@ -236,6 +236,7 @@ def _ingest_models(lib: LibraryCore, todo: list[tuple[ModelInput, ModelSource]],
     index = open_index(lib.store, config)
     run_bytes = RunBytes(lib.fetch_raw)
     committer = Committer(lib.store, index, ingest_id, f"ingest {', '.join(m.model_id for m, _ in todo)}"[:200], config.batch_bytes, run_bytes.committed)
+    committer.add_verbatim([[f.header for f in s.files] for _, s in todo])
     cuts = [ModelCut(m, s, config.fragment_elements, config.file_blake3) for m, s in todo]
     tally = _Tally([IngestReport(m.model_id, s.raw_bytes) for m, s in todo], executor)
     # The next batch is cut while this one is signed, matched and encoded; commits run on a lane of their own.

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from blake3 import blake3
 
 from haagenti import restore
-from haagenti.config import LibraryStats, ModelStats
+from haagenti.config import LibraryConfig, LibraryStats, ModelStats
 from haagenti.encode import RawCache, decode_row, decode_rows, fragment_rows
 from haagenti.checkpoints import reached
 from haagenti.core import LibraryCore
@@ -28,13 +28,14 @@ from haagenti.fragment import Encoding
 from haagenti.formats.container import SplicedFormat
 from haagenti.formats.registry import container
 from haagenti.hashing import model_hash
-from haagenti.manifest import FileRecord, ModelManifest
+from haagenti.manifest import PIECES_FROM, FileRecord, ModelManifest, read_header_field
 from haagenti.records import check_manifest, record_digest
 from haagenti.store import LIBRARY_FORMAT_VERSION, LibraryStore
 from haagenti.store.files import strings
 from haagenti.store.leases import writing
 from haagenti.store.schema import SCHEMAS, UPGRADABLE_FROM
 from haagenti.store.publication import log_errors, orphan_manifest_keys, scan_manifests, unpublish
+from haagenti.writer import Committer
 
 
 VerifyProgress = Callable[[str, int, int], None]  # (phase, bytes done, bytes in the phase)
@@ -225,6 +226,7 @@ def referenced(store: "LibraryStore") -> pa.Array:
     library ingest wrote; more only in a crafted one, which then keeps its whole chains).
     Arrow strings, O(referenced fragments), never a Python set."""
     live = _Distinct()
+    live.add(verbatim_refs(store)["fragment_id"])
     for t in scan_manifests(store, ["fragment_id"]):
         live.add(t["fragment_id"].drop_null())
     frontier = live.array()
@@ -237,6 +239,15 @@ def referenced(store: "LibraryStore") -> pa.Array:
         frontier = step.array()
         live.add(frontier)
     return live.array()
+
+
+def verbatim_refs(store: "LibraryStore") -> pa.Table:
+    """(model_id, fragment_id) of every published model's verbatim pieces (its models row names
+    them, manifest.header_field), distinct; a `files.header` that is neither is damage."""
+    models = store.read("models", columns=["model_id", "files", "format_version"])
+    pairs = {(r["model_id"], fid) for r in models.to_pylist() if (r["format_version"] or 0) >= PIECES_FROM
+             for f in r["files"] for fid in read_header_field(f["header"], f"model {r['model_id']!r}, file {f['name']!r}")[1]}
+    return pa.table({"model_id": pa.array([m for m, _ in pairs], pa.string()), "fragment_id": pa.array([i for _, i in pairs], pa.string())})
 
 
 def gc(lib: LibraryCore, wait: float = 0.0) -> dict[str, int]:
@@ -295,43 +306,53 @@ def gc_line(r: dict[str, int]) -> str:
 
 
 # ---- upgrade ----------------------------------------------------------------------------
+TREE_FORMAT = 7  # records whose files.layout is the file's tree, verbatim bytes in files.header
+
+
 def upgrade(url: str) -> list[str]:
-    """Move a format-4, 5 or 6 library to this format in place, under the gc lease: each
-    published model's record is checked as its format defined it (its files' layout digests
-    over their inline bytes and fragment ids, its content hash over their whole-file BLAKE3,
-    and from format 5 its record digest), then rewritten as format 7 defines it: each file's
-    tree (files.layout), the content hash over the trees, a fresh record digest; every row in
-    one commit of the models table. The whole-file BLAKE3 stays in files.blake3. A model whose
-    record fails the check gets no digest, so every reader refuses it by name. Format 6 only
-    added an encoding, which older rows never use. Then haagenti.json says this format.
-    Returns the failures, one line each. Killed before the marker is rewritten, the library
-    keeps its format and a rerun does it all again (a row it rewrote already, at this format,
-    is checked as this format's)."""
+    """Move a format-4 to 7 library to this format in place, under the gc lease. Formats 4-6:
+    each published model's record is checked as its format defined it (its files' layout
+    digests over their inline bytes and fragment ids, its content hash over their whole-file
+    BLAKE3, and from format 5 its record digest), then rewritten as format 7 defines it: each
+    file's tree (files.layout), the content hash over the trees, a fresh record digest. The
+    whole-file BLAKE3 stays in files.blake3. A model whose record fails the check gets no
+    digest, so every reader refuses it by name. Format 6 only added an encoding, which older
+    rows never use. Format 8: the pieces of every file's verbatim bytes over 16 KiB are
+    committed (those the library lacks), then every row, `files.header` in its format-8 form,
+    in one commit of the models table. Then haagenti.json says this format. Returns the
+    failures, one line each. Killed before the marker is rewritten, the library keeps its
+    format and a rerun does it all again (a row it rewrote already, at this format, has its
+    verbatim bytes read back and is checked as format 7's; pieces stored are not stored twice)."""
     store = LibraryStore(url)
     found = store.marker_version()
     if found == LIBRARY_FORMAT_VERSION:
         return []
     if found not in UPGRADABLE_FROM:
         raise LibraryError(f"{store.url}: library format {found!r}; `haagenti upgrade` moves formats {', '.join(map(str, UPGRADABLE_FROM))} to {LIBRARY_FORMAT_VERSION} only")
-    with writing(store, "gc"):
-        failed = _rewrite_records(store, found)
+    with writing(store, "gc") as lease:
+        core = LibraryCore(store, LibraryConfig().settled(store.marker_doc(), store.url))
+        rows, failed = _rewrite_records(core, found)
+        store.replace_models(_with_verbatim_pieces(core, rows, lease.writer), f"upgrade to format {LIBRARY_FORMAT_VERSION}")
+        store.learn_columns("fragments")  # chain depths (format 5): older rows read as nulls (docs/format.md)
         reached("upgraded-models")
         store.rewrite_marker(LIBRARY_FORMAT_VERSION)
     return failed
 
 
-def _rewrite_records(store: LibraryStore, found: int) -> list[str]:
-    """Every published model's record checked as format `found` wrote it (or as this format,
-    on a rerun) and rewritten as this format's, in one commit of the models table."""
+def _rewrite_records(core: LibraryCore, found: int) -> tuple[list[dict], list[str]]:
+    """Every published model's record checked as format `found` wrote it (or as format 7's, on
+    a rerun or from format 7) and rewritten as format 7's; the failures."""
+    store = core.store
     failed: list[str] = []
-    models = store.read("models")
     rewritten = []
-    for model in models.to_pylist():
+    for model in store.read("models").to_pylist():
         rows = store.read("manifests", equals=("model_id", model["model_id"]))
         rows = rows.filter(pc.equal(rows["ingest_id"], strings([model["ingest_id"]])[0]))
         try:
-            m = ModelManifest.from_rows(model, rows)
             if model["format_version"] == LIBRARY_FORMAT_VERSION:  # rewritten by a run killed before its marker
+                model = dict(core.with_verbatim(model), format_version=TREE_FORMAT)
+            m = ModelManifest.from_rows(model, rows)
+            if model["format_version"] == TREE_FORMAT:
                 check_manifest(m)
                 if record_digest(m, model["ingest_id"], model["n_tensors"], model["lossy"]) != model.get("record_digest"):
                     raise DamagedError(f"model {m.model_id!r}: its record does not match its digest")
@@ -346,10 +367,23 @@ def _rewrite_records(store: LibraryStore, found: int) -> list[str]:
         except (HaagentiError, ValueError, TypeError, KeyError, AttributeError) as e:
             failed.append(f"model {model['model_id']!r}: left without a record digest, its record fails its check ({e})")
             model = dict(model, record_digest=None)
-        rewritten.append(dict(model, format_version=LIBRARY_FORMAT_VERSION))
-    store.replace_models(pa.Table.from_pylist(rewritten, schema=SCHEMAS["models"]), f"upgrade to format {LIBRARY_FORMAT_VERSION}")
-    store.learn_columns("fragments")  # chain depths (format 5): older rows read as nulls (docs/format.md)
-    return failed
+        rewritten.append(model if model["format_version"] == LIBRARY_FORMAT_VERSION else dict(model, format_version=TREE_FORMAT))
+    return rewritten, failed
+
+
+def _with_verbatim_pieces(core: LibraryCore, rows: list[dict], writer: str) -> pa.Table:
+    """Format 7 to 8: the pieces of the format-7 rows' verbatim bytes committed (those the
+    library lacks), and every row at this format. The record digests stay: they cover the
+    verbatim bytes, which the pieces give back. (A row still at this format is one a rerun
+    could not read back: left as it is, without a digest.)"""
+    older = [r for r in rows if r["format_version"] == TREE_FORMAT]
+    committer = Committer(core.store, core.index, writer, f"upgrade to format {LIBRARY_FORMAT_VERSION}", core.config.batch_bytes)
+    committer.add_verbatim([[f["header"] for f in r["files"]] for r in older])
+    committer.flush()
+    for r in older:
+        r["files"] = [FileRecord(**f).row() for f in r["files"]]
+        r["format_version"] = LIBRARY_FORMAT_VERSION
+    return pa.Table.from_pylist(rows, schema=SCHEMAS["models"])
 
 
 _LAYOUT_V1 = "haagenti 2026-11-23 file layout v1"  # formats 3 to 6: a file's layout digest (docs/format.md, "Versions")
@@ -391,8 +425,9 @@ def _refuse_damage(store: "LibraryStore") -> None:
 # ---- stats and relations -----------------------------------------------------------------
 def stats(lib: LibraryCore) -> LibraryStats:
     """Reduction per model and family, and every byte on disk. A model's new stored bytes are
-    those of the fragments it was the first (in ingest order) to reference; its disk bytes add
-    what its record keeps verbatim (safetensors headers, gaps of spliced files, side files)."""
+    those of the fragments it was the first (in ingest order) to reference, the pieces of its
+    files' large verbatim bytes (headers, gaps of spliced files, side files) among them; its
+    disk bytes add what its record keeps in the models row (small verbatim bytes, the pieces' ids)."""
     store = lib.store
     models = store.read("models", columns=["model_id", "family", "raw_bytes", "ingest_seq", "files"]).sort_by("ingest_seq")
     files = models["files"].combine_chunks()
@@ -400,6 +435,7 @@ def stats(lib: LibraryCore) -> LibraryStats:
     verbatim = np.bincount(pc.list_parent_indices(files).to_numpy(), headers.to_numpy(), models.num_rows).astype(np.int64)
     ranks = pa.table({"model_id": models["model_id"], "rank": pa.array(range(models.num_rows), pa.int64())})
     pairs, counts = _Distinct("model_id", "fragment_id"), []
+    pairs.add(verbatim_refs(store))
     for t in scan_manifests(store, ["model_id", "fragment_id", "source_fragment_id", "elem_count", "dtype"]):
         t = t.filter(pc.is_valid(t["fragment_id"]))
         lossy = pc.fill_null(pc.not_equal(t["fragment_id"], t["source_fragment_id"]), True)

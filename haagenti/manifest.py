@@ -6,11 +6,11 @@ from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 
-from haagenti.errors import FragmentError, ModelIdError
+from haagenti.errors import DamagedError, FragmentError, ModelIdError
 from haagenti.formats.container import Segment, TreeHasher
 from haagenti.formats.dtypes import dtype as lookup_dtype
 from haagenti.formats.registry import container
-from haagenti.fragment import FragmentType
+from haagenti.fragment import FragmentId, FragmentType, verbatim_pieces
 from haagenti.store.schema import SCHEMAS
 
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -51,6 +51,38 @@ class TensorRef:
     fragments: list[FragmentRef] = field(default_factory=list)
 
 
+PIECES_FROM = 8  # models rows of this format on hold `files.header` as a tag byte and its payload
+INLINE, PIECES = 0, 1  # the tag: the verbatim bytes themselves, or their pieces' ids
+INLINE_MAX = 16 * 1024  # verbatim bytes up to this size stay in the models row (docs/decisions/0292)
+ID_BYTES = 32
+
+
+def stored_pieces(header: bytes) -> list[bytes]:
+    """The pieces (fragments) a file's verbatim bytes are stored as: none when they stay in the
+    models row. A piece costs a fragments row, an index row and compression on its own; small
+    headers compress better together in the models table than apart."""
+    return verbatim_pieces(header) if len(header) > INLINE_MAX else []
+
+
+def header_field(header: bytes) -> bytes:
+    """What `files.header` holds from PIECES_FROM: INLINE then the bytes, or PIECES then the
+    pieces' ids, 32 raw bytes each, in order."""
+    pieces = stored_pieces(header)
+    return bytes([PIECES]) + b"".join(bytes.fromhex(FragmentId.of(p)) for p in pieces) if pieces else bytes([INLINE]) + header
+
+
+def read_header_field(field: bytes, where: str) -> tuple[bytes, list[str]]:
+    """(the bytes held inline, the pieces' ids) of a `files.header` from PIECES_FROM (header_field);
+    anything else is damage."""
+    if not isinstance(field, bytes) or not field or field[0] not in (INLINE, PIECES):
+        raise DamagedError(f"{where}: its recorded verbatim bytes are neither inline nor pieces")
+    if field[0] == INLINE:
+        return field[1:], []
+    if len(field) == 1 or (len(field) - 1) % ID_BYTES:
+        raise DamagedError(f"{where}: its recorded verbatim pieces are not whole ids ({len(field) - 1} bytes)")
+    return b"", [field[k : k + ID_BYTES].hex() for k in range(1, len(field), ID_BYTES)]
+
+
 @dataclass(frozen=True)
 class FileRecord:
     name: str
@@ -89,6 +121,11 @@ class FileRecord:
     def tree_hasher(self, tensors: list[TensorRef]) -> TreeHasher:
         """A hasher that recomputes this file's tree (and its BLAKE3, where recorded) from its bytes."""
         return TreeHasher(container(self.format).splice(self.header, self.name), self.fragment_sizes(tensors), whole=bool(self.blake3))
+
+    def row(self) -> dict:
+        """Its `files` entry in a models row (from PIECES_FROM: `header` as header_field)."""
+        return {"name": self.name, "format": self.format, "size": self.size, "blake3": self.blake3,
+                "header": header_field(self.header), "layout": self.layout}
 
 
 @dataclass

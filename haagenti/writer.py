@@ -1,7 +1,8 @@
 """The one committer of an ingest, library or pipeline: it alone writes the ingest's rows.
 
 Commit order (docs/format.md states it for readers and writers):
-  1. new fragments in chunks of about `chunk_bytes`: each chunk's `signatures` rows, then its
+  1. new fragments (the pieces of the models' verbatim bytes first, add_verbatim) in chunks of
+     about `chunk_bytes`: each chunk's `signatures` rows, then its
      `fragments` rows, then their index rows (haagenti.index: the layout's tables), one commit
      each;
   2. the `manifests` rows of every model of the ingest, in one commit;
@@ -21,17 +22,20 @@ reads none of its neighbour's rows (docs/decisions/0045-located-by-id.md).
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from haagenti.codecs import PLANES
+from haagenti.encode import PendingFragment, encode_fragment, rows_table
+from haagenti.fragment import FragmentId, FragmentType
 from haagenti.index import IndexLayout
-from haagenti.manifest import ModelManifest
+from haagenti.manifest import ModelManifest, stored_pieces
 from haagenti.records import record_digest
 from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS, LibraryStore
+from haagenti.store.schema import empty
 from haagenti.store.publication import publish
 
 # A chunk is also committed once its fragments' raw bytes reach this many times `chunk_bytes`:
@@ -73,8 +77,11 @@ class Committer:
         committed: list[str] = []
         if self.fragments:
             owners = np.concatenate(self.owners)
-            bounds = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1], True])
             frags = pa.concat_tables(self.fragments)
+            if np.any(owners[1:] < owners[:-1]):  # verbatim pieces held ahead of the run: each joins its model's rows
+                order = np.argsort(owners, kind="stable")
+                owners, frags = owners[order], frags.take(order)
+            bounds = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1], True])
             data_file = self.store.append("fragments", frags, self.note, np.diff(bounds).tolist())
             self.index.append(frags.drop_columns(["blob"]), sigs if sigs is not None else SCHEMAS["signatures"].empty_table(), data_file, self.note)
             committed = frags["fragment_id"].to_pylist()
@@ -87,6 +94,24 @@ class Committer:
         self.flush()
         if manifests:
             self.store.append("manifests", pa.concat_tables([m.manifest_rows(self.ingest_id) for m in manifests]), self.note)
+
+    def add_verbatim(self, headers: list[list[bytes]]) -> None:
+        """Hold the pieces of each model's files' verbatim bytes (`headers[model][file]`) that
+        the library lacks, plain coded, no signature (haagenti.manifest.stored_pieces): a large
+        header, graph or side file shared by models or by files of one model is stored once.
+        Added before the run's fragments, they ride in its first commit."""
+        pieces: dict[str, tuple[bytes, int]] = {}  # id -> (piece, the first model holding it)
+        for owner, files in enumerate(headers):
+            for header in files:
+                for piece in stored_pieces(header):
+                    pieces.setdefault(FragmentId.of(piece), (piece, owner))
+        stored = self.index.known(list(pieces))
+        new = [(fid, piece, owner) for fid, (piece, owner) in pieces.items() if fid not in stored]
+        if new:
+            rows = [encode_fragment(PendingFragment(fid, "U8", piece, FragmentType.VERBATIM, 0), [], PLANES) for fid, piece, _ in new]
+            # In their model's run (no row group of their own: ~2 KB each on disk), first: reading
+            # its record reads the run's first row group, which a restore then reads again.
+            self.add(rows_table(rows, SCHEMAS["fragments"]), empty(SCHEMAS["signatures"]), np.array([o for _, _, o in new], np.int64))
 
     def publish(self, manifests: list[ModelManifest]) -> None:
         """The models rows (numbered after the library's last by publish): the commit that
@@ -105,7 +130,7 @@ def model_row(m: ModelManifest, ingest_id: str) -> dict:
         "raw_bytes": m.raw_bytes,
         "n_tensors": len(m.tensors),
         "lossy": m.lossy,
-        "files": [asdict(f) for f in m.files],
+        "files": [f.row() for f in m.files],
         "source_uris": m.source_uris,
         "ingest_seq": -1,
         "format_version": LIBRARY_FORMAT_VERSION,

@@ -30,6 +30,13 @@ def spy_fetched(lib, monkeypatch) -> set[str]:
     return seen
 
 
+def verbatim_ids(lib, model_id: str) -> set[str]:
+    """The ids of the pieces of the model's files' verbatim bytes (every read of its record fetches them)."""
+    from haagenti.manifest import read_header_field
+
+    return {i for f in lib.model(model_id)["files"] for i in read_header_field(f["header"], model_id)[1]}
+
+
 def library_with_one_model(path: str):
     """A library holding one small safetensors model, "good" (bad-input tests check it is untouched)."""
     import torch
@@ -119,7 +126,7 @@ def reseal(lib, model_id: str) -> None:
     t = lib.store.read("models", equals=("model_id", model_id))
     [row] = t.to_pylist()
     rows = lib.store.read("manifests", equals=("model_id", model_id))
-    m = ModelManifest.from_rows(row, rows.filter(pc.equal(rows["ingest_id"], row["ingest_id"])))
+    m = ModelManifest.from_rows(lib.with_verbatim(row), rows.filter(pc.equal(rows["ingest_id"], row["ingest_id"])))
     row["record_digest"] = record_digest(m, row["ingest_id"], row["n_tensors"], row["lossy"])
     lib.store.delete("models", f"model_id = '{model_id}'")
     lib.store.append("models", pa.Table.from_pylist([row], schema=t.schema))

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers import cli, sha256, tree_digest
+from tests.helpers import cli, sha256, tree_digest, verbatim_ids
 
 
 def st(header: object, data: bytes = b"", raw_header: bytes | None = None, length: int | None = None) -> bytes:
@@ -393,7 +393,7 @@ def rewire(lib, rows, fragment_table, refs: dict[int, int]) -> None:
     """The model's fragments replaced by `rows`, fragment k's reference made fragment refs[k]."""
     for k, r in refs.items():
         rows[k] = dict(rows[k], ref_id=rows[r]["fragment_id"], encoding="delta_xor", ref_dtype="BF16")
-    lib.store.delete("fragments", "true")
+    lib.store.delete("fragments", "fragment_type != 'verbatim'")  # the file's header piece stays
     lib.store.append("fragments", fragment_table(rows))
 
 
@@ -415,7 +415,7 @@ def test_crafted_reference_chains_are_refused_in_bounded_work(tmp_path, case):
     assert code == 1 and "Traceback" not in err and all(line.startswith("error:") for line in err.strip().splitlines()), err
     with pytest.raises(FragmentError, match="reference chain"):
         lib.fetch_raw({rows[5]["fragment_id"]})
-    assert set(referenced(lib.store).to_pylist()) == {r["fragment_id"] for r in rows}
+    assert set(referenced(lib.store).to_pylist()) == {r["fragment_id"] for r in rows} | verbatim_ids(lib, "m")
 
 
 # ---- crafted predicted quantized fragments ------------------------------------------------------
@@ -463,7 +463,7 @@ def test_crafted_predicted_fragments_are_refused_in_one_line(tmp_path, case):
         rows[k]["ref_dtype"] = "I16"
     elif case == "reference-missing":
         rows = [x for x in rows if x["fragment_id"] != r["ref_id"]]
-    lib.store.delete("fragments", "true")
+    lib.store.delete("fragments", "fragment_type != 'verbatim'")  # the file's header piece stays
     lib.store.append("fragments", fragment_table(rows))
     code, _, err = cli("restore", lib.store.url, "q4_1", tmp_path / "out")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -520,7 +520,7 @@ def test_crafted_predicted_onnx_int8_fragments_are_refused_in_one_line(tmp_path,
         rows[k]["ref_id"], rows[k]["ref_dtype"] = other["fragment_id"], other["dtype"]
     elif case == "reference-missing":
         rows = [x for x in rows if x["fragment_id"] != r["ref_id"]]
-    lib.store.delete("fragments", "true")
+    lib.store.delete("fragments", "fragment_type != 'verbatim'")  # the file's header piece stays
     lib.store.append("fragments", fragment_table(rows))
     code, _, err = cli("restore", lib.store.url, "uint8", tmp_path / "out")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

@@ -19,6 +19,7 @@ def test_tables_read_with_polars_duckdb_and_pyarrow(tmp_path, family):
 
     import duckdb
     import polars as pl
+    import zstandard
     from blake3 import blake3
     from deltalake import DeltaTable
 
@@ -35,12 +36,18 @@ def test_tables_read_with_polars_duckdb_and_pyarrow(tmp_path, family):
     assert set(frags["encoding"].to_pylist()) <= {"plain", "delta_xor", "delta_sub"}
     # files.layout (the file's tree), computed from the tables alone as docs/format.md says
     order = manifests.sort_by([("tensor_index", "ascending"), ("fragment_seq", "ascending")])
+    blobs = DeltaTable(f"{url}/fragments").to_pyarrow_table(columns=["fragment_id", "blob"])
+    blobs = dict(zip(blobs["fragment_id"].to_pylist(), blobs["blob"].to_pylist()))
     for model in models.to_dicts():
         [f] = model["files"]
         rows = [(t, i) for m, t, i in zip(*(order[c].to_pylist() for c in ("model_id", "tensor_index", "fragment_id"))) if m == model["model_id"]]
         ids = [i for _, i in rows if i is not None]
         counts = [sum(1 for t, i in rows if t == k and i is not None) for k in sorted({t for t, _ in rows})]
-        gap = struct.pack("<Q", len(f["header"])) + f["header"]  # a safetensors file's one gap
+        # files.header: tag 0 then the header, or tag 1 then its pieces' ids, 32 bytes each, each
+        # piece a `zstd:1` fragment, one stream: <u8 compressed><u32 length> then a zstd frame (or the bytes)
+        pieces = [blobs[f["header"][k : k + 32].hex()] for k in range(1, len(f["header"]), 32)] if f["header"][0] == 1 else []
+        header = b"".join(zstandard.ZstdDecompressor().decompressobj().decompress(b[5:]) if b[0] else b[5:] for b in pieces) or f["header"][1:]
+        gap = struct.pack("<Q", len(header)) + header  # a safetensors file's one gap
         h = blake3(derive_key_context="haagenti 2026-12-07 file tree v1")
         h.update(struct.pack("<QQ", 1, len(gap)))
         h.update(struct.pack(f"<Q{4 * len(counts)}Q", len(counts), *(v for n in counts for v in (n, 0, 0, 0))))

@@ -10,7 +10,7 @@ from haagenti.config import LibraryConfig
 from haagenti.errors import FormatError, FragmentError, LibraryError
 from haagenti.library import FragmentLibrary, ModelInput
 from haagenti.loader import ModelLoader
-from tests.helpers import restore_counting_reads, sha256
+from tests.helpers import restore_counting_reads, sha256, verbatim_ids
 
 SMALL_FRAGMENTS = LibraryConfig(fragment_size=64 * 1024)
 
@@ -224,7 +224,7 @@ def test_restore_reads_only_the_models_fragments(tmp_path, family, monkeypatch, 
         for m in family:
             lib.ingest([m.file], m.model_id, m.family)
     seen, rows_read = restore_counting_reads(lib, "unrelated", str(tmp_path / "out"), monkeypatch)
-    assert seen == lib.manifest("unrelated").fragment_ids
+    assert seen == lib.manifest("unrelated").fragment_ids | verbatim_ids(lib, "unrelated")
     # Only row groups holding its fragments are read: the unrelated model shares nothing, so
     # that is exactly its own rows (fragment ids are hashes, so min/max statistics of any
     # other model's row groups would span them too), found through the ids table read by key:
@@ -242,7 +242,7 @@ def test_corrupt_fragment_is_named(tmp_path, family):
     # Rewrite one stored blob with other valid-looking bytes: decode works, the hash must not.
     t = lib.store.read("fragments")
     rows = t.to_pylist()
-    victim = next(r for r in rows if r["codec"] != "raw")
+    victim = next(r for r in rows if r["codec"] != "raw" and r["fragment_type"] != "verbatim")
     victim_id = victim["fragment_id"]
     other = next(r for r in rows if r["fragment_id"] != victim_id and r["codec"] == victim["codec"])
     lib.store.delete("fragments", f"fragment_id = '{victim_id}'")
@@ -277,12 +277,14 @@ def test_restore_checks_each_files_layout(tmp_path, family, tamper):
         table = "manifests"
     else:  # one byte of the header changes (same length), in its metadata: a header that no
         # longer describes the tensors is refused before any byte is written (test_trust.py)
+        from haagenti.manifest import header_field
+
         t = lib.store.read("models")
         rows = t.to_pylist()
-        header = rows[0]["files"][0]["header"]
+        header = lib.manifest(mid).files[0].header
         i = header.index(b'"haagenti_example":"') + len(b'"haagenti_example":"')
         assert chr(header[i]).isalpha()
-        rows[0]["files"][0]["header"] = header[:i] + bytes([header[i] ^ 0x20]) + header[i + 1 :]
+        rows[0]["files"][0]["header"] = header_field(header[:i] + bytes([header[i] ^ 0x20]) + header[i + 1 :])  # small: held inline
         table = "models"
     lib.store.delete(table, f"model_id = '{mid}'")
     lib.store.append(table, pa.Table.from_pylist(rows, schema=t.schema))
@@ -311,6 +313,50 @@ def test_rm_and_gc_reference_counting(tmp_path, family):
     assert lib.stats().fragments == 0
     with pytest.raises(LibraryError, match="not in the library"):
         lib.rm(ft.model_id)
+
+
+def test_verbatim_bytes_are_pieces_shared_across_models_and_kept_while_named(tmp_path):
+    """A side file (a tokenizer) two models hold is stored once, as pieces; a third whose copy
+    has one value changed (a longer one: the bytes after it shift) shares every piece but the
+    ones around the change. `stats` counts each piece once; gc keeps the pieces a model still
+    names and frees them with the last; the pipeline stores the same rows."""
+    import pyarrow.compute as pc
+    import yaml
+
+    from pipelines.dedup import run_dedup
+    from pipelines.executors import LocalExecutor
+
+    vocab = ("{" + ", ".join(f'"tok{i}": {i}' for i in range(40000)) + "}").encode()  # ~0.6 MB
+    tokenizers = {"a": vocab, "b": vocab, "c": vocab.replace(b'"tok20000": 20000', b'"tok20000": 2000000')}
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), SMALL_FRAGMENTS)
+    for mid, tok in tokenizers.items():
+        (tmp_path / mid).mkdir()
+        save_file({"w": torch.arange(4096, dtype=torch.float16).reshape(64, 64)}, str(tmp_path / mid / "model.safetensors"))
+        (tmp_path / mid / "tokenizer.json").write_bytes(tok)
+        lib.ingest([str(tmp_path / mid)], mid)
+    pieces = {mid: verbatim_ids(lib, mid) for mid in tokenizers}
+    assert pieces["a"] == pieces["b"] and len(pieces["a"]) >= 8 and len(pieces["c"] - pieces["a"]) <= 2
+    frags = lib.store.read("fragments", columns=["fragment_id", "fragment_type"])
+    verbatim = frags.filter(pc.equal(frags["fragment_type"], "verbatim"))["fragment_id"].to_pylist()
+    assert sorted(verbatim) == sorted(pieces["a"] | pieces["c"])  # each stored once
+    stats = lib.stats()
+    assert stats.fragments == len(set(frags["fragment_id"].to_pylist()))
+    by_id = {m.model_id: m for m in stats.per_model}
+    assert by_id["b"].new_stored_bytes == 0 < by_id["c"].new_stored_bytes < by_id["a"].new_stored_bytes
+    # The pipeline's driver commits the pieces, whatever its executor.
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump({"models": [{"id": mid, "files": [str(tmp_path / mid)]} for mid in tokenizers]}))
+    run_dedup(str(tmp_path / "catalog.yaml"), str(tmp_path / "piped"), LocalExecutor(), SMALL_FRAGMENTS)
+    piped = FragmentLibrary.open(str(tmp_path / "piped"), create=False)
+    columns = ["fragment_id", "dtype", "encoding", "codec", "fragment_type", "blob"]
+    assert piped.store.read("fragments", columns=columns).sort_by("fragment_id").equals(lib.store.read("fragments", columns=columns).sort_by("fragment_id"))
+    assert {m["model_id"]: m["files"] for m in piped.models()} == {m["model_id"]: m["files"] for m in lib.models()}
+    lib.rm("a")
+    assert lib.gc()["fragments_removed"] == 0  # b names all of a's pieces, and its tensors are a's
+    lib.restore("b", str(tmp_path / "out"), rehash=True)
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == vocab
+    lib.rm("b")
+    assert lib.gc()["fragments_removed"] == len(pieces["a"] - pieces["c"])
+    assert lib.verify().ok
 
 
 def test_crash_between_commits_leaves_previous_snapshot(tmp_path, family, monkeypatch):

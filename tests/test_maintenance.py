@@ -45,11 +45,14 @@ def _oracle_stats(lib: FragmentLibrary) -> dict:
         if r["fragment_id"] != r["source_fragment_id"]:
             lossy[r["model_id"]] = lossy.get(r["model_id"], 0) + 1
             lossy_saved += r["elem_count"] * lookup_dtype(r["dtype"]).itemsize
+    for m in models:  # each file's verbatim pieces: fragments the models row names
+        for fid in _pieces(m):
+            users.setdefault(fid, set()).add(m["model_id"])
     shared = [u for u in users.values() if len(u) > 1]
     seen: set = set()
     per_model = []
     for m in models:
-        mine = set(refs.get(m["model_id"], []))
+        mine = set(refs.get(m["model_id"], [])) | _pieces(m)
         per_model.append((m["model_id"], sum(stored[f] for f in mine - seen), len(refs.get(m["model_id"], [])), lossy.get(m["model_id"], 0)))
         seen |= mine
     plain = sum(f["encoding"] == "plain" for f in frags)
@@ -58,6 +61,11 @@ def _oracle_stats(lib: FragmentLibrary) -> dict:
         "shared": len(shared), "per_shared": sum(len(u) for u in shared) / len(shared), "lossy_refs": sum(lossy.values()),
         "lossy_saved": lossy_saved, "per_model": per_model,
     }
+
+
+def _pieces(model: dict) -> set:
+    """The ids its models row names in `files.header` (tag 1, then 32 bytes each)."""
+    return {f["header"][k : k + 32].hex() for f in model["files"] if f["header"][0] == 1 for k in range(1, len(f["header"]), 32)}
 
 
 def _oracle_relations(lib: FragmentLibrary) -> dict:
@@ -72,6 +80,7 @@ def _oracle_relations(lib: FragmentLibrary) -> dict:
 
 def _oracle_referenced(lib: FragmentLibrary) -> set:
     refs = {r for r in lib.store.read("manifests", columns=["fragment_id"])["fragment_id"].to_pylist() if r}
+    refs |= {fid for m in lib.store.read("models").to_pylist() for fid in _pieces(m)}
     for f in lib.store.read("fragments", columns=["fragment_id", "ref_id"]).to_pylist():
         if f["ref_id"] and f["fragment_id"] in refs:
             refs.add(f["ref_id"])

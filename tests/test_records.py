@@ -1,8 +1,8 @@
 """A model's record (its files' names, formats, sizes, hashes, layouts and its manifest rows) is
 verified like its fragments: a digest written in its models row at publication, checked by
 every reader (restore, verify, ModelLoader, haagenti://) before it trusts a name. And the
-upgrade of format-4 to 6 libraries (format 4 has no digests; formats before 7 identify a file by
-its whole BLAKE3) to format 7."""
+upgrade of format-4 to 7 libraries (format 4 has no digests; formats before 7 identify a file by
+its whole BLAKE3; formats before 8 hold every file's verbatim bytes in its models row) to format 8."""
 from __future__ import annotations
 
 import json
@@ -27,7 +27,7 @@ from haagenti.maintenance import upgrade
 from haagenti.manifest import ModelManifest
 from haagenti.records import record_digest
 from haagenti.store import LIBRARY_FORMAT_VERSION, SCHEMAS, LibraryStore
-from tests.helpers import cli, reseal
+from tests.helpers import cli, reseal, verbatim_ids
 
 CONFIG = LibraryConfig(fragment_size=65536, similarity=False)
 WHOLE = LibraryConfig(fragment_size=65536, similarity=False, file_blake3=True)  # files.blake3 recorded, as formats 2 to 6 always did
@@ -42,6 +42,13 @@ def folder_model(path) -> str:
         shapes = {f"w{k}.0": (256, 256), f"w{k}.1": (32, 32)}  # two fragments, and a part of one
         save_file({n: rng.standard_normal(s).astype(np.float16) for n, s in shapes.items()}, str(path / f"model-{k}.safetensors"))
     (path / "config.json").write_text('{"layers": 2}')
+    return str(path)
+
+
+def with_tokenizer(path) -> str:
+    """folder_model plus a side file large enough to be stored as pieces (tokenizer.json, ~100 KB)."""
+    folder_model(path)
+    (path / "tokenizer.json").write_text("{" + ", ".join(f'"tok{i}": {i}' for i in range(8000)) + "}")
     return str(path)
 
 
@@ -127,6 +134,55 @@ def test_a_tampered_record_is_refused_by_every_reader(tmp_path, tamper, resealed
     assert rc == 1 and re.search(line, err) and len(err.strip().splitlines()) == 1, err
 
 
+def test_crafted_verbatim_piece_ids_are_refused_in_one_line(tmp_path):
+    """`files.header` names the pieces of a file's large verbatim bytes: with an unknown tag,
+    cut short of a whole id, naming a piece the library lacks, or its pieces reordered, every
+    reader refuses the model with one line before writing a byte; gc refuses what it cannot
+    read and keeps what a record names; `stats` ends in one line."""
+    url = str(tmp_path / "lib")
+    lib = FragmentLibrary.open(url, CONFIG)
+    lib.ingest([with_tokenizer(tmp_path / "m")], "m")
+    pristine = lib.model("m")
+    [(k, tok)] = [(k, f) for k, f in enumerate(pristine["files"]) if f["name"] == "tokenizer.json"]  # stored as pieces
+
+    def crafted(change):
+        def rows(rows):
+            files = rows[0]["files"] = [dict(f) for f in pristine["files"]]
+            change(files)
+            return rows
+        return rows
+
+    cases = {
+        "not-whole-ids": (lambda fs: fs[k].update(header=tok["header"][:-1]), DamagedError, "verbatim pieces are not whole ids"),
+        "unknown-tag": (lambda fs: fs[k].update(header=b"\x07" + tok["header"][1:]), DamagedError, "neither inline nor pieces"),
+        "unknown-piece": (lambda fs: fs[k].update(header=b"\x01" + bytes(32)), FragmentError, "missing from the library"),
+        "pieces-reordered": (lambda fs: fs[k].update(header=tok["header"][:1] + tok["header"][33:] + tok["header"][1:33]), FragmentError,
+                             "tokenizer.json does not match its recorded layout"),
+    }
+    for case, (change, error, line) in cases.items():
+        rewrite(lib, "models", "m", crafted(change))
+        with pytest.raises(error, match=line):
+            lib.restore("m", str(tmp_path / "out"))
+        assert not (tmp_path / "out").exists(), case
+        report = lib.verify()
+        assert not report.ok and any(re.search(line, e) for e in report.errors), (case, report.errors)
+        if case in ("not-whole-ids", "unknown-tag"):
+            with pytest.raises(DamagedError, match=line):
+                lib.gc()
+        if case == "unknown-piece":
+            with pytest.raises(DamagedError, match="missing from the fragments table"):
+                lib.gc()
+        if case == "pieces-reordered":  # every piece is still named: nothing to collect
+            assert lib.gc()["fragments_removed"] == 0
+    rc, out, err = cli("stats", url)  # the last case's record is damaged, its table rows readable
+    assert rc == 0, err
+    rewrite(lib, "models", "m", crafted(cases["not-whole-ids"][0]))
+    rc, out, err = cli("restore", url, "m", str(tmp_path / "out"))
+    assert rc == 1 and "not whole ids" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    rc, out, err = cli("stats", url)
+    assert rc == 1 and "not whole ids" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
 def test_the_family_is_not_part_of_the_record(tmp_path):
     """A later run may record another family (pipelines infer them): the model still restores."""
     lib = FragmentLibrary.open(str(tmp_path / "lib"), CONFIG)
@@ -136,10 +192,22 @@ def test_the_family_is_not_part_of_the_record(tmp_path):
     assert len(lib.restore("m", str(tmp_path / "out"))) == 3
 
 
+def as_format_7(url: str) -> None:
+    """Turn a library into what format 7 wrote: each file's verbatim bytes in its models row
+    (its pieces gone from the fragments table), version 7 in its rows and marker."""
+    lib = FragmentLibrary.open(url, create=False)
+    rows = [lib.with_verbatim(r) | {"format_version": 7} for r in lib.store.read("models").to_pylist()]
+    lib.store.replace_models(pa.Table.from_pylist(rows, schema=SCHEMAS["models"]), "as format 7")
+    lib.gc()  # the pieces no row names now
+    marker = json.loads(open(f"{url}/haagenti.json").read())
+    open(f"{url}/haagenti.json", "w").write(json.dumps({**marker, "format_version": 7}))
+
+
 def as_format_6(url: str, version: int = 6) -> None:
     """Turn a library ingested with whole-file hashes into what format 6 wrote (or 5: the same
     records): each file's layout digest over its inline bytes and fragment ids, the content hash
     over the files' BLAKE3, the record digests of those, `version` in its rows and marker."""
+    as_format_7(url)
     store = LibraryStore(url)
     models = store.read("models").to_pylist()
     for model in models:
@@ -190,6 +258,34 @@ def test_a_format_6_library_is_refused_until_upgraded_which_rewrites_its_records
     keys = ("files", "content_hash", "record_digest", "format_version")
     assert {k: row[k] for k in keys} == {k: now[k] for k in keys}
     assert lib.verify().ok and json.loads(open(f"{url}/haagenti.json").read())["format_version"] == LIBRARY_FORMAT_VERSION
+
+
+def test_a_format_7_library_is_refused_until_upgraded_which_stores_its_verbatim_bytes_once(tmp_path):
+    """Format 8 stores each file's verbatim bytes over 16 KiB as pieces the models row names:
+    the upgrade stores the pieces (one copy of what two models share) and rewrites the models
+    rows and the marker; manifests and signatures stay as they are."""
+    url = str(tmp_path / "lib")
+    lib = FragmentLibrary.open(url, CONFIG)
+    lib.ingest([with_tokenizer(tmp_path / "m")], "m")
+    lib.ingest([str(tmp_path / "m")], "m2")  # the same files: the same verbatim bytes
+    now = {r["model_id"]: r for r in lib.models()}
+    as_format_7(url)
+    with pytest.raises(LibraryError, match=f"library format 7, this haagenti reads format {LIBRARY_FORMAT_VERSION}: run `haagenti upgrade"):
+        FragmentLibrary.open(url)
+    kept = {t: DeltaTable(f"{url}/{t}").version() for t in ("manifests", "signatures")}
+    n_fragments = len(DeltaTable(f"{url}/fragments").to_pyarrow_table(columns=["fragment_id"]))
+    assert upgrade(url) == []
+    assert {t: DeltaTable(f"{url}/{t}").version() for t in kept} == kept
+    lib = FragmentLibrary.open(url, create=False)
+    assert {r["model_id"]: (r["files"], r["record_digest"]) for r in lib.models()} == {k: (r["files"], r["record_digest"]) for k, r in now.items()}
+    files = {f["name"]: f["header"] for f in lib.model("m")["files"]}
+    assert [n for n, h in files.items() if h[0] == 1] == ["tokenizer.json"]  # pieces; the small headers stay inline
+    pieces = verbatim_ids(lib, "m")
+    assert len(pieces) >= 2 and len(DeltaTable(f"{url}/fragments").to_pyarrow_table(columns=["fragment_id"])) == n_fragments + len(pieces)
+    assert lib.verify().ok and json.loads(open(f"{url}/haagenti.json").read())["format_version"] == LIBRARY_FORMAT_VERSION
+    assert {r["format_version"] for r in lib.models()} == {LIBRARY_FORMAT_VERSION}
+    lib.restore("m2", str(tmp_path / "out"), rehash=True)
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tmp_path / "m" / "tokenizer.json").read_bytes()
 
 
 def test_an_upgrade_leaves_a_format_6_record_whose_layout_lies_unverifiable(tmp_path):

@@ -169,11 +169,17 @@ class LibraryStore:
 
     def marker_version(self) -> object:
         """haagenti.json's format_version, whatever it is (what an upgrade starts from)."""
+        return self.marker_doc().get("format_version")
+
+    def marker_doc(self) -> dict:
+        """haagenti.json, of whatever format (an upgrade reads the invariants of an older one)."""
         path = posixpath.join(self.root, "haagenti.json")
         try:
             with self.fs.open(path, "r") as f:
                 doc = json.load(f)
-            return doc.get("format_version")
+            if not isinstance(doc, dict):
+                raise ValueError(doc)
+            return doc
         except FileNotFoundError:
             raise LibraryError(f"{self.url}: not a haagenti library (no haagenti.json)") from None
         except (ValueError, AttributeError):

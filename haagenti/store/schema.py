@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-LIBRARY_FORMAT_VERSION = 7  # 2: BLAKE3 ids and file hashes; 3: file layout digests; 4: invariants in haagenti.json, ingest ids; 5: record digests; 6: predicted quantized fragments; 7: file hashes are trees over fragment ids (files.layout), files.blake3 optional
-UPGRADABLE_FROM = (4, 5, 6)  # `haagenti upgrade` moves a library of these formats to this one (haagenti.maintenance.upgrade)
+LIBRARY_FORMAT_VERSION = 8  # 2: BLAKE3 ids and file hashes; 3: file layout digests; 4: invariants in haagenti.json, ingest ids; 5: record digests; 6: predicted quantized fragments; 7: file hashes are trees over fragment ids (files.layout), files.blake3 optional; 8: verbatim bytes over 16 KiB as pieces (fragments) named by files.header
+UPGRADABLE_FROM = (4, 5, 6, 7)  # `haagenti upgrade` moves a library of these formats to this one (haagenti.maintenance.upgrade)
 
 SCHEMAS: dict[str, pa.Schema] = {
     "fragments": pa.schema(
@@ -119,7 +119,7 @@ SCHEMAS: dict[str, pa.Schema] = {
                             ("format", pa.string()),
                             ("size", pa.int64()),
                             ("blake3", pa.string()),
-                            ("header", pa.large_binary()),
+                            ("header", pa.large_binary()),  # format 8 on: a tag, then the verbatim bytes or their pieces' ids (haagenti.manifest.header_field)
                             ("layout", pa.string()),
                         ]
                     )

@@ -2,19 +2,23 @@
 bit-exact, both ingest paths build the same tables with it, gc, compact and verify keep it
 whole, and it stores the family within 0.5% of the bytes a "bands" library stores."""
 import os
+import uuid
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from haagenti.binary import raw_ids
 from haagenti.config import LibraryConfig
 from haagenti.core import LIBRARY_TABLES
 from haagenti.index import BandsLayout, TwoLevelLayout, open_index
 from haagenti.index import two_level as two_level_module
+from haagenti.index.bands import id_keys
 from haagenti.index.two_level import sampled
 from haagenti.library import FragmentLibrary, ModelInput
 from haagenti.matching import match_rows
 from haagenti.store.files import data_file_uuid
+from haagenti.store.keyed import ENCODED_ROWS, append_keyed
 from pipelines.dedup import run_dedup
 from pipelines.executors import LocalExecutor
 from tests.helpers import sha256
@@ -119,6 +123,57 @@ def test_gc_and_compact_keep_the_rest_restorable(family, tmp_path):
     assert lib.stats().fragments == 0
     for name in ("shard_keys", "shard_signatures", "fragment_keys"):
         assert lib.store.read(name).num_rows == 0, name
+
+
+SPECS = (two_level_module.SHARD_KEYS, two_level_module.SHARD_SIGNATURES, two_level_module.FRAGMENT_KEYS)
+
+
+def encodings_on_disk(lib: FragmentLibrary) -> dict[str, set[tuple[str, str]]]:
+    """{table: (column, encoding)} of the columns stored without a dictionary in any row group
+    of any data file of the layout's tables."""
+    out: dict[str, set[tuple[str, str]]] = {}
+    for spec in SPECS:
+        found = out.setdefault(spec.name, set())
+        for path in lib.store.snapshot(spec.name)[0]:
+            md = lib.store.files.footer(path)
+            for g in range(md.num_row_groups):
+                for c in (md.row_group(g).column(i) for i in range(md.num_columns)):
+                    found.update((c.path_in_schema, e) for e in c.encodings if not c.has_dictionary_page and e != "RLE")
+    return out
+
+
+def test_the_index_tables_keep_their_encodings_through_compaction_and_gc(family, tmp_path):
+    """Small commits are appended as before (no encodings below ENCODED_ROWS rows: the bench
+    family's files stay as they were); compaction (delta-rs's writer) writes each table's
+    columns in its KeyedTable's encodings, every other column as a dictionary, and gc's
+    rewrite of a file keeps them."""
+    want = {spec.name: set(spec.encodings) for spec in SPECS}
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), config("two-level"))
+    for m in family[:3]:
+        lib.ingest([m.file], m.model_id)
+    assert encodings_on_disk(lib) == {"shard_keys": set(), "shard_signatures": {("fragment_id", "PLAIN"), ("bits", "PLAIN")},
+                                      "fragment_keys": {("fragment_id", "PLAIN")}}  # as written before ENCODED_ROWS
+    lib.compact()  # one file per table: gc below rewrites it
+    assert encodings_on_disk(lib) == want
+    compacted = {name: set(lib.store.snapshot(name)[0]) for name in want}
+    lib.rm(family[1].model_id)
+    assert lib.gc()["fragments_removed"] > 0
+    for name in ("shard_signatures", "fragment_keys"):  # gc rewrote their file (shard_keys: no shard emptied)
+        assert set(lib.store.snapshot(name)[0]) - compacted[name], name
+    assert encodings_on_disk(lib) == want
+    [p] = lib.restore(family[2].model_id, str(tmp_path / "out"))
+    assert sha256(p) == sha256(family[2].file) and lib.verify().ok
+
+
+def test_a_commit_of_encoded_rows_is_appended_in_the_encodings_and_read_back(tmp_path):
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), config("two-level"))
+    ids = [bytes(i).hex() for i in np.random.default_rng(0).integers(0, 256, size=(ENCODED_ROWS, 32), dtype=np.uint8)]
+    data_file = str(uuid.uuid4())
+    append_keyed(lib.store, two_level_module.FRAGMENT_KEYS, pa.table({
+        "id_key": pa.array(id_keys(ids)), "fragment_id": raw_ids(pa.array(ids)), "dtype": pa.array(["BF16"] * len(ids)),
+        "data_file": pa.array([uuid.UUID(data_file).bytes] * len(ids), pa.binary(16))}))
+    assert encodings_on_disk(lib)["fragment_keys"] == set(two_level_module.FRAGMENT_KEYS.encodings)
+    assert lib.index.locate(set(ids[::7])) == dict.fromkeys(ids[::7], data_file)
 
 
 def scopes(rows: pa.Table) -> dict[str, str]:

@@ -32,6 +32,22 @@ class KeyedTable:
     key: str
     group_rows: int  # rows per row group: the unit a lookup reads (docs/decisions/0045-located-by-id.md)
     dictionary: tuple[str, ...] = ()  # string columns of few values a commit (dtype, data file) stored as a dictionary
+    # (column, Parquet encoding) written without a dictionary: DELTA_BINARY_PACKED for a sorted
+    # key (the gaps, not the values), PLAIN for random bytes a per-group dictionary only repeats.
+    # Readers decode any encoding: changing one changes bytes on disk, never rows.
+    encodings: tuple[tuple[str, str], ...] = ()
+
+
+# A file of fewer rows is appended without the spec's encodings: its sorted keys' gaps span most
+# of the key range and DELTA_BINARY_PACKED pads 32-value miniblocks (76 random keys: 13.8 B a key
+# against 10.1 as a dictionary; 256: 7.7 against 9.4). docs/decisions/0276-index-encodings.md
+ENCODED_ROWS = 256
+
+
+def dictionary_columns(spec: KeyedTable, schema: pa.Schema, encodings: dict[str, str]) -> list[str]:
+    """The columns stored as a dictionary: integers (few values a commit: shards, sizes, depths)
+    and the spec's strings, less those written in `encodings`."""
+    return [c for c in [f.name for f in schema if pa.types.is_integer(f.type)] + list(spec.dictionary) if c not in encodings]
 
 
 @dataclass
@@ -46,16 +62,18 @@ class ReadCounts:
 def append_keyed(store: LibraryStore, spec: KeyedTable, rows: pa.Table, note: str = "") -> None:
     """Append rows in one commit: one file sorted by the key, row groups of `group_rows`,
     statistics on the key only (small footers), nothing compressed (ids and signature bits are
-    random bytes), the key's range in the add action."""
+    random bytes), the spec's encodings from ENCODED_ROWS rows, the key's range in the add
+    action."""
     if rows.num_rows == 0:
         return
     schema = SCHEMAS[spec.name]
     rows = conform(rows, schema).sort_by(spec.key)
     fname = new_data_file()
     path = posixpath.join(store.root, spec.name, fname)
-    ints = [f.name for f in schema if pa.types.is_integer(f.type)]
+    encodings = dict(spec.encodings) if rows.num_rows >= ENCODED_ROWS else {}
     with store.fs.open(path, "wb") as f:
-        pq.write_table(rows, f, row_group_size=spec.group_rows, compression="none", use_dictionary=ints + list(spec.dictionary), write_statistics=[spec.key])
+        pq.write_table(rows, f, row_group_size=spec.group_rows, compression="none", use_dictionary=dictionary_columns(spec, schema, encodings),
+                       column_encoding=encodings or None, write_statistics=[spec.key])
     key = rows[spec.key]
     stats = {"numRecords": rows.num_rows, "minValues": {spec.key: key[0].as_py()}, "maxValues": {spec.key: key[-1].as_py()}, "nullCount": {spec.key: 0}}
     action = AddAction(fname, store.fs.size(path), {}, int(time.time() * 1000), True, json.dumps(stats))
@@ -66,7 +84,7 @@ def sort_keyed(store: LibraryStore, spec: KeyedTable, target_bytes: int) -> int:
     """Rewrite the table sorted by its key into files of about `target_bytes` with disjoint key
     ranges (LibraryStore.sort_by_key): a lookup then opens one file per key range. Returns data
     files replaced (0: nothing changed since the last sort)."""
-    return store.sort_by_key(spec.name, spec.key, spec.group_rows, target_bytes)
+    return store.sort_by_key(spec.name, spec.key, spec.group_rows, target_bytes, dict(spec.encodings))
 
 
 class KeyedReader:

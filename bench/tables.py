@@ -32,7 +32,6 @@ from pipelines.dedup import run_dedup
 from pipelines.executors import LocalExecutor
 
 PER_RUN = {"ingest_id", "record_digest", "data_file", "source_uris"}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__))).encode()
 
 
 def table_digests(root: str) -> dict[str, str]:
@@ -84,16 +83,26 @@ def main() -> int:
         shutil.rmtree(exports_dir, ignore_errors=True)
 
 
+def without_stack_traces(path: str) -> None:
+    """torch.onnx writes each node's Python stack trace (this checkout's and its venv's paths)
+    into the node's metadata: emptied, so that any two checkouts export the same bytes."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    for node in model.graph.node:
+        for prop in node.metadata_props:
+            if prop.key == "pkg.torch.onnx.stack_trace":
+                prop.value = ""
+    onnx.save(model, path)
+
+
 def containers(base, out_dir: str) -> list[FamilyMember]:
     """The family's base and its exports by the field's writers (GGUF F16 and Q8_0, ONNX, a
     sharded HF folder, a diffusers folder): every container format on the data's path."""
     paths = ex.export_all(base.file, out_dir)
     for p in paths:
-        if p.endswith(".onnx"):  # torch.onnx writes the exporting module's path into stack-trace
-            with open(p, "rb") as f:  # metadata: made the same length-for-length, worktrees compare
-                data = f.read()
-            with open(p, "wb") as f:
-                f.write(data.replace(REPO + b"/haagenti/", b"/" + b"_" * (len(REPO) - 1) + b"/haagenti/"))
+        if p.endswith(".onnx"):
+            without_stack_traces(p)
     return [base] + [FamilyMember(f"export-{i}", p, base.family, "") for i, p in enumerate(paths)]
 
 

@@ -22,8 +22,9 @@ Ingest times are min/median/max over --runs runs, interleaved; sizes are determi
    on the file alone; then the whole ladder's saving on disk. With --kquants (blocks of ggml's own
    quantizer, bench/kquant_material.py --tensors), K-quant files follow: a Q4_K_M-like mix, Q2_K,
    Q4_K, Q6_K. Then the ONNX int8 and uint8 files of the base (haagenti.exports.export_onnx_ladder:
-   onnxruntime's quantize_dynamic of its fp32 ONNX export), each pair in a library of its own
-   after the F16 GGUF (an fp16 source) and after the fp32 ONNX file. Only section 4 runs.
+   onnxruntime's quantize_dynamic of its fp32 ONNX export), per tensor, then per channel
+   (int8ch, uint8ch), in a library of their own after the F16 GGUF (an fp16 source) and after
+   the fp32 ONNX file. Only section 4 runs.
 """
 from __future__ import annotations
 
@@ -109,15 +110,17 @@ K_SCALE_BYTES = {"Q2_K": 20, "Q3_K": 14, "Q4_K": 16, "Q5_K": 16, "Q6_K": 18}
 
 def scale_bytes(path: str) -> int:
     """Bytes of the scale and min fields of a GGUF file's quantized blocks, or of an ONNX file's
-    scales and zero points (a float32 and a byte per int8/uint8 weight): the ideal the issue
-    names, a file costing its scales only."""
+    scales and zero points (a float32 and a byte each, per int8/uint8 weight or per channel):
+    the ideal the issue names, a file costing its scales only."""
     from haagenti.codecs.predict import BLOCK_BYTES, LEGACY
 
     if path.endswith(".onnx"):
         import onnx
 
         graph = onnx.load(path, load_external_data=False).graph
-        return 5 * sum(1 for i in graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(i.dims))
+        dims = {i.name: i.dims for i in graph.initializer}
+        weights = [i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(i.dims)]
+        return 5 * sum(int(np.prod(dims.get(w.removesuffix("_quantized") + "_zero_point", []))) for w in weights)  # quantize_dynamic's names
 
     per_block = {n: 2 * t.fields for n, t in LEGACY.items()} | K_SCALE_BYTES
     return sum(data.size // BLOCK_BYTES[kind] * per_block[kind] for kind, data in ex.quantized_blocks(path).values() if kind in per_block)

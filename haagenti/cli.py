@@ -387,7 +387,7 @@ def export_cmd(model_file: str, out_dir: str) -> None:
 
 
 @examples_app.command("ladder")
-def ladder_cmd(model_file: str, out_dir: str, onnx: bool = typer.Option(False, "--onnx", help="also its fp32 ONNX export and that file's int8 and uint8 quantizations (onnxruntime's quantize_dynamic)")) -> None:
+def ladder_cmd(model_file: str, out_dir: str, onnx: bool = typer.Option(False, "--onnx", help="also its fp32 ONNX export and that file's int8 and uint8 quantizations, per tensor and per channel (onnxruntime's quantize_dynamic)")) -> None:
     """Write an example model's safetensors file as a GGUF quantization ladder into OUT_DIR: F16,
     then Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 quantized from its F16 values by gguf's quantizers (as
     llama-quantize quantizes an F16 GGUF)."""

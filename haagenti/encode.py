@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from haagenti.codecs import apply_delta, cast_reference, chain_for, codec_chain, encode_smallest, smallest_encoding
-from haagenti.codecs.predict import apply_prediction, predictable, prediction_residual, residual_bytes
+from haagenti.codecs.predict import apply_prediction, predictable, prediction_residual, residual_bytes, residual_fits
 from haagenti.config import MAX_CHAIN_DEPTH, MAX_RAW_FRAGMENT
 from haagenti.errors import FragmentError
 from haagenti.formats.dtypes import castable
@@ -68,7 +68,7 @@ def decode_row(row: dict, ref_raw: bytes | None, ref_dtype: str | None) -> bytes
         predicted = enc is Encoding.PREDICTED
         raw = codec_chain(row["codec"]).decode(row["blob"], residual_bytes(row["dtype"], row["raw_size"]) if predicted else row["raw_size"])
         if predicted:
-            if not predictable(row["dtype"], row["raw_size"], ref_dtype, len(ref_raw)) or len(raw) != residual_bytes(row["dtype"], row["raw_size"]):
+            if not predictable(row["dtype"], row["raw_size"], ref_dtype, len(ref_raw)) or not residual_fits(row["dtype"], row["raw_size"], len(raw)):
                 raise FragmentError(f"fragment {row['fragment_id']} is damaged: {len(raw)} bytes of {row['dtype']} cannot be predicted from a {ref_dtype} reference of {len(ref_raw)} bytes")
             raw = apply_prediction(raw, row["dtype"], ref_raw, ref_dtype)
         elif enc is not Encoding.PLAIN:

@@ -67,15 +67,17 @@ def export_ladder(path: str, out_dir: str) -> list[str]:
     return out
 
 
-# ONNX int8 and uint8 weights as onnxruntime's dynamic quantization writes them (per tensor,
-# the graph's other initializers kept in fp32), each of the fp32 ONNX export.
-ONNX_LADDER = {"int8": "QInt8", "uint8": "QUInt8"}
+# ONNX int8 and uint8 weights as onnxruntime's dynamic quantization writes them (per tensor, and
+# per channel: one scale and zero point per output column of a MatMul weight; the graph's other
+# initializers kept in fp32), each of the fp32 ONNX export: suffix -> (weight type, per channel).
+ONNX_LADDER = {"int8": ("QInt8", False), "uint8": ("QUInt8", False), "int8ch": ("QInt8", True), "uint8ch": ("QUInt8", True)}
 
 
 def export_onnx_ladder(path: str, out_dir: str) -> list[str]:
     """A safetensors file of the example model as its fp32 ONNX export (`<name>.onnx`) and that
-    file through onnxruntime's `quantize_dynamic` (`<name>-int8.onnx`, `<name>-uint8.onnx`), in
-    `out_dir`; returns them in that order. Needs onnxruntime (haagenti's dev extra)."""
+    file through onnxruntime's `quantize_dynamic` (`<name>-int8.onnx`, `<name>-uint8.onnx`, per
+    channel `<name>-int8ch.onnx`, `<name>-uint8ch.onnx`), in `out_dir`; returns them in that order.
+    Needs onnxruntime (haagenti's dev extra)."""
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
@@ -88,9 +90,9 @@ def export_onnx_ladder(path: str, out_dir: str) -> list[str]:
     level = quant_log.level
     quant_log.setLevel(logging.ERROR)
     try:
-        for suffix, weight_type in ONNX_LADDER.items():
+        for suffix, (weight_type, per_channel) in ONNX_LADDER.items():
             out.append(os.path.join(out_dir, f"{name}-{suffix}.onnx"))
-            quantize_dynamic(out[0], out[-1], weight_type=QuantType[weight_type])
+            quantize_dynamic(out[0], out[-1], weight_type=QuantType[weight_type], per_channel=per_channel)
     finally:
         quant_log.setLevel(level)
     return out

@@ -28,6 +28,9 @@ Ray pipeline (once over the whole run, its bucket groups spread over workers):
    otherwise); those candidates rank before its others (docs/decisions/0281-quantized-prediction.md).
    ONNX int8/uint8 codes need no such pass: they count values and are signed on their codes less
    their median, so rule 1 pairs them with their float source (docs/decisions/0290-onnx-int8-prediction.md).
+   Other int8/uint8 exports of that source sign as it does (codes over a scale), so an int8/uint8
+   fragment's candidates that are this run's int8/uint8 fragments rank after its others: the
+   float source is tried whatever the ids of the run's other exports (docs/decisions/0282-onnx-per-channel.md).
 
 Every step looks only at fragments before the one it decides, so computing the rule batch by
 batch (the library, carrying the earlier batches' band rows) gives exactly what computing it
@@ -42,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from haagenti.codecs.predict import VALUES_PER_BLOCK
+from haagenti.codecs.predict import LINEAR, VALUES_PER_BLOCK
 from haagenti.config import MAX_CHAIN_DEPTH, LibraryConfig
 from haagenti.groups import group_starts, rank_in_runs, sort_rows
 from haagenti.binary import fixed_width
@@ -219,7 +222,7 @@ def _scope_pairs(new: pa.Table, others: pa.Table | None, scope: pa.Scalar, looku
 
 
 def choose_references(pairs: pa.Table, new_ids: list[str], k: int, max_depth: int = MAX_CHAIN_DEPTH,
-                      new_deltas: bool = True, first: pa.Table | None = None) -> tuple[dict[str, list[str]], dict[str, int]]:
+                      new_deltas: bool = True, first: pa.Table | None = None, last: pa.Table | None = None) -> tuple[dict[str, list[str]], dict[str, int]]:
     """Rules 2 and 3 of the module doc over the pairs of fragments decided together (`new_ids`,
     in run order): ({fragment: its k nearest usable candidates} for every fragment that has
     one (the others are anchors), {id: depth} of every new fragment (its bound) and of every
@@ -229,14 +232,13 @@ def choose_references(pairs: pa.Table, new_ids: list[str], k: int, max_depth: in
     the candidates before it, with at most a few usable candidates looked at per fragment.
     Without `new_deltas` only this call's anchors may serve (lossy sharing: a fragment shared
     lossily is never stored, so no fragment of its run may reference it). Pairs in `first`
-    (rule 4's float sources) rank before every pair in `pairs` of their fragment."""
+    (rule 4's float sources) rank before every pair in `pairs` of their fragment, pairs in
+    `last` (int8/uint8 codes paired with codes) after them."""
     depth = np.zeros(len(new_ids), np.int64)
     out: dict[str, list[str]] = {}
-    if first is not None and first.num_rows:
-        tier = pa.array(np.r_[np.zeros(first.num_rows, np.int8), np.ones(pairs.num_rows, np.int8)])
-        pairs = pa.concat_tables([first, pairs])
-    else:
-        tier = pa.array(np.ones(pairs.num_rows, np.int8))
+    tiers = [(t, i) for i, t in enumerate((first, pairs, last)) if t is not None and t.num_rows]
+    tier = pa.array(np.concatenate([np.full(t.num_rows, i, np.int8) for t, i in tiers] or [np.zeros(0, np.int8)]))
+    pairs = pa.concat_tables([t for t, _ in tiers]) if tiers else pairs
     if pairs.num_rows == 0:
         return out, dict(zip(new_ids, depth.tolist()))
     keys = pa.array(new_ids, pa.string())
@@ -287,6 +289,7 @@ class RunMatcher:
         self.lookup, self.scope = lookup, scope
         self.pairs = pairs or (lambda new, earlier: partner_pairs(new, self.lookup, earlier, self.limit))
         self.earlier = BAND_SCHEMA.empty_table()
+        self.codes: set[str] = set()  # the run's int8/uint8 fragments (rule 4)
         self.next_pos = 0
 
     def match(self, sigs: pa.Table, more: bool = False) -> tuple[dict[str, list[str]], dict[str, int]] | None:
@@ -308,7 +311,14 @@ class RunMatcher:
         pairs = self.pairs(batch, self.earlier)
         sources = self._source_pairs(sigs, batch)
         ids = sigs["fragment_id"].to_pylist()
-        refs, depths = choose_references(pairs, ids, self.config.candidates, new_deltas=self.new_deltas, first=sources)
+        if "dtype" in sigs.column_names:
+            self.codes.update(i for i, d in zip(ids, sigs["dtype"].to_pylist()) if d in LINEAR)
+        last = None
+        if self.codes:
+            codes = pa.array(sorted(self.codes), pa.string())
+            among = pc.and_(pc.is_in(pairs["fragment_id"], value_set=codes), pc.is_in(pairs["candidate_id"], value_set=codes))
+            pairs, last = pairs.filter(pc.invert(among)), pairs.filter(among)
+        refs, depths = choose_references(pairs, ids, self.config.candidates, new_deltas=self.new_deltas, first=sources, last=last)
         held = np.array([depths[i] if self.new_deltas or i not in refs else MAX_CHAIN_DEPTH for i in ids])
         self.earlier = pa.concat_tables([self.earlier, match_rows(sigs, self.config.signature, pos, held)])
         return refs, depths

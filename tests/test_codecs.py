@@ -472,9 +472,10 @@ def test_k_quants_of_a_stored_float_source_are_predicted_from_their_stored_scale
 
 
 # ---- ONNX int8/uint8 weights predicted from their float source ---------------------------------
-def _quantize_dynamic(weights: np.ndarray, tmp_path, weight_type: str) -> tuple[np.ndarray, float, int]:
+def _quantize_dynamic(weights: np.ndarray, tmp_path, weight_type: str, per_channel: bool = False) -> tuple[np.ndarray, float, int]:
     """onnxruntime's quantize_dynamic over a one-MatMul model holding `weights`: (codes,
-    scale, zero point) as the quantized file stores them."""
+    scale, zero point) as the quantized file stores them (per channel: a scale and zero point
+    per column)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -483,8 +484,10 @@ def _quantize_dynamic(weights: np.ndarray, tmp_path, weight_type: str) -> tuple[
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])], [numpy_helper.from_array(weights, "W")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
-    quantize_dynamic(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType[weight_type])
+    quantize_dynamic(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType[weight_type], per_channel=per_channel)
     init = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    if per_channel:
+        return init["W_quantized"], init["W_scale"], init["W_zero_point"]
     return init["W_quantized"], float(init["W_scale"]), int(init["W_zero_point"])
 
 
@@ -508,6 +511,70 @@ def test_onnx_quantized_weights_of_a_stored_float_source_are_stored_as_their_pre
         assert row["encoding"] == Encoding.PREDICTED.value and row["ref_dtype"] == ref_dtype and row["depth"] == 1
         assert row["stored_size"] < most * len(data), row["stored_size"]
         assert decode_row(row, ref, ref_dtype) == data
+
+
+def _per_channel(tmp_path, weight_type: str, seed: int = 14) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """quantize_dynamic(per_channel=True) of a 96x160 MatMul weight whose columns' spreads differ
+    8x, laid out as haagenti stores it (W: a column's values consecutive, runs of 96): (codes,
+    values, the column scales, zero points)."""
+    weights = (np.random.default_rng(seed).normal(0, 0.02, (96, 160)) * np.linspace(0.25, 2, 160)).astype(np.float32)
+    codes, scales, zeros = _quantize_dynamic(weights, tmp_path, weight_type, per_channel=True)
+    return np.ascontiguousarray(codes.T).ravel(), np.ascontiguousarray(weights.T).ravel(), scales, zeros
+
+
+@pytest.mark.parametrize("weight_type", ["QInt8", "QUInt8"])
+def test_per_channel_onnx_codes_of_a_stored_float_source_are_stored_as_their_prediction(tmp_path, weight_type):
+    """Per-channel codes (one scale and zero point per column) against the F32 weights: the
+    encoder finds the runs (96 values, the fragment starting at value 0 or mid-run), fits each
+    run's pair (the graph's zero points, its scales within 0.2%), predicts every
+    code, and stores the pairs and a residual of zeros; from the F16 cast most codes still are.
+    Bit-exact either way."""
+    from haagenti.codecs.predict import CHANNELS_HEADER, CHANNELS_MARK, prediction_residual
+    from haagenti.encode import decode_row
+
+    codes, x, scales, zeros = _per_channel(tmp_path, weight_type)
+    dtype_name = "I8" if codes.dtype == np.int8 else "U8"
+    for at in (0, 40):  # a fragment from a run's first value, and one from its 41st
+        data, ref = codes[at:].tobytes(), x[at:]
+        residual = prediction_residual(data, dtype_name, ref.tobytes(), "F32")
+        k = len(scales) - at // 96
+        assert residual[:4] == CHANNELS_MARK and np.frombuffer(residual[4:12], "<u4").tolist() == [96, at % 96]
+        got_scales = np.frombuffer(residual[CHANNELS_HEADER : CHANNELS_HEADER + 4 * k], np.float32)
+        assert np.abs(got_scales / scales[at // 96 :] - 1).max() < 2e-3  # any scale that gives a run's 96 codes
+        assert residual[CHANNELS_HEADER + 4 * k : CHANNELS_HEADER + 5 * k] == zeros[at // 96 :].tobytes()
+        assert not any(residual[CHANNELS_HEADER + 5 * k :])
+        for values, ref_dtype, most in ((ref, "F32", 0.07), (ref.astype(np.float16), "F16", 0.15)):
+            row = _encoded(dtype_name, data, values.tobytes(), ref_dtype)
+            assert row["encoding"] == Encoding.PREDICTED.value and row["stored_size"] < most * len(data), row["stored_size"]
+            assert decode_row(row, values.tobytes(), ref_dtype) == data
+
+
+@pytest.mark.parametrize("case", ["run-below-minimum", "start-past-run", "header-cut", "one-run-more", "scale-flipped", "zero-point-flipped"])
+def test_crafted_per_channel_predicted_rows_are_refused_in_one_line(tmp_path, case):
+    """A per-channel row whose run length, start or run count does not fit its codes, or whose
+    header is cut: damaged, one line; a flipped scale or zero point fails verification."""
+    from haagenti.codecs.predict import CHANNELS_HEADER
+    from haagenti.encode import decode_row
+    from haagenti.errors import FragmentError
+
+    codes, x, scales, _ = _per_channel(tmp_path, "QUInt8")
+    data, ref = codes.tobytes(), x.tobytes()
+    row = _encoded("U8", data, ref, "F32")
+    residual = bytearray(codec_chain(row["codec"]).decode(row["blob"], len(data) * 2))
+    k = len(scales)
+    if case == "run-below-minimum":
+        residual[4:8] = np.array([8], "<u4").tobytes()
+    elif case == "start-past-run":
+        residual[8:12] = np.array([96], "<u4").tobytes()
+    elif case == "header-cut":
+        residual = residual[:10]
+    elif case == "one-run-more":
+        residual[CHANNELS_HEADER + 4 * k : CHANNELS_HEADER + 4 * k] = b"\0" * 5
+    else:
+        residual[CHANNELS_HEADER + (2 if case == "scale-flipped" else 4 * k + 3)] ^= 0x10
+    with pytest.raises(FragmentError, match="damaged|failed verification") as e:
+        decode_row({**row, "codec": "raw", "blob": bytes(residual)}, ref, "F32")
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("dtype_name", ["I8", "U8"])

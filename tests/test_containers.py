@@ -234,11 +234,13 @@ def test_a_quantization_ladder_costs_its_float_base_and_restores_bit_exact(tmp_p
 
 def test_onnx_int8_and_uint8_exports_cost_little_beside_their_fp32_file(tmp_path, family):
     """The fp32 ONNX export, then that file through onnxruntime's quantize_dynamic as int8 and as
-    uint8 (haagenti.exports.export_onnx_ladder): each quantized weight's fragments are predicted
-    from the fp32 weights' (MatMulInteger's and MatMul's operands both stored as W, so fragment k
-    of either holds the same values), each file adds under 5% of its size, and every file
-    restores bit-exact. The pipeline reads the transposed weights (the file holds W^T) by turning
-    each tensor's byte range round where it runs, and stores the rows one ingest stores."""
+    uint8, per tensor and per channel (haagenti.exports.export_onnx_ladder): each quantized
+    weight's fragments are predicted from the fp32 weights' (MatMulInteger's and MatMul's
+    operands both stored as W, so fragment k of either holds the same values), each file adds
+    under 5% of its size, and every file restores bit-exact. The pipeline reads the transposed
+    weights (the file holds W^T) by turning each tensor's byte range round where it runs, and
+    stores the rows one ingest per file stores: in one run too, a per-channel fragment tries its
+    float source, not the earlier exports' codes that sign as it does."""
     import pyarrow.compute as pc
     import yaml
 
@@ -246,8 +248,8 @@ def test_onnx_int8_and_uint8_exports_cost_little_beside_their_fp32_file(tmp_path
     from pipelines.dedup import run_dedup
     from pipelines.executors import LocalExecutor
 
-    files = dict(zip(("fp32", "int8", "uint8"), export_onnx_ladder(family[0].file, str(tmp_path / "onnx"))))
-    assert [os.path.basename(p) for p in files.values()] == ["digits-base.onnx", "digits-base-int8.onnx", "digits-base-uint8.onnx"]
+    files = dict(zip(("fp32", "int8", "uint8", "int8ch", "uint8ch"), export_onnx_ladder(family[0].file, str(tmp_path / "onnx"))))
+    assert [os.path.basename(p) for p in files.values()] == [f"digits-base{s}.onnx" for s in ("", "-int8", "-uint8", "-int8ch", "-uint8ch")]
     lib = FragmentLibrary.open(str(tmp_path / "lib"))
     for name, path in files.items():
         report = lib.ingest([path], name)
@@ -265,8 +267,9 @@ def test_onnx_int8_and_uint8_exports_cost_little_beside_their_fp32_file(tmp_path
     run_dedup(str(catalog), str(tmp_path / "piped"), LocalExecutor(), LibraryConfig())
     piped = FragmentLibrary.open(str(tmp_path / "piped"), create=False)
     assert piped.store.read("fragments", columns=frags.column_names).sort_by("fragment_id").equals(frags.sort_by("fragment_id"))
-    piped.restore("int8", str(tmp_path / "piped-out"), rehash=True)
-    assert sha256(str(tmp_path / "piped-out" / os.path.basename(files["int8"]))) == sha256(files["int8"])
+    for name in ("int8", "uint8ch"):
+        piped.restore(name, str(tmp_path / "piped-out" / name), rehash=True)
+        assert sha256(str(tmp_path / "piped-out" / name / os.path.basename(files[name]))) == sha256(files[name])
 
 
 def pa_strings(xs):

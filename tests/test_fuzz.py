@@ -473,9 +473,10 @@ def test_crafted_predicted_fragments_are_refused_in_one_line(tmp_path, case):
 
 
 # ---- crafted predicted ONNX int8/uint8 fragments ----------------------------------------------
-def onnx_int8_library(tmp_path):
+def onnx_int8_library(tmp_path, per_channel: bool = False):
     """A library holding a MatMul-and-bias fp32 ONNX file and its uint8 quantization (onnxruntime's
-    quantize_dynamic), the weight's uint8 fragment stored as a prediction from the fp32 one."""
+    quantize_dynamic, per tensor or per channel), the weight's uint8 fragment stored as a
+    prediction from the fp32 one."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -488,7 +489,7 @@ def onnx_int8_library(tmp_path):
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128])],
                               [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.ones(128, np.float32), "b")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
-    quantize_dynamic(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QUInt8)
+    quantize_dynamic(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QUInt8, per_channel=per_channel)
     lib = FragmentLibrary.open(str(tmp_path / "lib"))
     lib.ingest([str(tmp_path / "m.onnx")], "fp32")
     lib.ingest([str(tmp_path / "q.onnx")], "uint8")
@@ -497,19 +498,24 @@ def onnx_int8_library(tmp_path):
     return lib, rows
 
 
-@pytest.mark.parametrize("case", ["scale-flipped", "zero-point-flipped", "residual-flipped", "residual-cut", "reference-of-other-size", "reference-missing"])
+@pytest.mark.parametrize("case", ["scale-flipped", "zero-point-flipped", "residual-flipped", "residual-cut", "reference-of-other-size", "reference-missing",
+                                  "channel-run-changed", "channel-scale-flipped"])
 def test_crafted_predicted_onnx_int8_fragments_are_refused_in_one_line(tmp_path, case):
     """A predicted uint8 fragment whose stored scale, zero point or code residual is flipped,
-    whose residual is cut, or whose reference is another fragment or gone: restore ends with one
-    clear line, never other bytes; the fp32 model still restores."""
+    whose residual is cut, or whose reference is another fragment or gone; a per-channel one
+    whose run length no longer fits its scales, or whose first run's scale is flipped: restore
+    ends with one clear line, never other bytes; the fp32 model still restores."""
     from haagenti.codecs import codec_chain
+    from haagenti.codecs.predict import CHANNELS_HEADER, CHANNELS_MARK, residual_bytes
     from haagenti.ingest_steps import fragment_table
 
-    lib, rows = onnx_int8_library(tmp_path)
+    lib, rows = onnx_int8_library(tmp_path, per_channel=case.startswith("channel"))
     k = next(i for i, r in enumerate(rows) if r["encoding"] == "predicted")
     r = rows[k]
-    residual = bytearray(codec_chain(r["codec"]).decode(r["blob"], r["raw_size"] + 5))
-    at = {"scale-flipped": (3, 0x20), "zero-point-flipped": (4, 0x01), "residual-flipped": (1000, 0x01)}.get(case)  # the scale's exponent
+    residual = bytearray(codec_chain(r["codec"]).decode(r["blob"], residual_bytes(r["dtype"], r["raw_size"])))
+    at = {"scale-flipped": (3, 0x20), "zero-point-flipped": (4, 0x01), "residual-flipped": (1000, 0x01),  # the scale's exponent
+          "channel-run-changed": (5, 0x01), "channel-scale-flipped": (CHANNELS_HEADER + 3, 0x20)}.get(case)  # run 256 -> 0
+    assert (residual[:4] == CHANNELS_MARK) == case.startswith("channel")
     if at is not None:
         residual[at[0]] ^= at[1]
     if case == "residual-cut":

@@ -65,9 +65,17 @@ def predictable(dtype_name: str, raw_bytes: int, ref_dtype: str, ref_bytes: int)
 
 
 def residual_bytes(dtype_name: str, raw_bytes: int) -> int:
-    """Bytes of the residual that stands for `raw_bytes` of `dtype_name`: the blocks' own size,
-    or the codes' plus the LINEAR header (scale and zero point)."""
-    return raw_bytes + LINEAR_HEADER if dtype_name in LINEAR else raw_bytes
+    """The most bytes of a residual that stands for `raw_bytes` of `dtype_name`: the blocks' own
+    size, or the codes' plus a LINEAR header (per channel: runs of MIN_RUN values at least)."""
+    return raw_bytes + CHANNELS_HEADER + 5 * (raw_bytes // MIN_RUN + 2) if dtype_name in LINEAR else raw_bytes
+
+
+def residual_fits(dtype_name: str, raw_bytes: int, residual: int) -> bool:
+    """Whether a residual of `residual` bytes can stand for `raw_bytes` of `dtype_name` (the
+    decoder checks a per-channel header against the codes it covers)."""
+    if dtype_name in LINEAR:
+        return residual == raw_bytes + LINEAR_HEADER or raw_bytes + CHANNELS_HEADER < residual <= residual_bytes(dtype_name, raw_bytes)
+    return residual == raw_bytes
 
 
 def _codes(blocks: np.ndarray, t: Legacy) -> np.ndarray:
@@ -318,74 +326,159 @@ def _predict_k(data: bytes | memoryview, name: str, ref: bytes | memoryview, ref
     return blocks.tobytes()
 
 
-# ---- ONNX linear quantization: int8/uint8 codes, one scale and zero point -------------------
+# ---- ONNX linear quantization: int8/uint8 codes, scales and zero points --------------------
 # QuantizeLinear and onnxruntime's quantize_dynamic (quant_utils.quantize_nparray) set each code
-# to saturate(round_half_even(x / scale) + zero_point) in float32. A fragment does not see the
-# graph's scale initializer, so the encoder estimates the scale and zero point from the values
-# and the codes and stores them ahead of the residual: LINEAR_HEADER bytes, float32 scale then
-# the zero point's byte. Per-tensor quantization (quantize_dynamic's default) gives every
-# fragment of a tensor the same pair; per-channel codes are predicted with one pair per fragment
-# and what differs is in the residual.
+# to saturate(round_half_even(x / scale) + zero_point) in float32, with one (scale, zero point)
+# per tensor or, per channel, one per slice along an axis: quantize_dynamic(per_channel=True)
+# quantizes a MatMul weight per output column, which haagenti stores as W, so each channel is a
+# run of consecutive values. A fragment does not see the graph's scale initializers, so the
+# encoder estimates the pairs from the values and the codes and stores them ahead of the
+# residual. Per tensor: LINEAR_HEADER bytes, float32 scale then the zero point's byte. Per
+# channel: CHANNELS_MARK (in the scale's place: a NaN with its sign set, which the per-tensor
+# encoder never writes), uint32 run length w and uint32 start (the fragment's first value is
+# value `start` of its first run), then the runs' float32 scales and their zero point bytes.
 LINEAR = {"I8": (-128, 127), "U8": (0, 255)}  # code range of each dtype
 LINEAR_HEADER = 5
+CHANNELS_MARK = b"\xff\xff\xff\xff"
+CHANNELS_HEADER = 12  # mark, run length, start
+MIN_RUN = 16  # values per run at least: bounds a per-channel header to 5 bytes per 16 codes
 _CODES = {"I8": np.int8, "U8": np.uint8}
 _TRIES = 8  # float32 neighbours of the estimated scale tried on each side
+_PAIR_STEP = 32  # neighbours whose codes differ this much give their run's scale within 1/32
+_CANDIDATES = 32  # run lengths tried: the most frequent distances between consecutive changes
+_JUMP = 0.07  # a change of log scale between neighbouring estimates beyond their noise (2/32)
 
 
-def _linear_codes(x: np.ndarray, scale: np.float32, zero: int, dtype_name: str) -> np.ndarray:
-    """saturate(rint(x / scale) + zero) as the dtype's bytes; a NaN gives 0."""
+def _linear_codes(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, dtype_name: str) -> np.ndarray:
+    """saturate(rint(x / scale) + zero) as the dtype's bytes (scale and zero: one each, or one
+    per value); a NaN gives 0."""
     lo, hi = LINEAR[dtype_name]
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         q = x / scale
         np.rint(q, out=q)
-        q += np.float32(zero)
+        q += np.asarray(zero, np.float32)
     q[np.isnan(q)] = 0
     np.clip(q, lo, hi, out=q)
     return q.astype(_CODES[dtype_name]).view(np.uint8)
 
 
-def _linear_fit(x: np.ndarray, codes: np.ndarray, dtype_name: str) -> tuple[np.float32, int]:
-    """The (scale, zero point) that predicts most of `codes` from `x`: a least-squares line
-    codes ~ x / scale + zero, its zero point rounded, the scale narrowed to the interval every
-    unclipped code allows, then the float32 scales nearest it tried on the whole fragment. Any
-    answer is exact (the residual holds the rest); this only keeps it small."""
+def _per_value(runs: np.ndarray, n: int, scales: np.ndarray, zeros: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each of `n` values' scale and zero point (float32) from its run's (runs: their offsets)."""
+    counts = np.diff(np.append(runs, n))
+    return np.repeat(scales.astype(np.float32), counts), np.repeat(zeros.astype(np.float32), counts)
+
+
+def _runs(n: int, run: int, start: int) -> np.ndarray:
+    """Offsets of the runs of `run` values in a fragment of `n` whose first value is value
+    `start` of its run."""
+    return np.arange(0, start + n, run, dtype=np.int64).clip(start) - start
+
+
+def _linear_fit(x: np.ndarray, codes: np.ndarray, dtype_name: str, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The (scale, zero point) of each run (beginning at `starts`) that predicts most of its
+    codes from `x`, and the codes missed: a least-squares line codes ~ x / scale + zero per run,
+    its zero point rounded, the scale narrowed to the interval every code allows, then
+    the float32 scales nearest it tried on the whole run. Any answer is exact (the residual
+    holds the rest); this only keeps it small."""
     lo, hi = LINEAR[dtype_name]
+    if not len(x):
+        return np.ones(1, np.float32), np.zeros(1), 0
+    counts = np.diff(np.append(starts, len(x)))
+    each = lambda a: np.repeat(a, counts)  # noqa: E731  (a run's number at each of its values)
+    add = lambda a: np.add.reduceat(a, starts)  # noqa: E731
     q = codes.view(_CODES[dtype_name]).astype(np.float64)
     v = x.astype(np.float64)
-    ok = np.isfinite(v) & (q > lo) & (q < hi)
-    v, q = v[ok], q[ok]
-    if len(v) < 2 or not np.ptp(v):
-        return np.float32(1), int(np.clip(np.rint(q.mean()) if len(q) else 0, lo, hi))
-    dv = v - v.mean()
-    with np.errstate(over="ignore", invalid="ignore"):
-        slope = float(np.dot(dv, q - q.mean()) / np.dot(dv, dv))  # closed form: np.polyfit's SVD cost 11 ms a fragment
-        intercept = q.mean() - slope * v.mean()
-    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
-        return np.float32(1), int(np.clip(np.rint(q.mean()), lo, hi))
-    zero = int(np.clip(np.rint(intercept), lo, hi))
-    scale = 1 / slope
-    k = q - zero
-    use = np.abs(k) >= 1
-    if use.any():  # every x / scale lies in [k - 1/2, k + 1/2]: the scales all codes allow
-        ku, vu = k[use], v[use]
-        a, b = vu / (ku + np.sign(ku) * 0.5), vu / (ku - np.sign(ku) * 0.5)
-        low, high = np.minimum(a, b).max(), np.maximum(a, b).min()
-        if 0 < low <= high:
-            scale = (low + high) / 2
-    with np.errstate(over="ignore"):
-        bits = int(np.float32(abs(scale)).view(np.uint32))  # quantizers' scales are positive
-    tries = [np.uint32(bits + i).view(np.float32) for i in range(-_TRIES, _TRIES + 1) if 0 <= bits + i < 1 << 31]
-    misses = [int(np.count_nonzero(_linear_codes(x, s, zero, dtype_name) != codes)) for s in tries]
-    return tries[int(np.argmin(misses))], zero
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        ok = np.isfinite(v) & (q > lo) & (q < hi)
+        n = add(ok.astype(np.float64))
+        v0, q0 = np.where(ok, v, 0), np.where(ok, q, 0)
+        mv, mq = add(v0) / n, add(q0) / n
+        dv = np.where(ok, v - each(mv), 0)
+        slope = add(dv * (q0 - each(mq))) / add(dv * dv)  # closed form: np.polyfit's SVD cost 11 ms a fragment
+        intercept = mq - slope * mv
+        fitted = (n >= 2) & np.isfinite(slope) & np.isfinite(intercept) & (slope != 0)
+        zero = np.clip(np.rint(np.where(fitted, intercept, np.where(n > 0, mq, 0))), lo, hi)
+        scale = np.where(fitted, 1 / slope, 1.0)
+        k = q - each(zero)
+        use = ok & (np.abs(k) >= 1) & each(fitted)  # every x / scale lies in [k - 1/2, k + 1/2]: the scales all codes allow
+        a, b = v / (k + np.sign(k) * 0.5), v / (k - np.sign(k) * 0.5)
+        # a saturated code only bounds the scale from above: x / scale beyond its edge less 1/2
+        edge = np.where(q == hi, k - 0.5, np.where(q == lo, k + 0.5, np.nan))
+        clipped = each(fitted) & np.isfinite(v) & (edge * v > 0) & (np.abs(edge) > 0)
+        low = np.maximum.reduceat(np.where(use, np.minimum(a, b), -np.inf), starts)
+        high = np.minimum.reduceat(np.where(use, np.maximum(a, b), np.where(clipped, v / edge, np.inf)), starts)
+        scale = np.where((low > 0) & (low <= high), (low + high) / 2, scale)
+        bits = np.abs(scale).astype(np.float32).view(np.uint32).astype(np.int64)  # quantizers' scales are positive
+    zero32 = each(zero).astype(np.float32)
+    best, missed = np.ones(len(starts), np.float32), np.full(len(starts), len(x) + 1)
+    for i in range(-_TRIES, _TRIES + 1):
+        s = np.clip(bits + i, 0, (1 << 31) - 1).astype(np.uint32).view(np.float32)
+        misses = add((_linear_codes(x, each(s), zero32, dtype_name) != codes).astype(np.int64))
+        better = misses < missed
+        best, missed = np.where(better, s, best), np.where(better, misses, missed)
+    return best, zero, int(missed.sum())
+
+
+def _channel_run(x: np.ndarray, codes: np.ndarray, dtype_name: str) -> tuple[int, int] | None:
+    """The run length and start of a fragment's channels, or None: the scale estimated from
+    neighbouring values whose codes differ by _PAIR_STEP or more changes where a run ends. The
+    run length is the distance between consecutive changes that puts most of them on run
+    boundaries (a divisor would too: the longest of those within a tenth of the best); the
+    start is where they fall."""
+    q = codes.view(_CODES[dtype_name]).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        dq, dv = np.diff(q), np.diff(x.astype(np.float64))
+        ratio = dv / dq
+        at = np.flatnonzero((np.abs(dq) >= _PAIR_STEP) & np.isfinite(ratio) & (ratio > 0))
+        log = np.log(ratio[at])
+    jumps = np.flatnonzero(np.abs(np.diff(log)) > _JUMP)
+    if len(at) < 4 or len(jumps) < 2:
+        return None
+    ends = (at[jumps] + at[jumps + 1]) // 2 + 1  # a run ends between the two estimates
+    gaps = np.diff(ends)
+    gaps, seen = np.unique(gaps[gaps >= MIN_RUN], return_counts=True)
+    if not len(gaps):
+        return None
+    best: list[tuple[int, int, int]] = []
+    for run in gaps[np.argsort(-seen, kind="stable")[:_CANDIDATES]]:
+        votes = np.bincount(ends % run, minlength=run)
+        votes = votes + np.roll(votes, 1) + np.roll(votes, -1)  # the estimates put an end within a value or so
+        best.append((int(votes.max()), int(run), int(votes.argmax())))
+    top = max(v for v, _, _ in best)
+    run, end = max((r, e) for v, r, e in best if v >= 0.9 * top)
+    return run, (run - end) % run
+
+
+def _linear_header(dtype_name: str, scales: np.ndarray, zeros: np.ndarray, run: int = 0, start: int = 0) -> bytes:
+    z = zeros.astype(_CODES[dtype_name]).tobytes()
+    if not run:
+        return scales.astype(np.float32).tobytes() + z
+    return CHANNELS_MARK + np.array([run, start], "<u4").tobytes() + scales.astype(np.float32).tobytes() + z
 
 
 def _predict_linear(data: bytes | memoryview, dtype_name: str, ref: bytes | memoryview, ref_dtype: str, decode: bool) -> bytes:
     x = _values(ref, ref_dtype, 1).reshape(-1)
     raw = np.frombuffer(data, np.uint8)
+    n = len(x)
     if decode:
-        head, residual = raw[:LINEAR_HEADER], raw[LINEAR_HEADER:]
-        scale, zero = head[:4].copy().view(np.float32)[0], int(head[4:5].view(_CODES[dtype_name])[0])
-        return (residual + _linear_codes(x, scale, zero, dtype_name)).tobytes()
-    scale, zero = _linear_fit(x, raw, dtype_name)
-    head = np.float32(scale).tobytes() + np.array([zero], _CODES[dtype_name]).tobytes()
-    return head + (raw - _linear_codes(x, scale, zero, dtype_name)).tobytes()
+        if len(raw) == n + LINEAR_HEADER:
+            scale, zero = raw[:4].copy().view(np.float32), raw[4:5].view(_CODES[dtype_name])
+            return (raw[LINEAR_HEADER:] + _linear_codes(x, scale, zero, dtype_name)).tobytes()
+        run, start = (int(v) for v in raw[4:CHANNELS_HEADER].copy().view("<u4")) if len(raw) >= CHANNELS_HEADER else (0, 0)
+        runs = _runs(n, run, start) if run >= MIN_RUN and start < run else np.zeros(0, np.int64)
+        k = len(runs)
+        if bytes(raw[:4]) != CHANNELS_MARK or not k or len(raw) != CHANNELS_HEADER + 5 * k + n:
+            raise ValueError(f"a per-channel header of {len(raw) - n} bytes (runs of {run} from {start}) does not fit {n} codes")
+        scales = raw[CHANNELS_HEADER : CHANNELS_HEADER + 4 * k].copy().view(np.float32)
+        zeros = raw[CHANNELS_HEADER + 4 * k : CHANNELS_HEADER + 5 * k].view(_CODES[dtype_name])
+        return (raw[CHANNELS_HEADER + 5 * k :] + _linear_codes(x, *_per_value(runs, n, scales, zeros), dtype_name)).tobytes()
+    runs = np.zeros(1, np.int64)
+    scales, zeros, missed = _linear_fit(x, raw, dtype_name, runs)
+    head = _linear_header(dtype_name, scales, zeros)
+    channels = _channel_run(x, raw, dtype_name) if missed * 100 > n else None  # per tensor, nearly every code predicted
+    if channels is not None:
+        fit = _linear_fit(x, raw, dtype_name, _runs(n, *channels))
+        if fit[2] + CHANNELS_HEADER + 5 * len(fit[0]) < missed:  # a code missed costs about a byte
+            runs, (scales, zeros, _) = _runs(n, *channels), fit
+            head = _linear_header(dtype_name, scales, zeros, *channels)
+    return head + (raw - _linear_codes(x, *_per_value(runs, n, scales, zeros), dtype_name)).tobytes()

@@ -75,9 +75,9 @@ def one(n: int, workers: int, mode: str, large: bool) -> dict:
             import ray
 
             from pipelines.dedup import run_dedup
-            from pipelines.executors import RayExecutor
+            from pipelines.executors import RayExecutor, init_local_ray
 
-            ray.init(num_cpus=2, object_store_memory=75 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+            init_local_ray(num_cpus=2, object_store_memory=75 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
             from ray.data import DataContext
 
             DataContext.get_current().enable_progress_bars = False

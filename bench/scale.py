@@ -280,13 +280,13 @@ def run_pipeline(url: str, model: str) -> dict:
     import yaml
 
     from pipelines.dedup import run_dedup
-    from pipelines.executors import RayExecutor
+    from pipelines.executors import RayExecutor, init_local_ray
 
     with tempfile.TemporaryDirectory() as d:
         cat = os.path.join(d, "catalog.yaml")
         with open(cat, "w") as f:
             yaml.safe_dump({"models": [{"id": "added", "files": [model]}]}, f)
-        ray.init(address="local", num_cpus=2, object_store_memory=75 * 1024 * 1024, include_dashboard=False, log_to_driver=False)  # its own cluster, never another session's
+        init_local_ray(num_cpus=2, object_store_memory=75 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
         t = time.perf_counter()
         ex = RayExecutor()
         ray.get([a.run.remote(install_spies) for a in ex.pool])

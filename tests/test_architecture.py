@@ -152,3 +152,19 @@ def test_the_graph_sees_every_kind_of_import(tmp_path, monkeypatch):
     graph = import_graph()
     assert graph["haagenti.a"] == {"haagenti.b"} and graph["haagenti.b"] == {"haagenti.c"} and graph["haagenti.c"] == {"haagenti.a"}
     assert cycles(graph) == {frozenset({"haagenti.a", "haagenti.b", "haagenti.c"})}
+
+
+def test_only_init_local_ray_starts_a_local_cluster():
+    """A bare `ray.init` writes ~/.ray/auth_token, which turns token auth on for every later
+    head on the machine (a plain `ray job submit` then fails, and `make demo` warns):
+    the package, the jobs and the benches start Ray through `init_local_ray` alone."""
+    calls = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for folder in (*PACKAGES, "bench")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if path != ROOT / "pipelines" / "executors.py"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "init"
+        and isinstance(node.func.value, ast.Name) and node.func.value.id == "ray"
+    ]
+    assert calls == []

@@ -444,8 +444,6 @@ def test_crafted_predicted_fragments_are_refused_in_one_line(tmp_path, case):
     """A predicted Q4_1 fragment whose stored scale or code residual is flipped, or whose
     reference is another fragment of the wrong size, claims an integer dtype or is gone: restore
     ends with one clear line, never other bytes; the F16 model still restores."""
-    from haagenti.ingest_steps import fragment_table
-
     lib, rows = ladder_library(tmp_path)
     k = next(i for i, r in enumerate(rows) if r["encoding"] == "predicted")
     r = rows[k]
@@ -463,13 +461,21 @@ def test_crafted_predicted_fragments_are_refused_in_one_line(tmp_path, case):
         rows[k]["ref_dtype"] = "I16"
     elif case == "reference-missing":
         rows = [x for x in rows if x["fragment_id"] != r["ref_id"]]
+    restore_refused_in_one_line(lib, rows, tmp_path, "q4_1", source="f16" if case != "reference-missing" else None)
+
+
+def restore_refused_in_one_line(lib, rows, tmp_path, model: str, source: str | None) -> None:
+    """The library's tensor fragments replaced by the crafted `rows`: restoring `model` ends with
+    one clear line, never other bytes; its float `source`, when still stored, restores."""
+    from haagenti.ingest_steps import fragment_table
+
     lib.store.delete("fragments", "fragment_type != 'verbatim'")  # the file's header piece stays
     lib.store.append("fragments", fragment_table(rows))
-    code, _, err = cli("restore", lib.store.url, "q4_1", tmp_path / "out")
+    code, _, err = cli("restore", lib.store.url, model, tmp_path / "out")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert any(w in err for w in ("damaged", "failed verification", "missing")), err
-    if case != "reference-missing":
-        assert cli("restore", lib.store.url, "f16", tmp_path / "f16")[0] == 0
+    if source is not None:
+        assert cli("restore", lib.store.url, source, tmp_path / source)[0] == 0
 
 
 # ---- crafted predicted ONNX int8/uint8 fragments ----------------------------------------------
@@ -507,7 +513,6 @@ def test_crafted_predicted_onnx_int8_fragments_are_refused_in_one_line(tmp_path,
     ends with one clear line, never other bytes; the fp32 model still restores."""
     from haagenti.codecs import codec_chain
     from haagenti.codecs.predict import CHANNELS_HEADER, CHANNELS_MARK, residual_bytes
-    from haagenti.ingest_steps import fragment_table
 
     lib, rows = onnx_int8_library(tmp_path, per_channel=case.startswith("channel"))
     k = next(i for i, r in enumerate(rows) if r["encoding"] == "predicted")
@@ -526,10 +531,4 @@ def test_crafted_predicted_onnx_int8_fragments_are_refused_in_one_line(tmp_path,
         rows[k]["ref_id"], rows[k]["ref_dtype"] = other["fragment_id"], other["dtype"]
     elif case == "reference-missing":
         rows = [x for x in rows if x["fragment_id"] != r["ref_id"]]
-    lib.store.delete("fragments", "fragment_type != 'verbatim'")  # the file's header piece stays
-    lib.store.append("fragments", fragment_table(rows))
-    code, _, err = cli("restore", lib.store.url, "uint8", tmp_path / "out")
-    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert any(w in err for w in ("damaged", "failed verification", "missing")), err
-    if case != "reference-missing":
-        assert cli("restore", lib.store.url, "fp32", tmp_path / "fp32")[0] == 0
+    restore_refused_in_one_line(lib, rows, tmp_path, "uint8", source="fp32" if case != "reference-missing" else None)

@@ -81,3 +81,33 @@ def test_stats_disk_bytes_are_the_objects_sizes(tmp_path, family, bucket, s3_ser
     objects = sum(o["Size"] for page in pages for o in page.get("Contents", []))
     s = lib.stats()
     assert s.disk_bytes == objects > s.stored_bytes > 0
+
+
+def test_a_command_reads_each_table_log_once_and_data_files_without_heads(tmp_path, family, bucket, monkeypatch):
+    """Requests that cost nothing to skip: an ingest opens no table afresh at the version it has
+    open (publish reads and commits the models table at the version it just looked at), and data
+    files are opened with their sizes from the Delta log, so s3fs makes no HEAD per open."""
+    import s3fs
+
+    url = f"s3://{bucket}/lib"
+    lib = FragmentLibrary.open(url, LibraryConfig(fragment_size=64 * 1024, similarity=False))
+    lib.ingest([family[0].file], "a")
+    lib = FragmentLibrary.open(url)
+    opened, heads = [], []
+    real_init, real_info = DeltaTable.__init__, s3fs.S3FileSystem._info
+
+    def counting_init(self, table_uri, *a, **k):
+        opened.append(table_uri.rsplit("/", 1)[-1])
+        real_init(self, table_uri, *a, **k)
+
+    async def counting_info(self, path, *a, **k):
+        heads.append(path)
+        return await real_info(self, path, *a, **k)
+
+    monkeypatch.setattr(DeltaTable, "__init__", counting_init)
+    monkeypatch.setattr(s3fs.S3FileSystem, "_info", counting_info)
+    lib.ingest([family[1].file], "b")
+    [p] = lib.restore("b", str(tmp_path / "b"))
+    assert sha256(p) == sha256(family[1].file)
+    assert sorted(opened) == sorted(set(opened)), opened  # each table's log read once
+    assert not [h for h in heads if h.endswith(".parquet") and "/_delta_log/" not in h], heads

@@ -127,11 +127,14 @@ class LibraryStore:
             if self._is_table(name):
                 continue
             try:
-                DeltaTable.create(self.table_uri(name), schema, mode="ignore", storage_options=self.options,
-                                  description=f"haagenti {name} (format {LIBRARY_FORMAT_VERSION})")
+                created = DeltaTable.create(self.table_uri(name), schema, mode="ignore", storage_options=self.options,
+                                            description=f"haagenti {name} (format {LIBRARY_FORMAT_VERSION})")
             except Exception:  # version 0 committed by a concurrent creator between the check and ours
                 if not self._is_table(name):
                     raise
+                continue
+            with self._lock:  # open already: reading its log again cost a listing and two reads per entry
+                self._tables.setdefault(name, created)
         reached("create-marker")
         body = json.dumps({"format": "haagenti", "format_version": LIBRARY_FORMAT_VERSION, **invariants}).encode()
         marker = posixpath.join(self.root, "haagenti.json")
@@ -152,15 +155,8 @@ class LibraryStore:
 
     def marker(self) -> dict:
         """haagenti.json, checked to be this format's."""
-        path = posixpath.join(self.root, "haagenti.json")
-        if not self.fs.exists(path):
-            raise LibraryError(f"{self.url}: not a haagenti library (no haagenti.json)")
-        try:
-            with self.fs.open(path, "r") as f:
-                doc = json.load(f)
-            found = doc.get("format_version")
-        except (ValueError, AttributeError):  # not JSON, not UTF-8, or not an object
-            raise DamagedError(f"{self.url}: haagenti.json is damaged (not the JSON object haagenti writes)") from None
+        doc = self.marker_doc()
+        found = doc.get("format_version")
         if found in UPGRADABLE_FROM:
             raise LibraryError(f"{self.url}: library format {found}, this haagenti reads format {LIBRARY_FORMAT_VERSION}: run `haagenti upgrade {self.url}` first")
         if found != LIBRARY_FORMAT_VERSION:
@@ -172,11 +168,11 @@ class LibraryStore:
         return self.marker_doc().get("format_version")
 
     def marker_doc(self) -> dict:
-        """haagenti.json, of whatever format (an upgrade reads the invariants of an older one)."""
+        """haagenti.json, of whatever format (an upgrade reads the invariants of an older one).
+        Read in one request: opening it as a file first asked for its size."""
         path = posixpath.join(self.root, "haagenti.json")
         try:
-            with self.fs.open(path, "r") as f:
-                doc = json.load(f)
+            doc = json.loads(self.fs.cat_file(path))
             if not isinstance(doc, dict):
                 raise ValueError(doc)
             return doc
@@ -240,12 +236,19 @@ class LibraryStore:
 
     # ---- reads --------------------------------------------------------------------------
     def table(self, name: str, version: int | None = None) -> DeltaTable:
-        """The table at `version`, or its latest version (an open table, updated)."""
+        """The table at `version`, or its latest version (an open table, updated). The open table
+        serves a `version` it is at: a pinned read or commit follows a look at the latest version
+        (publish, delete_where), and opening that version afresh replayed the whole log (on an
+        object store a listing and two reads per log entry). A table object holds the version it
+        reports: a commit through it either leaves it there (`create_write_transaction`) or
+        moves it to the version committed (delete, update, optimize, alter)."""
         with self._lock, damaged(f"{self.url}: table {name!r}"):
             try:
-                if version is not None:
-                    return DeltaTable(self.table_uri(name), version=version, storage_options=self.options)
                 dt = self._tables.get(name)
+                if version is not None:
+                    if dt is not None and dt.version() == version:
+                        return dt
+                    return DeltaTable(self.table_uri(name), version=version, storage_options=self.options)
                 if dt is None:
                     dt = self._tables[name] = DeltaTable(self.table_uri(name), storage_options=self.options)
                 elif not self._local or self._newer_commit(name, dt.version()):
@@ -295,6 +298,7 @@ class LibraryStore:
                 return cached
             actions = pa.RecordBatchReader.from_stream(dt.get_add_actions(flatten=True)).read_all().to_pydict()  # not pa.table(): see strings()
             paths = [self.fs._strip_protocol(f"{self.table_uri(name)}/{p}") for p in actions["path"]]
+            self.files.learn_sizes(paths, actions["size_bytes"])
             if version is None:
                 self._snapshots[name] = (at, paths, actions)
             return at, paths, actions
@@ -413,12 +417,14 @@ class LibraryStore:
         path = posixpath.join(self.root, name, fname)
         stats = _FileStats(_scalar_columns(schema))
         try:
-            with self.fs.open(path, "wb") as f, pq.ParquetWriter(f, schema, **options) as w:
-                for t in parts:
-                    w.write_table(t, row_group_size=group_rows)
-                    stats.add(t)
-                    reached(f"write-{name}")
-            return AddAction(fname, self.fs.size(path), {}, int(time.time() * 1000), True, json.dumps(stats.json()))
+            with self.fs.open(path, "wb") as f:
+                with pq.ParquetWriter(f, schema, **options) as w:
+                    for t in parts:
+                        w.write_table(t, row_group_size=group_rows)
+                        stats.add(t)
+                        reached(f"write-{name}")
+                size = f.tell()  # what was written: asking the store for it cost a HEAD request
+            return AddAction(fname, size, {}, int(time.time() * 1000), True, json.dumps(stats.json()))
         except BaseException:
             self._remove_quietly(path)  # a full disk must not stay full of a file nobody will commit
             raise

@@ -78,13 +78,28 @@ class DataFiles:
         self._footers: SizedLru[pq.FileMetaData] = SizedLru(FOOTER_CACHE_BYTES, size=lambda md: md.serialized_size)
         self._row_group_ends: dict[str, np.ndarray] = {}
         self._columns: SizedLru[pa.Table] = SizedLru(256 * 1024 * 1024, size=lambda t: t.nbytes)
+        # Sizes of data files as their Delta add actions record them. A data file is never
+        # rewritten in place, so a file opened with its size and details needs no HEAD request
+        # (s3fs makes one per open otherwise, for the size and an ETag to compare each read with).
+        self._sizes: dict[str, int] = {}
+
+    def learn_sizes(self, paths: list[str], sizes: list[int]) -> None:
+        if not self.local:
+            self._sizes.update(zip(paths, sizes))
 
     def open(self, path: str):
         """A data file: memory-mapped through pyarrow when local (no Python-level reads),
         through fsspec otherwise."""
         if self.local:
             return pa.memory_map(path, "r")
-        return self.fs.open(path, "rb")
+        return self._remote(path)
+
+    def _remote(self, path: str):
+        size = self._sizes.get(path)
+        f = self.fs.open(path, "rb", size=size)
+        if size is not None:
+            f.details = {"name": path, "size": size, "type": "file"}
+        return f
 
     def footer(self, path: str) -> pq.FileMetaData:
         md = self._footers.get(path)
@@ -111,7 +126,7 @@ class DataFiles:
         """Columns of one data file, a row group at a time, cast to the declared schema and not
         cached. Plain reads, not the memory map: a mapped file's pages count in the process's
         RSS until it is closed, and `iter_batches` held a whole ~64 MiB fragments file."""
-        with damaged(f"data file {path}"), pa.OSFile(path) if self.local else self.fs.open(path, "rb") as src:
+        with damaged(f"data file {path}"), pa.OSFile(path) if self.local else self._remote(path) as src:
             pf = pq.ParquetFile(src, metadata=self.footer(path))
             for g in range(pf.num_row_groups):
                 yield conform(pf.read_row_group(g, columns=columns, use_threads=ARROW_THREADS), project(schema, columns))

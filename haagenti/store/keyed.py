@@ -74,9 +74,10 @@ def append_keyed(store: LibraryStore, spec: KeyedTable, rows: pa.Table, note: st
     with store.fs.open(path, "wb") as f:
         pq.write_table(rows, f, row_group_size=spec.group_rows, compression="none", use_dictionary=dictionary_columns(spec, schema, encodings),
                        column_encoding=encodings or None, write_statistics=[spec.key])
+        size = f.tell()  # what was written, without a HEAD request
     key = rows[spec.key]
     stats = {"numRecords": rows.num_rows, "minValues": {spec.key: key[0].as_py()}, "maxValues": {spec.key: key[-1].as_py()}, "nullCount": {spec.key: 0}}
-    action = AddAction(fname, store.fs.size(path), {}, int(time.time() * 1000), True, json.dumps(stats))
+    action = AddAction(fname, size, {}, int(time.time() * 1000), True, json.dumps(stats))
     store.commit_add(spec.name, [action], note)
 
 

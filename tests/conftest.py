@@ -1,14 +1,21 @@
 """Shared fixtures: a trained example family, a real S3 API server on loopback, one Ray cluster."""
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import inspect
+import json
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
 SMALL = {"d": 128, "layers": 2, "epochs": 2}
 TEST_CACHE = os.path.join(tempfile.gettempdir(), "haagenti-test-cache")  # HAAGENTI_CACHE of the suite's trained families
 TEST_FAMILIES = os.path.join(TEST_CACHE, "families")
+TEST_EXPORTS = os.path.join(TEST_CACHE, "exports")  # the exports fixture's files, as families are kept
 
 
 @pytest.fixture(scope="session")
@@ -76,18 +83,39 @@ def exports(family, tmp_path_factory):
     """The family's base (and its partial fine-tune) in every container haagenti reads, written
     by the field's writers (haagenti.exports): GGUF F16/F32/Q8_0 (and split in 4, and a
     quantization ladder: F16 then Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 of its values), ONNX inline and
-    with external data, HF folders of 1 and 4+ shards, a diffusers folder."""
+    with external data, HF folders of 1 and 4+ shards, a diffusers folder. Written once per
+    machine into a cache keyed by the family's files, the exporting code and the writers'
+    versions, as the family is (each pytest-xdist worker wrote them, 10-24 s of torch.onnx and
+    GGUF writing); each run gets its own copy."""
+    files = {m.model_id: m.file for m in family}
+    home = os.path.join(TEST_EXPORTS, _exports_key(files))
+    os.makedirs(TEST_EXPORTS, exist_ok=True)
+    with open(home + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(home, "paths.json")):
+            staging = tempfile.mkdtemp(dir=TEST_EXPORTS, prefix=".staging-")
+            paths = _write_exports(files, Path(staging))
+            with open(os.path.join(staging, "paths.json"), "w") as f:
+                json.dump({k: _relative(v, staging) for k, v in paths.items()}, f)
+            shutil.rmtree(home, ignore_errors=True)  # a copy left half-written by a killed run
+            os.rename(staging, home)
+    out = tmp_path_factory.mktemp("exports")
+    shutil.copytree(home, out, dirs_exist_ok=True)
+    with open(out / "paths.json") as f:
+        relative = json.load(f)
+    return {"safetensors": files["digits-base"], **{k: _under(v, out) for k, v in relative.items()}}
+
+
+def _write_exports(files: dict[str, str], out: Path) -> dict[str, str | list[str]]:
     import torch
     from safetensors.torch import save_file
 
     from haagenti import exports as ex
 
-    out = tmp_path_factory.mktemp("exports")
-    files = {m.model_id: m.file for m in family}
     base = ex.load_example(files["digits-base"])
     partial = ex.load_example(files["digits-ft-partial"])
     f32, bf16 = ex.state_of(base, torch.float32), ex.state_of(base, torch.bfloat16)
-    paths = {"safetensors": files["digits-base"], "f32-safetensors": str(out / "f32.safetensors")}
+    paths = {"f32-safetensors": str(out / "f32.safetensors")}
     save_file(f32, paths["f32-safetensors"])
     for q in ("F16", "F32", "Q8_0"):
         paths[f"gguf-{q}"] = str(out / f"base-{q}.gguf")
@@ -110,6 +138,32 @@ def exports(family, tmp_path_factory):
     ex.save_hf_folder(bf16, paths["hf-4"], shards=4)
     ex.save_diffusers_folder(bf16, paths["diffusers"])
     return paths
+
+
+def _exports_key(files: dict[str, str]) -> str:
+    """What the exports are made of: the family's files, the code that writes them, the writers."""
+    from importlib.metadata import version
+
+    import haagenti.examples
+    import haagenti.exports
+
+    h = hashlib.sha256()
+    for path in sorted(files.values()):
+        with open(path, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    for code in (inspect.getsource(_write_exports), inspect.getsource(haagenti.exports), inspect.getsource(haagenti.examples)):
+        h.update(code.encode())
+    for package in ("torch", "onnx", "onnxruntime", "gguf", "safetensors", "diffusers", "huggingface_hub"):
+        h.update(f"{package}={version(package)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _relative(value: str | list[str], root: str) -> str | list[str]:
+    return [os.path.relpath(v, root) for v in value] if isinstance(value, list) else os.path.relpath(value, root)
+
+
+def _under(value: str | list[str], root: Path) -> str | list[str]:
+    return [str(root / v) for v in value] if isinstance(value, list) else str(root / value)
 
 
 # Test modules whose every test starts Ray or a Ray job (in-process or as a subprocess).

@@ -34,10 +34,16 @@ def log_problems(fs, table_root: str, where: str) -> list[str]:
     reads an empty entry as a commit with no actions, so a damaged entry can silently drop the
     rows it added: only `verify` reads the log itself to say so."""
     out = []
-    for path in sorted(fs.glob(f"{table_root}/_delta_log/*.json")):
+    paths = fs.glob(f"{table_root}/_delta_log/*.json")
+    # One call for all entries: an object store's filesystem fetches them concurrently (one at
+    # a time, a log of a thousand commits cost a thousand round trips per verify or gc).
+    bodies = fs.cat(sorted(paths), on_error="return") if paths else {}
+    for path, body in sorted(bodies.items()):
+        if isinstance(body, Exception):
+            raise body
         name = path.rsplit("/", 1)[-1]
         try:
-            lines = [line for line in fs.cat_file(path).decode("utf-8").splitlines() if line.strip()]
+            lines = [line for line in body.decode("utf-8").splitlines() if line.strip()]
             ok = bool(lines) and all(isinstance(json.loads(line), dict) for line in lines)
         except (UnicodeDecodeError, ValueError):
             ok = False

@@ -84,7 +84,7 @@ class DataFiles:
         self._sizes: dict[str, int] = {}
 
     def learn_sizes(self, paths: list[str], sizes: list[int]) -> None:
-        if not self.local:
+        if "s3" in self.fs.protocol:  # s3fs's files take them; other stores' files open as before
             self._sizes.update(zip(paths, sizes))
 
     def open(self, path: str):
@@ -96,9 +96,10 @@ class DataFiles:
 
     def _remote(self, path: str):
         size = self._sizes.get(path)
+        if size is None:
+            return self.fs.open(path, "rb")
         f = self.fs.open(path, "rb", size=size)
-        if size is not None:
-            f.details = {"name": path, "size": size, "type": "file"}
+        f.details = {"name": path, "size": size, "type": "file"}
         return f
 
     def footer(self, path: str) -> pq.FileMetaData:

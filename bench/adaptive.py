@@ -3,17 +3,21 @@ MLP (8x8), under DDIM (eta 0), DPM-Solver++ 2M and Euler ancestral: the per-step
 sweep, uniform precisions, searched schedules over budgets, the presets, the additive-error check,
 and which ecosystem quantiser runs here (torchao / optimum-quanto: conv support, bit-stability).
 
-    python bench/adaptive.py [--steps 20] [--samples 256] [--window 4] [--ship]
-    python bench/adaptive.py --residency [--runs 3] [--samplers ddim,dpmpp2m,euler_a]
-    python bench/adaptive.py --tier-frontier [--samplers dpmpp2m] [--window 4]
+    python bench/adaptive.py [--models unet,mlp] [--steps 20] [--samples 256] [--window 4] [--ship]
+    python bench/adaptive.py --residency [--models unet] [--runs 3] [--samplers ddim,dpmpp2m,euler_a]
+    python bench/adaptive.py --tier-frontier [--models unet] [--samplers dpmpp2m] [--window 4]
 
---residency measures what the balanced schedule keeps in memory on the UNet, per sampler, in
+--models unet5m is the larger denoiser (6.3 M parameters at 32x32; ~20 minutes of training on
+one thread): the sweep measures its sensitivity (and writes out/sensitivity-unet5m.json, whose
+balanced schedule --residency --models unet5m then streams).
+
+--residency measures what the balanced schedule keeps in memory on each model, per sampler, in
 four configurations, each in a fresh process (so its peak RSS is its own): the FP16 pipeline
 (the model in FP16), every tier resident (the switcher's quanto layers built from the model,
 beside its FP32 weights), every tier read from the library and kept (StreamingSwitcher
 keep_all), and tiers streamed from the library as the schedule goes (StreamingSwitcher): peak
 resident weight bytes (counted exactly), peak RSS, seconds per image over --runs calls, and
-quality against FP32 samples from the same noise. The library (the UNet and its INT8/INT4
+quality against FP32 samples from the same noise. The library (the models and their INT8/INT4
 tiers) is built in bench/.cache/adaptive/library on first use.
 
 --tier-frontier samples every INT8/INT4 choice per window (--window steps) with the tiers
@@ -125,21 +129,30 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def residency_library(base: str):
-    """The UNet and its INT8/INT4 tiers in a library (built once)."""
+def residency_library(base: str, kind: str):
+    """The model (stored under its kind's name) and its INT8/INT4 tiers in a library (built once)."""
     from haagenti.adaptive.tiers import add_tier, tiers_of
     from haagenti.library import FragmentLibrary
 
     lib = FragmentLibrary.open(os.path.join(base, "library"))
-    if "unet" not in {m["model_id"] for m in lib.models()}:
-        lib.ingest([os.path.join(base, "unet", "diffusion_pytorch_model.safetensors")], "unet", "digits")
+    if kind not in {m["model_id"] for m in lib.models()}:
+        lib.ingest([os.path.join(base, kind, "diffusion_pytorch_model.safetensors")], kind, "digits")
     for p in ("int8", "int4"):
-        if p not in {t.value for t in tiers_of(lib, "unet")}:
-            add_tier(lib, "unet", p)
+        if p not in {t.value for t in tiers_of(lib, kind)}:
+            add_tier(lib, kind, p)
     return lib
 
 
-def residency_run(base: str, sampler: str, mode: str, steps: int, samples: int, runs: int, images_out: str) -> dict:
+SHIPPED = ("unet", "mlp")  # models whose sensitivity haagenti ships (haagenti/adaptive/sensitivity.json)
+
+
+def sensitivity_file(base: str, kind: str) -> str | None:
+    """Where the balanced preset finds `kind`'s measured sensitivity: the shipped copy, or the
+    one this bench's sweep wrote for a larger model."""
+    return None if kind in SHIPPED else os.path.join(base, "out", f"sensitivity-{kind}.json")
+
+
+def residency_run(base: str, kind: str, sampler: str, mode: str, steps: int, samples: int, runs: int, images_out: str) -> dict:
     """One configuration, in this process: its peak weight bytes, peak RSS, seconds per image."""
     from haagenti.adaptive import ProfilePreset, preset_profile
     from haagenti.adaptive.precision import Precision
@@ -150,19 +163,19 @@ def residency_run(base: str, sampler: str, mode: str, steps: int, samples: int, 
     from haagenti.adaptive.tiers import LayerTiers
 
     torch.set_num_threads(1)
-    lib = residency_library(base) if mode in ("library", "streamed") else None
+    lib = residency_library(base, kind) if mode in ("library", "streamed") else None
     reset_peak_rss()
     rss_before = rss("VmRSS")
-    model = load_or_train("unet", os.path.join(base, "unet"), 0)
+    model = load_or_train(kind, os.path.join(base, kind), 0)
     scheduler = make_scheduler(sampler)
-    schedule = plan_for(scheduler, steps, preset_profile(ProfilePreset.BALANCED, sampler))
+    schedule = plan_for(scheduler, steps, preset_profile(ProfilePreset.BALANCED, sampler, kind, sensitivity_file(base, kind)))
     if mode == "fp16":
         denoiser = half(model)
         switcher = None
     else:
         denoiser = model
         switcher = (PrecisionSwitcher(model, scheduler, schedule) if mode == "resident" else
-                    StreamingSwitcher(model, scheduler, schedule, LayerTiers(lib, "unet"), keep_all=mode == "library"))
+                    StreamingSwitcher(model, scheduler, schedule, LayerTiers(lib, kind), keep_all=mode == "library"))
     pipe = DigitsPipeline(denoiser, scheduler)
     pipe.set_progress_bar_config(disable=True)
     seconds = []
@@ -180,19 +193,19 @@ def residency_run(base: str, sampler: str, mode: str, steps: int, samples: int, 
         peak = switcher.peak_bytes
     torch.save(images, images_out)
     touched = switcher.weight_bytes() / (len(switcher.calls) * switcher.weight_bytes_at(Precision.FP16)) if switcher is not None else 1.0
-    return {"touched_vs_fp16": touched, "sampler": sampler, "mode": mode, "schedule": schedule.timeline().splitlines()[0], "peak_weight_bytes": peak, "peak_rss": rss("VmHWM"),
+    return {"model": kind, "touched_vs_fp16": touched, "sampler": sampler, "mode": mode, "schedule": schedule.timeline().splitlines()[0], "peak_weight_bytes": peak, "peak_rss": rss("VmHWM"),
             "rss_before_model": rss_before, "seconds_per_image": seconds, "waits": getattr(switcher, "waits", 0),
             "loads": len(getattr(switcher, "loads", []))}
 
 
-def residency(base: str, samplers: list[str], steps: int, samples: int, runs: int) -> list[dict]:
+def residency(base: str, kind: str, samplers: list[str], steps: int, samples: int, runs: int) -> list[dict]:
     """Every sampler x configuration in its own process, then quality against FP32 samples."""
     from haagenti.adaptive.metrics import frechet, load_or_train_classifier, psnr
     from haagenti.adaptive.models import digits
     from haagenti.adaptive.sampling import DigitsPipeline, make_scheduler
 
-    residency_library(base)
-    model = load_or_train("unet", os.path.join(base, "unet"), 0)
+    residency_library(base, kind)
+    model = load_or_train(kind, os.path.join(base, kind), 0)
     clf, _ = load_or_train_classifier(os.path.join(base, f"classifier{model.config.sample_size}.safetensors"), model.config.sample_size)
     with torch.no_grad():
         data = clf.features(digits(model.config.sample_size)).numpy()
@@ -207,7 +220,7 @@ def residency(base: str, samplers: list[str], steps: int, samples: int, runs: in
             images = {}
             for mode in RESIDENCY_MODES:
                 out = os.path.join(tmp, f"{sampler}-{mode}.pt")
-                cmd = [sys.executable, os.path.abspath(__file__), "--residency-run", f"{sampler}:{mode}:{out}", "--steps", str(steps),
+                cmd = [sys.executable, os.path.abspath(__file__), "--residency-run", f"{kind}:{sampler}:{mode}:{out}", "--steps", str(steps),
                        "--samples", str(samples), "--runs", str(runs)]
                 row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
                 images[mode] = x = torch.load(out)
@@ -221,13 +234,12 @@ def residency(base: str, samplers: list[str], steps: int, samples: int, runs: in
 
 def residency_table(rows: list[dict], load: str) -> str:
     lines = [f"load average at start: {load}", "",
-             "| sampler | configuration | bytes touched vs FP16 | peak weight bytes | vs FP16 pipeline | peak RSS (MiB) | peak RSS above the process before the model (MiB) | s/image min/median/max | vs all resident (median) | PSNR vs FP32 | FD (FP32) | class agreement |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | sampler | configuration | bytes touched vs FP16 | peak weight bytes | vs FP16 pipeline | peak RSS (MiB) | peak RSS above the process before the model (MiB) | s/image min/median/max | vs all resident (median) | PSNR vs FP32 | FD (FP32) | class agreement |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        fp16 = next(x for x in rows if x["sampler"] == r["sampler"] and x["mode"] == "fp16")
-        resident = next(x for x in rows if x["sampler"] == r["sampler"] and x["mode"] == "resident")
+        fp16, resident = (next(x for x in rows if (x["model"], x["sampler"], x["mode"]) == (r["model"], r["sampler"], m)) for m in ("fp16", "resident"))
         s = r["seconds_per_image"]
-        lines.append(f"| {r['sampler']} | {r['mode']} | {r['touched_vs_fp16']:.1%} | {r['peak_weight_bytes']:,} | {r['peak_weight_bytes'] / fp16['peak_weight_bytes']:.1%} |"
+        lines.append(f"| {r['model']} | {r['sampler']} | {r['mode']} | {r['touched_vs_fp16']:.1%} | {r['peak_weight_bytes']:,} | {r['peak_weight_bytes'] / fp16['peak_weight_bytes']:.1%} |"
                      f" {r['peak_rss'] / 2**20:.1f} | {(r['peak_rss'] - r['rss_before_model']) / 2**20:.1f} |"
                      f" {min(s) * 1e3:.2f}/{statistics.median(s) * 1e3:.2f}/{max(s) * 1e3:.2f} ms |"
                      f" {statistics.median(s) / statistics.median(resident['seconds_per_image']):.3f}x | {r['psnr_vs_fp32_db']:.1f} dB |"
@@ -235,7 +247,7 @@ def residency_table(rows: list[dict], load: str) -> str:
     return "\n".join(lines)
 
 
-def tier_frontier(base: str, sampler: str, steps: int, samples: int, window: int) -> dict:
+def tier_frontier(base: str, kind: str, sampler: str, steps: int, samples: int, window: int) -> dict:
     """Every INT8/INT4 choice per window of `window` steps, streamed from the library's tiers,
     each from the same noise as FP32: which budget meets FD <= 1.1 x FP32, and the additive-error
     check on these tiers (measured MSE vs the sum of each window's MSE alone, the rest FP32)."""
@@ -247,8 +259,8 @@ def tier_frontier(base: str, sampler: str, steps: int, samples: int, window: int
     from haagenti.adaptive.schedule import PrecisionSchedule, StepPrecision
     from haagenti.adaptive.tiers import LayerTiers
 
-    tiers = LayerTiers(residency_library(base), "unet")
-    model = load_or_train("unet", os.path.join(base, "unet"), 0)
+    tiers = LayerTiers(residency_library(base, kind), kind)
+    model = load_or_train(kind, os.path.join(base, kind), 0)
     ev = Evaluator(model, sampler, steps, samples, classifier_path=os.path.join(base, f"classifier{model.config.sample_size}.safetensors"),
                    switcher=lambda m, sch, plan: StreamingSwitcher(m, sch, plan, tiers))
     fp32 = ev.evaluate(uniform(Precision.FP32, steps))
@@ -261,7 +273,7 @@ def tier_frontier(base: str, sampler: str, steps: int, samples: int, window: int
         rows.append({**r.row(), "frechet_ratio": r.frechet / fp32.frechet, "predicted_mse": sum(alone[k, p] for k, p in enumerate(choice))})
     ratio = np.array([r["mse"] / r["predicted_mse"] for r in rows])
     met = [r for r in rows if r["frechet_ratio"] <= 1.1]
-    return {"sampler": sampler, "samples": samples, "window": window, "fp32_frechet": fp32.frechet, "fp32_frechet_other_seed": ev.frechet_other_seed(),
+    return {"model": kind, "sampler": sampler, "samples": samples, "window": window, "fp32_frechet": fp32.frechet, "fp32_frechet_other_seed": ev.frechet_other_seed(),
             "schedules": sorted(rows, key=lambda r: r["weight_bytes_vs_fp16"]),
             "cheapest_meeting_fd": min(met, key=lambda r: r["weight_bytes_vs_fp16"]) if met else None,
             "additivity": {"ratio_min": float(ratio.min()), "ratio_median": float(np.median(ratio)), "ratio_max": float(ratio.max()),
@@ -273,30 +285,31 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--window", type=int, default=4)
-    ap.add_argument("--models", default="unet,mlp")
+    ap.add_argument("--models", help="comma-separated: unet, mlp, unet5m (default: unet,mlp; unet for --residency and --tier-frontier)")
     ap.add_argument("--samplers", default="ddim,dpmpp2m,euler_a")
     ap.add_argument("--ship", action="store_true")
     ap.add_argument("--residency", action="store_true", help="measure residency (see the module's docstring)")
     ap.add_argument("--runs", type=int, default=3, help="--residency: timed pipeline calls per configuration")
     ap.add_argument("--tier-frontier", action="store_true", help="every INT8/INT4 window choice streamed from the library's tiers, per sampler")
-    ap.add_argument("--residency-run", help=argparse.SUPPRESS)  # SAMPLER:MODE:IMAGES_OUT, one configuration in this process
+    ap.add_argument("--residency-run", help=argparse.SUPPRESS)  # MODEL:SAMPLER:MODE:IMAGES_OUT, one configuration in this process
     args = ap.parse_args()
     torch.set_num_threads(1)
     base = os.path.join(CACHE, "adaptive")
     os.makedirs(base, exist_ok=True)
     if args.residency_run:
-        sampler, mode, out = args.residency_run.split(":", 2)
-        print(json.dumps(residency_run(base, sampler, mode, args.steps, args.samples, args.runs, out)))
+        kind, sampler, mode, out = args.residency_run.split(":", 3)
+        print(json.dumps(residency_run(base, kind, sampler, mode, args.steps, args.samples, args.runs, out)))
         return
     if args.tier_frontier:
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-        docs = [tier_frontier(base, sampler, args.steps, args.samples, args.window) for sampler in args.samplers.split(",")]
+        docs = [tier_frontier(base, kind, sampler, args.steps, args.samples, args.window) for kind in (args.models or "unet").split(",")
+                for sampler in args.samplers.split(",")]
         os.makedirs(os.path.join(base, "out"), exist_ok=True)
         with open(os.path.join(base, "out", "tier-frontier.json"), "w") as f:
             json.dump({"load_average": load, "runs": docs}, f, indent=1)
         for d in docs:
             a = d["additivity"]
-            print(f"{d['sampler']}: FP32 FD {d['fp32_frechet']:.1f} (other noise {d['fp32_frechet_other_seed']:.1f}); measured/predicted MSE"
+            print(f"{d['model']} {d['sampler']}: FP32 FD {d['fp32_frechet']:.1f} (other noise {d['fp32_frechet_other_seed']:.1f}); measured/predicted MSE"
                   f" {a['ratio_min']:.2f}/{a['ratio_median']:.2f}/{a['ratio_max']:.2f}, r={a['pearson_r']:.3f}")
             for r in d["schedules"]:
                 print(f"  {r['name']}  bytes {r['weight_bytes_vs_fp16']:.1%}  FD ratio {r['frechet_ratio']:.3f}  PSNR {r['psnr_db']:.1f} dB"
@@ -306,14 +319,14 @@ def main() -> None:
         return
     if args.residency:
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-        rows = residency(base, args.samplers.split(","), args.steps, args.samples, args.runs)
+        rows = [r for kind in (args.models or "unet").split(",") for r in residency(base, kind, args.samplers.split(","), args.steps, args.samples, args.runs)]
         os.makedirs(os.path.join(base, "out"), exist_ok=True)
         with open(os.path.join(base, "out", "residency.json"), "w") as f:
             json.dump({"load_average": load, "steps": args.steps, "samples": args.samples, "runs": rows}, f, indent=1)
         print(residency_table(rows, load))
-        print("streamed bit-identical to library-resident:", {r["sampler"]: r["bit_identical_to_library"] for r in rows if "bit_identical_to_library" in r})
+        print("streamed bit-identical to library-resident:", {f"{r['model']}/{r['sampler']}": r["bit_identical_to_library"] for r in rows if "bit_identical_to_library" in r})
         return
-    models, samplers = args.models.split(","), args.samplers.split(",")
+    models, samplers = (args.models or "unet,mlp").split(","), args.samplers.split(",")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)) as bar:
         for kind in models:  # training (minutes of CPU) under the shared heavy lock; sampling is one thread, ~0.5 GB
             if not os.path.exists(os.path.join(base, kind, "config.json")):
@@ -324,9 +337,13 @@ def main() -> None:
         task = bar.add_task("sampling runs", total=len(models) * len(samplers) * runs_per_pair(args.steps, args.window))
         doc = evaluate_all(os.path.join(base, "out"), models, samplers, args.steps, args.samples, args.window, model_dir=base,
                            progress=lambda stage: bar.console.print(f"adaptive: {stage} done"), tick=lambda: bar.advance(task))
-    doc["ecosystem"] = ecosystem(load_or_train("unet", os.path.join(base, "unet"), 0))
+    doc["ecosystem"] = ecosystem(load_or_train(models[0], os.path.join(base, models[0]), 0))
     with open(os.path.join(base, "out", "adaptive.json"), "w") as f:
         json.dump(doc, f, indent=1, default=float)
+    for kind in models:
+        if sensitivity_file(base, kind) is not None:
+            with open(sensitivity_file(base, kind), "w") as f:
+                json.dump({"sensitivity": [s for s in doc["sensitivity"] if s["model"] == kind]}, f, indent=1)
     print(f"{args.samples} samples, {args.steps} steps, windows of {args.window}; same noise per schedule; 1 thread; shared machine\n")
     for p in doc["pairs"]:
         e4, l4 = early_late(p, "int4")

@@ -443,7 +443,7 @@ def schedule(
 def schedule_search(
     budget: float = typer.Option(..., help="weight bytes touched over a generation, as a share of all-FP16 (0.4 = 40%)"),
     sampler: str = typer.Option("ddim", help="ddim, dpmpp2m or euler_a"),
-    model: str = typer.Option("unet", help="unet or mlp: whose measured sensitivity"),
+    model: str = typer.Option("unet", help="unet, mlp or unet5m: whose measured sensitivity"),
     steps: Optional[int] = typer.Option(None, help="plan at this many steps (default: the measured count)"),
     transition: str = typer.Option("immediate", help="immediate, gradual:N or step_aware"),
     sensitivity: Optional[str] = typer.Option(None, help="adaptive.json from `haagenti schedule evaluate` (default: the shipped measurement)"),
@@ -469,12 +469,12 @@ def schedule_search(
 @schedule_app.command("evaluate")
 def schedule_evaluate(
     out_dir: str = typer.Option("adaptive-eval", "--out"),
-    models: str = typer.Option("unet,mlp", help="comma-separated: unet, mlp"),
+    models: str = typer.Option("unet,mlp", help="comma-separated: unet, mlp, unet5m (6.3 M parameters at 32x32, ~20 min of training)"),
     samplers: str = typer.Option("ddim,dpmpp2m,euler_a", help="comma-separated: ddim, dpmpp2m, euler_a, heun"),
     steps: int = typer.Option(20),
     samples: int = typer.Option(256),
     window: int = typer.Option(4, help="steps per window of the sensitivity sweep"),
-    train_iters: Optional[int] = typer.Option(None, help="training iterations for models not yet in OUT (default: unet 1500, mlp 4000)"),
+    train_iters: Optional[int] = typer.Option(None, help="training iterations for models not yet in OUT (default: unet 1500, mlp 4000, unet5m 1200)"),
 ) -> None:
     """Measure sensitivity, searched schedules and the presets (named budget points) on the
     project's digits models (trained into OUT on first use); write adaptive.md/json/png to OUT."""

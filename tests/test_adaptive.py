@@ -15,7 +15,7 @@ from haagenti.adaptive import (
     searched_schedule,
 )
 from haagenti.adaptive.evaluate import Evaluator, uniform, window_schedule
-from haagenti.adaptive.models import digits, train, unet
+from haagenti.adaptive.models import digits, train, unet, unet5m
 from haagenti.adaptive.quantize import PrecisionLayers, QuantizedTensor, quantize
 from haagenti.adaptive.sampling import DigitsPipeline, make_scheduler
 from haagenti.adaptive.search import CHOICES, Sensitivity, frontier, measured, search
@@ -135,6 +135,15 @@ def test_int4_tiers_are_affine_and_symmetric_tiers_still_read():
     scale = torch.rand(4, 1)
     old = QuantizedTensor(Precision.INT4, torch.Size([8, 16]), packed, scale)
     assert torch.equal(old.dequantize(), (levels.reshape(4, 32).float() * scale).reshape(8, 16))
+
+
+def test_the_larger_denoiser_is_a_32x32_unet_of_5m_parameters():
+    """bench/adaptive.py --models unet5m re-checks the step-sensitivity findings beyond the
+    164k-parameter UNet: it must be >= 5 M parameters at 32x32 and denoise 32x32 digits."""
+    model = unet5m()
+    assert sum(p.numel() for p in model.parameters()) >= 5_000_000
+    with torch.no_grad():
+        assert model(digits(32)[:2], torch.tensor(10)).sample.shape == (2, 1, 32, 32)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from haagenti.adaptive.schedule import searched_schedule
 from haagenti.adaptive.search import CHOICES, SearchResult, Sensitivity, search
 
 BUDGETS = tuple(sorted({0.35, 0.4, 0.5, 0.6} | {p.budget for p in ProfilePreset if p.budget is not None}))  # presets are budget points
-TRAIN_ITERS = {"unet": 1500, "mlp": 4000}
+TRAIN_ITERS = {"unet": 1500, "mlp": 4000, "unet5m": 1200}
 
 
 def sweep(ev: Evaluator, width: int, model: str, tick) -> tuple[Sensitivity, list[dict], dict[str, ScheduleResult]]:

@@ -340,10 +340,16 @@ def main() -> None:
     doc["ecosystem"] = ecosystem(load_or_train(models[0], os.path.join(base, models[0]), 0))
     with open(os.path.join(base, "out", "adaptive.json"), "w") as f:
         json.dump(doc, f, indent=1, default=float)
-    for kind in models:
-        if sensitivity_file(base, kind) is not None:
-            with open(sensitivity_file(base, kind), "w") as f:
-                json.dump({"sensitivity": [s for s in doc["sensitivity"] if s["model"] == kind]}, f, indent=1)
+    for kind in models:  # a larger model's sensitivity, kept per sampler across sweeps of other samplers
+        path = sensitivity_file(base, kind)
+        if path is not None:
+            kept = []
+            if os.path.exists(path):
+                with open(path) as f:
+                    kept = json.load(f)["sensitivity"]
+            new = [s for s in doc["sensitivity"] if s["model"] == kind]
+            with open(path, "w") as f:
+                json.dump({"sensitivity": [s for s in kept if s["sampler"] not in {n["sampler"] for n in new}] + new}, f, indent=1)
     print(f"{args.samples} samples, {args.steps} steps, windows of {args.window}; same noise per schedule; 1 thread; shared machine\n")
     for p in doc["pairs"]:
         e4, l4 = early_late(p, "int4")

@@ -109,7 +109,8 @@ def signs(p: PendingFragment) -> bool:
 def signature_table(pieces: list[PendingFragment], config: SignatureConfig, device: str = "cpu", workers: Workers | None = None) -> pa.Table:
     """Signatures-table rows of fragments (bit-identical on any device), signed over `workers`;
     quantized blocks are signed on their dequantized values."""
-    sign = lambda part: compute_signatures([signable(p.data, lookup_dtype(p.dtype)) for p in part], config, device)  # noqa: E731
+    sample = config.sample if str(device) == "cpu" else None  # the CPU kernel takes legacy blocks' samples alone
+    sign = lambda part: compute_signatures([signable(p.data, lookup_dtype(p.dtype), sample) for p in part], config, device)  # noqa: E731
     sigs = (workers.map(sign, pieces) if workers is not None else sign(pieces)) if pieces else []
     return rows_table([signature_row(p, s) for p, s in zip(pieces, sigs)], SCHEMAS["signatures"])
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from haagenti.formats.dtypes import EXPONENT_MASKS
+from haagenti.formats.dtypes import EXPONENT_MASKS, SignatureSample
 from haagenti.formats.dtypes import dtype as lookup_dtype
 
 if TYPE_CHECKING:
@@ -131,9 +131,9 @@ _LIFT = 2.0**100
 
 
 def compute_signatures(
-    fragments: list[tuple[bytes, str]], config: SignatureConfig = SignatureConfig(), device: str | torch.device = "cpu"
+    fragments: list[tuple[bytes | SignatureSample, str]], config: SignatureConfig = SignatureConfig(), device: str | torch.device = "cpu"
 ) -> list[FragmentSignature]:
-    """Signatures of (raw bytes, dtype) fragments; the same bits on any device. On the CPU a numpy
+    """Signatures of (raw bytes, dtype) fragments (or, on the CPU, their SignatureSample); the same bits on any device. On the CPU a numpy
     kernel over reused per-thread buffers (no torch, no fresh pages in the steady state); on
     another device, torch over batches of equal-length fragments (large matrix products)."""
     if str(device) == "cpu":
@@ -307,7 +307,30 @@ def _e4m3_table() -> np.ndarray:
     return np.where((b & 0x7F) == 0x7F, np.nan, sign * mag).astype(np.float32)
 
 
-def _cpu_signatures(fragments: list[tuple[bytes, str]], config: SignatureConfig) -> list[FragmentSignature]:
+def _bounds_and_sample(data: bytes | SignatureSample, dt: str, config: SignatureConfig) -> tuple[float, float, int, int, np.ndarray]:
+    """(least, greatest finite value, NaN/Inf count, NaN/Inf in the sample, the sample with
+    those zeroed) of a fragment's values."""
+    if isinstance(data, SignatureSample):  # quantized blocks whose sample alone was dequantized
+        return data.lo, data.hi, 0, 0, data.values
+    n = len(data) // lookup_dtype(dt).itemsize
+    nonfinite = missing = 0
+    stride = -(-n // config.sample) if n else 1
+    bounds = _bounds16(data, dt, n)
+    if bounds is not None:  # 16-bit floats: only the sample is converted
+        return *bounds, 0, 0, _sample16(data, dt, n, stride)
+    x = _as_float32(data, dt, n)
+    lo, hi = (float(x.min()), float(x.max())) if n else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # only fragments with NaN/Inf pay for masking
+        finite = np.isfinite(x)
+        nonfinite = n - int(np.count_nonzero(finite))
+        lo = float(np.min(x, where=finite, initial=np.inf))
+        hi = float(np.max(x, where=finite, initial=-np.inf))
+        missing = int(np.count_nonzero(~finite[::stride]))
+        x = np.where(finite, x, np.float32(0))
+    return lo, hi, nonfinite, missing, x[::stride]
+
+
+def _cpu_signatures(fragments: list[tuple[bytes | SignatureSample, str]], config: SignatureConfig) -> list[FragmentSignature]:
     """One fragment at a time through reused buffers; the folded vectors of all fragments meet
     in one matrix product with the projection at the end."""
     levels, fold = config.levels, config.fold
@@ -316,24 +339,7 @@ def _cpu_signatures(fragments: list[tuple[bytes, str]], config: SignatureConfig)
     counts = np.zeros((len(fragments), width), np.int64)
     sketches = []
     for i, (data, dt) in enumerate(fragments):
-        n = len(data) // lookup_dtype(dt).itemsize
-        nonfinite = missing = 0
-        stride = -(-n // config.sample) if n else 1
-        bounds = _bounds16(data, dt, n)
-        if bounds is not None:  # 16-bit floats: only the sample is converted
-            lo, hi = bounds
-            sample = _sample16(data, dt, n, stride)
-        else:
-            x = _as_float32(data, dt, n)
-            lo, hi = (float(x.min()), float(x.max())) if n else (0.0, 0.0)
-            if not (np.isfinite(lo) and np.isfinite(hi)):  # only fragments with NaN/Inf pay for masking
-                finite = np.isfinite(x)
-                nonfinite = n - int(np.count_nonzero(finite))
-                lo = float(np.min(x, where=finite, initial=np.inf))
-                hi = float(np.max(x, where=finite, initial=-np.inf))
-                missing = int(np.count_nonzero(~finite[::stride]))
-                x = np.where(finite, x, np.float32(0))
-            sample = x[::stride]
+        lo, hi, nonfinite, missing, sample = _bounds_and_sample(data, dt, config)
         m = len(sample)
         lift, factor = _factor(lo, hi, levels)
         q = _buffers.get("q", -(-m // fold) * fold, np.float32)

@@ -10,6 +10,7 @@ import zstandard
 
 from haagenti.codecs import PLANES, ByteGroup, RotateLeft, Zstd, apply_delta, cast_reference, chain_for, codec_chain, smallest_encoding
 from haagenti.codecs.core import BLOCK_FIELDS, block_planes
+from haagenti.codecs.rans import QUANTIZED_FIELDS
 from haagenti.codecs.delta import residual
 from haagenti.errors import FragmentError
 from haagenti.fragment import Encoding, FragmentType
@@ -323,6 +324,87 @@ def test_damaged_block_plane_blobs_are_refused():
     bomb = Zstd(19, weights=(1, 1)).encode(bytes(1 << 24))
     for bad in (blob[: len(blob) // 2], bytes(flipped), blob[:3], bomb):
         with pytest.raises(FragmentError, match="damaged|failed verification|recorded"):
+            decode_row({**row, "blob": bad}, None, None)
+
+
+# ---- quantized blocks range-coded under models kept in the fragment ----------------------------
+RANGE_CODED = sorted(QUANTIZED_FIELDS)
+
+
+@pytest.mark.parametrize("qtype", RANGE_CODED)
+def test_range_coded_blocks_round_trip_whatever_their_bytes(qtype):
+    """gguf's blocks, whole fragments and a short one, lengths that end inside a block, one
+    block, none, constant blocks, and random bytes (scales of every sign, NaN and Inf)."""
+    from haagenti.formats.dtypes import dtype
+
+    chain, width = codec_chain(f"rans:{QUANTIZED_FIELDS[qtype]}"), dtype(qtype).itemsize
+    assert sum(int(f[1:]) for f in QUANTIZED_FIELDS[qtype].split(".")) == width
+    data = _quantized(qtype, 4096)
+    noise = os.urandom(300 * width + 3)
+    for part in (data, data[: 37 * width], data[:width], data[: 37 * width + 5], data[: width - 1], b"", data[:width] * 50, noise):
+        assert bytes(chain.decode(chain.encode(part), len(part))) == part, len(part)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "MXFP4"])
+def test_range_coding_beats_the_planes_on_quantized_weights(qtype):
+    """zstd stores these code planes raw (Huffman would save under its 1.6% bar): the range
+    coder codes them, and the scales under a finer model, smaller (on these normal weights by
+    0.2-1%; on real ones, docs/decisions/0350-quantized-range-coder.md)."""
+    data = _quantized(qtype, 4096)
+    assert len(codec_chain(f"rans:{QUANTIZED_FIELDS[qtype]}").encode(data)) < len(chain_for(qtype).encode(data))
+
+
+def test_quantized_fragments_keep_the_smaller_of_the_range_coder_and_the_planes():
+    """Plain quantized fragments try both chains (a long float fragment takes its dtype's chain
+    only): Q4_1 weights take the range coder, blocks it cannot model (random bytes) the planes
+    or raw, whichever is smaller."""
+    data = _quantized("Q4_1", 4096)
+    enc, ref, spec, blob = smallest_encoding(data, [], "Q4_1")
+    assert (enc, ref, spec) == (Encoding.PLAIN, None, "rans:s2.s2.n16")
+    assert len(blob) == min(len(codec_chain(s).encode(data)) for s in (spec, chain_for("Q4_1").spec))
+    tq = _quantized("TQ2_0", 1024)  # no range-coder model: the planes as before
+    assert smallest_encoding(tq, [], "TQ2_0")[2] == chain_for("TQ2_0").spec
+
+
+@pytest.mark.parametrize("spec", ["rans:", "rans:s4.n16", "rans:s2.q16", "rans:n16.s2", "rans:s2.x16", "rans:s2.b0", "rans:s2.b300", "rans:s2.n16:1", "rans:" + ".".join(["b1"] * 17)])
+def test_range_coder_specs_out_of_bounds_are_refused(spec):
+    with pytest.raises(FragmentError, match="unknown codec"):
+        codec_chain(spec)
+
+
+def _with_models(blob: bytes, edit) -> bytes:
+    """A range-coded blob whose models (zstd frame after the length) are passed through `edit`."""
+    (size,) = struct.unpack_from("<I", blob)
+    models = bytearray(zstandard.ZstdDecompressor().decompress(blob[4 : 4 + size]))
+    edit(models)
+    packed = zstandard.ZstdCompressor().compress(bytes(models))
+    return struct.pack("<I", len(packed)) + packed + blob[4 + size :]
+
+
+def test_damaged_range_coded_blobs_are_refused():
+    """Cut, bit-flipped, models that lie (more blocks than recorded, a shift or class count out
+    of bounds, bytes left over) or words that are not whole: refused as damaged, never decoded
+    to other bytes unnoticed."""
+    from haagenti.encode import decode_row
+    from haagenti.hashing import content_hash
+
+    data = _quantized("Q4_1", 1024)
+    spec = "rans:" + QUANTIZED_FIELDS["Q4_1"]
+    blob = codec_chain(spec).encode(data)
+    row = {"fragment_id": content_hash(data), "encoding": Encoding.PLAIN.value, "raw_size": len(data), "codec": spec, "dtype": "Q4_1", "ref_id": None}
+    assert decode_row({**row, "blob": blob}, None, None) == data
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 0x10
+
+    def more_blocks(m: bytearray) -> None:
+        m[0:4] = struct.pack("<I", 1 << 20)
+
+    def shift_out_of_bounds(m: bytearray) -> None:
+        m[11] = 13  # the first scale's shift: after blocks, the tail's length (no tail), its sign mode, relative flag and least
+
+    lies = [_with_models(blob, edit) for edit in (more_blocks, shift_out_of_bounds, lambda m: m.extend(b"\0"), lambda m: m.__delitem__(slice(20, None)))]
+    for bad in (blob[: len(blob) // 2], bytes(flipped), blob[:3], blob[:-1], b"\xff" * 8, *lies):
+        with pytest.raises(FragmentError, match="damaged|failed verification"):
             decode_row({**row, "blob": bad}, None, None)
 
 

@@ -478,6 +478,44 @@ def restore_refused_in_one_line(lib, rows, tmp_path, model: str, source: str | N
         assert cli("restore", lib.store.url, source, tmp_path / source)[0] == 0
 
 
+# ---- crafted range-coded quantized fragments -------------------------------------------------
+@pytest.mark.parametrize("case", ["models-flipped", "words-flipped", "cut", "models-lie", "spec-of-another-type"])
+def test_crafted_range_coded_fragments_are_refused_in_one_line(tmp_path, case):
+    """A lone Q4_1 GGUF's range-coded fragment whose models or coded words are flipped, which
+    is cut short, whose models claim more blocks, or whose spec names another block layout:
+    restore ends with one clear line, never other bytes."""
+    import numpy as np
+    import zstandard
+
+    from haagenti.config import LibraryConfig
+    from haagenti.exports import export_gguf
+    from haagenti.library import FragmentLibrary
+
+    w = torch.from_numpy(np.random.default_rng(7).normal(0, 0.02, (256, 256)).astype(np.float32))
+    export_gguf({"w": w, "norm": torch.ones(256)}, str(tmp_path / "m.gguf"), "Q4_1")
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), LibraryConfig(fragment_size=64 * 1024))
+    lib.ingest([str(tmp_path / "m.gguf")], "q4_1")
+    rows = lib.store.read("fragments").to_pylist()
+    k = next(i for i, r in enumerate(rows) if r["codec"].startswith("rans:"))
+    blob = bytearray(rows[k]["blob"])
+    (size,) = struct.unpack_from("<I", blob)
+    if case == "models-flipped":
+        blob[4 + size // 2] ^= 0x08
+    elif case == "words-flipped":
+        blob[-5] ^= 0x01
+    elif case == "cut":
+        del blob[len(blob) // 2 :]
+    elif case == "models-lie":
+        models = bytearray(zstandard.ZstdDecompressor().decompress(bytes(blob[4 : 4 + size])))
+        models[0:4] = struct.pack("<I", struct.unpack_from("<I", models)[0] + 1)
+        packed = zstandard.ZstdCompressor().compress(bytes(models))
+        blob = bytearray(struct.pack("<I", len(packed)) + packed + blob[4 + size :])
+    rows[k] = {**rows[k], "blob": bytes(blob)}
+    if case == "spec-of-another-type":
+        rows[k]["codec"] = "rans:s2.n16"
+    restore_refused_in_one_line(lib, rows, tmp_path, "q4_1", source=None)
+
+
 # ---- crafted predicted ONNX int8/uint8 fragments ----------------------------------------------
 def onnx_int8_library(tmp_path, per_channel: bool = False):
     """A library holding a MatMul-and-bias fp32 ONNX file and its uint8 quantization (onnxruntime's

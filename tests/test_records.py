@@ -362,3 +362,27 @@ def test_an_upgrade_stopped_before_its_marker_is_done_again(tmp_path, monkeypatc
     lib = FragmentLibrary.open(url, create=False)
     assert lib.verify().ok and lib.restore("m", str(tmp_path / "out"))
     assert SCHEMAS["models"].names == lib.store.read("models").column_names
+
+
+def test_a_format_8_library_is_refused_until_upgraded_which_rewrites_only_its_marker(tmp_path):
+    """Format 9 added the range coder (codec `rans`), which a format-8 haagenti would call
+    damage: a format-8 library is refused until upgraded, and the upgrade rewrites haagenti.json
+    alone (format 8's rows are format 9's); its models then restore and verify."""
+    url = str(tmp_path / "lib")
+    lib = FragmentLibrary.open(url, CONFIG)
+    lib.ingest([with_tokenizer(tmp_path / "m")], "m")
+    store = LibraryStore(url)
+    rows = [r | {"format_version": 8} for r in store.read("models").to_pylist()]
+    store.replace_models(pa.Table.from_pylist(rows, schema=SCHEMAS["models"]), "as format 8")
+    marker = json.loads(open(f"{url}/haagenti.json").read())
+    open(f"{url}/haagenti.json", "w").write(json.dumps({**marker, "format_version": 8}))
+    with pytest.raises(LibraryError, match=f"library format 8, this haagenti reads format {LIBRARY_FORMAT_VERSION}: run `haagenti upgrade"):
+        FragmentLibrary.open(url)
+    tables = {t: DeltaTable(f"{url}/{t}").version() for t in ("fragments", "manifests", "models", "signatures")}
+    assert upgrade(url) == []
+    assert {t: DeltaTable(f"{url}/{t}").version() for t in tables} == tables
+    assert json.loads(open(f"{url}/haagenti.json").read())["format_version"] == LIBRARY_FORMAT_VERSION == 9
+    lib = FragmentLibrary.open(url, create=False)
+    assert lib.verify().ok
+    lib.restore("m", str(tmp_path / "out"), rehash=True)
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tmp_path / "m" / "tokenizer.json").read_bytes()

@@ -210,3 +210,30 @@ def test_thresholds_classify_measured_quantities():
     assert th.classify(cos) is MatchType.NEAR_DUPLICATE and rel < 0.02 and mx < 0.05
     assert th.classify(1.0, identical=True) is MatchType.EXACT
     assert th.classify(0.93) is MatchType.SIMILAR and th.classify(0.2) is MatchType.UNRELATED
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_legacy_blocks_signed_on_their_sample_alone_get_the_same_signatures(qtype):
+    """The CPU kernel takes legacy blocks' bounds from their extreme codes and dequantizes only
+    the sample: the same signatures, bit for bit, as over gguf's whole dequantization, for
+    gguf's blocks, scales of both signs and zero, a fragment shorter than the sample, and
+    (the full path) scales that are NaN or Inf."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from haagenti.formats.dtypes import SignatureSample, dtype, signable
+
+    config, d = SignatureConfig(), dtype(qtype)
+    rng = np.random.default_rng(5)
+    values = (rng.standard_t(4, (512, 256)) * 0.02).astype(np.float32)
+    blocks = np.frombuffer(quantize(values, GGMLQuantizationType[qtype]).tobytes(), np.uint8).reshape(-1, GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][1])
+    signs = blocks.copy()
+    signs[:, 1] ^= (rng.integers(0, 2, len(signs)) << 7).astype(np.uint8)  # the scale's sign bit
+    signs[::5, :2] = 0
+    nonfinite = blocks.copy()
+    nonfinite[3, :2] = np.array([np.nan], np.float16).view(np.uint8)
+    nonfinite[9, :2] = np.array([np.inf], np.float16).view(np.uint8)
+    cases = [blocks.tobytes(), signs.tobytes(), blocks[:100].tobytes(), nonfinite.tobytes()]
+    fast = [signable(c, d, config.sample) for c in cases]
+    assert [isinstance(f[0], SignatureSample) for f in fast] == [True, True, True, False]
+    assert compute_signatures(fast, config) == compute_signatures([signable(c, d) for c in cases], config)

@@ -9,6 +9,7 @@ from typing import Callable, Protocol
 import numpy as np
 import zstandard
 
+from haagenti.codecs.rans import QUANTIZED_FIELDS, QuantizedBlocks
 from haagenti.errors import FragmentError
 from haagenti.formats.dtypes import dtype
 
@@ -304,6 +305,7 @@ def _zstd(args: list[str]) -> Zstd:
 CODECS: dict[str, Callable[[list[str]], Codec]] = {
     "blocks": lambda args: BlockFields(*map(_widths, args)),
     "bytegroup": lambda args: ByteGroup(*map(int, args)),
+    "rans": lambda args: QuantizedBlocks(*args),
     "rotl": lambda args: RotateLeft(*map(int, args)),
     # format 4's first spelling of rotl:W:1 (rows written before the rotation became per dtype)
     "signlast": lambda args: RotateLeft(*map(int, args), 1),
@@ -385,6 +387,8 @@ def chain_choices(dtype_name: str, level: int | str = PLANES) -> list[CodecChain
     d = dtype(dtype_name)
     if d.is_float and d.itemsize in (2, 4, 8):
         return [chain, codec_chain(f"bytegroup:{d.itemsize}+zstd:{level}:{d.itemsize}")]
+    if d.name in QUANTIZED_FIELDS:
+        return [chain, codec_chain(f"rans:{QUANTIZED_FIELDS[d.name]}")]
     return [chain]
 
 

@@ -72,7 +72,8 @@ def smallest_encoding(raw: bytes, refs: list[bytes], dtype_name: str, level: int
     itself and its XOR and difference residuals against each reference (already cast to
     `raw`'s dtype), each coded with every chain of `chain_choices`. On long fragments with
     references the (option, chain) pairs are ranked on a probe and only the finalists are
-    computed whole; a long fragment without references takes the dtype's chain."""
+    computed whole; a long fragment without references takes the dtype's chain (each of them,
+    for quantized blocks)."""
     d = lookup_dtype(dtype_name)
     chains = chain_choices(dtype_name, level)
     plain: tuple[Encoding, int | None] = (Encoding.PLAIN, None)
@@ -85,8 +86,8 @@ def smallest_encoding(raw: bytes, refs: list[bytes], dtype_name: str, level: int
     pairs = [(o, k) for o in options for k in range(len(chains))]
     if len(raw) < 4 * probe:
         finalists = pairs
-    elif len(options) == 1:
-        finalists = [(plain, 0)]
+    elif len(options) == 1:  # quantized blocks try every chain: the range coder beats the planes on most types, not all
+        finalists = [(plain, k) for k in range(len(chains) if d.block > 1 else 1)]
     else:
         sizes = {(o, k): len(chains[k].encode(body(*o, probe))) for o, k in pairs}
         lead = min(pairs, key=lambda p: sizes[p])  # the first of equals: plain wins ties

@@ -132,17 +132,39 @@ def can_dequantize(d: DType) -> bool:
     return True
 
 
-def signable(data: bytes, d: DType) -> tuple[bytes, str]:
+@dataclass(frozen=True)
+class SignatureSample:
+    """What a signature reads of a fragment, without the rest of its values: how many there
+    are, their least and greatest, and every `stride`-th of them as float32 (the sample)."""
+
+    n: int
+    lo: float
+    hi: float
+    values: np.ndarray
+
+
+# The legacy GGUF types, whose value j of a block is d * (code_j - offset) [+ m] in float32 as
+# gguf dequantizes them: (code bits, offset, has a min).
+_LEGACY = {"Q8_0": (8, 0, False), "Q4_0": (4, 8, False), "Q4_1": (4, 0, True), "Q5_0": (5, 16, False), "Q5_1": (5, 0, True)}
+
+
+def signable(data: bytes, d: DType, sample: int | None = None) -> tuple[bytes | SignatureSample, str]:
     """The values a signature is computed on: a float fragment's own bytes, or a quantized
     fragment's blocks dequantized to F32 by gguf (so a fine-tune's Q8_0 blocks find the base's
     as delta references), or int8/uint8 codes less their median as F32: linear quantization's
     codes less its zero point are the values over a scale, which a signature does not see, so
-    an ONNX int8/uint8 weight finds its float source (haagenti.codecs.predict)."""
+    an ONNX int8/uint8 weight finds its float source (haagenti.codecs.predict). With `sample`
+    (the signature's sample size; the CPU kernel), legacy blocks with finite scales are given as
+    a SignatureSample: only the sample is dequantized (docs/decisions/0350-quantized-range-coder.md)."""
     if d.name in ("I8", "U8"):
         codes = np.frombuffer(data, np.int8 if d.name == "I8" else np.uint8).astype(np.float32)
         return (codes - np.median(codes)).tobytes(), "F32"
     if d.block == 1:
         return data, d.name
+    if sample is not None and d.name in _LEGACY and len(data) % d.itemsize == 0:
+        sketch = _legacy_sample(np.frombuffer(data, np.uint8).reshape(-1, d.itemsize), *_LEGACY[d.name], sample)
+        if sketch is not None:
+            return sketch, "F32"
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -150,6 +172,37 @@ def signable(data: bytes, d: DType) -> tuple[bytes, str]:
     # Python per 16 rows, so a block per row cost a call per 16 blocks (docs/decisions/0280-quantized-blocks.md).
     values = dequantize(np.frombuffer(data, np.uint8).reshape(1, -1), GGMLQuantizationType[d.name])
     return np.ascontiguousarray(values, np.float32).tobytes(), "F32"
+
+
+def _legacy_sample(blocks: np.ndarray, bits: int, offset: int, has_min: bool, sample: int) -> SignatureSample | None:
+    """The bounds and sample of legacy blocks, the same floats gguf's dequantize gives, or None
+    when a scale is NaN/Inf (the full path masks those). A block's values are d * q (+ m) in
+    float32, monotone in q, so its bounds are at its least and greatest code."""
+    n_blocks = len(blocks)
+    scales = blocks[:, : 4 if has_min else 2].copy().view(np.float16).astype(np.float32)
+    if not np.isfinite(scales).all():
+        return None
+    d, m = scales[:, 0], (scales[:, 1] if has_min else None)
+    rest = blocks[:, 4 if has_min else 2 :]
+    if bits == 8:
+        codes = rest.view(np.int8)
+    else:
+        qs = rest[:, -16:]
+        codes = np.concatenate([qs & 15, qs >> 4], axis=1)  # value j < 16: low nibble of byte j
+        if bits == 5:
+            codes |= np.unpackbits(rest[:, :4], axis=1, bitorder="little") << 4  # bit j of qh: value j's fifth
+    n = codes.size
+    stride = -(-n // sample) if n else 1
+
+    def value(q: np.ndarray, at: np.ndarray | slice) -> np.ndarray:
+        x = d[at] * (q.astype(np.float32) - np.float32(offset))  # code - offset is exact in float32, as gguf's int8
+        return x + m[at] if m is not None else x
+
+    if not n:
+        return SignatureSample(0, 0.0, 0.0, np.zeros(0, np.float32))
+    ends = np.concatenate([value(codes.min(axis=1), slice(None)), value(codes.max(axis=1), slice(None))])
+    where = np.arange(0, n, stride)
+    return SignatureSample(n, float(ends.min()), float(ends.max()), value(codes.reshape(-1)[where], where // 32))
 
 
 def castable(src: str, dst: str) -> bool:

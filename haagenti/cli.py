@@ -287,7 +287,7 @@ def gc(library: str, wait: float = typer.Option(0.0, "--wait", help="seconds to 
 
 @app.command()
 def upgrade(library: str) -> None:
-    """Move a format-4, 5 or 6 library to this haagenti's format in place (record digests, verbatim pieces; docs/format.md)."""
+    """Move a format-4 to 8 library to this haagenti's format in place (record digests, verbatim pieces; docs/format.md)."""
     from haagenti.maintenance import upgrade as upgrade_library
     from haagenti.store import LIBRARY_FORMAT_VERSION
 

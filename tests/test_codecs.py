@@ -366,6 +366,25 @@ def test_quantized_fragments_keep_the_smaller_of_the_range_coder_and_the_planes(
     assert smallest_encoding(tq, [], "TQ2_0")[2] == chain_for("TQ2_0").spec
 
 
+def test_quantized_fragments_with_references_range_code_only_the_leader_and_plain(monkeypatch):
+    """With references, the options (plain, XOR and SUB per reference) are ranked by their
+    planes; the range coder, ~10x the planes' time, codes the leader and plain only, and the
+    smallest of all is kept: a near copy's residual here."""
+    from haagenti.codecs.rans import QuantizedBlocks
+
+    data = _quantized("Q4_1", 4096)
+    refs = [bytearray(data), bytes(_quantized("Q4_1", 4096, seed=9))]
+    refs[0][100:140] = bytes(40)  # a near copy
+    refs[0] = bytes(refs[0])
+    calls = []
+    real = QuantizedBlocks.encode
+    monkeypatch.setattr(QuantizedBlocks, "encode", lambda self, body: calls.append(len(body)) or real(self, body))
+    enc, ref, spec, blob = smallest_encoding(data, refs, "Q4_1")
+    assert len(calls) == 2 and (enc, ref) != (Encoding.PLAIN, None)
+    planes = [len(chain_for("Q4_1").encode(b)) for b in (data, residual(Encoding.DELTA_XOR, data, refs[0], 20), residual(Encoding.DELTA_SUB, data, refs[0], 20))]
+    assert len(blob) <= min(planes)
+
+
 @pytest.mark.parametrize("spec", ["rans:", "rans:s4.n16", "rans:s2.q16", "rans:n16.s2", "rans:s2.x16", "rans:s2.b0", "rans:s2.b300", "rans:s2.n16:1", "rans:" + ".".join(["b1"] * 17)])
 def test_range_coder_specs_out_of_bounds_are_refused(spec):
     with pytest.raises(FragmentError, match="unknown codec"):

@@ -2,7 +2,8 @@
 verified like its fragments: a digest written in its models row at publication, checked by
 every reader (restore, verify, ModelLoader, haagenti://) before it trusts a name. And the
 upgrade of format-4 to 7 libraries (format 4 has no digests; formats before 7 identify a file by
-its whole BLAKE3; formats before 8 hold every file's verbatim bytes in its models row) to format 8."""
+its whole BLAKE3; formats before 8 hold every file's verbatim bytes in its models row), and of
+format 8 (its marker only), to format 9."""
 from __future__ import annotations
 
 import json

@@ -134,10 +134,9 @@ def can_dequantize(d: DType) -> bool:
 
 @dataclass(frozen=True)
 class SignatureSample:
-    """What a signature reads of a fragment, without the rest of its values: how many there
-    are, their least and greatest, and every `stride`-th of them as float32 (the sample)."""
+    """What a signature reads of a fragment, without the rest of its values: their least and
+    greatest, and every `stride`-th of them as float32 (the sample)."""
 
-    n: int
     lo: float
     hi: float
     values: np.ndarray
@@ -178,7 +177,8 @@ def _legacy_sample(blocks: np.ndarray, bits: int, offset: int, has_min: bool, sa
     """The bounds and sample of legacy blocks, the same floats gguf's dequantize gives, or None
     when a scale is NaN/Inf (the full path masks those). A block's values are d * q (+ m) in
     float32, monotone in q, so its bounds are at its least and greatest code."""
-    n_blocks = len(blocks)
+    if not len(blocks):
+        return SignatureSample(0.0, 0.0, np.zeros(0, np.float32))
     scales = blocks[:, : 4 if has_min else 2].copy().view(np.float16).astype(np.float32)
     if not np.isfinite(scales).all():
         return None
@@ -192,17 +192,15 @@ def _legacy_sample(blocks: np.ndarray, bits: int, offset: int, has_min: bool, sa
         if bits == 5:
             codes |= np.unpackbits(rest[:, :4], axis=1, bitorder="little") << 4  # bit j of qh: value j's fifth
     n = codes.size
-    stride = -(-n // sample) if n else 1
+    stride = -(-n // sample)
 
     def value(q: np.ndarray, at: np.ndarray | slice) -> np.ndarray:
         x = d[at] * (q.astype(np.float32) - np.float32(offset))  # code - offset is exact in float32, as gguf's int8
         return x + m[at] if m is not None else x
 
-    if not n:
-        return SignatureSample(0, 0.0, 0.0, np.zeros(0, np.float32))
     ends = np.concatenate([value(codes.min(axis=1), slice(None)), value(codes.max(axis=1), slice(None))])
     where = np.arange(0, n, stride)
-    return SignatureSample(n, float(ends.min()), float(ends.max()), value(codes.reshape(-1)[where], where // 32))
+    return SignatureSample(float(ends.min()), float(ends.max()), value(codes.reshape(-1)[where], where // 32))
 
 
 def castable(src: str, dst: str) -> bool:

@@ -179,6 +179,7 @@ def install_spies() -> None:
 
     from haagenti.store import SCHEMAS, LibraryStore
     from haagenti.store.files import DataFiles
+    from haagenti.store.keyed import column_bytes
 
     SPY = pq._haagenti_scale_spy = dict(files={}, row_groups={}, bytes={}, whole={}, s3={})
     last = [""]
@@ -192,11 +193,11 @@ def install_spies() -> None:
         SPY["files"][last[0]] = SPY["files"].get(last[0], 0) + 1
         return real_open(self, path)
 
-    def spy_groups(self, row_groups, *a, **k):
+    def spy_groups(self, row_groups, columns=None, *a, **k):
         t = last[0]
         SPY["row_groups"][t] = SPY["row_groups"].get(t, 0) + len(row_groups)
-        SPY["bytes"][t] = SPY["bytes"].get(t, 0) + sum(self.metadata.row_group(g).total_byte_size for g in row_groups)
-        return real_groups(self, row_groups, *a, **k)
+        SPY["bytes"][t] = SPY["bytes"].get(t, 0) + column_bytes(self.metadata, row_groups, columns or self.metadata.schema.names)
+        return real_groups(self, row_groups, columns, *a, **k)
 
     def spy_read(self, name, *a, **k):
         SPY["whole"][name] = SPY["whole"].get(name, 0) + 1

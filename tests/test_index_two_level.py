@@ -6,6 +6,7 @@ import uuid
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from haagenti.binary import raw_ids
@@ -174,6 +175,23 @@ def test_a_commit_of_encoded_rows_is_appended_in_the_encodings_and_read_back(tmp
         "data_file": pa.array([uuid.UUID(data_file).bytes] * len(ids), pa.binary(16))}))
     assert encodings_on_disk(lib)["fragment_keys"] == set(two_level_module.FRAGMENT_KEYS.encodings)
     assert lib.index.locate(set(ids[::7])) == dict.fromkeys(ids[::7], data_file)
+
+
+def test_an_id_probe_reads_whole_rows_only_of_the_row_groups_holding_an_id(tmp_path):
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), config("two-level"))
+    ids = [bytes(i).hex() for i in np.random.default_rng(0).integers(0, 256, size=(16 * 256, 32), dtype=np.uint8)]
+    append_keyed(lib.store, two_level_module.FRAGMENT_KEYS, pa.table({  # 16 row groups
+        "id_key": pa.array(id_keys(ids)), "fragment_id": raw_ids(pa.array(ids)), "dtype": pa.array(["BF16"] * len(ids)),
+        "data_file": pa.array([uuid.UUID(int=1).bytes] * len(ids), pa.binary(16))}))
+    absent = [bytes(i).hex() for i in np.random.default_rng(1).integers(0, 256, size=(64, 32), dtype=np.uint8)]
+    reader = lib.index.ids
+    assert lib.index.known(absent) == {}
+    assert reader.counts.row_groups == 0  # the key column told every group apart
+    md = pq.ParquetFile(reader.files()[0][0]).metadata
+    key_bytes = sum(md.row_group(g).column(0).total_compressed_size for g in range(md.num_row_groups))
+    assert 0 < reader.counts.bytes <= key_bytes < md.num_rows * 16
+    assert lib.index.locate({ids[5], absent[0]}) == {ids[5]: str(uuid.UUID(int=1))}
+    assert reader.counts.row_groups == 1
 
 
 def scopes(rows: pa.Table) -> dict[str, str]:

@@ -38,7 +38,7 @@ from haagenti.store.keyed import KeyedReader, KeyedTable, append_keyed, sort_key
 from haagenti.store.schema import empty, project
 
 BANDS = KeyedTable("bands", "bucket", 256)
-IDS = KeyedTable("ids", "id_key", 256)
+IDS = KeyedTable("ids", "id_key", 256, keys_first=True)
 # Bytes a band row takes on disk (bands files of the bench family: id 36, bits 36, bucket ~5,
 # length and depth ~1). A fragment's band rows cost `bands` times this.
 BAND_ROW_BYTES = 80

@@ -46,9 +46,9 @@ from haagenti.store.keyed import KeyedReader, KeyedTable, append_keyed, sort_key
 # too (a writer's shards are consecutive keys: a library of few writers stores ~2 B a shard, of
 # many as plain); signature bits without a length each; ids sorted by their leading bytes as the
 # suffix after the prefix shared with the row before, other ids plain (a dictionary repeats each).
-SHARD_KEYS = KeyedTable("shard_keys", "pair_key", 1024, encodings=(("pair_key", "DELTA_BINARY_PACKED"), ("shard", "DELTA_BINARY_PACKED")))
+SHARD_KEYS = KeyedTable("shard_keys", "pair_key", 1024, encodings=(("pair_key", "DELTA_BINARY_PACKED"), ("shard", "DELTA_BINARY_PACKED")), keys_first=True)
 SHARD_SIGNATURES = KeyedTable("shard_signatures", "shard", 1024, encodings=(("fragment_id", "DELTA_BYTE_ARRAY"), ("bits", "DELTA_LENGTH_BYTE_ARRAY")))
-FRAGMENT_KEYS = KeyedTable("fragment_keys", "id_key", 256, ("dtype", "data_file"), (("id_key", "DELTA_BINARY_PACKED"), ("fragment_id", "DELTA_BYTE_ARRAY"), ("data_file", "DELTA_BYTE_ARRAY")))
+FRAGMENT_KEYS = KeyedTable("fragment_keys", "id_key", 256, ("dtype", "data_file"), (("id_key", "DELTA_BINARY_PACKED"), ("fragment_id", "DELTA_BYTE_ARRAY"), ("data_file", "DELTA_BYTE_ARRAY")), keys_first=True)
 SAMPLE_BITS = 3  # level 1 keeps the pair keys whose mixed value has its top 3 bits clear: 1 in 8
 SHARDS = 8  # shards a fragment's scope names by hits (each with its successor)
 WINDOW = 1024  # fragments of the run whose hits choose the scope (about 256 MiB of bf16)

@@ -36,6 +36,9 @@ class KeyedTable:
     # key (the gaps, not the values), PLAIN for random bytes a per-group dictionary only repeats.
     # Readers decode any encoding: changing one changes bytes on disk, never rows.
     encodings: tuple[tuple[str, str], ...] = ()
+    # Lookups mostly miss (the ids of a new model): read the key column of the row groups a
+    # key's range falls in first, and the other columns only of those that hold one.
+    keys_first: bool = False
 
 
 # A file of fewer rows is appended without the spec's encodings: its sorted keys' gaps span most
@@ -142,11 +145,25 @@ class KeyedReader:
             self.counts.files += 1
             if not groups:
                 return None
+            wanted = _int64s(keys)
+            if self.spec.keys_first and columns != [self.spec.key]:
+                groups = self._holding(pf, groups, wanted)
+                if not groups:
+                    return None
             self.counts.row_groups += len(groups)
-            self.counts.bytes += sum(pf.metadata.row_group(g).total_byte_size for g in groups)
+            self.counts.bytes += column_bytes(pf.metadata, groups, columns)
             t = pf.read_row_groups(groups, columns=columns, use_threads=False)
         t = conform(t, project(schema, columns))
-        return t.filter(pc.is_in(t[self.spec.key], value_set=_int64s(keys)))
+        return t.filter(pc.is_in(t[self.spec.key], value_set=wanted))
+
+    def _holding(self, pf: pq.ParquetFile, groups: list[int], wanted: pa.Array) -> list[int]:
+        """Those of `groups` that hold a wanted key, from their key column alone: a probe of
+        keys mostly absent (a new model's ids) reads 8 B a row instead of whole rows."""
+        self.counts.bytes += column_bytes(pf.metadata, groups, [self.spec.key])
+        found = pc.is_in(pf.read_row_groups(groups, columns=[self.spec.key], use_threads=False)[self.spec.key], value_set=wanted)
+        ends = np.cumsum([pf.metadata.row_group(g).num_rows for g in groups])
+        hits = np.add.reduceat(found.to_numpy(zero_copy_only=False), np.concatenate([[0], ends[:-1]]))
+        return [g for g, h in zip(groups, hits) if h]
 
     def _ranges(self, path: str, md: pq.FileMetaData) -> tuple[np.ndarray, np.ndarray]:
         got = self.ranges.get(path)
@@ -160,6 +177,12 @@ class KeyedReader:
                 highs.append(s.max if ok else 2**63 - 1)
             got = self.ranges[path] = (np.array(lows, np.int64), np.array(highs, np.int64))
         return got
+
+
+def column_bytes(md: pq.FileMetaData, groups: list[int], columns: list[str]) -> int:
+    """Bytes on disk of these columns' chunks in these row groups: what reading them reads."""
+    at = [md.schema.names.index(c) for c in columns]
+    return sum(md.row_group(g).column(c).total_compressed_size for g in groups for c in at)
 
 
 def _int64s(values: np.ndarray) -> pa.Array:

@@ -44,7 +44,7 @@ import zstandard
 
 from common import CACHE, example_family, mbps
 
-from haagenti.codecs import chain_for
+from haagenti.codecs import DENSE, PLANES, chain_for
 from haagenti.codecs.delta import cast_reference, residual
 from haagenti.config import LibraryConfig
 from haagenti.formats import open_model
@@ -266,10 +266,11 @@ def glyd_file(path: str, work: str) -> tuple[int, float, float]:
     return os.path.getsize(packed), t1 - t0, t2 - t1
 
 
-def haagenti_file(path: str, work: str, similarity: bool, threads: int) -> tuple[int, float, float]:
+def haagenti_file(path: str, work: str, similarity: bool, threads: int, level: int | str = PLANES) -> tuple[int, float, float]:
     """One model into a fresh library and back to a file; the size is every file of the
-    library (stats' disk_bytes: blobs, index, logs, ...), what a user's `du` sees."""
-    lib = FragmentLibrary.open(os.path.join(work, "lib"), LibraryConfig(similarity=similarity))
+    library (stats' disk_bytes: blobs, index, logs, ...), what a user's `du` sees. `level` DENSE
+    is `--dense-quantized`."""
+    lib = FragmentLibrary.open(os.path.join(work, "lib"), LibraryConfig(similarity=similarity, zstd_level=level))
     t0 = time.perf_counter()
     lib.ingest([path], "m", threads=threads)
     t1 = time.perf_counter()
@@ -357,6 +358,8 @@ def gguf(args) -> None:
                     ("glyd max, 1 thread", lambda w: glyd_file(path, w)),
                     ("haagenti exact, --threads 1", lambda w: haagenti_file(path, w, False, 1)),
                     ("haagenti + similarity, --threads 1", lambda w: haagenti_file(path, w, True, 1)),
+                    ("haagenti exact --dense-quantized, --threads 1", lambda w: haagenti_file(path, w, False, 1, DENSE)),
+                    ("haagenti + similarity --dense-quantized, --threads 1", lambda w: haagenti_file(path, w, True, 1, DENSE)),
                 ]
                 if args.methods:
                     methods = [m for m in methods if any(k in m[0] for k in args.methods.split(","))]

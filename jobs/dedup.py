@@ -11,6 +11,7 @@ import posixpath
 import sys
 from typing import Callable
 
+from haagenti.codecs import DENSE, PLANES
 from haagenti.config import LibraryConfig
 from haagenti.errors import HaagentiError
 from jobs import refuse_relative_in_job
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None, progress: Callable[[str], None] | None =
     ap.add_argument("--prune", action="store_true", help="remove models no longer in the catalog and collect their fragments")
     ap.add_argument("--rehash", action="store_true", help="hash every catalog file, trusting no stamp (size and mtime, or ETag) kept by the last run")
     ap.add_argument("--file-blake3", action="store_true", help="also record each file's plain BLAKE3 (b3sum's), to compare with published checksums")
+    ap.add_argument("--dense-quantized", action="store_true", help="also range-code quantized GGUF blocks where smaller (1-1.6 points more saved, ~5x the ingest and ~10x the restore time)")
     ap.add_argument("--no-report", action="store_true")
     args = ap.parse_args(argv)
     from pipelines.dedup import preflight, run_dedup
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None, progress: Callable[[str], None] | None =
         for e in catalog.entries:
             for f in e.files:
                 refuse_relative_in_job(f"model {e.model_id!r}: file", f)
-        config = LibraryConfig(fragment_size=args.fragment_size, index=args.index, file_blake3=args.file_blake3)
+        config = LibraryConfig(fragment_size=args.fragment_size, index=args.index, file_blake3=args.file_blake3,
+                               zstd_level=DENSE if args.dense_quantized else PLANES)
         executor = make_executor(args.executor, args.address, args.workers)  # Ray starts only now
         run = run_dedup(args.catalog, args.library, executor, config, prune=args.prune, progress=progress, rehash=args.rehash)
         if not args.no_report and not run.nothing_to_do:

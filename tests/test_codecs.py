@@ -8,7 +8,7 @@ import pytest
 import torch
 import zstandard
 
-from haagenti.codecs import PLANES, ByteGroup, RotateLeft, Zstd, apply_delta, cast_reference, chain_for, codec_chain, smallest_encoding
+from haagenti.codecs import DENSE, PLANES, ByteGroup, RotateLeft, Zstd, apply_delta, cast_reference, chain_for, codec_chain, smallest_encoding
 from haagenti.codecs.core import BLOCK_FIELDS, block_planes
 from haagenti.codecs.rans import QUANTIZED_FIELDS
 from haagenti.codecs.delta import residual
@@ -355,15 +355,18 @@ def test_range_coding_beats_the_planes_on_quantized_weights(qtype):
 
 
 def test_quantized_fragments_keep_the_smaller_of_the_range_coder_and_the_planes():
-    """Plain quantized fragments try both chains (a long float fragment takes its dtype's chain
-    only): Q4_1 weights take the range coder, blocks it cannot model (random bytes) the planes
-    or raw, whichever is smaller."""
+    """Under the dense preset plain quantized fragments try both chains (a long float fragment
+    takes its dtype's chain only): Q4_1 weights take the range coder, blocks it cannot model
+    (random bytes) the planes or raw, whichever is smaller. The default preset never range-codes
+    (it restores ~10x faster)."""
     data = _quantized("Q4_1", 4096)
-    enc, ref, spec, blob = smallest_encoding(data, [], "Q4_1")
+    enc, ref, spec, blob = smallest_encoding(data, [], "Q4_1", DENSE)
     assert (enc, ref, spec) == (Encoding.PLAIN, None, "rans:s2.s2.n16")
     assert len(blob) == min(len(codec_chain(s).encode(data)) for s in (spec, chain_for("Q4_1").spec))
+    assert chain_for("Q4_1", DENSE).spec == chain_for("Q4_1").spec
+    assert smallest_encoding(data, [], "Q4_1")[2] == chain_for("Q4_1").spec
     tq = _quantized("TQ2_0", 1024)  # no range-coder model: the planes as before
-    assert smallest_encoding(tq, [], "TQ2_0")[2] == chain_for("TQ2_0").spec
+    assert smallest_encoding(tq, [], "TQ2_0", DENSE)[2] == chain_for("TQ2_0").spec
 
 
 def test_quantized_fragments_with_references_range_code_only_the_leader_and_plain(monkeypatch):
@@ -379,7 +382,7 @@ def test_quantized_fragments_with_references_range_code_only_the_leader_and_plai
     calls = []
     real = QuantizedBlocks.encode
     monkeypatch.setattr(QuantizedBlocks, "encode", lambda self, body: calls.append(len(body)) or real(self, body))
-    enc, ref, spec, blob = smallest_encoding(data, refs, "Q4_1")
+    enc, ref, spec, blob = smallest_encoding(data, refs, "Q4_1", DENSE)
     assert len(calls) == 2 and (enc, ref) != (Encoding.PLAIN, None)
     planes = [len(chain_for("Q4_1").encode(b)) for b in (data, residual(Encoding.DELTA_XOR, data, refs[0], 20), residual(Encoding.DELTA_SUB, data, refs[0], 20))]
     assert len(blob) <= min(planes)

@@ -487,13 +487,14 @@ def test_crafted_range_coded_fragments_are_refused_in_one_line(tmp_path, case):
     import numpy as np
     import zstandard
 
+    from haagenti.codecs import DENSE
     from haagenti.config import LibraryConfig
     from haagenti.exports import export_gguf
     from haagenti.library import FragmentLibrary
 
     w = torch.from_numpy(np.random.default_rng(7).normal(0, 0.02, (256, 256)).astype(np.float32))
     export_gguf({"w": w, "norm": torch.ones(256)}, str(tmp_path / "m.gguf"), "Q4_1")
-    lib = FragmentLibrary.open(str(tmp_path / "lib"), LibraryConfig(fragment_size=64 * 1024))
+    lib = FragmentLibrary.open(str(tmp_path / "lib"), LibraryConfig(fragment_size=64 * 1024, zstd_level=DENSE))
     lib.ingest([str(tmp_path / "m.gguf")], "q4_1")
     rows = lib.store.read("fragments").to_pylist()
     k = next(i for i, r in enumerate(rows) if r["codec"].startswith("rans:"))

@@ -184,6 +184,10 @@ _WORD = {2: np.dtype("<u2").type, 4: np.dtype("<u4").type, 8: np.dtype("<u8").ty
 # zstd spends its time in the Huffman literal coder. Measured on the example family's exponent
 # planes: 2.6x faster than level 1 and 12% smaller (docs/decisions/0006-plain-coding.md).
 PLANES = "planes"
+# The planes preset, and quantized blocks range-coded as well (kept where smaller): 1-1.6 points
+# more saved on lone GGUF files for ~5x the ingest and ~10x the restore time of the planes
+# (docs/decisions/0350-quantized-range-coder.md), so a library asks for it.
+DENSE = "dense"
 _PLANE_PARAMS = zstandard.ZstdCompressionParameters(window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7, target_length=0, strategy=1)
 
 
@@ -368,6 +372,7 @@ def chain_for(dtype_name: str, level: int | str = PLANES) -> CodecChain:
     (and the residuals of deltas, which share their structure), the planes of its blocks for a
     quantized type, plain zstd otherwise (level 1 for the planes preset: integer data has real
     repeats worth matching)."""
+    level = PLANES if level == DENSE else level
     d = dtype(dtype_name)
     if d.is_float and d.itemsize in (2, 4, 8):
         w = d.itemsize
@@ -382,12 +387,14 @@ def chain_choices(dtype_name: str, level: int | str = PLANES) -> list[CodecChain
     """chain_for's chain, then the alternative worth trying on short fragments and residuals:
     for floats, byte planes without a rotation. Values that straddle a power of two (norm
     weights around 1.0: 0x3F7F / 0x3F80) keep a constant top byte only unrotated, and on a few
-    hundred bytes that beats the exponent plane's Huffman table (measured in docs/decisions/0006-plain-coding.md)."""
+    hundred bytes that beats the exponent plane's Huffman table (measured in docs/decisions/0006-plain-coding.md).
+    For quantized blocks under the DENSE preset, the range coder."""
+    dense, level = level == DENSE, PLANES if level == DENSE else level
     chain = chain_for(dtype_name, level)
     d = dtype(dtype_name)
     if d.is_float and d.itemsize in (2, 4, 8):
         return [chain, codec_chain(f"bytegroup:{d.itemsize}+zstd:{level}:{d.itemsize}")]
-    if d.name in QUANTIZED_FIELDS:
+    if d.name in QUANTIZED_FIELDS and dense:
         return [chain, codec_chain(f"rans:{QUANTIZED_FIELDS[d.name]}")]
     return [chain]
 

@@ -5,7 +5,7 @@ and which ecosystem quantiser runs here (torchao / optimum-quanto: conv support,
 
     python bench/adaptive.py [--models unet,mlp] [--steps 20] [--samples 256] [--window 4] [--ship]
     python bench/adaptive.py --residency [--models unet] [--runs 3] [--samplers ddim,dpmpp2m,euler_a]
-    python bench/adaptive.py --tier-frontier [--models unet] [--samplers dpmpp2m] [--window 4]
+    python bench/adaptive.py --tier-frontier [--models unet] [--samplers dpmpp2m] [--window 4] [--also-tiers int6,int5] [--budget 0.4 --best 24]
 
 --models unet5m is the larger denoiser (6.3 M parameters at 32x32; ~20 minutes of training on
 one thread): the sweep measures its sensitivity (and writes out/sensitivity-unet5m.json, whose
@@ -23,6 +23,11 @@ tiers) is built in bench/.cache/adaptive/library on first use.
 --tier-frontier samples every INT8/INT4 choice per window (--window steps) with the tiers
 streamed from that library, from the same noise as FP32: the cheapest that keeps the Frechet
 distance within 1.1x FP32's, and the additive-error check on those tiers (tier-frontier.json).
+--also-tiers offers INT6/INT5 too (added to the library on first use); --budget keeps the
+choices within that share of FP16 weight bytes and --best the N of them with the least
+predicted loss (each window's measured loss alone, summed), where all would take too long. The
+per-window losses are written as a sensitivity file (tier-sensitivity.json) that
+`haagenti schedule search --sensitivity` reads.
 
 Models are trained on first use under /tmp/haagenti-heavy.lock (minutes of CPU) and cached in
 bench/.cache/adaptive as diffusers folders (the digits classifiers, seconds each, beside them); results go to bench/.cache/adaptive/out/adaptive.{md,json} and adaptive-SAMPLER.png.
@@ -129,15 +134,15 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def residency_library(base: str, kind: str):
-    """The model (stored under its kind's name) and its INT8/INT4 tiers in a library (built once)."""
+def residency_library(base: str, kind: str, tiers: tuple[str, ...] = ("int8", "int4")):
+    """The model (stored under its kind's name) and its `tiers` in a library (each built once)."""
     from haagenti.adaptive.tiers import add_tier, tiers_of
     from haagenti.library import FragmentLibrary
 
     lib = FragmentLibrary.open(os.path.join(base, "library"))
     if kind not in {m["model_id"] for m in lib.models()}:
         lib.ingest([os.path.join(base, kind, "diffusion_pytorch_model.safetensors")], kind, "digits")
-    for p in ("int8", "int4"):
+    for p in tiers:
         if p not in {t.value for t in tiers_of(lib, kind)}:
             add_tier(lib, kind, p)
     return lib
@@ -247,33 +252,42 @@ def residency_table(rows: list[dict], load: str) -> str:
     return "\n".join(lines)
 
 
-def tier_frontier(base: str, kind: str, sampler: str, steps: int, samples: int, window: int) -> dict:
-    """Every INT8/INT4 choice per window of `window` steps, streamed from the library's tiers,
-    each from the same noise as FP32: which budget meets FD <= 1.1 x FP32, and the additive-error
-    check on these tiers (measured MSE vs the sum of each window's MSE alone, the rest FP32)."""
+def tier_frontier(base: str, kind: str, sampler: str, steps: int, samples: int, window: int, also: tuple[str, ...] = (),
+                  budget: float | None = None, best: int | None = None) -> dict:
+    """Every choice per window of `window` steps among INT8, INT4 and the `also` tiers (within
+    `budget`, the `best` by predicted loss), streamed from the library's tiers, each from the same
+    noise as FP32: which budget meets FD <= 1.1 x FP32, and the additive-error check on these
+    tiers (measured MSE vs the sum of each window's MSE alone, the rest FP32)."""
     import itertools
 
     from haagenti.adaptive.evaluate import Evaluator, uniform, window_schedule
     from haagenti.adaptive.precision import Precision
     from haagenti.adaptive.residency import StreamingSwitcher
     from haagenti.adaptive.schedule import PrecisionSchedule, StepPrecision
+    from haagenti.adaptive.search import Sensitivity
     from haagenti.adaptive.tiers import LayerTiers
 
-    tiers = LayerTiers(residency_library(base, kind), kind)
+    offered = [Precision.INT8, *(Precision.parse(p) for p in also), Precision.INT4]
+    tiers = LayerTiers(residency_library(base, kind, tuple(p.value for p in offered)), kind)
     model = load_or_train(kind, os.path.join(base, kind), 0)
     ev = Evaluator(model, sampler, steps, samples, classifier_path=os.path.join(base, f"classifier{model.config.sample_size}.safetensors"),
                    switcher=lambda m, sch, plan: StreamingSwitcher(m, sch, plan, tiers))
-    fp32 = ev.evaluate(uniform(Precision.FP32, steps))
+    fp32, fp16 = (ev.evaluate(uniform(p, steps)) for p in (Precision.FP32, Precision.FP16))
     windows = [(a, min(a + window, steps)) for a in range(0, steps, window)]
-    alone = {(k, p): ev.evaluate(window_schedule(steps, a, b, p)).mse for k, (a, b) in enumerate(windows) for p in (Precision.INT8, Precision.INT4)}
+    loss = {p.value: tuple(ev.evaluate(window_schedule(steps, a, b, p)).mse for a, b in windows) for p in offered}
+    loss["fp16"] = tuple(fp16.mse * (b - a) / steps for a, b in windows)
+    sens = Sensitivity(kind, sampler, steps, tuple(windows), {p.value: ev.switcher.weight_bytes_at(p) / ev.fp16_bytes for p in (*offered, Precision.FP16)},
+                       loss, samples)
+    choices = [c for c in itertools.product(offered, repeat=len(windows)) if budget is None or sens.bytes_of(c) <= budget + 1e-9]
     rows = []
-    for choice in itertools.product((Precision.INT8, Precision.INT4), repeat=len(windows)):
+    for choice in sorted(choices, key=sens.predicted)[:best]:
         steps_at = [StepPrecision(i, p) for p, (a, b) in zip(choice, windows) for i in range(a, b)]
         r = ev.evaluate(PrecisionSchedule(steps_at, [], "".join(p.value[-1] for p in choice)))
-        rows.append({**r.row(), "frechet_ratio": r.frechet / fp32.frechet, "predicted_mse": sum(alone[k, p] for k, p in enumerate(choice))})
+        rows.append({**r.row(), "frechet_ratio": r.frechet / fp32.frechet, "predicted_mse": sens.predicted(choice)})
     ratio = np.array([r["mse"] / r["predicted_mse"] for r in rows])
     met = [r for r in rows if r["frechet_ratio"] <= 1.1]
-    return {"model": kind, "sampler": sampler, "samples": samples, "window": window, "fp32_frechet": fp32.frechet, "fp32_frechet_other_seed": ev.frechet_other_seed(),
+    return {"model": kind, "sampler": sampler, "samples": samples, "window": window, "tiers": [p.value for p in offered], "budget": budget,
+            "candidates": len(choices), "sensitivity": sens.to_dict(), "fp32_frechet": fp32.frechet, "fp32_frechet_other_seed": ev.frechet_other_seed(),
             "schedules": sorted(rows, key=lambda r: r["weight_bytes_vs_fp16"]),
             "cheapest_meeting_fd": min(met, key=lambda r: r["weight_bytes_vs_fp16"]) if met else None,
             "additivity": {"ratio_min": float(ratio.min()), "ratio_median": float(np.median(ratio)), "ratio_max": float(ratio.max()),
@@ -290,7 +304,10 @@ def main() -> None:
     ap.add_argument("--ship", action="store_true")
     ap.add_argument("--residency", action="store_true", help="measure residency (see the module's docstring)")
     ap.add_argument("--runs", type=int, default=3, help="--residency: timed pipeline calls per configuration")
-    ap.add_argument("--tier-frontier", action="store_true", help="every INT8/INT4 window choice streamed from the library's tiers, per sampler")
+    ap.add_argument("--tier-frontier", action="store_true", help="every INT8/INT4 (and --also-tiers) window choice streamed from the library's tiers, per sampler")
+    ap.add_argument("--also-tiers", default="", help="--tier-frontier: offer these tiers too (int6, int5)")
+    ap.add_argument("--budget", type=float, help="--tier-frontier: only choices within this share of FP16 weight bytes")
+    ap.add_argument("--best", type=int, help="--tier-frontier: only the N choices with the least predicted loss")
     ap.add_argument("--residency-run", help=argparse.SUPPRESS)  # MODEL:SAMPLER:MODE:IMAGES_OUT, one configuration in this process
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -302,15 +319,20 @@ def main() -> None:
         return
     if args.tier_frontier:
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-        docs = [tier_frontier(base, kind, sampler, args.steps, args.samples, args.window) for kind in (args.models or "unet").split(",")
-                for sampler in args.samplers.split(",")]
+        also = tuple(p for p in args.also_tiers.split(",") if p)
+        docs = [tier_frontier(base, kind, sampler, args.steps, args.samples, args.window, also, args.budget, args.best)
+                for kind in (args.models or "unet").split(",") for sampler in args.samplers.split(",")]
         os.makedirs(os.path.join(base, "out"), exist_ok=True)
         with open(os.path.join(base, "out", "tier-frontier.json"), "w") as f:
             json.dump({"load_average": load, "runs": docs}, f, indent=1)
+        with open(os.path.join(base, "out", "tier-sensitivity.json"), "w") as f:
+            json.dump({"run": " ".join(sys.argv), "sensitivity": [d["sensitivity"] for d in docs]}, f, indent=1)
         for d in docs:
             a = d["additivity"]
+            tier_bytes = ", ".join(f"{p} {b:.1%}" for p, b in d["sensitivity"]["bytes_vs_fp16"].items())
             print(f"{d['model']} {d['sampler']}: FP32 FD {d['fp32_frechet']:.1f} (other noise {d['fp32_frechet_other_seed']:.1f}); measured/predicted MSE"
-                  f" {a['ratio_min']:.2f}/{a['ratio_median']:.2f}/{a['ratio_max']:.2f}, r={a['pearson_r']:.3f}")
+                  f" {a['ratio_min']:.2f}/{a['ratio_median']:.2f}/{a['ratio_max']:.2f}, r={a['pearson_r']:.3f}; {len(d['schedules'])} of {d['candidates']} choices;"
+                  f" bytes vs FP16: {tier_bytes}")
             for r in d["schedules"]:
                 print(f"  {r['name']}  bytes {r['weight_bytes_vs_fp16']:.1%}  FD ratio {r['frechet_ratio']:.3f}  PSNR {r['psnr_db']:.1f} dB"
                       f"  agreement {r['class_agreement']:.3f}  MSE {r['mse']:.5f} (predicted {r['predicted_mse']:.5f})")

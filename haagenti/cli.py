@@ -32,7 +32,7 @@ examples_app = typer.Typer(help="Example model families, made by training.", no_
 app.add_typer(examples_app, name="examples")
 schedule_app = typer.Typer(help="Adaptive precision schedules for diffusion sampling.", **HELP)
 app.add_typer(schedule_app, name="schedule")
-tier_app = typer.Typer(help="Precision tiers (int8, int4) of stored models.", no_args_is_help=True, **HELP)
+tier_app = typer.Typer(help="Precision tiers (int8, int6, int5, int4) of stored models.", no_args_is_help=True, **HELP)
 app.add_typer(tier_app, name="tier")
 console = Console(stderr=True)
 out = Console()
@@ -332,7 +332,7 @@ def dedup(
 
 
 @tier_app.command("add")
-def tier_add(library: str, model: str, precision: str = typer.Argument(..., help="int8 or int4")) -> None:
+def tier_add(library: str, model: str, precision: str = typer.Argument(..., help="int8, int6, int5 or int4")) -> None:
     """Store MODEL again at PRECISION as the tier model MODEL.PRECISION (read by tiers.load_model)."""
     from haagenti.adaptive.precision import AdaptiveError
     from haagenti.adaptive.tiers import add_tier

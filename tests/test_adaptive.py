@@ -116,12 +116,14 @@ def test_hardware_clamp_min_gap_and_memory_budget():
 
 def test_quantisation_error_and_bytes():
     w = torch.randn(64, 96)
-    for p, bound, ratio in ((Precision.INT8, 0.01, 0.27), (Precision.INT4, 0.15, 0.17), (Precision.FP16, 1e-3, 0.5)):
+    for p, bound, ratio in ((Precision.INT8, 0.01, 0.27), (Precision.INT6, 0.04, 0.2), (Precision.INT5, 0.08, 0.17), (Precision.INT4, 0.15, 0.17),
+                            (Precision.FP16, 1e-3, 0.5)):
         q = quantize(w, p)
         err = (q.dequantize() - w).norm() / w.norm()
         assert err < bound, p
         assert q.nbytes <= ratio * w.numel() * 4, p
-    assert quantize(torch.randn(3, 5), Precision.INT4).dequantize().shape == (3, 5)  # padding to the group
+    for p in (Precision.INT4, Precision.INT5, Precision.INT6):
+        assert quantize(torch.randn(3, 5), p).dequantize().shape == (3, 5)  # padding to the group, to 8 levels
 
 
 def test_int4_tiers_are_affine_and_symmetric_tiers_still_read():
@@ -221,19 +223,23 @@ def test_quanto_layers_are_bit_stable_and_sized(tiny_unet):
     assert sizes[Precision.INT8] > sizes[Precision.FP32] / 4  # INT8 counts its scales
 
 
-def _random_sensitivity(k=6, steps=12, seed=0):
+def _random_sensitivity(k=6, steps=12, seed=0, int6=False):
     g = torch.Generator().manual_seed(seed)
     windows = tuple((i * steps // k, (i + 1) * steps // k) for i in range(k))
     loss = {"int4": torch.rand(k, generator=g) * 10, "int8": torch.rand(k, generator=g), "fp16": torch.rand(k, generator=g) * 0.01}
-    return Sensitivity("m", "s", steps, windows, {"int4": 0.3, "int8": 0.52, "fp16": 1.0}, {p: tuple(v.tolist()) for p, v in loss.items()})
+    ratio = {"int4": 0.3, "int8": 0.52, "fp16": 1.0}
+    if int6:
+        loss["int6"], ratio["int6"] = torch.rand(k, generator=g) * 3, 0.39
+    return Sensitivity("m", "s", steps, windows, ratio, {p: tuple(v.tolist()) for p, v in loss.items()})
 
 
 def test_search_is_the_exact_optimum_within_the_budget():
     import itertools
 
-    for seed in range(3):
-        sens = _random_sensitivity(seed=seed)
-        every = list(itertools.product(CHOICES, repeat=len(sens.windows)))
+    for seed in range(4):
+        sens = _random_sensitivity(seed=seed, int6=seed == 3)  # a measured INT6 is offered too
+        assert sens.choices == (CHOICES + (Precision.INT6,) if seed == 3 else CHOICES)
+        every = list(itertools.product(sens.choices, repeat=len(sens.windows)))
         for budget in (0.3, 0.35, 0.42, 0.6, 1.0):
             best = min((c for c in every if sens.bytes_of(c) <= budget + 1e-9), key=sens.predicted)
             got = search(sens, budget)

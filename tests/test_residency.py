@@ -9,16 +9,16 @@ from safetensors.torch import save_file
 
 from haagenti.adaptive.models import digits, train, unet
 from haagenti.adaptive.precision import AdaptiveError, Precision
-from haagenti.adaptive.quantize import layer_paths
+from haagenti.adaptive.quantize import layer_paths, quantize
 from haagenti.adaptive.residency import WORKER, StreamingSwitcher
 from haagenti.adaptive.sampling import DigitsPipeline, make_scheduler
 from haagenti.adaptive.schedule import PrecisionSchedule, StepPrecision
 from haagenti.adaptive.switch import PrecisionSwitcher
-from haagenti.adaptive.tiers import LayerTiers, add_tier
+from haagenti.adaptive.tiers import LayerTiers, add_tier, load_model
 from haagenti.config import LibraryConfig
 from haagenti.library import FragmentLibrary
 
-I4, I8, H, F32 = Precision.INT4, Precision.INT8, Precision.FP16, Precision.FP32
+I4, I6, I8, H, F32 = Precision.INT4, Precision.INT6, Precision.INT8, Precision.FP16, Precision.FP32
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,14 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def library(tiny, tmp_path_factory):
-    """The UNet in a library with its INT8 and INT4 tiers; "bare" is the same model without tiers."""
+    """The UNet in a library with its INT8, INT6 and INT4 tiers; "bare" is the same model without tiers."""
     folder = tmp_path_factory.mktemp("residency")
     path = str(folder / "unet.safetensors")
     save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, path)
     lib = FragmentLibrary.open(str(folder / "lib"), LibraryConfig(fragment_size=64 * 1024))
     lib.ingest([path], "unet", "digits")
     lib.ingest([path], "bare", "digits")
-    for p in ("int8", "int4"):
+    for p in ("int8", "int6", "int4"):
         add_tier(lib, "unet", p)
     return lib
 
@@ -129,3 +129,28 @@ def test_a_missing_tier_or_another_model_is_one_line_and_leaves_the_denoiser_alo
         with StreamingSwitcher(other, pipe.scheduler, _schedule(H, I8), LayerTiers(library, "unet")):
             pass
     assert all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items())
+
+
+def test_the_int6_tier_round_trips_and_sits_between_int8_and_int4(tiny, library):
+    """The stored INT6 tier reads back as quantize wrote it (packed levels, scale, shift), costs
+    fewer bytes than INT8 and more than INT4, and its error on the largest layer of the trained
+    UNet lies between theirs; a schedule with INT6 steps streams as the all-resident switcher runs
+    it (its INT6 layers are the same grid, held dequantised; quanto has none), bit for bit."""
+    tiers = LayerTiers(library, "unet")
+    name = max((f"{k}.weight" for k in layer_paths(tiny)), key=lambda n: tiny.get_parameter(n).numel())
+    w = tiny.get_parameter(name).detach()
+    read, written = tiers.load(I6, [name])[name], quantize(w, I6)
+    assert all(torch.equal(a, b) for a, b in ((read.data, written.data), (read.scale, written.scale), (read.shift, written.shift)))
+    assert torch.equal(load_model(library, "unet", "int6")[name], written.dequantize())
+    assert read.data.numel() == w.numel() * 6 // 8
+    err = {p: float((quantize(w, p).dequantize() - w).norm() / w.norm()) for p in (I8, I6, I4)}
+    assert err[I8] < err[I6] < err[I4], err
+    paths = [f"{k}.weight" for k in layer_paths(tiny)]
+    assert tiers.weight_bytes(I4, paths) < tiers.weight_bytes(I6, paths) < tiers.weight_bytes(I8, paths)
+    pipe = _pipe(tiny, "dpmpp2m")
+    schedule = _schedule(I8, I6, I6, H)  # quanto's INT8 is the library's to the bit; its INT4 is not
+    with StreamingSwitcher(tiny, pipe.scheduler, schedule, tiers):
+        streamed = pipe(4, 4, torch.Generator().manual_seed(1)).images
+    with PrecisionSwitcher(tiny, pipe.scheduler, schedule) as resident:
+        assert torch.equal(streamed, pipe(4, 4, torch.Generator().manual_seed(1)).images)
+    assert resident.weight_bytes_at(I6) == tiers.weight_bytes(I6, paths)

@@ -11,6 +11,8 @@ from haagenti.adaptive.presets import AdaptiveError  # noqa: F401  (re-exported)
 
 class Precision(str, Enum):
     INT4 = "int4"
+    INT5 = "int5"
+    INT6 = "int6"
     INT8 = "int8"
     FP16 = "fp16"
     BF16 = "bf16"
@@ -18,7 +20,7 @@ class Precision(str, Enum):
 
     @property
     def bits(self) -> int:
-        return {"int4": 4, "int8": 8, "fp16": 16, "bf16": 16, "fp32": 32}[self.value]
+        return {"int4": 4, "int5": 5, "int6": 6, "int8": 8, "fp16": 16, "bf16": 16, "fp32": 32}[self.value]
 
     @property
     def bytes(self) -> float:
@@ -31,12 +33,12 @@ class Precision(str, Enum):
 
     @property
     def is_integer(self) -> bool:
-        return self in (Precision.INT4, Precision.INT8)
+        return self in (Precision.INT4, Precision.INT5, Precision.INT6, Precision.INT8)
 
     @classmethod
     def parse(cls, text: str) -> "Precision":
         key = text.strip().lower().replace("float", "fp").replace("bfloat", "bf")
-        aliases = {"half": "fp16", "fp": "fp32", "full": "fp32", "single": "fp32", "q4": "int4", "q8": "int8"}
+        aliases = {"half": "fp16", "fp": "fp32", "full": "fp32", "single": "fp32", "q4": "int4", "q5": "int5", "q6": "int6", "q8": "int8"}
         key = aliases.get(key, key)
         try:
             return cls(key)
@@ -44,12 +46,12 @@ class Precision(str, Enum):
             raise AdaptiveError(f"unknown precision {text!r}; use one of {', '.join(p.value for p in cls)}") from None
 
 
-ORDER = [Precision.INT4, Precision.INT8, Precision.FP16, Precision.BF16, Precision.FP32]
+ORDER = [Precision.INT4, Precision.INT5, Precision.INT6, Precision.INT8, Precision.FP16, Precision.BF16, Precision.FP32]
 
 
 @dataclass(frozen=True)
 class PrecisionCapabilities:
-    """Precisions a device can run. Weight-only INT4/INT8 run anywhere (dequantised on the fly);
+    """Precisions a device can run. Weight-only INT4..INT8 run anywhere (dequantised on the fly);
     BF16 needs compute capability 8.0+ on CUDA, FP16 7.0+ for tensor cores."""
 
     device: str
@@ -79,7 +81,7 @@ class PrecisionCapabilities:
 
     @classmethod
     def legacy_gpu(cls, cc: tuple[int, int] = (7, 0)) -> "PrecisionCapabilities":
-        return cls("cuda", frozenset({Precision.INT4, Precision.INT8, Precision.FP16, Precision.FP32}), cc)
+        return cls("cuda", frozenset({Precision.INT4, Precision.INT5, Precision.INT6, Precision.INT8, Precision.FP16, Precision.FP32}), cc)
 
     @classmethod
     def cpu(cls) -> "PrecisionCapabilities":

@@ -127,9 +127,9 @@ class PrecisionSchedule:
         return touched / (reference.bits * len(self.steps))
 
     def timeline(self) -> str:
-        glyph = {Precision.INT4: "4", Precision.INT8: "8", Precision.FP16: "h", Precision.BF16: "b", Precision.FP32: "F"}
+        glyph = {Precision.INT4: "4", Precision.INT5: "5", Precision.INT6: "6", Precision.INT8: "8", Precision.FP16: "h", Precision.BF16: "b", Precision.FP32: "F"}
         bar = "".join(glyph[s.precision] if s.blend >= 1 else "~" for s in self.steps)
-        lines = [f"{self.name}: {len(self.steps)} steps  [{bar}]", "  4=INT4 8=INT8 h=FP16 b=BF16 F=FP32 ~=blending"]
+        lines = [f"{self.name}: {len(self.steps)} steps  [{bar}]", "  4=INT4 5=INT5 6=INT6 8=INT8 h=FP16 b=BF16 F=FP32 ~=blending"]
         for p, share in self.precision_distribution().items():
             lines.append(f"  {p.value:5s} {share:6.1%}  steps {_ranges(self.steps_at_precision(p))}")
         lines.append(f"  average {self.average_bits():.1f} bits: {self.weight_bytes_ratio():.0%} of all-FP16 weight bits (quantisation scales not counted)")

@@ -4,8 +4,8 @@ schedule with the least predicted quality loss.
 The loss of a schedule is predicted as the sum, over windows of steps, of the MSE (vs FP32
 samples) that quantising that window alone adds: TMPDiff's additive-error assumption, which
 `bench/adaptive.py` checks against measured schedules. Under it the problem is a knapsack over
-windows with one of INT4/INT8/FP16 each; a DP that keeps the (bytes, loss) Pareto frontier of
-every prefix solves it exactly."""
+windows with one of INT4/INT8/FP16 each (and INT5/INT6 where the sensitivity measured them); a
+DP that keeps the (bytes, loss) Pareto frontier of every prefix solves it exactly."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,8 @@ from haagenti.adaptive.precision import AdaptiveError, Precision
 from haagenti.adaptive.presets import ProfilePreset
 from haagenti.adaptive.profile import INF, PrecisionProfile, PrecisionZone
 
-CHOICES = (Precision.INT4, Precision.INT8, Precision.FP16)
+CHOICES = (Precision.INT4, Precision.INT8, Precision.FP16)  # every sensitivity measures these
+OPTIONAL = (Precision.INT5, Precision.INT6)  # library tiers (0390), offered where measured
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class Sensitivity:
         for p in CHOICES:
             if len(self.loss.get(p.value, ())) != len(self.windows) or p.value not in self.bytes_vs_fp16:
                 raise AdaptiveError(f"sensitivity for {self.model}/{self.sampler} lacks {p.value} for every window")
+
+    @property
+    def choices(self) -> tuple[Precision, ...]:
+        """The precisions a window may take: CHOICES and each OPTIONAL one measured for every window."""
+        extra = tuple(p for p in OPTIONAL if len(self.loss.get(p.value, ())) == len(self.windows) and p.value in self.bytes_vs_fp16)
+        return CHOICES + extra
 
     def predicted(self, choice: tuple[Precision, ...]) -> float:
         return sum(self.loss[p.value][k] for k, p in enumerate(choice))
@@ -80,7 +87,7 @@ def frontier(sens: Sensitivity) -> list[SearchResult]:
     front: list[tuple[float, float, tuple[Precision, ...]]] = [(0.0, 0.0, ())]
     for k, (a, b) in enumerate(sens.windows):
         share = (b - a) / sens.steps
-        grown = sorted((nb + share * sens.bytes_vs_fp16[p.value], nl + sens.loss[p.value][k], ch + (p,)) for nb, nl, ch in front for p in CHOICES)
+        grown = sorted((nb + share * sens.bytes_vs_fp16[p.value], nl + sens.loss[p.value][k], ch + (p,)) for nb, nl, ch in front for p in sens.choices)
         front, best = [], float("inf")
         for item in grown:
             if item[1] < best - 1e-15:

@@ -1,5 +1,5 @@
 """Precision tiers in the fragment library: a model's Linear/Conv-like weights stored again at
-INT8 or INT4 (values plus scales) as a tier model "<id>.<precision>", whose fragments carry that
+INT8, INT6, INT5 or INT4 (packed values plus scales and shifts) as a tier model "<id>.<precision>", whose fragments carry that
 quality level. A loader asked for a precision reads only that tier's fragments; `LayerTiers`
 reads them a few layers at a time, for a switcher that keeps only what its next step needs."""
 from __future__ import annotations
@@ -20,9 +20,9 @@ from haagenti.hashing import content_hash
 from haagenti.ingest import IngestReport, ModelInput, ingest_models
 from haagenti.loader import ModelLoader
 
-TIERS = (Precision.INT8, Precision.INT4)
+TIERS = (Precision.INT8, Precision.INT6, Precision.INT5, Precision.INT4)
 _SCALE = ".__scale"
-_SHIFT = ".__shift"  # INT4's group minimum; tiers stored before the affine grid have none
+_SHIFT = ".__shift"  # INT4's group minimum, INT5/INT6's channel minimum; INT4 tiers stored before the affine grid have none
 
 
 def tier_id(model_id: str, precision: Precision) -> str:
@@ -73,7 +73,7 @@ def _require_tier(library: LibraryCore, model_id: str, p: Precision) -> None:
 
 
 def load_model(library: LibraryCore, model_id: str, precision: Precision | str = Precision.FP32) -> dict[str, torch.Tensor]:
-    """The model's tensors; at INT8/INT4 only the tier's fragments are read and the weights come
+    """The model's tensors; at a tier's precision only the tier's fragments are read and the weights come
     back dequantised (FP32) with the tier's error; FP16/BF16 are casts of the exact model."""
     p = precision if isinstance(precision, Precision) else Precision.parse(precision)
     if p in TIERS:
@@ -102,7 +102,7 @@ def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
 
 class LayerTiers:
     """A denoiser's layer weights at each precision, read from the library a few tensors at a
-    time: INT8/INT4 as the stored tier's values and scales (dequantised per call by whoever
+    time: INT8..INT4 as the stored tier's values and scales (dequantised per call by whoever
     holds them), FP32 as the exact model's weights, FP16/BF16 as those rounded and held at 2
     bytes. Tensors are read straight into buffers allocated for them (ModelLoader's `into`), and
     the loader keeps no fragment cache: what is resident is exactly what the caller holds."""

@@ -310,7 +310,7 @@ TREE_FORMAT = 7  # records whose files.layout is the file's tree, verbatim bytes
 
 
 def upgrade(url: str) -> list[str]:
-    """Move a format-4 to 8 library to this format in place, under the gc lease. Formats 4-6:
+    """Move a format-4 to 9 library to this format in place, under the gc lease. Formats 4-6:
     each published model's record is checked as its format defined it (its files' layout
     digests over their inline bytes and fragment ids, its content hash over their whole-file
     BLAKE3, and from format 5 its record digest), then rewritten as format 7 defines it: each
@@ -319,8 +319,9 @@ def upgrade(url: str) -> list[str]:
     digest, so every reader refuses it by name. Format 6 only added an encoding, which older
     rows never use. Format 8: the pieces of every file's verbatim bytes over 16 KiB are
     committed (those the library lacks), then every row, `files.header` in its format-8 form,
-    in one commit of the models table (rows then say format 9). Format 9 only added the
-    `rans` codec, which older rows never use: from format 8 nothing but haagenti.json changes.
+    in one commit of the models table (rows then say this format). Formats 9 and 10 only added
+    codecs (`rans`, `rans2`), which older rows never use: from format 8 or 9 nothing but
+    haagenti.json changes.
     Then haagenti.json says this format. Returns the
     failures, one line each. Killed before the marker is rewritten, the library keeps its
     format and a rerun does it all again (a row it rewrote already, at this format, has its
@@ -333,7 +334,7 @@ def upgrade(url: str) -> list[str]:
         raise LibraryError(f"{store.url}: library format {found!r}; `haagenti upgrade` moves formats {', '.join(map(str, UPGRADABLE_FROM))} to {LIBRARY_FORMAT_VERSION} only")
     failed: list[str] = []
     with writing(store, "gc") as lease:
-        if found != PIECES_FROM:  # format 9 only added a codec: format 8's rows are format 9's
+        if found < PIECES_FROM:  # formats 9 and 10 only added codecs: format 8's and 9's rows are this format's
             core = LibraryCore(store, LibraryConfig().settled(store.marker_doc(), store.url))
             rows, failed = _rewrite_records(core, found)
             store.replace_models(_with_verbatim_pieces(core, rows, lease.writer), f"upgrade to format {LIBRARY_FORMAT_VERSION}")

@@ -497,7 +497,7 @@ def test_crafted_range_coded_fragments_are_refused_in_one_line(tmp_path, case):
     lib = FragmentLibrary.open(str(tmp_path / "lib"), LibraryConfig(fragment_size=64 * 1024, zstd_level=DENSE))
     lib.ingest([str(tmp_path / "m.gguf")], "q4_1")
     rows = lib.store.read("fragments").to_pylist()
-    k = next(i for i, r in enumerate(rows) if r["codec"].startswith("rans:"))
+    k = next(i for i, r in enumerate(rows) if r["codec"].startswith("rans2:"))
     blob = bytearray(rows[k]["blob"])
     (size,) = struct.unpack_from("<I", blob)
     if case == "models-flipped":
@@ -513,7 +513,7 @@ def test_crafted_range_coded_fragments_are_refused_in_one_line(tmp_path, case):
         blob = bytearray(struct.pack("<I", len(packed)) + packed + blob[4 + size :])
     rows[k] = {**rows[k], "blob": bytes(blob)}
     if case == "spec-of-another-type":
-        rows[k]["codec"] = "rans:s2.n16"
+        rows[k]["codec"] = "rans2:s2.n16"
     restore_refused_in_one_line(lib, rows, tmp_path, "q4_1", source=None)
 
 

@@ -3,7 +3,7 @@ verified like its fragments: a digest written in its models row at publication, 
 every reader (restore, verify, ModelLoader, haagenti://) before it trusts a name. And the
 upgrade of format-4 to 7 libraries (format 4 has no digests; formats before 7 identify a file by
 its whole BLAKE3; formats before 8 hold every file's verbatim bytes in its models row), and of
-format 8 (its marker only), to format 9."""
+formats 8 and 9 (their marker only), to format 10."""
 from __future__ import annotations
 
 import json
@@ -365,24 +365,25 @@ def test_an_upgrade_stopped_before_its_marker_is_done_again(tmp_path, monkeypatc
     assert SCHEMAS["models"].names == lib.store.read("models").column_names
 
 
-def test_a_format_8_library_is_refused_until_upgraded_which_rewrites_only_its_marker(tmp_path):
-    """Format 9 added the range coder (codec `rans`), which a format-8 haagenti would call
-    damage: a format-8 library is refused until upgraded, and the upgrade rewrites haagenti.json
-    alone (format 8's rows are format 9's); its models then restore and verify."""
+@pytest.mark.parametrize("old", [8, 9])
+def test_a_format_8_or_9_library_is_refused_until_upgraded_which_rewrites_only_its_marker(tmp_path, old):
+    """Formats 9 and 10 added codecs (`rans`, `rans2`), which an older haagenti would call
+    damage: a format-8 or 9 library is refused until upgraded, and the upgrade rewrites
+    haagenti.json alone (their rows are format 10's); its models then restore and verify."""
     url = str(tmp_path / "lib")
     lib = FragmentLibrary.open(url, CONFIG)
     lib.ingest([with_tokenizer(tmp_path / "m")], "m")
     store = LibraryStore(url)
-    rows = [r | {"format_version": 8} for r in store.read("models").to_pylist()]
-    store.replace_models(pa.Table.from_pylist(rows, schema=SCHEMAS["models"]), "as format 8")
+    rows = [r | {"format_version": old} for r in store.read("models").to_pylist()]
+    store.replace_models(pa.Table.from_pylist(rows, schema=SCHEMAS["models"]), f"as format {old}")
     marker = json.loads(open(f"{url}/haagenti.json").read())
-    open(f"{url}/haagenti.json", "w").write(json.dumps({**marker, "format_version": 8}))
-    with pytest.raises(LibraryError, match=f"library format 8, this haagenti reads format {LIBRARY_FORMAT_VERSION}: run `haagenti upgrade"):
+    open(f"{url}/haagenti.json", "w").write(json.dumps({**marker, "format_version": old}))
+    with pytest.raises(LibraryError, match=f"library format {old}, this haagenti reads format {LIBRARY_FORMAT_VERSION}: run `haagenti upgrade"):
         FragmentLibrary.open(url)
     tables = {t: DeltaTable(f"{url}/{t}").version() for t in ("fragments", "manifests", "models", "signatures")}
     assert upgrade(url) == []
     assert {t: DeltaTable(f"{url}/{t}").version() for t in tables} == tables
-    assert json.loads(open(f"{url}/haagenti.json").read())["format_version"] == LIBRARY_FORMAT_VERSION == 9
+    assert json.loads(open(f"{url}/haagenti.json").read())["format_version"] == LIBRARY_FORMAT_VERSION == 10
     lib = FragmentLibrary.open(url, create=False)
     assert lib.verify().ok
     lib.restore("m", str(tmp_path / "out"), rehash=True)

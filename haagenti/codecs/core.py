@@ -309,7 +309,8 @@ def _zstd(args: list[str]) -> Zstd:
 CODECS: dict[str, Callable[[list[str]], Codec]] = {
     "blocks": lambda args: BlockFields(*map(_widths, args)),
     "bytegroup": lambda args: ByteGroup(*map(int, args)),
-    "rans": lambda args: QuantizedBlocks(*args),
+    "rans": lambda args: QuantizedBlocks("rans", *args),
+    "rans2": lambda args: QuantizedBlocks("rans2", *args),
     "rotl": lambda args: RotateLeft(*map(int, args)),
     # format 4's first spelling of rotl:W:1 (rows written before the rotation became per dtype)
     "signlast": lambda args: RotateLeft(*map(int, args), 1),
@@ -395,7 +396,7 @@ def chain_choices(dtype_name: str, level: int | str = PLANES) -> list[CodecChain
     if d.is_float and d.itemsize in (2, 4, 8):
         return [chain, codec_chain(f"bytegroup:{d.itemsize}+zstd:{level}:{d.itemsize}")]
     if d.name in QUANTIZED_FIELDS and dense:
-        return [chain, codec_chain(f"rans:{QUANTIZED_FIELDS[d.name]}")]
+        return [chain, codec_chain(f"rans2:{QUANTIZED_FIELDS[d.name]}")]
     return [chain]
 
 

@@ -51,30 +51,6 @@ WEIGHTS = np.array([0, 16, 20, 25, 32, 40, 51, 64, 81, 102, 128, 161, 203, 256, 
 LEVELS_PER_OCTAVE = 3
 
 
-def _levels(counts: np.ndarray) -> np.ndarray:
-    """Histograms (rows) as levels of WEIGHTS, each row's most frequent symbol at the top one;
-    a present symbol never gets 0."""
-    top = np.maximum(counts.max(axis=-1, keepdims=True), 1)
-    with np.errstate(divide="ignore"):
-        level = np.rint(LEVELS_PER_OCTAVE * np.log2(counts / top)) + len(WEIGHTS) - 1
-    return np.where(counts > 0, np.clip(level, 1, len(WEIGHTS) - 1), 0).astype(np.int64)
-
-
-def _row_bits(counts: np.ndarray, q: np.ndarray, totals: np.ndarray) -> np.ndarray:
-    """What symbols of these counts cost under the histograms q (each symbol's share of its
-    row's total), in bits, row by row: an estimate to choose models with."""
-    logs = np.log2(np.where(counts > 0, q, 1))
-    return counts.sum(axis=-1) * np.log2(np.maximum(totals, 1)) - (counts * logs).sum(axis=-1)
-
-
-def _entropy_bits(counts: np.ndarray) -> float:
-    """The bits of symbols of these counts under their own histogram (order-0 entropy): the
-    quantized histogram's cost, near enough to choose a scale's shift with."""
-    c = counts[counts > 0]
-    n = c.sum()
-    return float(n * np.log2(n) - (c * np.log2(c)).sum()) if n else 0.0
-
-
 _SIGNED = np.abs(np.arange(256).astype(np.uint8).view(np.int8).astype(np.int64))  # |int8| of each byte
 
 
@@ -89,77 +65,151 @@ class _Stream:
         self.alphabet, self.kind = alphabet, kind
         self.hist_len = {"b": alphabet, "n": 16, "i": 129}[kind]
 
-    def _split(self, symbols: np.ndarray) -> np.ndarray:
-        if self.kind == "n":
-            return np.concatenate([symbols & 15, symbols >> 4], axis=1)
-        return _SIGNED[symbols] if self.kind == "i" else symbols
-
-    def _totals(self, q: np.ndarray) -> np.ndarray:
-        """Each row's weight over all symbols, per histogram symbol counted."""
-        if self.kind == "i":
-            return 2 * q.sum(axis=-1) - q[..., 0] - q[..., 128]
-        return q.sum(axis=-1)
-
     def weights(self, levels: np.ndarray) -> np.ndarray:
-        """Every byte's weight under the histogram of these levels."""
-        q = WEIGHTS[levels].astype(np.float64)
-        if self.kind == "n":
-            return np.outer(q, q).ravel()  # byte b = low nibble + 16 x high: q[b >> 4] * q[b & 15]
-        return q[_SIGNED] if self.kind == "i" else q
-
-    def choose(self, symbols: np.ndarray, classes: np.ndarray | None) -> tuple[int, np.ndarray]:
-        """(classes used, their histograms): the smallest estimate of coded bits plus models,
-        from one count of symbols by class."""
-        split = self._split(symbols)
-        if classes is None:
-            by_class = np.bincount(split.ravel(), minlength=self.hist_len)[None, :]
-        else:
-            key = (classes[:, None] * self.hist_len + split).ravel()
-            by_class = np.bincount(key, minlength=CLASSES * self.hist_len).reshape(CLASSES, self.hist_len)
-        ks = (1, 2, 4, 8) if classes is not None else (1,)
-        # every grouping at once: rows 0 (all), 1-2 (halves), 3-6 (quarters), 7-14 (eighths)
-        groups = np.concatenate([by_class.reshape(k, len(by_class) // k, self.hist_len).sum(axis=1) for k in ks])
-        levels = _levels(groups)
+        """Every byte's integer weight under the histogram of these levels (the last axis)."""
         q = WEIGHTS[levels]
-        bits = _row_bits(groups, q, self._totals(q))
-        costs = {k: float(bits[k - 1 : 2 * k - 1].sum()) + MODEL_BITS * k * self.hist_len for k in ks}
-        k = min(costs, key=lambda k: (costs[k], k))
-        return k, levels[k - 1 : 2 * k - 1]
+        if self.kind == "n":  # byte b = low nibble + 16 x high: q[b >> 4] * q[b & 15]
+            return (q[..., :, None] * q[..., None, :]).reshape(*q.shape[:-1], 256)
+        return q[..., _SIGNED] if self.kind == "i" else q
 
-    def encode(self, coder, symbols: np.ndarray, classes: np.ndarray | None, k: int, hists: np.ndarray) -> None:
+    def choose(self, symbols: np.ndarray, classes: _Classes | None) -> tuple[int, np.ndarray]:
+        """(classes used, their histograms as levels): the smallest estimate of coded bits plus
+        models over every grouping of the classes (1, 2, 4 or 8), from one count of symbols by
+        class."""
+        from haagenti.codecs.search import best_models, counts_by_class  # numba: imported when first used
+
+        of = classes.of if classes is not None else np.zeros(len(symbols), np.int64)
+        kind = "bni".index(self.kind)
+        by_class = counts_by_class(symbols, of, kind, self.hist_len, CLASSES)
+        return best_models(by_class if classes is not None else by_class[:1], kind, WEIGHTS, LEVELS_PER_OCTAVE, MODEL_BITS)
+
+    def encode(self, coder, symbols: np.ndarray, classes: _Classes | None, k: int, hists: np.ndarray) -> None:
+        if self.hist_len == 1:  # a one-symbol alphabet costs nothing to code
+            return
+        bounds = _bounds(classes, k, len(symbols))
+        ordered = symbols if k == 1 else symbols[classes.order]
         for c, q in enumerate(hists):
-            part = symbols if k == 1 else symbols[classes * k // CLASSES == c]
-            if part.size and self.hist_len > 1:  # a one-symbol alphabet costs nothing to code
-                coder.encode(part.ravel().astype(np.int32), self.model(q))
+            if bounds[c + 1] > bounds[c]:
+                coder.encode(ordered[bounds[c] : bounds[c + 1]], self.weights(q))
 
-    def decode(self, coder, rows: int, width: int, classes: np.ndarray | None, k: int, hists: list[np.ndarray]) -> np.ndarray:
-        out = np.empty((rows, width), np.int64)
-        for c, q in enumerate(hists):
-            where = slice(None) if k == 1 else classes * k // CLASSES == c
-            n = rows if k == 1 else int(np.count_nonzero(where))
-            if n and self.hist_len == 1:
-                out[where] = 0
-            elif n:
-                if not q.any():
-                    raise _damaged("a stream has symbols in a class whose histogram is empty")
-                out[where] = _decoded(coder, self.model(q), n * width).reshape(n, width)
-        if out.size and int(out.max()) >= self.alphabet:
-            raise _damaged(f"a symbol is outside its alphabet of {self.alphabet}")
-        return out
+    def decode(self, coder, out: np.ndarray, classes: _Classes | None, k: int, hists: np.ndarray) -> None:
+        """Fills out (blocks x width) with the stream's symbols. A histogram has as many symbols
+        as the alphabet, so no coder decodes a symbol outside it."""
+        if self.hist_len == 1:
+            out[...] = 0
+            return
+        sizes = classes.sizes(k) if k > 1 else np.array([len(out)])
+        if ((hists.max(axis=1) == 0) & (sizes > 0)).any():
+            raise _damaged("a stream has symbols in a class whose histogram is empty")
+        try:
+            coder.decode_rows(self.weights(hists), sizes, classes.order if k > 1 else None, out)
+        except (AssertionError, ValueError, RuntimeError, OverflowError) as e:  # what the coders raise on words they cannot decode (constriction's AssertionError: invalid for the model)
+            raise _damaged(f"its coded words do not decode: {e}") from None
 
-    def model(self, q: np.ndarray):
-        return constriction.stream.model.Categorical(self.weights(q), perfect=False)
+
+class _Classes:
+    """Every block's class (how many of the 7 edges its first field's value reaches: its
+    octile) and the blocks in class order (stable): a stream of k classes codes class c's
+    blocks, in block order, before c + 1's, so its part c is the run
+    `order[bounds[c] : bounds[c + 1]]`."""
+
+    def __init__(self, edges: np.ndarray, first: np.ndarray):
+        from haagenti.codecs.search import classify  # numba: imported when first used
+
+        self.of, self.order, self.counts = classify(first, edges.astype(np.int64), CLASSES)
+
+    def sizes(self, k: int) -> np.ndarray:
+        """Blocks per class of a stream of k classes."""
+        return self.counts.reshape(k, -1).sum(axis=1)
+
+
+def _octiles(values: np.ndarray) -> np.ndarray:
+    """np.quantile(values, [1/8 .. 7/8], method="lower"), by one partial sort."""
+    at = np.floor(np.arange(1, CLASSES) / CLASSES * (len(values) - 1)).astype(np.int64)
+    return np.partition(values, at)[at]
+
+
+def _bounds(classes: _Classes | None, k: int, rows: int) -> np.ndarray:
+    return np.array([0, rows]) if k == 1 else np.concatenate([[0], np.cumsum(classes.sizes(k))])
 
 
 def _damaged(what: str) -> FragmentError:
     return FragmentError(f"range-coded blocks are damaged: {what}")
 
 
-def _decoded(coder, model, n: int) -> np.ndarray:
-    try:
-        return np.asarray(coder.decode(model, n), np.int64)
-    except (AssertionError, ValueError, RuntimeError, OverflowError) as e:  # what constriction raises on words it cannot decode (AssertionError: invalid for the model)
-        raise _damaged(f"its coded words do not decode: {e}") from None
+class _RangeEncoder:
+    """constriction's range coder (codec `rans`, format 9): models from float weights, which
+    its pinned release quantizes."""
+
+    def __init__(self) -> None:
+        self.coder = constriction.stream.queue.RangeEncoder()
+
+    def encode(self, symbols: np.ndarray, weights: np.ndarray) -> None:
+        self.coder.encode(symbols.astype(np.int32).ravel(), _categorical(weights))
+
+    def finish(self) -> bytes:
+        return self.coder.get_compressed().tobytes()
+
+
+class _RangeDecoder:
+    def __init__(self, words: memoryview):
+        if len(words) % 4:
+            raise _damaged("its coded words are not whole 32-bit words")
+        self.coder = constriction.stream.queue.RangeDecoder(np.frombuffer(words, np.uint32).copy())
+
+    def decode_rows(self, weights: np.ndarray, sizes: np.ndarray, order: np.ndarray | None, out: np.ndarray) -> None:
+        width = out.shape[1]
+        parts = [self.coder.decode(_categorical(w), int(n) * width) for w, n in zip(weights, sizes) if n]
+        symbols = np.concatenate(parts).reshape(-1, width) if parts else np.zeros(out.shape, np.int32)
+        if order is None:
+            out[...] = symbols
+        else:
+            out[order] = symbols
+
+    def finish(self) -> None:
+        """constriction's stream has no end marker to check."""
+
+
+def _categorical(weights: np.ndarray):
+    return constriction.stream.model.Categorical(weights.astype(np.float64), perfect=False)
+
+
+class _TableEncoder:
+    def __init__(self) -> None:
+        from haagenti.codecs.ans import Encoder  # numba: imported when first used
+
+        self.coder = Encoder()
+
+    def encode(self, symbols: np.ndarray, weights: np.ndarray) -> None:
+        self.coder.encode(symbols, weights)
+
+    def finish(self) -> bytes:
+        return self.coder.finish()
+
+
+class _TableDecoder:
+    def __init__(self, words: memoryview):
+        from haagenti.codecs.ans import DamagedStream, Decoder  # numba: imported when first used
+
+        self.damage = DamagedStream
+        try:
+            self.coder = Decoder(words)
+        except DamagedStream as e:
+            raise _damaged(str(e)) from None
+
+    def decode_rows(self, weights: np.ndarray, sizes: np.ndarray, order: np.ndarray | None, out: np.ndarray) -> None:
+        self.coder.decode_rows(weights, sizes, np.arange(len(out)) if order is None else order, out)
+
+    def finish(self) -> None:
+        try:
+            self.coder.finish()
+        except self.damage as e:
+            raise _damaged(str(e)) from None
+
+
+# The coders by spec name: `rans` (format 9) constriction's range coder, `rans2` (format 10)
+# the table-driven rANS, ~10x faster both ways (docs/decisions/0380-table-rans.md).
+CODERS = {"rans": (_RangeEncoder, _RangeDecoder), "rans2": (_TableEncoder, _TableDecoder)}
 
 
 class _Reader:
@@ -205,29 +255,20 @@ def _scale_plan(u: np.ndarray, base: np.ndarray | None) -> tuple[float, int, int
     shift of at most 512 coarse symbols (more cost more in models than they save on 4,096
     blocks), then the best one's neighbours."""
     v = u if base is not None or not len(u) else u - u.min()
+    from haagenti.codecs.search import shift_costs, spreads_by_shift  # numba: imported when first used
 
-    def coarse_of(s: int) -> np.ndarray:
-        return (u >> s) - (base >> s) if base is not None else v >> s
-
-    def cost(s: int) -> float:
-        c = coarse_of(s)
-        coarse = np.bincount(c - c.min()) if len(c) else np.zeros(1, np.int64)
-        fine = np.bincount(v & ((1 << s) - 1), minlength=1 << s)
-        return _entropy_bits(coarse) + _entropy_bits(fine) + MODEL_BITS * (len(coarse) + len(fine))
-
-    def spread(s: int) -> int:
-        c = coarse_of(s)
-        return int(c.max() - c.min()) if len(c) else 0
-
-    least = next(s for s in range(MAX_SHIFT + 1) if spread(s) < 512)  # at MAX_SHIFT at the latest: u < 2^16
+    relative, other = base is not None, base if base is not None else v
+    spreads = spreads_by_shift(u, v, other, relative, MAX_SHIFT)
+    least = int(np.argmax(spreads < 512))  # at MAX_SHIFT at the latest: u < 2^16
     valid = range(least, MAX_SHIFT + 1)
-    costs = {s: cost(s) for s in valid[::2]}
+    bits = shift_costs(u, v, other, relative, spreads, np.array(valid[::2]), MODEL_BITS)
+    costs = {s: bits[s] for s in valid[::2]}
     best = min(costs, key=costs.__getitem__)
-    for t in (best - 1, best + 1):
-        if t in valid:
-            costs[t] = cost(t)
+    more = [t for t in (best - 1, best + 1) if t in valid]
+    bits = shift_costs(u, v, other, relative, spreads, np.array(more, np.int64), MODEL_BITS)
+    costs.update({t: bits[t] for t in more})
     s = min(costs, key=costs.__getitem__)
-    c = coarse_of(s)
+    c = (u >> s) - (base >> s) if base is not None else v >> s
     if base is None:
         return costs[s], s, int(u.min()) if len(u) else 0, c, v & ((1 << s) - 1), 0
     low = int(c.min()) if len(c) else 0
@@ -237,10 +278,11 @@ def _scale_plan(u: np.ndarray, base: np.ndarray | None) -> tuple[float, int, int
 class QuantizedBlocks:
     """The codec: spec `rans:FIELDS`, FIELDS the block's fields in order (QUANTIZED_FIELDS)."""
 
-    def __init__(self, text: str):
+    def __init__(self, name: str, text: str):
         self.fields = _fields(text)
         self.width = sum(w for _, w in self.fields)
-        self.spec = f"rans:{text}"
+        self.spec = f"{name}:{text}"
+        self.encoder, self.decoder = CODERS[name]
         self._z = zstandard.ZstdCompressor(level=HEADER_LEVEL)
 
     def encode(self, data: bytes | memoryview) -> bytes:
@@ -249,7 +291,7 @@ class QuantizedBlocks:
         rows = src[: blocks * self.width].reshape(blocks, self.width)
         tail = src[blocks * self.width :].tobytes()
         head = [struct.pack("<IB", blocks, len(tail)), tail]
-        coder = constriction.stream.queue.RangeEncoder()
+        coder = self.encoder()
         classes = None
         at = 0
         for kind, w in self.fields:
@@ -268,13 +310,13 @@ class QuantizedBlocks:
                 values = cols[:, 0].astype(np.int64)
             if classes is None:  # the first field: its octiles class every block for the rest
                 first = values
-                edges = np.quantile(first, np.arange(1, CLASSES) / CLASSES, method="lower").astype("<u2") if blocks else np.zeros(CLASSES - 1, "<u2")
+                edges = _octiles(first).astype("<u2") if blocks else np.zeros(CLASSES - 1, "<u2")
                 head.append(edges.tobytes())
-                classes = np.searchsorted(edges, first, side="right")
+                classes = _Classes(edges, first)
         models = self._z.compress(b"".join(head))
-        return struct.pack("<I", len(models)) + models + coder.get_compressed().tobytes()
+        return struct.pack("<I", len(models)) + models + coder.finish()
 
-    def _encode_scale(self, coder, u: np.ndarray, classes: np.ndarray | None, base: np.ndarray | None) -> bytes:
+    def _encode_scale(self, coder, u: np.ndarray, classes: _Classes | None, base: np.ndarray | None) -> bytes:
         """A scale field as a coarse part and a fine part (its low `shift` bits), on its own
         (coarse u >> shift less its least) or, for a field after a first scale `base`, relative
         to it (coarse u >> shift less base >> shift, less the least of those: a min's size
@@ -295,15 +337,12 @@ class QuantizedBlocks:
         if len(view) < 4:
             raise _damaged("shorter than its header")
         (size,) = struct.unpack_from("<I", view)
-        words = view[4 + size :]
-        if len(words) % 4:
-            raise _damaged("its coded words are not whole 32-bit words")
         head = _Reader(_unpack_models(view[4 : 4 + size], limit))
         blocks, n_tail = head.take("<IB")
         if blocks * self.width + n_tail > limit:
             raise _damaged(f"decodes to {blocks * self.width + n_tail} bytes, more than the {limit} recorded")
         tail = head.bytes(n_tail).tobytes()
-        coder = constriction.stream.queue.RangeDecoder(np.frombuffer(words, np.uint32).copy())
+        coder = self.decoder(view[4 + size :])
         rows = np.empty((blocks, self.width), np.uint8)
         classes = None
         at = 0
@@ -312,25 +351,24 @@ class QuantizedBlocks:
                 mode, relative, low, s, coarse = head.take("<BBiBH")
                 if mode > MIXED or relative > int(classes is not None and self.fields[0][0] == "s") or s > MAX_SHIFT or coarse >= MAX_COARSE:
                     raise _damaged(f"a scale's sign mode {mode}, relative flag {relative}, shift {s} or coarse alphabet {coarse + 1} is out of bounds")
-                hi = _decode_stream(head, coder, _Stream(coarse + 1), blocks, 1, classes)[:, 0]
-                fine = _decode_stream(head, coder, _Stream(1 << s), blocks, 1, classes)[:, 0]
+                hi = _decode_stream(head, coder, _Stream(coarse + 1), np.empty((blocks, 1), np.int64), classes)[:, 0]
+                fine = _decode_stream(head, coder, _Stream(1 << s), np.empty((blocks, 1), np.int64), classes)[:, 0]
                 values = ((hi + low + (first >> s)) << s) | fine if relative else low + ((hi << s) | fine)
                 if blocks and not 0 <= int(values.min()) <= int(values.max()) <= (0xFFFF if mode == MIXED else 0x7FFF):
                     raise _damaged("a scale is out of its 16 bits")
                 rows[:, at : at + 2] = _unorder(mode, values).view(np.uint8).reshape(blocks, 2)
             elif kind == "q":
-                rows[:, at : at + w] = _five_bit_fields(_decode_stream(head, coder, _Stream(32), blocks, 32, classes))
+                rows[:, at : at + w] = _five_bit_fields(_decode_stream(head, coder, _Stream(32), np.empty((blocks, 32), np.uint8), classes))
             else:
-                cols = _decode_stream(head, coder, _Stream(256, kind), blocks, w, classes)
-                rows[:, at : at + w] = cols
-                values = cols[:, 0]
+                values = _decode_stream(head, coder, _Stream(256, kind), rows[:, at : at + w], classes)[:, 0].astype(np.int64)
             at += w
             if classes is None:
                 first = values
                 edges = np.frombuffer(head.bytes(2 * (CLASSES - 1)).tobytes(), "<u2")
-                classes = np.searchsorted(edges, first, side="right")
+                classes = _Classes(edges, first)
         if head.pos != len(head.data):
             raise _damaged("its models have bytes left over")
+        coder.finish()
         return rows.tobytes() + tail
 
 
@@ -356,14 +394,16 @@ def _models(k: int, hists: np.ndarray) -> bytes:
     return bytes([k]) + np.diff(q, axis=1, prepend=np.uint8(0)).tobytes()
 
 
-def _decode_stream(head: _Reader, coder, stream: _Stream, rows: int, width: int, classes: np.ndarray | None) -> np.ndarray:
+def _decode_stream(head: _Reader, coder, stream: _Stream, out: np.ndarray, classes: _Classes | None) -> np.ndarray:
+    """Reads a stream's models and fills `out` (blocks x width) with its symbols; returns out."""
     (k,) = head.take("<B")
     if k not in ((1, 2, 4, 8) if classes is not None else (1,)):
         raise _damaged(f"a stream names {k} classes")
-    hists = [np.cumsum(head.bytes(stream.hist_len), dtype=np.uint8).astype(np.int64) for _ in range(k)]
-    if any(int(h.max()) >= len(WEIGHTS) for h in hists):
+    hists = np.cumsum(head.bytes(k * stream.hist_len).reshape(k, stream.hist_len), axis=1, dtype=np.uint8).astype(np.int64)
+    if int(hists.max()) >= len(WEIGHTS):
         raise _damaged(f"a histogram level is beyond the {len(WEIGHTS)} levels")
-    return stream.decode(coder, rows, width, classes, k, hists)
+    stream.decode(coder, out, classes, k, hists)
+    return out
 
 
 def _unpack_models(models: memoryview, limit: int) -> bytes:

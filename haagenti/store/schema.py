@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-LIBRARY_FORMAT_VERSION = 9  # 2: BLAKE3 ids and file hashes; 3: file layout digests; 4: invariants in haagenti.json, ingest ids; 5: record digests; 6: predicted quantized fragments; 7: file hashes are trees over fragment ids (files.layout), files.blake3 optional; 8: verbatim bytes over 16 KiB as pieces (fragments) named by files.header; 9: range-coded quantized fragments (codec rans)
-UPGRADABLE_FROM = (4, 5, 6, 7, 8)  # `haagenti upgrade` moves a library of these formats to this one (haagenti.maintenance.upgrade)
+LIBRARY_FORMAT_VERSION = 10  # 2: BLAKE3 ids and file hashes; 3: file layout digests; 4: invariants in haagenti.json, ingest ids; 5: record digests; 6: predicted quantized fragments; 7: file hashes are trees over fragment ids (files.layout), files.blake3 optional; 8: verbatim bytes over 16 KiB as pieces (fragments) named by files.header; 9: range-coded quantized fragments (codec rans); 10: table-driven rANS (codec rans2)
+UPGRADABLE_FROM = (4, 5, 6, 7, 8, 9)  # `haagenti upgrade` moves a library of these formats to this one (haagenti.maintenance.upgrade)
 
 SCHEMAS: dict[str, pa.Schema] = {
     "fragments": pa.schema(

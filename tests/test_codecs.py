@@ -359,11 +359,15 @@ def test_range_coding_beats_the_planes_on_quantized_weights(qtype):
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
 def test_format_9_range_coded_rows_still_decode(qtype):
     """Blobs written by format 9's `rans` coder (constriction; tests/data, made by that release)
-    decode to their blocks: a library keeps reading its old rows after `haagenti upgrade`."""
+    decode to their blocks: a library keeps reading its old rows after `haagenti upgrade`. And
+    the compiled model search chooses what 0350's numpy did: the same blocks encode to the same
+    blob."""
     blocks = {"Q4_1": 1024, "Q8_0": 512}[qtype]
     blob = open(os.path.join(os.path.dirname(__file__), "data", f"format9-rans-{qtype}.bin"), "rb").read()
     data = _quantized(qtype, blocks)
-    assert bytes(codec_chain(f"rans:{QUANTIZED_FIELDS[qtype]}").decode(blob, len(data))) == data
+    chain = codec_chain(f"rans:{QUANTIZED_FIELDS[qtype]}")
+    assert bytes(chain.decode(blob, len(data))) == data
+    assert chain.encode(data) == blob
 
 
 def test_table_rans_is_within_a_fraction_of_the_range_coder():

@@ -126,7 +126,8 @@ class Decoder:
             raise DamagedStream("its coded words are not whole")
         body = np.frombuffer(data, np.uint8)
         self.states = body[: 4 * LANES].view("<u4").astype(np.uint64)
-        self.words = np.append(body[4 * LANES :].view("<u2"), np.uint16(0)).astype(np.uint16)  # one word past the end, read but never used
+        self.words = np.zeros((len(body) - 4 * LANES) // 2 + 1, np.uint16)  # one word past the end, read but never used
+        self.words[:-1] = body[4 * LANES :].view("<u2")
         self.pos, self.done = 0, 0
         if int(self.states.min()) < LOW:
             raise DamagedStream("a state is below its bound")

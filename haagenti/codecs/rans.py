@@ -254,25 +254,15 @@ def _scale_plan(u: np.ndarray, base: np.ndarray | None) -> tuple[float, int, int
     least of those; fine u's low bits), at the shift of the smallest estimate: every other
     shift of at most 512 coarse symbols (more cost more in models than they save on 4,096
     blocks), then the best one's neighbours."""
-    v = u if base is not None or not len(u) else u - u.min()
-    from haagenti.codecs.search import shift_costs, spreads_by_shift  # numba: imported when first used
+    from haagenti.codecs.search import best_shift  # numba: imported when first used
 
-    relative, other = base is not None, base if base is not None else v
-    spreads = spreads_by_shift(u, v, other, relative, MAX_SHIFT)
-    least = int(np.argmax(spreads < 512))  # at MAX_SHIFT at the latest: u < 2^16
-    valid = range(least, MAX_SHIFT + 1)
-    bits = shift_costs(u, v, other, relative, spreads, np.array(valid[::2]), MODEL_BITS)
-    costs = {s: bits[s] for s in valid[::2]}
-    best = min(costs, key=costs.__getitem__)
-    more = [t for t in (best - 1, best + 1) if t in valid]
-    bits = shift_costs(u, v, other, relative, spreads, np.array(more, np.int64), MODEL_BITS)
-    costs.update({t: bits[t] for t in more})
-    s = min(costs, key=costs.__getitem__)
+    v = u if base is not None or not len(u) else u - u.min()
+    s, cost = best_shift(u, v, base if base is not None else v, base is not None, MAX_SHIFT, MODEL_BITS)
     c = (u >> s) - (base >> s) if base is not None else v >> s
     if base is None:
-        return costs[s], s, int(u.min()) if len(u) else 0, c, v & ((1 << s) - 1), 0
+        return cost, s, int(u.min()) if len(u) else 0, c, v & ((1 << s) - 1), 0
     low = int(c.min()) if len(c) else 0
-    return costs[s], s, low, c - low, u & ((1 << s) - 1), 1
+    return cost, s, low, c - low, u & ((1 << s) - 1), 1
 
 
 class QuantizedBlocks:
@@ -391,7 +381,9 @@ def _models(k: int, hists: np.ndarray) -> bytes:
     """A stream's class count and histograms, each as differences of neighbours (mod 256):
     histograms are smooth, and zstd then finds the small values."""
     q = np.asarray(hists, np.uint8).reshape(k, -1)
-    return bytes([k]) + np.diff(q, axis=1, prepend=np.uint8(0)).tobytes()
+    steps = q.copy()
+    steps[:, 1:] -= q[:, :-1]
+    return bytes([k]) + steps.tobytes()
 
 
 def _decode_stream(head: _Reader, coder, stream: _Stream, out: np.ndarray, classes: _Classes | None) -> np.ndarray:

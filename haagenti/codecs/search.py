@@ -8,9 +8,11 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True)
-def spreads_by_shift(u, v, base, relative, max_shift):  # pragma: no cover - compiled
-    """Per shift s up to max_shift, the spread of the coarse symbols: u >> s less base >> s
-    when relative, else v >> s."""
+def best_shift(u, v, base, relative, max_shift, model_bits):  # pragma: no cover - compiled
+    """(shift, estimated bits) of a scale field split into coarse symbols (u >> s less
+    base >> s when relative, else v >> s) and fine ones (v's low s bits): every other shift
+    from the least whose coarse symbols spread under 512 (more cost more in models than they
+    save on 4,096 blocks), then the best one's neighbours; the first of equal estimates."""
     spreads = np.zeros(max_shift + 1, np.int64)
     for s in range(max_shift + 1):
         lo, hi = 1 << 62, -(1 << 62)
@@ -18,27 +20,38 @@ def spreads_by_shift(u, v, base, relative, max_shift):  # pragma: no cover - com
             c = (u[i] >> s) - (base[i] >> s) if relative else v[i] >> s
             lo, hi = min(lo, c), max(hi, c)
         spreads[s] = hi - lo if len(u) else 0
-    return spreads
+    least = max_shift  # u < 2^16: its coarse symbols spread under 16 at the most shift
+    for s in range(max_shift, -1, -1):
+        if spreads[s] < 512:
+            least = s
+    fine = np.zeros(1 << max_shift, np.int64)
+    best, best_bits = least, np.inf
+    for s in range(least, max_shift + 1, 2):
+        bits = _shift_bits(u, v, base, relative, spreads[s], s, fine, model_bits)
+        if bits < best_bits:
+            best, best_bits = s, bits
+    first = best
+    for s in (first - 1, first + 1):
+        if least <= s <= max_shift:
+            bits = _shift_bits(u, v, base, relative, spreads[s], s, fine, model_bits)
+            if bits < best_bits:
+                best, best_bits = s, bits
+    return best, best_bits
 
 
 @njit(cache=True, nogil=True)
-def shift_costs(u, v, base, relative, spreads, shifts, model_bits):  # pragma: no cover - compiled
-    """For these shifts (spreads under 2^20), the estimated bits of the coarse symbols (as in
-    spreads_by_shift) and the fine ones (v's low s bits) under their own histograms, plus their
-    models; indexed by shift."""
-    bits = np.zeros(len(spreads), np.float64)
-    fine = np.zeros(1 << (len(spreads) - 1), np.int64)
-    for s in shifts:
-        lo = 1 << 62
-        for i in range(len(u)):
-            lo = min(lo, (u[i] >> s) - (base[i] >> s) if relative else v[i] >> s)
-        coarse = np.zeros(spreads[s] + 1, np.int64)
-        fine[: 1 << s] = 0
-        for i in range(len(u)):
-            coarse[((u[i] >> s) - (base[i] >> s) if relative else v[i] >> s) - lo] += 1
-            fine[v[i] & ((1 << s) - 1)] += 1
-        bits[s] = entropy(coarse) + entropy(fine[: 1 << s]) + model_bits * (len(coarse) + (1 << s))
-    return bits
+def _shift_bits(u, v, base, relative, spread, s, fine, model_bits):  # pragma: no cover - compiled
+    """The estimated bits of best_shift's coarse and fine symbols at shift s under their own
+    histograms, plus their models."""
+    lo = 1 << 62
+    for i in range(len(u)):
+        lo = min(lo, (u[i] >> s) - (base[i] >> s) if relative else v[i] >> s)
+    coarse = np.zeros(spread + 1, np.int64)
+    fine[: 1 << s] = 0
+    for i in range(len(u)):
+        coarse[((u[i] >> s) - (base[i] >> s) if relative else v[i] >> s) - lo] += 1
+        fine[v[i] & ((1 << s) - 1)] += 1
+    return entropy(coarse) + entropy(fine[: 1 << s]) + model_bits * (len(coarse) + (1 << s))
 
 
 @njit(cache=True, nogil=True)

@@ -53,7 +53,7 @@ def _config(fragment_size: Optional[int], lossy_threshold: Optional[float], simi
 FILE_BLAKE3_HELP = ("also record each file's plain BLAKE3 (`b3sum`'s), computed as the file is cut, to compare with published "
                     "checksums; verify and restore --rehash then check it too. A file is identified by a tree over its fragment ids either way")
 DENSE_HELP = ("also range-code quantized GGUF blocks (Q8_0, Q4_0/1, Q5_0/1, MXFP4) where that is smaller: 1-1.6 points more "
-              "saved on such files, for ~5x the ingest and ~10x the restore time")
+              "saved on such files, for ~2-3x the ingest and restore time")
 INDEX_HELP = "index layout of a new library: bands (default) or two-level; an existing library keeps its own"
 
 

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None, progress: Callable[[str], None] | None =
     ap.add_argument("--prune", action="store_true", help="remove models no longer in the catalog and collect their fragments")
     ap.add_argument("--rehash", action="store_true", help="hash every catalog file, trusting no stamp (size and mtime, or ETag) kept by the last run")
     ap.add_argument("--file-blake3", action="store_true", help="also record each file's plain BLAKE3 (b3sum's), to compare with published checksums")
-    ap.add_argument("--dense-quantized", action="store_true", help="also range-code quantized GGUF blocks where smaller (1-1.6 points more saved, ~5x the ingest and ~10x the restore time)")
+    ap.add_argument("--dense-quantized", action="store_true", help="also range-code quantized GGUF blocks where smaller (1-1.6 points more saved, ~2-3x the ingest and restore time)")
     ap.add_argument("--no-report", action="store_true")
     args = ap.parse_args(argv)
     from pipelines.dedup import preflight, run_dedup

@@ -198,7 +198,7 @@ def test_examples_ladder_writes_the_quantization_ladder_and_stats_counts_its_pre
 
 
 def test_dense_quantized_range_codes_gguf_blocks_only_when_asked(tmp_path, exports):
-    """The default keeps quantized blocks in their planes (restore ~10x faster); --dense-quantized
+    """The default keeps quantized blocks in their planes (restore ~2-3x faster); --dense-quantized
     range-codes them where smaller, and both restore bit-exact."""
     rows = {}
     for flags in ((), ("--dense-quantized",)):

@@ -382,7 +382,7 @@ def test_quantized_fragments_keep_the_smaller_of_the_range_coder_and_the_planes(
     """Under the dense preset plain quantized fragments try both chains (a long float fragment
     takes its dtype's chain only): Q4_1 weights take the range coder, blocks it cannot model
     (random bytes) the planes or raw, whichever is smaller. The default preset never range-codes
-    (it restores ~10x faster)."""
+    (it restores ~2-3x faster)."""
     data = _quantized("Q4_1", 4096)
     enc, ref, spec, blob = smallest_encoding(data, [], "Q4_1", DENSE)
     assert (enc, ref, spec) == (Encoding.PLAIN, None, "rans2:s2.s2.n16")
@@ -395,7 +395,7 @@ def test_quantized_fragments_keep_the_smaller_of_the_range_coder_and_the_planes(
 
 def test_quantized_fragments_with_references_range_code_only_the_leader_and_plain(monkeypatch):
     """With references, the options (plain, XOR and SUB per reference) are ranked by their
-    planes; the range coder, ~10x the planes' time, codes the leader and plain only, and the
+    planes; the range coder, ~5x the planes' time, codes the leader and plain only, and the
     smallest of all is kept: a near copy's residual here."""
     from haagenti.codecs.rans import QuantizedBlocks
 

@@ -185,8 +185,8 @@ _WORD = {2: np.dtype("<u2").type, 4: np.dtype("<u4").type, 8: np.dtype("<u8").ty
 # planes: 2.6x faster than level 1 and 12% smaller (docs/decisions/0006-plain-coding.md).
 PLANES = "planes"
 # The planes preset, and quantized blocks range-coded as well (kept where smaller): 1-1.6 points
-# more saved on lone GGUF files for ~5x the ingest and ~10x the restore time of the planes
-# (docs/decisions/0350-quantized-range-coder.md), so a library asks for it.
+# more saved on lone GGUF files for ~2-3x the ingest and restore time of the planes
+# (docs/decisions/0350-quantized-range-coder.md, 0380-table-rans.md), so a library asks for it.
 DENSE = "dense"
 _PLANE_PARAMS = zstandard.ZstdCompressionParameters(window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7, target_length=0, strategy=1)
 

@@ -85,7 +85,7 @@ def smallest_encoding(raw: bytes, refs: list[bytes], dtype_name: str, level: int
 
     if d.block > 1 and len(options) > 1:
         # quantized blocks with references: the options ranked by their planes, the other
-        # chains (the range coder, ~10x the planes' time) tried on the leader and plain only
+        # chains (the range coder, ~5x the planes' time to encode) tried on the leader and plain only
         ranked = [(enc, i, *encode_smallest(body(enc, i), chains[0])) for enc, i in options]
         lead = min(ranked, key=lambda e: len(e[3]))[:2]
         ranked += [(enc, i, *encode_smallest(body(enc, i), chains[k])) for enc, i in dict.fromkeys([plain, lead]) for k in range(1, len(chains))]

@@ -1,4 +1,6 @@
-"""Quantized GGUF blocks range-coded under models stored in the fragment (constriction).
+"""Quantized GGUF blocks entropy-coded under models stored in the fragment: codec `rans`
+(format 9, constriction's range coder; read) and `rans2` (format 10, the table-driven rANS of
+haagenti/codecs/ans.py; written), the same models and symbol order.
 
 zstd stores a block's code plane raw whenever Huffman saves under ~1.6% (every Q8_0 and Q4
 code plane), and codes each scale byte plane on its own. Here each field gets a semi-static
@@ -7,7 +9,7 @@ coded in one vectorised call. An fp16 scale is taken in the order of its magnitu
 into a coarse and a fine part (its density is smooth, so a few dozen coarse bins and one fine
 histogram cost little); a second scale (Q4_1's min) may be coded relative to the first; fields
 after the first are modelled per class of the first (codes spread less in a block whose scale
-is large). Measured in docs/decisions/0350-quantized-range-coder.md.
+is large). Measured in docs/decisions/0350-quantized-range-coder.md and 0380-table-rans.md.
 """
 from __future__ import annotations
 

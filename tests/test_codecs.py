@@ -356,16 +356,17 @@ def test_range_coding_beats_the_planes_on_quantized_weights(qtype):
     assert len(codec_chain(f"rans2:{QUANTIZED_FIELDS[qtype]}").encode(data)) < len(chain_for(qtype).encode(data))
 
 
+@pytest.mark.parametrize("stored", ["format9-rans", "format10-rans2"])
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
-def test_format_9_range_coded_rows_still_decode(qtype):
-    """Blobs written by format 9's `rans` coder (constriction; tests/data, made by that release)
-    decode to their blocks: a library keeps reading its old rows after `haagenti upgrade`. And
-    the compiled model search chooses what 0350's numpy did: the same blocks encode to the same
-    blob."""
+def test_stored_range_coded_rows_still_decode(qtype, stored):
+    """Blobs as the release that wrote them (tests/data: format 9's `rans`, constriction; format
+    10's `rans2`, 0380) decode to their blocks: a library keeps reading its rows after
+    `haagenti upgrade`, and a change to a coder's words is caught here. And the model search
+    chooses what it did then: the same blocks encode to the same blob."""
     blocks = {"Q4_1": 1024, "Q8_0": 512}[qtype]
-    blob = open(os.path.join(os.path.dirname(__file__), "data", f"format9-rans-{qtype}.bin"), "rb").read()
+    blob = open(os.path.join(os.path.dirname(__file__), "data", f"{stored}-{qtype}.bin"), "rb").read()
     data = _quantized(qtype, blocks)
-    chain = codec_chain(f"rans:{QUANTIZED_FIELDS[qtype]}")
+    chain = codec_chain(f"{stored.split('-')[1]}:{QUANTIZED_FIELDS[qtype]}")
     assert bytes(chain.decode(blob, len(data))) == data
     assert chain.encode(data) == blob
 

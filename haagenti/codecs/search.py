@@ -13,13 +13,19 @@ def best_shift(u, v, base, relative, max_shift, model_bits):  # pragma: no cover
     base >> s when relative, else v >> s) and fine ones (v's low s bits): every other shift
     from the least whose coarse symbols spread under 512 (more cost more in models than they
     save on 4,096 blocks), then the best one's neighbours; the first of equal estimates."""
+    lows = np.zeros(max_shift + 1, np.int64)
     spreads = np.zeros(max_shift + 1, np.int64)
-    for s in range(max_shift + 1):
-        lo, hi = 1 << 62, -(1 << 62)
-        for i in range(len(u)):
-            c = (u[i] >> s) - (base[i] >> s) if relative else v[i] >> s
-            lo, hi = min(lo, c), max(hi, c)
-        spreads[s] = hi - lo if len(u) else 0
+    if len(u) and not relative:  # v >> s is monotone in v: its extremes are v's, shifted
+        v_lo, v_hi = v.min(), v.max()
+        for s in range(max_shift + 1):
+            lows[s], spreads[s] = v_lo >> s, (v_hi >> s) - (v_lo >> s)
+    elif len(u):
+        for s in range(max_shift + 1):
+            lo, hi = 1 << 62, -(1 << 62)
+            for i in range(len(u)):
+                c = (u[i] >> s) - (base[i] >> s)
+                lo, hi = min(lo, c), max(hi, c)
+            lows[s], spreads[s] = lo, hi - lo
     least = max_shift  # u < 2^16: its coarse symbols spread under 16 at the most shift
     for s in range(max_shift, -1, -1):
         if spreads[s] < 512:
@@ -27,25 +33,22 @@ def best_shift(u, v, base, relative, max_shift, model_bits):  # pragma: no cover
     fine = np.zeros(1 << max_shift, np.int64)
     best, best_bits = least, np.inf
     for s in range(least, max_shift + 1, 2):
-        bits = _shift_bits(u, v, base, relative, spreads[s], s, fine, model_bits)
+        bits = _shift_bits(u, v, base, relative, lows[s], spreads[s], s, fine, model_bits)
         if bits < best_bits:
             best, best_bits = s, bits
     first = best
     for s in (first - 1, first + 1):
         if least <= s <= max_shift:
-            bits = _shift_bits(u, v, base, relative, spreads[s], s, fine, model_bits)
+            bits = _shift_bits(u, v, base, relative, lows[s], spreads[s], s, fine, model_bits)
             if bits < best_bits:
                 best, best_bits = s, bits
     return best, best_bits
 
 
 @njit(cache=True, nogil=True)
-def _shift_bits(u, v, base, relative, spread, s, fine, model_bits):  # pragma: no cover - compiled
-    """The estimated bits of best_shift's coarse and fine symbols at shift s under their own
-    histograms, plus their models."""
-    lo = 1 << 62
-    for i in range(len(u)):
-        lo = min(lo, (u[i] >> s) - (base[i] >> s) if relative else v[i] >> s)
+def _shift_bits(u, v, base, relative, lo, spread, s, fine, model_bits):  # pragma: no cover - compiled
+    """The estimated bits of best_shift's coarse symbols (least lo) and fine ones at shift s
+    under their own histograms, plus their models."""
     coarse = np.zeros(spread + 1, np.int64)
     fine[: 1 << s] = 0
     for i in range(len(u)):

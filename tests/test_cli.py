@@ -1,6 +1,7 @@
 """The command line as a user runs it: a subprocess, one-line errors, non-zero exits."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -131,8 +132,10 @@ def test_same_file_again_is_a_no_op_other_bytes_need_replace(tmp_path, family):
 def test_ctrl_c_during_an_ingest_says_what_is_left_and_gc_frees_it(tmp_path, family):
     lib = str(tmp_path / "lib")
     env = dict(os.environ, HAAGENTI_CHAOS=f"committed-fragments=interrupt:{tmp_path / 'marker'}")
+    # As in a terminal, Ctrl-C's default action: a suite started in the background (`make test &`,
+    # or under flock from a script) hands its children SIGINT ignored, and Python then keeps it so.
     p = subprocess.run([sys.executable, "-m", "haagenti.cli", "ingest", lib, family[0].file, "--no-similarity"],
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr
     [line] = [x for x in p.stderr.splitlines() if x.strip()]
     written = FragmentLibrary.open(lib, create=False).stats().unreferenced_bytes

@@ -16,11 +16,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# pytest exits 5 when it collected no test: that is a failure, never a silent pass. Two workers
-# (pytest-xdist); every test that uses Ray runs in one of them (tests/conftest.py), so one
-# session cluster serves them (docs/decisions/0302-parallel-tests.md).
+# pytest exits 5 when it collected no test: that is a failure, never a silent pass. Three workers
+# (pytest-xdist; on two cores the third fills the others' waits); every test that uses Ray runs
+# in one of them (tests/conftest.py), so one session cluster serves them
+# (docs/decisions/0302-parallel-tests.md).
 test: install
-	@$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup; status=$$?; \
+	@$(PY) -m pytest -q -p no:cacheprovider -n 3 --dist loadgroup; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 # make-family reuses a family already trained with the same settings and code (demo/family/family.json).

@@ -171,7 +171,7 @@ RAY_MODULES = {"test_pipeline", "test_job_submit", "test_agreement", "test_repor
 
 
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`): every test that
+    """`make test` runs three pytest-xdist workers (`-n 3 --dist loadgroup`): every test that
     uses Ray goes to one of them, so one session cluster serves them all and no two local
     clusters compete for the machine's cores."""
     for item in items:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
 import json
 import os
 import sys
@@ -9,6 +10,7 @@ import warnings
 from dataclasses import asdict
 from typing import Optional
 
+import pyarrow as pa
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -505,9 +507,33 @@ def schedule_evaluate(
     out.print(f"wrote {md}, adaptive.json (use as --sensitivity), adaptive-*.png; {len(doc['pairs'])} model/sampler pairs", highlight=False, soft_wrap=True)
 
 
-def main() -> None:  # pragma: no cover - console entry
+class _PandasLater(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas":
+            raise ImportError("pandas is imported when a command needs it")
+        return None
+
+
+def _pyarrow_without_pandas() -> None:
+    """pyarrow imports pandas (0.2-0.3 s of CPU, a quarter of a short command) the first time it
+    builds an array from Python objects, only to ask whether they are pandas objects, and no
+    command hands it any. That one look is answered "absent" here. pyarrow retries the import
+    where pandas is required (`to_pandas`), so nothing is lost (docs/decisions/0400)."""
+    if "pandas" in sys.modules:
+        return
+    later = _PandasLater()
+    sys.meta_path.insert(0, later)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(later)
+
+
+def main() -> None:
+    """The console entry (`haagenti`, `python -m haagenti.cli`)."""
+    _pyarrow_without_pandas()
     app()
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+if __name__ == "__main__":
+    main()

@@ -215,3 +215,19 @@ def test_dense_quantized_range_codes_gguf_blocks_only_when_asked(tmp_path, expor
     dense = [r for r in rows[("--dense-quantized",)] if r["codec"].startswith("rans2:")]
     assert dense and all(r["dtype"] == "Q8_0" for r in dense)
     assert sum(len(r["blob"]) for r in rows[("--dense-quantized",)]) < sum(len(r["blob"]) for r in rows[()])
+
+
+def test_a_command_leaves_pandas_unimported_and_to_pandas_still_works(tmp_path, family):
+    """pyarrow imports pandas at its first array from Python objects, only to ask whether they are
+    pandas objects: 0.2-0.3 s of CPU in every short command. The console entry answers that one
+    look "absent"; a later to_pandas still imports pandas and converts."""
+    lib = str(tmp_path / "lib")
+    assert cli("ingest", lib, family[0].file, "--no-similarity")[0] == 0
+    code = ("import sys\nfrom haagenti.cli import main\n"
+            f"sys.argv = ['haagenti', 'stats', {lib!r}]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('pandas' in sys.modules)\n"
+            "import pyarrow as pa\nprint(pa.table({'a': [1, 2]}).to_pandas()['a'].sum())")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-2:] == ["False", "3"], p.stdout
